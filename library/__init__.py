@@ -1,0 +1,1 @@
+"""APT-LoRA support library: model loading, dataset config, datasets, training utilities."""

@@ -1,0 +1,1 @@
+"""kohya-compatible LoRA networks."""
