@@ -1,0 +1,30 @@
+"""Gradient averaging across processes, done by hand.
+
+The LoRA branches live in the network module but run inside the patched UNet / text encoders, so
+wrapping the network in DistributedDataParallel would never see a forward. Instead, after the last
+micro-batch of an accumulation window, every trainable gradient is averaged with one all-reduce over a
+flat buffer. With one process this is a no-op.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def all_reduce_gradients(params, accelerator) -> None:
+    """Average `.grad` of `params` over all processes (in place)."""
+    if accelerator.num_processes <= 1:
+        return
+    for p in params:  # every rank must contribute the same buffer layout (module_dropout may skip a module)
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+    flat /= accelerator.num_processes
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset : offset + n].view_as(g))
+        offset += n

@@ -1,0 +1,156 @@
+"""The command-line interface of train_apt_lora.py: sd-scripts' argument names and defaults.
+
+Kept apart from the training loop so the loop reads top to bottom, and so tests and `--config_file`
+validation can build the parser without importing the trainer.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("base model")
+    g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
+                   help="diffusers folder or single-file .safetensors checkpoint (SD1.x, SD2.x, SDXL)")
+    g.add_argument("--v2", action="store_true", default=None, help="the model is SD2.x (detected from the file; this checks it)")
+    g.add_argument("--sdxl", action="store_true", default=None, help="the model is SDXL (detected from the file; this checks it)")
+    g.add_argument("--v_parameterization", action="store_true", default=None,
+                   help="train with v-prediction (SD2.x 768-v); single-file checkpoints cannot tell")
+    g.add_argument("--vae", type=str, default=None, help="replace the model's VAE (.safetensors or diffusers folder)")
+    g.add_argument("--tokenizer_path", type=str, default=None,
+                   help="folder with CLIP tokenizer files; default: the model folder, else the bundled vocabulary")
+    g.add_argument("--allow_pickle_checkpoint", action="store_true",
+                   help="allow .ckpt/.pt checkpoints (loaded with torch.load(weights_only=True)); prefer .safetensors")
+    g.add_argument("--clip_skip", type=int, default=None, help="use the output of the k-th last text-encoder layer (SD1/SD2)")
+    g.add_argument("--max_token_length", type=int, default=None, choices=[None, 75, 150, 225],
+                   help="captions longer than 75 tokens: 150 or 225")
+
+
+def _network_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LoRA network")
+    g.add_argument("--network_module", type=str, default="networks.lora", help="only networks.lora is supported")
+    g.add_argument("--network_dim", type=int, default=None, help="LoRA rank (default 4)")
+    g.add_argument("--network_alpha", type=float, default=1.0, help="LoRA alpha; scale = alpha / rank (default 1)")
+    g.add_argument("--network_dropout", type=float, default=None, help="dropout on the LoRA down output (training only)")
+    g.add_argument("--network_args", type=str, default=None, nargs="*",
+                   help='extra "key=value" options: conv_dim, conv_alpha, rank_dropout, module_dropout')
+    g.add_argument("--network_weights", type=str, default=None, help="continue training from this LoRA .safetensors")
+    g.add_argument("--network_train_unet_only", action="store_true", help="train the UNet LoRA only (no text encoder LoRA)")
+    g.add_argument("--network_multiplier", type=float, default=1.0, help="LoRA multiplier during training")
+
+
+def _dataset_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("dataset (CLI fallback of the dataset TOML)")
+    g.add_argument("--dataset_config", type=str, default=None, help="sd-scripts dataset TOML")
+    g.add_argument("--train_data_dir", type=str, default=None, help="folder of <repeats>_<class tokens> subfolders")
+    g.add_argument("--reg_data_dir", type=str, default=None, help="regularization images, same layout")
+    g.add_argument("--in_json", type=str, default=None, help="fine-tuning metadata (ignored with --dataset_config)")
+    g.add_argument("--resolution", type=str, default=None, help='"512" or "768,512" (width,height)')
+    g.add_argument("--train_batch_size", type=int, default=1)
+    g.add_argument("--dataset_repeats", type=int, default=1)
+    g.add_argument("--enable_bucket", action="store_true")
+    g.add_argument("--min_bucket_reso", type=int, default=256)
+    g.add_argument("--max_bucket_reso", type=int, default=1024)
+    g.add_argument("--bucket_reso_steps", type=int, default=64)
+    g.add_argument("--bucket_no_upscale", action="store_true")
+    g.add_argument("--caption_extension", type=str, default=".caption")
+    g.add_argument("--shuffle_caption", action="store_true")
+    g.add_argument("--keep_tokens", type=int, default=0)
+    g.add_argument("--caption_dropout_rate", type=float, default=0.0)
+    g.add_argument("--caption_dropout_every_n_epochs", type=int, default=0)
+    g.add_argument("--caption_tag_dropout_rate", type=float, default=0.0)
+    g.add_argument("--flip_aug", action="store_true")
+    g.add_argument("--random_crop", action="store_true")
+    g.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularization images")
+    g.add_argument("--max_data_loader_n_workers", type=int, default=0,
+                   help="DataLoader worker processes (0: load in the main process)")
+    g.add_argument("--persistent_data_loader_workers", action="store_true")
+    g.add_argument("--cache_latents", action="store_true", help="encode every image once before training (in memory)")
+    g.add_argument("--cache_latents_to_disk", action="store_true", help="cache latents in .npz files beside the images")
+    g.add_argument("--vae_batch_size", type=int, default=1)
+    g.add_argument("--cache_text_encoder_outputs", action="store_true",
+                   help="encode each caption once (needs --network_train_unet_only and fixed captions)")
+
+
+def _training_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--max_train_steps", type=int, default=1600)
+    g.add_argument("--max_train_epochs", type=int, default=None, help="overrides --max_train_steps")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
+    g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32 under mixed precision")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--xformers", action="store_true", help="xformers attention (CUDA; requirements-gpu.txt)")
+    g.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping; 0 disables")
+    g.add_argument("--noise_offset", type=float, default=None)
+    g.add_argument("--noise_offset_random_strength", action="store_true")
+    g.add_argument("--adaptive_noise_scale", type=float, default=None)
+    g.add_argument("--multires_noise_iterations", type=int, default=None)
+    g.add_argument("--multires_noise_discount", type=float, default=0.3)
+    g.add_argument("--ip_noise_gamma", type=float, default=None)
+    g.add_argument("--ip_noise_gamma_random_strength", action="store_true")
+    g.add_argument("--min_timestep", type=int, default=None)
+    g.add_argument("--max_timestep", type=int, default=None)
+    g.add_argument("--min_snr_gamma", type=float, default=None, help="min-SNR weighting (5 is the paper's value)")
+    g.add_argument("--scale_v_pred_loss_like_noise_pred", action="store_true")
+    g.add_argument("--v_pred_like_loss", type=float, default=None)
+    g.add_argument("--debiased_estimation_loss", action="store_true")
+    g.add_argument("--loss_type", type=str, default="l2", choices=["l1", "l2", "huber", "smooth_l1"])
+    g.add_argument("--huber_c", type=float, default=0.1)
+
+
+def _optimizer_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("optimizer and schedule")
+    g.add_argument("--optimizer_type", type=str, default="AdamW", help="AdamW, AdamW8bit (bitsandbytes), SGDNesterov, Adafactor, or module.Class")
+    g.add_argument("--optimizer_args", type=str, default=None, nargs="*", help='"key=value" optimizer options')
+    g.add_argument("--use_8bit_adam", action="store_true", help="legacy alias of --optimizer_type AdamW8bit")
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--unet_lr", type=float, default=None)
+    g.add_argument("--text_encoder_lr", type=float, default=None)
+    g.add_argument("--lr_scheduler", type=str, default="constant",
+                   help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial")
+    g.add_argument("--lr_warmup_steps", type=str, default="0", help='steps, a ratio < 1 of the total, or "N%%"')
+    g.add_argument("--lr_scheduler_num_cycles", type=int, default=1)
+    g.add_argument("--lr_scheduler_power", type=float, default=1.0)
+
+
+def _saving_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("saving")
+    g.add_argument("--output_dir", type=str, default=None, help="where LoRA files are written")
+    g.add_argument("--output_name", type=str, default=None, help='file name stem (default "last")')
+    g.add_argument("--save_model_as", type=str, default="safetensors", choices=["safetensors"])
+    g.add_argument("--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"])
+    g.add_argument("--save_every_n_epochs", type=int, default=None)
+    g.add_argument("--save_every_n_steps", type=int, default=None)
+    g.add_argument("--overwrite", action="store_true", help="allow replacing existing output files")
+    g.add_argument("--no_metadata", action="store_true", help="write only the minimal metadata")
+    g.add_argument("--training_comment", type=str, default=None)
+    for key in ("title", "author", "description", "license", "tags"):
+        g.add_argument(f"--metadata_{key}", type=str, default=None)
+
+
+def _logging_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("logging and samples")
+    g.add_argument("--logging_dir", type=str, default=None, help="TensorBoard logs go to <logging_dir>/<log_prefix><time>")
+    g.add_argument("--log_prefix", type=str, default=None)
+    g.add_argument("--log_with", type=str, default=None, choices=[None, "tensorboard"])
+    g.add_argument("--log_tracker_name", type=str, default=None)
+    g.add_argument("--sample_prompts", type=str, default=None, help="sd-scripts prompt file (.txt/.toml/.json)")
+    g.add_argument("--sample_every_n_steps", type=int, default=None)
+    g.add_argument("--sample_every_n_epochs", type=int, default=None)
+    g.add_argument("--sample_at_first", action="store_true")
+    g.add_argument("--sample_sampler", type=str, default="ddim")
+
+
+def setup_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train_apt_lora.py",
+        description="Train a kohya-format LoRA for SD1.x / SD2.x / SDXL (sd-scripts compatible arguments).",
+    )
+    p.add_argument("--config_file", type=str, default=None, help="TOML file of arguments (CLI > TOML > defaults)")
+    p.add_argument("--output_config", action="store_true", help="write the non-default arguments to --config_file and exit")
+    for add in (_model_args, _network_args, _dataset_args, _training_args, _optimizer_args, _saving_args, _logging_args):
+        add(p)
+    return p

@@ -1,0 +1,331 @@
+#!/usr/bin/env python
+"""Train a kohya-format LoRA for SD1.x / SD2.x / SDXL, sd-scripts style.
+
+    python train_apt_lora.py --pretrained_model_name_or_path MODEL --dataset_config data.toml \
+        --output_dir out --output_name my_lora --network_dim 16 --max_train_steps 1000
+
+Reads top to bottom: parse arguments, load the model and data, build the LoRA, then the loop.
+One training step lives in `training_step` below; APT (issue 3) replaces it with apt_ext.step.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import sys
+import time
+
+# Never reach the HF hub: every model part and tokenizer comes from local files.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from library.train_args import setup_parser  # noqa: E402
+
+logger = logging.getLogger("apt_lora")
+
+
+def training_step(args, ctx, batch):
+    """Plain DreamBooth-LoRA loss for one micro-batch. Returns (loss, logs)."""
+    import torch
+
+    from library import train_util
+    from library.conditioning import sdxl_time_ids, unet_forward
+
+    model, accelerator = ctx.model, ctx.accelerator
+    device, weight_dtype = accelerator.device, ctx.weight_dtype
+
+    latents = ctx.encode_latents(batch)
+    noise, noisy_latents, timesteps = train_util.get_noise_noisy_latents_and_timesteps(args, model.noise_scheduler, latents)
+    cond = ctx.encode_text(batch["captions"])
+    time_ids = None
+    if model.is_sdxl:
+        time_ids = sdxl_time_ids(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]).to(device, weight_dtype)
+
+    with accelerator.autocast():
+        pred = unet_forward(model, noisy_latents.to(weight_dtype), timesteps, cond, time_ids)
+    target = train_util.get_target(model.noise_scheduler, latents, noise, timesteps)
+
+    loss = train_util.per_sample_loss(pred.float(), target.float(), args.loss_type, args.huber_c)
+    loss = loss * batch["loss_weights"].to(device)
+    loss = train_util.post_process_loss(loss, args, timesteps, model.noise_scheduler)
+    return loss.mean(), {}
+
+
+class TrainContext:
+    """What a training step needs besides the batch: the model, devices, dtypes and encoders."""
+
+    def __init__(self, args, accelerator, model, network, weight_dtype, vae_dtype, te_cache):
+        self.args, self.accelerator, self.model, self.network = args, accelerator, model, network
+        self.weight_dtype, self.vae_dtype, self.te_cache = weight_dtype, vae_dtype, te_cache
+
+    def encode_latents(self, batch):
+        import torch
+
+        device = self.accelerator.device
+        if batch["latents"] is not None:
+            return batch["latents"].to(device, torch.float32)
+        with torch.no_grad():
+            pixels = batch["images"].to(device, self.vae_dtype)
+            latents = self.model.vae.encode(pixels).latent_dist.sample().float()
+            latents = torch.nan_to_num(latents, 0.0, 0.0, 0.0)
+        return latents * self.model.latent_scale
+
+    def encode_text(self, captions):
+        import torch
+
+        from library.conditioning import encode_prompts
+
+        device = self.accelerator.device
+        if self.te_cache is not None:
+            return self.te_cache.get(captions).to(device, self.weight_dtype)
+        train_te = not self.args.network_train_unet_only
+        with torch.set_grad_enabled(train_te), self.accelerator.autocast():
+            cond = encode_prompts(self.model, captions, clip_skip=self.args.clip_skip,
+                                  max_token_length=self.args.max_token_length, device=device)
+        return cond.to(device, self.weight_dtype)
+
+
+def verify_args(args):
+    from library.train_util import TrainingSetupError
+
+    if not args.pretrained_model_name_or_path:
+        raise TrainingSetupError("--pretrained_model_name_or_path is required: a diffusers folder or a .safetensors checkpoint")
+    if not args.output_dir:
+        raise TrainingSetupError("--output_dir is required: the folder the LoRA is written to")
+    if args.dataset_config is None and args.train_data_dir is None:
+        raise TrainingSetupError("no training data: pass --dataset_config data.toml (or --train_data_dir)")
+    if args.network_module != "networks.lora":
+        raise TrainingSetupError(f"--network_module {args.network_module}: only networks.lora is supported")
+    if args.use_8bit_adam:
+        args.optimizer_type = "AdamW8bit"
+    if args.cache_latents_to_disk:
+        args.cache_latents = True
+    if args.cache_text_encoder_outputs and not args.network_train_unet_only:
+        raise TrainingSetupError("--cache_text_encoder_outputs needs --network_train_unet_only (a trained text encoder changes its outputs)")
+    if args.xformers:
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            raise TrainingSetupError("--xformers needs the xformers package (CUDA only): pip install -r requirements-gpu.txt, "
+                                     "or leave the flag out to use PyTorch SDPA attention") from None
+    if args.output_name is None:
+        args.output_name = "last"
+    if args.logging_dir and args.log_with is None:
+        args.log_with = "tensorboard"
+
+
+def planned_outputs(args, max_train_steps, num_epochs, steps_per_epoch):
+    """Every LoRA file this run will write, so that existing files are found before training starts."""
+    from library.train_util import ckpt_name
+
+    names = [ckpt_name(args.output_name)]
+    if args.save_every_n_epochs:
+        names += [ckpt_name(args.output_name, epoch=e) for e in range(args.save_every_n_epochs, num_epochs, args.save_every_n_epochs)]
+    if args.save_every_n_steps:
+        names += [ckpt_name(args.output_name, step=s) for s in range(args.save_every_n_steps, max_train_steps, args.save_every_n_steps)]
+    return [os.path.join(args.output_dir, n) for n in names]
+
+
+def train(args):
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from library import config_util, dataset as dataset_lib, metadata as metadata_lib, train_util
+    from library.conditioning import TextEncoderCache
+    from library.distributed import all_reduce_gradients
+    from library.model_util import load_model
+    from networks import lora as lora_lib
+
+    verify_args(args)
+    if args.seed is None:
+        args.seed = random.randint(0, 2**31 - 1)
+    set_seed(args.seed)
+
+    log_dir = None
+    if args.log_with:
+        log_dir = os.path.join(args.logging_dir or os.path.join(args.output_dir, "logs"),
+                               (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S", time.localtime()))
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision=args.mixed_precision, log_with=args.log_with, project_dir=log_dir)
+    is_main = accelerator.is_main_process
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    vae_dtype = torch.float32 if args.no_half_vae else weight_dtype
+
+    # --- model and data ---------------------------------------------------------------------------
+    model = load_model(args.pretrained_model_name_or_path, v2=args.v2, v_parameterization=args.v_parameterization,
+                       sdxl=args.sdxl, tokenizer_path=args.tokenizer_path, vae_path=args.vae,
+                       allow_pickle=args.allow_pickle_checkpoint)
+    user_config = config_util.load_dataset_config(args.dataset_config) if args.dataset_config else None
+    blueprints = config_util.generate_blueprint(user_config, args, is_sdxl=model.is_sdxl)
+    data = dataset_lib.build_dataset_group(blueprints, is_sdxl=model.is_sdxl, seed=args.seed,
+                                           prior_loss_weight=args.prior_loss_weight)
+
+    steps_per_epoch = math.ceil(len(data) / accelerator.num_processes / args.gradient_accumulation_steps)
+    if args.max_train_epochs:
+        args.max_train_steps = args.max_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    existing = [p for p in planned_outputs(args, args.max_train_steps, num_epochs, steps_per_epoch) if os.path.exists(p)]
+    if existing and not args.overwrite:
+        raise train_util.TrainingSetupError(f"output file exists: {existing[0]} ({len(existing)} in all). "
+                                            "Choose another --output_name or --output_dir, or pass --overwrite to replace them")
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    device = accelerator.device
+    model.vae.to(device, vae_dtype)
+    if args.cache_latents:
+        with torch.no_grad():
+            data.cache_latents(model.vae, model.latent_scale, vae_batch_size=args.vae_batch_size,
+                               to_disk=args.cache_latents_to_disk, device=device)
+        model.vae.to("cpu")  # only sampling needs it again
+    model.unet.to(device, weight_dtype)
+    for te in model.text_encoders:
+        te.to(device, weight_dtype)
+    if args.xformers:
+        model.unet.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        model.unet.train()  # diffusers checkpoints only in training mode
+        if not args.network_train_unet_only:
+            for te in model.text_encoders:
+                te.gradient_checkpointing_enable()
+                te.train()
+
+    te_cache = None
+    if args.cache_text_encoder_outputs:
+        te_cache = TextEncoderCache(model, clip_skip=args.clip_skip, max_token_length=args.max_token_length)
+
+    # --- LoRA network, optimizer, schedule --------------------------------------------------------
+    network = lora_lib.create_network(model, args)
+    network.apply_to()
+    if args.network_weights:
+        network.load_weights(args.network_weights)
+    network.set_multiplier(args.network_multiplier)
+    network.to(device)
+    network.train()
+    params = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, args.learning_rate)
+    optimizer_name, optimizer = train_util.get_optimizer(args, params)
+    lr_scheduler = train_util.get_lr_scheduler(args, optimizer, args.max_train_steps)
+
+    loader = torch.utils.data.DataLoader(data, batch_size=1, shuffle=True, collate_fn=dataset_lib.collate_batch,
+                                         num_workers=args.max_data_loader_n_workers,
+                                         persistent_workers=args.persistent_data_loader_workers and args.max_data_loader_n_workers > 0)
+    optimizer, loader = accelerator.prepare(optimizer, loader)
+    trainable = [p for p in network.parameters() if p.requires_grad]
+
+    ctx = TrainContext(args, accelerator, model, network, weight_dtype, vae_dtype, te_cache)
+    metadata = metadata_lib.build_training_metadata(
+        args, model=model, network=network, optimizer_name=optimizer_name, dataset_group=data,
+        num_batches_per_epoch=len(data), num_epochs=num_epochs, max_train_steps=args.max_train_steps)
+    save_dtype = train_util.save_dtype(args)
+
+    def save(name, step, epoch):
+        path = os.path.join(args.output_dir, name)
+        md = metadata_lib.update_on_save(metadata, steps=step, epoch=epoch)
+        network.save_weights(path, save_dtype, md if not args.no_metadata else metadata_lib.minimal(md), overwrite=args.overwrite)
+        accelerator.print(f"saved {path}")
+
+    def maybe_sample(step, epoch, at_epoch_end=False):
+        if not args.sample_prompts or not is_main:
+            return
+        due = (step == 0 and args.sample_at_first) or (
+            (args.sample_every_n_epochs and at_epoch_end and epoch % args.sample_every_n_epochs == 0)
+            or (not args.sample_every_n_epochs and args.sample_every_n_steps and not at_epoch_end
+                and step % args.sample_every_n_steps == 0))
+        if due:
+            from library.sampling import parse_prompt_file, sample_images
+
+            model.vae.to(device, vae_dtype)
+            sample_images(model, parse_prompt_file(args.sample_prompts), output_dir=args.output_dir,
+                          output_name=args.output_name, epoch=epoch if at_epoch_end else None,
+                          step=None if at_epoch_end else step, device=device, clip_skip=args.clip_skip,
+                          max_token_length=args.max_token_length, sampler=args.sample_sampler, dtype=weight_dtype)
+            if args.cache_latents:
+                model.vae.to("cpu")
+
+    if args.log_with:
+        accelerator.init_trackers(args.log_tracker_name or "network_train", config={k: v for k, v in vars(args).items()
+                                                                                   if isinstance(v, (int, float, str, bool))})
+    accelerator.print(f"{data.num_train_images} train images, {data.num_reg_images} reg images, {len(data)} batches per epoch, "
+                      f"{num_epochs} epochs, {args.max_train_steps} optimizer steps, {optimizer_name}")
+
+    # --- the loop ---------------------------------------------------------------------------------
+    step, loss_sum, loss_count = 0, 0.0, 0
+    progress = tqdm(total=args.max_train_steps, desc="steps", disable=not is_main, smoothing=0.1)
+    maybe_sample(0, 0)
+    for epoch in range(1, num_epochs + 1):
+        data.set_current_epoch(epoch)
+        for batch in loader:
+            with accelerator.accumulate(network):
+                loss, logs = training_step(args, ctx, batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    all_reduce_gradients(trainable, accelerator)
+                    if args.max_grad_norm:
+                        accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            loss_value = loss.detach().item()
+            loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_value:.4f}", avg=f"{loss_sum / loss_count:.4f}")
+            if args.log_with:
+                lrs = lr_scheduler.get_last_lr()
+                accelerator.log({"loss/current": loss_value, "loss/average": loss_sum / loss_count,
+                                 **{f"lr/{g.get('name', i)}": lr for i, (g, lr) in enumerate(zip(optimizer.param_groups, lrs))},
+                                 **logs}, step=step)
+            if is_main and args.save_every_n_steps and step % args.save_every_n_steps == 0 and step < args.max_train_steps:
+                save(train_util.ckpt_name(args.output_name, step=step), step, epoch)
+            maybe_sample(step, epoch)
+            if step >= args.max_train_steps:
+                break
+        if is_main and args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 and epoch < num_epochs:
+            save(train_util.ckpt_name(args.output_name, epoch=epoch), step, epoch)
+        maybe_sample(step, epoch, at_epoch_end=True)
+        if step >= args.max_train_steps:
+            break
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    if is_main:
+        save(train_util.ckpt_name(args.output_name), step, epoch)
+    if args.log_with:
+        accelerator.end_training()
+    return network
+
+
+def main(argv=None) -> int:
+    from library.config_util import ConfigError
+    from library.model_util import ModelLoadError
+    from library.train_util import TrainingSetupError, read_config_file, write_config_file
+    from networks.lora import LoRAWeightsError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = setup_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.output_config:
+            if not args.config_file:
+                raise TrainingSetupError("--output_config needs --config_file PATH to write to")
+            write_config_file(args, parser, args.config_file)
+            print(f"wrote {args.config_file}")
+            return 0
+        args = read_config_file(args, parser, argv)
+        train(args)
+    except (ConfigError, ModelLoadError, LoRAWeightsError, TrainingSetupError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
