@@ -1,0 +1,581 @@
+"""Training images: discovery, captions, regularisation images, aspect buckets, batches and latent caching.
+
+`build_dataset_group(generate_blueprint(...), is_sdxl=..., seed=...)` gives a torch `Dataset` whose items are whole
+batches (batches are formed inside one bucket, like sd-scripts). Use it with
+`DataLoader(group, batch_size=1, collate_fn=collate_batch, shuffle=True)`. Batch dict: docs/architecture.md.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from library.buckets import BucketManager, get_crop_ltrb, resize_and_crop
+from library.captions import process_caption, read_caption_file, tag_frequency
+from library.config_util import (IMAGE_EXTENSIONS, ConfigError, DatasetBlueprint, SubsetBlueprint,
+                                 check_bucket_reso_steps)
+
+logger = logging.getLogger(__name__)
+
+LATENT_STRIDE = 8  # VAE downsampling of SD1.x / SD2.x / SDXL
+
+
+@dataclass
+class ImageInfo:
+    key: str  # the image path (DreamBooth) or the metadata key (fine-tuning); `image_keys` in batches
+    path: str
+    subset: SubsetBlueprint
+    caption: str  # raw caption (before per-sample processing)
+    is_reg: bool
+    num_repeats: int
+    size: tuple[int, int]  # original (width, height)
+    bucket_reso: tuple[int, int] | None = None
+    resized_size: tuple[int, int] | None = None
+    latents: torch.Tensor | None = None  # (C, h, w), not scaled
+    latents_flipped: torch.Tensor | None = None
+    latents_npz: str | None = None  # disk cache (loaded per sample)
+    cached_original_size: tuple[int, int] | None = None
+    cached_crop_ltrb: tuple[float, float, float, float] | None = None
+
+
+def _probe_image(path: str) -> tuple[int, int] | None:
+    """Fully decode the image once, so unreadable and truncated files are found now, not mid-training."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.size
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        logger.warning(f"skipping image {path}: cannot be read ({type(e).__name__}: {e}). Re-save or remove it.")
+        return None
+
+
+def _list_images(image_dir: str) -> list[str]:
+    return sorted(os.path.join(image_dir, f) for f in os.listdir(image_dir)
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(image_dir, f)))
+
+
+def _dir_error(subset: SubsetBlueprint, image_dir: str, problem: str, fix: str) -> ConfigError:
+    key = f"`{subset.key_path}.image_dir`" if subset.key_path else subset.where
+    where = f" ({subset.where})" if subset.key_path else ""
+    return ConfigError(f"{key}{where}: {problem}: {image_dir}. {fix}")
+
+
+class _Dataset:
+    """One [[datasets]] entry: its images, buckets and per-epoch batch order."""
+
+    def __init__(self, bp: DatasetBlueprint, index: int, debug: bool):
+        self.bp = bp
+        self.index = index
+        self.images: dict[str, ImageInfo] = {}
+        self.subset_counts: list[tuple[SubsetBlueprint, int]] = []  # (subset, images found)
+        self.tag_frequency: dict[str, dict[str, int]] = {}
+        self.num_train_images = 0
+        self.num_reg_images = 0
+        if bp.is_dreambooth:
+            self._load_dreambooth()
+        else:
+            self._load_finetuning()
+        if not self.images:
+            raise ConfigError(f"{bp.where}: no usable training image (see the warnings above).")
+        self._make_buckets(debug)
+        self.batches: list[tuple[int, int]] = []
+        self.epoch_buckets: list[list[str]] = []
+
+    # -- loading ---------------------------------------------------------------------------------------------------
+    def _images_of(self, subset: SubsetBlueprint) -> list[tuple[str, tuple[int, int]]]:
+        image_dir = subset.image_dir
+        if not os.path.isdir(image_dir):
+            problem = "not a folder" if os.path.exists(image_dir) else "folder not found"
+            raise _dir_error(subset, image_dir, problem, "Check the path (relative paths are relative to the "
+                             f"current directory, {os.getcwd()}).")
+        paths = _list_images(image_dir)
+        if not paths:
+            raise _dir_error(subset, image_dir, "no images (png, jpg, jpeg, webp, bmp) directly in this folder",
+                             "Put the images in it (subfolders are not searched), or remove this subset.")
+        found = [(p, size) for p in paths if (size := _probe_image(p)) is not None]
+        if not found:
+            raise _dir_error(subset, image_dir, f"none of its {len(paths)} images can be read",
+                             "See the warnings above; re-save the images.")
+        return found
+
+    def _load_dreambooth(self) -> None:
+        reg: list[ImageInfo] = []
+        for subset in self.bp.subsets:
+            found = self._images_of(subset)
+            captions = [read_caption_file(p, subset.caption_extension, subset.enable_wildcard) for p, _ in found]
+            missing = [p for (p, _), c in zip(found, captions) if c is None]
+            if missing and not subset.class_tokens:
+                more = f" (and {len(missing) - 1} more images)" if len(missing) > 1 else ""
+                raise ConfigError(
+                    f"image {missing[0]}{more} has no caption file ({os.path.splitext(os.path.basename(missing[0]))[0]}"
+                    f"{subset.caption_extension}) and {subset.where} has no class_tokens. Set class_tokens (e.g. "
+                    f"class_tokens = \"sks dog\") for the subset, or write a caption file for every image (check "
+                    f"caption_extension, now {subset.caption_extension!r}).")
+            captions = [subset.class_tokens if c is None else c for c in captions]
+            for (path, size), caption in zip(found, captions):
+                info = ImageInfo(path, path, subset, caption, subset.is_reg, subset.num_repeats, size)
+                if subset.is_reg:
+                    reg.append(info)  # registered below, with repeats matched to the train images
+                else:
+                    self.images[path] = info
+            dir_name = os.path.basename(os.path.normpath(subset.image_dir))
+            tag_frequency(captions, self.tag_frequency.setdefault(dir_name, {}))
+            if subset.is_reg:
+                self.num_reg_images += subset.num_repeats * len(found)
+            else:
+                self.num_train_images += subset.num_repeats * len(found)
+            self.subset_counts.append((subset, len(found)))
+        self._register_reg_images(reg)
+
+    def _register_reg_images(self, reg: list[ImageInfo]) -> None:
+        """sd-scripts: reg images are repeated (round-robin, +1 repeat each) or cut off so that their count with
+        repeats matches the train images with repeats."""
+        if not reg:
+            return
+        if self.num_train_images == 0:
+            raise ConfigError(f"{self.bp.where}: only regularisation subsets (is_reg = true); add a training subset.")
+        if self.num_train_images < self.num_reg_images:
+            logger.warning(f"{self.bp.where}: more regularisation images ({self.num_reg_images} with repeats) than "
+                           f"training images ({self.num_train_images}); some reg images are not used.")
+        n, first = 0, True
+        while n < self.num_train_images:
+            for info in reg:
+                if first:
+                    self.images[info.key] = info
+                    n += info.num_repeats
+                else:
+                    info.num_repeats += 1
+                    n += 1
+                if n >= self.num_train_images:
+                    break
+            first = False
+
+    def _load_finetuning(self) -> None:
+        for subset in self.bp.subsets:
+            md_path = subset.metadata_file
+            key = f"`{subset.key_path}.metadata_file` ({subset.where})" if subset.key_path else subset.where
+            if not os.path.isfile(md_path):
+                raise ConfigError(f"{key}: metadata file not found: {md_path}.")
+            try:
+                with open(md_path, encoding="utf-8") as f:
+                    metadata = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{md_path}:{e.lineno}:{e.colno}: JSON syntax error in the metadata file ({key}): "
+                                  f"{e.msg}.") from None
+            except UnicodeDecodeError:
+                raise ConfigError(f"{md_path}: the metadata file is not UTF-8 text ({key}).") from None
+            if not isinstance(metadata, dict) or not metadata:
+                raise ConfigError(f"{md_path}: the metadata file must be a non-empty JSON object "
+                                  f'{{"image key": {{"caption": "...", "tags": "..."}}, ...}} ({key}).')
+            tags_list, count = [], 0
+            for image_key, md in metadata.items():
+                path = self._find_ft_image(subset, image_key)
+                if path is None:
+                    logger.warning(f"skipping {image_key!r} of {md_path}: image not found (looked for it as given "
+                                   f"and in image_dir {subset.image_dir!r}).")
+                    continue
+                size = _probe_image(path)
+                if size is None:
+                    continue
+                md = md if isinstance(md, dict) else {}
+                caption, tags = md.get("caption"), md.get("tags")
+                if caption is None:
+                    caption, tags = tags, None
+                if caption is None:
+                    raise ConfigError(f"{md_path}: entry {image_key!r} has neither \"caption\" nor \"tags\". Add "
+                                      f"one, or remove the entry.")
+                sep = subset.caption_separator
+                if subset.enable_wildcard:
+                    if tags:
+                        tags = tags.replace("\n", sep)
+                        caption = "\n".join(f"{line}{sep} {tags}" for line in caption.split("\n") if line.strip())
+                elif tags:
+                    caption = f"{caption}{sep} {tags}"
+                    tags_list.append(tags)
+                self.images[image_key] = ImageInfo(image_key, path, subset, caption, False, subset.num_repeats, size)
+                count += 1
+            if count == 0:
+                raise ConfigError(f"{key}: none of the {len(metadata)} images listed in {md_path} could be used "
+                                  f"(see the warnings above). Check image_dir.")
+            self.num_train_images += count * subset.num_repeats
+            tag_frequency(tags_list, self.tag_frequency.setdefault(os.path.basename(md_path), {}))
+            self.subset_counts.append((subset, count))
+
+    @staticmethod
+    def _find_ft_image(subset: SubsetBlueprint, image_key: str) -> str | None:
+        candidates = [image_key]
+        if subset.image_dir:
+            base = os.path.join(subset.image_dir, image_key)
+            candidates += [base] + [base + ext for ext in IMAGE_EXTENSIONS] + [base + ext.upper()
+                                                                               for ext in IMAGE_EXTENSIONS]
+        return next((c for c in candidates if os.path.isfile(c)), None)
+
+    # -- buckets ---------------------------------------------------------------------------------------------------
+    def _make_buckets(self, debug: bool) -> None:
+        bp = self.bp
+        if bp.enable_bucket:
+            if bp.bucket_no_upscale:
+                logger.info(f"{bp.where}: bucket_no_upscale: buckets follow the image sizes; min_bucket_reso and "
+                            f"max_bucket_reso are not used.")
+            manager = BucketManager(bp.resolution, min_size=bp.min_bucket_reso, max_size=bp.max_bucket_reso,
+                                    reso_steps=bp.bucket_reso_steps, no_upscale=bp.bucket_no_upscale)
+        else:
+            manager = BucketManager(bp.resolution, predefined=[bp.resolution])
+        ar_errors = []
+        for info in self.images.values():
+            info.bucket_reso, info.resized_size, err = manager.select_bucket(*info.size)
+            if min(info.bucket_reso) < 1:
+                raise ConfigError(f"image {info.path} ({info.size[0]}x{info.size[1]}) is smaller than "
+                                  f"bucket_reso_steps ({bp.bucket_reso_steps}) with bucket_no_upscale ({bp.where}). "
+                                  f"Remove it, or turn bucket_no_upscale off.")
+            ar_errors.append(abs(err))
+            if debug:
+                logger.info(f"{info.path}: {info.size} -> resize {info.resized_size} -> bucket {info.bucket_reso}, "
+                            f"caption {info.caption!r}")
+        self.resos = sorted({info.bucket_reso for info in self.images.values()})
+        reso_index = {r: i for i, r in enumerate(self.resos)}
+        self.buckets: list[list[str]] = [[] for _ in self.resos]
+        for info in self.images.values():
+            self.buckets[reso_index[info.bucket_reso]].extend([info.key] * info.num_repeats)
+        self.bucket_info = None
+        if bp.enable_bucket:
+            self.bucket_info = {"buckets": {i: {"resolution": list(r), "count": len(b)}
+                                            for i, (r, b) in enumerate(zip(self.resos, self.buckets))},
+                                "mean_img_ar_error": float(np.mean(ar_errors))}
+        for i, (r, b) in enumerate(zip(self.resos, self.buckets)):
+            logger.info(f"{bp.where}: bucket {i}: resolution {r}, {len(b)} images with repeats")
+        self.num_batches = sum(math.ceil(len(b) / bp.batch_size) for b in self.buckets)
+
+    def arrange(self, seed: int, epoch: int) -> None:
+        """The batch order of one epoch: a pure function of (seed, epoch), so a resumed run sees the same batches."""
+        rng = random.Random(f"apt-lora/{seed}/{epoch}/{self.index}")
+        self.epoch_buckets = [rng.sample(b, len(b)) for b in self.buckets]
+        bs = self.bp.batch_size
+        self.batches = [(b, start) for b, keys in enumerate(self.epoch_buckets) for start in range(0, len(keys), bs)]
+        rng.shuffle(self.batches)
+
+    def batch_keys(self, i: int) -> list[str]:
+        b, start = self.batches[i]
+        return self.epoch_buckets[b][start:start + self.bp.batch_size]
+
+
+class DatasetGroup(torch.utils.data.Dataset):
+    """All datasets of a config. Item i is a whole batch (batch dict of docs/architecture.md)."""
+
+    def __init__(self, datasets: list[_Dataset], *, is_sdxl: bool, seed: int, prior_loss_weight: float = 1.0):
+        self.datasets = datasets
+        self.is_sdxl = is_sdxl
+        self.seed = seed
+        self.prior_loss_weight = prior_loss_weight
+        self.latent_scale: float | None = None
+        self._offsets = np.cumsum([0] + [d.num_batches for d in datasets])
+        # the epoch lives in shared memory so that DataLoader workers (persistent ones too) follow set_current_epoch
+        self._epoch = torch.ones((), dtype=torch.long).share_memory_()
+        self._arranged_epoch = None
+        self._arrange()
+
+    def _arrange(self) -> None:
+        epoch = self.current_epoch
+        if epoch != self._arranged_epoch:
+            for d in self.datasets:
+                d.arrange(self.seed, epoch)
+            self._arranged_epoch = epoch
+
+    # -- basic API -------------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    @property
+    def num_train_images(self) -> int:
+        return sum(d.num_train_images for d in self.datasets)
+
+    @property
+    def num_reg_images(self) -> int:
+        return sum(d.num_reg_images for d in self.datasets)
+
+    def is_text_encoder_output_cacheable(self) -> bool:
+        """False when a caption can change between steps (shuffle, dropout, wildcards), as in sd-scripts."""
+        return not any(s.shuffle_caption or s.caption_dropout_rate > 0 or s.caption_dropout_every_n_epochs > 0
+                       or s.caption_tag_dropout_rate > 0 or s.enable_wildcard
+                       for d in self.datasets for s in d.bp.subsets)
+
+    @property
+    def current_epoch(self) -> int:
+        return int(self._epoch.item())
+
+    def set_current_epoch(self, epoch: int) -> None:
+        """Epochs count from 1, like sd-scripts (the first epoch is 1). Re-shuffles the buckets for that epoch and
+        drives caption_dropout_every_n_epochs. Call it before iterating the epoch's DataLoader; workers (persistent
+        ones too) see it through shared memory."""
+        self._epoch.fill_(int(epoch))
+        self._arrange()
+
+    def _locate(self, index: int) -> tuple[_Dataset, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        d = int(np.searchsorted(self._offsets, index, side="right")) - 1
+        return self.datasets[d], index - int(self._offsets[d])
+
+    # -- items -----------------------------------------------------------------------------------------------------
+    def __getitem__(self, index: int) -> dict:
+        self._arrange()  # in a DataLoader worker, the epoch may have moved on
+        ds, local = self._locate(index)
+        epoch = self._arranged_epoch
+        rng = random.Random(f"apt-lora/{self.seed}/{epoch}/{ds.index}/{local}/item")
+        images, latents, captions, classes, priors, is_reg, weights = [], [], [], [], [], [], []
+        original_hw, crop_tl, target_hw, keys = [], [], [], []
+        for key in ds.batch_keys(local):
+            info = ds.images[key]
+            sub = info.subset
+            flipped = sub.flip_aug and rng.random() < 0.5
+            if info.latents is not None or info.latents_npz is not None:
+                lat, original_size, crop_ltrb = self._cached(info, flipped)
+                latents.append(lat)
+                target = (lat.shape[2] * LATENT_STRIDE, lat.shape[1] * LATENT_STRIDE)
+            else:
+                img, original_size, crop_ltrb = self._load_image(info, rng)
+                if flipped:
+                    img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                images.append(_to_tensor(img))
+                target = img.size
+            left = target[0] - crop_ltrb[2] if flipped else crop_ltrb[0]
+            original_hw.append((int(original_size[1]), int(original_size[0])))
+            crop_tl.append((int(crop_ltrb[1]), int(left)))
+            target_hw.append((int(target[1]), int(target[0])))
+            captions.append(process_caption(sub, info.caption, rng=rng, epoch=epoch))
+            classes.append(sub.class_tokens)
+            priors.append(sub.prior_class_tokens)
+            is_reg.append(info.is_reg)
+            weights.append(self.prior_loss_weight if info.is_reg else 1.0)
+            keys.append(key)
+        if images and latents:
+            raise RuntimeError("internal error: a batch mixes cached latents and images")
+        return {
+            "images": torch.stack(images) if images else None,
+            "latents": torch.stack(latents) * self.latent_scale if latents else None,
+            "captions": captions,
+            "class_tokens": classes,
+            "prior_class_tokens": priors,
+            "is_reg": torch.tensor(is_reg, dtype=torch.bool),
+            "loss_weights": torch.tensor(weights, dtype=torch.float32),
+            "original_sizes_hw": torch.tensor(original_hw, dtype=torch.long),
+            "crop_top_lefts": torch.tensor(crop_tl, dtype=torch.long),
+            "target_sizes_hw": torch.tensor(target_hw, dtype=torch.long),
+            "image_keys": keys,
+        }
+
+    def _load_image(self, info: ImageInfo, rng: random.Random | None):
+        """Resized and cropped to the bucket -> (PIL image, original size (w, h), sd-scripts crop_ltrb)."""
+        with Image.open(info.path) as im:
+            img = im.convert("RGB")
+        if img.size != info.size:
+            raise ConfigError(f"image {info.path} changed size during training ({info.size} -> {img.size}). "
+                              f"Do not edit the images while training.")
+        img, _ = resize_and_crop(img, info.bucket_reso, info.resized_size, random_crop=info.subset.random_crop,
+                                 rng=rng, interpolation=info.subset.resize_interpolation)
+        return img, info.size, get_crop_ltrb(info.bucket_reso, info.size)
+
+    def _cached(self, info: ImageInfo, flipped: bool):
+        if info.latents is not None:
+            lat = info.latents_flipped if flipped else info.latents
+            return lat, info.cached_original_size, info.cached_crop_ltrb
+        with np.load(info.latents_npz) as npz:
+            lat = npz["latents_flipped" if flipped else "latents"]
+            return torch.from_numpy(lat.astype(np.float32)), tuple(npz["original_size"]), tuple(npz["crop_ltrb"])
+
+    # -- latent caching --------------------------------------------------------------------------------------------
+    def cache_latents(self, vae, latent_scale: float, *, vae_batch_size: int = 1, to_disk: bool = False,
+                      device="cpu", generator: torch.Generator | None = None) -> None:
+        """Encode every image once: `latent_dist.sample(generator)` (NaN -> 0); with flip_aug also the flipped image.
+
+        In memory, or with `to_disk` in `<stem>_<WWWW>x<HHHH>_sd.npz` / `_sdxl.npz` beside the image (WWWW x HHHH =
+        original size; keys latents, original_size, crop_ltrb, latents_flipped: sd-scripts' layout, latents not
+        scaled). A valid existing file is reused; one with another latent size is recomputed. Batches then carry
+        `latents` (x latent_scale) and `images` None. The VAE must already be on `device`."""
+        for d in self.datasets:
+            for sub in d.bp.subsets:
+                for name in ("random_crop", "color_aug"):
+                    if getattr(sub, name):
+                        raise ConfigError(f"{sub.where}: {name} changes the image every step, so latents cannot be "
+                                          f"cached (sd-scripts refuses it too). Turn {name} off or drop "
+                                          f"--cache_latents/--cache_latents_to_disk.")
+        self.latent_scale = float(latent_scale)
+        suffix = "_sdxl.npz" if self.is_sdxl else "_sd.npz"
+        todo: list[ImageInfo] = []
+        infos = sorted({id(i): i for d in self.datasets for i in d.images.values()}.values(),
+                       key=lambda i: (i.bucket_reso, i.subset.flip_aug, i.path))
+        for info in infos:
+            if to_disk:
+                w, h = info.size
+                info.latents_npz = f"{os.path.splitext(info.path)[0]}_{w:04d}x{h:04d}{suffix}"
+                if _npz_valid(info.latents_npz, info.bucket_reso, info.subset.flip_aug):
+                    continue
+            todo.append(info)
+        batches, batch = [], []
+        for info in todo:
+            if batch and (batch[-1].bucket_reso, batch[-1].subset.flip_aug) != (info.bucket_reso, info.subset.flip_aug):
+                batches.append(batch)
+                batch = []
+            batch.append(info)
+            if len(batch) >= vae_batch_size:
+                batches.append(batch)
+                batch = []
+        if batch:
+            batches.append(batch)
+        logger.info(f"caching latents: {len(todo)} of {len(infos)} images to encode"
+                    f"{' (the others have valid cache files)' if to_disk else ''}")
+        dtype = next(vae.parameters()).dtype
+        with torch.no_grad():
+            for batch in tqdm(batches, desc="caching latents", smoothing=1):
+                pixels = torch.stack([_to_tensor(self._load_image(i, None)[0]) for i in batch])
+                pixels = pixels.to(device=device, dtype=dtype)
+                lat = self._encode(vae, pixels, generator, batch)
+                lat_flip = (self._encode(vae, torch.flip(pixels, dims=[3]), generator, batch)
+                            if batch[0].subset.flip_aug else [None] * len(batch))
+                for info, l, lf in zip(batch, lat, lat_flip):
+                    crop = get_crop_ltrb(info.bucket_reso, info.size)
+                    if to_disk:
+                        extra = {} if lf is None else {"latents_flipped": lf.numpy()}
+                        np.savez(info.latents_npz, latents=l.numpy(), original_size=np.array(info.size),
+                                 crop_ltrb=np.array(crop), **extra)
+                    else:
+                        info.latents, info.latents_flipped = l, lf
+                        info.cached_original_size, info.cached_crop_ltrb = info.size, crop
+
+    @staticmethod
+    def _encode(vae, pixels: torch.Tensor, generator, batch: list[ImageInfo]) -> torch.Tensor:
+        lat = vae.encode(pixels).latent_dist.sample(generator=generator).float().cpu()
+        bad = torch.isnan(lat).flatten(1).any(1)
+        if bad.any():
+            names = ", ".join(i.path for i, b in zip(batch, bad) if b)
+            logger.warning(f"NaN in the VAE latents of {names}; replaced by 0. Use a fp32 VAE (--no_half_vae) or a "
+                           f"fixed VAE (--vae).")
+            lat = torch.nan_to_num(lat, nan=0.0)
+        return lat
+
+    # -- metadata --------------------------------------------------------------------------------------------------
+    def metadata(self) -> dict[str, str]:
+        """The dataset part of sd-scripts' ss_* metadata (KOHYA_COMPAT.md 2.1), values already strings."""
+        md: dict = {"ss_num_train_images": self.num_train_images, "ss_num_reg_images": self.num_reg_images,
+                    "ss_num_batches_per_epoch": len(self)}
+        if all(d.bp.from_user_config for d in self.datasets):
+            datasets_md, tag_freq, dirs = [], {}, {}
+            for d in self.datasets:
+                bp = d.bp
+                subsets_md = []
+                for sub, count in d.subset_counts:
+                    smd = {"img_count": count, "num_repeats": sub.num_repeats, "color_aug": sub.color_aug,
+                           "flip_aug": sub.flip_aug, "random_crop": sub.random_crop,
+                           "shuffle_caption": sub.shuffle_caption, "keep_tokens": sub.keep_tokens,
+                           "keep_tokens_separator": sub.keep_tokens_separator,
+                           "secondary_separator": sub.secondary_separator, "enable_wildcard": sub.enable_wildcard,
+                           "caption_prefix": sub.caption_prefix, "caption_suffix": sub.caption_suffix,
+                           "resize_interpolation": sub.resize_interpolation}
+                    name = None
+                    if sub.image_dir:
+                        name = smd["image_dir"] = os.path.basename(os.path.normpath(sub.image_dir))
+                    if bp.is_dreambooth:
+                        smd["class_tokens"] = sub.class_tokens
+                        smd["is_reg"] = sub.is_reg
+                        if sub.prior_class_tokens is not None:
+                            smd["prior_class_tokens"] = sub.prior_class_tokens
+                        if sub.is_reg:
+                            name = None
+                    else:
+                        name = smd["metadata_file"] = os.path.basename(sub.metadata_file)
+                    subsets_md.append(smd)
+                    if name is not None:
+                        unique, n = name, 2
+                        while unique in dirs:
+                            unique, n = f"{name} ({n})", n + 1
+                        dirs[unique] = {"n_repeats": sub.num_repeats, "img_count": count}
+                datasets_md.append({
+                    "is_dreambooth": bp.is_dreambooth, "batch_size_per_device": bp.batch_size,
+                    "num_train_images": d.num_train_images, "num_reg_images": d.num_reg_images,
+                    "resolution": list(bp.resolution), "enable_bucket": bp.enable_bucket,
+                    "min_bucket_reso": bp.min_bucket_reso if bp.enable_bucket else None,
+                    "max_bucket_reso": bp.max_bucket_reso if bp.enable_bucket else None,
+                    "tag_frequency": d.tag_frequency, "bucket_info": d.bucket_info,
+                    "resize_interpolation": bp.resize_interpolation, "subsets": subsets_md})
+                for name, freq in d.tag_frequency.items():
+                    tag_freq.setdefault(name, freq)
+            md.update(ss_datasets=json.dumps(datasets_md), ss_tag_frequency=json.dumps(tag_freq),
+                      ss_dataset_dirs=json.dumps(dirs))
+        else:  # CLI-only mode: sd-scripts' legacy flat keys
+            d = self.datasets[0]
+            bp = d.bp
+            sub0 = bp.subsets[0]
+            dirs, reg_dirs = {}, {}
+            for sub, count in d.subset_counts:
+                name = os.path.basename(os.path.normpath(sub.image_dir if bp.is_dreambooth else sub.metadata_file))
+                (reg_dirs if sub.is_reg else dirs)[name] = {"n_repeats": sub.num_repeats, "img_count": count}
+            md.update(ss_batch_size_per_device=bp.batch_size, ss_resolution=tuple(bp.resolution),
+                      ss_color_aug=sub0.color_aug, ss_flip_aug=sub0.flip_aug, ss_random_crop=sub0.random_crop,
+                      ss_shuffle_caption=sub0.shuffle_caption, ss_enable_bucket=bp.enable_bucket,
+                      ss_bucket_no_upscale=bp.bucket_no_upscale if bp.enable_bucket else False,
+                      ss_min_bucket_reso=bp.min_bucket_reso if bp.enable_bucket else None,
+                      ss_max_bucket_reso=bp.max_bucket_reso if bp.enable_bucket else None,
+                      ss_keep_tokens=sub0.keep_tokens, ss_dataset_dirs=json.dumps(dirs),
+                      ss_reg_dataset_dirs=json.dumps(reg_dirs), ss_tag_frequency=json.dumps(d.tag_frequency),
+                      ss_bucket_info=json.dumps(d.bucket_info))
+        return {k: str(v) for k, v in md.items()}
+
+
+def _npz_valid(path: str, bucket_reso: tuple[int, int], flip_aug: bool) -> bool:
+    """sd-scripts' check: the file has latents / original_size / crop_ltrb of the bucket's latent size (and the
+    flipped latents with flip_aug). An unreadable file is recomputed."""
+    if not os.path.isfile(path):
+        return False
+    expected = (bucket_reso[1] // LATENT_STRIDE, bucket_reso[0] // LATENT_STRIDE)
+    try:
+        with np.load(path) as npz:
+            if not {"latents", "original_size", "crop_ltrb"} <= set(npz.files):
+                return False
+            if tuple(npz["latents"].shape[1:3]) != expected:
+                return False
+            if flip_aug and ("latents_flipped" not in npz.files
+                             or tuple(npz["latents_flipped"].shape[1:3]) != expected):
+                return False
+    except Exception as e:
+        logger.warning(f"latent cache {path} cannot be read ({e}); it will be recomputed.")
+        return False
+    return True
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) float32 in [-1, 1]."""
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    return arr.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def collate_batch(items: list[dict]) -> dict:
+    """collate_fn for DataLoader(batch_size=1): each dataset item is already a whole batch."""
+    if len(items) != 1:
+        raise ValueError(f"DatasetGroup items are whole batches: use DataLoader(batch_size=1), not {len(items)}.")
+    return items[0]
+
+
+def build_dataset_group(blueprints: list[DatasetBlueprint], *, is_sdxl: bool, seed: int | None,
+                        prior_loss_weight: float = 1.0, debug: bool = False) -> DatasetGroup:
+    """Read images and captions of every blueprint, assign buckets, and return the DatasetGroup.
+
+    `seed` drives the batch order and every per-sample random choice (with the epoch); None picks one at random.
+    `debug` logs each image's size, bucket and caption."""
+    check_bucket_reso_steps(blueprints, is_sdxl)
+    if seed is None:
+        seed = random.randrange(2**31)
+        logger.info(f"no seed given: the dataset uses seed {seed}")
+    datasets = [_Dataset(bp, i, debug) for i, bp in enumerate(blueprints)]
+    group = DatasetGroup(datasets, is_sdxl=is_sdxl, seed=seed, prior_loss_weight=prior_loss_weight)
+    for d in datasets:
+        logger.info(f"{d.bp.where}: {d.num_train_images} train images and {d.num_reg_images} reg images with repeats, "
+                    f"{d.num_batches} batches of up to {d.bp.batch_size}")
+    return group

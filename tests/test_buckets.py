@@ -1,0 +1,81 @@
+"""Aspect-ratio buckets against hand-computed values (sd-scripts BucketManager semantics)."""
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from library.buckets import BucketManager, get_crop_ltrb, make_bucket_resolutions, resize_and_crop, resize_filter
+
+
+def test_make_bucket_resolutions_512():
+    # area 512*512 = 262144; for each width w in 256..1024 (step 64): h = min(1024, (262144 // w) // 64 * 64)
+    expected = [(256, 832), (256, 896), (256, 960), (256, 1024), (320, 704), (320, 768), (384, 640), (448, 576),
+                (512, 512), (576, 448), (640, 384), (704, 320), (768, 320), (832, 256), (896, 256), (960, 256),
+                (1024, 256)]
+    assert make_bucket_resolutions((512, 512), 256, 1024, 64) == expected
+
+
+def test_make_bucket_resolutions_respects_min_and_square():
+    resos = make_bucket_resolutions((1024, 1024), 512, 2048, 64)
+    assert (1024, 1024) in resos
+    assert all(min(r) >= 512 and max(r) <= 2048 and r[0] % 64 == 0 and r[1] % 64 == 0 for r in resos)
+    assert all(r[0] * r[1] <= 1024 * 1024 for r in resos)
+
+
+@pytest.mark.parametrize("size, bucket, resized", [
+    ((1000, 500), (704, 320), (704, 352)),   # ar 2.0: nearest 704/320 = 2.2; width matches, height covers
+    ((500, 1000), (320, 704), (352, 704)),   # ar 0.5: nearest 320/704 = 0.4545; height matches
+    ((512, 512), (512, 512), (512, 512)),    # exact bucket
+    ((300, 300), (512, 512), (512, 512)),    # upscaled
+    ((600, 400), (640, 384), (640, 427)),    # ar 1.5: nearest 640/384 = 1.667 (576/448 = 1.286 is further)
+])
+def test_select_bucket(size, bucket, resized):
+    bm = BucketManager((512, 512), min_size=256, max_size=1024, reso_steps=64)
+    reso, rs, err = bm.select_bucket(*size)
+    assert reso == bucket and rs == resized
+    assert err == pytest.approx(bucket[0] / bucket[1] - size[0] / size[1])
+    assert rs[0] >= bucket[0] and rs[1] >= bucket[1]  # the resized image covers the bucket
+
+
+@pytest.mark.parametrize("size, bucket, resized", [
+    ((300, 200), (256, 192), (300, 200)),     # small: never upscaled, bucket = size floored to the step
+    ((1000, 1000), (512, 512), (512, 512)),   # too large: shrunk to the max area
+    ((1200, 600), (640, 320), (640, 320)),    # ar 2 shrunk to area 512^2: 640x320 keeps the ratio exactly
+])
+def test_select_bucket_no_upscale(size, bucket, resized):
+    bm = BucketManager((512, 512), reso_steps=64, no_upscale=True)
+    reso, rs, _ = bm.select_bucket(*size)
+    assert reso == bucket and rs == resized
+
+
+def test_single_predefined_bucket_when_bucketing_is_off():
+    bm = BucketManager((128, 128), predefined=[(128, 128)])
+    assert bm.select_bucket(300, 200)[:2] == ((128, 128), (192, 128))
+    assert bm.select_bucket(64, 96)[:2] == ((128, 128), (128, 192))
+
+
+def test_crop_ltrb_like_sd_scripts():
+    # bucket 128x128, image 300x200 (ar 1.5): fitted inside the bucket it is 128 x 85.33, centred 21 px from the top
+    left, top, right, bottom = get_crop_ltrb((128, 128), (300, 200))
+    assert (left, top, right) == (0, 21, 128) and bottom == pytest.approx(21 + 128 / 1.5)
+    assert get_crop_ltrb((128, 64), (100, 100)) == (32, 0, 96, 64)
+
+
+def test_resize_filter_choice():
+    assert resize_filter((300, 200), (192, 128), None) == Image.Resampling.BOX  # downscale: area
+    assert resize_filter((100, 100), (128, 128), None) == Image.Resampling.LANCZOS  # upscale: lanczos
+    assert resize_filter((300, 100), (192, 128), None) == Image.Resampling.LANCZOS  # one side grows
+    assert resize_filter((300, 200), (192, 128), "bicubic") == Image.Resampling.BICUBIC
+
+
+def test_resize_and_crop_centre_and_random():
+    arr = np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8)
+    img = Image.fromarray(arr)
+    out, (left, top) = resize_and_crop(img, (128, 128), (192, 128))
+    assert out.size == (128, 128) and (left, top) == (32, 0)
+    ref = img.resize((192, 128), Image.Resampling.BOX).crop((32, 0, 160, 128))
+    assert np.array_equal(np.asarray(out), np.asarray(ref))
+    lefts = {resize_and_crop(img, (128, 128), (192, 128), random_crop=True, rng=random.Random(s))[1][0]
+             for s in range(30)}
+    assert len(lefts) > 5 and all(0 <= x <= 64 for x in lefts)

@@ -1,0 +1,100 @@
+"""Per-sample caption processing (sd-scripts process_caption) and caption files."""
+import random
+
+import pytest
+
+from library.captions import process_caption, read_caption_file, tag_frequency
+from library.config_util import ConfigError, SubsetBlueprint
+
+CAPTION = "sks dog, sitting, on grass, red collar, sunny"
+
+
+def proc(caption=CAPTION, seed=0, epoch=1, **kw):
+    return process_caption(SubsetBlueprint(**kw), caption, rng=random.Random(seed), epoch=epoch)
+
+
+def test_plain_caption_unchanged():
+    assert proc() == CAPTION
+    assert proc("line one\nline two") == "line one"
+
+
+def test_shuffle_with_keep_tokens_keeps_first_tokens():
+    outs = [proc(seed=s, shuffle_caption=True, keep_tokens=1) for s in range(50)]
+    tags = [t.strip() for t in CAPTION.split(",")]
+    for out in outs:
+        parts = out.split(", ")
+        assert parts[0] == "sks dog" and sorted(parts) == sorted(tags)
+    assert len(set(outs)) > 10  # really shuffled
+    assert proc(seed=7, shuffle_caption=True, keep_tokens=1) == proc(seed=7, shuffle_caption=True, keep_tokens=1)
+    two = {tuple(proc(seed=s, shuffle_caption=True, keep_tokens=2).split(", ")[:2]) for s in range(20)}
+    assert two == {("sks dog", "sitting")}
+
+
+def test_keep_tokens_separator():
+    cap = "1girl, hatsune miku ||| smile, long hair, twintails, skirt ||| masterpiece, best quality"
+    outs = {proc(cap, seed=s, shuffle_caption=True, keep_tokens_separator="|||") for s in range(40)}
+    assert len(outs) > 5
+    for out in outs:
+        parts = out.split(", ")
+        assert parts[:2] == ["1girl", "hatsune miku"] and parts[-2:] == ["masterpiece", "best quality"]
+        assert sorted(parts[2:-2]) == ["long hair", "skirt", "smile", "twintails"]
+        assert "|||" not in out
+    # without shuffle the order is kept and the separator does not reach the text encoder
+    assert proc(cap, keep_tokens_separator="|||") == ("1girl, hatsune miku, smile, long hair, twintails, skirt, "
+                                                      "masterpiece, best quality")
+
+
+def test_caption_dropout_rate_over_many_draws():
+    n = 4000
+    dropped = sum(proc(seed=s, caption_dropout_rate=0.3) == "" for s in range(n))
+    assert abs(dropped / n - 0.3) < 0.03
+    assert all(proc(seed=s) != "" for s in range(50))
+
+
+def test_caption_dropout_every_n_epochs():
+    assert [proc(epoch=e, caption_dropout_every_n_epochs=2) == "" for e in (1, 2, 3, 4)] == [False, True, False, True]
+
+
+def test_tag_dropout_rate():
+    cap = ", ".join(f"t{i}" for i in range(10))
+    kept = [len(proc(cap, seed=s, caption_tag_dropout_rate=0.5, keep_tokens=1).split(", ")) - 1 for s in range(500)]
+    assert abs(sum(kept) / len(kept) - 4.5) < 0.3  # 9 droppable tags, half kept
+    assert all(proc(cap, seed=s, caption_tag_dropout_rate=0.5, keep_tokens=1).startswith("t0") for s in range(50))
+
+
+def test_wildcards_and_multiline():
+    outs = {proc("a {red|blue} car, {{literal}}", seed=s, enable_wildcard=True) for s in range(30)}
+    assert outs == {"a red car, {literal}", "a blue car, {literal}"}
+    lines = {proc("first line\nsecond line", seed=s, enable_wildcard=True) for s in range(30)}
+    assert lines == {"first line", "second line"}
+
+
+def test_secondary_separator_prefix_suffix():
+    assert proc("sks dog, red;;;blue;;;green collar", secondary_separator=";;;") == "sks dog, red,blue,green collar"
+    out = proc("sks dog, grass", caption_prefix="photo of", caption_suffix=", 4k")
+    assert out == "photo of sks dog, grass , 4k"  # joined with spaces, verbatim, like sd-scripts
+    # secondary-separated tags stay one tag when shuffled
+    outs = {proc("a;;;b, c, d", seed=s, shuffle_caption=True, secondary_separator=";;;") for s in range(30)}
+    assert all("a,b" in o for o in outs) and len(outs) > 1
+
+
+def test_dropout_happens_before_prefix_is_visible():
+    assert proc(caption_prefix="x", caption_dropout_rate=1.0) == ""
+
+
+def test_read_caption_file(tmp_path):
+    img = tmp_path / "a.png"
+    assert read_caption_file(str(img), ".txt", False) is None
+    (tmp_path / "a.txt").write_text("first, tags\n\nsecond line\n", encoding="utf-8")
+    assert read_caption_file(str(img), ".txt", False) == "first, tags"
+    assert read_caption_file(str(img), ".txt", True) == "first, tags\nsecond line"
+    (tmp_path / "a.caption").write_text("  \n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"a\.caption is empty"):
+        read_caption_file(str(img), ".caption", False)
+    (tmp_path / "a.bin").write_bytes(b"\xff\xfe\xfa caption")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        read_caption_file(str(img), ".bin", False)
+
+
+def test_tag_frequency():
+    assert tag_frequency(["Sks dog, grass", "sks dog,  ", "grass"]) == {"sks dog": 2, "grass": 2}

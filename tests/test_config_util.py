@@ -1,0 +1,389 @@
+"""Dataset TOML: parsing errors, schema/levels, fallback subset > dataset > general > CLI > default, CLI-only mode."""
+import argparse
+import logging
+import textwrap
+
+import pytest
+
+from library.config_util import (ConfigError, check_bucket_reso_steps, generate_blueprint, load_dataset_config,
+                                 load_toml, validate_dataset_config)
+
+
+def write(tmp_path, text, name="dataset.toml"):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text), encoding="utf-8")
+    return p
+
+
+def ns(**kw):
+    return argparse.Namespace(**kw)
+
+
+# -- parsing ---------------------------------------------------------------------------------------------------------
+
+def test_toml_syntax_error_has_file_line_and_column(tmp_path):
+    p = write(tmp_path, """\
+        [general]
+        shuffle_caption = true
+        keep_tokens = = 1
+        """)
+    with pytest.raises(ConfigError) as e:
+        load_toml(p)
+    msg = str(e.value)
+    assert str(p) in msg and "line 3" in msg and "column" in msg and f"{p}:3:" in msg
+    assert "keep_tokens = = 1" in msg  # the offending line is shown
+
+
+def test_load_dataset_config_syntax_error_and_missing_file(tmp_path):
+    p = write(tmp_path, '[[datasets]]\nresolution = 512\n  [[datasets.subsets]]\n  image_dir = "/x\n')
+    with pytest.raises(ConfigError, match=r"line 4, column"):
+        load_dataset_config(p)
+    with pytest.raises(ConfigError, match="not found"):
+        load_dataset_config(tmp_path / "nope.toml")
+
+
+def test_json_config_syntax_error(tmp_path):
+    p = write(tmp_path, '{"datasets": [{"subsets": [{"image_dir": "a",}]}]}', name="d.json")
+    with pytest.raises(ConfigError, match=r"d.json:1:\d+: JSON syntax error"):
+        load_dataset_config(p)
+
+
+# -- schema ------------------------------------------------------------------------------------------------------------
+
+def test_typo_names_key_path_and_closest_key(tmp_path):
+    p = write(tmp_path, """\
+        [[datasets]]
+        resolution = 512
+          [[datasets.subsets]]
+          image_dir = "/a"
+          [[datasets.subsets]]
+          imge_dir = "/b"
+        """)
+    with pytest.raises(ConfigError) as e:
+        load_dataset_config(p)
+    msg = str(e.value)
+    assert "datasets[0].subsets[1].imge_dir" in msg
+    assert "Did you mean `image_dir`?" in msg
+    assert str(p) in msg
+
+
+def test_unknown_keys_at_every_level_are_all_reported(tmp_path):
+    cfg = {"genral": {}, "general": {"shufle_caption": True},
+           "datasets": [{"resolutoin": 512, "subsets": [{"image_dir": "/a", "class_token": "x"}]}]}
+    with pytest.raises(ConfigError) as e:
+        validate_dataset_config(cfg, "cfg.toml")
+    msg = str(e.value)
+    assert "`genral`" in msg and "`general`?" in msg
+    assert "general.shufle_caption" in msg and "`shuffle_caption`?" in msg
+    assert "datasets[0].resolutoin" in msg and "`resolution`?" in msg
+    assert "datasets[0].subsets[0].class_token" in msg and "`class_tokens`?" in msg
+
+
+@pytest.mark.parametrize("value, expected", [('"4"', "an integer"), ("true", "an integer"), ("4.5", "an integer")])
+def test_type_errors(tmp_path, value, expected):
+    p = write(tmp_path, f"[general]\nbatch_size = {value}\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = '/a'\n")
+    with pytest.raises(ConfigError, match=rf"general.batch_size.*expected {expected}"):
+        load_dataset_config(p)
+
+
+def test_value_types_accepted():
+    cfg = {"general": {"resolution": [768, 512], "caption_dropout_rate": 0, "flip_aug": True,
+                       "face_crop_aug_range": [2, 4.0], "custom_attributes": {"a": 1}},
+           "datasets": [{"resolution": 512, "subsets": [{"image_dir": "/a", "token_warmup_step": 0.5}]}]}
+    validate_dataset_config(cfg)
+    with pytest.raises(ConfigError, match=r"resolution.*\[width, height\]"):
+        validate_dataset_config({"datasets": [{"resolution": [512], "subsets": [{"image_dir": "/a"}]}]})
+    with pytest.raises(ConfigError, match="true or false"):
+        validate_dataset_config({"datasets": [{"subsets": [{"image_dir": "/a", "flip_aug": "yes"}]}]})
+
+
+@pytest.mark.parametrize("cfg, needle", [
+    ({"datasets": [{"subsets": [{"image_dir": "/a", "batch_size": 2}]}]},
+     "datasets[0].subsets[0].batch_size`: `batch_size` is a dataset-level key"),
+    ({"general": {"image_dir": "/a"}, "datasets": [{"subsets": [{"image_dir": "/a"}]}]},
+     "general.image_dir`: `image_dir` is only allowed inside a [[datasets.subsets]]"),
+    ({"datasets": [{"is_reg": True, "subsets": [{"image_dir": "/a"}]}]}, "datasets[0].is_reg`: `is_reg` is only"),
+    ({"datasets": [{"caption_extension": ".txt", "subsets": [{"metadata_file": "m.json"}]}]},
+     "datasets[0].caption_extension`: `caption_extension` is for DreamBooth"),
+    ({"datasets": [{"subsets": [{"metadata_file": "m.json", "class_tokens": "x"}]}]},
+     "datasets[0].subsets[0].class_tokens`: `class_tokens` is for DreamBooth"),
+    ({"datasets": [{"subsets": [{"metadata_file": "m.json", "cache_info": True}]}]}, "`cache_info` is for DreamBooth"),
+    ({"datasets": [{"subsets": [{"metadata_file": "m.json", "prior_class_tokens": "dog"}]}]},
+     "`prior_class_tokens` is for DreamBooth"),
+    ({"general": {"prior_loss_weight": 1.0}, "datasets": [{"subsets": [{"image_dir": "/a"}]}]},
+     "pass --prior_loss_weight instead"),
+    ({"datasets": [{"subsets": [{"image_dir": "/a"}, {"metadata_file": "m.json"}]}]}, "cannot be mixed"),
+    ({"datasets": [{"subsets": [{"class_tokens": "x"}]}]}, "required key `image_dir` is missing"),
+    ({"datasets": [{"resolution": 512}]}, "datasets[0]`: the dataset has no subsets"),
+    ({"general": {}}, "no [[datasets]] table"),
+    ({"image_dir": "/a", "datasets": [{"subsets": [{"image_dir": "/a"}]}]}, "must be inside [general]"),
+])
+def test_level_and_structure_violations(cfg, needle):
+    with pytest.raises(ConfigError) as e:
+        validate_dataset_config(cfg, "x.toml")
+    assert needle.replace("`: ", "` in x.toml: ") in str(e.value)
+
+
+def test_full_sd_scripts_key_set_is_accepted():
+    dataset_only = {"batch_size": 1, "resolution": 512, "enable_bucket": True, "min_bucket_reso": 256,
+                    "max_bucket_reso": 1024, "bucket_reso_steps": 64, "bucket_no_upscale": False,
+                    "network_multiplier": 1.0, "validation_split": 0.0, "validation_seed": 1}
+    everywhere = {"resize_interpolation": "lanczos", "num_repeats": 1, "shuffle_caption": True,
+                  "caption_separator": ",", "keep_tokens": 1, "keep_tokens_separator": "|||",
+                  "secondary_separator": ";;;", "enable_wildcard": True, "caption_prefix": "a", "caption_suffix": "b",
+                  "color_aug": False, "flip_aug": True, "random_crop": False, "face_crop_aug_range": [2.0, 4.0],
+                  "token_warmup_min": 1, "token_warmup_step": 0, "custom_attributes": {}, "caption_dropout_rate": 0.1,
+                  "caption_dropout_every_n_epochs": 0, "caption_tag_dropout_rate": 0.1}
+    dreambooth = {"class_tokens": "x", "caption_extension": ".txt", "cache_info": False, "prior_class_tokens": "y"}
+    validate_dataset_config({
+        "general": {**dataset_only, **everywhere, **dreambooth},
+        "datasets": [{**dataset_only, **everywhere, **dreambooth, "subsets": [
+                         {"image_dir": "/a", "is_reg": False, "alpha_mask": False, **everywhere, **dreambooth}]},
+                     {**dataset_only, **everywhere, "subsets": [
+                         {"metadata_file": "m.json", "image_dir": "/b", "alpha_mask": False, **everywhere}]}]})
+
+
+# -- fallback (KOHYA_COMPAT.md 4.3, Example 1) ------------------------------------------------------------------------
+
+EXAMPLE_1 = """\
+    [general]
+    shuffle_caption = true
+    caption_extension = ".txt"
+    keep_tokens = 1
+
+    [[datasets]]
+    resolution = 512
+    batch_size = 4
+    keep_tokens = 2
+
+      [[datasets.subsets]]
+      image_dir = "{d}/hoge"
+      class_tokens = "hoge girl"
+
+      [[datasets.subsets]]
+      image_dir = "{d}/fuga"
+      class_tokens = "fuga boy"
+      keep_tokens = 3
+
+      [[datasets.subsets]]
+      is_reg = true
+      image_dir = "{d}/reg"
+      class_tokens = "human"
+      keep_tokens = 1
+
+    [[datasets]]
+    resolution = [768, 768]
+    batch_size = 2
+
+      [[datasets.subsets]]
+      image_dir = "{d}/piyo"
+      metadata_file = "{d}/piyo/piyo_md.json"
+    """
+
+
+def test_fallback_order_example_1(tmp_path):
+    p = write(tmp_path, EXAMPLE_1.format(d=tmp_path.as_posix()))
+    args = ns(train_batch_size=8, dataset_repeats=3, flip_aug=True, caption_extension=".cap", keep_tokens=7,
+              min_bucket_reso=None, resolution="1024")
+    db, ft = generate_blueprint(load_dataset_config(p), args, config_path=p)
+    hoge, fuga, reg = db.subsets
+    (piyo,) = ft.subsets
+    assert db.is_dreambooth and not ft.is_dreambooth
+    # subset > dataset > general
+    assert (hoge.keep_tokens, fuga.keep_tokens, reg.keep_tokens, piyo.keep_tokens) == (2, 3, 1, 1)
+    assert hoge.caption_extension == ".txt"  # general beats CLI
+    assert all(s.shuffle_caption for s in (hoge, fuga, reg, piyo))
+    assert reg.is_reg and not hoge.is_reg and hoge.class_tokens == "hoge girl"
+    assert (db.batch_size, ft.batch_size) == (4, 2)  # config beats --train_batch_size
+    assert (db.resolution, ft.resolution) == ((512, 512), (768, 768))  # config beats --resolution
+    # CLI beats defaults (with the name mapping dataset_repeats -> num_repeats)
+    assert hoge.flip_aug and piyo.flip_aug
+    assert hoge.num_repeats == 3 and piyo.num_repeats == 3
+    # None counts as unset -> default
+    assert db.min_bucket_reso == 256 and db.max_bucket_reso == 1024 and db.bucket_reso_steps == 64
+    assert piyo.metadata_file.endswith("piyo_md.json") and piyo.class_tokens is None
+    assert db.from_user_config and hoge.key_path == "datasets[0].subsets[0]"
+
+
+def test_cli_values_and_defaults_when_config_is_silent(tmp_path):
+    cfg = {"datasets": [{"subsets": [{"image_dir": "/a"}]}]}
+    (bp,) = generate_blueprint(cfg, ns(resolution="768,512", train_batch_size=3, enable_bucket=True))
+    assert bp.resolution == (768, 512) and bp.batch_size == 3 and bp.enable_bucket
+    (s,) = bp.subsets
+    assert s.caption_extension == ".caption" and s.num_repeats == 1 and s.caption_separator == ","
+    cfg["general"] = {"resolution": 64}
+    (bp,) = generate_blueprint(cfg, object(), config_path="x.toml")  # args without any attribute
+    assert bp.batch_size == 1
+
+
+def test_resolution_required_for_dreambooth():
+    with pytest.raises(ConfigError) as e:
+        generate_blueprint({"datasets": [{"subsets": [{"image_dir": "/a"}]}]}, ns(resolution=None),
+                           config_path="d.toml")
+    msg = str(e.value)
+    assert "resolution is required" in msg and "--resolution" in msg and "d.toml" in msg
+
+
+def test_caption_extension_gets_a_dot():
+    (bp,) = generate_blueprint({"general": {"resolution": 64, "caption_extension": "txt"},
+                                "datasets": [{"subsets": [{"image_dir": "/a"}]}]}, ns())
+    assert bp.subsets[0].caption_extension == ".txt"
+
+
+def test_bad_cli_value_names_the_flag():
+    with pytest.raises(ConfigError, match="--resolution"):
+        generate_blueprint({"datasets": [{"subsets": [{"image_dir": "/a"}]}]}, ns(resolution="big"))
+
+
+# -- values ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, needle", [
+    ({"color_aug": True}, "`color_aug` is not supported yet"),
+    ({"face_crop_aug_range": [2.0, 4.0]}, "`face_crop_aug_range` is not supported yet"),
+    ({"token_warmup_step": 10}, "`token_warmup_step` is not supported yet"),
+    ({"alpha_mask": True}, "`alpha_mask` is not supported yet"),
+    ({"conditioning_data_dir": "/c"}, "`conditioning_data_dir` is not supported yet"),
+])
+def test_unimplemented_training_options_raise(extra, needle):
+    cfg = {"general": {"resolution": 64}, "datasets": [{"subsets": [{"image_dir": "/a", **extra}]}]}
+    with pytest.raises(ConfigError) as e:
+        generate_blueprint(cfg, ns(), config_path="d.toml")
+    assert needle in str(e.value) and "datasets[0].subsets[0]" in str(e.value)
+
+
+@pytest.mark.parametrize("extra, needle", [({"network_multiplier": 0.5}, "network_multiplier"),
+                                           ({"validation_split": 0.1}, "validation_split")])
+def test_unimplemented_dataset_options_raise(extra, needle):
+    cfg = {"general": {"resolution": 64}, "datasets": [{**extra, "subsets": [{"image_dir": "/a"}]}]}
+    with pytest.raises(ConfigError, match=f"`{needle}` is not supported yet"):
+        generate_blueprint(cfg, ns())
+
+
+def test_unimplemented_option_from_cli_names_the_flag():
+    with pytest.raises(ConfigError, match="--color_aug"):
+        generate_blueprint({"datasets": [{"subsets": [{"image_dir": "/a"}]}]}, ns(resolution=64, color_aug=True))
+
+
+def test_cli_network_multiplier_is_not_a_dataset_value():
+    (bp,) = generate_blueprint({"general": {"resolution": 64}, "datasets": [{"subsets": [{"image_dir": "/a"}]}]},
+                               ns(network_multiplier=0.5))  # the trainer applies it to the whole network
+    assert bp.network_multiplier == 1.0
+
+
+def test_messages_name_args_dataset_config_when_no_path_is_given():
+    with pytest.raises(ConfigError, match=r"datasets\[0\] in my/ds.toml: resolution is required"):
+        generate_blueprint({"datasets": [{"subsets": [{"image_dir": "/a"}]}]}, ns(dataset_config="my/ds.toml"))
+
+
+def test_ignored_keys_are_accepted(caplog):
+    cfg = {"general": {"resolution": 64, "cache_info": True, "validation_seed": 3, "token_warmup_min": 2},
+           "datasets": [{"subsets": [{"image_dir": "/a", "custom_attributes": {"x": 1}}]}]}
+    with caplog.at_level(logging.WARNING):
+        (bp,) = generate_blueprint(cfg, ns())
+    assert "custom_attributes are ignored" in caplog.text
+    assert bp.subsets[0].cache_info
+
+
+@pytest.mark.parametrize("general, needle", [
+    ({"enable_bucket": True, "min_bucket_reso": 1024}, "min_bucket_reso"),
+    ({"enable_bucket": True, "max_bucket_reso": 256}, "max_bucket_reso"),
+    ({"caption_dropout_rate": 1.5}, "between 0 and 1"),
+    ({"keep_tokens": -1}, "0 or more"),
+    ({"resize_interpolation": "hq"}, "unknown interpolation"),
+    ({"batch_size": 0}, "at least 1"),
+])
+def test_bad_values(general, needle):
+    cfg = {"general": {"resolution": 512, **general}, "datasets": [{"subsets": [{"image_dir": "/a"}]}]}
+    with pytest.raises(ConfigError, match=needle):
+        generate_blueprint(cfg, ns())
+
+
+def test_duplicate_subset_ignored_with_warning(caplog):
+    cfg = {"general": {"resolution": 64}, "datasets": [
+        {"subsets": [{"image_dir": "/a/x", "num_repeats": 2}, {"image_dir": "/a/./x", "num_repeats": 5},
+                     {"image_dir": "/a/y"}]},
+        {"subsets": [{"image_dir": "/a/x"}]}]}  # the same dir in another dataset is fine
+    with caplog.at_level(logging.WARNING):
+        d0, d1 = generate_blueprint(cfg, ns(), config_path="d.toml")
+    assert [s.num_repeats for s in d0.subsets] == [2, 1] and len(d1.subsets) == 1
+    assert "datasets[0].subsets[1]" in caplog.text and "duplicate" in caplog.text
+
+
+def test_zero_repeats_subset_skipped(caplog):
+    cfg = {"general": {"resolution": 64}, "datasets": [{"subsets": [{"image_dir": "/a", "num_repeats": 0},
+                                                                     {"image_dir": "/b"}]}]}
+    with caplog.at_level(logging.WARNING):
+        (bp,) = generate_blueprint(cfg, ns())
+    assert [s.image_dir for s in bp.subsets] == ["/b"] and "num_repeats is 0" in caplog.text
+
+
+def test_bucket_reso_steps_divisibility():
+    cfg = {"general": {"resolution": 512, "enable_bucket": True, "bucket_reso_steps": 32},
+           "datasets": [{"subsets": [{"image_dir": "/a"}]}]}
+    bps = generate_blueprint(cfg, ns(), is_sdxl=True)  # 32 is fine for SDXL
+    with pytest.raises(ConfigError) as e:
+        check_bucket_reso_steps(bps, is_sdxl=False)
+    assert "general.bucket_reso_steps" in str(e.value) and "multiple of 64" in str(e.value)
+    with pytest.raises(ConfigError, match="--bucket_reso_steps = 48.*multiple of 32"):
+        generate_blueprint({"datasets": [{"subsets": [{"image_dir": "/a"}]}]},
+                           ns(resolution=512, enable_bucket=True, bucket_reso_steps=48), is_sdxl=True)
+
+
+def test_prior_class_tokens_levels_and_requirements():
+    cfg = {"general": {"resolution": 64, "prior_class_tokens": "dog"}, "datasets": [
+        {"subsets": [{"image_dir": "/a", "class_tokens": "sks dog"},
+                     {"image_dir": "/b", "class_tokens": "ohwx cat", "prior_class_tokens": "cat"}]},
+        {"subsets": [{"metadata_file": "/m.json"}]}]}
+    db, ft = generate_blueprint(cfg, ns())
+    assert [s.prior_class_tokens for s in db.subsets] == ["dog", "cat"]
+    assert ft.subsets[0].prior_class_tokens is None  # DreamBooth only: [general] does not reach FT datasets
+    with pytest.raises(ConfigError, match="prior_class_tokens needs class_tokens"):
+        generate_blueprint({"general": {"resolution": 64}, "datasets": [
+            {"subsets": [{"image_dir": "/a", "prior_class_tokens": "dog"}]}]}, ns())
+
+
+# -- CLI-only mode -----------------------------------------------------------------------------------------------------
+
+def test_cli_only_mode_from_subfolders(tmp_path, caplog):
+    for d in ("train/10_sks dog", "train/2_a_b", "train/misc", "reg/1_dog"):
+        (tmp_path / d).mkdir(parents=True)
+    with caplog.at_level(logging.WARNING):
+        (bp,) = generate_blueprint(None, ns(train_data_dir=str(tmp_path / "train"), reg_data_dir=str(tmp_path / "reg"),
+                                            resolution="512", train_batch_size=2, shuffle_caption=True))
+    assert [(s.num_repeats, s.class_tokens, s.is_reg) for s in bp.subsets] == \
+        [(10, "sks dog", False), (2, "a_b", False), (1, "dog", True)]
+    assert bp.batch_size == 2 and bp.resolution == (512, 512) and not bp.from_user_config
+    assert all(s.shuffle_caption for s in bp.subsets)
+    assert "misc" in caplog.text  # skipped with a warning
+
+
+def test_cli_only_mode_errors(tmp_path):
+    with pytest.raises(ConfigError, match="--dataset_config.*--train_data_dir"):
+        generate_blueprint(None, ns(resolution=512))
+    with pytest.raises(ConfigError, match="--train_data_dir .*folder not found"):
+        generate_blueprint(None, ns(train_data_dir=str(tmp_path / "nope"), resolution=512))
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.png").write_bytes(b"")
+    with pytest.raises(ConfigError, match="directly in it"):
+        generate_blueprint(None, ns(train_data_dir=str(tmp_path / "flat"), resolution=512))
+    (tmp_path / "t" / "3_x").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="--resolution 512"):
+        generate_blueprint(None, ns(train_data_dir=str(tmp_path / "t")))
+
+
+def test_config_warns_that_cli_folders_are_ignored(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        generate_blueprint({"general": {"resolution": 64}, "datasets": [{"subsets": [{"image_dir": "/a"}]}]},
+                           ns(train_data_dir="/t", reg_data_dir="/r", in_json=None))
+    assert "--train_data_dir is ignored" in caplog.text and "--reg_data_dir is ignored" in caplog.text
+
+
+def test_generate_blueprint_accepts_a_path(tmp_path):
+    p = write(tmp_path, EXAMPLE_1.format(d=tmp_path.as_posix()))
+    assert len(generate_blueprint(str(p), ns())) == 2
+
+
+def test_cli_only_fine_tuning_from_in_json():
+    (bp,) = generate_blueprint(None, ns(in_json="meta.json", train_data_dir="/imgs", resolution="64"))
+    assert not bp.is_dreambooth and bp.subsets[0].metadata_file == "meta.json"
+    assert bp.subsets[0].image_dir == "/imgs"

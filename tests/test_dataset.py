@@ -1,0 +1,341 @@
+"""DatasetGroup: images, captions, reg images, batches, size conditioning, latent caching, metadata."""
+import argparse
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from library.config_util import ConfigError, generate_blueprint
+from library.dataset import build_dataset_group, collate_batch
+
+
+def img(path, w=64, h=64, color=None, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if color is None:
+        arr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    else:
+        arr = np.empty((h, w, 3), np.uint8)
+        arr[:] = color
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def group(subsets, *, general=None, dataset=None, is_sdxl=False, seed=0, prior_loss_weight=1.0, args=None):
+    cfg = {"general": {"resolution": 64, **(general or {})},
+           "datasets": [{**(dataset or {}), "subsets": subsets}]}
+    bps = generate_blueprint(cfg, args or argparse.Namespace(), config_path="test.toml")
+    return build_dataset_group(bps, is_sdxl=is_sdxl, seed=seed, prior_loss_weight=prior_loss_weight)
+
+
+def all_samples(g):
+    out = []
+    for i in range(len(g)):
+        b = g[i]
+        out += list(zip(b["image_keys"], b["captions"], b["is_reg"].tolist(), b["loss_weights"].tolist()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def vae():
+    from library.tiny_models import build_tiny_model
+    return build_tiny_model("sd1").vae
+
+
+# -- images and captions -----------------------------------------------------------------------------------------------
+
+def test_caption_file_then_class_tokens_then_error(tmp_path):
+    d = tmp_path / "train"
+    img(d / "a.png"), img(d / "b.jpg", seed=1)
+    (d / "a.txt").write_text("sks dog, on grass\n", encoding="utf-8")
+    g = group([{"image_dir": str(d), "class_tokens": "sks dog", "caption_extension": ".txt"}])
+    caps = {os.path.basename(k): c for k, c, *_ in all_samples(g)}
+    assert caps == {"a.png": "sks dog, on grass", "b.jpg": "sks dog"}
+    with pytest.raises(ConfigError) as e:
+        group([{"image_dir": str(d), "caption_extension": ".txt"}])
+    msg = str(e.value)
+    assert "b.jpg" in msg and "class_tokens" in msg and "datasets[0].subsets[0]" in msg
+
+
+def test_missing_or_empty_image_dir(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        group([{"image_dir": str(tmp_path / "nope"), "class_tokens": "x"}])
+    assert "`datasets[0].subsets[0].image_dir`" in str(e.value) and "folder not found" in str(e.value)
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    img(tmp_path / "empty" / "sub" / "deep.png")  # not searched: non-recursive like sd-scripts
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(ConfigError, match=r"no images .* directly in this folder"):
+        group([{"image_dir": str(tmp_path / "empty"), "class_tokens": "x"}])
+
+
+def test_truncated_image_skipped_with_warning_then_all_bad_fails(tmp_path, caplog):
+    d = tmp_path / "train"
+    img(d / "good.png")
+    bad = img(d / "bad.png", seed=3)
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated
+    (d / "junk.jpg").write_bytes(b"not an image at all")
+    with caplog.at_level(logging.WARNING):
+        g = group([{"image_dir": str(d), "class_tokens": "x"}])
+    assert "bad.png" in caplog.text and "junk.jpg" in caplog.text
+    assert [os.path.basename(k) for k, *_ in all_samples(g)] == ["good.png"]
+    os.remove(d / "good.png")
+    with pytest.raises(ConfigError, match=r"none of its 2 images can be read"):
+        group([{"image_dir": str(d), "class_tokens": "x"}])
+
+
+def test_reg_images_repeated_to_match_train_count(tmp_path):
+    for i in range(3):
+        img(tmp_path / "train" / f"{i}.png", seed=i)
+    for i in range(4):
+        img(tmp_path / "reg" / f"{i}.png", seed=10 + i)
+    g = group([{"image_dir": str(tmp_path / "train"), "class_tokens": "sks dog", "num_repeats": 2},
+               {"image_dir": str(tmp_path / "reg"), "class_tokens": "dog", "is_reg": True}],
+              prior_loss_weight=0.5)
+    assert (g.num_train_images, g.num_reg_images) == (6, 4)
+    samples = all_samples(g)
+    counts = {}
+    for key, cap, reg, w in samples:
+        counts[os.path.relpath(key, tmp_path)] = counts.get(os.path.relpath(key, tmp_path), 0) + 1
+        assert w == (0.5 if reg else 1.0) and cap == ("dog" if reg else "sks dog")
+    # train: 3 x 2 = 6; reg: 4 registered once (4), then +1 round-robin until 6 -> [2, 2, 1, 1]
+    assert counts == {"train/0.png": 2, "train/1.png": 2, "train/2.png": 2,
+                      "reg/0.png": 2, "reg/1.png": 2, "reg/2.png": 1, "reg/3.png": 1}
+
+
+def test_reg_images_truncated_when_more_than_train(tmp_path, caplog):
+    img(tmp_path / "train" / "0.png")
+    for i in range(4):
+        img(tmp_path / "reg" / f"{i}.png", seed=10 + i)
+    with caplog.at_level(logging.WARNING):
+        g = group([{"image_dir": str(tmp_path / "train"), "class_tokens": "x", "num_repeats": 2},
+                   {"image_dir": str(tmp_path / "reg"), "class_tokens": "y", "is_reg": True}])
+    reg_keys = sorted(os.path.basename(k) for k, _, reg, _ in all_samples(g) if reg)
+    assert reg_keys == ["0.png", "1.png"] and "not used" in caplog.text
+
+
+def test_finetuning_metadata(tmp_path):
+    d = tmp_path / "ft"
+    img(d / "one.png"), img(d / "two.jpg", seed=2)
+    md = {"one": {"caption": "a photo", "tags": "red, car"}, str(d / "two.jpg"): {"tags": "blue, bike"},
+          "missing": {"caption": "x"}}
+    (tmp_path / "md.json").write_text(json.dumps(md))
+    g = group([{"image_dir": str(d), "metadata_file": str(tmp_path / "md.json")}])
+    caps = dict((k, c) for k, c, *_ in all_samples(g))
+    assert caps == {"one": "a photo, red, car", str(d / "two.jpg"): "blue, bike"}
+    b = g[0]
+    assert b["class_tokens"] == [None] and b["prior_class_tokens"] == [None]
+    (tmp_path / "bad.json").write_text('{"one": {"caption": "x"},}')
+    with pytest.raises(ConfigError, match=r"bad.json:1:\d+: JSON syntax error"):
+        group([{"image_dir": str(d), "metadata_file": str(tmp_path / "bad.json")}])
+
+
+# -- batches -----------------------------------------------------------------------------------------------------------
+
+def test_batches_within_buckets_and_epoch_shuffle(tmp_path):
+    d = tmp_path / "train"
+    sizes = [(128, 64), (130, 60), (64, 128), (64, 64), (70, 66)]
+    for i, (w, h) in enumerate(sizes):
+        img(d / f"{i}.png", w, h, seed=i)
+    kw = dict(general={"resolution": 64, "enable_bucket": True, "min_bucket_reso": 32, "max_bucket_reso": 128,
+                       "bucket_reso_steps": 64, "batch_size": 2, "num_repeats": 3})
+    g = group([{"image_dir": str(d), "class_tokens": "x"}], **kw)
+    # area 64*64, widths 32 and 96 (step 64) -> buckets (32, 128), (64, 64), (128, 32); 64x128 goes to (32, 128)
+    assert g.datasets[0].resos == [(32, 128), (64, 64)]
+    assert len(g) == sum(-(-n // 2) for n in [len(b) for b in g.datasets[0].buckets])
+    seen = []
+    for i in range(len(g)):
+        b = g[i]
+        assert b["latents"] is None and b["images"].dtype == torch.float32
+        assert b["images"].shape[0] == len(b["captions"]) <= 2
+        assert b["images"].min() >= -1 and b["images"].max() <= 1
+        h, w = b["images"].shape[2:]
+        assert (b["target_sizes_hw"] == torch.tensor([h, w])).all()
+        seen += b["image_keys"]
+    assert sorted(seen) == sorted([str(d / f"{i}.png") for i in range(5)] * 3)
+    order1 = [tuple(g[i]["image_keys"]) for i in range(len(g))]
+    g.set_current_epoch(2)
+    order2 = [tuple(g[i]["image_keys"]) for i in range(len(g))]
+    assert order1 != order2 and sorted(sum(map(list, order1), [])) == sorted(sum(map(list, order2), []))
+    g2 = group([{"image_dir": str(d), "class_tokens": "x"}], **kw)
+    g2.set_current_epoch(2)
+    assert [tuple(g2[i]["image_keys"]) for i in range(len(g2))] == order2  # a function of (seed, epoch)
+    loader = torch.utils.data.DataLoader(g, batch_size=1, collate_fn=collate_batch, shuffle=True)
+    assert sum(len(b["captions"]) for b in loader) == 15
+
+
+def test_dataloader_workers_follow_the_epoch(tmp_path):
+    for i in range(6):
+        img(tmp_path / "t" / f"{i}.png", seed=i)
+    (tmp_path / "t" / "0.caption").write_text("a, b, c, d, e")
+    g = group([{"image_dir": str(tmp_path / "t"), "class_tokens": "x", "num_repeats": 2, "shuffle_caption": True}],
+              general={"resolution": 64, "batch_size": 2})
+    loader = torch.utils.data.DataLoader(g, batch_size=1, collate_fn=collate_batch, num_workers=2,
+                                         persistent_workers=True)
+    orders = []
+    for epoch in (1, 2, 3):
+        g.set_current_epoch(epoch)
+        got = [(tuple(b["image_keys"]), tuple(b["captions"])) for b in loader]
+        assert got == [(tuple(b["image_keys"]), tuple(b["captions"])) for b in (g[i] for i in range(len(g)))]
+        orders.append(got)
+    assert orders[0] != orders[1] != orders[2]
+
+
+def test_no_bucket_resize_crop_flip_and_sdxl_size_conditioning(tmp_path):
+    arr = np.zeros((200, 300, 3), np.uint8)
+    arr[:, :150] = (255, 0, 0)
+    arr[:, 150:] = (0, 0, 255)
+    p = tmp_path / "train" / "wide.png"
+    p.parent.mkdir()
+    Image.fromarray(arr).save(p)
+    g = group([{"image_dir": str(p.parent), "class_tokens": "x", "num_repeats": 40, "flip_aug": True}],
+              general={"resolution": 128}, is_sdxl=True)
+    flips = 0
+    for i in range(len(g)):
+        b = g[i]
+        x = b["images"][0]
+        assert x.shape == (3, 128, 128)  # 300x200 -> 192x128 (covers 128x128) -> centre crop
+        assert b["original_sizes_hw"].tolist() == [[200, 300]]
+        assert b["target_sizes_hw"].tolist() == [[128, 128]]
+        # sd-scripts' crop_ltrb: the 300x200 image fitted inside 128x128 is 128x85.3, centred 21 px from the top
+        assert b["crop_top_lefts"].tolist() == [[21, 0]]
+        left_red = x[0, 64, 0] > 0.9 and x[2, 64, 0] < -0.9
+        flips += not left_red
+        assert (x[0, 64, 127] > 0.9) != bool(left_red)  # the other side has the other colour
+    assert 10 < flips < 30
+
+
+def test_prior_class_tokens_pass_through(tmp_path):
+    img(tmp_path / "a" / "0.png"), img(tmp_path / "b" / "0.png", seed=1)
+    g = group([{"image_dir": str(tmp_path / "a"), "class_tokens": "sks dog", "prior_class_tokens": "dog"},
+               {"image_dir": str(tmp_path / "b"), "class_tokens": "ohwx cat"}],
+              general={"resolution": 64, "batch_size": 2})
+    b = g[0]
+    by_key = dict(zip([os.path.basename(os.path.dirname(k)) for k in b["image_keys"]],
+                      zip(b["class_tokens"], b["prior_class_tokens"])))
+    assert by_key == {"a": ("sks dog", "dog"), "b": ("ohwx cat", None)}
+    assert b["is_reg"].dtype == torch.bool and b["loss_weights"].tolist() == [1.0, 1.0]
+    assert g.is_text_encoder_output_cacheable()
+    assert not group([{"image_dir": str(tmp_path / "a"), "class_tokens": "x", "shuffle_caption": True}]) \
+        .is_text_encoder_output_cacheable()
+
+
+def test_bucket_no_upscale_too_small_image(tmp_path):
+    img(tmp_path / "t" / "tiny.png", 40, 40)
+    with pytest.raises(ConfigError, match="tiny.png.*smaller than bucket_reso_steps"):
+        group([{"image_dir": str(tmp_path / "t"), "class_tokens": "x"}],
+              general={"resolution": 128, "enable_bucket": True, "bucket_no_upscale": True, "min_bucket_reso": 64})
+
+
+def test_metadata_config_mode(tmp_path):
+    img(tmp_path / "train" / "0.png"), img(tmp_path / "reg" / "0.png", seed=1)
+    (tmp_path / "train" / "0.caption").write_text("sks dog, Grass")
+    g = group([{"image_dir": str(tmp_path / "train"), "class_tokens": "sks dog", "num_repeats": 3},
+               {"image_dir": str(tmp_path / "reg"), "class_tokens": "dog", "is_reg": True}],
+              general={"resolution": 64, "enable_bucket": True, "min_bucket_reso": 64, "max_bucket_reso": 128})
+    md = g.metadata()
+    assert all(isinstance(v, str) for v in md.values())
+    assert md["ss_num_train_images"] == "3" and md["ss_num_reg_images"] == "1"
+    assert md["ss_num_batches_per_epoch"] == str(len(g))
+    (ds,) = json.loads(md["ss_datasets"])
+    assert ds["is_dreambooth"] and ds["resolution"] == [64, 64] and ds["bucket_info"]["buckets"]["0"]["count"] == 6
+    assert [s["image_dir"] for s in ds["subsets"]] == ["train", "reg"] and ds["subsets"][1]["is_reg"]
+    assert json.loads(md["ss_dataset_dirs"]) == {"train": {"n_repeats": 3, "img_count": 1}}  # reg dirs left out
+    assert json.loads(md["ss_tag_frequency"]) == {"train": {"sks dog": 1, "grass": 1}, "reg": {"dog": 1}}
+
+
+def test_metadata_cli_mode(tmp_path):
+    img(tmp_path / "train" / "5_sks dog" / "0.png")
+    bps = generate_blueprint(None, argparse.Namespace(train_data_dir=str(tmp_path / "train"), resolution="64"))
+    md = build_dataset_group(bps, is_sdxl=False, seed=0).metadata()
+    assert md["ss_dataset_dirs"] == '{"5_sks dog": {"n_repeats": 5, "img_count": 1}}'
+    assert md["ss_resolution"] == "(64, 64)" and md["ss_reg_dataset_dirs"] == "{}" and "ss_datasets" not in md
+
+
+# -- latent caching ----------------------------------------------------------------------------------------------------
+
+def _direct_latents(vae, pixels, seed, scale):
+    with torch.no_grad():
+        return vae.encode(pixels).latent_dist.sample(generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def test_cache_latents_in_memory_equals_direct_encoding(tmp_path, vae):
+    img(tmp_path / "t" / "a.png", 80, 64)
+    subsets = [{"image_dir": str(tmp_path / "t"), "class_tokens": "x"}]
+    pixels = group(subsets)[0]["images"]
+    scale = vae.config.scaling_factor
+    g = group(subsets)
+    g.cache_latents(vae, scale, generator=torch.Generator().manual_seed(3))
+    b = g[0]
+    assert b["images"] is None and b["latents"].shape == (1, 4, 8, 8)
+    torch.testing.assert_close(b["latents"], _direct_latents(vae, pixels, 3, scale))
+    assert b["original_sizes_hw"].tolist() == [[64, 80]] and b["target_sizes_hw"].tolist() == [[64, 64]]
+
+
+def test_cache_latents_to_disk_written_and_reused(tmp_path, vae, monkeypatch):
+    img(tmp_path / "t" / "a.png", 80, 64)
+    subsets = [{"image_dir": str(tmp_path / "t"), "class_tokens": "x", "flip_aug": True}]
+    scale = vae.config.scaling_factor
+    g = group(subsets)
+    g.cache_latents(vae, scale, to_disk=True, generator=torch.Generator().manual_seed(0))
+    npz_path = tmp_path / "t" / "a_0080x0064_sd.npz"
+    assert npz_path.is_file()
+    with np.load(npz_path) as npz:
+        assert set(npz.files) == {"latents", "original_size", "crop_ltrb", "latents_flipped"}
+        assert npz["latents"].shape == (4, 8, 8) and npz["original_size"].tolist() == [80, 64]
+        variants = [torch.from_numpy(npz[k])[None] * scale for k in ("latents", "latents_flipped")]
+    first = g[0]["latents"]
+    assert any(torch.allclose(first, v) for v in variants)  # latents are stored unscaled, like sd-scripts
+
+    calls = []
+    real_encode = vae.encode
+    monkeypatch.setattr(vae, "encode", lambda x: calls.append(x.shape) or real_encode(x))
+    g2 = group(subsets)
+    g2.cache_latents(vae, scale, to_disk=True)
+    assert calls == []  # valid file reused
+    torch.testing.assert_close(g2[0]["latents"], first)  # same seed and epoch -> same flip decision
+
+    g3 = group(subsets, general={"resolution": 32})  # another bucket -> latent size mismatch -> recomputed
+    g3.cache_latents(vae, scale, to_disk=True)
+    assert len(calls) == 2  # image + flipped image
+    with np.load(npz_path) as npz:
+        assert npz["latents"].shape == (4, 4, 4)
+    sdxl = group(subsets, is_sdxl=True)
+    sdxl.cache_latents(vae, scale, to_disk=True)
+    assert (tmp_path / "t" / "a_0080x0064_sdxl.npz").is_file()
+
+
+def test_flip_aug_with_cached_latents(tmp_path, vae):
+    arr = np.zeros((64, 64, 3), np.uint8)
+    arr[:, :32] = 255
+    p = tmp_path / "t" / "half.png"
+    p.parent.mkdir()
+    Image.fromarray(arr).save(p)
+    subsets = [{"image_dir": str(p.parent), "class_tokens": "x", "flip_aug": True, "num_repeats": 30}]
+    pixels = group([{**subsets[0], "flip_aug": False, "num_repeats": 1}])[0]["images"]
+    scale = vae.config.scaling_factor
+    g = group(subsets)
+    g.cache_latents(vae, scale, generator=torch.Generator().manual_seed(5))
+    plain = _direct_latents(vae, pixels, 5, scale)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        vae.encode(pixels).latent_dist.sample(generator=gen)
+        flipped = vae.encode(torch.flip(pixels, dims=[3])).latent_dist.sample(generator=gen) * scale
+    variants = {"plain": 0, "flipped": 0}
+    for i in range(len(g)):
+        lat = g[i]["latents"]
+        if torch.allclose(lat, plain):
+            variants["plain"] += 1
+        else:
+            torch.testing.assert_close(lat, flipped)
+            variants["flipped"] += 1
+    assert variants["plain"] > 5 and variants["flipped"] > 5
+
+
+def test_cache_latents_refuses_random_crop(tmp_path, vae):
+    img(tmp_path / "t" / "a.png", 80, 64)
+    g = group([{"image_dir": str(tmp_path / "t"), "class_tokens": "x", "random_crop": True}])
+    with pytest.raises(ConfigError, match=r"datasets\[0\].subsets\[0\].*random_crop.*cannot be cached"):
+        g.cache_latents(vae, 0.18215)
