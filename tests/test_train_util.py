@@ -1,0 +1,570 @@
+"""library/train_util.py: noise, timesteps, targets, losses, weighting, optimizers, schedules, names, config files."""
+import argparse
+import math
+import sys
+
+import pytest
+import torch
+
+from library import train_util as tu
+from library.train_util import TrainingSetupError
+
+
+def make_noise_scheduler(v_parameterization):
+    """sd-scripts' training scheduler (KOHYA_COMPAT 6.1); built directly so the test does not import model_util,
+    whose UNet/CLIP imports cost more than all these tests."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                         clip_sample=False, prediction_type="v_prediction" if v_parameterization else "epsilon")
+
+
+def ns(**kw):
+    return argparse.Namespace(**kw)
+
+
+@pytest.fixture(scope="module")
+def eps_sched():
+    return make_noise_scheduler(False)
+
+
+@pytest.fixture(scope="module")
+def v_sched():
+    return make_noise_scheduler(True)
+
+
+def hand_snr(sched, ts):
+    ac = sched.alphas_cumprod.double()
+    return torch.tensor([float(ac[t] / (1 - ac[t])) for t in ts], dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# min-SNR and the other weightings
+# ---------------------------------------------------------------------------------------------------------------
+
+TS = [0, 10, 250, 500, 999]
+
+
+def test_min_snr_eps_hand_computed(eps_sched):
+    ts = torch.tensor(TS)
+    loss = torch.ones(len(TS))
+    got = tu.apply_snr_weight(loss, ts, eps_sched, 5.0, v_prediction=False)
+    snr = hand_snr(eps_sched, TS)
+    want = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / snr
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-7)
+    # sanity on the shape of the curve: low-noise steps are damped, high-noise steps keep weight 1
+    assert got[0] < 0.01 and got[-1] == pytest.approx(1.0)
+
+
+def test_min_snr_v_hand_computed(v_sched):
+    ts = torch.tensor(TS)
+    loss = torch.full((len(TS),), 2.0)
+    got = tu.apply_snr_weight(loss, ts, v_sched, 5.0, v_prediction=True)
+    snr = hand_snr(v_sched, TS)
+    want = 2.0 * torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / (snr + 1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-7)
+
+
+def test_snr_matches_alphas_cumprod(eps_sched):
+    # t=500 by hand from the scaled_linear betas
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    ab = torch.cumprod(1 - betas, 0)[500]
+    assert float(tu.snr_of(eps_sched, torch.tensor([500]))[0]) == pytest.approx(float(ab / (1 - ab)), rel=1e-4)
+
+
+def test_post_process_loss_order_and_flags(eps_sched, v_sched):
+    ts = torch.tensor([5, 300, 900])
+    loss = torch.tensor([1.0, 2.0, 3.0])
+    # nothing set → unchanged
+    assert torch.equal(tu.post_process_loss(loss, ns(), ts, eps_sched), loss)
+
+    snr = hand_snr(eps_sched, ts.tolist())
+    capped = torch.clamp(snr, max=1000)
+    args = ns(min_snr_gamma=5.0, debiased_estimation_loss=True, v_pred_like_loss=0.5)
+    got = tu.post_process_loss(loss, args, ts, eps_sched).double()
+    want = loss.double() * torch.clamp(snr, max=5.0) / snr
+    want = want + want / (capped / (capped + 1)) * 0.5
+    want = want / torch.sqrt(capped)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+    snr_v = hand_snr(v_sched, ts.tolist())
+    capped_v = torch.clamp(snr_v, max=1000)
+    args = ns(min_snr_gamma=5.0, scale_v_pred_loss_like_noise_pred=True, debiased_estimation_loss=True)
+    got = tu.post_process_loss(loss, args, ts, v_sched).double()
+    want = loss.double() * torch.clamp(snr_v, max=5.0) / (snr_v + 1)
+    want = want * capped_v / (capped_v + 1)
+    want = want / (capped_v + 1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# targets, noise, timesteps
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_v_target_formula(v_sched):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 4, 8, 8, generator=g)
+    noise = torch.randn(3, 4, 8, 8, generator=g)
+    ts = torch.tensor([0, 400, 999])
+    got = tu.get_target(v_sched, x0, noise, ts)
+    ab = v_sched.alphas_cumprod[ts].view(-1, 1, 1, 1)
+    torch.testing.assert_close(got, ab.sqrt() * noise - (1 - ab).sqrt() * x0, rtol=1e-5, atol=1e-6)
+    assert v_sched.alphas_cumprod.device.type == "cpu"
+
+
+def test_eps_target_is_noise(eps_sched):
+    noise = torch.randn(2, 4, 4, 4)
+    assert tu.get_target(eps_sched, torch.randn(2, 4, 4, 4), noise, torch.tensor([1, 2])) is noise
+
+
+def test_noise_offset_adds_per_channel_constant():
+    latents = torch.randn(2, 4, 8, 8)
+    shape = latents.shape
+    noise = tu.sample_noise(ns(noise_offset=0.1), latents, torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(shape, generator=g)
+    offset = torch.randn(2, 4, 1, 1, generator=g)
+    torch.testing.assert_close(noise, base + 0.1 * offset)
+    # the added part is constant over H, W for each (sample, channel)
+    diff = noise - base
+    assert torch.allclose(diff, diff[:, :, :1, :1].expand_as(diff), atol=1e-6)
+
+
+def test_adaptive_noise_scale():
+    latents = torch.randn(2, 4, 8, 8) + 0.5
+    noise = tu.sample_noise(ns(noise_offset=0.1, adaptive_noise_scale=0.2), latents, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(latents.shape, generator=g)
+    offset = 0.1 + 0.2 * latents.mean(dim=(2, 3), keepdim=True).abs()
+    torch.testing.assert_close(noise, base + offset * torch.randn(2, 4, 1, 1, generator=g))
+
+
+def test_noise_offset_random_strength_bounded():
+    latents = torch.zeros(1, 4, 4, 4)
+    for seed in range(5):
+        noise = tu.sample_noise(ns(noise_offset=0.1, noise_offset_random_strength=True), latents,
+                                torch.Generator().manual_seed(seed))
+        g = torch.Generator().manual_seed(seed)
+        base = torch.randn(latents.shape, generator=g)
+        strength = torch.rand(1, generator=g)
+        torch.testing.assert_close(noise, base + strength * 0.1 * torch.randn(1, 4, 1, 1, generator=g))
+
+
+def test_multires_noise_is_unit_std_and_seeded():
+    latents = torch.zeros(2, 4, 32, 32)
+    args = ns(multires_noise_iterations=6, multires_noise_discount=0.3)
+    a = tu.sample_noise(args, latents, torch.Generator().manual_seed(1))
+    b = tu.sample_noise(args, latents, torch.Generator().manual_seed(1))
+    assert a.shape == latents.shape and torch.equal(a, b)
+    assert float(a.std()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_timesteps_in_range(eps_sched):
+    g = torch.Generator().manual_seed(0)
+    t = tu.sample_timesteps(ns(min_timestep=100, max_timestep=200), eps_sched, 4000, generator=g)
+    assert t.dtype == torch.long and int(t.min()) >= 100 and int(t.max()) < 200
+    assert int(t.min()) == 100 and int(t.max()) == 199  # uniform over the whole range
+    t = tu.sample_timesteps(ns(), eps_sched, 4000, generator=g)
+    assert int(t.min()) >= 0 and int(t.max()) <= 999
+    t = tu.sample_timesteps(ns(min_timestep=300, max_timestep=300), eps_sched, 5)
+    assert t.tolist() == [300] * 5
+
+
+def test_get_noise_noisy_latents_and_timesteps(eps_sched):
+    latents = torch.randn(3, 4, 8, 8)
+    noise, noisy, t = tu.get_noise_noisy_latents_and_timesteps(
+        ns(min_timestep=10, max_timestep=20), eps_sched, latents, torch.Generator().manual_seed(0))
+    assert noise.shape == noisy.shape == latents.shape and t.shape == (3,)
+    assert ((t >= 10) & (t < 20)).all()
+    torch.testing.assert_close(noisy, eps_sched.add_noise(latents, noise, t))
+    # pre-drawn timesteps are used as they are
+    fixed = torch.tensor([5, 6, 7])
+    _, _, t2 = tu.get_noise_noisy_latents_and_timesteps(ns(), eps_sched, latents, timesteps=fixed)
+    assert t2.tolist() == [5, 6, 7]
+
+
+def test_ip_noise_gamma_perturbs_input_not_target(eps_sched):
+    latents = torch.randn(2, 4, 8, 8)
+    args = ns(ip_noise_gamma=0.1)
+    noise, noisy, t = tu.get_noise_noisy_latents_and_timesteps(args, eps_sched, latents, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(latents.shape, generator=g)
+    torch.testing.assert_close(noise, base)  # the target noise is unperturbed
+    t_expected = torch.randint(0, 1000, (2,), generator=g)
+    assert torch.equal(t, t_expected)
+    perturb = torch.randn(latents.shape, generator=g)
+    torch.testing.assert_close(noisy, eps_sched.add_noise(latents, base + 0.1 * perturb, t))
+
+
+def test_check_noise_and_loss_args():
+    tu.check_noise_and_loss_args(ns(noise_offset=0.05, min_snr_gamma=5), v_prediction=False)
+    with pytest.raises(TrainingSetupError, match="--adaptive_noise_scale"):
+        tu.check_noise_and_loss_args(ns(adaptive_noise_scale=0.1), v_prediction=False)
+    tu.check_noise_and_loss_args(ns(noise_offset=0.1, multires_noise_iterations=6), v_prediction=False)  # allowed
+    with pytest.raises(TrainingSetupError, match="--scale_v_pred_loss_like_noise_pred"):
+        tu.check_noise_and_loss_args(ns(scale_v_pred_loss_like_noise_pred=True), v_prediction=False)
+    with pytest.raises(TrainingSetupError, match="--v_pred_like_loss"):
+        tu.check_noise_and_loss_args(ns(v_pred_like_loss=0.1), v_prediction=True)
+    with pytest.raises(TrainingSetupError, match="--min_timestep"):
+        tu.check_noise_and_loss_args(ns(min_timestep=500, max_timestep=100), v_prediction=False)
+    with pytest.raises(TrainingSetupError, match="--loss_type"):
+        tu.check_noise_and_loss_args(ns(loss_type="l3"), v_prediction=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-sample losses
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_per_sample_loss_hand_computed():
+    pred = torch.tensor([[[[1.0, -2.0]]], [[[0.5, 3.0]]]])  # (2,1,1,2)
+    target = torch.zeros_like(pred)
+    l2 = tu.per_sample_loss(pred, target, "l2")
+    assert l2.shape == (2,) and l2.dtype == torch.float32
+    assert l2.tolist() == pytest.approx([(1 + 4) / 2, (0.25 + 9) / 2])
+    assert tu.per_sample_loss(pred, target, "l1").tolist() == pytest.approx([1.5, 1.75])
+
+    def huber(d, c):
+        return 2 * c * (math.sqrt(d * d + c * c) - c)
+
+    got = tu.per_sample_loss(pred, target, "huber", huber_c=1.0)
+    assert got.tolist() == pytest.approx([(huber(1, 1) + huber(2, 1)) / 2, (huber(0.5, 1) + huber(3, 1)) / 2])
+    got = tu.per_sample_loss(pred, target, "smooth_l1", huber_c=0.5)
+    assert got.tolist() == pytest.approx(
+        [(huber(1, 0.5) + huber(2, 0.5)) / 2 / 0.5, (huber(0.5, 0.5) + huber(3, 0.5)) / 2 / 0.5])
+    # per-sample huber_c
+    got = tu.per_sample_loss(pred, target, "huber", huber_c=torch.tensor([1.0, 0.1]))
+    assert got.tolist() == pytest.approx([(huber(1, 1) + huber(2, 1)) / 2, (huber(0.5, 0.1) + huber(3, 0.1)) / 2])
+    # half precision inputs give a float32 result; a mask weights elements before the mean
+    assert tu.per_sample_loss(pred.half(), target.half()).dtype == torch.float32
+    mask = torch.tensor([[[[1.0, 0.0]]], [[[0.0, 1.0]]]])
+    assert tu.per_sample_loss(pred, target, "l2", mask=mask).tolist() == pytest.approx([0.5, 4.5])
+    with pytest.raises(TrainingSetupError, match="--loss_type"):
+        tu.per_sample_loss(pred, target, "l3")
+
+
+def test_huber_c_schedules(eps_sched):
+    t = torch.tensor([0, 500, 1000 - 1])
+    assert tu.get_huber_c(ns(loss_type="l2"), t, eps_sched) is None
+    const = tu.get_huber_c(ns(loss_type="huber", huber_schedule="constant", huber_c=0.2, huber_scale=2.0), t, eps_sched)
+    assert const.tolist() == pytest.approx([0.4] * 3)
+    exp = tu.get_huber_c(ns(loss_type="huber", huber_schedule="exponential", huber_c=0.1, huber_scale=1.0),
+                         torch.tensor([0, 1000]), eps_sched)
+    assert exp.tolist() == pytest.approx([1.0, 0.1])
+    snr = tu.get_huber_c(ns(loss_type="smooth_l1", huber_c=0.1), t, eps_sched)  # default schedule: snr
+    ac = eps_sched.alphas_cumprod[t].double()
+    sigma = ((1 - ac) / ac).sqrt()
+    assert snr.tolist() == pytest.approx(((1 - 0.1) / (1 + sigma) ** 2 + 0.1).tolist(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# optimizers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def params():
+    return [torch.nn.Parameter(torch.zeros(3))]
+
+
+def test_adamw_default_and_description():
+    name, opt = tu.get_optimizer(ns(learning_rate=1e-4), params())
+    assert name == "torch.optim.adamw.AdamW" and isinstance(opt, torch.optim.AdamW)
+    assert opt.param_groups[0]["lr"] == 1e-4
+    name, opt = tu.get_optimizer(ns(optimizer_type="AdamW", learning_rate=1e-4,
+                                    optimizer_args=["weight_decay=0.01", "betas=0.9,0.99"]), params())
+    assert name == "torch.optim.adamw.AdamW(weight_decay=0.01,betas=(0.9, 0.99))"
+    assert opt.param_groups[0]["weight_decay"] == 0.01 and opt.param_groups[0]["betas"] == (0.9, 0.99)
+
+
+def test_param_groups_keep_their_lr():
+    groups = [{"params": params(), "lr": 5e-5}, {"params": params(), "lr": 5e-6}]
+    _, opt = tu.get_optimizer(ns(learning_rate=1e-4, optimizer_type="adamw"), groups)
+    assert [g["lr"] for g in opt.param_groups] == [5e-5, 5e-6]
+
+
+def test_sgd_nesterov():
+    name, opt = tu.get_optimizer(ns(optimizer_type="SGDNesterov", learning_rate=0.1), params())
+    assert name == "torch.optim.sgd.SGD(momentum=0.9)"
+    assert opt.param_groups[0]["nesterov"] is True and opt.param_groups[0]["momentum"] == 0.9
+
+
+def test_adafactor_relative_step_switches_schedule():
+    args = ns(optimizer_type="Adafactor", learning_rate=1e-3, lr_scheduler="constant")
+    name, opt = tu.get_optimizer(args, params())
+    assert name == "transformers.optimization.Adafactor(relative_step=True)"
+    assert args.lr_scheduler == "adafactor:0.001"
+    sched = tu.get_lr_scheduler(args, opt, 100)
+    assert type(sched).__name__ == "AdafactorSchedule"
+    args = ns(optimizer_type="Adafactor", learning_rate=1e-3, lr_scheduler="constant_with_warmup",
+              optimizer_args=["relative_step=False", "scale_parameter=False"])
+    name, opt = tu.get_optimizer(args, params())
+    assert name == "transformers.optimization.Adafactor(relative_step=False,scale_parameter=False)"
+    assert opt.param_groups[0]["lr"] == 1e-3 and args.lr_scheduler == "constant_with_warmup"
+
+
+def test_torch_and_module_path_optimizers():
+    name, opt = tu.get_optimizer(ns(optimizer_type="RAdam", learning_rate=1e-3), params())
+    assert isinstance(opt, torch.optim.RAdam) and name == "torch.optim.radam.RAdam"
+    name, opt = tu.get_optimizer(ns(optimizer_type="torch.optim.Adam", learning_rate=1e-3), params())
+    assert isinstance(opt, torch.optim.Adam)
+
+
+def test_adamw8bit_without_bitsandbytes(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` raise ImportError
+    expected = ("--optimizer_type AdamW8bit needs bitsandbytes, a GPU extra: pip install -r requirements-gpu.txt, "
+                "or use --optimizer_type AdamW")
+    with pytest.raises(TrainingSetupError) as e:
+        tu.get_optimizer(ns(optimizer_type="AdamW8bit", learning_rate=1e-4), params())
+    assert str(e.value) == expected
+    with pytest.raises(TrainingSetupError) as e:
+        tu.get_optimizer(ns(use_8bit_adam=True, optimizer_type="AdamW", learning_rate=1e-4), params())
+    assert str(e.value) == expected
+    with pytest.raises(TrainingSetupError, match="disagree"):
+        tu.get_optimizer(ns(use_8bit_adam=True, optimizer_type="SGDNesterov", learning_rate=1e-4), params())
+
+
+def test_optimizer_errors():
+    with pytest.raises(TrainingSetupError, match="AdamW, AdamW8bit, SGDNesterov, Adafactor"):
+        tu.get_optimizer(ns(optimizer_type="AdamX", learning_rate=1e-4), params())
+    with pytest.raises(TrainingSetupError, match="did you mean RAdam"):
+        tu.get_optimizer(ns(optimizer_type="radam", learning_rate=1e-4), params())
+    with pytest.raises(TrainingSetupError, match="prodigyopt.Prodigy"):
+        tu.get_optimizer(ns(optimizer_type="Prodigy", learning_rate=1.0), params())
+    with pytest.raises(TrainingSetupError, match="no_such_pkg"):
+        tu.get_optimizer(ns(optimizer_type="no_such_pkg.Opt", learning_rate=1.0), params())
+    with pytest.raises(TrainingSetupError, match="key=value"):
+        tu.get_optimizer(ns(learning_rate=1e-4, optimizer_args=["weight_decay"]), params())
+    with pytest.raises(TrainingSetupError, match="quotes"):
+        tu.get_optimizer(ns(learning_rate=1e-4, optimizer_args=["foo=bar baz"]), params())
+    with pytest.raises(TrainingSetupError, match="--optimizer_args"):
+        tu.get_optimizer(ns(learning_rate=1e-4, optimizer_args=["weight_decayy=0.1"]), params())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# learning-rate schedules
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def lr_at(args, step, total=110, num_processes=1, lr=1.0):
+    _, opt = tu.get_optimizer(ns(learning_rate=lr), params())
+    sched = tu.get_lr_scheduler(args, opt, total, num_processes)
+    return sched.lr_lambdas[0](step) * lr
+
+
+@pytest.mark.parametrize(
+    "name,extra,expected",
+    [
+        ("constant_with_warmup", {}, {0: 0.0, 5: 0.5, 10: 1.0, 100: 1.0}),
+        ("linear", {}, {5: 0.5, 10: 1.0, 60: 0.5, 110: 0.0}),
+        ("cosine", {}, {5: 0.5, 35: 0.5 * (1 + math.cos(math.pi * 0.25)), 60: 0.5, 110: 0.0}),
+        ("cosine_with_restarts", {"lr_scheduler_num_cycles": 2}, {5: 0.5, 35: 0.5, 60: 1.0, 85: 0.5}),
+        ("polynomial", {"lr_scheduler_power": 2.0}, {5: 0.5, 60: (1 - 1e-7) * 0.25 + 1e-7, 110: 1e-7}),
+    ],
+)
+def test_scheduler_values_with_warmup(name, extra, expected):
+    # 110 steps, 10 warmup: after warmup, progress = (step - 10) / 100
+    args = ns(lr_scheduler=name, lr_warmup_steps=10, **extra)
+    for step, want in expected.items():
+        assert lr_at(args, step) == pytest.approx(want, abs=1e-9), (name, step)
+
+
+def test_constant_scheduler_and_warmup_error():
+    assert lr_at(ns(lr_scheduler="constant", lr_warmup_steps=0), 50) == 1.0
+    with pytest.raises(TrainingSetupError, match="constant_with_warmup"):
+        lr_at(ns(lr_scheduler="constant", lr_warmup_steps=10), 5)
+
+
+def test_warmup_forms():
+    for form in ("10%", 0.1, 20, "20", "0.1"):
+        args = ns(lr_scheduler="linear", lr_warmup_steps=form)
+        assert lr_at(args, 10, total=200) == pytest.approx(0.5), form  # 20 warmup steps of 200
+    assert tu.resolve_warmup_steps("10%", 200) == 20
+    assert tu.resolve_warmup_steps(0.1, 200) == 20
+    assert tu.int_or_float("10%") == 0.1 and tu.int_or_float("100") == 100 and tu.int_or_float("0.05") == 0.05
+    with pytest.raises(TrainingSetupError, match="--lr_warmup_steps"):
+        tu.resolve_warmup_steps(1.5, 200)
+    with pytest.raises(TrainingSetupError, match="--lr_warmup_steps"):
+        tu.resolve_warmup_steps("ten", 200)
+
+
+def test_num_processes_scales_steps():
+    # the scheduler is stepped num_processes times per optimizer step
+    for warmup in (10, 0.1):
+        args = ns(lr_scheduler="cosine", lr_warmup_steps=warmup)
+        for step in (5, 35, 60):
+            single = lr_at(args, step, total=110 if warmup == 10 else 100)
+            double = lr_at(args, 2 * step, total=110 if warmup == 10 else 100, num_processes=2)
+            assert double == pytest.approx(single), (warmup, step)
+
+
+def test_unknown_scheduler():
+    with pytest.raises(TrainingSetupError, match="did you mean cosine"):
+        lr_at(ns(lr_scheduler="cosin"), 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# names and dtypes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_ckpt_and_state_names():
+    assert tu.ckpt_name("last") == "last.safetensors"
+    assert tu.ckpt_name(None) == "last.safetensors"
+    assert tu.ckpt_name("x", epoch=3) == "x-000003.safetensors"
+    assert tu.ckpt_name("x", ".safetensors", step=120) == "x-step00000120.safetensors"
+    assert tu.ckpt_name("x", "ckpt", epoch=1) == "x-000001.ckpt"
+    assert tu.ckpt_name(None, epoch=3) == "epoch-000003.safetensors"  # sd-scripts' default names
+    assert tu.ckpt_name(None, step=120) == "at-step00000120.safetensors"
+    assert tu.state_dir_name("x", epoch=3) == "x-000003-state"
+    assert tu.state_dir_name("x", step=120) == "x-step00000120-state"
+    assert tu.state_dir_name("x") == "x-state"
+    assert tu.state_dir_name(None) == "last-state"
+
+
+def test_dtypes():
+    assert tu.save_dtype(ns()) == torch.float32
+    assert tu.save_dtype(ns(save_precision="fp16")) == torch.float16
+    assert tu.save_dtype(ns(save_precision="bf16")) == torch.bfloat16
+    assert tu.save_dtype(ns(save_precision="float")) == torch.float32
+    assert tu.save_dtype(ns(full_bf16=True)) == torch.bfloat16
+    assert tu.weight_dtype("no") == torch.float32 and tu.weight_dtype(None) == torch.float32
+    assert tu.weight_dtype("fp16") == torch.float16 and tu.weight_dtype("bf16") == torch.bfloat16
+    with pytest.raises(TrainingSetupError, match="--save_precision"):
+        tu.save_dtype(ns(save_precision="fp8"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --config_file
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def make_parser():
+    p = argparse.ArgumentParser()
+    p.add_argument("--pretrained_model_name_or_path", type=str, required=True)
+    p.add_argument("--learning_rate", type=float, default=1e-4)
+    p.add_argument("--max_train_steps", type=int, default=1600)
+    p.add_argument("--output_name", type=str, default=None)
+    p.add_argument("--resolution", type=str, default=None)
+    p.add_argument("--network_args", type=str, nargs="*", default=None)
+    p.add_argument("--text_encoder_lr", type=float, nargs="*", default=None)
+    p.add_argument("--cache_latents", action="store_true")
+    p.add_argument("--mixed_precision", type=str, choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--lr_warmup_steps", type=tu.int_or_float, default=0)
+    p.add_argument("--wandb_api_key", type=str, default=None)
+    p.add_argument("--config_file", type=str, default=None)
+    p.add_argument("--output_config", action="store_true")
+    return p
+
+
+def load(tmp_path, text, argv_extra=(), name="cfg"):
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text, encoding="utf-8")
+    parser = make_parser()
+    argv = ["--config_file", str(tmp_path / name), *argv_extra]  # .toml is appended
+    if "pretrained" not in text:
+        argv += ["--pretrained_model_name_or_path", "x"]
+    return tu.parse_args_with_config(parser, argv)
+
+
+CONFIG = """
+[model]
+pretrained_model_name_or_path = "/models/sd15.safetensors"
+
+[training]
+learning_rate = 3e-4
+max_train_steps = 500
+lr_warmup_steps = "10%"
+text_encoder_lr = 5e-5
+
+[training.deeper.still]
+cache_latents = true
+network_args = ["conv_dim=4", "conv_alpha=1"]
+"""
+
+
+def test_config_precedence_and_flattening(tmp_path):
+    args = load(tmp_path, CONFIG, ["--max_train_steps", "42"])
+    assert args.max_train_steps == 42  # CLI beats TOML
+    assert args.learning_rate == 3e-4  # TOML beats default
+    assert args.pretrained_model_name_or_path == "/models/sd15.safetensors"  # required arg satisfied by TOML
+    assert args.mixed_precision == "no" and args.output_name is None  # defaults
+    assert args.cache_latents is True and args.network_args == ["conv_dim=4", "conv_alpha=1"]  # nested tables
+    assert args.lr_warmup_steps == 0.1  # string through the argument's converter
+    assert args.text_encoder_lr == [5e-5]  # a scalar for a list argument
+    assert tu.read_config_file(argparse.Namespace(config_file=None), make_parser(), []).config_file is None
+
+
+def test_config_unknown_key_suggests(tmp_path):
+    with pytest.raises(TrainingSetupError) as e:
+        load(tmp_path, "[training]\nlearning_rat = 1e-4\n")
+    msg = str(e.value)
+    assert "training.learning_rat" in msg and "did you mean learning_rate" in msg and "cfg.toml" in msg
+
+
+def test_config_syntax_error_names_line(tmp_path):
+    with pytest.raises(TrainingSetupError) as e:
+        load(tmp_path, "[training]\nlearning_rate = 1e-4\nmax_train_steps = = 3\n")
+    assert "line 3" in str(e.value) and "cfg.toml" in str(e.value)
+
+
+def test_config_type_errors(tmp_path):
+    with pytest.raises(TrainingSetupError, match="max_train_steps must be an integer"):
+        load(tmp_path, 'max_train_steps = "100"\n')
+    with pytest.raises(TrainingSetupError, match="learning_rate must be a number"):
+        load(tmp_path, 'learning_rate = "1e-4"\n')
+    with pytest.raises(TrainingSetupError, match="cache_latents is a switch"):
+        load(tmp_path, 'cache_latents = "yes"\n')
+    with pytest.raises(TrainingSetupError, match="not one of no, fp16, bf16"):
+        load(tmp_path, 'mixed_precision = "fp32"\n')
+    with pytest.raises(TrainingSetupError, match="set twice"):
+        load(tmp_path, "[a]\nmax_train_steps = 1\n[b]\nmax_train_steps = 2\n")
+    with pytest.raises(TrainingSetupError, match="not found"):
+        tu.read_config_file(argparse.Namespace(config_file=str(tmp_path / "missing")), make_parser(), [])
+    args = load(tmp_path, "resolution = 768\nlearning_rate = 1\n")  # numbers for str / float arguments
+    assert args.resolution == "768" and isinstance(args.learning_rate, float)
+
+
+def test_output_config_round_trip(tmp_path):
+    parser = make_parser()
+    argv = ["--pretrained_model_name_or_path", "m.safetensors", "--learning_rate", "2e-4", "--cache_latents",
+            "--network_args", "conv_dim=4", "--output_name", 'my "lora"', "--wandb_api_key", "secret",
+            "--lr_warmup_steps", "5%"]
+    args = parser.parse_args(argv)
+    path = tu.write_config_file(args, parser, str(tmp_path / "out"))
+    text = open(path, encoding="utf-8").read()
+    assert path.endswith("out.toml") and "secret" not in text and "max_train_steps" not in text
+    back = tu.read_config_file(argparse.Namespace(config_file=path), parser, ["--config_file", path])
+    for key in ("pretrained_model_name_or_path", "learning_rate", "cache_latents", "network_args", "output_name",
+                "lr_warmup_steps", "max_train_steps"):
+        assert getattr(back, key) == getattr(args, key), key
+    assert back.wandb_api_key is None
+    with pytest.raises(TrainingSetupError, match="already exists"):
+        tu.write_config_file(args, parser, path)
+
+
+def test_real_parser_sd_scripts_config(tmp_path):
+    """A typical sd-scripts training TOML loads through the trainer's own parser (library/train_args.py)."""
+    train_args = pytest.importorskip("library.train_args")
+    path = tmp_path / "sdxl.toml"
+    path.write_text(
+        '[model_arguments]\npretrained_model_name_or_path = "/models/sdxl.safetensors"\n'
+        '[additional_network_arguments]\nnetwork_dim = 32\nnetwork_alpha = 32\nnetwork_args = ["conv_dim=8"]\n'
+        '[optimizer_arguments]\noptimizer_type = "AdamW8bit"\nlearning_rate = 1e-4\nlr_warmup_steps = 0.05\n'
+        'optimizer_args = ["weight_decay=0.01"]\n[training_arguments]\nmax_train_steps = 2000\nmixed_precision = "bf16"\n',
+        encoding="utf-8")
+    parser = train_args.setup_parser()
+    args = tu.parse_args_with_config(parser, ["--config_file", str(path), "--learning_rate", "2e-4"])
+    assert args.learning_rate == 2e-4 and args.network_dim == 32 and args.max_train_steps == 2000
+    assert args.network_alpha == 32.0 and isinstance(args.network_alpha, float)  # no int64 alpha
+    assert tu.resolve_warmup_steps(args.lr_warmup_steps, 2000) == 100
+
+
+def test_zero_terminal_snr():
+    sched = make_noise_scheduler(True)
+    first = float(sched.alphas_cumprod[0])
+    tu.fix_noise_scheduler_betas_for_zero_terminal_snr(sched)
+    assert float(sched.alphas_cumprod[-1]) == pytest.approx(0.0, abs=1e-12)
+    assert float(sched.alphas_cumprod[0]) == pytest.approx(first, rel=1e-5)
+    w = tu.apply_snr_weight(torch.ones(2), torch.tensor([0, 999]), sched, 5.0, v_prediction=False)
+    assert torch.isfinite(w).all() and float(w[1]) == 1.0
