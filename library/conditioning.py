@@ -1,0 +1,377 @@
+"""Text conditioning with sd-scripts semantics: tokenize, encode (clip_skip, 150/225 tokens, SDXL's two
+encoders), call the UNet, and cache text-encoder outputs when the text encoders are frozen.
+
+Long prompts (sd-scripts `get_input_ids` / `get_hidden_states` / `get_hidden_states_sdxl`):
+
+* `max_token_length` L in {None, 75, 150, 225} (any multiple of 75 is accepted). None or 75: one chunk of 77
+  tokens, the ordinary CLIP encoding. Otherwise n = L // 75 chunks.
+* Tokenize: each caption is tokenized to L + 2 ids with padding and truncation (BOS, up to L tokens, EOS,
+  padding), then cut into n chunks of 77: `[ids[0]] + ids[i : i + 75] + [ids[-1]]` for i = 1, 76, 151.
+  * Tokenizers whose pad token is EOS (SD1, SDXL's first): nothing else (ids[-1] is always EOS).
+  * Tokenizers with their own pad token (SDXL's second, which pads with "!" = id 0; an SD2 tokenizer that
+    pads with "!"): if a chunk's second-to-last id is neither EOS nor pad (the text runs on past the chunk),
+    its last id becomes EOS; if a chunk starts with pad right after BOS (an empty chunk), that pad becomes
+    EOS, giving `BOS EOS pad pad ...`.
+* Encode: the n chunks of a caption are encoded as separate 77-token sequences (batch B*n), then re-stitched
+  into one sequence of 2 + 75n tokens (77, 152, 227): chunk 0's BOS, the 75 middle positions of every chunk in
+  order, and the last chunk's final position (EOS or pad). sd-scripts' v2 branch also has an "empty chunk"
+  fix-up, but it compares token ids with the EOS token *string* (SD2) or is commented out (SDXL), so it never
+  runs; the effective behaviour, reproduced here, is the same stitching for every tokenizer.
+* SDXL pooled output: from the first chunk of each caption only (`pool2[::n]`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CHUNK_LEN = 77  # CLIP's context length: BOS + 75 tokens + EOS
+_warned_sdxl_clip_skip = False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TextConditioning
+
+
+@dataclass
+class TextConditioning:
+    """What the UNet is conditioned on: `context` (B, N, D) for `encoder_hidden_states`; `pooled` (B, P) for
+    SDXL's `text_embeds` (None for SD1/SD2)."""
+
+    context: torch.Tensor
+    pooled: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return int(self.context.shape[0])
+
+    def to(self, device=None, dtype=None) -> "TextConditioning":
+        return TextConditioning(
+            self.context.to(device=device, dtype=dtype),
+            None if self.pooled is None else self.pooled.to(device=device, dtype=dtype),
+        )
+
+    def detach(self) -> "TextConditioning":
+        return TextConditioning(self.context.detach(), None if self.pooled is None else self.pooled.detach())
+
+    def __getitem__(self, index) -> "TextConditioning":
+        """Batch slicing. An int index keeps the batch dimension (gives a batch of 1)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        return TextConditioning(self.context[index], None if self.pooled is None else self.pooled[index])
+
+    @classmethod
+    def cat(cls, items: Sequence["TextConditioning"]) -> "TextConditioning":
+        items = list(items)
+        if not items:
+            raise ValueError("TextConditioning.cat needs at least one item")
+        lengths = {tuple(c.context.shape[1:]) for c in items}
+        if len(lengths) != 1:
+            raise ValueError(f"cannot concatenate conditionings of different shapes {sorted(lengths)} "
+                             "(different max_token_length or model?)")
+        has_pooled = {c.pooled is not None for c in items}
+        if len(has_pooled) != 1:
+            raise ValueError("cannot concatenate conditionings with and without pooled embeddings")
+        context = torch.cat([c.context for c in items], dim=0)
+        pooled = torch.cat([c.pooled for c in items], dim=0) if items[0].pooled is not None else None
+        return cls(context, pooled)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenization
+
+
+def num_chunks(max_token_length: Optional[int]) -> int:
+    """Number of 77-token chunks for `max_token_length` (None/75 -> 1, 150 -> 2, 225 -> 3)."""
+    if max_token_length is None:
+        return 1
+    if not isinstance(max_token_length, int) or max_token_length <= 0 or max_token_length % 75:
+        raise ValueError(f"max_token_length must be None, 75, 150 or 225 (a multiple of 75); got {max_token_length!r}")
+    return max_token_length // 75
+
+
+def context_length(max_token_length: Optional[int]) -> int:
+    """Length N of the re-stitched context: 77, 152, 227 for None/75, 150, 225."""
+    return 2 + 75 * num_chunks(max_token_length)
+
+
+def _as_list(captions: Union[str, Sequence[str]]) -> list[str]:
+    return [captions] if isinstance(captions, str) else list(captions)
+
+
+def tokenize_with(tokenizer, captions: Union[str, Sequence[str]], max_token_length: Optional[int] = None) -> torch.Tensor:
+    """Token ids of one tokenizer, (B, n_chunks * 77) int64, chunked as sd-scripts does (module docstring)."""
+    captions = _as_list(captions)
+    n = num_chunks(max_token_length)
+    total = CHUNK_LEN if n == 1 else 75 * n + 2
+    ids = tokenizer(captions, padding="max_length", truncation=True, max_length=total, return_tensors="pt").input_ids
+    ids = ids.to(torch.long)
+    if n == 1:
+        return ids
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    chunks = []
+    for i in range(1, total - CHUNK_LEN + 2, CHUNK_LEN - 2):  # 1, 76, 151, ...
+        chunk = torch.cat([ids[:, :1], ids[:, i : i + CHUNK_LEN - 2], ids[:, -1:]], dim=1)
+        if pad != eos:
+            runs_on = (chunk[:, -2] != eos) & (chunk[:, -2] != pad)
+            chunk[runs_on, -1] = eos
+            empty = chunk[:, 1] == pad
+            chunk[empty, 1] = eos
+        chunks.append(chunk)
+    assert len(chunks) == n
+    return torch.cat(chunks, dim=1)
+
+
+def tokenize(model, captions: Union[str, Sequence[str]], max_token_length: Optional[int] = None) -> list[torch.Tensor]:
+    """One LongTensor (B, n_chunks * 77) per tokenizer of `model` (flattened; chunk k is [:, 77k : 77k + 77])."""
+    return [tokenize_with(tok, captions, max_token_length) for tok in model.tokenizers]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Encoding
+
+
+def _module_device(module: torch.nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def final_layer_norm(text_encoder) -> torch.nn.Module:
+    """The final LayerNorm of a CLIP text encoder (transformers 4.x keeps it under `.text_model`; 5.x's
+    CLIPTextModel has it at the top level)."""
+    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+
+
+def stitch_chunks(hidden: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, n*77, D) chunk-wise hidden states -> (B, 2 + 75n, D): BOS of chunk 0, the middle 75 of every chunk,
+    the last position of the last chunk (sd-scripts). n == 1 returns the input unchanged."""
+    if n == 1:
+        return hidden
+    parts = [hidden[:, :1]]
+    for k in range(n):
+        parts.append(hidden[:, k * CHUNK_LEN + 1 : k * CHUNK_LEN + CHUNK_LEN - 1])
+    parts.append(hidden[:, -1:])
+    return torch.cat(parts, dim=1)
+
+
+def _first_eos_pool(text_encoder_2, last_hidden_state: torch.Tensor, ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """text_projection of the final-LN hidden state at the first EOS of each row (sd-scripts `pool_workaround`;
+    the same position as CLIP's argmax-token-id pooling, since EOS has the largest id)."""
+    index = torch.argmax((ids == eos_id).int(), dim=1).to(last_hidden_state.device)
+    pooled = last_hidden_state[torch.arange(last_hidden_state.shape[0], device=last_hidden_state.device), index]
+    proj = text_encoder_2.text_projection
+    return proj(pooled.to(proj.weight.dtype)).to(last_hidden_state.dtype)
+
+
+def encode_prompts(model, captions: Union[str, Sequence[str]], *, clip_skip: Optional[int] = None,
+                   max_token_length: Optional[int] = None, device=None) -> TextConditioning:
+    """Encode captions with the model's (live, possibly LoRA-patched) text encoders.
+
+    SD1/SD2: last_hidden_state (clip_skip None or 1), else final_layer_norm(hidden_states[-clip_skip]).
+    SDXL: context = cat(TE1 hidden_states[-2], TE2 hidden_states[-2]) (no final LN; [-2] is sd-scripts'
+    `hidden_states[11]` for the real 12-layer TE1), pooled = TE2 text_projection of the final-LN EOS state of
+    the first chunk. clip_skip is ignored for SDXL (as in sd-scripts; a warning is logged once).
+
+    Token ids go to each text encoder's device; the result stays there (and in the encoder's dtype) unless
+    `device` is given. Runs under the caller's grad mode: wrap in `torch.no_grad()` for frozen encoders.
+    """
+    global _warned_sdxl_clip_skip
+    captions = _as_list(captions)
+    if not captions:
+        raise ValueError("encode_prompts: no captions given")
+    n = num_chunks(max_token_length)
+    ids_list = tokenize(model, captions, max_token_length)
+
+    if model.is_sdxl:
+        if clip_skip not in (None, 1) and not _warned_sdxl_clip_skip:
+            logger.warning("clip_skip=%s is ignored for SDXL (sd-scripts uses TE1/TE2 penultimate layers)", clip_skip)
+            _warned_sdxl_clip_skip = True
+        te1, te2 = model.text_encoders
+        ids1 = ids_list[0].reshape(-1, CHUNK_LEN).to(_module_device(te1))
+        ids2 = ids_list[1].reshape(-1, CHUNK_LEN).to(_module_device(te2))
+        out1 = te1(ids1, output_hidden_states=True, return_dict=True)
+        h1 = out1.hidden_states[-2]
+        out2 = te2(ids2, output_hidden_states=True, return_dict=True)
+        h2 = out2.hidden_states[-2]
+        pooled = _first_eos_pool(te2, out2.last_hidden_state, ids2, model.tokenizers[1].eos_token_id)
+        b = len(captions)
+        h1 = stitch_chunks(h1.reshape(b, -1, h1.shape[-1]), n)
+        h2 = stitch_chunks(h2.reshape(b, -1, h2.shape[-1]), n)
+        pooled = pooled[::n]
+        context = torch.cat([h1, h2.to(device=h1.device, dtype=h1.dtype)], dim=-1)
+        cond = TextConditioning(context, pooled.to(device=context.device))
+    else:
+        te = model.text_encoders[0]
+        ids = ids_list[0].reshape(-1, CHUNK_LEN).to(_module_device(te))
+        if clip_skip is not None and clip_skip < 1:
+            raise ValueError(f"clip_skip must be >= 1, got {clip_skip}")
+        if clip_skip is None or clip_skip == 1:
+            hidden = te(ids, return_dict=True).last_hidden_state
+        else:
+            out = te(ids, output_hidden_states=True, return_dict=True)
+            if clip_skip >= len(out.hidden_states):
+                raise ValueError(f"clip_skip={clip_skip} is larger than the text encoder's "
+                                 f"{len(out.hidden_states) - 1} layers")
+            hidden = final_layer_norm(te)(out.hidden_states[-clip_skip])
+        hidden = stitch_chunks(hidden.reshape(len(captions), -1, hidden.shape[-1]), n)
+        cond = TextConditioning(hidden, None)
+    return cond.to(device=device) if device is not None else cond
+
+
+# ----------------------------------------------------------------------------------------------------------
+# UNet call
+
+
+def sdxl_time_ids(original_sizes_hw, crop_top_lefts, target_sizes_hw) -> torch.Tensor:
+    """(B, 6) float32: [orig_h, orig_w, crop_top, crop_left, target_h, target_w] (diffusers' add_time_ids order).
+    Each argument is (B, 2) (tensor, or a list of pairs)."""
+    parts = [torch.as_tensor(x).reshape(-1, 2).to(torch.float32) for x in (original_sizes_hw, crop_top_lefts, target_sizes_hw)]
+    if len({p.shape[0] for p in parts}) != 1:
+        raise ValueError(f"sdxl_time_ids: batch sizes differ {[p.shape[0] for p in parts]}")
+    return torch.cat(parts, dim=1)
+
+
+def unet_forward(model, noisy_latents: torch.Tensor, timesteps, cond: TextConditioning,
+                 time_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The UNet's prediction. The conditioning is cast to the UNet's dtype and the latents' device; SDXL adds
+    `added_cond_kwargs` (pooled text embeds + time ids, which are required)."""
+    unet = model.unet
+    dtype, dev = unet.dtype, noisy_latents.device
+    context = cond.context.to(device=dev, dtype=dtype)
+    kwargs = {}
+    if model.is_sdxl:
+        if cond.pooled is None:
+            raise ValueError("SDXL needs pooled text embeddings (cond.pooled is None)")
+        if time_ids is None:
+            raise ValueError("SDXL needs time_ids: build them with sdxl_time_ids(original_sizes_hw, crop_top_lefts, target_sizes_hw)")
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": cond.pooled.to(device=dev, dtype=dtype),
+            "time_ids": time_ids.to(device=dev, dtype=dtype),
+        }
+    return unet(noisy_latents, timesteps, encoder_hidden_states=context, **kwargs).sample
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cache for frozen text encoders
+
+
+class TextEncoderCache:
+    """Memo of `encode_prompts` per caption string, for frozen text encoders. Entries are CPU tensors.
+
+    `get(captions)` encodes the captions it has not seen (in one batch, under no_grad) and returns the batch
+    as a TextConditioning on the CPU. With `to_disk_dir`, each caption is also stored as
+    `<sha256>.safetensors` (key: caption, architecture, clip_skip, max_token_length, model source) and read back
+    in later runs.
+    """
+
+    def __init__(self, model, clip_skip: Optional[int] = None, max_token_length: Optional[int] = None,
+                 to_disk_dir: Optional[str] = None, batch_size: int = 16):
+        num_chunks(max_token_length)  # validate early
+        self.model = model
+        self.clip_skip = clip_skip
+        self.max_token_length = max_token_length
+        self.to_disk_dir = to_disk_dir
+        self.batch_size = max(1, int(batch_size))
+        self._mem: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+        self.num_encoded = 0  # captions actually run through the text encoders (not read from memory/disk)
+        if to_disk_dir:
+            os.makedirs(to_disk_dir, exist_ok=True)
+
+    def __len__(self) -> int:
+        return len(self._mem)
+
+    def __contains__(self, caption: str) -> bool:
+        return caption in self._mem
+
+    # disk ---------------------------------------------------------------------------------------------
+    def _settings(self, caption: str) -> dict:
+        return {"caption": caption, "arch": self.model.arch, "clip_skip": self.clip_skip,
+                "max_token_length": self.max_token_length, "source": os.path.abspath(self.model.source) if self.model.source else ""}
+
+    def _disk_path(self, caption: str) -> str:
+        key = json.dumps(self._settings(caption), sort_keys=True, ensure_ascii=False)
+        return os.path.join(self.to_disk_dir, hashlib.sha256(key.encode("utf-8")).hexdigest() + ".safetensors")
+
+    def _load_disk(self, caption: str):
+        from safetensors import safe_open
+
+        path = self._disk_path(caption)
+        if not os.path.exists(path):
+            return None
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("settings") != json.dumps(self._settings(caption), sort_keys=True, ensure_ascii=False):
+                    return None
+                context = f.get_tensor("context")
+                pooled = f.get_tensor("pooled") if "pooled" in f.keys() else None
+        except Exception as e:  # a truncated/corrupt file is re-encoded
+            logger.warning("ignoring unreadable text-encoder cache file %s (%s)", path, e)
+            return None
+        return context, pooled
+
+    def _save_disk(self, caption: str, context: torch.Tensor, pooled: Optional[torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        path = self._disk_path(caption)
+        tensors = {"context": context.contiguous()}
+        if pooled is not None:
+            tensors["pooled"] = pooled.contiguous()
+        meta = {"settings": json.dumps(self._settings(caption), sort_keys=True, ensure_ascii=False)}
+        tmp = f"{path}.tmp{os.getpid()}"
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+
+    # encode -------------------------------------------------------------------------------------------
+    def _encode_missing(self, captions: Sequence[str]) -> None:
+        missing = []
+        for c in dict.fromkeys(captions):  # unique, in order
+            if c in self._mem:
+                continue
+            if self.to_disk_dir:
+                hit = self._load_disk(c)
+                if hit is not None:
+                    self._mem[c] = hit
+                    continue
+            missing.append(c)
+        for start in range(0, len(missing), self.batch_size):
+            part = missing[start : start + self.batch_size]
+            with torch.no_grad():
+                cond = encode_prompts(self.model, part, clip_skip=self.clip_skip, max_token_length=self.max_token_length)
+            self.num_encoded += len(part)
+            for i, c in enumerate(part):
+                context = cond.context[i].detach().to("cpu").clone()
+                pooled = None if cond.pooled is None else cond.pooled[i].detach().to("cpu").clone()
+                self._mem[c] = (context, pooled)
+                if self.to_disk_dir:
+                    self._save_disk(c, context, pooled)
+
+    def get(self, captions: Union[str, Sequence[str]]) -> TextConditioning:
+        captions = _as_list(captions)
+        if not captions:
+            raise ValueError("TextEncoderCache.get: no captions given")
+        self._encode_missing(captions)
+        entries = [self._mem[c] for c in captions]
+        context = torch.stack([e[0] for e in entries])
+        pooled = torch.stack([e[1] for e in entries]) if entries[0][1] is not None else None
+        return TextConditioning(context, pooled)
+
+    def precompute(self, captions: Sequence[str], show_progress: bool = True) -> None:
+        """Encode every caption once (a tqdm bar over batches)."""
+        unique = [c for c in dict.fromkeys(_as_list(captions)) if c not in self._mem]
+        if not unique:
+            return
+        from tqdm import tqdm
+
+        with tqdm(total=len(unique), desc="caching text encoder outputs", disable=not show_progress, unit="caption") as bar:
+            for start in range(0, len(unique), self.batch_size):
+                part = unique[start : start + self.batch_size]
+                self._encode_missing(part)
+                bar.update(len(part))

@@ -1,0 +1,299 @@
+"""library/sampling.py: sd-scripts prompt files, samplers, sampling with the live model, grids."""
+import json
+import logging
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from library import sampling as S
+from library.conditioning import encode_prompts
+from library.sampling import (
+    SAMPLERS,
+    SamplePrompt,
+    SamplingError,
+    fixed_seed_grid,
+    generate_images,
+    make_sampler,
+    parse_prompt_file,
+    sample_images,
+)
+from library.tiny_models import build_tiny_model
+
+NAME_RE = r"{name}_{num}_{idx:02d}_\d{{14}}{seed}\.png"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread (and a loaded 2-core box makes 2 threads much slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text, encoding="utf-8")
+    return str(p)
+
+
+# ---------------------------------------------------------------------------------------------- prompt files
+
+
+def test_txt_prompt_file_all_options(tmp_path, caplog):
+    path = write(tmp_path, "p.txt", "\n".join([
+        "# a comment",
+        "",
+        "a photo of sks dog --n blurry, low quality --w 768 --h 100 --d 42 --s 28 --l 5.5 --ss euler_a",
+        "  # an indented comment",
+        "plain prompt",
+        "big --W 30 --H 1030 --S 5000 --D -1 --L 9 --SS K_DPM_2_A",
+        "few steps --s 0 --foo bar --g 3.5",
+        "--n only negative",
+    ]))
+    with caplog.at_level(logging.WARNING, logger="library.sampling"):
+        ps = parse_prompt_file(path)
+    assert ps[0] == SamplePrompt("a photo of sks dog", "blurry, low quality", 768, 96, 42, 28, 5.5, "euler_a")
+    assert ps[1] == SamplePrompt("plain prompt", None, 512, 512, None, 30, 7.5, None)
+    assert ps[2] == SamplePrompt("big", None, 64, 1024, None, 1000, 9.0, "k_dpm_2_a")
+    assert ps[3].steps == 1 and ps[3].prompt == "few steps"
+    assert ps[4].prompt == "" and ps[4].negative_prompt == "only negative"
+    assert len(ps) == 5
+    assert "--foo bar" in caplog.text and f"{path}:7" in caplog.text  # unknown option: warning with file:line
+    assert "--g" in caplog.text
+    assert parse_prompt_file(path, default_size=1024)[1].width == 1024
+
+
+@pytest.mark.parametrize("line, message", [
+    ("a dog --w abc", r"p\.txt:2: --w expects an integer"),
+    ("a dog --l high", r"p\.txt:2: --l expects a number"),
+    ("a dog --ss nosuch", r"p\.txt:2: unknown sampler 'nosuch'"),
+    ("a dog --s", r"p\.txt:2: option --s needs a value"),
+    ("a dog --h -8", r"p\.txt:2: --h must be positive"),
+])
+def test_txt_bad_line(tmp_path, line, message):
+    path = write(tmp_path, "p.txt", "ok prompt\n" + line + "\n")
+    with pytest.raises(SamplingError, match=message):
+        parse_prompt_file(path)
+
+
+def test_missing_and_unsupported_files(tmp_path):
+    with pytest.raises(SamplingError, match=r"nope\.txt: sample prompt file not found"):
+        parse_prompt_file(tmp_path / "nope.txt")
+    with pytest.raises(SamplingError, match=r"\.txt, \.toml or \.json"):
+        parse_prompt_file(write(tmp_path, "p.yaml", "x"))
+
+
+def test_toml_prompt_file(tmp_path):
+    path = write(tmp_path, "p.toml", """
+[prompt]
+width = 1024
+height = 768
+scale = 7
+sample_steps = 28
+negative_prompt = "lowres"
+
+[[prompt.subset]]
+prompt = "a sks dog on the beach"
+seed = 1
+
+[[prompt.subset]]
+prompt = "a sks dog in the snow"
+width = 500
+sample_sampler = "dpmsolver++"
+negative_prompt = "blurry"
+""")
+    a, b = parse_prompt_file(path)
+    assert a == SamplePrompt("a sks dog on the beach", "lowres", 1024, 768, 1, 28, 7.0, None)
+    assert b == SamplePrompt("a sks dog in the snow", "blurry", 496, 768, None, 28, 7.0, "dpmsolver++")
+
+
+def test_toml_errors(tmp_path):
+    with pytest.raises(SamplingError, match=r"p\.toml: invalid TOML.*line 2"):
+        parse_prompt_file(write(tmp_path, "p.toml", "[prompt]\nwidth = = 3\n"))
+    with pytest.raises(SamplingError, match=r"no \[\[prompt.subset\]\]"):
+        parse_prompt_file(write(tmp_path, "q.toml", "[prompt]\nwidth = 512\n"))
+    with pytest.raises(SamplingError, match=r"r\.toml: \[\[prompt.subset\]\] #2: 'seed' expects an integer"):
+        parse_prompt_file(write(tmp_path, "r.toml", '[[prompt.subset]]\nprompt="a"\n[[prompt.subset]]\nprompt="b"\nseed="x"\n'))
+    with pytest.raises(SamplingError, match=r"#1: entry has no 'prompt'"):
+        parse_prompt_file(write(tmp_path, "s.toml", "[[prompt.subset]]\nseed = 3\n"))
+
+
+def test_json_prompt_file(tmp_path, caplog):
+    path = write(tmp_path, "p.json", json.dumps([
+        {"prompt": "a dog", "negative_prompt": "cat", "width": 640, "height": 512, "seed": 7, "sample_steps": 20,
+         "scale": 4, "sample_sampler": "heun", "enum": 0, "mystery": 1},
+        "a cat --w 256 --d 3",
+        {"prompt": "defaults", "steps": 12, "sampler": "ddim"},
+    ]))
+    with caplog.at_level(logging.WARNING, logger="library.sampling"):
+        a, b, c = parse_prompt_file(path)
+    assert a == SamplePrompt("a dog", "cat", 640, 512, 7, 20, 4.0, "heun")
+    assert b == SamplePrompt("a cat", None, 256, 512, 3, 30, 7.5, None)
+    assert c == SamplePrompt("defaults", None, 512, 512, None, 12, 7.5, "ddim")
+    assert "mystery" in caplog.text and "enum" not in caplog.text
+
+
+def test_json_errors(tmp_path):
+    with pytest.raises(SamplingError, match=r"p\.json:2:\d+: invalid JSON"):
+        parse_prompt_file(write(tmp_path, "p.json", '[\n {"prompt": }\n]'))
+    with pytest.raises(SamplingError, match="expected a JSON list"):
+        parse_prompt_file(write(tmp_path, "q.json", '{"prompt": "a"}'))
+    with pytest.raises(SamplingError, match=r"r\.json: entry 1: expected a string or an object"):
+        parse_prompt_file(write(tmp_path, "r.json", '["a", 3]'))
+    with pytest.raises(SamplingError, match=r"s\.json: entry 0: --w expects an integer"):
+        parse_prompt_file(write(tmp_path, "s.json", '["a --w x"]'))
+
+
+# ---------------------------------------------------------------------------------------------- samplers
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_make_sampler_runs(name):
+    sched = make_sampler(name, v_parameterization=False)
+    cfg = sched.config
+    assert (cfg.beta_start, cfg.beta_end, cfg.beta_schedule, cfg.num_train_timesteps) == (0.00085, 0.012, "scaled_linear", 1000)
+    assert cfg.prediction_type == "epsilon"
+    assert getattr(cfg, "clip_sample", False) is False
+    sched.set_timesteps(2)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=g) * sched.init_noise_sigma
+    for t in sched.timesteps:
+        sched.scale_model_input(x, t)
+        kw = {"generator": g} if "generator" in S.inspect.signature(sched.step).parameters else {}
+        x = sched.step(torch.randn(1, 4, 8, 8, generator=g), t, x, **kw).prev_sample
+    assert torch.isfinite(x).all()
+
+
+def test_make_sampler_options():
+    assert type(make_sampler("k_euler_a", False)).__name__ == "EulerAncestralDiscreteScheduler"
+    assert type(make_sampler("dpmsingle", False)).__name__ == "DPMSolverSinglestepScheduler"
+    assert make_sampler("dpmsolver", False).config.algorithm_type == "dpmsolver"
+    assert make_sampler("DPMSolver++", True).config.prediction_type == "v_prediction"
+    assert make_sampler("ddim", False, clip_sample=True).config.clip_sample is True
+    with pytest.raises(SamplingError, match="unknown sampler 'k_magic'"):
+        make_sampler("k_magic", False)
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    return build_tiny_model("sd1")
+
+
+def _capture_calls(monkeypatch, cls, model, calls):
+    original = cls.__call__
+
+    def wrapper(self, *args, **kwargs):
+        calls.append(dict(kwargs, _unet_training=model.unet.training, _te_training=model.text_encoders[0].training,
+                          _scheduler=type(self.scheduler).__name__))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "__call__", wrapper)
+
+
+def test_sample_images_sd1(sd1, tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    calls = []
+    _capture_calls(monkeypatch, StableDiffusionPipeline, sd1, calls)
+    prompts = [SamplePrompt("a photo of sks dog", "blurry", 64, 64, seed=123, steps=2),
+               SamplePrompt("a cat", None, 72, 64, seed=None, steps=2, sampler="euler_a")]
+    sd1.unet.train()
+    sd1.text_encoders[0].train()
+    sd1.unet.conv_in.eval()  # a child with its own flag must get it back
+    dropout = torch.nn.Dropout(0.5).train()
+    rng_before = torch.get_rng_state()
+    paths = sample_images(sd1, prompts, output_dir=str(tmp_path), output_name="mylora", step=250, clip_skip=2,
+                          max_token_length=150, extra_modules=[dropout])
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    # modes: eval during sampling, restored after (per child)
+    assert [c["_unet_training"] for c in calls] == [False, False] and not calls[0]["_te_training"]
+    assert sd1.unet.training and sd1.text_encoders[0].training and not sd1.unet.conv_in.training and dropout.training
+    sd1.unet.eval()
+    sd1.text_encoders[0].eval()
+    # files
+    assert len(paths) == 2 and all(os.path.dirname(p) == str(tmp_path / "sample") for p in paths)
+    assert re.fullmatch(NAME_RE.format(name="mylora", num="000250", idx=0, seed="_123"), os.path.basename(paths[0]))
+    assert re.fullmatch(NAME_RE.format(name="mylora", num="000250", idx=1, seed=""), os.path.basename(paths[1]))
+    assert [Image.open(p).size for p in paths] == [(64, 64), (72, 64)]
+    # the pipeline got our encoder's embeddings (clip_skip, 150 tokens) and the prompt's settings
+    with torch.no_grad():
+        pos = encode_prompts(sd1, ["a photo of sks dog"], clip_skip=2, max_token_length=150).context
+        neg = encode_prompts(sd1, ["blurry"], clip_skip=2, max_token_length=150).context
+        neg_empty = encode_prompts(sd1, [""], clip_skip=2, max_token_length=150).context
+    assert calls[0]["prompt_embeds"].shape == (1, 152, 32)
+    torch.testing.assert_close(calls[0]["prompt_embeds"], pos)
+    torch.testing.assert_close(calls[0]["negative_prompt_embeds"], neg)
+    torch.testing.assert_close(calls[1]["negative_prompt_embeds"], neg_empty)
+    assert (calls[0]["height"], calls[0]["width"], calls[0]["num_inference_steps"], calls[0]["guidance_scale"]) == (64, 64, 2, 7.5)
+    assert calls[0]["_scheduler"] == "DDIMScheduler" and calls[1]["_scheduler"] == "EulerAncestralDiscreteScheduler"
+    # the same seed gives the same image again (PNG is lossless)
+    monkeypatch.undo()
+    (again, seed), = generate_images(sd1, [prompts[0]], clip_skip=2, max_token_length=150)
+    assert seed == 123
+    assert np.array_equal(np.asarray(again), np.asarray(Image.open(paths[0])))
+    (other, _), = generate_images(sd1, [SamplePrompt("a photo of sks dog", "blurry", 64, 64, seed=124, steps=2)],
+                                  clip_skip=2, max_token_length=150)
+    assert not np.array_equal(np.asarray(other), np.asarray(again))
+
+
+def test_sample_images_epoch_name_and_prompt_file(sd1, tmp_path):
+    path = write(tmp_path, "p.txt", "a dog --w 64 --h 64 --s 1 --d 5 --ss dpmsolver++\n")
+    (out,) = sample_images(sd1, path, output_dir=str(tmp_path / "out"), output_name=None, epoch=3, step=99)
+    assert re.fullmatch(r"e000003_00_\d{14}_5\.png", os.path.basename(out))
+    assert os.path.isfile(out)
+    assert sample_images(sd1, [], output_dir=str(tmp_path), output_name="x") == []
+
+
+def test_sample_errors_leave_state_alone(sd1, tmp_path):
+    with pytest.raises(ValueError, match="device"):
+        sample_images(sd1, [SamplePrompt("a", width=64, height=64, steps=1)], output_dir=str(tmp_path),
+                      output_name="x", device="meta")
+    with pytest.raises(SamplingError, match="unknown sampler"):
+        sample_images(sd1, [SamplePrompt("a", width=64, height=64, steps=1)], output_dir=str(tmp_path),
+                      output_name="x", sampler="nope")
+    assert not os.path.exists(tmp_path / "sample")
+
+
+def test_sample_images_sdxl(tmp_path, monkeypatch):
+    from diffusers import StableDiffusionXLPipeline
+
+    model = build_tiny_model("sdxl")
+    calls = []
+    _capture_calls(monkeypatch, StableDiffusionXLPipeline, model, calls)
+    rng_before = torch.get_rng_state()
+    (path,) = sample_images(model, [SamplePrompt("a photo of sks dog", steps=2, width=64, height=64, seed=9)],
+                            output_dir=str(tmp_path), output_name="xl", step=1, sampler="k_euler")
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert re.fullmatch(NAME_RE.format(name="xl", num="000001", idx=0, seed="_9"), os.path.basename(path))
+    assert Image.open(path).size == (64, 64)
+    with torch.no_grad():
+        cond = encode_prompts(model, ["a photo of sks dog"])
+        neg = encode_prompts(model, [""])
+    torch.testing.assert_close(calls[0]["prompt_embeds"], cond.context)
+    torch.testing.assert_close(calls[0]["pooled_prompt_embeds"], cond.pooled)
+    torch.testing.assert_close(calls[0]["negative_pooled_prompt_embeds"], neg.pooled)
+    assert calls[0]["_scheduler"] == "EulerDiscreteScheduler"
+
+
+# ---------------------------------------------------------------------------------------------- grid
+
+
+def test_fixed_seed_grid():
+    red, blue = Image.new("RGB", (32, 32), "red"), Image.new("RGB", (32, 24), "blue")
+    grid = fixed_seed_grid([[red, red, red], [blue, blue, blue]], ["prior", "LoRA"], col_labels=["1", "2", "3"])
+    assert grid.mode == "RGB" and grid.height > 64 and grid.width > 96
+    w_labels = grid.width - 96
+    # the top-left cell of the image area is red, the bottom-right one blue
+    header = grid.height - 64
+    assert grid.getpixel((w_labels + 16, header + 16)) == (255, 0, 0)
+    assert grid.getpixel((w_labels + 64 + 16, header + 32 + 16)) == (0, 0, 255)
+    with pytest.raises(ValueError, match="labels"):
+        fixed_seed_grid([[red]], ["a", "b"])
