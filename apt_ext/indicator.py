@@ -1,0 +1,193 @@
+"""APT's overfitting indicator (DESIGN.md §2.1, paper Eq. 1).
+
+The timestep axis is cut into B bins. For every bin we keep an exponential moving average of the
+per-sample denoising loss of the prior model (φ: LoRA off, class prompt c) and of the fine-tuned model
+(θ: LoRA on, identifier prompt c*), both on the same x_t, t and ε. When the fine-tuned model fits the
+training images much better than the prior does, ema_φ − ema_θ grows, and
+
+    γ_b = clamp(1 − exp(−τ · (ema_φ,b − ema_θ,b)), 0, 1)
+
+approaches 1: bin b is overfitting. γ drives both the augmentation probability (§2.2) and the loss
+weight 1 − γ (§2.3).
+
+Device: the state is B float64 numbers per EMA, so it lives on the CPU. Updating it on the CPU costs one
+device→host copy of 3·batch numbers per step (the trainer already syncs for its loss log), keeps the
+arithmetic in float64 on every backend (MPS has no float64), and makes `state_dict()` trivially
+portable. `gamma_for` hands γ back on the device of the timesteps it is given.
+"""
+from __future__ import annotations
+
+import torch
+
+NUM_BINS = 10
+EMA_ALPHA = 0.1
+
+
+def default_temperature(arch: str) -> float:
+    """τ (`apt_gamma_temperature`, the paper's T): 1000 for SDXL, 100 for SD1.x / SD2.x (§2.1)."""
+    return 1000.0 if arch == "sdxl" else 100.0
+
+
+class OverfittingIndicator:
+    """Per-timestep-bin EMAs of the prior and fine-tuned losses, and the overfitting measure γ.
+
+    Call `gamma_for(t)` before the step (the γ used for augmentation and loss weighting is the state
+    before this step's losses are seen), then `update(...)` / `sync_update(...)` with the detached,
+    unweighted per-sample losses of both passes. One update per micro-batch (gradient accumulation
+    updates once per micro-batch).
+    """
+
+    def __init__(self, num_bins: int = NUM_BINS, num_train_timesteps: int = 1000, ema_alpha: float = EMA_ALPHA,
+                 temperature: float = 100.0):
+        if num_bins < 1 or num_train_timesteps < 1:
+            raise ValueError(f"num_bins ({num_bins}) and num_train_timesteps ({num_train_timesteps}) must be >= 1")
+        if not 0.0 < ema_alpha <= 1.0:
+            raise ValueError(f"ema_alpha must be in (0, 1], got {ema_alpha}")
+        if not temperature > 0.0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.num_bins = int(num_bins)
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.ema_alpha = float(ema_alpha)
+        self.temperature = float(temperature)
+        self.ema_prior = torch.zeros(self.num_bins, dtype=torch.float64)  # ema_φ
+        self.ema_ft = torch.zeros(self.num_bins, dtype=torch.float64)  # ema_θ
+        self.seen = torch.zeros(self.num_bins, dtype=torch.bool)
+        self.bin_updates = torch.zeros(self.num_bins, dtype=torch.int64)  # EMA updates per bin (for logs)
+        self.step = 0  # update() calls
+
+    # ------------------------------------------------------------------ bins and gamma
+    def bin_of(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """floor(t · B / T) clamped to [0, B−1], as a CPU LongTensor (t = 0 is the least noisy)."""
+        t = torch.as_tensor(timesteps).detach().cpu()
+        if t.is_floating_point():
+            b = torch.floor(t.double() * self.num_bins / self.num_train_timesteps).long()
+        else:  # exact integer arithmetic: no float rounding at the bin edges
+            b = torch.div(t.long() * self.num_bins, self.num_train_timesteps, rounding_mode="floor")
+        return b.clamp_(0, self.num_bins - 1)
+
+    def gamma(self) -> torch.Tensor:
+        """γ per bin, (B,) float32 on the CPU; 0 for a bin never seen."""
+        g = 1.0 - torch.exp(-self.temperature * (self.ema_prior - self.ema_ft))  # exp overflow -> -inf -> clamped to 0
+        g = g.clamp(0.0, 1.0)
+        return torch.where(self.seen, g, torch.zeros_like(g)).float()
+
+    def gamma_for(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """γ of each sample's bin, (batch,) float32, on the device of `timesteps`."""
+        t = torch.as_tensor(timesteps)
+        return self.gamma()[self.bin_of(t)].to(t.device)
+
+    # ------------------------------------------------------------------ updates
+    def update(self, timesteps, loss_prior, loss_ft, is_reg=None) -> None:
+        """One EMA update per bin present in this micro-batch (non-reg samples only).
+
+        `loss_prior` / `loss_ft`: per-sample losses (batch,), mean over latent elements, before any
+        weighting. They are detached and copied to the CPU here.
+        """
+        bins, lp, lf, keep = self._rows(timesteps, loss_prior, loss_ft, is_reg)
+        self._update_bins(bins, lp, lf, keep)
+
+    def _rows(self, timesteps, loss_prior, loss_ft, is_reg):
+        """CPU (bins, L_φ, L_θ as float64, keep = not reg), checked for equal lengths."""
+        bins = self.bin_of(timesteps)
+        lp = torch.as_tensor(loss_prior).detach().to("cpu", torch.float64).reshape(-1)
+        lf = torch.as_tensor(loss_ft).detach().to("cpu", torch.float64).reshape(-1)
+        if is_reg is None:
+            keep = torch.ones(bins.numel(), dtype=torch.bool)
+        else:
+            keep = ~torch.as_tensor(is_reg).detach().cpu().bool().reshape(-1)
+        if not (bins.numel() == lp.numel() == lf.numel() == keep.numel()):
+            raise ValueError(f"batch sizes differ: timesteps {bins.numel()}, loss_prior {lp.numel()}, "
+                             f"loss_ft {lf.numel()}, is_reg {keep.numel()}")
+        return bins, lp, lf, keep
+
+    def _update_bins(self, bins: torch.Tensor, lp: torch.Tensor, lf: torch.Tensor, keep: torch.Tensor) -> None:
+        # A non-finite loss (fp16 overflow) would poison the EMA for the rest of the run: leave it out.
+        keep = keep & torch.isfinite(lp) & torch.isfinite(lf)
+        bins, lp, lf = bins[keep], lp[keep], lf[keep]
+        count = torch.bincount(bins, minlength=self.num_bins)
+        present = count > 0
+        if present.any():
+            n = count.clamp(min=1).double()
+            x_p = torch.zeros(self.num_bins, dtype=torch.float64).index_add_(0, bins, lp) / n  # same-bin average
+            x_f = torch.zeros(self.num_bins, dtype=torch.float64).index_add_(0, bins, lf) / n
+            a = self.ema_alpha
+            upd = present & self.seen
+            first = present & ~self.seen  # first observation initialises the EMA
+            self.ema_prior = torch.where(upd, (1.0 - a) * self.ema_prior + a * x_p,
+                                         torch.where(first, x_p, self.ema_prior))
+            self.ema_ft = torch.where(upd, (1.0 - a) * self.ema_ft + a * x_f, torch.where(first, x_f, self.ema_ft))
+            self.seen = self.seen | present
+            self.bin_updates += present.long()
+        self.step += 1
+
+    def sync_update(self, accelerator, timesteps, loss_prior, loss_ft, is_reg=None) -> None:
+        """`update` with the samples of every process, so that every rank holds the same state.
+
+        With no accelerator or one process this is exactly `update`. Otherwise each rank packs
+        (bin, L_φ, L_θ, keep) per sample into a fixed-size float64 tensor on `accelerator.device`
+        (NCCL needs CUDA tensors, gloo CPU ones; bins are small integers, exact in float64), padded to the
+        largest batch of all ranks (one tiny all_reduce MAX first: bucketed datasets can end an epoch with
+        a short batch), all-gathers it, and applies one update with all rows in rank order.
+        """
+        if accelerator is None or getattr(accelerator, "num_processes", 1) <= 1:
+            self.update(timesteps, loss_prior, loss_ft, is_reg)
+            return
+        import torch.distributed as dist
+
+        bins, lp, lf, keep = self._rows(timesteps, loss_prior, loss_ft, is_reg)
+        device = accelerator.device
+        n = torch.tensor([bins.numel()], dtype=torch.int64, device=device)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        rows = torch.zeros(int(n.item()), 4, dtype=torch.float64)  # padding rows have keep = 0
+        rows[: bins.numel()] = torch.stack([bins.double(), lp, lf, keep.double()], dim=1)
+        rows = rows.to(device)
+        gathered = [torch.empty_like(rows) for _ in range(accelerator.num_processes)]
+        dist.all_gather(gathered, rows)
+        allrows = torch.cat(gathered).cpu()
+        self._update_bins(allrows[:, 0].long(), allrows[:, 1], allrows[:, 2], allrows[:, 3] > 0.5)
+
+    # ------------------------------------------------------------------ state and logs
+    def state_dict(self) -> dict:
+        """Plain CPU tensors only (scalars as 0-d int64), so torch.save and safetensors both work."""
+        return {
+            "ema_prior": self.ema_prior.clone(),
+            "ema_ft": self.ema_ft.clone(),
+            "seen": self.seen.clone(),
+            "bin_updates": self.bin_updates.clone(),
+            "step": torch.tensor(self.step, dtype=torch.int64),
+            "num_bins": torch.tensor(self.num_bins, dtype=torch.int64),
+            "num_train_timesteps": torch.tensor(self.num_train_timesteps, dtype=torch.int64),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict()`. α and τ are settings, not state: the current ones are kept."""
+        nb = int(state["num_bins"]) if "num_bins" in state else int(torch.as_tensor(state["ema_prior"]).numel())
+        nt = int(state.get("num_train_timesteps", self.num_train_timesteps))
+        if nb != self.num_bins or nt != self.num_train_timesteps:
+            raise ValueError(f"indicator state has {nb} bins over {nt} timesteps, this run uses "
+                             f"{self.num_bins} over {self.num_train_timesteps}; resume with the same settings")
+        self.ema_prior = torch.as_tensor(state["ema_prior"]).detach().to("cpu", torch.float64).clone()
+        self.ema_ft = torch.as_tensor(state["ema_ft"]).detach().to("cpu", torch.float64).clone()
+        self.seen = torch.as_tensor(state["seen"]).detach().cpu().bool().clone()
+        if "bin_updates" in state:
+            self.bin_updates = torch.as_tensor(state["bin_updates"]).detach().cpu().long().clone()
+        else:
+            self.bin_updates = self.seen.long()
+        self.step = int(state.get("step", 0))
+
+    def logs(self, prefix: str = "apt/") -> dict[str, float]:
+        """Per-bin γ and EMAs of the seen bins, for the trainer's logger (the paper's Fig. 6)."""
+        g = self.gamma()
+        out: dict[str, float] = {}
+        for b in range(self.num_bins):
+            if self.seen[b]:
+                out[f"{prefix}gamma_bin{b}"] = float(g[b])
+                out[f"{prefix}ema_prior_bin{b}"] = float(self.ema_prior[b])
+                out[f"{prefix}ema_ft_bin{b}"] = float(self.ema_ft[b])
+        return out
+
+    def __repr__(self) -> str:
+        g = ", ".join("-" if not s else f"{v:.3f}" for v, s in zip(self.gamma().tolist(), self.seen.tolist()))
+        return (f"OverfittingIndicator(bins={self.num_bins}, T={self.num_train_timesteps}, alpha={self.ema_alpha}, "
+                f"tau={self.temperature}, step={self.step}, gamma=[{g}])")
+

@@ -1,0 +1,179 @@
+"""APT prompts: c* -> c, and the token alignment π (apt_ext/prompts.py). Tokenizers only, no models."""
+import pytest
+import torch
+
+from apt_ext.prompts import (
+    DROPPED,
+    PromptError,
+    aligned_prior_attention,
+    alignment_for_batch,
+    class_prompt,
+    class_prompts,
+    num_token_columns,
+    resolve_prior_class_tokens,
+    stitched_token_ids,
+    token_alignment,
+    unet_alignment,
+)
+from library.clip_tokenizer import bundled_clip_tokenizer
+
+N = 77
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return bundled_clip_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tok2():
+    return bundled_clip_tokenizer(pad_token="!")  # SDXL's second tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------- class_prompt
+
+
+def test_class_prompt_derived_first_word():
+    assert class_prompt("a photo of sks dog", "sks dog") == "a photo of dog"
+    assert class_prompt("sks teddy bear, on a table", "sks teddy bear") == "teddy bear, on a table"
+
+
+def test_class_prompt_explicit_prior():
+    assert class_prompt("ohwx man on a beach", "ohwx man", "person") == "person on a beach"
+    assert class_prompt("a photo of sks", "sks", "dog") == "a photo of dog"
+
+
+def test_class_prompt_multiple_occurrences_and_word_boundaries():
+    cap = "sks dog, sks  dog and SKS dog; sks dogs, xsks dog"
+    assert class_prompt(cap, "sks dog") == "dog, dog and dog; sks dogs, xsks dog"
+
+
+def test_class_prompt_single_word_without_prior_is_an_error():
+    with pytest.raises(PromptError, match="prior_class_tokens") as e:
+        class_prompt("a photo of sks", "sks")
+    assert isinstance(e.value, ValueError)
+    assert "TOML" in str(e.value)
+    with pytest.raises(PromptError, match="prior_class_tokens"):
+        resolve_prior_class_tokens("sks dog", "  ")
+
+
+def test_class_prompt_without_class_tokens_is_unchanged():
+    assert class_prompt("a photo of sks dog", None) == "a photo of sks dog"
+    assert class_prompt("a photo of sks dog", "") == "a photo of sks dog"
+    assert class_prompt("", "sks dog") == ""  # caption dropout
+    assert class_prompt("a photo of a cat", "sks dog") == "a photo of a cat"  # class tokens absent
+    assert class_prompts(["sks dog", "x", "sks"], ["sks dog", None, "sks"], [None, None, "cat"]) == ["dog", "x", "cat"]
+
+
+# ---------------------------------------------------------------------------------------------------- π
+
+
+def _expected_sks_dog(mode):
+    # c*: BOS a photo of sks dog EOS pad...   c: BOS a photo of dog EOS pad...
+    pi = [0, 1, 2, 3, 4 if mode == "class" else DROPPED, 4, 5] + list(range(6, N - 1))
+    assert len(pi) == N
+    return torch.tensor(pi)
+
+
+@pytest.mark.parametrize("mode", ["class", "drop"])
+def test_alignment_sks_dog(tok, mode):
+    (pi,) = alignment_for_batch([tok], ["a photo of sks dog"], ["a photo of dog"], mode)
+    assert pi.shape == (1, N) and pi.dtype == torch.long
+    assert torch.equal(pi[0], _expected_sks_dog(mode))
+    # the same from the batch's class tokens (identifier and class known exactly)
+    (pi2,) = alignment_for_batch([tok], ["a photo of sks dog"], ["a photo of dog"], mode, class_tokens=["sks dog"])
+    assert torch.equal(pi2[0], _expected_sks_dog(mode))
+
+
+def test_alignment_identity(tok):
+    pis = alignment_for_batch([tok], ["", "a photo of a cat"], ["", "a photo of a cat"], "drop")
+    assert torch.equal(pis[0], torch.arange(N).expand(2, N))
+    assert torch.equal(token_alignment([1, 2, 3], [1, 2, 3]), torch.arange(3))
+
+
+def test_alignment_explicit_prior_replace(tok):
+    ft, pr = "ohwx man on a beach", "person on a beach"
+    # BOS ohwx man on a beach EOS ... vs BOS person on a beach EOS ...: ohwx (identifier) and man -> person
+    (pi,) = alignment_for_batch([tok], [ft], [pr], "class", class_tokens=["ohwx man"], prior_class_tokens=["person"])
+    assert pi[0, :7].tolist() == [0, 1, 1, 2, 3, 4, 5]
+    (pi,) = alignment_for_batch([tok], [ft], [pr], "drop", class_tokens=["ohwx man"], prior_class_tokens=["person"])
+    assert pi[0, :7].tolist() == [0, DROPPED, 1, 2, 3, 4, 5]
+    assert pi[0, 7:].tolist() == list(range(6, N - 1))
+
+
+def test_alignment_multi_token_class_and_unmatched_rule():
+    # ids: BOS=0, EOS=9; c* = BOS 5(sks) 6 7(teddy bear) 8 EOS; c = BOS 6 7 8 EOS EOS
+    a, b = [0, 5, 6, 7, 8, 9], [0, 6, 7, 8, 9, 9]
+    assert token_alignment(a, b).tolist() == [0, 1, 1, 2, 3, 4]  # identifier -> first column after the deletion
+    assert token_alignment(a, b, [5], [6, 7]).tolist() == [0, 2, 1, 2, 3, 4]  # -> last token of the class
+    # a deleted token that is not the identifier -> nearest preceding aligned column
+    assert token_alignment([0, 3, 4, 5, 6, 9], [0, 3, 5, 6, 9, 9], identifier_ids=[1]).tolist() == [0, 1, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="apt_identifier_align"):
+        token_alignment(a, b, mode="keep")
+
+
+def test_alignment_sdxl_two_tokenizers_agree(tok, tok2):
+    ft = ["a photo of sks dog", "", "sks dog wearing a hat!", "ohwx man", "a photo of a cat"]
+    pr = [class_prompt(c, ct, p) for c, ct, p in
+          zip(ft, ["sks dog", "sks dog", "sks dog", "ohwx man", None], [None, None, None, "person", None])]
+    ids1, ids2 = stitched_token_ids(tok, ft), stitched_token_ids(tok2, ft)
+    assert not torch.equal(ids1, ids2)  # padding differs ("<|endoftext|>" vs "!")
+    for mode in ("class", "drop"):
+        pis = alignment_for_batch([tok, tok2], ft, pr, mode)
+        assert len(pis) == 2 and pis[0].shape == pis[1].shape == (5, N)
+        assert torch.equal(pis[0], pis[1])
+        assert unet_alignment(pis) is pis[0]
+    assert torch.equal(pis[0][0], _expected_sks_dog("drop"))
+    assert torch.equal(pis[0][1], torch.arange(N))
+
+
+def _sd_scripts_stitched(tokenizer, caption, max_token_length):
+    """sd-scripts' get_input_ids (chunks of 77) followed by the re-stitching of get_hidden_states, on ids."""
+    L = tokenizer.model_max_length
+    ids = tokenizer(caption, padding="max_length", truncation=True, max_length=max_token_length + 2,
+                    return_tensors="pt").input_ids[0]
+    chunks = []
+    for i in range(1, max_token_length + 2 - L + 2, L - 2):
+        c = torch.cat([ids[:1], ids[i:i + L - 2], ids[-1:]])
+        if tokenizer.pad_token_id != tokenizer.eos_token_id:
+            if c[-2] != tokenizer.eos_token_id and c[-2] != tokenizer.pad_token_id:
+                c[-1] = tokenizer.eos_token_id
+            # (sd-scripts also feeds an all-padding chunk as <BOS> <EOS> <PAD>...; stitched_token_ids keeps that
+            # column's PAD id on purpose, see its docstring)
+        chunks.append(c)
+    flat = torch.cat(chunks)
+    cols = [flat[0:1]] + [flat[i:i + L - 2] for i in range(1, max_token_length, L)] + [flat[-1:]]
+    return torch.cat(cols)
+
+
+def test_alignment_long_prompt_150(tok, tok2):
+    words = "red green blue small large old new happy quiet bright dark soft warm cold wet dry".split()
+    prefix = " ".join(words[i % len(words)] + ("," if i % 5 == 4 else "") for i in range(70))
+    ft = [prefix + " sks dog on a sunny beach near the sea", "a photo of sks dog"]
+    pr = [class_prompt(c, "sks dog") for c in ft]
+    assert num_token_columns(tok, 150) == 152 and num_token_columns(tok, None) == 77
+    ids = stitched_token_ids(tok, ft, 150)
+    assert ids.shape == (2, 152)
+    for t in (tok, tok2):
+        for cap in ft + ["", prefix * 3]:
+            assert torch.equal(stitched_token_ids(t, [cap], 150)[0], _sd_scripts_stitched(t, cap, 150))
+    pis = alignment_for_batch([tok, tok2], ft, pr, "class", max_token_length=150)
+    assert torch.equal(pis[0], pis[1]) and pis[0].shape == (2, 152)
+    pi = pis[0][0]
+    k = ids[0].tolist().index(tok.convert_tokens_to_ids("sks</w>"))
+    assert k > 76  # the identifier sits in the second chunk
+    expected = list(range(k)) + [k, k] + list(range(k + 1, 151))
+    assert pi.tolist() == expected
+    pi_short = pis[0][1]
+    assert pi_short[:6].tolist() == [0, 1, 2, 3, 4, 4] and pi_short[-1].item() == 150
+    with pytest.raises(ValueError, match="multiple"):
+        num_token_columns(tok, 100)
+
+
+def test_aligned_prior_attention_masks_dropped_columns():
+    attn = torch.rand(2, 3, 5)
+    pi = torch.tensor([[0, 1, DROPPED, 1, 2], [0, 1, 2, 3, 4]])
+    aligned, mask = aligned_prior_attention(attn, pi)
+    assert aligned.shape == (2, 3, 5) and mask.shape == (2, 1, 5)
+    assert torch.equal(aligned[0, :, 3], attn[0, :, 1]) and torch.equal(aligned[1], attn[1])
+    assert torch.all(aligned[0, :, 2] == 0) and mask[0, 0].tolist() == [1, 1, 0, 1, 1]
