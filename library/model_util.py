@@ -6,15 +6,33 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
+import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from library import ldm_convert
+from library.clip_tokenizer import bundled_clip_tokenizer
+from library.safe_io import atomic_save_safetensors, check_writable
+
+logger = logging.getLogger(__name__)
 
 ARCHS = ("sd1", "sd2", "sdxl")
+ARCH_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+SUPPORTED = ("SD1.x, SD2.x (512 and 768-v) and SDXL base models, as a diffusers folder (model_index.json, unet/, "
+             "vae/, text_encoder/ ...) or a single-file .safetensors in the LDM/SGM layout A1111 and ComfyUI use")
+PICKLE_EXTS = (".ckpt", ".pt", ".pth", ".bin")
+CONFIGS_KEY = "apt_lora.configs"  # safetensors header: the architecture config dict, as JSON
+PREDICTION_KEY = "apt_lora.prediction_type"  # safetensors header: "v" or "epsilon"
 _CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+# Pad token per tokenizer slot: CLIP-L pads with EOS; OpenCLIP (SD2, SDXL's second encoder) pads with "!" (id 0).
+PAD_TOKENS = {"sd1": ["<|endoftext|>"], "sd2": ["!"], "sdxl": ["<|endoftext|>", "!"]}
 
 
 class ModelLoadError(Exception):
@@ -90,3 +108,461 @@ def build_from_config(configs: dict, tokenizers: list, v_parameterization: bool 
         noise_scheduler=make_noise_scheduler(v_parameterization),
         configs=configs,
     )
+
+
+# ------------------------------------------------------------------------------------------------ detection
+def _error_with_keys(name: str, keys, why: str) -> ModelLoadError:
+    sample = ", ".join(sorted(keys)[:5]) or "(none)"
+    return ModelLoadError(f"{name}: {why}. Supported: {SUPPORTED}. First keys in the file: {sample}")
+
+
+def detect_arch(state_dict: dict, path: str | None = None) -> str:
+    """Return "sd1" | "sd2" | "sdxl" from a single-file checkpoint's keys (and shapes where keys are not enough).
+
+    Anything else (SDXL refiner, inpainting, SD3, Flux, a LoRA, an unrelated file) raises ModelLoadError."""
+    name = path or "the checkpoint"
+    keys = list(state_dict.keys())
+
+    def has(prefix):
+        return any(k.startswith(prefix) for k in keys)
+
+    if not keys:
+        raise ModelLoadError(f"{name} contains no tensors. Supported: {SUPPORTED}.")
+    if any(k.startswith(("lora_unet_", "lora_te", "lycoris_")) or ".lora_down." in k or ".lora_A." in k for k in keys):
+        raise _error_with_keys(name, keys, "this is a LoRA / network file, not a base model; pass it to the "
+                                           "LoRA options (e.g. --network_weights) and give the base model here")
+    if has("model.diffusion_model.joint_blocks.") or has("joint_blocks."):
+        raise _error_with_keys(name, keys, "this looks like an SD3 model, which is not supported")
+    if has("model.diffusion_model.double_blocks.") or has("double_blocks."):
+        raise _error_with_keys(name, keys, "this looks like a Flux model, which is not supported")
+    if not has(ldm_convert.UNET_PREFIX + "input_blocks."):
+        if has("down_blocks.") or has("conv_in."):
+            raise _error_with_keys(name, keys, "this is a single diffusers component (e.g. a unet/ weights file); "
+                                               "pass the whole diffusers model folder instead")
+        raise _error_with_keys(name, keys, "no Stable Diffusion UNet (model.diffusion_model.input_blocks.*) found")
+    conv_in = state_dict.get(ldm_convert.UNET_PREFIX + "input_blocks.0.0.weight")
+    if conv_in is not None and conv_in.shape[1] != 4:
+        raise _error_with_keys(name, keys, f"the UNet takes {conv_in.shape[1]} input channels (inpainting, "
+                                           "instruct-pix2pix or upscaler model); only 4-channel base models are supported")
+    if has("conditioner.embedders.1.model."):
+        return "sdxl"
+    if has("conditioner.embedders.0.model."):
+        raise _error_with_keys(name, keys, "this looks like the SDXL refiner, which is not supported")
+    if has("conditioner."):
+        raise _error_with_keys(name, keys, "unknown SGM text-conditioning layout")
+    if has("cond_stage_model.model."):
+        return "sd2"
+    if has("cond_stage_model.transformer."):
+        return "sd1"
+    # no text encoder in the file: fall back to the UNet's shapes
+    if has(ldm_convert.UNET_PREFIX + "label_emb."):
+        return "sdxl"
+    ctx = {v.shape[-1] for k, v in state_dict.items() if k.endswith("attn2.to_k.weight")}
+    for dim, arch in ((768, "sd1"), (1024, "sd2"), (2048, "sdxl")):
+        if ctx == {dim}:
+            return arch
+    raise _error_with_keys(name, keys, "cannot tell SD1/SD2/SDXL apart: no text encoder and an unknown context size")
+
+
+def _check_flags(arch: str, v2, sdxl, path: str, how: str) -> None:
+    """--v2 / --sdxl as in sd-scripts: None = auto-detect; True/False must agree with the file."""
+    what = f"{path} is an {ARCH_NAMES[arch]} model ({how})"
+    if sdxl is True and arch != "sdxl":
+        raise ModelLoadError(f"--sdxl was given, but {what}. Remove --sdxl, or pass an SDXL base model.")
+    if sdxl is False and arch == "sdxl":
+        raise ModelLoadError(f"{what}, but sdxl=False was requested. Pass --sdxl, or leave it unset to auto-detect.")
+    if v2 is True and arch != "sd2":
+        raise ModelLoadError(f"--v2 was given, but {what}; --v2 is only for SD2.x models. Remove --v2.")
+    if v2 is False and arch == "sd2":
+        raise ModelLoadError(f"{what}, but v2=False was requested. Pass --v2, or leave it unset to auto-detect.")
+
+
+# ------------------------------------------------------------------------------------------------ file reading
+def read_state_dict(path: str, allow_pickle: bool = False, what: str = "model") -> tuple[dict, dict]:
+    """(tensors, safetensors header metadata) of a checkpoint file. Pickles only with `allow_pickle`."""
+    if not os.path.exists(path):
+        raise ModelLoadError(f"{what} not found: {path}. Loading is offline: give a local diffusers folder or a "
+                             ".safetensors file (hub model ids are not downloaded).")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                metadata = f.metadata() or {}
+            return load_file(path, device="cpu"), metadata
+        except Exception as e:  # SafetensorError, OSError: truncated or not a safetensors file
+            raise ModelLoadError(f"cannot read {what} {path} as safetensors ({e}). The file is truncated, corrupt "
+                                 "or not a safetensors file: download or convert it again.") from e
+    if ext in PICKLE_EXTS:
+        if not allow_pickle:
+            raise ModelLoadError(f"{path} is a pickle checkpoint ({ext}). Pickle files can run code when loaded, so "
+                                 "they are refused: convert it to .safetensors, or pass --allow_pickle_checkpoint to "
+                                 "load it with torch.load(weights_only=True).")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ModelLoadError(f"cannot load {path} with torch.load(weights_only=True) ({e}). The file is corrupt "
+                                 "or holds non-tensor objects: convert it to .safetensors with a tool you trust.") from e
+        while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict):
+            raise ModelLoadError(f"{path} does not hold a state dict (got {type(obj).__name__}).")
+        return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, {}
+    raise ModelLoadError(f"{path}: unsupported model file type {ext!r}. Supported: {SUPPORTED}.")
+
+
+def _finish(module):
+    """Every loaded module: CPU, fp32, eval, frozen."""
+    module.to(device="cpu")
+    if any(p.dtype != torch.float32 for p in module.parameters() if p.is_floating_point()):
+        module.to(dtype=torch.float32)
+    return module.eval().requires_grad_(False)
+
+
+def _assign(module, sd: dict, what: str, path: str):
+    """Load converted weights into a module built on the meta device; mismatches become a ModelLoadError."""
+    expected = module.state_dict()
+    fixed, bad = {}, []
+    for k, v in sd.items():
+        if k not in expected:
+            continue
+        want = expected[k].shape
+        if v.shape != want and v.numel() == expected[k].numel():  # Conv2d 1x1 <-> Linear (proj_in/out, VAE attention)
+            v = v.reshape(want)
+        if v.shape != want:
+            bad.append(f"{k}: file {tuple(v.shape)} vs model {tuple(want)}")
+        fixed[k] = v.to(torch.float32).contiguous() if v.is_floating_point() else v
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if missing or unexpected or bad:
+        parts = [f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
+                 f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
+                 f"{len(bad)} of another shape (e.g. {bad[:2]})" if bad else ""]
+        raise ModelLoadError(f"{path}: the {what} weights do not fit the architecture config: "
+                             + "; ".join(p for p in parts if p)
+                             + ". The file is damaged, or not a standard-size base model of this architecture "
+                             "(non-standard sizes load from a diffusers folder, which carries its configs).")
+    module.load_state_dict(fixed, strict=True, assign=True)
+    return _finish(module)
+
+
+def _empty_model(configs: dict, v_parameterization: bool) -> StableDiffusionModel:
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():  # parameters on meta: no random init of ~1-3 G weights
+        return build_from_config(configs, [], v_parameterization)
+
+
+def _configs_from_header(metadata: dict, arch: str, path: str) -> dict | None:
+    """The architecture configs that save_single_file stores in the header (non-standard sizes), if valid."""
+    raw = metadata.get(CONFIGS_KEY)
+    if not raw:
+        return None
+    try:
+        cfg = json.loads(raw)
+    except json.JSONDecodeError:
+        logger.warning("%s: ignoring unreadable %s metadata", path, CONFIGS_KEY)
+        return None
+    need = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if arch == "sdxl" else [])
+    if not isinstance(cfg, dict) or cfg.get("arch") != arch or any(k not in cfg for k in need):
+        logger.warning("%s: ignoring %s metadata that does not describe an %s model", path, CONFIGS_KEY, arch)
+        return None
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def load_model(path, *, v2=None, v_parameterization=None, sdxl=None, tokenizer_path=None, vae_path=None,
+               allow_pickle=False) -> StableDiffusionModel:
+    """Load a base model from a diffusers folder or a single-file checkpoint, offline, on CPU in fp32 (frozen).
+
+    `v2`/`sdxl`: None = detect; True/False must agree with the file. `v_parameterization`: None = the folder's
+    scheduler config, or for a single file its header (else epsilon; SD2 768-v single files need True)."""
+    path = os.fspath(path)
+    if tokenizer_path is not None and not os.path.isdir(tokenizer_path):
+        raise ModelLoadError(f"--tokenizer_path {tokenizer_path} is not a folder. Give a folder with tokenizer files "
+                             "(tokenizer.json, or vocab.json + merges.txt), or with tokenizer/ and tokenizer_2/.")
+    if os.path.isdir(path):
+        model = _load_folder(path, v2, v_parameterization, sdxl, tokenizer_path, allow_pickle)
+    else:
+        model = _load_single_file(path, v2, v_parameterization, sdxl, tokenizer_path, vae_path is not None,
+                                  allow_pickle)
+    if vae_path is not None:
+        model.vae = load_vae(vae_path, model.configs["vae"], allow_pickle)
+        model.configs = model_configs(model)
+    model.source = path
+    return model
+
+
+def _load_single_file(path, v2, v_param, sdxl, tokenizer_path, external_vae, allow_pickle) -> StableDiffusionModel:
+    sd, metadata = read_state_dict(path, allow_pickle)
+    arch = detect_arch(sd, path)
+    _check_flags(arch, v2, sdxl, path, "detected from the checkpoint's keys")
+    configs = _configs_from_header(metadata, arch, path) or arch_config(arch)
+    if v_param is None:
+        v_param = (metadata.get(PREDICTION_KEY) or metadata.get("modelspec.prediction_type")) == "v"
+        if arch == "sd2" and not v_param:
+            logger.warning("%s: SD2 single files do not say whether they are v-prediction (768-v) models; using "
+                           "epsilon. Pass --v_parameterization for 768-v models.", path)
+    model = _empty_model(configs, v_param)
+    model.unet = _assign(model.unet, ldm_convert.unet_to_diffusers(sd, configs["unet"]), "UNet", path)
+    if not external_vae:
+        if not any(k.startswith(ldm_convert.VAE_PREFIX) for k in sd):
+            raise ModelLoadError(f"{path} has no VAE (first_stage_model.* keys). Pass a VAE with --vae.")
+        model.vae = _assign(model.vae, ldm_convert.vae_to_diffusers(sd, configs["vae"]), "VAE", path)
+    for i, (prefix, kind) in enumerate(ldm_convert.TE_PREFIXES[arch]):
+        if not any(k.startswith(prefix) for k in sd):
+            raise ModelLoadError(f"{path} has no text encoder {i + 1} ({prefix}* keys); a complete base model "
+                                 "checkpoint is needed.")
+        te = model.text_encoders[i]
+        model.text_encoders[i] = _assign(te, ldm_convert.text_encoder_to_diffusers(sd, prefix, kind, te),
+                                         f"text encoder {i + 1}", path)
+    model.tokenizers = _load_tokenizers(arch, None, tokenizer_path)
+    return model
+
+
+_WEIGHTS = re.compile(r"^(?:diffusion_pytorch_model|model|pytorch_model)(?:-\d+-of-\d+)?(?:\.(\w+))?"
+                      r"\.(safetensors|bin)(?:\.index\.json)?$")
+
+
+def _weights_kwargs(folder: str, allow_pickle: bool) -> dict:
+    """from_pretrained kwargs for a component folder: safetensors first, fp16 variants, pickles only if allowed."""
+    found = [m.groups() for m in map(_WEIGHTS.match, os.listdir(folder)) if m]
+    for variant, ext in sorted(found, key=lambda g: (g[1] != "safetensors", g[0] is not None)):
+        if ext == "safetensors":
+            return {"use_safetensors": True, "variant": variant}
+        if allow_pickle:
+            return {"use_safetensors": False, "variant": variant}
+        raise ModelLoadError(f"{folder} holds only pickle weights (.bin). Pickle files can run code when loaded, so "
+                             "they are refused: convert the model to safetensors, or pass --allow_pickle_checkpoint.")
+    raise ModelLoadError(f"{folder} holds no model weights (*.safetensors).")
+
+
+def _from_pretrained(cls, folder: str, allow_pickle: bool):
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ModelLoadError(f"{folder}/config.json is missing: the diffusers model folder is incomplete.")
+    kwargs = _weights_kwargs(folder, allow_pickle)
+    kwargs["torch_dtype" if issubclass(cls, (UNet2DConditionModel, AutoencoderKL)) else "dtype"] = torch.float32
+    try:
+        return _finish(cls.from_pretrained(folder, local_files_only=True, **kwargs))
+    except Exception as e:
+        raise ModelLoadError(f"cannot load {cls.__name__} from {folder}: {e}") from e
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {path}: {e}") from e
+
+
+def _load_folder(path, v2, v_param, sdxl, tokenizer_path, allow_pickle) -> StableDiffusionModel:
+    if not os.path.isfile(os.path.join(path, "unet", "config.json")):
+        raise ModelLoadError(f"{path} is not a diffusers model folder (no unet/config.json). Give the folder that "
+                             "holds model_index.json, unet/, vae/ and text_encoder/, or a single-file checkpoint.")
+    unet_cfg = _read_json(os.path.join(path, "unet", "config.json"))
+    te_cfg_path = os.path.join(path, "text_encoder", "config.json")
+    te_cfg = _read_json(te_cfg_path) if os.path.isfile(te_cfg_path) else {}
+    if unet_cfg.get("in_channels", 4) != 4:
+        raise ModelLoadError(f"{path}: the UNet takes {unet_cfg.get('in_channels')} input channels (inpainting, "
+                             f"instruct-pix2pix or upscaler model). Supported: {SUPPORTED}.")
+    if not te_cfg and os.path.isdir(os.path.join(path, "text_encoder_2")):
+        raise ModelLoadError(f"{path} looks like the SDXL refiner (text_encoder_2/ only), which is not supported. "
+                             f"Supported: {SUPPORTED}.")
+    if os.path.isdir(os.path.join(path, "text_encoder_2")) or unet_cfg.get("addition_embed_type") == "text_time":
+        arch = "sdxl"
+    elif unet_cfg.get("cross_attention_dim") == 1024 or te_cfg.get("hidden_act") == "gelu":
+        arch = "sd2"  # OpenCLIP-H uses gelu, CLIP-L quick_gelu (also tells tiny SD2 models apart)
+    else:
+        arch = "sd1"
+    _check_flags(arch, v2, sdxl, path, "detected from its unet/text_encoder configs")
+    if v_param is None:
+        sched = os.path.join(path, "scheduler", "scheduler_config.json")
+        v_param = os.path.isfile(sched) and _read_json(sched).get("prediction_type") == "v_prediction"
+    te_classes = [CLIPTextModel] + ([CLIPTextModelWithProjection] if arch == "sdxl" else [])
+    model = StableDiffusionModel(
+        arch=arch,
+        v_parameterization=bool(v_param),
+        unet=_from_pretrained(UNet2DConditionModel, os.path.join(path, "unet"), allow_pickle),
+        vae=_from_pretrained(AutoencoderKL, os.path.join(path, "vae"), allow_pickle),
+        text_encoders=[_from_pretrained(cls, os.path.join(path, sub), allow_pickle)
+                       for cls, sub in zip(te_classes, ["text_encoder", "text_encoder_2"])],
+        tokenizers=_load_tokenizers(arch, path, tokenizer_path),
+        noise_scheduler=make_noise_scheduler(bool(v_param)),
+    )
+    model.configs = model_configs(model)
+    return model
+
+
+def load_vae(vae_path: str, vae_config: dict, allow_pickle: bool = False) -> AutoencoderKL:
+    """A replacement VAE: diffusers folder (or a model folder's vae/), or a single file (LDM keys with or without
+    `first_stage_model.`, or diffusers keys). A single file gets `vae_config` (the model's VAE architecture)."""
+    vae_path = os.fspath(vae_path)
+    if os.path.isdir(vae_path):
+        sub = vae_path if os.path.isfile(os.path.join(vae_path, "config.json")) else os.path.join(vae_path, "vae")
+        return _from_pretrained(AutoencoderKL, sub, allow_pickle)
+    sd, _ = read_state_dict(vae_path, allow_pickle, what="VAE")
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        vae = AutoencoderKL.from_config({k: v for k, v in vae_config.items() if not k.startswith("_")})
+    try:
+        converted = ldm_convert.vae_to_diffusers(sd, vae_config)
+    except Exception as e:
+        raise ModelLoadError(f"--vae {vae_path}: not an SD VAE checkpoint ({e}).") from e
+    return _assign(vae, converted, "VAE", vae_path)
+
+
+# ------------------------------------------------------------------------------------------------ tokenizers
+def _has_tokenizer(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, "tokenizer.json")) or (
+        os.path.isfile(os.path.join(folder, "vocab.json")) and os.path.isfile(os.path.join(folder, "merges.txt")))
+
+
+def _load_tokenizers(arch: str, model_dir: str | None, tokenizer_path: str | None) -> list:
+    """One tokenizer per text encoder: the model folder's, else --tokenizer_path's, else the bundled CLIP BPE.
+
+    A flat --tokenizer_path folder (or its tokenizer/ for SDXL's second slot) gets the pad token of the
+    slot's encoder, since that is a property of the model, not of the vocabulary."""
+    subs = ["tokenizer", "tokenizer_2"][: len(PAD_TOKENS[arch])]
+    out = []
+    for sub, pad in zip(subs, PAD_TOKENS[arch]):
+        cands = [(os.path.join(model_dir, sub), None)] if model_dir else []
+        if tokenizer_path:
+            cands += [(os.path.join(tokenizer_path, sub), None), (os.path.join(tokenizer_path, "tokenizer"), pad),
+                      (tokenizer_path, pad)]
+        found = next(((d, p) for d, p in cands if _has_tokenizer(d)), None)
+        if found is None:
+            if tokenizer_path:
+                raise ModelLoadError(f"--tokenizer_path {tokenizer_path}: no tokenizer files (tokenizer.json, or "
+                                     f"vocab.json + merges.txt) in it or in its {sub}/ subfolder.")
+            out.append(bundled_clip_tokenizer(pad_token=pad))
+            continue
+        d, p = found
+        try:
+            tok = CLIPTokenizer.from_pretrained(d, local_files_only=True, **({"pad_token": p} if p else {}))
+        except Exception as e:
+            raise ModelLoadError(f"cannot load the CLIP tokenizer from {d}: {e}") from e
+        if tok.model_max_length > 77:  # some folders omit it; SD prompts are 77-token windows
+            tok.model_max_length = 77
+        out.append(tok)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ saving
+def model_configs(model: StableDiffusionModel) -> dict:
+    """The architecture config dict (layout of library/configs/*.json) of the model's actual modules."""
+    ref = arch_config(model.arch)
+
+    def diffusers_cfg(m, cls_name):
+        return {"_class_name": cls_name, **{k: v for k, v in m.config.items() if not k.startswith("_")}}
+
+    def te_cfg(te, ref_te):
+        return {"architectures": [type(te).__name__],
+                **{k: getattr(te.config, k) for k in ref_te if k != "architectures"}}
+
+    cfg = {"arch": model.arch, "unet": diffusers_cfg(model.unet, "UNet2DConditionModel"),
+           "vae": diffusers_cfg(model.vae, "AutoencoderKL")}
+    for i, name in enumerate(["text_encoder", "text_encoder_2"][: len(model.text_encoders)]):
+        cfg[name] = te_cfg(model.text_encoders[i], ref[name])
+    cfg["scheduler"] = dict(ref["scheduler"], prediction_type="v_prediction" if model.v_parameterization else "epsilon")
+    return json.loads(json.dumps(cfg))  # plain lists/dicts only
+
+
+def _umask_mode(mode: int) -> int:
+    """The permissions a plain open()/mkdir would give; mkstemp/mkdtemp create private (0600/0700) entries."""
+    um = os.umask(0)
+    os.umask(um)
+    return mode & ~um
+
+
+def _refuse_existing(path: str, overwrite: bool) -> None:
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it.")
+
+
+def save_single_file(model: StableDiffusionModel, path, dtype=None, overwrite: bool = False) -> str:
+    """Write the model as one .safetensors in the LDM (SD1/SD2) / SGM (SDXL) layout that A1111 and ComfyUI load.
+
+    The header carries the architecture configs (so non-standard sizes load back) and the prediction type.
+    The write is atomic (library.safe_io); an existing file is refused unless `overwrite`."""
+    path = os.fspath(path)
+    check_writable(path, overwrite)  # fail before the (long) conversion
+    configs = model_configs(model)
+    sd = ldm_convert.to_ldm(model.arch, model.unet.state_dict(), model.vae.state_dict(),
+                            [te.state_dict() for te in model.text_encoders], configs)
+    out, seen = {}, set()
+    for k, v in sd.items():
+        v = v.detach().to("cpu")
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        v = v.contiguous()
+        if v.untyped_storage().data_ptr() in seen:  # safetensors refuses shared storage
+            v = v.clone()
+        seen.add(v.untyped_storage().data_ptr())
+        out[k] = v
+    metadata = {"format": "pt", CONFIGS_KEY: json.dumps(configs),
+                PREDICTION_KEY: "v" if model.v_parameterization else "epsilon"}
+    atomic_save_safetensors(out, path, metadata, overwrite=overwrite)
+    return path
+
+
+def _model_index(model: StableDiffusionModel) -> dict:
+    import diffusers
+
+    idx = {"_class_name": "StableDiffusionXLPipeline" if model.is_sdxl else "StableDiffusionPipeline",
+           "_diffusers_version": diffusers.__version__,
+           "scheduler": ["diffusers", type(model.noise_scheduler).__name__],
+           "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+           "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    if model.is_sdxl:
+        idx.update(force_zeros_for_empty_prompt=True,
+                   text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                   tokenizer_2=["transformers", "CLIPTokenizer"])
+    else:
+        idx.update(requires_safety_checker=False,
+                   safety_checker=[None, None], feature_extractor=[None, None])
+    return idx
+
+
+def save_diffusers(model: StableDiffusionModel, folder, overwrite: bool = False) -> str:
+    """Write a diffusers model folder that load_model and diffusers' pipelines read (local_files_only).
+
+    Built in a temp folder beside the target, then renamed into place. Tokenizers also get vocab.json +
+    merges.txt, so readers that use the slow CLIPTokenizer work too."""
+    folder = os.path.abspath(os.fspath(folder))
+    if os.path.isdir(folder) and not os.listdir(folder):
+        os.rmdir(folder)  # an empty folder is free to use
+    _refuse_existing(folder, overwrite)
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(folder) + ".tmp-")
+    os.chmod(tmp, _umask_mode(0o777))
+    try:
+        model.unet.save_pretrained(os.path.join(tmp, "unet"))
+        model.vae.save_pretrained(os.path.join(tmp, "vae"))
+        for te, sub in zip(model.text_encoders, ["text_encoder", "text_encoder_2"]):
+            te.save_pretrained(os.path.join(tmp, sub))
+        for tok, sub in zip(model.tokenizers, ["tokenizer", "tokenizer_2"]):
+            tok.save_pretrained(os.path.join(tmp, sub))
+            backend = getattr(tok, "backend_tokenizer", None)
+            if backend is not None and not os.path.exists(os.path.join(tmp, sub, "vocab.json")):
+                backend.model.save(os.path.join(tmp, sub))
+        # steps_offset=1 as in real SD folders (inference only; pipelines warn on 0)
+        type(model.noise_scheduler).from_config({**model.noise_scheduler.config, "steps_offset": 1}).save_pretrained(
+            os.path.join(tmp, "scheduler"))
+        with open(os.path.join(tmp, "model_index.json"), "w", encoding="utf-8") as f:
+            json.dump(_model_index(model), f, indent=2)
+        old = None
+        if os.path.lexists(folder):
+            old = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(folder) + ".old-")
+            os.replace(folder, os.path.join(old, "x"))
+        os.replace(tmp, folder)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
