@@ -45,7 +45,8 @@ def training_step(args, ctx, batch):
         pred = unet_forward(model, noisy_latents.to(weight_dtype), timesteps, cond, time_ids)
     target = train_util.get_target(model.noise_scheduler, latents, noise, timesteps)
 
-    loss = train_util.per_sample_loss(pred.float(), target.float(), args.loss_type, args.huber_c)
+    huber_c = train_util.get_huber_c(args, timesteps, model.noise_scheduler)
+    loss = train_util.per_sample_loss(pred.float(), target.float(), args.loss_type, huber_c)
     loss = loss * batch["loss_weights"].to(device)
     loss = train_util.post_process_loss(loss, args, timesteps, model.noise_scheduler)
     return loss.mean(), {}
@@ -157,8 +158,16 @@ def train(args):
     model = load_model(args.pretrained_model_name_or_path, v2=args.v2, v_parameterization=args.v_parameterization,
                        sdxl=args.sdxl, tokenizer_path=args.tokenizer_path, vae_path=args.vae,
                        allow_pickle=args.allow_pickle_checkpoint)
+    train_util.check_noise_and_loss_args(args, model.v_parameterization)
+    if args.zero_terminal_snr:
+        train_util.fix_noise_scheduler_betas_for_zero_terminal_snr(model.noise_scheduler)
     user_config = config_util.load_dataset_config(args.dataset_config) if args.dataset_config else None
-    blueprints = config_util.generate_blueprint(user_config, args, is_sdxl=model.is_sdxl)
+    blueprints = config_util.generate_blueprint(user_config, args, config_path=args.dataset_config, is_sdxl=model.is_sdxl)
+    sample_prompts = None
+    if args.sample_prompts:  # parse now: a bad prompt file should fail before training, not at the first sample
+        from library.sampling import parse_prompt_file
+
+        sample_prompts = parse_prompt_file(args.sample_prompts, default_size=1024 if model.is_sdxl else 512)
     data = dataset_lib.build_dataset_group(blueprints, is_sdxl=model.is_sdxl, seed=args.seed,
                                            prior_loss_weight=args.prior_loss_weight)
 
@@ -223,21 +232,23 @@ def train(args):
     def save(name, step, epoch):
         path = os.path.join(args.output_dir, name)
         md = metadata_lib.update_on_save(metadata, steps=step, epoch=epoch)
-        network.save_weights(path, save_dtype, md if not args.no_metadata else metadata_lib.minimal(md), overwrite=args.overwrite)
+        md = metadata_lib.minimal(md) if args.no_metadata else md
+        md.update(metadata_lib.modelspec(args, model))
+        network.save_weights(path, save_dtype, md, overwrite=args.overwrite)
         accelerator.print(f"saved {path}")
 
     def maybe_sample(step, epoch, at_epoch_end=False):
-        if not args.sample_prompts or not is_main:
+        if not sample_prompts or not is_main:
             return
         due = (step == 0 and args.sample_at_first) or (
             (args.sample_every_n_epochs and at_epoch_end and epoch % args.sample_every_n_epochs == 0)
             or (not args.sample_every_n_epochs and args.sample_every_n_steps and not at_epoch_end
                 and step % args.sample_every_n_steps == 0))
         if due:
-            from library.sampling import parse_prompt_file, sample_images
+            from library.sampling import sample_images
 
             model.vae.to(device, vae_dtype)
-            sample_images(model, parse_prompt_file(args.sample_prompts), output_dir=args.output_dir,
+            sample_images(model, sample_prompts, output_dir=args.output_dir, extra_modules=[network],
                           output_name=args.output_name, epoch=epoch if at_epoch_end else None,
                           step=None if at_epoch_end else step, device=device, clip_skip=args.clip_skip,
                           max_token_length=args.max_token_length, sampler=args.sample_sampler, dtype=weight_dtype)
@@ -303,22 +314,22 @@ def train(args):
 def main(argv=None) -> int:
     from library.config_util import ConfigError
     from library.model_util import ModelLoadError
-    from library.train_util import TrainingSetupError, read_config_file, write_config_file
+    from library.sampling import SamplingError
+    from library.train_util import TrainingSetupError, parse_args_with_config, write_config_file
     from networks.lora import LoRAWeightsError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = setup_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parse_args_with_config(parser, argv)
         if args.output_config:
             if not args.config_file:
                 raise TrainingSetupError("--output_config needs --config_file PATH to write to")
-            write_config_file(args, parser, args.config_file)
+            write_config_file(args, parser, args.config_file, overwrite=args.overwrite)
             print(f"wrote {args.config_file}")
             return 0
-        args = read_config_file(args, parser, argv)
         train(args)
-    except (ConfigError, ModelLoadError, LoRAWeightsError, TrainingSetupError, FileExistsError) as e:
+    except (ConfigError, ModelLoadError, LoRAWeightsError, TrainingSetupError, SamplingError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

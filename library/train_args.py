@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from library.train_util import int_or_float
+
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("base model")
@@ -98,7 +100,10 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--v_pred_like_loss", type=float, default=None)
     g.add_argument("--debiased_estimation_loss", action="store_true")
     g.add_argument("--loss_type", type=str, default="l2", choices=["l1", "l2", "huber", "smooth_l1"])
+    g.add_argument("--huber_schedule", type=str, default="snr", choices=["constant", "exponential", "snr"])
     g.add_argument("--huber_c", type=float, default=0.1)
+    g.add_argument("--huber_scale", type=float, default=1.0)
+    g.add_argument("--zero_terminal_snr", action="store_true", help="rescale the noise schedule to zero terminal SNR")
 
 
 def _optimizer_args(p: argparse.ArgumentParser) -> None:
@@ -111,7 +116,7 @@ def _optimizer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text_encoder_lr", type=float, default=None)
     g.add_argument("--lr_scheduler", type=str, default="constant",
                    help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial")
-    g.add_argument("--lr_warmup_steps", type=str, default="0", help='steps, a ratio < 1 of the total, or "N%%"')
+    g.add_argument("--lr_warmup_steps", type=int_or_float, default=0, help='steps, a ratio < 1 of the total, or "N%%"')
     g.add_argument("--lr_scheduler_num_cycles", type=int, default=1)
     g.add_argument("--lr_scheduler_power", type=float, default=1.0)
 
