@@ -1,0 +1,177 @@
+"""Atomic file writes, the overwrite guard, and the hashes sd-scripts writes into LoRA metadata.
+
+* `atomic_save_safetensors` / `atomic_write_bytes`: write to a temporary file in the destination folder, fsync it,
+  then move it into place, so a crash or a full disk never leaves a truncated file under the final name. An existing
+  file is refused unless `overwrite=True` (`FileExistsError` naming the path and the `--overwrite` flag).
+* `safetensors_hashes`: `sshs_model_hash` / `sshs_legacy_hash` exactly as sd-scripts'
+  `train_util.precalculate_safetensors_hashes` (KOHYA_COMPAT §2.2).
+* `model_hashes`: `ss_sd_model_hash` (old A1111 hash) and `ss_new_sd_model_hash` (full sha256) of a base model file.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+
+import safetensors.torch
+
+_BLOCK = 1024 * 1024
+
+
+def check_writable(path, overwrite: bool = False, flag_hint: str = "--overwrite") -> None:
+    """Raise if `path` cannot be written: `FileExistsError` if it exists and `overwrite` is false (the message names
+    the path and says to pass `flag_hint`), `IsADirectoryError` if it is a folder, `PermissionError` if its folder
+    (or the nearest existing parent, when the folder will be created) is not writable."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory; give a file path to write to")
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(
+            f"{path} already exists; refusing to overwrite it. Pass {flag_hint} to replace it, "
+            "or choose another output name/folder."
+        )
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        up = os.path.dirname(parent)
+        if up == parent:
+            break
+        parent = up
+    if not os.path.isdir(parent):
+        raise NotADirectoryError(f"cannot write {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {path}: folder {parent} is not writable")
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _commit(tmp: str, path: str, overwrite: bool) -> None:
+    """Move the finished temp file onto `path`. Without `overwrite`, a hard link makes the "does not exist yet" check
+    and the rename one atomic step (a file created meanwhile is still refused); filesystems without hard links fall
+    back to a check followed by `os.replace`."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        check_writable(path, overwrite=False)  # raises with the user-facing message
+        raise
+    except OSError:
+        check_writable(path, overwrite=False)
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def _atomic_write(path, overwrite: bool, write_fn) -> None:
+    path = os.fspath(path)
+    check_writable(path, overwrite)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb+") as f:
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        _commit(tmp, path, overwrite)
+        _fsync_dir(folder)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path, data: bytes, overwrite: bool = False) -> None:
+    """Write `data` to `path` atomically (temp file in the same folder, fsync, rename). Creates the folder."""
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    _atomic_write(path, overwrite, write)
+
+
+def _str_metadata(metadata) -> dict:
+    return {str(k): str(v) for k, v in (metadata or {}).items()}
+
+
+def atomic_save_safetensors(tensors: dict, path, metadata: dict | None = None, overwrite: bool = False) -> None:
+    """`safetensors.torch.save_file(tensors, path, metadata)` done atomically; metadata values are `str()`-ed
+    (sd-scripts does the same, so None becomes "None"). Tensors are made contiguous and moved to CPU."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    md = _str_metadata(metadata)
+    _atomic_write(path, overwrite, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=md or None))
+
+
+def _hash_after_header(b: io.BytesIO) -> str:
+    h = hashlib.sha256()
+    b.seek(0)
+    n = int.from_bytes(b.read(8), "little")
+    b.seek(8 + n)
+    for chunk in iter(lambda: b.read(_BLOCK), b""):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _legacy_hash(b) -> str:
+    h = hashlib.sha256()
+    b.seek(0x100000)
+    h.update(b.read(0x10000))
+    return h.hexdigest()[0:8]
+
+
+def safetensors_hashes(tensors: dict, metadata: dict | None) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) as sd-scripts computes them before saving: keep only the `ss_*` metadata,
+    serialise with `safetensors.torch.save`; model hash = sha256 of every byte after the header (the "addnet hash",
+    independent of the metadata); legacy = first 8 hex of sha256(buf[0x100000:0x110000])."""
+    md = {k: v for k, v in _str_metadata(metadata).items() if k.startswith("ss_")}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    b = io.BytesIO(safetensors.torch.save(tensors, md or None))
+    return _hash_after_header(b), _legacy_hash(b)
+
+
+def addnet_hash_file(path) -> str:
+    """sha256 of a .safetensors file's bytes after its header (equals the file's `sshs_model_hash`)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        f.seek(8 + n)
+        for chunk in iter(lambda: f.read(_BLOCK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_hashes(path) -> tuple[str | None, str | None]:
+    """(ss_sd_model_hash, ss_new_sd_model_hash) of a base-model file: the old A1111 hash (first 8 hex of sha256 of the
+    64 KiB at offset 1 MiB) and the full-file sha256. (None, None) when `path` is not a file (a diffusers folder or a
+    hub id): the caller then leaves both keys out, which sd-scripts' readers tolerate."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        return None, None
+    full = hashlib.sha256()
+    with open(path, "rb") as f:
+        old = _legacy_hash(f)
+        f.seek(0)
+        for chunk in iter(lambda: f.read(_BLOCK), b""):
+            full.update(chunk)
+    return old, full.hexdigest()

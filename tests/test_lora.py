@@ -1,0 +1,500 @@
+"""networks/lora.py and library/safe_io.py on tiny models: forward math, multiplier 0, save/load, errors, options."""
+import argparse
+import hashlib
+import io
+import logging
+import math
+import os
+
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+from library import safe_io
+from library.model_util import arch_config, build_from_config
+from library.tiny_models import build_tiny_model
+from networks.lora import LoRAModule, LoRANetwork, LoRAWeightsError, create_network, parse_network_args
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny convolutions: one thread is several times faster than two when the CPU is shared (OpenMP spin-waits)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def randomize(net, seed=1, std=0.1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def unet_inputs(model, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u = model.unet.config
+    x = torch.randn(batch, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 700][:batch])
+    ctx = torch.randn(batch, 77, u.cross_attention_dim, generator=g)
+    kw = {}
+    if model.is_sdxl:
+        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, model.text_encoders[1].config.projection_dim,
+                                                               generator=g),
+                                   "time_ids": torch.randn(batch, 6, generator=g)}
+    return (x, t, ctx), kw
+
+
+def te_outputs(model, ids):
+    return [te(ids, output_hidden_states=True).hidden_states[-1] for te in model.text_encoders]
+
+
+def args(**kw):
+    base = dict(network_dim=None, network_alpha=None, network_dropout=None, network_args=None,
+                network_train_unet_only=False)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    return build_tiny_model("sd1")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# module math
+
+
+def _patched(org, **kw):
+    lora = LoRAModule("x", org, **kw)
+    randomize(lora, seed=3, std=0.2)
+    lora.apply_to()
+    return lora
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1x1", "conv3x3"])
+def test_forward_equals_hand_computed_and_delta_weight(kind):
+    torch.manual_seed(0)
+    rank, alpha, mult = 4, 2.0, 0.7
+    if kind == "linear":
+        org, x = nn.Linear(12, 10), torch.randn(3, 5, 12)
+    elif kind == "conv1x1":
+        org, x = nn.Conv2d(6, 5, 1), torch.randn(2, 6, 7, 7)
+    else:
+        org, x = nn.Conv2d(6, 5, 3, stride=2, padding=1), torch.randn(2, 6, 9, 9)
+    with torch.no_grad():
+        expected_base = org(x)
+    lora = _patched(org, lora_dim=rank, alpha=alpha, multiplier=mult)
+    down, up, scale = lora.lora_down.weight, lora.lora_up.weight, alpha / rank
+    assert lora.scale == scale
+
+    with torch.no_grad():
+        y = org(x)
+        if kind == "linear":
+            hand = x @ org.weight.T + org.bias + mult * scale * (x @ down.T @ up.T)
+        elif kind == "conv1x1":
+            hand = expected_base + mult * scale * torch.einsum("or,ri,bihw->bohw", up[:, :, 0, 0], down[:, :, 0, 0], x)
+        else:
+            # down keeps kernel/stride/padding, up is 1x1
+            assert lora.lora_down.kernel_size == (3, 3) and lora.lora_down.stride == (2, 2)
+            assert lora.lora_down.padding == (1, 1) and lora.lora_up.kernel_size == (1, 1)
+            mid = nn.functional.conv2d(x, down, stride=2, padding=1)
+            hand = expected_base + mult * scale * nn.functional.conv2d(mid, up)
+        torch.testing.assert_close(y, hand, atol=1e-5, rtol=1e-5)
+
+        # KOHYA_COMPAT §1.1: W + ΔW gives the same output (what ComfyUI/A1111 merge)
+        dw = lora.delta_weight()
+        assert dw.shape == org.weight.shape
+        if kind == "conv3x3":  # ComfyUI's formula
+            comfy = (up.flatten(1) @ down.flatten(1)).reshape(org.weight.shape) * mult * scale
+            torch.testing.assert_close(dw, comfy, atol=1e-6, rtol=1e-5)
+        w = org.weight + dw
+        merged = nn.functional.linear(x, w, org.bias) if kind == "linear" else nn.functional.conv2d(
+            x, w, org.bias, stride=org.stride, padding=org.padding)
+        torch.testing.assert_close(y, merged, atol=1e-5, rtol=1e-4)
+
+
+def test_init_alpha_and_restore():
+    org = nn.Linear(8, 6)
+    for a in (0, None):
+        m = LoRAModule("m", org, lora_dim=4, alpha=a)
+        assert m.scale == 1.0 and m.alpha.item() == 4.0 and m.alpha.dtype == torch.float32 and m.alpha.dim() == 0
+    m = LoRAModule("m", org, lora_dim=4, alpha=1)
+    assert m.scale == 0.25
+    assert torch.count_nonzero(m.lora_up.weight) == 0 and torch.count_nonzero(m.lora_down.weight) > 0
+    bound = 1 / math.sqrt(8)  # kaiming_uniform_(a=sqrt(5)) on fan_in 8
+    assert m.lora_down.weight.abs().max() <= bound + 1e-6
+    assert set(m.state_dict()) == {"alpha", "lora_down.weight", "lora_up.weight"}  # the org module is not in it
+    m.apply_to()
+    assert "forward" in org.__dict__
+    with pytest.raises(RuntimeError):
+        m.apply_to()
+    m.restore()
+    assert "forward" not in org.__dict__
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# multiplier
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_multiplier_zero_is_bit_exact_base(arch):
+    base = build_tiny_model(arch, seed=0)
+    model = build_tiny_model(arch, seed=0)
+    net = LoRANetwork(model, lora_dim=4, alpha=4, conv_lora_dim=2)
+    randomize(net)  # nonzero lora_up everywhere
+    net.apply_to()
+    (x, t, ctx), kw = unet_inputs(model)
+    ids = torch.randint(0, 49407, (2, 77), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref_unet = base.unet(x, t, ctx, **kw).sample
+        ref_te = te_outputs(base, ids)
+        lora_unet = model.unet(x, t, ctx, **kw).sample
+        assert not torch.allclose(lora_unet, ref_unet)
+        with net.multiplier_override(0.0):
+            assert torch.equal(model.unet(x, t, ctx, **kw).sample, ref_unet)
+            for a, b in zip(te_outputs(model, ids), ref_te):
+                assert torch.equal(a, b)
+        assert all(m.multiplier == 1.0 for m in net.loras)
+        assert torch.equal(model.unet(x, t, ctx, **kw).sample, lora_unet)
+        net.set_multiplier(0)
+        assert torch.equal(model.unet(x, t, ctx, **kw).sample, ref_unet)
+        net.set_multiplier(1.0)
+        net.restore()
+        assert torch.equal(model.unet(x, t, ctx, **kw).sample, ref_unet)
+
+
+def test_multiplier_override_restores_on_exception(sd1):
+    net = LoRANetwork(sd1)
+    with pytest.raises(ValueError):
+        with net.multiplier_override(0.0):
+            raise ValueError
+    assert net.multiplier == 1.0 and all(m.multiplier == 1.0 for m in net.loras)
+
+
+def test_gradients_reach_lora_only():
+    model = build_tiny_model("sd1")
+    net = LoRANetwork(model, lora_dim=2)
+    net.apply_to()
+    net.prepare_optimizer_params(1e-4, 1e-4, 1e-4)
+    (x, t, ctx), kw = unet_inputs(model)
+    model.unet(x, t, ctx).sample.square().mean().backward()
+    ups = [m.lora_up.weight.grad for m in net.unet_loras]
+    assert all(g is not None for g in ups) and any(g.abs().sum() > 0 for g in ups)
+    assert all(p.grad is None for p in model.unet.parameters())
+    net.restore()
+
+
+def test_dropouts_only_in_training():
+    torch.manual_seed(0)
+    org = nn.Linear(16, 16)
+    x = torch.randn(4, 3, 16)
+    for kw in ({"dropout": 0.5}, {"rank_dropout": 0.5}, {"module_dropout": 0.5}):
+        lora = _patched(org, lora_dim=8, alpha=8, **kw)
+        lora.eval()
+        a, b = org(x), org(x)
+        assert torch.equal(a, b)
+        lora.train()
+        outs = [org(x) for _ in range(8)]
+        assert any(not torch.equal(outs[0], o) for o in outs[1:])
+        lora.restore()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# save / load
+
+
+def _file_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_save_load_round_trip(sd1, tmp_path):
+    net = LoRANetwork(sd1, lora_dim=4, alpha=2.0, conv_lora_dim=2, conv_alpha=1.0)
+    randomize(net)
+    path = str(tmp_path / "lora.safetensors")
+    md = {"ss_network_dim": 4, "ss_network_alpha": 2.0, "ss_training_comment": None, "modelspec.title": "t"}
+    written = net.save_weights(path, None, md)
+
+    with safetensors.safe_open(path, "pt") as f:
+        meta = f.metadata()
+        keys = set(f.keys())
+        tensors = {k: f.get_tensor(k) for k in keys}
+    assert keys == set(net.state_dict())
+    assert meta == written
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
+    assert meta["ss_training_comment"] == "None" and meta["ss_network_alpha"] == "2.0"
+    for k, v in tensors.items():
+        if k.endswith(".alpha"):
+            assert v.dim() == 0 and v.dtype == torch.float32
+    assert tensors["lora_unet_down_blocks_0_resnets_0_conv1.alpha"].item() == 1.0
+    assert tensors["lora_unet_down_blocks_0_attentions_0_proj_in.alpha"].item() == 2.0
+
+    # sshs_model_hash = sha256 of the bytes after the header, recomputed from the file
+    raw = _file_bytes(path)
+    n = int.from_bytes(raw[:8], "little")
+    assert meta["sshs_model_hash"] == hashlib.sha256(raw[8 + n:]).hexdigest()
+    assert meta["sshs_model_hash"] == safe_io.addnet_hash_file(path)
+    ss_only = {k: v for k, v in meta.items() if k.startswith("ss_")}
+    buf = safetensors.torch.save(tensors, ss_only)
+    assert meta["sshs_legacy_hash"] == hashlib.sha256(buf[0x100000:0x110000]).hexdigest()[:8]
+
+    # load into a fresh network
+    other = LoRANetwork(build_tiny_model("sd1"), lora_dim=4, alpha=2.0, conv_lora_dim=2, conv_alpha=1.0)
+    info = other.load_weights(path)
+    assert not info["missing"] and not info["ignored"]
+    for (k, a), (k2, b) in zip(sorted(net.state_dict().items()), sorted(other.state_dict().items())):
+        assert k == k2 and torch.equal(a, b), k
+    assert not [f for f in os.listdir(tmp_path) if f != "lora.safetensors"]  # no temp files left
+
+
+@pytest.mark.parametrize("dtype,expected", [(torch.float16, torch.float16), ("bf16", torch.bfloat16),
+                                            ("float", torch.float32)])
+def test_save_dtype_alpha_is_float_in_save_dtype(sd1, tmp_path, dtype, expected):
+    net = LoRANetwork(sd1, lora_dim=4, alpha=1)  # int alpha (argparse default) must still be saved as float
+    path = tmp_path / "x.safetensors"
+    net.save_weights(path, dtype, None)
+    sd = safetensors.torch.load_file(str(path))
+    assert {v.dtype for v in sd.values()} == {expected}
+    assert all(v.dim() == 0 and v.item() == 1.0 for k, v in sd.items() if k.endswith(".alpha"))
+
+
+def test_overwrite_refused_and_file_untouched(sd1, tmp_path):
+    net = LoRANetwork(sd1, lora_dim=2)
+    path = tmp_path / "out.safetensors"
+    path.write_bytes(b"precious")
+    with pytest.raises(FileExistsError) as e:
+        net.save_weights(str(path), None, {})
+    assert str(path) in str(e.value) and "--overwrite" in str(e.value)
+    assert path.read_bytes() == b"precious"
+    assert os.listdir(tmp_path) == ["out.safetensors"]
+    net.save_weights(str(path), None, {}, overwrite=True)
+    assert safetensors.torch.load_file(str(path)).keys() == net.state_dict().keys()
+
+
+def test_safe_io_helpers(tmp_path):
+    p = tmp_path / "sub" / "a.bin"
+    safe_io.atomic_write_bytes(p, b"one")
+    assert p.read_bytes() == b"one"
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        safe_io.atomic_write_bytes(p, b"two")
+    safe_io.atomic_write_bytes(p, b"two", overwrite=True)
+    assert p.read_bytes() == b"two"
+    with pytest.raises(FileExistsError, match="--force"):
+        safe_io.check_writable(p, False, "--force")
+    safe_io.check_writable(p, True)
+    safe_io.check_writable(tmp_path / "new" / "deeper" / "x", False)
+
+    # hashes on a tensor big enough for the legacy window (1 MiB .. 1 MiB + 64 KiB)
+    t = {"w": torch.arange(400_000, dtype=torch.float32)}
+    md = {"ss_a": "1", "other": "x"}
+    model_hash, legacy = safe_io.safetensors_hashes(t, md)
+    f = tmp_path / "t.safetensors"
+    safe_io.atomic_save_safetensors(t, f, {"ss_a": "1"})
+    raw = f.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    assert model_hash == hashlib.sha256(raw[8 + n:]).hexdigest()
+    assert legacy == hashlib.sha256(raw[0x100000:0x110000]).hexdigest()[:8]  # same ss_* header as this file
+    assert legacy != hashlib.sha256(b"").hexdigest()[:8]
+
+    old, new = safe_io.model_hashes(f)
+    assert old == hashlib.sha256(raw[0x100000:0x110000]).hexdigest()[:8]
+    assert new == hashlib.sha256(raw).hexdigest()
+    assert safe_io.model_hashes(tmp_path) == (None, None)
+
+
+def _save(net, path, **kw):
+    net.save_weights(str(path), None, {}, **kw)
+    return str(path)
+
+
+def test_load_sdxl_lora_into_sd1_network(sd1, tmp_path):
+    xl = LoRANetwork(build_tiny_model("sdxl"), lora_dim=4)
+    path = _save(xl, tmp_path / "xl.safetensors")
+    with pytest.raises(LoRAWeightsError) as e:
+        LoRANetwork(sd1, lora_dim=4).load_weights(path)
+    msg = str(e.value)
+    assert path in msg and "SDXL" in msg and "SD1.x" in msg and "--sdxl" in msg
+
+
+def test_load_rank_mismatch(sd1, tmp_path):
+    path = _save(LoRANetwork(sd1, lora_dim=8), tmp_path / "r8.safetensors")
+    with pytest.raises(LoRAWeightsError) as e:
+        LoRANetwork(sd1, lora_dim=4).load_weights(path)
+    msg = str(e.value)
+    assert path in msg and "rank 8" in msg and "--network_dim 8" in msg
+
+    c3 = _save(LoRANetwork(sd1, lora_dim=4, conv_lora_dim=8), tmp_path / "c3.safetensors")
+    with pytest.raises(LoRAWeightsError, match="conv_dim=8"):
+        LoRANetwork(sd1, lora_dim=4, conv_lora_dim=2).load_weights(c3)
+    with pytest.raises(LoRAWeightsError, match=r"C3Lier.*--network_args conv_dim=8 conv_alpha=1"):
+        LoRANetwork(sd1, lora_dim=4).load_weights(c3)
+
+
+def _meta_model(arch):
+    with torch.device("meta"):
+        return build_from_config(arch_config(arch), tokenizers=[])
+
+
+def test_load_other_architecture_same_names(tmp_path):
+    # full-size SD2 and SD1 share every module name (the tiny models also share the widths): only shapes differ.
+    # The LoRA tensors are real CPU tensors (rank 1) around weightless (meta) base models.
+    sd1, sd2 = _meta_model("sd1"), _meta_model("sd2")
+    path = _save(LoRANetwork(sd2, lora_dim=1), tmp_path / "sd2.safetensors")
+    with pytest.raises(LoRAWeightsError) as e:  # SD2's text encoder has 23 layers, SD1's 12
+        LoRANetwork(sd1, lora_dim=1).load_weights(path)
+    msg = str(e.value)
+    assert "do not exist in this SD1.x model" in msg and "made for SD2.x" in msg and path in msg
+    path = _save(LoRANetwork(sd2, lora_dim=1, train_text_encoder=False), tmp_path / "sd2_unet.safetensors")
+    with pytest.raises(LoRAWeightsError) as e:
+        LoRANetwork(sd1, lora_dim=1, train_text_encoder=False).load_weights(path)
+    msg = str(e.value)
+    assert "shape mismatch" in msg and "made for SD2.x" in msg and path in msg
+    print(msg)
+
+
+def test_load_unet_only_file_into_network_with_te(sd1, tmp_path, caplog):
+    src = LoRANetwork(sd1, lora_dim=4, train_text_encoder=False)
+    randomize(src)
+    path = _save(src, tmp_path / "unet_only.safetensors")
+    dst = LoRANetwork(build_tiny_model("sd1"), lora_dim=4)
+    with caplog.at_level(logging.WARNING, logger="networks.lora"):
+        info = dst.load_weights(path)
+    assert "text-encoder" in caplog.text and path in caplog.text
+    assert len(info["missing"]) == len(dst.text_encoder_loras)
+    for m in dst.unet_loras:
+        assert torch.equal(m.lora_up.weight, src.get_submodule(m.lora_name).lora_up.weight)
+    assert all(torch.count_nonzero(m.lora_up.weight) == 0 for m in dst.text_encoder_loras)
+
+    # and the other way round: TE keys are ignored (with a warning) by a UNet-only network
+    full = _save(LoRANetwork(sd1, lora_dim=4), tmp_path / "full.safetensors")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="networks.lora"):
+        info = LoRANetwork(sd1, lora_dim=4, train_text_encoder=False).load_weights(full)
+    assert info["ignored"] and "ignored" in caplog.text
+
+
+def test_load_missing_alpha_and_file_alpha(sd1, tmp_path):
+    src = LoRANetwork(sd1, lora_dim=4, alpha=2.0)
+    randomize(src)
+    sd = src.kohya_state_dict()
+    no_alpha = {k: v for k, v in sd.items() if not k.endswith(".alpha")}
+    p = tmp_path / "noalpha.safetensors"
+    safetensors.torch.save_file(no_alpha, str(p))
+    dst = LoRANetwork(build_tiny_model("sd1"), lora_dim=4, alpha=2.0)
+    dst.load_weights(str(p))
+    assert all(m.alpha.item() == 4.0 and m.scale == 1.0 for m in dst.loras)
+
+    p2 = _save(src, tmp_path / "a2.safetensors")
+    dst = LoRANetwork(build_tiny_model("sd1"), lora_dim=4, alpha=1.0)
+    dst.load_weights(p2)  # sd-scripts: the file's alpha wins
+    assert all(m.scale == 0.5 for m in dst.loras)
+
+
+def test_load_rejects_non_kohya_files(sd1, tmp_path):
+    net = LoRANetwork(sd1, lora_dim=4)
+    ckpt = tmp_path / "x.ckpt"
+    ckpt.write_bytes(b"x")
+    with pytest.raises(LoRAWeightsError, match="only .safetensors"):
+        net.load_weights(str(ckpt))
+    with pytest.raises(LoRAWeightsError, match="not found"):
+        net.load_weights(str(tmp_path / "nope.safetensors"))
+    sd = net.kohya_state_dict()
+    name = net.unet_loras[0].lora_name
+    sd[f"{name}.lora_mid.weight"] = torch.zeros(1)
+    p = tmp_path / "lyco.safetensors"
+    safetensors.torch.save_file(sd, str(p))
+    with pytest.raises(LoRAWeightsError, match="LyCORIS"):
+        net.load_weights(str(p))
+    p = tmp_path / "peft.safetensors"
+    safetensors.torch.save_file({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(1)}, str(p))
+    with pytest.raises(LoRAWeightsError, match="diffusers/PEFT"):
+        net.load_weights(str(p))
+
+
+def test_save_then_load_round_trip_with_fp16_file(sd1, tmp_path):
+    src = LoRANetwork(sd1, lora_dim=4)
+    randomize(src)
+    path = str(tmp_path / "h.safetensors")
+    src.save_weights(path, torch.float16, {})
+    dst = LoRANetwork(build_tiny_model("sd1"), lora_dim=4)
+    dst.load_weights(path)
+    for a, b in zip(src.parameters(), dst.parameters()):
+        torch.testing.assert_close(a.half().float(), b)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# create_network / optimiser groups
+
+
+def test_create_network_from_args(sd1):
+    net = create_network(sd1, args())
+    assert net.lora_dim == 4 and net.alpha == 1.0 and net.conv_lora_dim is None
+    assert net.unet_loras[0].scale == 0.25
+
+    net = create_network(sd1, args(network_dim=8, network_alpha=8, network_args=["conv_dim=4"]))
+    conv = [m for m in net.unet_loras if m.is_conv3x3]
+    assert conv and all(m.lora_dim == 4 and m.scale == 0.25 for m in conv)  # conv_alpha defaults to 1.0
+    assert all(m.lora_dim == 8 and m.scale == 1.0 for m in net.unet_loras if not m.is_conv3x3)
+    assert net.network_args == {"conv_dim": "4"}
+
+    net = create_network(sd1, args(network_args=["conv_dim=4", "conv_alpha=2", "rank_dropout=0.1",
+                                                 "module_dropout=0.2"], network_dropout=0.1))
+    m = net.unet_loras[0]
+    assert (m.dropout, m.rank_dropout, m.module_dropout) == (0.1, 0.1, 0.2)
+    assert {x.scale for x in net.unet_loras if x.is_conv3x3} == {0.5}
+
+    with pytest.raises(LoRAWeightsError, match="'conv_dimm'"):
+        create_network(sd1, args(network_args=["conv_dimm=4"]))
+    with pytest.raises(LoRAWeightsError, match="key=value"):
+        create_network(sd1, args(network_args=["conv_dim"]))
+    with pytest.raises(LoRAWeightsError, match="conv_dim"):
+        parse_network_args(["conv_dim=abc"])
+
+
+def test_network_train_unet_only_drops_te_keys(sd1, tmp_path):
+    net = create_network(sd1, args(network_train_unet_only=True))
+    assert not net.text_encoder_loras
+    assert not [k for k in net.state_dict() if k.startswith("lora_te")]
+    path = _save(net, tmp_path / "u.safetensors")
+    assert not [k for k in safetensors.torch.load_file(path) if k.startswith("lora_te")]
+    assert [g["name"] for g in net.prepare_optimizer_params(1e-5, 1e-4, 1e-3)] == ["unet"]
+
+
+def test_optimizer_param_groups(sd1):
+    net = LoRANetwork(sd1, lora_dim=2)
+    te_params = {id(p) for m in net.text_encoder_loras for p in m.parameters()}
+    unet_params = {id(p) for m in net.unet_loras for p in m.parameters()}
+
+    groups = net.prepare_optimizer_params(5e-6, 5e-5, 1e-3)
+    assert [(g["name"], g["lr"]) for g in groups] == [("textencoder", 5e-6), ("unet", 5e-5)]
+    assert {id(p) for p in groups[0]["params"]} == te_params
+    assert {id(p) for p in groups[1]["params"]} == unet_params
+    torch.optim.AdamW(groups)  # valid torch param groups
+
+    groups = net.prepare_optimizer_params(None, None, 1e-3)
+    assert [g["lr"] for g in groups] == [1e-3, 1e-3]
+    groups = net.prepare_optimizer_params(0, 1e-4, 1e-3)  # lr 0: the text encoder group is dropped
+    assert [g["name"] for g in groups] == ["unet"]
+    assert all(not p.requires_grad for m in net.text_encoder_loras for p in m.parameters())
+
+    xl = LoRANetwork(build_tiny_model("sdxl"), lora_dim=2)
+    groups = xl.prepare_optimizer_params([1e-5, 2e-5], 1e-4, 1e-3)
+    assert [(g["name"], g["lr"]) for g in groups] == [("textencoder1", 1e-5), ("textencoder2", 2e-5), ("unet", 1e-4)]
+    n1 = sum(m.lora_name.startswith("lora_te1_") for m in xl.text_encoder_loras)
+    assert len(groups[0]["params"]) == 2 * n1
+    groups = xl.prepare_optimizer_params(1e-5, 1e-4, 1e-3)
+    assert [g["name"] for g in groups] == ["textencoder", "unet"]
+
+
+def test_network_state_dict_is_only_lora(sd1):
+    net = LoRANetwork(sd1, lora_dim=2)
+    assert all(k.startswith(("lora_unet_", "lora_te_")) and k.endswith(("lora_down.weight", "lora_up.weight",
+                                                                         ".alpha")) for k in net.state_dict())
+    n_params = sum(p.numel() for p in net.parameters())
+    assert n_params == sum(m.lora_down.weight.numel() + m.lora_up.weight.numel() for m in net.loras)
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)  # picklable / plain tensors
