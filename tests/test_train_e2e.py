@@ -1,0 +1,192 @@
+"""End to end: train_apt_lora.py on tiny models, and the LoRA it writes loaded back by diffusers."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+import train_apt_lora
+from library.tiny_models import write_tiny_model
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (80, 72, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for arch in ("sd1", "sdxl"):
+        out[arch] = str(root / arch)
+        write_tiny_model(arch, out[arch])
+    out["sd1_single"] = str(root / "sd1.safetensors")
+    write_tiny_model("sd1", out["sd1_single"], single_file=True)
+    return out
+
+
+def _dataset(tmp_path, images, **subset):
+    lines = ["[[datasets]]", "resolution = 64", "batch_size = 1", "", "  [[datasets.subsets]]",
+             f'  image_dir = "{images}"', '  class_tokens = "sks dog"']
+    lines += [f"  {k} = {json.dumps(v)}" for k, v in subset.items()]
+    path = tmp_path / "dataset.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _train(model, dataset, out, *extra):
+    argv = ["--pretrained_model_name_or_path", model, "--dataset_config", dataset, "--output_dir", str(out),
+            "--output_name", "lora", "--network_dim", "4", "--network_alpha", "4", "--max_train_steps", "3",
+            "--learning_rate", "1e-2", "--seed", "1", *extra]
+    return train_apt_lora.main(argv)
+
+
+def test_train_sd1_single_file_writes_kohya_lora(tiny, images, tmp_path):
+    out = tmp_path / "out"
+    assert _train(tiny["sd1_single"], _dataset(tmp_path, images), out, "--save_every_n_steps", "2") == 0
+    final, step2 = out / "lora.safetensors", out / "lora-step00000002.safetensors"
+    assert final.exists() and step2.exists()
+    with safe_open(str(final), "pt") as f:
+        keys, md = set(f.keys()), f.metadata()
+        alpha = f.get_tensor("lora_unet_down_blocks_0_attentions_0_proj_in.alpha")
+        up = f.get_tensor("lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight")
+    assert len(keys) == 3 * (192 + 6 * 3)  # 192 UNet modules + 6 per tiny text-encoder layer (3 layers)
+    assert alpha.dtype == torch.float32 and alpha.item() == 4.0
+    assert up.abs().sum() > 0  # trained: lora_up starts at zero
+    assert md["ss_base_model_version"] == "sd_v1" and md["ss_network_dim"] == "4" and md["ss_steps"] == "3"
+    assert md["modelspec.architecture"] == "stable-diffusion-v1/lora" and len(md["sshs_model_hash"]) == 64
+
+
+def _count_peft_lora_modules(module):
+    return sum(1 for _, m in module.named_modules() if hasattr(m, "lora_A") and len(getattr(m, "lora_A")) > 0)
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_trained_lora_loads_in_diffusers_with_same_output(arch, tiny, images, tmp_path):
+    """The real consumer: diffusers' load_lora_weights on the same tiny model gives the trainer's output."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from library.conditioning import encode_prompts, sdxl_time_ids, unet_forward
+    from library.model_util import load_model
+    from networks.lora import LoRANetwork
+
+    out = tmp_path / "out"
+    assert _train(tiny[arch], _dataset(tmp_path, images), out) == 0
+    path = str(out / "lora.safetensors")
+
+    model = load_model(tiny[arch])
+    network = LoRANetwork(model, lora_dim=4, alpha=4.0)
+    network.apply_to()
+    network.load_weights(path)
+    network.set_multiplier(1.0)
+
+    cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
+    pipe = cls.from_pretrained(tiny[arch], local_files_only=True)
+    pipe.load_lora_weights(path)
+    with safe_open(path, "pt") as f:
+        n_unet = len({k.split(".")[0] for k in f.keys() if k.startswith("lora_unet_")})
+        n_te = len({k.split(".")[0] for k in f.keys() if k.startswith("lora_te")})
+    # no key left unloaded: every module of the file became a PEFT LoRA layer
+    assert _count_peft_lora_modules(pipe.unet) == n_unet
+    te_modules = [pipe.text_encoder] + ([pipe.text_encoder_2] if arch == "sdxl" else [])
+    assert sum(_count_peft_lora_modules(te) for te in te_modules) == n_te
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        cond = encode_prompts(model, ["a photo of sks dog", "sks dog on grass"])
+        time_ids = sdxl_time_ids(torch.tensor([[64, 64]] * 2), torch.tensor([[0, 0]] * 2), torch.tensor([[64, 64]] * 2))
+        ours = unet_forward(model, x, t, cond, time_ids if arch == "sdxl" else None)
+        kw = {}
+        if arch == "sdxl":
+            kw["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": time_ids}
+        theirs = pipe.unet(x, t, encoder_hidden_states=cond.context, **kw).sample
+        # the text encoders with their LoRA, compared through the prompts they encode
+        ids = model.tokenizers[0](["a photo of sks dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        te_ours = model.text_encoders[0](ids).last_hidden_state
+        te_theirs = pipe.text_encoder(ids).last_hidden_state
+    base = None
+    with torch.no_grad(), network.multiplier_override(0.0):
+        base = unet_forward(model, x, t, cond, time_ids if arch == "sdxl" else None)
+    assert (ours - base).abs().max() > 1e-4  # the LoRA does something
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(te_theirs, te_ours, atol=1e-5, rtol=1e-4)
+
+
+def _run_err(capsys, argv):
+    rc = train_apt_lora.main(argv)
+    return rc, capsys.readouterr().err
+
+
+def test_bad_inputs_give_one_clear_message(tiny, images, tmp_path, capsys):
+    ds = _dataset(tmp_path, images)
+    rc, err = _run_err(capsys, ["--pretrained_model_name_or_path", str(tmp_path / "nope.safetensors"),
+                                "--dataset_config", ds, "--output_dir", str(tmp_path / "o")])
+    assert rc == 2 and "nope.safetensors" in err and "Traceback" not in err
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  imge_dir = "{images}"\n')
+    rc, err = _run_err(capsys, ["--pretrained_model_name_or_path", tiny["sd1"], "--dataset_config", str(bad),
+                                "--output_dir", str(tmp_path / "o")])
+    assert rc == 2 and "imge_dir" in err and "image_dir" in err
+
+    rc, err = _run_err(capsys, ["--pretrained_model_name_or_path", tiny["sd1"], "--dataset_config", ds,
+                                "--output_dir", str(tmp_path / "o"), "--optimizer_type", "AdamW8bit"])
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        assert rc == 2 and "bitsandbytes" in err and "requirements-gpu.txt" in err
+
+    rc, err = _run_err(capsys, ["--pretrained_model_name_or_path", tiny["sd1"], "--dataset_config", ds,
+                                "--output_dir", str(tmp_path / "o"), "--xformers"])
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        assert rc == 2 and "xformers" in err and "requirements-gpu.txt" in err
+
+
+def test_existing_output_is_never_overwritten(tiny, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    existing = out / "lora.safetensors"
+    existing.write_bytes(b"user data")
+    rc = _train(tiny["sd1"], _dataset(tmp_path, images), out)
+    err = capsys.readouterr().err
+    assert rc == 2 and "--overwrite" in err and str(existing) in err
+    assert existing.read_bytes() == b"user data"
+    assert _train(tiny["sd1"], _dataset(tmp_path, images), out, "--overwrite") == 0
+    assert existing.read_bytes() != b"user data"
+
+
+def test_config_file_of_arguments(tiny, images, tmp_path):
+    """--config_file: TOML values apply, the command line wins over them."""
+    cfg = tmp_path / "args.toml"
+    cfg.write_text(f'[model]\npretrained_model_name_or_path = "{tiny["sd1"]}"\n[train]\nmax_train_steps = 50\n'
+                   f'network_dim = 2\nnetwork_alpha = 2\noutput_name = "from_toml"\n')
+    out = tmp_path / "out"
+    rc = train_apt_lora.main(["--config_file", str(cfg), "--dataset_config", _dataset(tmp_path, images),
+                              "--output_dir", str(out), "--max_train_steps", "2", "--network_train_unet_only"])
+    assert rc == 0
+    with safe_open(str(out / "from_toml.safetensors"), "pt") as f:
+        md = f.metadata()
+        assert not any(k.startswith("lora_te") for k in f.keys())
+    assert md["ss_steps"] == "2" and md["ss_network_dim"] == "2"
+
+
+def test_gradient_accumulation_and_text_encoder_cache(tiny, images, tmp_path):
+    out = tmp_path / "out"
+    rc = _train(tiny["sd1"], _dataset(tmp_path, images), out, "--gradient_accumulation_steps", "2",
+                "--network_train_unet_only", "--cache_text_encoder_outputs", "--cache_latents", "--min_snr_gamma", "5",
+                "--noise_offset", "0.05", "--lr_scheduler", "cosine", "--lr_warmup_steps", "1")
+    assert rc == 0
+    with safe_open(str(out / "lora.safetensors"), "pt") as f:
+        assert f.metadata()["ss_steps"] == "3"
