@@ -22,7 +22,6 @@ The captured tensors keep their graph to the LoRA parameters through the checkpo
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -31,8 +30,9 @@ import torch.nn as nn
 from diffusers.models.attention_processor import Attention
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
+from apt_ext.losses import RS_STATS, hidden_stats
+
 RS_HOOKS = ("attn1", "transformer")
-RS_STATS = ("scalar", "per_channel")
 TAGS = ("prior", "ft")
 
 #: the two highest-resolution up blocks that contain attention, per architecture (DESIGN.md §2.4)
@@ -95,53 +95,6 @@ def _plain_saved_tensors():
     """Save tensors for backward normally, even inside a non-reentrant checkpoint's forward (innermost hooks win)."""
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         yield
-
-
-class _MeanStd(torch.autograd.Function):
-    """(mu, sigma) over `dims`, computed in float32 (or float64 for float64 input), population std.
-
-    Saves the input in its own dtype (a bf16 hidden state is not kept as a float32 copy)."""
-
-    @staticmethod
-    def forward(ctx, x, dims):
-        acc = torch.promote_types(x.dtype, torch.float32)
-        var, mu = torch.var_mean(x.to(acc), dim=dims, correction=0)
-        sigma = var.sqrt()
-        ctx.dims = dims
-        ctx.save_for_backward(x, mu, sigma)
-        return mu, sigma
-
-    @staticmethod
-    def backward(ctx, g_mu, g_sigma):
-        x, mu, sigma = ctx.saved_tensors
-        dims = ctx.dims
-        n = math.prod(x.shape[d] for d in dims)
-        xf = x.to(mu.dtype)
-        mu_k, sigma_k = mu, sigma
-        g_mu_k, g_sigma_k = g_mu, g_sigma
-        for d in sorted(dims):
-            mu_k, sigma_k = mu_k.unsqueeze(d), sigma_k.unsqueeze(d)
-            g_mu_k, g_sigma_k = g_mu_k.unsqueeze(d), g_sigma_k.unsqueeze(d)
-        # d mu / dx = 1/n ; d sigma / dx = (x - mu) / (n * sigma)
-        grad = (g_mu_k + g_sigma_k * (xf - mu_k) / sigma_k.clamp_min(1e-12)) / n
-        return grad.to(x.dtype), None
-
-
-def hidden_state_stats(x: torch.Tensor, mode: str = "scalar", channels_last: bool = True):
-    """Per-sample (mu, sigma) of a hidden state, float32.
-
-    x: (B, N, C) (`channels_last`, attn1 output) or (B, C, H, W) (Transformer2DModel output).
-    mode "scalar": over all tokens and channels -> (B,); "per_channel": over tokens -> (B, C).
-    """
-    if mode not in RS_STATS:
-        raise ValueError(f"apt_rs_stats must be one of {RS_STATS}, got {mode!r}")
-    if mode == "scalar":
-        dims = tuple(range(1, x.dim()))
-    elif channels_last:
-        dims = tuple(range(1, x.dim() - 1))
-    else:
-        dims = tuple(range(2, x.dim()))
-    return _MeanStd.apply(x, dims)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -367,7 +320,7 @@ class APTCapture:
                 return None
             x = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
             with _plain_saved_tensors():
-                mu, sigma = hidden_state_stats(x, self.rs_stats, channels_last=(self.rs_hook == "attn1"))
+                mu, sigma = hidden_stats(x, self.rs_stats)
             if rec.tag == "prior":
                 mu, sigma = mu.detach(), sigma.detach()
             rec.stats[index] = (mu, sigma)

@@ -8,6 +8,7 @@ must still not push gradients into the prior side.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -27,6 +28,34 @@ def adaptive_weights(gamma_per_sample: torch.Tensor, is_reg: torch.Tensor | None
     return w
 
 
+class _MeanStd(torch.autograd.Function):
+    """(μ, σ) over `dims` in float32 (float64 for float64 input), population std, with a hand-written backward
+    that saves the input in its own dtype: a bf16 hidden state is not kept as a float32 copy for backward."""
+
+    @staticmethod
+    def forward(ctx, x, dims):
+        acc = torch.promote_types(x.dtype, torch.float32)
+        var, mu = torch.var_mean(x.to(acc), dim=dims, correction=0)
+        sigma = var.sqrt()
+        ctx.dims = dims
+        ctx.save_for_backward(x, mu, sigma)
+        return mu, sigma
+
+    @staticmethod
+    def backward(ctx, g_mu, g_sigma):
+        x, mu, sigma = ctx.saved_tensors
+        dims = ctx.dims
+        n = math.prod(x.shape[d] for d in dims)
+        for d in sorted(dims):
+            mu, sigma, g_mu, g_sigma = mu.unsqueeze(d), sigma.unsqueeze(d), g_mu.unsqueeze(d), g_sigma.unsqueeze(d)
+        # dμ/dx = 1/n ; dσ/dx = (x − μ) / (n σ)
+        grad = (g_mu + g_sigma * (x.to(mu.dtype) - mu) / sigma.clamp_min(1e-12)) / n
+        return grad.to(x.dtype), None
+
+
+RS_STATS = ("scalar", "per_channel")
+
+
 def hidden_stats(h: torch.Tensor, mode: str = "scalar") -> tuple[torch.Tensor, torch.Tensor]:
     """μ and σ of one hidden state per sample, in float32 (§2.4).
 
@@ -35,20 +64,17 @@ def hidden_stats(h: torch.Tensor, mode: str = "scalar") -> tuple[torch.Tensor, t
     σ is the population standard deviation (correction 0): the statistic of the feature map itself,
     not an estimate of a larger population; over thousands of elements the difference is negligible.
     """
-    h = h.float()
-    b = h.shape[0]
+    if mode not in RS_STATS:
+        raise ValueError(f"apt_rs_stats must be one of {RS_STATS}, got {mode!r}")
+    if h.dim() not in (3, 4):
+        raise ValueError(f"hidden_stats needs (B, N, C) or (B, C, H, W), got shape {tuple(h.shape)}")
     if mode == "scalar":
-        var, mu = torch.var_mean(h.reshape(b, -1), dim=1, correction=0)
-    elif mode == "per_channel":
-        if h.dim() == 3:  # (B, N, C)
-            var, mu = torch.var_mean(h, dim=1, correction=0)
-        elif h.dim() == 4:  # (B, C, H, W)
-            var, mu = torch.var_mean(h.reshape(b, h.shape[1], -1), dim=2, correction=0)
-        else:
-            raise ValueError(f"per_channel stats need (B, N, C) or (B, C, H, W), got shape {tuple(h.shape)}")
-    else:
-        raise ValueError(f"mode must be 'scalar' or 'per_channel', got {mode!r}")
-    return mu, var.sqrt()
+        dims = tuple(range(1, h.dim()))
+    elif h.dim() == 3:  # (B, N, C): over tokens
+        dims = (1,)
+    else:  # (B, C, H, W): over pixels
+        dims = (2, 3)
+    return _MeanStd.apply(h, dims)
 
 
 def rs_losses(stats_ft: Sequence[tuple[torch.Tensor, torch.Tensor]],
@@ -80,7 +106,8 @@ def attn_loss(maps_ft: Sequence[torch.Tensor], maps_prior: Sequence[torch.Tensor
 
     `maps_*`: lists over layers of head-summed cross-attention probabilities (B, N_query, N_tokens).
     `pi`: LongTensor (B, N_tokens_ft) of column indices into the prior's token axis, one row per sample
-    (captions differ); None means the identity (c == c*). `num_heads`: H, one int for all layers or one
+    (captions differ); None means the identity (c == c*). A column with π = −1 (`prompts.DROPPED`, mode
+    "drop": the identifier) is left out of the loss. `num_heads`: H, one int for all layers or one
     per layer (SDXL's up blocks have different head counts). Every token column counts, BOS/EOS/padding
     included (§2.5).
     """
@@ -100,10 +127,13 @@ def attn_loss(maps_ft: Sequence[torch.Tensor], maps_prior: Sequence[torch.Tensor
             idx = pi.to(a_t.device).long()
             if idx.shape != (b, nt):
                 raise ValueError(f"pi has shape {tuple(idx.shape)}, expected {(b, nt)} (batch, tokens of c*)")
-            a_p = torch.gather(a_p, 2, idx[:, None, :].expand(b, nq, nt))
+            a_p = torch.gather(a_p, 2, idx.clamp_min(0)[:, None, :].expand(b, nq, nt))
+            d = (a_t - a_p) * (idx >= 0)[:, None, :]
         elif a_p.shape != a_t.shape:
             raise ValueError(f"prior maps {tuple(a_p.shape)} and fine-tuned maps {tuple(a_t.shape)} differ; pass pi")
-        layer = (a_t - a_p).pow(2).sum(dim=(1, 2)) / h  # (B,)
+        else:
+            d = a_t - a_p
+        layer = d.pow(2).sum(dim=(1, 2)) / h  # (B,)
         total = layer if total is None else total + layer
     return total.mean()
 

@@ -112,7 +112,7 @@ def token_alignment(ids_ft: Sequence[int] | torch.Tensor, ids_prior: Sequence[in
        last token of the `class_ids` occurrence in c nearest to the deletion point (when `class_ids` is None: the
        c column right after the deletion point, i.e. the first class token, or the last token of the replacement
        span when the diff replaced tokens). Mode "drop": they map to `DROPPED` (-1) and are left out of L_attn
-       (see `aligned_prior_attention`).
+       (`losses.attn_loss` leaves those columns out).
     4. Other c* tokens of a replaced span (e.g. "man" of "ohwx man" -> "person") map in order onto the
        replacement span, stretched to its length (k-th of n tokens -> floor(k*m/n)-th of m).
     5. Any remaining unmatched column (deleted tokens that are not the identifier) maps to the nearest preceding
@@ -181,22 +181,6 @@ def _class_column(b: list[int], cls: list[int] | None, tag: str, j1: int, j2: in
     if tag == "replace":
         return j2 - 1
     return min(j1, len(b) - 1)
-
-
-def aligned_prior_attention(attn_prior: torch.Tensor, pi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A_φ[..., π], mask) for a head-summed prior map (B, Nq, Nt_c) and π (B, Nt) or (Nt,).
-
-    mask (B, 1, Nt) is 1.0 for columns that count and 0.0 for `DROPPED` columns (mode "drop"); the loss is
-    ((A_θ − aligned) * mask)² summed. In mode "class" the mask is all ones.
-    """
-    if pi.dim() == 1:
-        pi = pi.unsqueeze(0).expand(attn_prior.shape[0], -1)
-    pi = pi.to(attn_prior.device)
-    valid = pi >= 0
-    idx = pi.clamp_min(0).unsqueeze(1).expand(-1, attn_prior.shape[1], -1)
-    aligned = torch.gather(attn_prior, 2, idx)
-    mask = valid.unsqueeze(1).to(attn_prior.dtype)
-    return aligned * mask, mask
 
 
 # ----------------------------------------------------------------------------------------------------------------

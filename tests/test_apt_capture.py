@@ -5,7 +5,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from apt_ext.capture import APTCapture, ProbCaptureAttnProcessor, hidden_state_stats, select_layers
+from apt_ext.capture import APTCapture, ProbCaptureAttnProcessor, select_layers
+from apt_ext.losses import hidden_stats
 from library.tiny_models import tiny_config
 
 B, NT = 2, 77
@@ -129,28 +130,19 @@ def test_transformer_hook_per_channel(sd1):
     assert [s[0].shape for s in rec.stats] == [(B, 32)] * 3 and [s[1].shape for s in rec.stats] == [(B, 32)] * 3
 
 
-def test_hidden_state_stats_values_and_grad():
+def test_hidden_stats_values_and_grad():
     x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
-    mu, sd = hidden_state_stats(x, "scalar")
+    mu, sd = hidden_stats(x, "scalar")
     assert torch.allclose(mu, x.mean((1, 2))) and torch.allclose(sd, x.std((1, 2), unbiased=False))
-    mu_c, sd_c = hidden_state_stats(x, "per_channel")
+    mu_c, sd_c = hidden_stats(x, "per_channel")
     assert mu_c.shape == (2, 3) and torch.allclose(sd_c, x.std(1, unbiased=False))
     y = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
-    assert hidden_state_stats(y, "per_channel", channels_last=False)[0].shape == (2, 3)
+    assert hidden_stats(y, "per_channel")[0].shape == (2, 3)
     for mode in ("scalar", "per_channel"):
-        assert torch.autograd.gradcheck(lambda t: hidden_state_stats(t, mode), (x,))
-    assert torch.autograd.gradcheck(lambda t: hidden_state_stats(t, "per_channel", channels_last=False), (y,))
+        assert torch.autograd.gradcheck(lambda t: hidden_stats(t, mode), (x,))
+    assert torch.autograd.gradcheck(lambda t: hidden_stats(t, "per_channel"), (y,))
     xb = torch.randn(2, 5, 3).bfloat16()
-    assert hidden_state_stats(xb)[1].dtype == torch.float32
-
-
-def test_hidden_state_stats_agree_with_losses_module():
-    losses = pytest.importorskip("apt_ext.losses")
-    for h, channels_last in ((torch.randn(2, 6, 4), True), (torch.randn(2, 4, 3, 3), False)):
-        for mode in ("scalar", "per_channel"):
-            mine = hidden_state_stats(h, mode, channels_last=channels_last)
-            theirs = losses.hidden_stats(h, mode)
-            assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(mine, theirs))
+    assert hidden_stats(xb)[1].dtype == torch.float32
 
 
 # ------------------------------------------------------------------------------------------ grad / checkpointing

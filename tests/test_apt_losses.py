@@ -138,3 +138,15 @@ def test_total_loss():
     assert out.item() == pytest.approx(10.28)
     assert total_loss(loss_dm).item() == pytest.approx(1.5)  # all components off: plain mean
     assert total_loss(loss_dm, w, l_attn=torch.tensor(100.0), lambda_attn=1e-2).item() == pytest.approx(2.25)
+
+
+def test_attn_loss_leaves_out_dropped_columns():
+    """π = -1 (mode "drop": the identifier's column) contributes nothing; other columns gather through π."""
+    a_t = torch.zeros(1, 2, 3)
+    a_t[0, :, 1] = 1.0  # the identifier column attends strongly in the fine-tuned map
+    a_p = torch.tensor([[[0.5, 0.0, 0.25], [0.5, 0.0, 0.25]]])
+    pi = torch.tensor([[0, -1, 2]])
+    # columns 0 and 2: (0-0.5)^2*2 + (0-0.25)^2*2 = 0.625; column 1 left out; H = 1
+    assert attn_loss([a_t], [a_p], pi, 1).item() == pytest.approx(0.625)
+    pi_class = torch.tensor([[0, 2, 2]])  # mode "class": the identifier maps to the class column
+    assert attn_loss([a_t], [a_p], pi_class, 1).item() == pytest.approx(0.625 + 2 * (1 - 0.25) ** 2)

@@ -5,7 +5,6 @@ import torch
 from apt_ext.prompts import (
     DROPPED,
     PromptError,
-    aligned_prior_attention,
     alignment_for_batch,
     class_prompt,
     class_prompts,
@@ -168,12 +167,3 @@ def test_alignment_long_prompt_150(tok, tok2):
     assert pi_short[:6].tolist() == [0, 1, 2, 3, 4, 4] and pi_short[-1].item() == 150
     with pytest.raises(ValueError, match="multiple"):
         num_token_columns(tok, 100)
-
-
-def test_aligned_prior_attention_masks_dropped_columns():
-    attn = torch.rand(2, 3, 5)
-    pi = torch.tensor([[0, 1, DROPPED, 1, 2], [0, 1, 2, 3, 4]])
-    aligned, mask = aligned_prior_attention(attn, pi)
-    assert aligned.shape == (2, 3, 5) and mask.shape == (2, 1, 5)
-    assert torch.equal(aligned[0, :, 3], attn[0, :, 1]) and torch.equal(aligned[1], attn[1])
-    assert torch.all(aligned[0, :, 2] == 0) and mask[0, 0].tolist() == [1, 1, 0, 1, 1]
