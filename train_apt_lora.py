@@ -5,7 +5,8 @@
         --output_dir out --output_name my_lora --network_dim 16 --max_train_steps 1000
 
 Reads top to bottom: parse arguments, load the model and data, build the LoRA, then the loop.
-One training step lives in `training_step` below; APT (issue 3) replaces it with apt_ext.step.
+One training step lives in `training_step` below: the plain DreamBooth-LoRA loss, or with `--apt`
+(and for the DCO baseline) `apt_ext.step.apt_step`.
 """
 from __future__ import annotations
 
@@ -25,9 +26,16 @@ logger = logging.getLogger("apt_lora")
 
 
 def training_step(args, ctx, batch):
-    """Plain DreamBooth-LoRA loss for one micro-batch. Returns (loss, logs)."""
-    import torch
+    """The loss of one micro-batch. Returns (loss, logs)."""
+    if ctx.apt is not None:
+        from apt_ext.step import apt_step
 
+        return apt_step(args, ctx, batch, ctx.apt)
+    return plain_step(args, ctx, batch)
+
+
+def plain_step(args, ctx, batch):
+    """Plain DreamBooth-LoRA loss (sd-scripts' train_network step)."""
     from library import train_util
     from library.conditioning import sdxl_time_ids, unet_forward
 
@@ -55,9 +63,9 @@ def training_step(args, ctx, batch):
 class TrainContext:
     """What a training step needs besides the batch: the model, devices, dtypes and encoders."""
 
-    def __init__(self, args, accelerator, model, network, weight_dtype, vae_dtype, te_cache):
+    def __init__(self, args, accelerator, model, network, weight_dtype, vae_dtype, te_cache, apt=None):
         self.args, self.accelerator, self.model, self.network = args, accelerator, model, network
-        self.weight_dtype, self.vae_dtype, self.te_cache = weight_dtype, vae_dtype, te_cache
+        self.weight_dtype, self.vae_dtype, self.te_cache, self.apt = weight_dtype, vae_dtype, te_cache, apt
 
     def encode_latents(self, batch):
         import torch
@@ -79,7 +87,7 @@ class TrainContext:
         device = self.accelerator.device
         if self.te_cache is not None:
             return self.te_cache.get(captions).to(device, self.weight_dtype)
-        train_te = not self.args.network_train_unet_only
+        train_te = not self.args.network_train_unet_only and torch.is_grad_enabled()  # the APT prior pass: no grad
         with torch.set_grad_enabled(train_te), self.accelerator.autocast():
             cond = encode_prompts(self.model, captions, clip_skip=self.args.clip_skip,
                                   max_token_length=self.args.max_token_length, device=device)
@@ -113,29 +121,37 @@ def verify_args(args):
         args.output_name = "last"
     if args.logging_dir and args.log_with is None:
         args.log_with = "tensorboard"
+    if args.resume and not os.path.isdir(args.resume):
+        raise TrainingSetupError(f"--resume {args.resume}: no such folder (pass a <name>-step<N>-state folder written by --save_state)")
 
 
-def planned_outputs(args, max_train_steps, num_epochs, steps_per_epoch):
-    """Every LoRA file this run will write, so that existing files are found before training starts."""
+def planned_outputs(args, max_train_steps, num_epochs, start_step=0):
+    """Every LoRA file this run will write (after `start_step` when resuming), so that existing files are
+    found before training starts rather than after hours of it."""
     from library.train_util import ckpt_name
 
+    every = args.save_every_n_steps
     names = [ckpt_name(args.output_name)]
     if args.save_every_n_epochs:
         names += [ckpt_name(args.output_name, epoch=e) for e in range(args.save_every_n_epochs, num_epochs, args.save_every_n_epochs)]
-    if args.save_every_n_steps:
-        names += [ckpt_name(args.output_name, step=s) for s in range(args.save_every_n_steps, max_train_steps, args.save_every_n_steps)]
+    if every:
+        first = (start_step // every + 1) * every
+        names += [ckpt_name(args.output_name, step=s) for s in range(first, max_train_steps, every)]
     return [os.path.join(args.output_dir, n) for n in names]
 
 
 def train(args):
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DataLoaderConfiguration, set_seed
     from tqdm.auto import tqdm
+
+    from apt_ext.step import APT, apt_enabled
 
     from library import config_util, dataset as dataset_lib, metadata as metadata_lib, train_util
     from library.conditioning import TextEncoderCache
     from library.distributed import all_reduce_gradients
+    from library.train_state import load_state, read_state_info, save_state
     from library.model_util import load_model
     from networks import lora as lora_lib
 
@@ -149,7 +165,8 @@ def train(args):
         log_dir = os.path.join(args.logging_dir or os.path.join(args.output_dir, "logs"),
                                (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S", time.localtime()))
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=args.mixed_precision, log_with=args.log_with, project_dir=log_dir)
+                              mixed_precision=args.mixed_precision, log_with=args.log_with, project_dir=log_dir,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     is_main = accelerator.is_main_process
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     vae_dtype = torch.float32 if args.no_half_vae else weight_dtype
@@ -163,6 +180,15 @@ def train(args):
         train_util.fix_noise_scheduler_betas_for_zero_terminal_snr(model.noise_scheduler)
     user_config = config_util.load_dataset_config(args.dataset_config) if args.dataset_config else None
     blueprints = config_util.generate_blueprint(user_config, args, config_path=args.dataset_config, is_sdxl=model.is_sdxl)
+    if apt_enabled(args):  # fail now, not at the first step, when c cannot be derived from c*
+        from apt_ext.prompts import PromptError, resolve_prior_class_tokens
+
+        for bp in blueprints:
+            for sub in bp.subsets:
+                try:
+                    resolve_prior_class_tokens(sub.class_tokens, sub.prior_class_tokens)
+                except PromptError as e:
+                    raise PromptError(f"{sub.where}: {e}") from None
     sample_prompts = None
     if args.sample_prompts:  # parse now: a bad prompt file should fail before training, not at the first sample
         from library.sampling import parse_prompt_file
@@ -175,7 +201,8 @@ def train(args):
     if args.max_train_epochs:
         args.max_train_steps = args.max_train_epochs * steps_per_epoch
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
-    existing = [p for p in planned_outputs(args, args.max_train_steps, num_epochs, steps_per_epoch) if os.path.exists(p)]
+    resume_step = read_state_info(args.resume)["step"] if args.resume else 0
+    existing = [p for p in planned_outputs(args, args.max_train_steps, num_epochs, resume_step) if os.path.exists(p)]
     if existing and not args.overwrite:
         raise train_util.TrainingSetupError(f"output file exists: {existing[0]} ({len(existing)} in all). "
                                             "Choose another --output_name or --output_dir, or pass --overwrite to replace them")
@@ -213,6 +240,10 @@ def train(args):
     network.set_multiplier(args.network_multiplier)
     network.to(device)
     network.train()
+    try:
+        apt = APT(args, model, device) if apt_enabled(args) else None  # after LoRA and attention processors are set
+    except ValueError as e:
+        raise train_util.TrainingSetupError(str(e)) from None
     params = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, args.learning_rate)
     optimizer_name, optimizer = train_util.get_optimizer(args, params)
     lr_scheduler = train_util.get_lr_scheduler(args, optimizer, args.max_train_steps)
@@ -222,20 +253,36 @@ def train(args):
                                          persistent_workers=args.persistent_data_loader_workers and args.max_data_loader_n_workers > 0)
     optimizer, loader = accelerator.prepare(optimizer, loader)
     trainable = [p for p in network.parameters() if p.requires_grad]
+    step, start_epoch, skip_batches = 0, 1, 0
+    if args.resume:
+        info = load_state(args.resume, network=network, optimizer=optimizer, lr_scheduler=lr_scheduler, apt=apt)
+        step, start_epoch, skip_batches = info["step"], info["epoch"], info["batches_done"]
+        accelerator.print(f"resumed from {args.resume}: step {step}, epoch {start_epoch}")
 
-    ctx = TrainContext(args, accelerator, model, network, weight_dtype, vae_dtype, te_cache)
+    ctx = TrainContext(args, accelerator, model, network, weight_dtype, vae_dtype, te_cache, apt)
     metadata = metadata_lib.build_training_metadata(
         args, model=model, network=network, optimizer_name=optimizer_name, dataset_group=data,
         num_batches_per_epoch=len(data), num_epochs=num_epochs, max_train_steps=args.max_train_steps)
     save_dtype = train_util.save_dtype(args)
 
-    def save(name, step, epoch):
+    def save(name, step, epoch, batches_done):
         path = os.path.join(args.output_dir, name)
         md = metadata_lib.update_on_save(metadata, steps=step, epoch=epoch)
         md = metadata_lib.minimal(md) if args.no_metadata else md
         md.update(metadata_lib.modelspec(args, model))
+        if apt is not None:
+            md.update(apt.metadata())
+            if apt.history:
+                from apt_ext.heatmap import save_gamma_heatmap
+
+                save_gamma_heatmap(apt.history, os.path.splitext(path)[0] + "_gamma.png")
         network.save_weights(path, save_dtype, md, overwrite=args.overwrite)
         accelerator.print(f"saved {path}")
+        if args.save_state:
+            state_dir = os.path.join(args.output_dir, os.path.splitext(name)[0] + "-state")
+            save_state(state_dir, network=network, optimizer=optimizer, lr_scheduler=lr_scheduler, step=step,
+                       epoch=epoch, batches_done=batches_done, seed=args.seed,
+                       apt_state=apt.state_dict() if apt is not None else None, overwrite=args.overwrite)
 
     def maybe_sample(step, epoch, at_epoch_end=False):
         if not sample_prompts or not is_main:
@@ -262,12 +309,18 @@ def train(args):
                       f"{num_epochs} epochs, {args.max_train_steps} optimizer steps, {optimizer_name}")
 
     # --- the loop ---------------------------------------------------------------------------------
-    step, loss_sum, loss_count = 0, 0.0, 0
-    progress = tqdm(total=args.max_train_steps, desc="steps", disable=not is_main, smoothing=0.1)
-    maybe_sample(0, 0)
-    for epoch in range(1, num_epochs + 1):
+    loss_sum, loss_count = 0.0, 0
+    progress = tqdm(total=args.max_train_steps, initial=step, desc="steps", disable=not is_main, smoothing=0.1)
+    if step == 0:
+        maybe_sample(0, 0)
+    epoch = start_epoch
+    for epoch in range(start_epoch, num_epochs + 1):
         data.set_current_epoch(epoch)
-        for batch in loader:
+        loader.set_epoch(epoch)  # the batch order of an epoch depends on (seed, epoch) only: resumable
+        batches = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
+        batches_done, skip_batches = skip_batches, 0
+        for batch in batches:
+            batches_done += 1
             with accelerator.accumulate(network):
                 loss, logs = training_step(args, ctx, batch)
                 accelerator.backward(loss)
@@ -285,19 +338,24 @@ def train(args):
             loss_value = loss.detach().item()
             loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
             progress.update(1)
-            progress.set_postfix(loss=f"{loss_value:.4f}", avg=f"{loss_sum / loss_count:.4f}")
+            postfix = dict(loss=f"{loss_value:.4f}", avg=f"{loss_sum / loss_count:.4f}")
+            if apt is not None:
+                apt.record(step)
+                logs.update(apt.indicator.logs())
+                postfix["gamma"] = f"{apt.indicator.gamma()[apt.indicator.seen].mean().nan_to_num().item():.3f}"
+            progress.set_postfix(postfix)
             if args.log_with:
                 lrs = lr_scheduler.get_last_lr()
                 accelerator.log({"loss/current": loss_value, "loss/average": loss_sum / loss_count,
                                  **{f"lr/{g.get('name', i)}": lr for i, (g, lr) in enumerate(zip(optimizer.param_groups, lrs))},
                                  **logs}, step=step)
             if is_main and args.save_every_n_steps and step % args.save_every_n_steps == 0 and step < args.max_train_steps:
-                save(train_util.ckpt_name(args.output_name, step=step), step, epoch)
+                save(train_util.ckpt_name(args.output_name, step=step), step, epoch, batches_done)
             maybe_sample(step, epoch)
             if step >= args.max_train_steps:
                 break
         if is_main and args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 and epoch < num_epochs:
-            save(train_util.ckpt_name(args.output_name, epoch=epoch), step, epoch)
+            save(train_util.ckpt_name(args.output_name, epoch=epoch), step, epoch + 1, 0)
         maybe_sample(step, epoch, at_epoch_end=True)
         if step >= args.max_train_steps:
             break
@@ -305,23 +363,42 @@ def train(args):
 
     accelerator.wait_for_everyone()
     if is_main:
-        save(train_util.ckpt_name(args.output_name), step, epoch)
+        save(train_util.ckpt_name(args.output_name), step, epoch, batches_done)
     if args.log_with:
         accelerator.end_training()
     return network
 
 
+def quiet_libraries() -> None:
+    """diffusers/transformers warn about things that do not concern a LoRA run (dtype casts, torchvision)."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def main(argv=None) -> int:
     from library.config_util import ConfigError
     from library.model_util import ModelLoadError
+    from apt_ext.prompts import PromptError
+    from apt_ext.step import apply_preset
     from library.sampling import SamplingError
+    from library.train_state import StateError
     from library.train_util import TrainingSetupError, parse_args_with_config, write_config_file
     from networks.lora import LoRAWeightsError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
     parser = setup_parser()
     try:
         args = parse_args_with_config(parser, argv)
+        changed = apply_preset(args, {a.dest: a.default for a in parser._actions})
+        if changed:
+            logger.info("--apt_preset %s set %s", args.apt_preset, ", ".join(changed))
         if args.output_config:
             if not args.config_file:
                 raise TrainingSetupError("--output_config needs --config_file PATH to write to")
@@ -329,7 +406,8 @@ def main(argv=None) -> int:
             print(f"wrote {args.config_file}")
             return 0
         train(args)
-    except (ConfigError, ModelLoadError, LoRAWeightsError, TrainingSetupError, SamplingError, FileExistsError) as e:
+    except (ConfigError, ModelLoadError, LoRAWeightsError, TrainingSetupError, SamplingError, PromptError, StateError,
+            FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

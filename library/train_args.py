@@ -99,7 +99,9 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scale_v_pred_loss_like_noise_pred", action="store_true")
     g.add_argument("--v_pred_like_loss", type=float, default=None)
     g.add_argument("--debiased_estimation_loss", action="store_true")
-    g.add_argument("--loss_type", type=str, default="l2", choices=["l1", "l2", "huber", "smooth_l1"])
+    g.add_argument("--loss_type", type=str, default="l2", choices=["l1", "l2", "huber", "smooth_l1", "dco"],
+                   help="dco: the DCO baseline (Lee et al. 2024), reference = LoRA off with the class prompt")
+    g.add_argument("--dco_beta", type=float, default=1000.0, help="β of the DCO loss")
     g.add_argument("--huber_schedule", type=str, default="snr", choices=["constant", "exponential", "snr"])
     g.add_argument("--huber_c", type=float, default=0.1)
     g.add_argument("--huber_scale", type=float, default=1.0)
@@ -149,6 +151,50 @@ def _logging_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sample_sampler", type=str, default="ddim")
 
 
+def _floats(text: str) -> list[float]:
+    """argparse type for "1,3" or "1 3"."""
+    try:
+        return [float(x) for x in str(text).replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of numbers like 1,3") from None
+
+
+def _apt_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("APT (Adaptive Personalized Training); see docs/apt.md")
+    g.add_argument("--apt", action="store_true", help="turn APT on: all of --apt_components")
+    g.add_argument("--apt_components", type=str, default="ata,rs,aa",
+                   help="with --apt, the components to use: ata (adaptive augmentation and loss weight), "
+                        "rs (representation stabilization), aa (attention alignment); any comma-separated subset")
+    g.add_argument("--apt_preset", type=str, default=None, choices=[None, "sdxl", "sd2", "sd1"],
+                   help="the paper's settings (implies --apt): temperature, rank 32 / alpha 32, lr 5e-5 (UNet) and "
+                        "5e-6 (text encoder), AdamW; only arguments left at their default are changed")
+    g.add_argument("--apt_gamma_temperature", type=float, default=None,
+                   help="temperature of the overfitting indicator (default 1000 for SDXL, 100 for SD1/SD2)")
+    g.add_argument("--apt_ema_alpha", type=float, default=0.1, help="EMA rate of the per-bin losses")
+    g.add_argument("--apt_num_bins", type=int, default=10, help="timestep bins of the indicator")
+    g.add_argument("--apt_aug_p_max", type=float, default=0.8, help="cap of the augmentation probability")
+    g.add_argument("--apt_aug_scale", type=_floats, default=[1.0, 3.0], help="zoom-out factor range, e.g. 1,3")
+    g.add_argument("--apt_aug_rotation", type=float, default=15.0, help="rotation range in degrees (+-)")
+    g.add_argument("--apt_aug_space", type=str, default="auto", choices=["auto", "pixel", "latent"],
+                   help="augment images before the VAE (pixel) or cached latents (latent); auto picks by --cache_latents")
+    g.add_argument("--apt_lambda_dist", type=float, default=30.0, help="weight of L_mu + L_sigma")
+    g.add_argument("--apt_lambda_attn", type=float, default=3e-4, help="weight of L_attn")
+    g.add_argument("--apt_layers", type=str, nargs="*", default=None,
+                   help="UNet blocks for rs/aa (default: the two highest-resolution up blocks with attention)")
+    g.add_argument("--apt_rs_hook", type=str, default="attn1", choices=["attn1", "transformer"],
+                   help="hidden state of representation stabilization: attn1 outputs or Transformer2DModel outputs")
+    g.add_argument("--apt_rs_stats", type=str, default="scalar", choices=["scalar", "per_channel"])
+    g.add_argument("--apt_identifier_align", type=str, default="class", choices=["class", "drop"],
+                   help="attention alignment of the identifier's column: to the class token (class) or left out (drop)")
+
+
+def _state_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training state and resume")
+    g.add_argument("--save_state", action="store_true",
+                   help="with every LoRA save, also save the training state (<name>-step<N>-state folder) for --resume")
+    g.add_argument("--resume", type=str, default=None, help="continue exactly from a saved state folder")
+
+
 def setup_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train_apt_lora.py",
@@ -156,7 +202,8 @@ def setup_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config_file", type=str, default=None, help="TOML file of arguments (CLI > TOML > defaults)")
     p.add_argument("--output_config", action="store_true", help="write the non-default arguments to --config_file and exit")
-    for add in (_model_args, _network_args, _dataset_args, _training_args, _optimizer_args, _saving_args, _logging_args):
+    for add in (_model_args, _network_args, _dataset_args, _training_args, _optimizer_args, _apt_args, _saving_args,
+                _state_args, _logging_args):
         add(p)
     return p
 

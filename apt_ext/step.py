@@ -1,0 +1,232 @@
+"""One APT training step (DESIGN.md §1 "one training step", §2), and the state APT keeps across steps.
+
+    t, ε drawn → γ looked up (state before this step) → adaptive zoom-out/rotation with p = min(γ, p_max)
+    → prior pass (LoRA multiplier 0, class prompt c, no grad, captured) → fine-tuned pass (prompt c*,
+    captured) → (1 − γ)-weighted denoising loss + λ_dist (L_μ + L_σ) + λ_attn L_attn → indicator update.
+
+`APT` holds the indicator, the augmenter, the capture hooks and the γ history; `apt_step` is the step.
+The same machinery gives the DCO baseline (`--loss_type dco`), which needs the prior pass but nothing else.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from apt_ext.augment import AdaptiveAugment, black_latent
+from apt_ext.indicator import OverfittingIndicator, default_temperature
+from apt_ext.losses import adaptive_weights, attn_loss, dco_loss, rs_losses, total_loss
+from apt_ext.prompts import ALIGN_MODES, alignment_for_batch, class_prompts, unet_alignment
+
+COMPONENTS = ("ata", "rs", "aa")  # adaptive training adjustment, representation stabilization, attention alignment
+
+# --apt_preset: the paper's settings (§2.8). Applied to every argument the user left at its default.
+PRESETS = {
+    "sdxl": dict(apt_gamma_temperature=1000.0),
+    "sd2": dict(apt_gamma_temperature=100.0),
+    "sd1": dict(apt_gamma_temperature=100.0),
+}
+PRESET_TRAINING = dict(network_dim=32, network_alpha=32.0, unet_lr=5e-5, text_encoder_lr=5e-6, learning_rate=5e-5,
+                       optimizer_type="AdamW")
+
+
+def parse_components(text: str | None) -> frozenset:
+    """`--apt_components ata,rs,aa` (any subset; "all" or None = all three)."""
+    if text is None or text.strip().lower() == "all":
+        return frozenset(COMPONENTS)
+    parts = {p.strip().lower() for p in text.split(",") if p.strip()}
+    unknown = parts - set(COMPONENTS)
+    if unknown or not parts:
+        raise ValueError(f"--apt_components {text!r}: expected a comma-separated subset of {','.join(COMPONENTS)} "
+                         f"(ata = adaptive training adjustment, rs = representation stabilization, "
+                         f"aa = attention alignment)")
+    return frozenset(parts)
+
+
+def apply_preset(args, defaults: dict) -> list[str]:
+    """Apply `--apt_preset` to the arguments still at their parser default; returns the names it set."""
+    if not getattr(args, "apt_preset", None):
+        return []
+    changed = []
+    for name, value in {**PRESET_TRAINING, **PRESETS[args.apt_preset]}.items():
+        if getattr(args, name, None) == defaults.get(name):
+            setattr(args, name, value)
+            changed.append(name)
+    args.apt = True
+    return changed
+
+
+def apt_enabled(args) -> bool:
+    """The APT step runs for --apt and for the DCO baseline (both need the prior pass)."""
+    return bool(getattr(args, "apt", False)) or getattr(args, "loss_type", "l2") == "dco"
+
+
+class APT:
+    """Everything APT keeps across steps. Build it after LoRA is applied and attention processors are set."""
+
+    def __init__(self, args, model, device):
+        self.components = parse_components(args.apt_components) if args.apt else frozenset()
+        if args.apt_identifier_align not in ALIGN_MODES:
+            raise ValueError(f"--apt_identifier_align must be one of {ALIGN_MODES}")
+        self.args = args
+        tau = args.apt_gamma_temperature or default_temperature(model.arch)
+        self.indicator = OverfittingIndicator(args.apt_num_bins, model.noise_scheduler.config.num_train_timesteps,
+                                              args.apt_ema_alpha, tau)
+        self.augment = AdaptiveAugment(args.apt_aug_p_max, tuple(args.apt_aug_scale), args.apt_aug_rotation)
+        self.aug_space = args.apt_aug_space
+        if self.aug_space == "auto":
+            self.aug_space = "latent" if args.cache_latents else "pixel"
+        if self.aug_space == "pixel" and args.cache_latents and "ata" in self.components:
+            raise ValueError("--apt_aug_space pixel needs images, but --cache_latents stores latents: "
+                             "use --apt_aug_space latent (or auto), or drop --cache_latents")
+        self.fill_latent = None
+        if "ata" in self.components and self.aug_space == "latent":
+            with torch.no_grad():
+                self.fill_latent = black_latent(model.vae, model.latent_scale, (64, 64), device=device)
+        self.capture = None
+        if self.components & {"rs", "aa"}:
+            from apt_ext.capture import APTCapture, select_layers
+
+            layers = select_layers(model.unet, model.arch, args.apt_layers)
+            self.capture = APTCapture(model.unet, layers, args.apt_rs_hook, args.apt_rs_stats).install()
+        self.history: list[tuple[int, list[float]]] = []  # (optimizer step, γ per bin) for the heatmap
+
+    def capture_ctx(self, tag):
+        import contextlib
+
+        return self.capture.capture(tag) if self.capture is not None else contextlib.nullcontext()
+
+    def record(self, step: int) -> None:
+        self.history.append((step, self.indicator.gamma().tolist()))
+
+    def state_dict(self) -> dict:
+        state = {f"indicator.{k}": v for k, v in self.indicator.state_dict().items()}
+        if self.history:
+            state["history.steps"] = torch.tensor([s for s, _ in self.history], dtype=torch.int64)
+            state["history.gamma"] = torch.tensor([g for _, g in self.history], dtype=torch.float32)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.indicator.load_state_dict({k[len("indicator."):]: v for k, v in state.items() if k.startswith("indicator.")})
+        self.history = []
+        if "history.steps" in state:
+            self.history = list(zip(state["history.steps"].tolist(), state["history.gamma"].tolist()))
+
+    def metadata(self) -> dict[str, str]:
+        """The `apt_*` keys of the saved LoRA (strings, like every safetensors metadata value)."""
+        a = self.args
+        md = {
+            "apt_enabled": str(bool(a.apt)),
+            "apt_components": ",".join(c for c in COMPONENTS if c in self.components),
+            "apt_loss_type": a.loss_type,
+            "apt_gamma_temperature": str(self.indicator.temperature),
+            "apt_ema_alpha": str(self.indicator.ema_alpha),
+            "apt_num_bins": str(self.indicator.num_bins),
+            "apt_aug_p_max": str(self.augment.p_max),
+            "apt_aug_scale": json.dumps(list(self.augment.scale_range)),
+            "apt_aug_rotation": str(self.augment.rotation_deg),
+            "apt_aug_space": self.aug_space,
+            "apt_lambda_dist": str(a.apt_lambda_dist),
+            "apt_lambda_attn": str(a.apt_lambda_attn),
+            "apt_layers": json.dumps(self.capture.layers if self.capture is not None else (a.apt_layers or [])),
+            "apt_rs_hook": a.apt_rs_hook,
+            "apt_rs_stats": a.apt_rs_stats,
+            "apt_identifier_align": a.apt_identifier_align,
+            "apt_preset": str(a.apt_preset),
+            "apt_gamma_final": json.dumps([round(g, 6) for g in self.indicator.gamma().tolist()]),
+            "apt_indicator_steps": str(self.indicator.step),
+        }
+        if a.loss_type == "dco":
+            md["apt_dco_beta"] = str(a.dco_beta)
+        return md
+
+
+def apt_step(args, ctx, batch, apt: APT):
+    """One micro-batch with APT (or DCO). Returns (loss, logs); the indicator is updated in place."""
+    from library import train_util
+    from library.conditioning import sdxl_time_ids, unet_forward
+
+    model, accelerator = ctx.model, ctx.accelerator
+    device, weight_dtype = accelerator.device, ctx.weight_dtype
+    comps = apt.components
+    bsz = len(batch["captions"])
+    is_reg = batch["is_reg"].to(device)
+
+    # t first: augmentation depends on γ of t's bin (the state before this step)
+    timesteps = train_util.sample_timesteps(args, model.noise_scheduler, bsz, device)
+    gamma = apt.indicator.gamma_for(timesteps).to(device)
+    aug_mask = torch.zeros(bsz, dtype=torch.bool, device=device)
+    p_aug = torch.zeros(bsz, device=device)
+    if "ata" in comps:
+        p_aug = torch.where(is_reg, torch.zeros_like(gamma), gamma).clamp(0.0, apt.augment.p_max)
+        if apt.aug_space == "pixel":
+            images, aug_mask = apt.augment(batch["images"].to(device), p_aug, "pixel")
+            batch = dict(batch, images=images)
+            latents = ctx.encode_latents(batch)
+        else:
+            latents, aug_mask = apt.augment(ctx.encode_latents(batch), p_aug, "latent", fill_latent=apt.fill_latent)
+    else:
+        latents = ctx.encode_latents(batch)
+
+    noise = train_util.sample_noise(args, latents)
+    noisy = train_util.add_noise(args, model.noise_scheduler, latents, noise, timesteps).to(weight_dtype)
+    target = train_util.get_target(model.noise_scheduler, latents, noise, timesteps).float()
+    time_ids = None
+    if model.is_sdxl:  # size conditioning is left unchanged by the augmentation (§2.2)
+        time_ids = sdxl_time_ids(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]).to(device, weight_dtype)
+
+    captions = batch["captions"]
+    prior_captions = class_prompts(captions, batch["class_tokens"], batch["prior_class_tokens"])
+
+    # prior pass: the base model (LoRA multiplier 0 on UNet and text encoders), class prompt c, no grad
+    with torch.no_grad(), ctx.network.multiplier_override(0.0):
+        cond_prior = ctx.encode_text(prior_captions)
+        with apt.capture_ctx("prior") as rec_prior, accelerator.autocast():
+            pred_prior = unet_forward(model, noisy, timesteps, cond_prior, time_ids).float()
+
+    # fine-tuned pass: LoRA on, prompt c*, with grad
+    cond = ctx.encode_text(captions)
+    with apt.capture_ctx("ft") as rec_ft, accelerator.autocast():
+        pred = unet_forward(model, noisy, timesteps, cond, time_ids).float()
+
+    # per-sample MSE of both passes: the indicator's inputs, unweighted (§2.1)
+    mse_ft = train_util.per_sample_loss(pred, target, "l2")
+    mse_prior = train_util.per_sample_loss(pred_prior, target, "l2")
+
+    if args.loss_type == "dco":  # DCO on subject samples; reg samples keep the plain loss (prior preservation)
+        loss_dm = torch.where(is_reg, mse_ft, dco_loss(mse_ft, mse_prior, args.dco_beta))
+        loss_dm = loss_dm * batch["loss_weights"].to(device)
+    else:
+        huber_c = train_util.get_huber_c(args, timesteps, model.noise_scheduler)
+        loss_dm = mse_ft if args.loss_type == "l2" else train_util.per_sample_loss(pred, target, args.loss_type, huber_c)
+        loss_dm = train_util.post_process_loss(loss_dm * batch["loss_weights"].to(device), args, timesteps,
+                                               model.noise_scheduler)
+
+    weights = adaptive_weights(gamma, is_reg) if "ata" in comps else None
+    l_mu = l_sigma = l_attn = None
+    if "rs" in comps:
+        l_mu, l_sigma = rs_losses(rec_ft.stats, rec_prior.stats)
+    if "aa" in comps:
+        pi = None
+        if list(captions) != list(prior_captions):
+            pis = alignment_for_batch(model.tokenizers, captions, prior_captions, args.apt_identifier_align,
+                                      args.max_token_length, batch["class_tokens"], batch["prior_class_tokens"])
+            pi = unet_alignment(pis)
+        l_attn = attn_loss(rec_ft.attn, rec_prior.attn, pi, rec_ft.num_heads)
+    loss = total_loss(loss_dm, weights, l_mu, l_sigma, l_attn, args.apt_lambda_dist, args.apt_lambda_attn)
+
+    apt.indicator.sync_update(accelerator, timesteps, mse_prior.detach(), mse_ft.detach(), is_reg)
+
+    logs = {
+        "apt/L_theta": mse_ft.mean().item(),
+        "apt/L_phi": mse_prior.mean().item(),
+        "apt/delta_noise": (pred.detach() - pred_prior).pow(2).mean().item(),
+        "apt/gamma_mean_batch": gamma.mean().item(),
+        "apt/p_aug": p_aug.mean().item(),
+        "apt/aug_fraction": aug_mask.float().mean().item(),
+    }
+    if l_mu is not None:
+        logs["apt/L_mu"], logs["apt/L_sigma"] = l_mu.item(), l_sigma.item()
+    if l_attn is not None:
+        logs["apt/L_attn"] = l_attn.item()
+    return loss, logs

@@ -1,0 +1,103 @@
+"""The full training state (for `--save_state` / `--resume`): save it atomically, load it back exactly.
+
+A state folder holds everything that decides the rest of a run, so that N steps straight and
+N/2 + resume + N/2 give the same LoRA:
+
+    network.safetensors     LoRA weights in float32 (kohya keys), whatever --save_precision says
+    optimizer.pt            optimizer.state_dict()          (torch.save; loaded with weights_only=True)
+    lr_scheduler.pt         lr_scheduler.state_dict()
+    rng.pt                  torch CPU (and CUDA) RNG, Python `random`, NumPy
+    apt.safetensors         APT indicator state and γ history (when APT runs)
+    train_state.json        step, epoch, batches done in the epoch, seed
+
+The folder is written under a temporary name and renamed when complete, so a crash never leaves a
+half-written state that `--resume` would trust.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_VERSION = 1
+
+
+class StateError(Exception):
+    """A user-facing error about a state folder (missing, incomplete, from another run)."""
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    np_state = np.random.get_state()
+    state["numpy"] = (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_state(folder: str, *, network, optimizer, lr_scheduler, step: int, epoch: int, batches_done: int, seed: int,
+               apt_state: dict | None = None, overwrite: bool = False) -> str:
+    """Write a complete state folder atomically. Refuses an existing folder unless `overwrite`."""
+    if os.path.exists(folder) and not overwrite:
+        raise FileExistsError(f"state folder exists: {folder}; pass --overwrite to replace it")
+    tmp = f"{folder}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in network.state_dict().items()},
+              os.path.join(tmp, "network.safetensors"))
+    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "lr_scheduler.pt"))
+    torch.save(_rng_state(), os.path.join(tmp, "rng.pt"))
+    if apt_state:
+        save_file({k: v.contiguous() for k, v in apt_state.items()}, os.path.join(tmp, "apt.safetensors"))
+    with open(os.path.join(tmp, "train_state.json"), "w", encoding="utf-8") as f:
+        json.dump({"version": STATE_VERSION, "step": step, "epoch": epoch, "batches_done": batches_done, "seed": seed}, f)
+    if os.path.exists(folder):
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+def read_state_info(folder: str) -> dict:
+    """train_state.json of a state folder (step, epoch, batches_done, seed)."""
+    info_path = os.path.join(folder, "train_state.json")
+    if not os.path.isdir(folder):
+        raise StateError(f"--resume {folder}: no such folder (pass a <name>-step<N>-state folder written by --save_state)")
+    if not os.path.exists(info_path):
+        raise StateError(f"--resume {folder}: train_state.json is missing; this is not a complete state folder")
+    with open(info_path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_state(folder: str, *, network, optimizer, lr_scheduler, apt=None) -> dict:
+    """Restore a state folder into the given objects (and the RNGs); returns train_state.json's dict."""
+    info = read_state_info(folder)
+    sd = load_file(os.path.join(folder, "network.safetensors"))
+    missing, unexpected = network.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise StateError(f"--resume {folder}: the saved LoRA does not match this network ({len(missing)} missing, "
+                         f"{len(unexpected)} unexpected keys, e.g. {(missing or unexpected)[:2]}); "
+                         "resume with the same --network_dim/--network_args/model as the saved run")
+    optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True))
+    lr_scheduler.load_state_dict(torch.load(os.path.join(folder, "lr_scheduler.pt"), weights_only=True))
+    apt_path = os.path.join(folder, "apt.safetensors")
+    if apt is not None:
+        if not os.path.exists(apt_path):
+            raise StateError(f"--resume {folder}: the state has no APT indicator (the run was not trained with APT)")
+        apt.load_state_dict(load_file(apt_path))
+    _set_rng_state(torch.load(os.path.join(folder, "rng.pt"), weights_only=True))
+    return info
