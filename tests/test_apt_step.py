@@ -1,0 +1,194 @@
+"""The APT step on tiny models: agreement at step 0, gradient checkpointing, DCO, and runs of the trainer."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import train_apt_lora
+from apt_ext.step import APT, apply_preset
+from library.tiny_models import build_tiny_model, write_tiny_model
+from library.train_args import setup_parser
+from networks.lora import LoRANetwork
+
+
+def _args(*extra):
+    return setup_parser().parse_args(["--apt", *extra])
+
+
+def _batch(bsz, captions, class_tokens="sks dog", prior="dog", sdxl=False):
+    torch.manual_seed(123)
+    return {
+        "images": None, "latents": torch.randn(bsz, 4, 8, 8), "captions": captions,
+        "class_tokens": [class_tokens] * bsz, "prior_class_tokens": [prior] * bsz,
+        "is_reg": torch.zeros(bsz, dtype=torch.bool), "loss_weights": torch.ones(bsz),
+        "original_sizes_hw": torch.tensor([[64, 64]] * bsz), "crop_top_lefts": torch.zeros(bsz, 2, dtype=torch.long),
+        "target_sizes_hw": torch.tensor([[64, 64]] * bsz), "image_keys": [f"k{i}" for i in range(bsz)],
+    }
+
+
+def _ctx(arch, args, checkpointing=False):
+    model = build_tiny_model(arch)
+    network = LoRANetwork(model, lora_dim=4, alpha=4.0)
+    network.apply_to()
+    if checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        model.unet.train()
+    accelerator = Accelerator(cpu=True)
+    apt = APT(args, model, accelerator.device)
+    ctx = train_apt_lora.TrainContext(args, accelerator, model, network, torch.float32, torch.float32, None, apt)
+    return ctx, apt, network
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_step0_agrees_when_prompts_equal_and_not_otherwise(arch):
+    """LoRA up-weights start at zero: with c == c* both passes are the same model on the same input."""
+    args = _args("--cache_latents")
+    ctx, apt, _ = _ctx(arch, args)
+    same = _batch(2, ["a photo of dog", "dog on grass"], class_tokens=None, prior=None)
+    torch.manual_seed(0)
+    _, logs = train_apt_lora.training_step(args, ctx, same)
+    assert logs["apt/L_mu"] == 0.0 and logs["apt/L_sigma"] == 0.0 and logs["apt/L_attn"] == 0.0
+    assert logs["apt/L_theta"] == logs["apt/L_phi"] and logs["apt/delta_noise"] == 0.0
+    assert torch.all(apt.indicator.gamma() == 0) and apt.indicator.seen.any()
+
+    differ = _batch(2, ["a photo of sks dog", "sks dog on grass"])
+    _, logs = train_apt_lora.training_step(args, ctx, differ)
+    assert logs["apt/L_mu"] > 0 and logs["apt/L_sigma"] > 0 and logs["apt/L_attn"] > 0
+    assert logs["apt/L_theta"] != logs["apt/L_phi"]
+
+
+def test_gradient_checkpointing_gives_same_loss_and_gradients():
+    """All APT terms backpropagate the same with checkpointing on (tolerance 1e-5 relative)."""
+    args = _args("--cache_latents", "--apt_components", "rs,aa")
+    results = []
+    for ckpt in (False, True):
+        ctx, apt, network = _ctx("sd1", args, checkpointing=ckpt)
+        with torch.no_grad():  # nonzero LoRA so the fine-tuned pass differs from the prior
+            for lora in network.loras:
+                lora.lora_up.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(hash(lora.lora_name) % 2**31))
+        torch.manual_seed(5)
+        loss, logs = train_apt_lora.training_step(args, ctx, _batch(2, ["a photo of sks dog", "sks dog"]))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in network.named_parameters() if p.grad is not None}
+        results.append((loss.item(), logs, grads))
+    (l0, logs0, g0), (l1, logs1, g1) = results
+    assert logs0["apt/L_attn"] > 0 and logs0["apt/L_mu"] > 0
+    assert l1 == pytest.approx(l0, rel=1e-5)
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    nonzero = [n for n, g in g0.items() if g.abs().sum() > 0]
+    assert nonzero, "the APT losses must reach the LoRA parameters"
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-7)
+
+
+def test_regularizers_alone_have_gradients_with_checkpointing():
+    """λ terms only (no denoising loss gradient): the captured tensors must carry the graph under checkpointing."""
+    args = _args("--cache_latents", "--apt_components", "rs,aa")
+    ctx, apt, network = _ctx("sd1", args, checkpointing=True)
+    with torch.no_grad():
+        for lora in network.loras:
+            lora.lora_up.weight.fill_(0.01)
+    with apt.capture.capture("prior") as rec_p, torch.no_grad(), network.multiplier_override(0.0):
+        x = torch.randn(1, 4, 8, 8)
+        cond_p = ctx.encode_text(["a photo of dog"])
+        ctx.model.unet(x, torch.tensor([500]), cond_p.context)
+    with apt.capture.capture("ft") as rec_f:
+        cond = ctx.encode_text(["a photo of sks dog"])
+        ctx.model.unet(x, torch.tensor([500]), cond.context)
+    from apt_ext.losses import attn_loss, rs_losses
+
+    l_mu, l_sigma = rs_losses(rec_f.stats, rec_p.stats)
+    (l_mu + l_sigma + attn_loss(rec_f.attn, rec_p.attn, None, rec_f.num_heads)).backward()
+    assert sum(float(p.grad.abs().sum()) for p in network.parameters() if p.grad is not None) > 0
+
+
+def test_dco_loss_type_uses_prior_pass_without_apt():
+    args = setup_parser().parse_args(["--loss_type", "dco", "--cache_latents"])
+    ctx, apt, network = _ctx("sd1", args)
+    assert apt.components == frozenset() and apt.capture is None
+    loss, logs = train_apt_lora.training_step(args, ctx, _batch(2, ["a photo of sks dog", "sks dog"]))
+    # step 0: L_θ ≈ L_φ up to the prompt, DCO loss = softplus(β (L_θ − L_φ)) per sample
+    assert torch.isfinite(loss) and "apt/L_mu" not in logs
+    assert apt.metadata()["apt_loss_type"] == "dco" and apt.metadata()["apt_dco_beta"] == "1000.0"
+
+
+def test_preset_sets_only_defaults():
+    parser = setup_parser()
+    args = parser.parse_args(["--apt_preset", "sdxl", "--network_dim", "8"])
+    changed = apply_preset(args, {a.dest: a.default for a in parser._actions})
+    assert args.apt and args.network_dim == 8 and "network_dim" not in changed
+    assert args.network_alpha == 32.0 and args.unet_lr == 5e-5 and args.text_encoder_lr == 5e-6
+    assert args.apt_gamma_temperature == 1000.0
+
+
+# ------------------------------------------------------------------------------------------ trainer runs
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("apt")
+    model = str(root / "sd1")
+    write_tiny_model("sd1", model)
+    imgs = root / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(imgs / f"{i}.png")
+    ds = root / "ds.toml"
+    ds.write_text(f'[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = "{imgs}"\n'
+                  f'  class_tokens = "sks dog"\n')
+    return {"model": model, "dataset": str(ds)}
+
+
+def _run(world, out, *extra):
+    return train_apt_lora.main(["--pretrained_model_name_or_path", world["model"], "--dataset_config", world["dataset"],
+                                "--output_dir", str(out), "--output_name", "lora", "--network_dim", "4",
+                                "--network_alpha", "4", "--learning_rate", "3e-3", "--seed", "7", "--apt", *extra])
+
+
+def test_resume_is_exact(world, tmp_path):
+    """4 steps straight == 2 steps + --resume + 2 steps: LoRA weights and indicator state."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = ["--max_train_steps", "4", "--apt_gamma_temperature", "1000", "--lr_scheduler", "cosine"]
+    assert _run(world, straight, *common) == 0
+    assert _run(world, split, *common, "--save_every_n_steps", "2", "--save_state") == 0
+    state = split / "lora-step00000002-state"
+    assert (state / "apt.safetensors").exists() and json.loads((state / "train_state.json").read_text())["step"] == 2
+    resumed = tmp_path / "resumed"
+    assert _run(world, resumed, *common, "--resume", str(state)) == 0
+    a, b = load_file(str(straight / "lora.safetensors")), load_file(str(resumed / "lora.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
+    with safe_open(str(straight / "lora.safetensors"), "pt") as f1, safe_open(str(resumed / "lora.safetensors"), "pt") as f2:
+        g1, g2 = f1.metadata()["apt_gamma_final"], f2.metadata()["apt_gamma_final"]
+        assert g1 == g2 and f1.metadata()["apt_indicator_steps"] == f2.metadata()["apt_indicator_steps"] == "4"
+
+
+def test_apt_run_writes_heatmap_metadata_and_logs(world, tmp_path):
+    out = tmp_path / "out"
+    assert _run(world, out, "--max_train_steps", "3", "--apt_components", "ata,aa", "--logging_dir", str(tmp_path / "logs"),
+                "--apt_identifier_align", "drop") == 0
+    assert (out / "lora_gamma.png").exists()
+    with safe_open(str(out / "lora.safetensors"), "pt") as f:
+        md = f.metadata()
+    assert md["apt_components"] == "ata,aa" and md["apt_identifier_align"] == "drop"
+    assert len(json.loads(md["apt_gamma_final"])) == 10
+    runs = os.listdir(tmp_path / "logs")
+    assert runs and any(f.startswith("events.out.tfevents") for r in runs for _, _, fs in os.walk(tmp_path / "logs" / r) for f in fs)
+
+
+def test_single_word_class_tokens_is_a_config_error(world, tmp_path, capsys):
+    ds = tmp_path / "ds.toml"
+    imgs = os.path.dirname(world["dataset"]) + "/imgs"
+    ds.write_text(f'[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = "{imgs}"\n  class_tokens = "sks"\n')
+    rc = train_apt_lora.main(["--pretrained_model_name_or_path", world["model"], "--dataset_config", str(ds),
+                              "--output_dir", str(tmp_path / "o"), "--apt", "--max_train_steps", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "prior_class_tokens" in err and "datasets[0].subsets[0]" in err
