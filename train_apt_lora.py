@@ -10,6 +10,7 @@ One training step lives in `training_step` below: the plain DreamBooth-LoRA loss
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -58,6 +59,14 @@ def plain_step(args, ctx, batch):
     loss = loss * batch["loss_weights"].to(device)
     loss = train_util.post_process_loss(loss, args, timesteps, model.noise_scheduler)
     return loss.mean(), {}
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT/SIGTERM after saving; carries the exit code (128 + signal)."""
+
+    def __init__(self, exit_code):
+        super().__init__(exit_code)
+        self.exit_code = exit_code
 
 
 class TrainContext:
@@ -121,6 +130,14 @@ def verify_args(args):
         args.output_name = "last"
     if args.logging_dir and args.log_with is None:
         args.log_with = "tensorboard"
+    if args.resume == "latest":
+        from library.interrupt import find_latest_state
+
+        latest = find_latest_state(args.output_dir, args.output_name)
+        if latest is None:
+            raise TrainingSetupError(f"--resume latest: no saved state (<name>-state folder) in {args.output_dir}")
+        logger.info("--resume latest: %s", latest)
+        args.resume = latest
     if args.resume and not os.path.isdir(args.resume):
         raise TrainingSetupError(f"--resume {args.resume}: no such folder (pass a <name>-step<N>-state folder written by --save_state)")
 
@@ -150,7 +167,8 @@ def train(args):
 
     from library import config_util, dataset as dataset_lib, metadata as metadata_lib, train_util
     from library.conditioning import TextEncoderCache
-    from library.distributed import all_reduce_gradients
+    from library.distributed import all_reduce_gradients, any_rank
+    from library.interrupt import GracefulInterrupt
     from library.train_state import load_state, read_state_info, save_state
     from library.model_util import load_model
     from networks import lora as lora_lib
@@ -267,7 +285,7 @@ def train(args):
         num_batches_per_epoch=len(data), num_epochs=num_epochs, max_train_steps=args.max_train_steps)
     save_dtype = train_util.save_dtype(args)
 
-    def save(name, step, epoch, batches_done):
+    def save(name, step, epoch, batches_done, with_state=False):
         path = os.path.join(args.output_dir, name)
         md = metadata_lib.update_on_save(metadata, steps=step, epoch=epoch)
         md = metadata_lib.minimal(md) if args.no_metadata else md
@@ -280,7 +298,7 @@ def train(args):
                 save_gamma_heatmap(apt.history, os.path.splitext(path)[0] + "_gamma.png")
         network.save_weights(path, save_dtype, md, overwrite=args.overwrite)
         accelerator.print(f"saved {path}")
-        if args.save_state:
+        if args.save_state or with_state:
             state_dir = os.path.join(args.output_dir, os.path.splitext(name)[0] + "-state")
             save_state(state_dir, network=network, optimizer=optimizer, lr_scheduler=lr_scheduler, step=step,
                        epoch=epoch, batches_done=batches_done, seed=args.seed,
@@ -311,57 +329,91 @@ def train(args):
                       f"{num_epochs} epochs, {args.max_train_steps} optimizer steps, {optimizer_name}")
 
     # --- the loop ---------------------------------------------------------------------------------
-    loss_sum, loss_count = 0.0, 0
+    loss_sum, loss_count, bad_steps, window_bad = 0.0, 0, 0, False
     progress = tqdm(total=args.max_train_steps, initial=step, desc="steps", disable=not is_main, smoothing=0.1)
     if step == 0:
         maybe_sample(0, 0)
-    epoch = start_epoch
-    for epoch in range(start_epoch, num_epochs + 1):
-        data.set_current_epoch(epoch)
-        loader.set_epoch(epoch)  # the batch order of an epoch depends on (seed, epoch) only: resumable
-        batches = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
-        batches_done, skip_batches = skip_batches, 0
-        for batch in batches:
-            batches_done += 1
-            with accelerator.accumulate(network):
-                loss, logs = training_step(args, ctx, batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    all_reduce_gradients(trainable, accelerator)
-                    if args.max_grad_norm:
-                        accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            loss_value = loss.detach().item()
-            loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
-            progress.update(1)
-            postfix = dict(loss=f"{loss_value:.4f}", avg=f"{loss_sum / loss_count:.4f}")
-            if apt is not None:
-                apt.record(step)
-                logs.update(apt.indicator.logs())
-                postfix["gamma"] = f"{apt.indicator.gamma()[apt.indicator.seen].mean().nan_to_num().item():.3f}"
-            progress.set_postfix(postfix)
-            if args.log_with:
-                lrs = lr_scheduler.get_last_lr()
-                accelerator.log({"loss/current": loss_value, "loss/average": loss_sum / loss_count,
-                                 **{f"lr/{g.get('name', i)}": lr for i, (g, lr) in enumerate(zip(optimizer.param_groups, lrs))},
-                                 **logs}, step=step)
-            if is_main and args.save_every_n_steps and step % args.save_every_n_steps == 0 and step < args.max_train_steps:
-                save(train_util.ckpt_name(args.output_name, step=step), step, epoch, batches_done)
-            maybe_sample(step, epoch)
+    epoch, batches_done, interrupted = start_epoch, skip_batches, False
+    with GracefulInterrupt() as stop:
+        # epochs run until max_train_steps optimizer steps are done (skipped NaN steps add batches)
+        for epoch in itertools.count(start_epoch):
+            data.set_current_epoch(epoch)
+            loader.set_epoch(epoch)  # the batch order of an epoch depends on (seed, epoch) only: resumable
+            batches = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
+            batches_done, skip_batches = skip_batches, 0
+            for batch in batches:
+                batches_done += 1
+                with accelerator.accumulate(network):
+                    loss, logs = training_step(args, ctx, batch)
+                    if torch.isfinite(loss):
+                        accelerator.backward(loss)
+                    else:  # NaN/inf: no backward; the whole accumulation window is skipped below
+                        window_bad = True
+                        logger.warning("non-finite loss at step %d (images: %s)", step + 1, ", ".join(batch["image_keys"]))
+                    if accelerator.sync_gradients:
+                        window_bad = any_rank(window_bad, accelerator)  # every rank skips, or none
+                        if not window_bad:
+                            all_reduce_gradients(trainable, accelerator)  # then the norm is the same on every rank
+                            norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm or float("inf"))  # unscales fp16
+                            # fp16: the grad scaler skips overflowing steps itself and lowers its scale
+                            window_bad = accelerator.scaler is None and not bool(torch.isfinite(norm))
+                            if window_bad:
+                                logger.warning("non-finite gradients at step %d (images: %s)", step + 1,
+                                               ", ".join(batch["image_keys"]))
+                        if not window_bad:
+                            optimizer.step()
+                            lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if not accelerator.sync_gradients:
+                    continue
+                if window_bad:  # skipped: the step does not count; too many of them stop the run
+                    window_bad, bad_steps = False, bad_steps + 1
+                    if bad_steps >= args.max_bad_steps:
+                        raise train_util.TrainingSetupError(
+                            f"{bad_steps} steps skipped for NaN/inf loss or gradients (--max_bad_steps {args.max_bad_steps}). "
+                            "Likely causes: an fp16 VAE overflowing (use --no_half_vae or --mixed_precision bf16), "
+                            "or a learning rate too high (lower --learning_rate / --unet_lr)")
+                    continue
+                step += 1
+                loss_value = loss.detach().item()
+                loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
+                progress.update(1)
+                postfix = dict(loss=f"{loss_value:.4f}", avg=f"{loss_sum / loss_count:.4f}")
+                if apt is not None:
+                    apt.record(step)
+                    logs.update(apt.indicator.logs())
+                    postfix["gamma"] = f"{apt.indicator.gamma()[apt.indicator.seen].mean().nan_to_num().item():.3f}"
+                progress.set_postfix(postfix)
+                if args.log_with:
+                    lrs = lr_scheduler.get_last_lr()
+                    accelerator.log({"loss/current": loss_value, "loss/average": loss_sum / loss_count, "loss/bad_steps": bad_steps,
+                                     **{f"lr/{g.get('name', i)}": lr for i, (g, lr) in enumerate(zip(optimizer.param_groups, lrs))},
+                                     **logs}, step=step)
+                if stop.requested(accelerator) and step < args.max_train_steps:
+                    interrupted = True
+                    break
+                if is_main and args.save_every_n_steps and step % args.save_every_n_steps == 0 and step < args.max_train_steps:
+                    save(train_util.ckpt_name(args.output_name, step=step), step, epoch, batches_done)
+                maybe_sample(step, epoch)
+                if step >= args.max_train_steps:
+                    break
+            if interrupted:
+                break
+            if is_main and args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 and epoch < num_epochs:
+                save(train_util.ckpt_name(args.output_name, epoch=epoch), step, epoch + 1, 0)
+            maybe_sample(step, epoch, at_epoch_end=True)
             if step >= args.max_train_steps:
                 break
-        if is_main and args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 and epoch < num_epochs:
-            save(train_util.ckpt_name(args.output_name, epoch=epoch), step, epoch + 1, 0)
-        maybe_sample(step, epoch, at_epoch_end=True)
-        if step >= args.max_train_steps:
-            break
-    progress.close()
+        progress.close()
+        if interrupted:
+            accelerator.wait_for_everyone()
+            name = train_util.ckpt_name(args.output_name, step=step)
+            if is_main:
+                save(name, step, epoch, batches_done, with_state=True)
+            state_dir = os.path.join(args.output_dir, os.path.splitext(name)[0] + "-state")
+            accelerator.print(f"interrupted at step {step}: saved {os.path.join(args.output_dir, name)} and {state_dir}.\n"
+                              f"Continue with the same command plus --resume {state_dir} (or --resume latest)")
+            raise Interrupted(stop.exit_code)
 
     accelerator.wait_for_everyone()
     if is_main:
@@ -412,8 +464,11 @@ def main(argv=None) -> int:
             FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        return e.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("stopped at once by a second signal: files on disk are complete (saves are atomic); "
+              "resume from the last saved state with --resume latest", file=sys.stderr)
         return 130
     return 0
 

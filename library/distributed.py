@@ -28,3 +28,12 @@ def all_reduce_gradients(params, accelerator) -> None:
         n = g.numel()
         g.copy_(flat[offset : offset + n].view_as(g))
         offset += n
+
+
+def any_rank(flag: bool, accelerator) -> bool:
+    """True on every process if `flag` is True on any (so that all ranks skip, stop or save together)."""
+    if accelerator.num_processes <= 1:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())

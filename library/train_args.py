@@ -86,6 +86,8 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--xformers", action="store_true", help="xformers attention (CUDA; requirements-gpu.txt)")
     g.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping; 0 disables")
+    g.add_argument("--max_bad_steps", type=int, default=10,
+                   help="steps with a NaN/inf loss or gradient are skipped; after this many the run stops")
     g.add_argument("--noise_offset", type=float, default=None)
     g.add_argument("--noise_offset_random_strength", action="store_true")
     g.add_argument("--adaptive_noise_scale", type=float, default=None)
@@ -192,7 +194,8 @@ def _state_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training state and resume")
     g.add_argument("--save_state", action="store_true",
                    help="with every LoRA save, also save the training state (<name>-step<N>-state folder) for --resume")
-    g.add_argument("--resume", type=str, default=None, help="continue exactly from a saved state folder")
+    g.add_argument("--resume", type=str, default=None,
+                   help='continue exactly from a saved state folder; "latest": the newest one in --output_dir')
 
 
 def setup_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,86 @@
+"""Ctrl-C and SIGTERM during training: finish the step, save, and say how to resume.
+
+The first SIGINT/SIGTERM only sets a flag; the training loop checks it after each optimizer step, saves
+the LoRA and the full training state, and exits. A second signal raises KeyboardInterrupt at once:
+every file is written to a temporary name and renamed, so stopping in the middle of a save leaves the
+previous complete files, never a truncated one.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+logger = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class GracefulInterrupt:
+    """`with GracefulInterrupt() as stop: ... if stop.requested(accelerator): save and exit`."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def _handler(self, signum, frame):
+        if self.signum is not None:
+            logger.warning("second %s: stopping at once (files on disk are complete: saves are atomic)",
+                           signal.Signals(signum).name)
+            raise KeyboardInterrupt
+        self.signum = signum
+        logger.warning("%s received: finishing this step, then saving the LoRA and the training state "
+                       "(send it again to stop at once)", signal.Signals(signum).name)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in SIGNALS:
+                self._previous[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous = {}
+        return False
+
+    def requested(self, accelerator=None) -> bool:
+        """True once a signal came, on every process as soon as one of them got it (ranks stop together)."""
+        from library.distributed import any_rank
+
+        flag = self.signum is not None
+        if accelerator is not None:
+            flag = any_rank(flag, accelerator)
+            if flag and self.signum is None:
+                self.signum = signal.SIGTERM
+        return flag
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum) if self.signum is not None else 0
+
+
+def find_latest_state(output_dir: str, output_name: str | None = None) -> str | None:
+    """The newest complete state folder (`*-state` with train_state.json) in `output_dir`, by step then time."""
+    import json
+
+    if not os.path.isdir(output_dir):
+        return None
+    best = None
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        info = os.path.join(path, "train_state.json")
+        if not name.endswith("-state") or not os.path.isfile(info):
+            continue
+        if output_name and not name.startswith(output_name):
+            continue
+        try:
+            with open(info, encoding="utf-8") as f:
+                step = int(json.load(f)["step"])
+        except (OSError, ValueError, KeyError):
+            continue
+        key = (step, os.path.getmtime(info))
+        if best is None or key > best[0]:
+            best = (key, path)
+    return best[1] if best else None

@@ -1,0 +1,92 @@
+"""Ctrl-C / SIGTERM: the run finishes its step, saves LoRA and state, says how to resume; --resume latest continues."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors import safe_open
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from library.tiny_models import write_tiny_model
+
+    root = tmp_path_factory.mktemp("sig")
+    write_tiny_model("sd1", str(root / "model"))
+    imgs = root / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(imgs / f"{i}.png")
+    (root / "ds.toml").write_text(f'[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = "{imgs}"\n'
+                                  f'  class_tokens = "sks dog"\n')
+    return root
+
+
+def _cmd(root, out, *extra):
+    return [sys.executable, os.path.join(ROOT, "train_apt_lora.py"), "--pretrained_model_name_or_path", str(root / "model"),
+            "--dataset_config", str(root / "ds.toml"), "--output_dir", str(out), "--output_name", "lora",
+            "--network_dim", "4", "--seed", "3", "--apt", "--cache_latents", *extra]
+
+
+def _start_and_signal(cmd, signals, after_s=3.0):
+    """Start training, wait until its loop runs (the plan line on stdout, then `after_s`), send the signals;
+    return (rc, all output)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    text, deadline = "", time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        line = p.stdout.readline()
+        text += line
+        if "optimizer steps" in line:
+            break
+    time.sleep(after_s)
+    for s in signals:
+        p.send_signal(s)
+        time.sleep(0.05)
+    rest, _ = p.communicate(timeout=120)
+    return p.returncode, text + rest
+
+
+def test_sigint_saves_state_and_resume_latest_continues(setup, tmp_path):
+    out = tmp_path / "out"
+    rc, text = _start_and_signal(_cmd(setup, out, "--max_train_steps", "2000"), [signal.SIGINT])
+    assert rc == 128 + signal.SIGINT, text[-2000:]
+    states = [d for d in os.listdir(out) if d.endswith("-state")]
+    assert len(states) == 1 and "--resume" in text and "latest" in text
+    info = json.loads((out / states[0] / "train_state.json").read_text())
+    step = info["step"]
+    assert 1 <= step < 2000
+    lora = out / f"lora-step{step:08d}.safetensors"
+    with safe_open(str(lora), "pt") as f:
+        assert f.metadata()["ss_steps"] == str(step)
+    # continue to a total of step + 2 steps from the newest state
+    rc = subprocess.run(_cmd(setup, out, "--max_train_steps", str(step + 2), "--resume", "latest"), cwd=ROOT,
+                        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=180)
+    assert rc.returncode == 0, rc.stderr[-2000:]
+    assert "resumed from" in rc.stdout
+    with safe_open(str(out / "lora.safetensors"), "pt") as f:
+        assert f.metadata()["ss_steps"] == str(step + 2)
+        assert int(f.metadata()["apt_indicator_steps"]) == step + 2
+
+
+def test_sigterm_twice_stops_at_once_and_leaves_only_complete_files(setup, tmp_path):
+    out = tmp_path / "out"
+    rc, text = _start_and_signal(_cmd(setup, out, "--max_train_steps", "2000", "--save_every_n_steps", "1",
+                                      "--save_state"), [signal.SIGTERM, signal.SIGTERM])
+    assert rc in (128 + signal.SIGTERM, 130), text[-2000:]
+    assert "Traceback" not in text
+    for name in os.listdir(out):
+        path = out / name
+        if name.endswith(".safetensors"):
+            with safe_open(str(path), "pt") as f:  # every LoRA left behind loads
+                assert len(list(f.keys())) > 0
+        elif name.endswith("-state"):
+            assert (path / "train_state.json").exists() and (path / "network.safetensors").exists()
