@@ -169,6 +169,7 @@ def train(args):
     from library.conditioning import TextEncoderCache
     from library.distributed import all_reduce_gradients, any_rank
     from library.interrupt import GracefulInterrupt
+    from library.safe_io import remove_stale_temp_files
     from library.train_state import load_state, read_state_info, save_state
     from library.model_util import load_model
     from networks import lora as lora_lib
@@ -225,6 +226,9 @@ def train(args):
         raise train_util.TrainingSetupError(f"output file exists: {existing[0]} ({len(existing)} in all). "
                                             "Choose another --output_name or --output_dir, or pass --overwrite to replace them")
     os.makedirs(args.output_dir, exist_ok=True)
+    if accelerator.is_main_process:
+        for what in remove_stale_temp_files(args.output_dir):  # left by a run killed in the middle of a save
+            logger.info("cleanup: %s", what)
 
     device = accelerator.device
     model.vae.to(device, vae_dtype)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import tempfile
 
 import safetensors.torch
@@ -80,7 +81,7 @@ def _atomic_write(path, overwrite: bool, write_fn) -> None:
     check_writable(path, overwrite)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     try:
         write_fn(tmp)
@@ -175,3 +176,47 @@ def model_hashes(path) -> tuple[str | None, str | None]:
         for chunk in iter(lambda: f.read(_BLOCK), b""):
             full.update(chunk)
     return old, full.hexdigest()
+
+
+_TEMP_FILE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")  # _atomic_write's temp files
+_TEMP_DIR = re.compile(r"^(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")  # train_state's folders, heatmap temp files
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder) -> list[str]:
+    """Clean up after a process killed in the middle of a save (SIGKILL, power loss): delete the temp files and
+    folders of dead processes, and put back an old state folder that was moved aside but not yet replaced.
+    Returns what was removed or restored. Temp names carry the writer's pid, so a live writer is never touched."""
+    import shutil
+
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return []
+    done = []
+    for entry in sorted(os.listdir(folder)):
+        path = os.path.join(folder, entry)
+        m = _TEMP_FILE.match(entry) or _TEMP_DIR.match(entry)
+        if not m or _alive(int(m.group("pid"))):
+            continue
+        target = os.path.join(folder, m.group("name"))
+        if m.groupdict().get("kind") == "old" and not os.path.exists(target):
+            os.replace(path, target)  # killed between "move old aside" and "rename new in": the old one is complete
+            done.append(f"restored {target}")
+        elif os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"removed {path}")
+        else:
+            os.unlink(path)
+            done.append(f"removed {path}")
+    return done

@@ -10,8 +10,10 @@ N/2 + resume + N/2 give the same LoRA:
     apt.safetensors         APT indicator state and γ history (when APT runs)
     train_state.json        step, epoch, batches done in the epoch, seed
 
-The folder is written under a temporary name and renamed when complete, so a crash never leaves a
-half-written state that `--resume` would trust.
+The folder is written under a temporary name (files flushed) and renamed when complete, so a crash never
+leaves a half-written state that `--resume` would trust. Replacing a state (`--overwrite`) first moves the
+old folder aside (`.old-<pid>`), then renames the new one in, then deletes the old: a kill in between
+leaves the old complete state under that name.
 """
 from __future__ import annotations
 
@@ -49,6 +51,21 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _fsync_tree(folder: str) -> None:
+    """Flush every file and the folder itself, so the rename publishes complete data."""
+    for name in os.listdir(folder):
+        fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_state(folder: str, *, network, optimizer, lr_scheduler, step: int, epoch: int, batches_done: int, seed: int,
                apt_state: dict | None = None, overwrite: bool = False) -> str:
     """Write a complete state folder atomically. Refuses an existing folder unless `overwrite`."""
@@ -66,9 +83,14 @@ def save_state(folder: str, *, network, optimizer, lr_scheduler, step: int, epoc
         save_file({k: v.contiguous() for k, v in apt_state.items()}, os.path.join(tmp, "apt.safetensors"))
     with open(os.path.join(tmp, "train_state.json"), "w", encoding="utf-8") as f:
         json.dump({"version": STATE_VERSION, "step": step, "epoch": epoch, "batches_done": batches_done, "seed": seed}, f)
-    if os.path.exists(folder):
-        shutil.rmtree(folder)
+    _fsync_tree(tmp)
+    old = None
+    if os.path.exists(folder):  # keep the old state until the new one is in place
+        old = f"{folder}.old-{os.getpid()}"
+        os.replace(folder, old)
     os.replace(tmp, folder)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
