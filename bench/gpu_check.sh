@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# GPU step benchmark in one go: SD1.5 at 512 px and SDXL at 1024 px (random weights, bf16, batch 1, LoRA rank 32 on
+# UNet + text encoders, AdamW), with and without gradient checkpointing. Run from the repository root:
+#
+#   bash bench/gpu_check.sh                 # writes $OUT/step_time-gpu.md (OUT defaults to bench/results)
+#   bash bench/gpu_check.sh --dry-run       # no GPU needed: the same flow on the tiny CPU configs, 1 step each,
+#                                           # into $OUT/step_time-dryrun.md (OUT defaults to a temporary folder)
+#
+# What it does:
+#   1. Prints the machine (nvidia-smi, torch, CUDA) into env.txt (in $OUT when set, else a temporary folder).
+#   2. Makes sure the Python requirements import. The preinstalled torch is never touched: a pip install pins it
+#      with a constraint (torch==<installed version>). On a machine without a package index, put wheels in .whl/
+#      first (pure-Python ones suffice for a CUDA image that has torch/transformers/accelerate), e.g. here:
+#        echo /.whl/ >> .git/info/exclude
+#        python -m pip download --no-deps -d .whl diffusers==0.42.1 toml==0.10.2
+#      and they are installed with --no-index --no-deps into /tmp/apt-lora-site.
+#   3. Runs `python -m bench.step_time --configs sd15,sdxl --out $OUT/step_time-gpu.md`, each config and
+#      gradient-checkpointing setting in its own process with a timeout (STEP_TIMEOUT seconds, default 240).
+#
+# Environment: OUT (output folder), STEPS (timed steps, default 10), WARMUP (default 3), STEP_TIMEOUT,
+# CONFIGS (default sd15,sdxl), PYTHON (default python3, else python).
+# Exit code: 0 when every config produced a row, 1 when one failed or timed out (the table still says which).
+set -uo pipefail
+
+DRY_RUN=0
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+    *) echo "unknown argument: $arg (use --dry-run or --help)" >&2; exit 2 ;;
+  esac
+done
+
+cd "$(dirname "$0")/.." || exit 2
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
+if [ -n "${OUT:-}" ]; then
+  LOGS="$OUT"                                   # e.g. the device machine's $OUT: everything comes back
+elif [ "$DRY_RUN" = 1 ]; then
+  OUT="$(mktemp -d)"; LOGS="$OUT"               # a dry run leaves nothing in the repository
+else
+  OUT=bench/results; LOGS="$(mktemp -d)"        # the table where the results live, the logs aside
+fi
+STEPS="${STEPS:-10}"
+WARMUP="${WARMUP:-3}"
+STEP_TIMEOUT="${STEP_TIMEOUT:-240}"
+CONFIGS="${CONFIGS:-sd15,sdxl}"
+RESULT="$OUT/step_time-gpu.md"
+EXTRA=()
+if [ "$DRY_RUN" = 1 ]; then
+  CONFIGS="tiny-sd1,tiny-sdxl"; STEPS=1; WARMUP=1
+  RESULT="$OUT/step_time-dryrun.md"
+  EXTRA=(--threads 1)
+fi
+mkdir -p "$OUT" "$LOGS"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DIFFUSERS_OFFLINE=1
+
+# 1. the machine
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "python: $PYTHON ($("$PYTHON" --version 2>&1))"
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
+  else
+    echo "nvidia-smi: not found"
+  fi
+  "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())" 2>&1
+} | tee "$LOGS/env.txt"
+
+# 2. the requirements, without touching torch
+need_check() {
+  "$PYTHON" - <<'EOF'
+import importlib, sys
+missing = []
+for name in ("torch", "diffusers", "transformers", "accelerate", "safetensors", "toml", "tqdm", "PIL", "numpy"):
+    try:
+        importlib.import_module(name)
+    except Exception as e:  # ImportError, or a broken install
+        missing.append(f"{name} ({type(e).__name__}: {e})")
+print("\n".join(missing))
+sys.exit(1 if missing else 0)
+EOF
+}
+if ! missing="$(need_check)"; then
+  echo "missing Python packages: $missing"
+  TORCH_VERSION="$("$PYTHON" -c 'import torch; print(torch.__version__)' 2>/dev/null || true)"
+  if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    echo "installing the wheels in .whl/ (no index, no dependencies) into /tmp/apt-lora-site"
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/apt-lora-site .whl/*.whl
+    export PYTHONPATH="/tmp/apt-lora-site${PYTHONPATH:+:$PYTHONPATH}"
+  else
+    CONSTRAINT="$(mktemp)"
+    [ -n "$TORCH_VERSION" ] && echo "torch==$TORCH_VERSION" > "$CONSTRAINT"
+    echo "pip install -r requirements.txt (torch pinned to the installed ${TORCH_VERSION:-none})"
+    "$PYTHON" -m pip install -q --retries 1 --timeout 20 -r requirements.txt -c "$CONSTRAINT"
+    rm -f "$CONSTRAINT"
+  fi
+  if ! missing="$(need_check)"; then
+    echo "still missing after the install: $missing" | tee -a "$LOGS/env.txt"
+    exit 2
+  fi
+fi
+"$PYTHON" -c "import diffusers, transformers, accelerate; print('diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)" | tee -a "$LOGS/env.txt"
+
+# 3. the benchmark
+if [ "$DRY_RUN" = 0 ] && ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "no CUDA device: run with --dry-run to check the flow on CPU" | tee -a "$LOGS/env.txt"
+  exit 2
+fi
+echo "python -m bench.step_time --configs $CONFIGS --steps $STEPS --warmup $WARMUP --timeout $STEP_TIMEOUT ${EXTRA[*]:-} --out $RESULT"
+"$PYTHON" -m bench.step_time --configs "$CONFIGS" --steps "$STEPS" --warmup "$WARMUP" --timeout "$STEP_TIMEOUT" \
+  ${EXTRA[@]+"${EXTRA[@]}"} --out "$RESULT" 2> >(tee "$LOGS/step_time.log" >&2)
+status=$?
+echo "exit code $status; table in $RESULT, logs in $LOGS"
+exit $status

@@ -1,0 +1,73 @@
+"""One process of a multi-process training run (tests/test_multiprocess.py), started by `accelerate launch`.
+
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 tests/helpers/run_rank.py \
+        --rank_out DIR <train_apt_lora.py arguments>
+
+Parses the trainer's arguments as `train_apt_lora.py` does (`setup_parser()` + `parse_args_with_config`), runs
+`train_apt_lora.train(args)`, and saves this rank's LoRA `network.state_dict()` to `DIR/rank{RANK}.safetensors`, and
+the state dict right after `create_network` (before any step) to `DIR/rank{RANK}_init.safetensors`, and the
+`image_keys` of every batch this rank trained on to `DIR/rank{RANK}_keys.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO_ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+
+def _save(state_dict, path):
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}, path)
+
+
+def main(argv=None) -> int:
+    import train_apt_lora
+    from library.train_args import setup_parser
+    from library.train_util import parse_args_with_config
+    from networks import lora as lora_lib
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--rank_out", required=True, help="folder for rank{RANK}.safetensors")
+    ours, rest = pre.parse_known_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    os.makedirs(ours.rank_out, exist_ok=True)
+
+    create_network = lora_lib.create_network
+
+    def create_and_snapshot(model, args):  # the weights every rank starts from
+        network = create_network(model, args)
+        _save(network.state_dict(), os.path.join(ours.rank_out, f"rank{rank}_init.safetensors"))
+        return network
+
+    lora_lib.create_network = create_and_snapshot
+
+    seen = []
+    training_step = train_apt_lora.training_step
+
+    def record_and_step(args, ctx, batch):  # which images this rank's micro-batches held
+        seen.append(list(batch["image_keys"]))
+        return training_step(args, ctx, batch)
+
+    train_apt_lora.training_step = record_and_step
+    train_apt_lora.quiet_libraries()
+    args = parse_args_with_config(setup_parser(), rest)
+    network = train_apt_lora.train(args)
+    _save(network.state_dict(), os.path.join(ours.rank_out, f"rank{rank}.safetensors"))
+    with open(os.path.join(ours.rank_out, f"rank{rank}_keys.json"), "w") as f:
+        json.dump(seen, f)
+    print(f"rank {rank}: saved {os.path.join(ours.rank_out, f'rank{rank}.safetensors')}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Two training processes on CPU (gloo) under `accelerate launch`: the ranks end bit-identical.
+
+Each rank trains on its own shard of the batches; `library.distributed.all_reduce_gradients` averages the LoRA
+gradients, and every rank starts from the same seed, so the two ranks' LoRA weights must be equal bit for bit,
+and only the main process writes the LoRA files.
+
+How accelerate 1.15 starts CPU processes: `accelerate launch --cpu --num_processes 2` runs ONE process (its simple
+launcher; multi-CPU needs mpirun), so the test uses the torchrun launcher (`--multi_gpu`) with
+`ACCELERATE_USE_CPU=1`, which makes accelerate pick the MULTI_CPU / gloo backend in each process.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from library.tiny_models import write_tiny_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HELPER = os.path.join(REPO, "tests", "helpers", "run_rank.py")
+STEPS = 3
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multiprocess")
+    model = str(root / "tiny-sd1")
+    write_tiny_model("sd1", model)
+    images = root / "imgs"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    dataset = root / "dataset.toml"
+    dataset.write_text(f'[[datasets]]\nresolution = 64\nbatch_size = 1\n\n  [[datasets.subsets]]\n'
+                       f'  image_dir = "{images.as_posix()}"\n  class_tokens = "sks dog"\n')
+    return {"root": root, "model": model, "dataset": str(dataset)}
+
+
+def _launch(setup, name, *extra):
+    """`accelerate launch` 2 CPU processes of tests/helpers/run_rank.py; returns the process and its folders."""
+    root = setup["root"] / name
+    out, ranks = root / "out", root / "ranks"
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               HF_HUB_OFFLINE="1", HF_HOME=str(root / "hf_home"))  # HF_HOME: no user accelerate config applies
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "--monitor_interval", "0.5",
+           HELPER, "--rank_out", str(ranks),
+           "--pretrained_model_name_or_path", setup["model"], "--dataset_config", setup["dataset"],
+           "--output_dir", str(out), "--output_name", "lora", "--network_dim", "4", "--network_alpha", "4",
+           "--max_train_steps", str(STEPS), "--learning_rate", "1e-2", *extra]  # no --overwrite: a 2nd write fails
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    return {"proc": proc, "out": out, "ranks": ranks, "seconds": time.perf_counter() - t0}
+
+
+def _load_ranks(run, suffix=""):
+    return [load_file(str(run["ranks"] / f"rank{r}{suffix}.safetensors")) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(setup):
+    return _launch(setup, "seeded", "--seed", "1", "--save_every_n_steps", "2")
+
+
+def _log(run) -> str:
+    return f"exit code {run['proc'].returncode}\n--- stdout\n{run['proc'].stdout[-4000:]}\n--- stderr\n{run['proc'].stderr[-6000:]}"
+
+
+def test_both_ranks_finish_and_save(two_rank_run):
+    assert two_rank_run["proc"].returncode == 0, _log(two_rank_run)
+    for r in (0, 1):
+        assert (two_rank_run["ranks"] / f"rank{r}.safetensors").exists(), _log(two_rank_run)
+    # the trainer saw two processes: 4 batches / 2 ranks = 2 steps per epoch, so 3 steps take 2 epochs
+    assert "4 batches per epoch, 2 epochs, 3 optimizer steps" in two_rank_run["proc"].stdout, _log(two_rank_run)
+
+
+def test_ranks_train_on_different_batches(two_rank_run):
+    """Otherwise equal weights would prove nothing about the gradient all-reduce."""
+    keys = [json.loads((two_rank_run["ranks"] / f"rank{r}_keys.json").read_text()) for r in (0, 1)]
+    assert len(keys[0]) == len(keys[1]) == STEPS
+    assert keys[0] != keys[1]
+    assert all(a != b for a, b in zip(keys[0][:2], keys[1][:2]))  # epoch 1: the two halves of the 4 images
+
+
+def test_rank_weights_are_bit_identical_and_trained(two_rank_run):
+    init, final = _load_ranks(two_rank_run, "_init"), _load_ranks(two_rank_run)
+    assert init[0].keys() == init[1].keys() == final[0].keys() == final[1].keys()
+    same_start = [k for k in init[0] if not torch.equal(init[0][k], init[1][k])]
+    assert not same_start, f"the ranks start from different LoRA weights: {same_start[:3]}"
+    differ = [k for k in final[0] if not torch.equal(final[0][k], final[1][k])]
+    assert not differ, (f"{len(differ)} of {len(final[0])} tensors differ between ranks, e.g. {differ[0]}: "
+                        f"max |diff| {(final[0][differ[0]] - final[1][differ[0]]).abs().max().item():.3g}")
+    weights = [k for k in final[0] if not k.endswith(".alpha")]
+    unchanged = [k for k in weights if torch.equal(final[0][k], init[0][k])]
+    assert not unchanged, f"{len(unchanged)} of {len(weights)} LoRA weights did not change, e.g. {unchanged[:3]}"
+
+
+def test_lora_files_written_once_by_the_main_process(two_rank_run):
+    out, proc = two_rank_run["out"], two_rank_run["proc"]
+    assert proc.returncode == 0, _log(two_rank_run)  # without --overwrite, a second write of a file would fail
+    assert sorted(os.listdir(out)) == ["lora-step00000002.safetensors", "lora.safetensors"]  # no leftover temp files
+    final = out / "lora.safetensors"
+    assert (proc.stdout + proc.stderr).count(f"saved {final}") == 1
+    rank0 = load_file(str(two_rank_run["ranks"] / "rank0.safetensors"))
+    with safe_open(str(final), "pt") as f:
+        assert set(f.keys()) == set(rank0)
+        assert all(torch.equal(f.get_tensor(k), rank0[k]) for k in rank0)
+        assert f.metadata()["ss_steps"] == str(STEPS)
+
+
+@pytest.mark.xfail(strict=True, reason="without --seed each rank draws its own random seed (train_apt_lora.train: "
+                   "args.seed = random.randint(...) before the processes agree), so the ranks start from different "
+                   "LoRA weights and shuffle the data differently; fix: pick the seed on the main process and "
+                   "broadcast it (accelerate.utils.broadcast_object_list) before set_seed")
+def test_ranks_agree_without_seed(setup):
+    run = _launch(setup, "unseeded")
+    assert run["proc"].returncode == 0, _log(run)
+    for init_or_final in ("_init", ""):
+        a, b = _load_ranks(run, init_or_final)
+        differ = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not differ, f"rank{init_or_final} weights: {len(differ)} of {len(a)} tensors differ, e.g. {differ[0]}"
