@@ -8,26 +8,44 @@ import re
 from library.config_util import ConfigError, SubsetBlueprint
 
 
+_BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+
+
+def decode_caption_bytes(data: bytes, path: str) -> str:
+    """Caption file bytes -> text. UTF-8; a byte-order mark selects UTF-8-with-BOM or UTF-16 (Windows Notepad,
+    PowerShell `>`) and is dropped. Anything else (cp1252, Shift-JIS, ...) is a ConfigError naming the file and the
+    first bad byte: guessing a legacy code page would train mojibake without anyone noticing."""
+    encoding = next((enc for bom, enc in _BOMS if data.startswith(bom)), "utf-8")
+    try:
+        return data.decode(encoding).lstrip("\ufeff")
+    except UnicodeDecodeError as e:
+        what = "UTF-16 (it starts with a UTF-16 byte-order mark)" if encoding == "utf-16" else "UTF-8 text"
+        raise ConfigError(f"caption file {path} is not UTF-8 text: it is not valid {what} at byte {e.start} "
+                          f"(0x{data[e.start]:02x}); it was probably saved in a legacy encoding such as cp1252 or "
+                          f"Shift-JIS. Re-save it as UTF-8 (in your editor: Save As, encoding UTF-8; or "
+                          f"iconv -f cp1252 -t utf-8).") from None
+
+
 def read_caption_file(image_path: str, caption_extension: str, enable_wildcard: bool) -> str | None:
     """The caption of `<stem><caption_extension>` beside the image, or None when there is no such file.
 
-    First line only; with enable_wildcard every non-empty line, joined by newlines (one is picked per sample)."""
+    The first non-empty line; with enable_wildcard every non-empty line, joined by newlines (one is picked per
+    sample). Encodings: see `decode_caption_bytes`. A file with no text is a ConfigError (docs/dataset_config.md)."""
     path = os.path.splitext(image_path)[0] + caption_extension
     if not os.path.isfile(path):
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except UnicodeDecodeError:
-        raise ConfigError(f"caption file {path} is not UTF-8 text. Re-save it as UTF-8.") from None
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
         raise ConfigError(f"caption file {path}: cannot read it ({e.strerror}).") from None
-    lines = [line.strip() for line in lines]
-    if not any(lines):
+    lines = [line.strip() for line in decode_caption_bytes(data, path).splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
         raise ConfigError(f"caption file {path} is empty. Write the caption in it, or delete it to use the "
                           f"subset's class_tokens as the caption.")
     if enable_wildcard:
-        return "\n".join(line for line in lines if line)
+        return "\n".join(lines)
     return lines[0]
 
 

@@ -20,8 +20,23 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
+_WORKER_WRAPPED = re.compile(r"\ACaught ConfigError in DataLoader worker process \d+\.\nOriginal Traceback")
+_WORKER_MESSAGE = re.compile(r"^[\w.]*ConfigError: ", re.M)
+
+
 class ConfigError(Exception):
-    """A user-facing config problem. The message names the file, key or flag and says what to do."""
+    """A user-facing config problem. The message names the file, key or flag and says what to do.
+
+    Raised in a DataLoader worker (`--max_data_loader_n_workers`), torch re-raises it in the main process as
+    `ConfigError("Caught ConfigError in DataLoader worker process 0.\nOriginal Traceback ...")`; that wrapping is
+    undone here, so the user still sees only the message (docs/reliability.md)."""
+
+    def __init__(self, *args):
+        if len(args) == 1 and isinstance(args[0], str) and _WORKER_WRAPPED.match(args[0]):
+            m = _WORKER_MESSAGE.search(args[0])
+            if m is not None:
+                args = (args[0][m.end():].rstrip("\n"),)
+        super().__init__(*args)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -40,6 +55,7 @@ DATASET_KEYS = {  # [general] and [[datasets]] only
     "network_multiplier": "float",
     "validation_split": "float",
     "validation_seed": "int",
+    "max_image_pixels": "int",  # APT-LoRA: decompression-bomb guard (docs/reliability.md)
 }
 SUBSET_KEYS = {  # all three levels; the subset's value wins
     "num_repeats": "int",
@@ -79,6 +95,9 @@ ALL_KEYS = {**DATASET_KEYS, **SUBSET_KEYS, **DB_KEYS, **SUBSET_ONLY}
 
 RESIZE_INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# images with more pixels are refused (skipped with a warning): PIL's own hard limit (2 x Image.MAX_IMAGE_PIXELS),
+# a guard against decompression bombs; `max_image_pixels` in [general] / [[datasets]] changes it
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
 
 # CLI (argparse) attribute names that differ from the config key
 CLI_NAME = {"batch_size": "train_batch_size", "num_repeats": "dataset_repeats"}
@@ -98,7 +117,7 @@ SUBSET_DEFAULTS: dict[str, Any] = {
 DATASET_DEFAULTS: dict[str, Any] = {
     "batch_size": 1, "resolution": None, "enable_bucket": False, "min_bucket_reso": 256, "max_bucket_reso": 1024,
     "bucket_reso_steps": 64, "bucket_no_upscale": False, "network_multiplier": 1.0, "validation_split": 0.0,
-    "validation_seed": None, "resize_interpolation": None,
+    "validation_seed": None, "resize_interpolation": None, "max_image_pixels": DEFAULT_MAX_IMAGE_PIXELS,
 }
 
 
@@ -153,6 +172,7 @@ class DatasetBlueprint:
     validation_split: float = 0.0
     validation_seed: int | None = None
     resize_interpolation: str | None = None
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     from_user_config: bool = True  # False in CLI-only mode (changes the ss_* metadata layout, like sd-scripts)
     where: str = ""
     key_path: str = ""
@@ -192,7 +212,7 @@ def load_toml(path, what: str = "dataset config") -> dict:
 
 def _read_text(path: Path, what: str) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a UTF-8 BOM (Windows editors) is dropped
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: the {what} is not valid UTF-8 text (byte {e.start}). Save it as UTF-8.") from None
     except OSError as e:
@@ -230,7 +250,7 @@ def load_dataset_config(path) -> dict:
 
 def _type_name(v) -> str:
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
-            dict: "a table"}.get(type(v), type(v).__name__)
+            dict: "a table", type(None): "null"}.get(type(v), type(v).__name__)
 
 
 def _check_value(kind: str, v) -> str | None:
@@ -336,7 +356,7 @@ def validate_dataset_config(cfg: dict, path=None) -> None:
     else:
         check_keys(general, "general", "general", "any")
     datasets = cfg.get("datasets")
-    if datasets is None:
+    if datasets is None or datasets == []:
         errors.append(f"dataset config{src}: no [[datasets]] table. Add one with at least one [[datasets.subsets]] "
                       f"that has image_dir (see docs/dataset_config.md).")
         datasets = []
@@ -578,10 +598,14 @@ def _not_supported(where_value: str, name: str, why: str) -> ConfigError:
 
 
 def _check_dataset_values(bp: DatasetBlueprint, v: dict, w: dict) -> None:
-    for name in ("batch_size", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
+    for name in ("batch_size", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "max_image_pixels"):
         if v[name] < 1:
             raise ConfigError(f"{w[name]} = {v[name]}: must be at least 1.")
     if bp.enable_bucket:
+        if bp.bucket_reso_steps > min(bp.resolution):
+            raise ConfigError(f"{bp.where}: bucket_reso_steps ({bp.bucket_reso_steps}, {w['bucket_reso_steps']}) is "
+                              f"larger than the resolution's smaller side ({min(bp.resolution)}), so no bucket fits. "
+                              f"Use bucket_reso_steps = 64 (32 is allowed for SDXL).")
         if min(bp.resolution) < bp.min_bucket_reso:
             raise ConfigError(f"{bp.where}: min_bucket_reso ({bp.min_bucket_reso}, {w['min_bucket_reso']}) is larger "
                               f"than the resolution's smaller side ({min(bp.resolution)}). Lower min_bucket_reso or "
@@ -630,6 +654,8 @@ def _check_subset_values(s: SubsetBlueprint, w: dict, is_db: bool) -> None:
         logger.warning(f"{w['custom_attributes']}: custom_attributes are ignored (sd-scripts' LoRA trainer for SD "
                        f"does not use them either).")
     if is_db:
+        if not s.image_dir:
+            raise ConfigError(f"{w['image_dir']}: image_dir is empty. Give the folder that holds the images.")
         if s.prior_class_tokens is not None and not s.class_tokens:
             raise ConfigError(f"{w['prior_class_tokens']} = {s.prior_class_tokens!r}: prior_class_tokens needs "
                               f"class_tokens in the same subset (the identifier phrase it replaces, e.g. class_tokens "

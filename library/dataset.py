@@ -11,17 +11,18 @@ import logging
 import math
 import os
 import random
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from tqdm import tqdm
 
 from library.buckets import BucketManager, get_crop_ltrb, resize_and_crop
 from library.captions import process_caption, read_caption_file, tag_frequency
-from library.config_util import (IMAGE_EXTENSIONS, ConfigError, DatasetBlueprint, SubsetBlueprint,
-                                 check_bucket_reso_steps)
+from library.config_util import (DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, ConfigError, DatasetBlueprint,
+                                 SubsetBlueprint, check_bucket_reso_steps)
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +45,104 @@ class ImageInfo:
     latents_npz: str | None = None  # disk cache (loaded per sample)
     cached_original_size: tuple[int, int] | None = None
     cached_crop_ltrb: tuple[float, float, float, float] | None = None
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
 
-def _probe_image(path: str) -> tuple[int, int] | None:
-    """Fully decode the image once, so unreadable and truncated files are found now, not mid-training."""
+# ---------------------------------------------------------------------------------------------------------------
+# Image decoding: one function for the probe at build time and for every load in training (docs/reliability.md)
+# ---------------------------------------------------------------------------------------------------------------
+
+class ImageRefused(Exception):
+    """An image that cannot be used; the message says why (without the path, which the caller adds)."""
+
+
+_PIL_GUARD_LOCK = threading.Lock()
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _open_checked(path: str, max_pixels: int) -> Image.Image:
+    """`Image.open` (reads the header only) with PIL's own decompression-bomb guard replaced by `max_pixels`, so
+    that the limit is ours, configurable, and refused before anything is decoded."""
+    with _PIL_GUARD_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            im = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    w, h = im.size
+    if w * h > max_pixels:
+        im.close()
+        raise ImageRefused(f"{w}x{h} = {w * h} pixels is above the limit of {max_pixels} pixels (a guard against "
+                           f"decompression bombs). Shrink the image, or raise the limit with max_image_pixels = "
+                           f"{w * h} in [general] of the dataset config if the image is genuine")
+    return im
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation (phone photos are often stored sideways with an orientation tag)."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.size
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        logger.warning(f"skipping image {path}: cannot be read ({type(e).__name__}: {e}). Re-save or remove it.")
+        orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # noqa: BLE001 - malformed EXIF: use the pixels as stored
+        return im
+    if orientation in (2, 3, 4, 5, 6, 7, 8):
+        return ImageOps.exif_transpose(im)
+    return im
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB. 16-bit greyscale (PNG "I;16", "I") is scaled by 1/257 (PIL's convert would clip it to white);
+    alpha is dropped like sd-scripts (the colour stored under transparent pixels is kept); CMYK, palette and
+    greyscale images use PIL's conversion."""
+    if im.mode in _SIXTEEN_BIT_MODES:
+        arr = np.clip(np.asarray(im), 0, 65535).astype(np.uint32)
+        return Image.fromarray(((arr + 128) // 257).astype(np.uint8), "L").convert("RGB")  # rounded x / 257
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def _has_transparency(im: Image.Image) -> bool:
+    if "A" not in im.getbands() and "transparency" not in im.info:
+        return False
+    alpha = im.convert("RGBA").getchannel("A")
+    return alpha.getextrema()[0] < 255
+
+
+def _describe_failure(path: str, e: Exception) -> str:
+    if isinstance(e, ImageRefused):
+        return str(e)
+    try:
+        if os.path.getsize(path) == 0:
+            return "the file is empty (0 bytes)"
+    except OSError:
+        pass
+    if isinstance(e, Image.UnidentifiedImageError):
+        return (f"not an image PIL can read (its content does not match the {os.path.splitext(path)[1]} "
+                f"extension, or the format is not supported). Re-save or remove it")
+    return f"cannot be read ({type(e).__name__}: {e}). Re-save or remove it"
+
+
+def load_image_rgb(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, *, probe: bool = False):
+    """Decode an image fully: pixel limit, EXIF orientation applied, 8-bit RGB. Returns the PIL RGB image, or with
+    `probe` (size (w, h) of the upright image, has transparency). Raises ImageRefused or PIL/OS errors."""
+    with _open_checked(path, max_pixels) as im:
+        im.load()
+        up = _upright(im)
+        if probe:
+            transparent = _has_transparency(up)
+            return _to_rgb(up).size, transparent
+        rgb = _to_rgb(up)
+        if rgb is im:
+            rgb = im.copy()  # the file is closed on leaving the with block
+        return rgb
+
+
+def _probe_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[tuple[int, int], bool] | None:
+    """Fully decode the image once, so unreadable and truncated files are found now, not mid-training.
+    -> ((width, height) upright, has transparency), or None (skipped, with a warning naming the file)."""
+    try:
+        return load_image_rgb(path, max_pixels, probe=True)
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
+        logger.warning(f"skipping image {path}: {_describe_failure(path, e)}.")
         return None
 
 
@@ -79,12 +168,18 @@ class _Dataset:
         self.tag_frequency: dict[str, dict[str, int]] = {}
         self.num_train_images = 0
         self.num_reg_images = 0
+        self.transparent: list[str] = []  # images with transparent pixels (alpha is dropped; said once)
         if bp.is_dreambooth:
             self._load_dreambooth()
         else:
             self._load_finetuning()
         if not self.images:
             raise ConfigError(f"{bp.where}: no usable training image (see the warnings above).")
+        if self.transparent:
+            more = f" and {len(self.transparent) - 1} more images have" if len(self.transparent) > 1 else " has"
+            logger.warning(f"{bp.where}: {self.transparent[0]}{more} transparent pixels. The alpha channel is "
+                           f"dropped (like sd-scripts), so the colour stored under transparent pixels is trained "
+                           f"(often black). Flatten them onto the background you want if that matters.")
         self._make_buckets(debug)
         self.batches: list[tuple[int, int]] = []
         self.epoch_buckets: list[list[str]] = []
@@ -100,7 +195,13 @@ class _Dataset:
         if not paths:
             raise _dir_error(subset, image_dir, "no images (png, jpg, jpeg, webp, bmp) directly in this folder",
                              "Put the images in it (subfolders are not searched), or remove this subset.")
-        found = [(p, size) for p in paths if (size := _probe_image(p)) is not None]
+        found = []
+        for p in paths:
+            probed = _probe_image(p, self.bp.max_image_pixels)
+            if probed is not None:
+                found.append((p, probed[0]))
+                if probed[1]:
+                    self.transparent.append(p)
         if not found:
             raise _dir_error(subset, image_dir, f"none of its {len(paths)} images can be read",
                              "See the warnings above; re-save the images.")
@@ -110,7 +211,16 @@ class _Dataset:
         reg: list[ImageInfo] = []
         for subset in self.bp.subsets:
             found = self._images_of(subset)
-            captions = [read_caption_file(p, subset.caption_extension, subset.enable_wildcard) for p, _ in found]
+            captions, caption_errors = [], []
+            for p, _ in found:
+                try:
+                    captions.append(read_caption_file(p, subset.caption_extension, subset.enable_wildcard))
+                except ConfigError as e:
+                    caption_errors.append(str(e))
+            if caption_errors:
+                more = (f"\n({len(caption_errors) - 1} more caption files of {subset.where} have a problem too, "
+                        f"e.g. {caption_errors[1]})" if len(caption_errors) > 1 else "")
+                raise ConfigError(f"{caption_errors[0]}{more}")
             missing = [p for (p, _), c in zip(found, captions) if c is None]
             if missing and not subset.class_tokens:
                 more = f" (and {len(missing) - 1} more images)" if len(missing) > 1 else ""
@@ -121,7 +231,8 @@ class _Dataset:
                     f"caption_extension, now {subset.caption_extension!r}).")
             captions = [subset.class_tokens if c is None else c for c in captions]
             for (path, size), caption in zip(found, captions):
-                info = ImageInfo(path, path, subset, caption, subset.is_reg, subset.num_repeats, size)
+                info = ImageInfo(path, path, subset, caption, subset.is_reg, subset.num_repeats, size,
+                                 max_pixels=self.bp.max_image_pixels)
                 if subset.is_reg:
                     reg.append(info)  # registered below, with repeats matched to the train images
                 else:
@@ -165,7 +276,7 @@ class _Dataset:
             if not os.path.isfile(md_path):
                 raise ConfigError(f"{key}: metadata file not found: {md_path}.")
             try:
-                with open(md_path, encoding="utf-8") as f:
+                with open(md_path, encoding="utf-8-sig") as f:
                     metadata = json.load(f)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{md_path}:{e.lineno}:{e.colno}: JSON syntax error in the metadata file ({key}): "
@@ -182,16 +293,27 @@ class _Dataset:
                     logger.warning(f"skipping {image_key!r} of {md_path}: image not found (looked for it as given "
                                    f"and in image_dir {subset.image_dir!r}).")
                     continue
-                size = _probe_image(path)
-                if size is None:
+                probed = _probe_image(path, self.bp.max_image_pixels)
+                if probed is None:
                     continue
+                size = probed[0]
+                if probed[1]:
+                    self.transparent.append(path)
                 md = md if isinstance(md, dict) else {}
                 caption, tags = md.get("caption"), md.get("tags")
+                for name, value in (("caption", caption), ("tags", tags)):
+                    if value is not None and not isinstance(value, str):
+                        raise ConfigError(f"{md_path}: entry {image_key!r}: \"{name}\" must be a string, got "
+                                          f"{type(value).__name__} ({value!r}).")
+                if caption is not None and not caption.strip():
+                    caption = None
+                if tags is not None and not tags.strip():
+                    tags = None
                 if caption is None:
                     caption, tags = tags, None
                 if caption is None:
-                    raise ConfigError(f"{md_path}: entry {image_key!r} has neither \"caption\" nor \"tags\". Add "
-                                      f"one, or remove the entry.")
+                    raise ConfigError(f"{md_path}: entry {image_key!r} has neither \"caption\" nor \"tags\" (or "
+                                      f"both are empty). Add one, or remove the entry.")
                 sep = subset.caption_separator
                 if subset.enable_wildcard:
                     if tags:
@@ -200,7 +322,8 @@ class _Dataset:
                 elif tags:
                     caption = f"{caption}{sep} {tags}"
                     tags_list.append(tags)
-                self.images[image_key] = ImageInfo(image_key, path, subset, caption, False, subset.num_repeats, size)
+                self.images[image_key] = ImageInfo(image_key, path, subset, caption, False, subset.num_repeats, size,
+                                                   max_pixels=self.bp.max_image_pixels)
                 count += 1
             if count == 0:
                 raise ConfigError(f"{key}: none of the {len(metadata)} images listed in {md_path} could be used "
@@ -229,17 +352,37 @@ class _Dataset:
                                     reso_steps=bp.bucket_reso_steps, no_upscale=bp.bucket_no_upscale)
         else:
             manager = BucketManager(bp.resolution, predefined=[bp.resolution])
-        ar_errors = []
+        if bp.bucket_no_upscale and not bp.enable_bucket:
+            logger.warning(f"{bp.where}: bucket_no_upscale has no effect without enable_bucket; every image is "
+                           f"resized to cover the resolution {bp.resolution[0]}x{bp.resolution[1]}.")
+        ar_errors, upscaled = [], []
         for info in self.images.values():
             info.bucket_reso, info.resized_size, err = manager.select_bucket(*info.size)
             if min(info.bucket_reso) < 1:
                 raise ConfigError(f"image {info.path} ({info.size[0]}x{info.size[1]}) is smaller than "
                                   f"bucket_reso_steps ({bp.bucket_reso_steps}) with bucket_no_upscale ({bp.where}). "
                                   f"Remove it, or turn bucket_no_upscale off.")
+            rw, rh = info.resized_size
+            if rw * rh > max(bp.max_image_pixels, info.bucket_reso[0] * info.bucket_reso[1]):
+                raise ConfigError(f"image {info.path} ({info.size[0]}x{info.size[1]}) would be resized to {rw}x{rh} "
+                                  f"to cover its bucket {info.bucket_reso[0]}x{info.bucket_reso[1]}, above the limit "
+                                  f"of {bp.max_image_pixels} pixels (max_image_pixels): its aspect ratio is too "
+                                  f"extreme{'' if bp.enable_bucket else ' without enable_bucket'}. Crop it, or "
+                                  f"remove it ({bp.where}).")
+            if rw > info.size[0] or rh > info.size[1]:
+                upscaled.append(info)
             ar_errors.append(abs(err))
             if debug:
                 logger.info(f"{info.path}: {info.size} -> resize {info.resized_size} -> bucket {info.bucket_reso}, "
                             f"caption {info.caption!r}")
+        if upscaled:  # said once per dataset
+            ex = upscaled[0]
+            hint = ("; bucket_no_upscale = true trains them at their own size instead" if bp.enable_bucket else
+                    "; enable_bucket with bucket_no_upscale = true trains them at their own size instead")
+            logger.info(f"{bp.where}: {len(upscaled)} of {len(self.images)} images are smaller than their bucket and "
+                        f"are upscaled, e.g. {ex.path} ({ex.size[0]}x{ex.size[1]} -> {ex.resized_size[0]}x"
+                        f"{ex.resized_size[1]}, bucket {ex.bucket_reso[0]}x{ex.bucket_reso[1]})"
+                        f"{hint}.")
         self.resos = sorted({info.bucket_reso for info in self.images.values()})
         reso_index = {r: i for i, r in enumerate(self.resos)}
         self.buckets: list[list[str]] = [[] for _ in self.resos]
@@ -374,8 +517,11 @@ class DatasetGroup(torch.utils.data.Dataset):
 
     def _load_image(self, info: ImageInfo, rng: random.Random | None):
         """Resized and cropped to the bucket -> (PIL image, original size (w, h), sd-scripts crop_ltrb)."""
-        with Image.open(info.path) as im:
-            img = im.convert("RGB")
+        try:
+            img = load_image_rgb(info.path, info.max_pixels)
+        except Exception as e:  # noqa: BLE001 - it was readable when the dataset was built
+            raise ConfigError(f"image {info.path} cannot be read any more ({_describe_failure(info.path, e)}); it was "
+                              f"readable when the dataset was built. Do not change the dataset while training.") from None
         if img.size != info.size:
             raise ConfigError(f"image {info.path} changed size during training ({info.size} -> {img.size}). "
                               f"Do not edit the images while training.")

@@ -1060,3 +1060,71 @@ __all__ = [
     "parse_args_with_config",
     "write_config_file",
 ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output location (checked before anything is loaded or trained; docs/reliability.md)
+# ---------------------------------------------------------------------------------------------------------------
+
+# the longest suffix a run adds to --output_name: "-step00000000-state" folders, "-step00000000.safetensors" files
+_LONGEST_OUTPUT_SUFFIX = len("-step00000000-state.safetensors")
+_NAME_MAX = 255  # bytes per file name on ext4, NTFS, APFS
+
+
+def check_output_location(args) -> None:
+    """Refuse an `--output_name` that is not a plain file name stem and an `--output_dir` that cannot be written,
+    before training starts (not after hours of it). Raises TrainingSetupError naming the flag.
+
+    `--output_name`: not empty, no path separator (`/` or `\\`), no `..`, no control characters, short enough for
+    the longest file name a run writes. `--output_dir`: the folder, or the nearest existing folder above it (it is
+    created later), must be a folder in which a file can be created (probed with a temporary file that is removed at
+    once; as root this is the real test, permission bits do not stop root). Nothing is created or left behind.
+    """
+    import tempfile
+
+    name = getattr(args, "output_name", None)
+    if name is not None:
+        if not str(name).strip():
+            raise TrainingSetupError('--output_name is empty: give a file name stem such as "my_lora" (or leave the '
+                                     'flag out, which names the files "last", "epoch-000001", ...)')
+        seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+        if any(s in name for s in seps):
+            raise TrainingSetupError(
+                f"--output_name {name!r} contains a path separator: it is a file name stem, not a path. Put the "
+                f"folder in --output_dir and only the name in --output_name (e.g. --output_dir out/sub --output_name "
+                f"my_lora)")
+        if ".." in name:
+            raise TrainingSetupError(f"--output_name {name!r} contains '..'; use a plain file name stem such as "
+                                     f"\"my_lora\" (the folder goes in --output_dir)")
+        if any(ord(c) < 32 or ord(c) == 127 for c in name):
+            raise TrainingSetupError(f"--output_name {name!r} contains a control character; use a plain file name "
+                                     f"stem such as \"my_lora\"")
+        if len(name.encode("utf-8", "surrogateescape")) + _LONGEST_OUTPUT_SUFFIX > _NAME_MAX:
+            raise TrainingSetupError(f"--output_name is too long ({len(name)} characters): with the suffixes a run "
+                                     f"adds (e.g. -step00000100.safetensors) file names must stay under "
+                                     f"{_NAME_MAX} bytes; use at most {_NAME_MAX - _LONGEST_OUTPUT_SUFFIX}")
+
+    out = getattr(args, "output_dir", None)
+    if not out:
+        return  # required elsewhere (verify_args)
+    path = os.path.abspath(os.fspath(out))
+    existing = path
+    while not os.path.lexists(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    if not os.path.isdir(existing):
+        what = "a broken link" if os.path.islink(existing) else "a file, not a folder"
+        problem = f"it is {what}" if existing == path else f"cannot create the folder: {existing} is {what}"
+        raise TrainingSetupError(f"--output_dir {out}: {problem}; choose another --output_dir")
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".apt-lora-write-test-"):
+            pass
+    except OSError as e:
+        where = "it" if existing == path else f"{existing} (where it would be created)"
+        raise TrainingSetupError(f"--output_dir {out}: cannot write in {where}: {e.strerror or e}. Choose a folder you "
+                                 f"can write to, or fix its permissions") from None
+
+
+__all__.append("check_output_location")
