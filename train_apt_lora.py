@@ -61,6 +61,41 @@ def plain_step(args, ctx, batch):
     return loss.mean(), {}
 
 
+def micro_batch(args, ctx, batch, optimizer, lr_scheduler, trainable, step_fn=None):
+    """The loop body for one micro-batch: loss, backward, and at the end of an accumulation window the
+    gradient all-reduce, clipping and the optimizer step. A NaN/inf loss or gradient skips the whole window
+    on every rank. Returns (loss, logs, status), status "accumulating" | "stepped" | "skipped".
+    The benchmarks call this too, so what they time is what the trainer runs."""
+    import torch
+
+    from library.distributed import all_reduce_gradients, any_rank
+
+    accelerator = ctx.accelerator
+    with accelerator.accumulate(ctx.network):
+        loss, logs = (step_fn or training_step)(args, ctx, batch)
+        if torch.isfinite(loss):
+            accelerator.backward(loss)
+        else:  # no backward: the whole accumulation window is skipped below
+            ctx.window_bad = True
+            logger.warning("non-finite loss (images: %s)", ", ".join(batch["image_keys"]))
+        status = "accumulating"
+        if accelerator.sync_gradients:
+            bad = any_rank(ctx.window_bad, accelerator)  # every rank skips, or none
+            if not bad:
+                all_reduce_gradients(trainable, accelerator)  # then the norm is the same on every rank
+                norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm or float("inf"))  # unscales fp16
+                # fp16: the grad scaler skips overflowing steps itself and lowers its scale
+                bad = accelerator.scaler is None and not bool(torch.isfinite(norm))
+                if bad:
+                    logger.warning("non-finite gradients (images: %s)", ", ".join(batch["image_keys"]))
+            if not bad:
+                optimizer.step()
+                lr_scheduler.step()
+            status, ctx.window_bad = ("skipped" if bad else "stepped"), False
+        optimizer.zero_grad(set_to_none=True)
+    return loss, logs, status
+
+
 class Interrupted(Exception):
     """Training stopped by SIGINT/SIGTERM after saving; carries the exit code (128 + signal)."""
 
@@ -75,6 +110,7 @@ class TrainContext:
     def __init__(self, args, accelerator, model, network, weight_dtype, vae_dtype, te_cache, apt=None):
         self.args, self.accelerator, self.model, self.network = args, accelerator, model, network
         self.weight_dtype, self.vae_dtype, self.te_cache, self.apt = weight_dtype, vae_dtype, te_cache, apt
+        self.window_bad = False  # a NaN/inf micro-batch in the current accumulation window
 
     def encode_latents(self, batch):
         import torch
@@ -104,7 +140,7 @@ class TrainContext:
 
 
 def verify_args(args):
-    from library.train_util import TrainingSetupError
+    from library.train_util import TrainingSetupError, check_output_location
 
     if not args.pretrained_model_name_or_path:
         raise TrainingSetupError("--pretrained_model_name_or_path is required: a diffusers folder or a .safetensors checkpoint")
@@ -112,6 +148,7 @@ def verify_args(args):
         raise TrainingSetupError("--output_dir is required: the folder the LoRA is written to")
     if args.dataset_config is None and args.train_data_dir is None:
         raise TrainingSetupError("no training data: pass --dataset_config data.toml (or --train_data_dir)")
+    check_output_location(args)  # before the model loads: a bad --output_name/--output_dir fails at once
     if args.network_module != "networks.lora":
         raise TrainingSetupError(f"--network_module {args.network_module}: only networks.lora is supported")
     if args.use_8bit_adam:
@@ -154,6 +191,8 @@ def planned_outputs(args, max_train_steps, num_epochs, start_step=0):
     if every:
         first = (start_step // every + 1) * every
         names += [ckpt_name(args.output_name, step=s) for s in range(first, max_train_steps, every)]
+    if args.save_state:
+        names += [os.path.splitext(n)[0] + "-state" for n in names]
     return [os.path.join(args.output_dir, n) for n in names]
 
 
@@ -167,7 +206,6 @@ def train(args):
 
     from library import config_util, dataset as dataset_lib, metadata as metadata_lib, train_util
     from library.conditioning import TextEncoderCache
-    from library.distributed import all_reduce_gradients, any_rank
     from library.interrupt import GracefulInterrupt
     from library.safe_io import remove_stale_temp_files
     from library.train_state import load_state, read_state_info, save_state
@@ -175,9 +213,6 @@ def train(args):
     from networks import lora as lora_lib
 
     verify_args(args)
-    if args.seed is None:
-        args.seed = random.randint(0, 2**31 - 1)
-    set_seed(args.seed)
 
     log_dir = None
     if args.log_with:
@@ -187,6 +222,15 @@ def train(args):
                               mixed_precision=args.mixed_precision, log_with=args.log_with, project_dir=log_dir,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     is_main = accelerator.is_main_process
+    if os.environ.get("WORLD_SIZE", "1").isdigit() and int(os.environ.get("WORLD_SIZE", "1")) > accelerator.num_processes:
+        raise train_util.TrainingSetupError(
+            f"launched as {os.environ['WORLD_SIZE']} processes but accelerate set up {accelerator.num_processes}: "
+            "on a machine without GPUs set ACCELERATE_USE_CPU=1 (accelerate launch --cpu), or launch with matching settings")
+    if args.seed is None:  # one seed for all ranks: the LoRA initialisation must be identical everywhere
+        from accelerate.utils import broadcast_object_list
+
+        args.seed = broadcast_object_list([random.randint(0, 2**31 - 1) if is_main else None])[0]
+    set_seed(args.seed)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     vae_dtype = torch.float32 if args.no_half_vae else weight_dtype
 
@@ -314,7 +358,7 @@ def train(args):
         due = (step == 0 and args.sample_at_first) or (
             (args.sample_every_n_epochs and at_epoch_end and epoch % args.sample_every_n_epochs == 0)
             or (not args.sample_every_n_epochs and args.sample_every_n_steps and not at_epoch_end
-                and step % args.sample_every_n_steps == 0))
+                and step > 0 and step % args.sample_every_n_steps == 0))
         if due:
             from library.sampling import sample_images
 
@@ -333,7 +377,7 @@ def train(args):
                       f"{num_epochs} epochs, {args.max_train_steps} optimizer steps, {optimizer_name}")
 
     # --- the loop ---------------------------------------------------------------------------------
-    loss_sum, loss_count, bad_steps, window_bad = 0.0, 0, 0, False
+    loss_sum, loss_count, bad_steps = 0.0, 0, 0
     progress = tqdm(total=args.max_train_steps, initial=step, desc="steps", disable=not is_main, smoothing=0.1)
     if step == 0:
         maybe_sample(0, 0)
@@ -347,31 +391,11 @@ def train(args):
             batches_done, skip_batches = skip_batches, 0
             for batch in batches:
                 batches_done += 1
-                with accelerator.accumulate(network):
-                    loss, logs = training_step(args, ctx, batch)
-                    if torch.isfinite(loss):
-                        accelerator.backward(loss)
-                    else:  # NaN/inf: no backward; the whole accumulation window is skipped below
-                        window_bad = True
-                        logger.warning("non-finite loss at step %d (images: %s)", step + 1, ", ".join(batch["image_keys"]))
-                    if accelerator.sync_gradients:
-                        window_bad = any_rank(window_bad, accelerator)  # every rank skips, or none
-                        if not window_bad:
-                            all_reduce_gradients(trainable, accelerator)  # then the norm is the same on every rank
-                            norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm or float("inf"))  # unscales fp16
-                            # fp16: the grad scaler skips overflowing steps itself and lowers its scale
-                            window_bad = accelerator.scaler is None and not bool(torch.isfinite(norm))
-                            if window_bad:
-                                logger.warning("non-finite gradients at step %d (images: %s)", step + 1,
-                                               ", ".join(batch["image_keys"]))
-                        if not window_bad:
-                            optimizer.step()
-                            lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                if not accelerator.sync_gradients:
+                loss, logs, status = micro_batch(args, ctx, batch, optimizer, lr_scheduler, trainable)
+                if status == "accumulating":
                     continue
-                if window_bad:  # skipped: the step does not count; too many of them stop the run
-                    window_bad, bad_steps = False, bad_steps + 1
+                if status == "skipped":  # NaN/inf: the step does not count; too many of them stop the run
+                    bad_steps += 1
                     if bad_steps >= args.max_bad_steps:
                         raise train_util.TrainingSetupError(
                             f"{bad_steps} steps skipped for NaN/inf loss or gradients (--max_bad_steps {args.max_bad_steps}). "

@@ -173,7 +173,6 @@ def build_step_fn(model, args, device="cpu", batch: dict | None = None, step=Non
     APT step when `ctx.apt` is set). `batch`: default `make_batch(model)` at 512 px."""
     import train_apt_lora
     from library import train_util
-    from library.distributed import all_reduce_gradients, any_rank
     from networks import lora as lora_lib
 
     step = step or train_apt_lora.training_step
@@ -198,22 +197,8 @@ def build_step_fn(model, args, device="cpu", batch: dict | None = None, step=Non
                                       **({"apt": apt} if apt is not None else {}))
     batch = batch if batch is not None else make_batch(model)
 
-    def step_fn() -> float:  # train_apt_lora.train's loop body for one micro-batch (keep in step with it)
-        with accelerator.accumulate(network):
-            loss, _logs = step(args, ctx, batch)
-            bad = not bool(torch.isfinite(loss))
-            if not bad:
-                accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                bad = any_rank(bad, accelerator)
-                if not bad:
-                    all_reduce_gradients(trainable, accelerator)
-                    norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm or float("inf"))
-                    bad = accelerator.scaler is None and not bool(torch.isfinite(norm))
-                if not bad:
-                    optimizer.step()
-                    lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+    def step_fn() -> float:  # exactly the trainer's loop body
+        loss, _logs, _status = train_apt_lora.micro_batch(args, ctx, batch, optimizer, lr_scheduler, trainable, step)
         return loss.detach().item()
 
     return BenchStep(step_fn, args, ctx, network, optimizer, accelerator, batch,

@@ -64,6 +64,8 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--flip_aug", action="store_true")
     g.add_argument("--random_crop", action="store_true")
     g.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularization images")
+    g.add_argument("--max_image_pixels", type=int, default=None,
+                   help="refuse images with more pixels than this (decompression bombs; default 178956970)")
     g.add_argument("--max_data_loader_n_workers", type=int, default=0,
                    help="DataLoader worker processes (0: load in the main process)")
     g.add_argument("--persistent_data_loader_workers", action="store_true")

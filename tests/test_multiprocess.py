@@ -125,10 +125,6 @@ def test_lora_files_written_once_by_the_main_process(two_rank_run):
         assert f.metadata()["ss_steps"] == str(STEPS)
 
 
-@pytest.mark.xfail(strict=True, reason="without --seed each rank draws its own random seed (train_apt_lora.train: "
-                   "args.seed = random.randint(...) before the processes agree), so the ranks start from different "
-                   "LoRA weights and shuffle the data differently; fix: pick the seed on the main process and "
-                   "broadcast it (accelerate.utils.broadcast_object_list) before set_seed")
 def test_ranks_agree_without_seed(setup):
     run = _launch(setup, "unseeded")
     assert run["proc"].returncode == 0, _log(run)
