@@ -76,7 +76,7 @@ def _load_ranks(run, suffix=""):
 
 @pytest.fixture(scope="module")
 def two_rank_run(setup):
-    return _launch(setup, "seeded", "--seed", "1", "--save_every_n_steps", "2")
+    return _launch(setup, "seeded", "--seed", "1", "--save_every_n_steps", "2", "--apt")  # the plain step: "unseeded"
 
 
 def _log(run) -> str:
@@ -112,10 +112,21 @@ def test_rank_weights_are_bit_identical_and_trained(two_rank_run):
     assert not unchanged, f"{len(unchanged)} of {len(weights)} LoRA weights did not change, e.g. {unchanged[:3]}"
 
 
+def test_ranks_hold_the_same_apt_indicator(two_rank_run):
+    """The indicator is updated from all ranks' samples (gathered), so every rank holds the same state."""
+    a, b = _load_ranks(two_rank_run, "_apt")
+    assert a.keys() == b.keys() and "indicator.ema_prior" in a
+    assert all(torch.equal(a[k], b[k]) for k in a), {k: (a[k], b[k]) for k in a if not torch.equal(a[k], b[k])}
+    assert int(a["indicator.step"]) == STEPS and bool(a["indicator.seen"].any())
+    # 2 samples (one per rank) per update: the bins were updated with both ranks' samples
+    assert int(a["indicator.bin_updates"].sum()) >= STEPS
+
+
 def test_lora_files_written_once_by_the_main_process(two_rank_run):
     out, proc = two_rank_run["out"], two_rank_run["proc"]
     assert proc.returncode == 0, _log(two_rank_run)  # without --overwrite, a second write of a file would fail
-    assert sorted(os.listdir(out)) == ["lora-step00000002.safetensors", "lora.safetensors"]  # no leftover temp files
+    assert sorted(os.listdir(out)) == ["lora-step00000002.safetensors", "lora-step00000002_gamma.png",
+                                       "lora.safetensors", "lora_gamma.png"]  # no leftover temp files
     final = out / "lora.safetensors"
     assert (proc.stdout + proc.stderr).count(f"saved {final}") == 1
     rank0 = load_file(str(two_rank_run["ranks"] / "rank0.safetensors"))

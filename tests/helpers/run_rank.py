@@ -6,7 +6,8 @@
 Parses the trainer's arguments as `train_apt_lora.py` does (`setup_parser()` + `parse_args_with_config`), runs
 `train_apt_lora.train(args)`, and saves this rank's LoRA `network.state_dict()` to `DIR/rank{RANK}.safetensors`, and
 the state dict right after `create_network` (before any step) to `DIR/rank{RANK}_init.safetensors`, and the
-`image_keys` of every batch this rank trained on to `DIR/rank{RANK}_keys.json`.
+`image_keys` of every batch this rank trained on to `DIR/rank{RANK}_keys.json`; with APT, the indicator state to
+`DIR/rank{RANK}_apt.safetensors`.
 """
 from __future__ import annotations
 
@@ -51,11 +52,13 @@ def main(argv=None) -> int:
 
     lora_lib.create_network = create_and_snapshot
 
-    seen = []
+    seen, apt_holder = [], []
     training_step = train_apt_lora.training_step
 
-    def record_and_step(args, ctx, batch):  # which images this rank's micro-batches held
+    def record_and_step(args, ctx, batch):  # which images this rank's micro-batches held (and its APT state)
         seen.append(list(batch["image_keys"]))
+        if ctx.apt is not None and not apt_holder:
+            apt_holder.append(ctx.apt)
         return training_step(args, ctx, batch)
 
     train_apt_lora.training_step = record_and_step
@@ -63,6 +66,8 @@ def main(argv=None) -> int:
     args = parse_args_with_config(setup_parser(), rest)
     network = train_apt_lora.train(args)
     _save(network.state_dict(), os.path.join(ours.rank_out, f"rank{rank}.safetensors"))
+    if apt_holder:  # the APT overfitting indicator of this rank
+        _save(apt_holder[0].state_dict(), os.path.join(ours.rank_out, f"rank{rank}_apt.safetensors"))
     with open(os.path.join(ours.rank_out, f"rank{rank}_keys.json"), "w") as f:
         json.dump(seen, f)
     print(f"rank {rank}: saved {os.path.join(ours.rank_out, f'rank{rank}.safetensors')}", flush=True)
