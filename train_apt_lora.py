@@ -10,6 +10,7 @@ One training step lives in `training_step` below: the plain DreamBooth-LoRA loss
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -276,8 +277,8 @@ def train(args):
 
     device = accelerator.device
     model.vae.to(device, vae_dtype)
-    if args.cache_latents:
-        with torch.no_grad():
+    if args.cache_latents:  # disk caches: the main process writes them, the others then read them
+        with torch.no_grad(), accelerator.main_process_first() if args.cache_latents_to_disk else contextlib.nullcontext():
             data.cache_latents(model.vae, model.latent_scale, vae_batch_size=args.vae_batch_size,
                                to_disk=args.cache_latents_to_disk, device=device)
         model.vae.to("cpu")  # only sampling needs it again

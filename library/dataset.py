@@ -16,11 +16,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from PIL import ExifTags, Image, ImageOps
 from tqdm import tqdm
 
 from library.buckets import BucketManager, get_crop_ltrb, resize_and_crop
 from library.captions import process_caption, read_caption_file, tag_frequency
+from library.safe_io import atomic_save_safetensors
 from library.config_util import (DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, ConfigError, DatasetBlueprint,
                                  SubsetBlueprint, check_bucket_reso_steps)
 
@@ -42,7 +45,7 @@ class ImageInfo:
     resized_size: tuple[int, int] | None = None
     latents: torch.Tensor | None = None  # (C, h, w), not scaled
     latents_flipped: torch.Tensor | None = None
-    latents_npz: str | None = None  # disk cache (loaded per sample)
+    latents_cache: str | None = None  # disk cache (loaded per sample)
     cached_original_size: tuple[int, int] | None = None
     cached_crop_ltrb: tuple[float, float, float, float] | None = None
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
@@ -479,7 +482,7 @@ class DatasetGroup(torch.utils.data.Dataset):
             info = ds.images[key]
             sub = info.subset
             flipped = sub.flip_aug and rng.random() < 0.5
-            if info.latents is not None or info.latents_npz is not None:
+            if info.latents is not None or info.latents_cache is not None:
                 lat, original_size, crop_ltrb = self._cached(info, flipped)
                 latents.append(lat)
                 target = (lat.shape[2] * LATENT_STRIDE, lat.shape[1] * LATENT_STRIDE)
@@ -533,18 +536,19 @@ class DatasetGroup(torch.utils.data.Dataset):
         if info.latents is not None:
             lat = info.latents_flipped if flipped else info.latents
             return lat, info.cached_original_size, info.cached_crop_ltrb
-        with np.load(info.latents_npz) as npz:
-            lat = npz["latents_flipped" if flipped else "latents"]
-            return torch.from_numpy(lat.astype(np.float32)), tuple(npz["original_size"]), tuple(npz["crop_ltrb"])
+        t = load_file(info.latents_cache)
+        lat = t["latents_flipped" if flipped else "latents"]
+        return lat.float(), tuple(t["original_size"].tolist()), tuple(t["crop_ltrb"].tolist())
 
     # -- latent caching --------------------------------------------------------------------------------------------
     def cache_latents(self, vae, latent_scale: float, *, vae_batch_size: int = 1, to_disk: bool = False,
                       device="cpu", generator: torch.Generator | None = None) -> None:
         """Encode every image once: `latent_dist.sample(generator)` (NaN -> 0); with flip_aug also the flipped image.
 
-        In memory, or with `to_disk` in `<stem>_<WWWW>x<HHHH>_sd.npz` / `_sdxl.npz` beside the image (WWWW x HHHH =
-        original size; keys latents, original_size, crop_ltrb, latents_flipped: sd-scripts' layout, latents not
-        scaled). A valid existing file is reused; one with another latent size is recomputed. Batches then carry
+        In memory, or with `to_disk` in `<stem>_<WWWW>x<HHHH>_sd.safetensors` / `_sdxl.safetensors` beside the image
+        (WWWW x HHHH = original size; tensors latents, original_size, crop_ltrb, latents_flipped: sd-scripts' npz
+        layout in safetensors, so a cache file can never carry a pickle; latents not scaled), written atomically.
+        A valid existing file is reused; one with another latent size is recomputed. Batches then carry
         `latents` (x latent_scale) and `images` None. The VAE must already be on `device`."""
         for d in self.datasets:
             for sub in d.bp.subsets:
@@ -554,15 +558,15 @@ class DatasetGroup(torch.utils.data.Dataset):
                                           f"cached (sd-scripts refuses it too). Turn {name} off or drop "
                                           f"--cache_latents/--cache_latents_to_disk.")
         self.latent_scale = float(latent_scale)
-        suffix = "_sdxl.npz" if self.is_sdxl else "_sd.npz"
+        suffix = "_sdxl.safetensors" if self.is_sdxl else "_sd.safetensors"
         todo: list[ImageInfo] = []
         infos = sorted({id(i): i for d in self.datasets for i in d.images.values()}.values(),
                        key=lambda i: (i.bucket_reso, i.subset.flip_aug, i.path))
         for info in infos:
             if to_disk:
                 w, h = info.size
-                info.latents_npz = f"{os.path.splitext(info.path)[0]}_{w:04d}x{h:04d}{suffix}"
-                if _npz_valid(info.latents_npz, info.bucket_reso, info.subset.flip_aug):
+                info.latents_cache = f"{os.path.splitext(info.path)[0]}_{w:04d}x{h:04d}{suffix}"
+                if _cache_valid(info.latents_cache, info.bucket_reso, info.subset.flip_aug):
                     continue
             todo.append(info)
         batches, batch = [], []
@@ -589,9 +593,11 @@ class DatasetGroup(torch.utils.data.Dataset):
                 for info, l, lf in zip(batch, lat, lat_flip):
                     crop = get_crop_ltrb(info.bucket_reso, info.size)
                     if to_disk:
-                        extra = {} if lf is None else {"latents_flipped": lf.numpy()}
-                        np.savez(info.latents_npz, latents=l.numpy(), original_size=np.array(info.size),
-                                 crop_ltrb=np.array(crop), **extra)
+                        tensors = {"latents": l.contiguous(), "original_size": torch.tensor(info.size),
+                                   "crop_ltrb": torch.tensor(crop)}
+                        if lf is not None:
+                            tensors["latents_flipped"] = lf.contiguous()
+                        atomic_save_safetensors(tensors, info.latents_cache, overwrite=True)
                     else:
                         info.latents, info.latents_flipped = l, lf
                         info.cached_original_size, info.cached_crop_ltrb = info.size, crop
@@ -675,20 +681,21 @@ class DatasetGroup(torch.utils.data.Dataset):
         return {k: str(v) for k, v in md.items()}
 
 
-def _npz_valid(path: str, bucket_reso: tuple[int, int], flip_aug: bool) -> bool:
+def _cache_valid(path: str, bucket_reso: tuple[int, int], flip_aug: bool) -> bool:
     """sd-scripts' check: the file has latents / original_size / crop_ltrb of the bucket's latent size (and the
     flipped latents with flip_aug). An unreadable file is recomputed."""
     if not os.path.isfile(path):
         return False
     expected = (bucket_reso[1] // LATENT_STRIDE, bucket_reso[0] // LATENT_STRIDE)
     try:
-        with np.load(path) as npz:
-            if not {"latents", "original_size", "crop_ltrb"} <= set(npz.files):
+        with safe_open(path, "pt") as f:
+            keys = set(f.keys())
+            if not {"latents", "original_size", "crop_ltrb"} <= keys:
                 return False
-            if tuple(npz["latents"].shape[1:3]) != expected:
+            if tuple(f.get_slice("latents").get_shape()[1:3]) != expected:
                 return False
-            if flip_aug and ("latents_flipped" not in npz.files
-                             or tuple(npz["latents_flipped"].shape[1:3]) != expected):
+            if flip_aug and ("latents_flipped" not in keys
+                             or tuple(f.get_slice("latents_flipped").get_shape()[1:3]) != expected):
                 return False
     except Exception as e:
         logger.warning(f"latent cache {path} cannot be read ({e}); it will be recomputed.")

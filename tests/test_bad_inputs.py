@@ -199,9 +199,9 @@ def test_only_the_requested_latent_caches_are_written(tmp_path):
     after = snapshot(d)
     assert {k: after[k] for k in before} == before
     assert sorted(set(after) - set(before)) == [
-        "cmyk_0064x0064_sd.npz", "good_0064x0064_sd.npz", "gray16_0064x0064_sd.npz", "gray_0064x0064_sd.npz",
-        "rgb16_0064x0064_sd.npz", "rgba_0064x0064_sd.npz", "rotated_0040x0060_sd.npz",  # the upright size
-        "small_0020x0016_sd.npz"]
+        "cmyk_0064x0064_sd.safetensors", "good_0064x0064_sd.safetensors", "gray16_0064x0064_sd.safetensors", "gray_0064x0064_sd.safetensors",
+        "rgb16_0064x0064_sd.safetensors", "rgba_0064x0064_sd.safetensors", "rotated_0040x0060_sd.safetensors",  # the upright size
+        "small_0020x0016_sd.safetensors"]
 
 
 def test_malformed_exif_is_ignored(tmp_path):

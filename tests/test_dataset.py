@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from PIL import Image
 
 from library.config_util import ConfigError, generate_blueprint
@@ -280,12 +281,12 @@ def test_cache_latents_to_disk_written_and_reused(tmp_path, vae, monkeypatch):
     scale = vae.config.scaling_factor
     g = group(subsets)
     g.cache_latents(vae, scale, to_disk=True, generator=torch.Generator().manual_seed(0))
-    npz_path = tmp_path / "t" / "a_0080x0064_sd.npz"
-    assert npz_path.is_file()
-    with np.load(npz_path) as npz:
-        assert set(npz.files) == {"latents", "original_size", "crop_ltrb", "latents_flipped"}
-        assert npz["latents"].shape == (4, 8, 8) and npz["original_size"].tolist() == [80, 64]
-        variants = [torch.from_numpy(npz[k])[None] * scale for k in ("latents", "latents_flipped")]
+    cache_path = tmp_path / "t" / "a_0080x0064_sd.safetensors"
+    assert cache_path.is_file()
+    cached = load_file(str(cache_path))  # safetensors: a cache file can never carry a pickle
+    assert set(cached) == {"latents", "original_size", "crop_ltrb", "latents_flipped"}
+    assert cached["latents"].shape == (4, 8, 8) and cached["original_size"].tolist() == [80, 64]
+    variants = [cached[k][None] * scale for k in ("latents", "latents_flipped")]
     first = g[0]["latents"]
     assert any(torch.allclose(first, v) for v in variants)  # latents are stored unscaled, like sd-scripts
 
@@ -300,11 +301,11 @@ def test_cache_latents_to_disk_written_and_reused(tmp_path, vae, monkeypatch):
     g3 = group(subsets, general={"resolution": 32})  # another bucket -> latent size mismatch -> recomputed
     g3.cache_latents(vae, scale, to_disk=True)
     assert len(calls) == 2  # image + flipped image
-    with np.load(npz_path) as npz:
-        assert npz["latents"].shape == (4, 4, 4)
+    assert load_file(str(cache_path))["latents"].shape == (4, 4, 4)
     sdxl = group(subsets, is_sdxl=True)
     sdxl.cache_latents(vae, scale, to_disk=True)
-    assert (tmp_path / "t" / "a_0080x0064_sdxl.npz").is_file()
+    assert (tmp_path / "t" / "a_0080x0064_sdxl.safetensors").is_file()
+    assert not [f for f in os.listdir(tmp_path / "t") if f.endswith(".tmp")]  # atomic writes leave no temp file
 
 
 def test_flip_aug_with_cached_latents(tmp_path, vae):
