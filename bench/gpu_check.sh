@@ -111,4 +111,9 @@ echo "python -m bench.step_time --configs $CONFIGS --steps $STEPS --warmup $WARM
   ${EXTRA[@]+"${EXTRA[@]}"} --out "$RESULT" 2> >(tee "$LOGS/step_time.log" >&2)
 status=$?
 echo "exit code $status; table in $RESULT, logs in $LOGS"
+# 4. APT's overhead on the same card (plain and APT steps side by side), unless only the step time was asked for
+if [ "$DRY_RUN" = 0 ] && [ "${SKIP_APT:-0}" = 0 ]; then
+  "$PYTHON" -m bench.apt_overhead --configs "$CONFIGS" --steps "$STEPS" --warmup "$WARMUP" --timeout "$STEP_TIMEOUT" \
+    --out "$OUT/apt_overhead-gpu.md" 2> >(tee "$LOGS/apt_overhead.log" >&2) || status=$?
+fi
 exit $status
