@@ -147,25 +147,33 @@ def world(tmp_path_factory):
 
 
 def _run(world, out, *extra):
+    """The trainer with --apt, unless "--no_apt" is among `extra`."""
+    apt = [] if "--no_apt" in extra else ["--apt"]
+    extra = [e for e in extra if e != "--no_apt"]
     return train_apt_lora.main(["--pretrained_model_name_or_path", world["model"], "--dataset_config", world["dataset"],
                                 "--output_dir", str(out), "--output_name", "lora", "--network_dim", "4",
-                                "--network_alpha", "4", "--learning_rate", "3e-3", "--seed", "7", "--apt", *extra])
+                                "--network_alpha", "4", "--learning_rate", "3e-3", "--seed", "7", *apt, *extra])
 
 
-def test_resume_is_exact(world, tmp_path):
-    """4 steps straight == 2 steps + --resume + 2 steps: LoRA weights and indicator state."""
+@pytest.mark.parametrize("mode", [("--apt",), ("--apt", "--cache_latents"), ("--no_apt", "--cache_latents")],
+                         ids=["apt-pixels", "apt-cached-latents", "plain-cached-latents"])
+def test_resume_is_exact(world, tmp_path, mode):
+    """4 steps straight == 2 steps + --resume + 2 steps: bit-identical LoRA weights (and indicator state)."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    common = ["--max_train_steps", "4", "--apt_gamma_temperature", "1000", "--lr_scheduler", "cosine"]
+    common = ["--max_train_steps", "4", "--apt_gamma_temperature", "1000", "--lr_scheduler", "cosine", *mode]
     assert _run(world, straight, *common) == 0
     assert _run(world, split, *common, "--save_every_n_steps", "2", "--save_state") == 0
     state = split / "lora-step00000002-state"
-    assert (state / "apt.safetensors").exists() and json.loads((state / "train_state.json").read_text())["step"] == 2
+    assert (state / "apt.safetensors").exists() == ("--apt" in mode)
+    assert json.loads((state / "train_state.json").read_text())["step"] == 2
     resumed = tmp_path / "resumed"
     assert _run(world, resumed, *common, "--resume", str(state)) == 0
     a, b = load_file(str(straight / "lora.safetensors")), load_file(str(resumed / "lora.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
+    if "--no_apt" in mode:
+        return
     with safe_open(str(straight / "lora.safetensors"), "pt") as f1, safe_open(str(resumed / "lora.safetensors"), "pt") as f2:
         g1, g2 = f1.metadata()["apt_gamma_final"], f2.metadata()["apt_gamma_final"]
         assert g1 == g2 and f1.metadata()["apt_indicator_steps"] == f2.metadata()["apt_indicator_steps"] == "4"

@@ -51,13 +51,14 @@ def setup(tmp_path_factory):
     return {"root": root, "model": model, "dataset": str(dataset)}
 
 
-def _launch(setup, name, *extra):
+def _launch(setup, name, *extra, env_extra=None):
     """`accelerate launch` 2 CPU processes of tests/helpers/run_rank.py; returns the process and its folders."""
     root = setup["root"] / name
     out, ranks = root / "out", root / "ranks"
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                HF_HUB_OFFLINE="1", HF_HOME=str(root / "hf_home"))  # HF_HOME: no user accelerate config applies
     env.pop("CUDA_VISIBLE_DEVICES", None)
+    env.update(env_extra or {})
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), "--monitor_interval", "0.5",
@@ -143,3 +144,12 @@ def test_ranks_agree_without_seed(setup):
         a, b = _load_ranks(run, init_or_final)
         differ = [k for k in a if not torch.equal(a[k], b[k])]
         assert not differ, f"rank{init_or_final} weights: {len(differ)} of {len(a)} tensors differ, e.g. {differ[0]}"
+
+
+def test_a_failing_rank_stops_the_others_with_its_error(setup):
+    """Rank 1 crashes at its second step while rank 0 waits in a collective: the launcher stops both, with the
+    error, instead of hanging until the gloo timeout (30 min)."""
+    run = _launch(setup, "failing", "--seed", "1", "--apt", env_extra={"APT_TEST_FAIL_RANK": "1"})
+    assert run["proc"].returncode != 0
+    assert "injected failure on rank 1" in run["proc"].stdout + run["proc"].stderr
+    assert run["seconds"] < 120, f"took {run['seconds']:.0f} s"

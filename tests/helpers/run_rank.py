@@ -55,8 +55,12 @@ def main(argv=None) -> int:
     seen, apt_holder = [], []
     training_step = train_apt_lora.training_step
 
+    fail_rank = os.environ.get("APT_TEST_FAIL_RANK")
+
     def record_and_step(args, ctx, batch):  # which images this rank's micro-batches held (and its APT state)
         seen.append(list(batch["image_keys"]))
+        if fail_rank is not None and int(fail_rank) == rank and len(seen) == 2:  # tests: a rank that crashes
+            raise RuntimeError(f"injected failure on rank {rank}")
         if ctx.apt is not None and not apt_holder:
             apt_holder.append(ctx.apt)
         return training_step(args, ctx, batch)
