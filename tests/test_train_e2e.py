@@ -213,3 +213,36 @@ def test_nan_steps_are_skipped_then_the_run_stops_with_the_likely_cause(tiny, im
     rc = _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "out2", "--max_bad_steps", "2")
     err = capsys.readouterr().err
     assert rc == 2 and "--no_half_vae" in err and "learning rate" in err and "--max_bad_steps 2" in err
+
+
+def test_sd2_v_prediction_with_the_usual_options(images, tmp_path):
+    """SD2 768-v style (v-prediction) with bf16 autocast, gradient checkpointing, clip_skip, reg images with
+    prior_loss_weight, per-epoch saves, sample images and TensorBoard logs, in one run."""
+    model = str(tmp_path / "sd2v")
+    write_tiny_model("sd2", model, v_parameterization=True)
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    Image.fromarray(np.full((64, 64, 3), 128, dtype=np.uint8)).save(reg / "r.png")
+    ds = tmp_path / "ds.toml"
+    ds.write_text(f'[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = "{images}"\n'
+                  f'  class_tokens = "sks dog"\n  [[datasets.subsets]]\n  image_dir = "{reg}"\n'
+                  f'  class_tokens = "dog"\n  is_reg = true\n')
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of sks dog --w 64 --h 64 --d 3 --s 2 --l 5\n")
+    out = tmp_path / "out"
+    rc = train_apt_lora.main(["--pretrained_model_name_or_path", model, "--dataset_config", str(ds),
+                              "--output_dir", str(out), "--output_name", "v", "--network_dim", "4",
+                              "--max_train_epochs", "2", "--save_every_n_epochs", "1", "--mixed_precision", "bf16",
+                              "--gradient_checkpointing", "--clip_skip", "2", "--prior_loss_weight", "0.5",
+                              "--sample_prompts", str(prompts), "--sample_every_n_epochs", "1",
+                              "--logging_dir", str(tmp_path / "logs"), "--seed", "0"])
+    assert rc == 0
+    assert (out / "v-000001.safetensors").exists() and (out / "v.safetensors").exists()
+    with safe_open(str(out / "v.safetensors"), "pt") as f:
+        md = f.metadata()
+    assert md["ss_base_model_version"] == "sd_v2_v" and md["modelspec.prediction_type"] == "v"
+    assert md["ss_num_reg_images"] == "1" and md["ss_prior_loss_weight"] == "0.5" and md["ss_clip_skip"] == "2"
+    assert md["ss_mixed_precision"] == "bf16" and md["ss_gradient_checkpointing"] == "True"
+    samples = os.listdir(out / "sample")
+    assert len(samples) == 2 and all(s.startswith("v_e00000") and s.endswith("_3.png") for s in samples)
+    assert any(f.startswith("events.out.tfevents") for _, _, fs in os.walk(tmp_path / "logs") for f in fs)
