@@ -32,16 +32,22 @@ def check_writable(path, overwrite: bool = False, flag_hint: str = "--overwrite"
             f"{path} already exists; refusing to overwrite it. Pass {flag_hint} to replace it, "
             "or choose another output name/folder."
         )
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        up = os.path.dirname(parent)
-        if up == parent:
-            break
-        parent = up
+    parent = nearest_existing(os.path.dirname(os.path.abspath(path)))
     if not os.path.isdir(parent):
         raise NotADirectoryError(f"cannot write {path}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write {path}: folder {parent} is not writable")
+
+
+def nearest_existing(path: str) -> str:
+    """`path` itself if it exists, else its nearest existing parent (where a folder would be created)."""
+    path = os.path.abspath(os.fspath(path))
+    while not os.path.lexists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
 
 
 def _fsync_dir(folder: str) -> None:

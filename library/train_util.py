@@ -1107,13 +1107,10 @@ def check_output_location(args) -> None:
     out = getattr(args, "output_dir", None)
     if not out:
         return  # required elsewhere (verify_args)
+    from library.safe_io import nearest_existing
+
     path = os.path.abspath(os.fspath(out))
-    existing = path
-    while not os.path.lexists(existing):
-        parent = os.path.dirname(existing)
-        if parent == existing:
-            break
-        existing = parent
+    existing = nearest_existing(path)
     if not os.path.isdir(existing):
         what = "a broken link" if os.path.islink(existing) else "a file, not a folder"
         problem = f"it is {what}" if existing == path else f"cannot create the folder: {existing} is {what}"
