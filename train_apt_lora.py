@@ -219,6 +219,12 @@ def train(args):
     if args.log_with:
         log_dir = os.path.join(args.logging_dir or os.path.join(args.output_dir, "logs"),
                                (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S", time.localtime()))
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and not os.environ.get("WORLD_SIZE"):
+        # train() called again in one process (tests, notebooks) with other settings: accelerate keeps a
+        # per-process singleton that refuses a new mixed_precision; start from a clean one (single process only)
+        AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                               mixed_precision=args.mixed_precision, log_with=args.log_with, project_dir=log_dir,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
