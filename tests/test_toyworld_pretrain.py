@@ -1,0 +1,107 @@
+"""Toy world pretraining (issue 4): a 2-step run at a reduced size writes a loadable SD1 diffusers folder;
+an interrupted run resumes to the same weights."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from bench.toyworld import pretrain as P
+
+
+def _cfg(**kw):
+    base = dict(image_size=32, vae_steps=2, vae_batch_size=4, vae_channels=(16, 16, 16), n_images=8, steps=2,
+                batch_size=4, warmup_steps=1, unet_channels=(32, 32, 32, 32), te_hidden=32, te_layers=1)
+    return P.PretrainConfig(**{**base, **kw})
+
+
+def _weights(folder):
+    out = {}
+    for sub in ("unet", "vae", "text_encoder"):
+        d = os.path.join(folder, sub)
+        f = next(x for x in os.listdir(d) if x.endswith(".safetensors"))
+        with safe_open(os.path.join(d, f), "pt") as sf:
+            out.update({f"{sub}.{k}": sf.get_tensor(k) for k in sf.keys()})
+    return out
+
+
+def test_two_steps_write_a_folder_load_model_reads(tmp_path):
+    from library.conditioning import encode_prompts
+    from library.model_util import load_model, save_single_file
+
+    cfg = _cfg()
+    out = P.pretrain(cfg, str(tmp_path / "model"), str(tmp_path / "work"), log_every=1, workers=0,
+                     vae_check_n=8)
+    w = _weights(out)
+    assert all(v.dtype == torch.float16 for v in w.values() if v.is_floating_point())
+    assert P.folder_megabytes(out) < 30
+    info = json.load(open(os.path.join(out, "toyworld.json")))
+    assert info["config"]["steps"] == 2 and info["config"]["image_size"] == 32
+    assert set(info["vae_judge_accuracy"]["vae"]) == {"background", "cls", "colour", "position", "size", "context",
+                                                      "pattern"}
+    m = load_model(out)
+    assert m.arch == "sd1" and not m.v_parameterization
+    assert m.unet.config.down_block_types == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+    assert m.unet.config.layers_per_block == 2 and m.unet.config.sample_size == cfg.latent_size == 8
+    assert m.latent_scale > 0 and m.latent_scale != 1.0  # set from the encoded latents
+    assert m.tokenizers[0]("a sks backpack on snow").input_ids == [49406, 320, 48136, 14894, 525, 2583, 49407]
+    with torch.no_grad():
+        x = torch.rand(1, 3, 32, 32) * 2 - 1
+        lat = m.vae.encode(x).latent_dist.mean
+        assert tuple(lat.shape) == (1, 4, 8, 8)
+        ctx = encode_prompts(m, ["a red kite at night"]).context
+        assert m.unet(lat, torch.tensor([10]), ctx).sample.shape == lat.shape
+        assert m.vae.decode(lat).sample.shape == x.shape
+    # a diffusers pipeline samples from it at the model's own size (VAE scale factor 4: 32 px <-> 8x8 latents)
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoders[0], tokenizer=m.tokenizers[0],
+                                   unet=m.unet, scheduler=DDIMScheduler.from_config(m.noise_scheduler.config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe("a sks backpack", height=32, width=32, num_inference_steps=2, guidance_scale=5.0,
+               generator=torch.Generator().manual_seed(0)).images[0]
+    assert img.size == (32, 32)
+    # the judge can train on / be measured after this model's VAE round trip
+    from bench.toyworld import judge as J
+
+    rt = J.VAERoundTrip(out)
+    assert rt.size == 32 and tuple(rt(torch.rand(2, 3, 64, 64)).shape) == (2, 3, 64, 64)
+    J.train_judge(steps=1, batch_size=4, workers=0, vae=m, log=None)
+    acc = J.held_out_accuracy(J.load(), n=8, degrade=rt)
+    assert set(acc) == set(J.HEADS)
+    # the single-file (LDM) path round-trips the 3-level VAE too
+    f = save_single_file(m, str(tmp_path / "toy.safetensors"))
+    m2 = load_model(f)
+    assert m2.vae.config.block_out_channels == m.vae.config.block_out_channels
+    assert torch.equal(m2.unet.conv_in.weight, m.unet.conv_in.weight)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    cfg = _cfg(steps=3)
+    quiet = dict(log_every=100, vae_check_n=0)
+    ref = P.pretrain(cfg, str(tmp_path / "ref"), str(tmp_path / "w1"), workers=0, **quiet)
+    with pytest.raises(P.Interrupted):  # the VAE phase renders in a worker process here: same batches
+        P.pretrain(cfg, str(tmp_path / "res"), str(tmp_path / "w2"), stop_after=1, workers=1, **quiet)
+    assert not os.path.exists(tmp_path / "res")
+    with pytest.raises(FileExistsError):  # a checkpoint is there: --resume or start over
+        P.pretrain(cfg, str(tmp_path / "res"), str(tmp_path / "w2"))
+    with pytest.raises(ValueError):  # other settings than the checkpoint's
+        P.pretrain(_cfg(steps=4), str(tmp_path / "res"), str(tmp_path / "w2"), resume=True)
+    res = P.pretrain(cfg, str(tmp_path / "res"), str(tmp_path / "w2"), resume=True, workers=0, **quiet)
+    a, b = _weights(ref), _weights(res)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(FileExistsError):  # the output exists
+        P.pretrain(cfg, str(tmp_path / "res"), str(tmp_path / "w3"))
+
+
+def test_cli_reduced_run(tmp_path, capsys):
+    out, work = str(tmp_path / "cli"), str(tmp_path / "cliwork")
+    args = ["--steps", "2", "--vae_steps", "1", "--n_images", "4", "--batch_size", "2", "--image_size", "32",
+            "--unet_channels", "32,32,32,32", "--te_hidden", "32", "--vae_check", "0", "--out", out,
+            "--work_dir", work]
+    assert P.main(args) == 0
+    assert "wrote" in capsys.readouterr().out and os.path.isfile(os.path.join(out, "model_index.json"))
+    assert P.main(args) == 2  # exists
+    assert "--overwrite" in capsys.readouterr().err
