@@ -127,7 +127,10 @@ def atomic_save_safetensors(tensors: dict, path, metadata: dict | None = None, o
     (sd-scripts does the same, so None becomes "None"). Tensors are made contiguous and moved to CPU."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     md = _str_metadata(metadata)
-    _atomic_write(path, overwrite, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=md or None))
+    # serialise in memory and write our own pid-tagged temp file: safetensors' save_file makes a hidden temp file of
+    # its own (".tmpXXXXXX") that a kill would leave behind with no way to tell whose it is
+    data = safetensors.torch.save(tensors, metadata=md or None)
+    atomic_write_bytes(path, data, overwrite=overwrite)
 
 
 def _hash_after_header(b: io.BytesIO) -> str:
