@@ -12,15 +12,6 @@ from library.tiny_models import tiny_config
 B, NT = 2, 77
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny ops: one intra-op thread is faster, and far faster on a busy 2-core machine (no OpenMP spinning)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _tiny_unet(arch, seed=0):
     torch.manual_seed(seed)
     cfg = tiny_config(arch)["unet"]

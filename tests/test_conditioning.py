@@ -17,15 +17,6 @@ BOS, EOS, DOG = 49406, 49407, 1929
 PHOTO_IDS = [49406, 320, 1125, 539, 320, 1929, 49407]  # "a photo of a dog"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and a loaded 2-core box makes 2 threads much slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def models():
     return {arch: build_tiny_model(arch) for arch in ("sd1", "sd2", "sdxl")}

@@ -18,15 +18,6 @@ from library.tiny_models import build_tiny_model
 from networks.lora import LoRAModule, LoRANetwork, LoRAWeightsError, create_network, parse_network_args
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny convolutions: one thread is several times faster than two when the CPU is shared (OpenMP spin-waits)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def randomize(net, seed=1, std=0.1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -23,14 +23,6 @@ from networks.lora import LoRANetwork, kohya_module_names
 ATOL = 1e-5  # outputs of our patched model vs the diffusers/PEFT-loaded pipeline (fp32, CPU); observed: 0.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convs: much faster than 2 threads on a shared CPU
-    yield
-    torch.set_num_threads(n)
-
-
 class _Records(logging.Handler):
     def __init__(self):
         super().__init__(level=logging.WARNING)

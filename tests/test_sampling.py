@@ -26,15 +26,6 @@ from library.tiny_models import build_tiny_model
 NAME_RE = r"{name}_{num}_{idx:02d}_\d{{14}}{seed}\.png"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and a loaded 2-core box makes 2 threads much slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def write(tmp_path, name, text):
     p = tmp_path / name
     p.write_text(text, encoding="utf-8")
