@@ -255,6 +255,8 @@ def train(args):
 
         for bp in blueprints:
             for sub in bp.subsets:
+                if sub.is_reg:  # reg captions are class prompts already: c = c*
+                    continue
                 try:
                     resolve_prior_class_tokens(sub.class_tokens, sub.prior_class_tokens)
                 except PromptError as e:

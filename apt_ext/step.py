@@ -31,15 +31,18 @@ PRESET_TRAINING = dict(network_dim=32, network_alpha=32.0, unet_lr=5e-5, text_en
 
 
 def parse_components(text: str | None) -> frozenset:
-    """`--apt_components ata,rs,aa` (any subset; "all" or None = all three)."""
+    """`--apt_components ata,rs,aa` (any subset; "all" or None = all three; "none" = monitor only: the prior
+    pass and the overfitting indicator run, γ is logged and drawn, the training itself is plain DreamBooth)."""
     if text is None or text.strip().lower() == "all":
         return frozenset(COMPONENTS)
+    if text.strip().lower() == "none":
+        return frozenset()
     parts = {p.strip().lower() for p in text.split(",") if p.strip()}
     unknown = parts - set(COMPONENTS)
     if unknown or not parts:
         raise ValueError(f"--apt_components {text!r}: expected a comma-separated subset of {','.join(COMPONENTS)} "
                          f"(ata = adaptive training adjustment, rs = representation stabilization, "
-                         f"aa = attention alignment)")
+                         f"aa = attention alignment), or all, or none (monitor γ only)")
     return frozenset(parts)
 
 

@@ -498,7 +498,8 @@ class DatasetGroup(torch.utils.data.Dataset):
             target_hw.append((int(target[1]), int(target[0])))
             captions.append(process_caption(sub, info.caption, rng=rng, epoch=epoch))
             classes.append(sub.class_tokens)
-            priors.append(sub.prior_class_tokens)
+            # a reg image's caption is already the class prompt (no identifier): c = c* unless told otherwise
+            priors.append(sub.class_tokens if info.is_reg and sub.prior_class_tokens is None else sub.prior_class_tokens)
             is_reg.append(info.is_reg)
             weights.append(self.prior_loss_weight if info.is_reg else 1.0)
             keys.append(key)

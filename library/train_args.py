@@ -168,7 +168,8 @@ def _apt_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--apt", action="store_true", help="turn APT on: all of --apt_components")
     g.add_argument("--apt_components", type=str, default="ata,rs,aa",
                    help="with --apt, the components to use: ata (adaptive augmentation and loss weight), "
-                        "rs (representation stabilization), aa (attention alignment); any comma-separated subset")
+                        "rs (representation stabilization), aa (attention alignment); any comma-separated subset, "
+                        "or none: monitor only (indicator and γ heatmap, plain DreamBooth training)")
     g.add_argument("--apt_preset", type=str, default=None, choices=[None, "sdxl", "sd2", "sd1"],
                    help="the paper's settings (implies --apt): temperature, rank 32 / alpha 32, lr 5e-5 (UNet) and "
                         "5e-6 (text encoder), AdamW; only arguments left at their default are changed")

@@ -118,6 +118,28 @@ def test_dco_loss_type_uses_prior_pass_without_apt():
     assert apt.metadata()["apt_loss_type"] == "dco" and apt.metadata()["apt_dco_beta"] == "1000.0"
 
 
+def test_components_none_monitors_without_changing_the_loss():
+    """--apt_components none: the indicator runs and γ is used for nothing; the loss is the plain MSE."""
+    args = _args("--cache_latents", "--apt_components", "none")
+    ctx, apt, _ = _ctx("sd1", args)
+    assert apt.components == frozenset() and apt.capture is None and apt.fill_latent is None
+    apt.indicator.gamma_for = lambda t: torch.ones(t.shape[0])  # as if fully overfit: still no augmentation
+    batch = _batch(2, ["a photo of sks dog", "sks dog"])
+    torch.manual_seed(5)
+    loss, logs = train_apt_lora.training_step(args, ctx, batch)
+    assert loss.item() == pytest.approx(logs["apt/L_theta"], rel=1e-6)
+    assert logs["apt/aug_fraction"] == 0.0 and "apt/L_mu" not in logs and "apt/L_attn" not in logs
+    assert apt.indicator.seen.any() and apt.metadata()["apt_components"] == ""
+
+
+def test_components_parse_errors_name_the_choices():
+    from apt_ext.step import parse_components
+
+    assert parse_components("none") == frozenset() and parse_components("all") == {"ata", "rs", "aa"}
+    with pytest.raises(ValueError, match="none"):
+        parse_components("ata,xyz")
+
+
 def test_preset_sets_only_defaults():
     parser = setup_parser()
     args = parser.parse_args(["--apt_preset", "sdxl", "--network_dim", "8"])
@@ -200,3 +222,25 @@ def test_single_word_class_tokens_is_a_config_error(world, tmp_path, capsys):
                               "--output_dir", str(tmp_path / "o"), "--apt", "--max_train_steps", "1"])
     err = capsys.readouterr().err
     assert rc == 2 and "prior_class_tokens" in err and "datasets[0].subsets[0]" in err
+
+
+def test_reg_subset_with_plain_class_tokens_keeps_its_caption_as_c(world, tmp_path, monkeypatch):
+    """sd-scripts reg folders are named `1_dog` (one-word class tokens): under APT their caption is already the
+    class prompt, so c = c* for reg samples and the run must not stop on "cannot tell the identifier"."""
+    import apt_ext.step as step_mod
+
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(reg / f"r{i}.png")
+    ds = tmp_path / "ds.toml"
+    ds.write_text(open(world["dataset"]).read() + f'  [[datasets.subsets]]\n  image_dir = "{reg}"\n  is_reg = true\n'
+                  f'  class_tokens = "dog"\n')
+    seen = []
+    real = step_mod.class_prompts
+    monkeypatch.setattr(step_mod, "class_prompts", lambda caps, ct, pct: seen.append((list(caps), real(caps, ct, pct))) or real(caps, ct, pct))
+    w = dict(world, dataset=str(ds))
+    assert _run(w, tmp_path / "out", "--max_train_steps", "4", "--prior_loss_weight", "1.0") == 0
+    pairs = [(c, p) for caps, prior in seen for c, p in zip(caps, prior)]
+    assert ("dog", "dog") in pairs and ("sks dog", "dog") in pairs  # reg: unchanged; subject: identifier dropped

@@ -1,0 +1,92 @@
+"""Toy-world benchmark (issue 4): the metrics against hand-computed values, and a 2-step run of the whole
+evaluation pipeline (train with train_apt_lora.py, sample, judge, report) on a reduced model."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from bench.toyworld import evaluate as E
+from bench.toyworld import metrics as M
+from bench.toyworld import pretrain as P
+
+
+def test_attribute_accuracy_counts_named_attributes_only():
+    prompts = ["a sks backpack on grass", "a small red kite at the top left"]
+    pred = {"cls": ["backpack", "kite"], "background": ["snow", "water"], "size": ["small", "large"],
+            "colour": ["blue", "red"], "position": ["center", "top left"]}
+    acc, per = M.attribute_accuracy(prompts, pred)
+    # prompt 1 names cls (right) and background (wrong); prompt 2 cls, size (wrong), colour, position (right)
+    assert acc == pytest.approx(4 / 6)
+    assert per == {"cls": 1.0, "background": 0.0, "size": 0.0, "colour": 1.0, "position": 1.0}
+    assert M.named_attributes("a sks backpack") == {"cls": "backpack"}  # not the subject's implied colour
+
+
+def test_frechet_distance_of_gaussians():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(20000, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(20000, 3, generator=g, dtype=torch.float64) * 2 + torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    # N(0, I) vs N(m, 4I): |m|^2 + tr(I + 4I - 2 * 2I) = 1 + 3
+    assert M.frechet_distance(a, b) == pytest.approx(4.0, rel=0.03)
+    assert M.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_precision_recall_by_hand():
+    real = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    fake = torch.tensor([[0.5], [10.0]])
+    # k=1 radii: real 1,1,1,1; fake 9.5, 9.5. fake 0.5 is inside real balls, 10 is not -> precision 1/2;
+    # every real point is within 9.5 of fake 0.5 -> recall 1
+    assert M.precision_recall(real, fake, k=1) == (0.5, 1.0)
+
+
+def test_layout_and_rate():
+    pred = {"size": ["small", "large", "large"], "position": ["center", "left", "center"]}
+    assert M.layout(pred, [0, 1, 2]) == (pytest.approx(4 / 3), pytest.approx(2 / 3))
+    assert M.rate([True, False, True], [0, 1]) == 0.5 and np.isnan(M.rate([True], []))
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tw")
+    cfg = P.PretrainConfig(image_size=32, vae_steps=2, vae_batch_size=4, vae_channels=(16, 16, 16), n_images=8,
+                           steps=2, batch_size=4, warmup_steps=1, unet_channels=(32, 32, 32, 32), te_hidden=32,
+                           te_layers=1)
+    return P.pretrain(cfg, str(root / "model"), str(root / "work"), log_every=100, workers=0, vae_check_n=0)
+
+
+def test_sampler_is_seeded_per_image(small_model):
+    model = E.load(small_model)
+    a = E.sample(model, ["a kite", "a boat"], [3, 4], steps=2, guidance=3.0)
+    b = E.sample(model, ["a boat"], [4], steps=2, guidance=3.0, batch=1)
+    assert a.shape == (2, 3, 32, 32) and 0 <= float(a.min()) and float(a.max()) <= 1
+    torch.testing.assert_close(a[1:], b, atol=1e-5, rtol=0)  # same (prompt, seed): same image, any batching
+
+
+def test_two_step_pipeline_writes_the_report(small_model, tmp_path):
+    s = E.Settings(model=small_model, methods=("dreambooth", "dreambooth_pp", "dco", "apt"), seeds=(0, 1), steps=2,
+                   n_per_prompt=1, sample_steps=2, n_reg=2, quality_n=4, context_n=2, judge_n=8, noise_draws=1)
+    work, res = str(tmp_path / "work"), str(tmp_path / "res")
+    path = E.evaluate(s, work, res, "tw", log=lambda *_: None)
+    md = open(path, encoding="utf-8").read()
+    for label in ("DreamBooth", "DreamBooth + prior pres.", "DCO", "APT (ATA+RS+AA)", "ΔNoise", "γ per bin"):
+        assert label in md
+    raw = json.load(open(os.path.join(res, "tw.json")))
+    assert set(raw["results"]) == {"dreambooth", "dreambooth_pp", "dco", "apt"}
+    assert all(len(v) == 2 for v in raw["results"].values())  # one row per seed
+    assert len(raw["delta_noise"]["apt"][0]) == 10 and set(raw["gamma_final"]) == set(raw["results"])
+    for f in ("grid.png", "delta_noise.png", "gamma_apt.png", "prior_samples.png"):
+        assert os.path.getsize(os.path.join(res, "tw", f)) > 0
+    # the LoRAs are real trainer outputs: kohya keys, the method's APT metadata
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(work, "runs", "apt-s0", "lora.safetensors"), "pt") as f:
+        assert f.metadata()["apt_components"] == "ata,rs,aa"
+        assert any(k.startswith("lora_unet_") for k in f.keys())
+    with safe_open(os.path.join(work, "runs", "dco-s1", "lora.safetensors"), "pt") as f:
+        assert f.metadata()["apt_loss_type"] == "dco"
+    assert len(os.listdir(os.path.join(work, "reg"))) == 4  # 2 images + 2 captions
+    # a second run reuses the trained LoRAs (cached by their arguments)
+    logs = []
+    E.evaluate(s, work, res, "tw", log=logs.append)
+    assert sum("cached" in line for line in logs) == 8
