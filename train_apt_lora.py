@@ -164,6 +164,9 @@ def verify_args(args):
         except ImportError:
             raise TrainingSetupError("--xformers needs the xformers package (CUDA only): pip install -r requirements-gpu.txt, "
                                      "or leave the flag out to use PyTorch SDPA attention") from None
+    if args.sample_prior_grid and not args.sample_prompts:
+        raise TrainingSetupError("--sample_prior_grid needs --sample_prompts FILE: the grid shows those prompts "
+                                 "with the LoRA off and on")
     if args.output_name is None:
         args.output_name = "last"
     if args.logging_dir and args.log_with is None:
@@ -194,6 +197,8 @@ def planned_outputs(args, max_train_steps, num_epochs, start_step=0):
         names += [ckpt_name(args.output_name, step=s) for s in range(first, max_train_steps, every)]
     if args.save_state:
         names += [os.path.splitext(n)[0] + "-state" for n in names]
+    if args.sample_prior_grid:
+        names.append(f"{args.output_name}_grid.png")
     return [os.path.join(args.output_dir, n) for n in names]
 
 
@@ -455,6 +460,21 @@ def train(args):
     accelerator.wait_for_everyone()
     if is_main:
         save(train_util.ckpt_name(args.output_name), step, epoch, batches_done)
+        if args.sample_prior_grid and sample_prompts:
+            import io
+
+            from library.safe_io import atomic_write_bytes
+            from library.sampling import prior_vs_lora_grid
+
+            model.vae.to(device, vae_dtype)
+            grid = prior_vs_lora_grid(model, network, sample_prompts, seed=args.seed, upscale_to=128, device=device,
+                                      clip_skip=args.clip_skip, max_token_length=args.max_token_length,
+                                      sampler=args.sample_sampler, dtype=weight_dtype)
+            path = os.path.join(args.output_dir, f"{args.output_name}_grid.png")
+            buf = io.BytesIO()
+            grid.save(buf, format="PNG")
+            atomic_write_bytes(path, buf.getvalue(), overwrite=True)  # checked with the LoRA files before training
+            accelerator.print(f"saved {path} (prior vs LoRA at fixed seeds)")
     if args.log_with:
         accelerator.end_training()
     return network

@@ -516,3 +516,26 @@ def fixed_seed_grid(images_rows, labels: Sequence[str], col_labels: Optional[Seq
             tw, _ = size(text)
             draw.text((label_w + c * cw + (cw - tw) // 2, pad), str(text), fill="black", font=font)
     return grid
+
+
+def prior_vs_lora_grid(model, network, prompts: Sequence[SamplePrompt], *, seed: int = 0, multipliers=(0.0, 1.0),
+                       upscale_to: int = 0, **generate_kwargs):
+    """The fixed-seed comparison a LoRA user wants: one row per LoRA multiplier (0 = the prior model, the base
+    model as it was before training), one column per prompt, every row at the same seed per prompt (the prompt's
+    own `--d` seed, else `seed + column`). `upscale_to`: enlarge small images (nearest) to this side for viewing.
+    `generate_kwargs` go to `generate_images`. Returns a PIL image."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    fixed = [replace(p, seed=p.seed if p.seed is not None else seed + i) for i, p in enumerate(prompts)]
+    rows = []
+    for m in multipliers:
+        with network.multiplier_override(m):
+            ims = [im for im, _ in generate_images(model, fixed, extra_modules=[network], **generate_kwargs)]
+        if upscale_to:
+            ims = [im.resize((upscale_to, upscale_to * im.height // im.width), Image.NEAREST) if im.width < upscale_to
+                   else im for im in ims]
+        rows.append(ims)
+    labels = ["prior (LoRA off)" if m == 0 else f"LoRA x{m:g}" for m in multipliers]
+    return fixed_seed_grid(rows, labels, [f"{i + 1}: seed {p.seed}" for i, p in enumerate(fixed)])

@@ -153,6 +153,9 @@ def _logging_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sample_every_n_epochs", type=int, default=None)
     g.add_argument("--sample_at_first", action="store_true")
     g.add_argument("--sample_sampler", type=str, default="ddim")
+    g.add_argument("--sample_prior_grid", action="store_true",
+                   help="at the end, write OUTPUT_NAME_grid.png: every sample prompt with the LoRA off (the prior) "
+                        "and on, at the same seeds")
 
 
 def _floats(text: str) -> list[float]:

@@ -246,3 +246,31 @@ def test_sd2_v_prediction_with_the_usual_options(images, tmp_path):
     samples = os.listdir(out / "sample")
     assert len(samples) == 2 and all(s.startswith("v_e00000") and s.endswith("_3.png") for s in samples)
     assert any(f.startswith("events.out.tfevents") for _, _, fs in os.walk(tmp_path / "logs") for f in fs)
+
+
+def test_sample_prior_grid_shows_prior_and_lora_at_the_same_seeds(tiny, images, tmp_path):
+    """--sample_prior_grid: row 1 is the base model (LoRA off), row 2 the trained LoRA, same seed per column;
+    the prior row equals a sample of the untouched base model; an existing grid needs --overwrite."""
+    from library.model_util import load_model
+    from library.sampling import SamplePrompt, generate_images
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of sks dog --w 64 --h 64 --d 5 --s 2 --l 5\nsks dog --w 64 --h 64 --s 2 --l 5\n")
+    out = tmp_path / "out"
+    assert _train(tiny["sd1"], _dataset(tmp_path, images), out, "--sample_prompts", str(prompts),
+                  "--sample_prior_grid") == 0
+    grid = Image.open(out / "lora_grid.png").convert("RGB")
+    # 2 rows x 2 columns of 128-px cells (64-px samples upscaled) plus the label column and header
+    assert grid.height > 2 * 128 and grid.width > 2 * 128
+    base = load_model(tiny["sd1"])
+    (prior_img, seed), = generate_images(base, [SamplePrompt("a photo of sks dog", width=64, height=64, seed=5,
+                                                             steps=2, scale=5.0)])
+    expected = np.asarray(prior_img.resize((128, 128), Image.NEAREST)).astype(int)
+    g = np.asarray(grid).astype(int)
+    # find the prior cell of column 1: the first 128x128 block right of the labels, in the first row
+    hits = [(y, x) for y in range(0, g.shape[0] - 127) for x in range(0, g.shape[1] - 127, 1)
+            if abs(g[y, x] - expected[0, 0]).sum() == 0 and abs(g[y:y + 128, x:x + 128] - expected).max() <= 1][:1]
+    assert hits, "the prior row is not the base model's sample at the prompt's seed"
+    assert _train(tiny["sd1"], _dataset(tmp_path, images), out, "--sample_prompts", str(prompts),
+                  "--sample_prior_grid") == 2  # lora.safetensors and the grid exist: refused without --overwrite
+    assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "o2", "--sample_prior_grid") == 2

@@ -14,6 +14,7 @@ See docs/toyworld.md for its held-out accuracy.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -214,14 +215,19 @@ class VAERoundTrip:
 
 
 def train_judge(steps: int = 1500, seed: int = 0, batch_size: int = 64, lr: float = 3e-3, log_every: int = 100,
-                width: int = 24, workers: int = 1, vae=None, vae_rate: float = 0.5, log=print) -> Judge:
+                width: int = 24, workers: int = 1, vae=None, vae_rate: float = 0.5, log=print, init=None) -> Judge:
     """Train a judge from scratch on fresh generator batches; seeded (same seed, same weights). `workers`:
     processes that render the batches while the main process trains (0: render in the main process).
     `vae`: a model (folder, file or StableDiffusionModel) whose VAE round trip (`VAERoundTrip`) degrades
-    `vae_rate` of each batch, so that the judge reads that model's decoded samples as well as clean images."""
+    `vae_rate` of each batch, so that the judge reads that model's decoded samples as well as clean images.
+    `init`: a judge (or its file) to fine-tune instead of starting from scratch."""
     torch.manual_seed(seed)
     roundtrip = VAERoundTrip(vae) if vae is not None else None
-    judge = Judge(width=width)
+    if init is None:
+        judge = Judge(width=width)
+    else:
+        judge = load(init) if isinstance(init, (str, os.PathLike)) else copy.deepcopy(init)
+        judge.requires_grad_(True)
     opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     gen = torch.Generator().manual_seed(seed)
@@ -326,6 +332,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", default=DEFAULT_PATH)
     p.add_argument("--vae", metavar="MODEL", help="a model folder/file: train on its VAE round trips too "
                    "(half of each batch), so the judge reads that model's decoded samples")
+    p.add_argument("--init", metavar="PATH", help="fine-tune this judge instead of training from scratch")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (one-cycle)")
     p.add_argument("--eval", metavar="PATH", help="measure the held-out accuracy of a saved judge")
     p.add_argument("--eval_vae", metavar="MODEL", help="with --eval: also measure it on MODEL's VAE round trips")
     p.add_argument("--n", type=int, default=2000, help="held-out images for the accuracy table")
@@ -337,13 +345,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error("give --train or --eval PATH")
     if args.train:
         t0 = time.time()
-        judge = train_judge(args.steps, args.seed, args.batch_size, workers=args.workers, vae=args.vae)
+        judge = train_judge(args.steps, args.seed, args.batch_size, lr=args.lr, workers=args.workers, vae=args.vae,
+                            init=args.init)
         train_s = time.time() - t0
         acc = held_out_accuracy(judge, args.n)
         meta = {"toyworld.judge.steps": args.steps, "toyworld.judge.seed": args.seed,
                 "toyworld.judge.batch_size": args.batch_size, "toyworld.judge.train_seconds": f"{train_s:.0f}",
                 "toyworld.judge.held_out_accuracy": json.dumps({k: round(v, 4) for k, v in acc.items()}),
-                "toyworld.judge.held_out_n": args.n, "toyworld.judge.vae": args.vae or ""}
+                "toyworld.judge.held_out_n": args.n, "toyworld.judge.vae": args.vae or "",
+                "toyworld.judge.init": args.init or "", "toyworld.judge.lr": args.lr}
         save(judge, args.out, meta)
         print(f"trained in {train_s:.0f}s ({args.steps} steps x {args.batch_size}); wrote {args.out} "
               f"({os.path.getsize(args.out) / 1e6:.2f} MB)")
