@@ -92,7 +92,9 @@ def _size_value(value, what: str, where: str) -> int:
     v = _int_value(value, what, where)
     if v <= 0:
         raise SamplingError(f"{where}: {what} must be positive, got {v}")
-    return max(64, v - v % 8)  # sd-scripts: floored to a multiple of 8, at least 64
+    # floored to a multiple of 8 as in sd-scripts, at least 8 (sd-scripts: 64; small models such as the toy
+    # world's draw 32x32 images)
+    return max(8, v - v % 8)
 
 
 def _set_field(fields: dict, field_name: str, value, what: str, where: str) -> None:

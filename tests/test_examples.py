@@ -9,7 +9,7 @@ from library.train_args import setup_parser
 from library.train_util import parse_args_with_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARG_FILES = ["examples/quickstart/train.toml", "examples/sd15_dog.toml", "examples/sdxl_backpack.toml"]
+ARG_FILES = ["examples/toyworld/train.toml", "examples/sd15_dog.toml", "examples/sdxl_backpack.toml"]
 
 
 @pytest.mark.parametrize("path", ARG_FILES)
@@ -21,5 +21,24 @@ def test_argument_files_parse_and_their_datasets_resolve(path, monkeypatch):
                                     is_sdxl="sdxl" in path)
     for bp in blueprints:
         for sub in bp.subsets:
-            assert len(glob.glob(os.path.join(sub.image_dir, "*.jpg"))) >= 5
+            assert sum(len(glob.glob(os.path.join(sub.image_dir, e))) for e in ("*.jpg", "*.png")) >= 5
             assert sub.class_tokens and sub.prior_class_tokens
+
+
+def test_bundled_toyworld_subject_is_the_generators_reference_set(tmp_path):
+    """examples/toyworld/sks_backpack holds exactly what the benchmark trains on (world.reference_set at 32 px)."""
+    import numpy as np
+    from PIL import Image
+
+    from bench.toyworld import evaluate as E
+    from bench.toyworld import world as W
+
+    E.write_references(W.SubjectSpec(), 32, str(tmp_path))
+    bundled = os.path.join(ROOT, "examples", "toyworld", "sks_backpack")
+    assert sorted(os.listdir(bundled)) == sorted(os.listdir(tmp_path))
+    for name in os.listdir(tmp_path):
+        a, b = os.path.join(bundled, name), os.path.join(tmp_path, name)
+        if name.endswith(".png"):
+            assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+        else:
+            assert open(a).read() == open(b).read() == "a sks backpack\n"

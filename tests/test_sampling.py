@@ -50,7 +50,7 @@ def test_txt_prompt_file_all_options(tmp_path, caplog):
         ps = parse_prompt_file(path)
     assert ps[0] == SamplePrompt("a photo of sks dog", "blurry, low quality", 768, 96, 42, 28, 5.5, "euler_a")
     assert ps[1] == SamplePrompt("plain prompt", None, 512, 512, None, 30, 7.5, None)
-    assert ps[2] == SamplePrompt("big", None, 64, 1024, None, 1000, 9.0, "k_dpm_2_a")
+    assert ps[2] == SamplePrompt("big", None, 24, 1024, None, 1000, 9.0, "k_dpm_2_a")
     assert ps[3].steps == 1 and ps[3].prompt == "few steps"
     assert ps[4].prompt == "" and ps[4].negative_prompt == "only negative"
     assert len(ps) == 5
