@@ -42,3 +42,14 @@ def test_bundled_toyworld_subject_is_the_generators_reference_set(tmp_path):
             assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
         else:
             assert open(a).read() == open(b).read() == "a sks backpack\n"
+
+
+def test_cli_reference_is_generated_from_the_parser():
+    """docs/cli.md is `python -m library.train_args` output: a new or changed flag must be regenerated."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "library.train_args"], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    assert open(os.path.join(ROOT, "docs", "cli.md"), encoding="utf-8").read() == out, \
+        "docs/cli.md is stale: run python -m library.train_args > docs/cli.md"

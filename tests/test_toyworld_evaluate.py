@@ -90,3 +90,26 @@ def test_two_step_pipeline_writes_the_report(small_model, tmp_path):
     logs = []
     E.evaluate(s, work, res, "tw", log=logs.append)
     assert sum("cached" in line for line in logs) == 8
+
+
+BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "models", "toyworld-sd1")
+
+
+def test_bundled_model_loads_as_sd1_from_folder_and_single_file(tmp_path):
+    """The README's model: examples/models/toyworld-sd1 (fp16 diffusers folder, <= 30 MB) read by the trainer's
+    loader as SD1, and the same weights through the single-file (LDM) path."""
+    from library.model_util import load_model, save_single_file
+
+    assert P.folder_megabytes(BUNDLED) <= 30
+    info = json.load(open(os.path.join(BUNDLED, "toyworld.json")))
+    assert info["config"]["image_size"] == 32
+    m = load_model(BUNDLED)
+    assert m.arch == "sd1" and not m.v_parameterization and m.unet.dtype == torch.float16
+    assert m.latent_scale == pytest.approx(info["latent_scaling_factor"], rel=1e-6) and m.latent_scale != 1.0
+    f = save_single_file(m, str(tmp_path / "toyworld.safetensors"))
+    m2 = load_model(f)
+    assert m2.arch == "sd1"
+    for a, b in ((m.unet, m2.unet), (m.vae, m2.vae), (m.text_encoders[0], m2.text_encoders[0])):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k].float(), sb[k].float()) for k in sa)
+    assert m2.tokenizers[0]("a sks backpack").input_ids == m.tokenizers[0]("a sks backpack").input_ids
