@@ -423,10 +423,12 @@ def train(args):
                 postfix = dict(loss=f"{loss_value:.4f}", avg=f"{loss_sum / loss_count:.4f}")
                 if apt is not None:
                     apt.record(step)
-                    logs.update(apt.indicator.logs())
                     postfix["gamma"] = f"{apt.indicator.gamma()[apt.indicator.seen].mean().nan_to_num().item():.3f}"
                 progress.set_postfix(postfix)
-                if args.log_with:
+                if args.log_with:  # the step's logs are device tensors: read here, only when logging
+                    logs = {k: float(v) for k, v in logs.items()}
+                    if apt is not None:
+                        logs.update(apt.indicator.logs())
                     lrs = lr_scheduler.get_last_lr()
                     accelerator.log({"loss/current": loss_value, "loss/average": loss_sum / loss_count, "loss/bad_steps": bad_steps,
                                      **{f"lr/{g.get('name', i)}": lr for i, (g, lr) in enumerate(zip(optimizer.param_groups, lrs))},

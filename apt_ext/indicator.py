@@ -10,10 +10,10 @@ training images much better than the prior does, ema_φ − ema_θ grows, and
 approaches 1: bin b is overfitting. γ drives both the augmentation probability (§2.2) and the loss
 weight 1 − γ (§2.3).
 
-Device: the state is B float64 numbers per EMA, so it lives on the CPU. Updating it on the CPU costs one
-device→host copy of 3·batch numbers per step (the trainer already syncs for its loss log), keeps the
-arithmetic in float64 on every backend (MPS has no float64), and makes `state_dict()` trivially
-portable. `gamma_for` hands γ back on the device of the timesteps it is given.
+Device: the state (B float64 numbers per EMA) lives on the training device, so the γ lookup before the
+step and the EMA update after it are device ops with no host synchronisation (DESIGN.md §2.1; issue 6).
+MPS has no float64: there the state stays on the CPU. `state_dict()` always returns CPU tensors, and
+`logs()` reads the values (the one place that synchronises: call it only when logging).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ class OverfittingIndicator:
     """
 
     def __init__(self, num_bins: int = NUM_BINS, num_train_timesteps: int = 1000, ema_alpha: float = EMA_ALPHA,
-                 temperature: float = 100.0):
+                 temperature: float = 100.0, device=None):
         if num_bins < 1 or num_train_timesteps < 1:
             raise ValueError(f"num_bins ({num_bins}) and num_train_timesteps ({num_train_timesteps}) must be >= 1")
         if not 0.0 < ema_alpha <= 1.0:
@@ -49,16 +49,20 @@ class OverfittingIndicator:
         self.num_train_timesteps = int(num_train_timesteps)
         self.ema_alpha = float(ema_alpha)
         self.temperature = float(temperature)
-        self.ema_prior = torch.zeros(self.num_bins, dtype=torch.float64)  # ema_φ
-        self.ema_ft = torch.zeros(self.num_bins, dtype=torch.float64)  # ema_θ
-        self.seen = torch.zeros(self.num_bins, dtype=torch.bool)
-        self.bin_updates = torch.zeros(self.num_bins, dtype=torch.int64)  # EMA updates per bin (for logs)
+        device = torch.device(device if device is not None else "cpu")
+        self.device = torch.device("cpu") if device.type == "mps" else device
+        z = dict(device=self.device)
+        self.ema_prior = torch.zeros(self.num_bins, dtype=torch.float64, **z)  # ema_φ
+        self.ema_ft = torch.zeros(self.num_bins, dtype=torch.float64, **z)  # ema_θ
+        self.seen = torch.zeros(self.num_bins, dtype=torch.bool, **z)
+        self.bin_updates = torch.zeros(self.num_bins, dtype=torch.int64, **z)  # EMA updates per bin (for logs)
         self.step = 0  # update() calls
 
     # ------------------------------------------------------------------ bins and gamma
     def bin_of(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """floor(t · B / T) clamped to [0, B−1], as a CPU LongTensor (t = 0 is the least noisy)."""
-        t = torch.as_tensor(timesteps).detach().cpu()
+        """floor(t · B / T) clamped to [0, B−1], as a LongTensor on the indicator's device (t = 0 is the least
+        noisy)."""
+        t = torch.as_tensor(timesteps).detach().to(self.device)
         if t.is_floating_point():
             b = torch.floor(t.double() * self.num_bins / self.num_train_timesteps).long()
         else:  # exact integer arithmetic: no float rounding at the bin edges
@@ -66,7 +70,7 @@ class OverfittingIndicator:
         return b.clamp_(0, self.num_bins - 1)
 
     def gamma(self) -> torch.Tensor:
-        """γ per bin, (B,) float32 on the CPU; 0 for a bin never seen."""
+        """γ per bin, (B,) float32 on the indicator's device; 0 for a bin never seen."""
         g = 1.0 - torch.exp(-self.temperature * (self.ema_prior - self.ema_ft))  # exp overflow -> -inf -> clamped to 0
         g = g.clamp(0.0, 1.0)
         return torch.where(self.seen, g, torch.zeros_like(g)).float()
@@ -87,14 +91,14 @@ class OverfittingIndicator:
         self._update_bins(bins, lp, lf, keep)
 
     def _rows(self, timesteps, loss_prior, loss_ft, is_reg):
-        """CPU (bins, L_φ, L_θ as float64, keep = not reg), checked for equal lengths."""
+        """(bins, L_φ, L_θ as float64, keep = not reg) on the indicator's device, checked for equal lengths."""
         bins = self.bin_of(timesteps)
-        lp = torch.as_tensor(loss_prior).detach().to("cpu", torch.float64).reshape(-1)
-        lf = torch.as_tensor(loss_ft).detach().to("cpu", torch.float64).reshape(-1)
+        lp = torch.as_tensor(loss_prior).detach().to(self.device, torch.float64).reshape(-1)
+        lf = torch.as_tensor(loss_ft).detach().to(self.device, torch.float64).reshape(-1)
         if is_reg is None:
-            keep = torch.ones(bins.numel(), dtype=torch.bool)
+            keep = torch.ones(bins.numel(), dtype=torch.bool, device=self.device)
         else:
-            keep = ~torch.as_tensor(is_reg).detach().cpu().bool().reshape(-1)
+            keep = ~torch.as_tensor(is_reg).detach().to(self.device).bool().reshape(-1)
         if not (bins.numel() == lp.numel() == lf.numel() == keep.numel()):
             raise ValueError(f"batch sizes differ: timesteps {bins.numel()}, loss_prior {lp.numel()}, "
                              f"loss_ft {lf.numel()}, is_reg {keep.numel()}")
@@ -102,22 +106,22 @@ class OverfittingIndicator:
 
     def _update_bins(self, bins: torch.Tensor, lp: torch.Tensor, lf: torch.Tensor, keep: torch.Tensor) -> None:
         # A non-finite loss (fp16 overflow) would poison the EMA for the rest of the run: leave it out.
-        keep = keep & torch.isfinite(lp) & torch.isfinite(lf)
-        bins, lp, lf = bins[keep], lp[keep], lf[keep]
-        count = torch.bincount(bins, minlength=self.num_bins)
+        # Masked arithmetic, no boolean indexing or `if tensor`: the update never waits for the device.
+        keep = (keep & torch.isfinite(lp) & torch.isfinite(lf)).to(torch.float64)
+        lp, lf = torch.nan_to_num(lp) * keep, torch.nan_to_num(lf) * keep
+        zeros = torch.zeros(self.num_bins, dtype=torch.float64, device=self.device)
+        count = zeros.index_add(0, bins, keep)
         present = count > 0
-        if present.any():
-            n = count.clamp(min=1).double()
-            x_p = torch.zeros(self.num_bins, dtype=torch.float64).index_add_(0, bins, lp) / n  # same-bin average
-            x_f = torch.zeros(self.num_bins, dtype=torch.float64).index_add_(0, bins, lf) / n
-            a = self.ema_alpha
-            upd = present & self.seen
-            first = present & ~self.seen  # first observation initialises the EMA
-            self.ema_prior = torch.where(upd, (1.0 - a) * self.ema_prior + a * x_p,
-                                         torch.where(first, x_p, self.ema_prior))
-            self.ema_ft = torch.where(upd, (1.0 - a) * self.ema_ft + a * x_f, torch.where(first, x_f, self.ema_ft))
-            self.seen = self.seen | present
-            self.bin_updates += present.long()
+        n = count.clamp(min=1.0)
+        x_p = zeros.index_add(0, bins, lp) / n  # same-bin average
+        x_f = zeros.index_add(0, bins, lf) / n
+        a = self.ema_alpha
+        upd = present & self.seen
+        first = present & ~self.seen  # first observation initialises the EMA
+        self.ema_prior = torch.where(upd, (1.0 - a) * self.ema_prior + a * x_p, torch.where(first, x_p, self.ema_prior))
+        self.ema_ft = torch.where(upd, (1.0 - a) * self.ema_ft + a * x_f, torch.where(first, x_f, self.ema_ft))
+        self.seen = self.seen | present
+        self.bin_updates += present.long()
         self.step += 1
 
     def sync_update(self, accelerator, timesteps, loss_prior, loss_ft, is_reg=None) -> None:
@@ -137,23 +141,22 @@ class OverfittingIndicator:
         bins, lp, lf, keep = self._rows(timesteps, loss_prior, loss_ft, is_reg)
         device = accelerator.device
         n = torch.tensor([bins.numel()], dtype=torch.int64, device=device)
-        dist.all_reduce(n, op=dist.ReduceOp.MAX)
-        rows = torch.zeros(int(n.item()), 4, dtype=torch.float64)  # padding rows have keep = 0
-        rows[: bins.numel()] = torch.stack([bins.double(), lp, lf, keep.double()], dim=1)
-        rows = rows.to(device)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)  # the one sync of a multi-process update: the padded size
+        rows = torch.zeros(int(n.item()), 4, dtype=torch.float64, device=device)  # padding rows have keep = 0
+        rows[: bins.numel()] = torch.stack([bins.double(), lp, lf, keep.double()], dim=1).to(device)
         gathered = [torch.empty_like(rows) for _ in range(accelerator.num_processes)]
         dist.all_gather(gathered, rows)
-        allrows = torch.cat(gathered).cpu()
+        allrows = torch.cat(gathered).to(self.device)
         self._update_bins(allrows[:, 0].long(), allrows[:, 1], allrows[:, 2], allrows[:, 3] > 0.5)
 
     # ------------------------------------------------------------------ state and logs
     def state_dict(self) -> dict:
         """Plain CPU tensors only (scalars as 0-d int64), so torch.save and safetensors both work."""
         return {
-            "ema_prior": self.ema_prior.clone(),
-            "ema_ft": self.ema_ft.clone(),
-            "seen": self.seen.clone(),
-            "bin_updates": self.bin_updates.clone(),
+            "ema_prior": self.ema_prior.cpu().clone(),
+            "ema_ft": self.ema_ft.cpu().clone(),
+            "seen": self.seen.cpu().clone(),
+            "bin_updates": self.bin_updates.cpu().clone(),
             "step": torch.tensor(self.step, dtype=torch.int64),
             "num_bins": torch.tensor(self.num_bins, dtype=torch.int64),
             "num_train_timesteps": torch.tensor(self.num_train_timesteps, dtype=torch.int64),
@@ -166,24 +169,26 @@ class OverfittingIndicator:
         if nb != self.num_bins or nt != self.num_train_timesteps:
             raise ValueError(f"indicator state has {nb} bins over {nt} timesteps, this run uses "
                              f"{self.num_bins} over {self.num_train_timesteps}; resume with the same settings")
-        self.ema_prior = torch.as_tensor(state["ema_prior"]).detach().to("cpu", torch.float64).clone()
-        self.ema_ft = torch.as_tensor(state["ema_ft"]).detach().to("cpu", torch.float64).clone()
-        self.seen = torch.as_tensor(state["seen"]).detach().cpu().bool().clone()
+        d = self.device
+        self.ema_prior = torch.as_tensor(state["ema_prior"]).detach().to(d, torch.float64).clone()
+        self.ema_ft = torch.as_tensor(state["ema_ft"]).detach().to(d, torch.float64).clone()
+        self.seen = torch.as_tensor(state["seen"]).detach().to(d).bool().clone()
         if "bin_updates" in state:
-            self.bin_updates = torch.as_tensor(state["bin_updates"]).detach().cpu().long().clone()
+            self.bin_updates = torch.as_tensor(state["bin_updates"]).detach().to(d).long().clone()
         else:
             self.bin_updates = self.seen.long()
         self.step = int(state.get("step", 0))
 
     def logs(self, prefix: str = "apt/") -> dict[str, float]:
         """Per-bin γ and EMAs of the seen bins, for the trainer's logger (the paper's Fig. 6)."""
-        g = self.gamma()
+        g, seen = self.gamma().tolist(), self.seen.tolist()
+        ep, ef = self.ema_prior.tolist(), self.ema_ft.tolist()
         out: dict[str, float] = {}
         for b in range(self.num_bins):
-            if self.seen[b]:
-                out[f"{prefix}gamma_bin{b}"] = float(g[b])
-                out[f"{prefix}ema_prior_bin{b}"] = float(self.ema_prior[b])
-                out[f"{prefix}ema_ft_bin{b}"] = float(self.ema_ft[b])
+            if seen[b]:
+                out[f"{prefix}gamma_bin{b}"] = g[b]
+                out[f"{prefix}ema_prior_bin{b}"] = ep[b]
+                out[f"{prefix}ema_ft_bin{b}"] = ef[b]
         return out
 
     def __repr__(self) -> str:

@@ -74,7 +74,7 @@ class APT:
         self.args = args
         tau = args.apt_gamma_temperature or default_temperature(model.arch)
         self.indicator = OverfittingIndicator(args.apt_num_bins, model.noise_scheduler.config.num_train_timesteps,
-                                              args.apt_ema_alpha, tau)
+                                              args.apt_ema_alpha, tau, device=device)
         self.augment = AdaptiveAugment(args.apt_aug_p_max, tuple(args.apt_aug_scale), args.apt_aug_rotation)
         self.aug_space = args.apt_aug_space
         if self.aug_space == "auto":
@@ -92,7 +92,7 @@ class APT:
 
             layers = select_layers(model.unet, model.arch, args.apt_layers)
             self.capture = APTCapture(model.unet, layers, args.apt_rs_hook, args.apt_rs_stats).install()
-        self.history: list[tuple[int, list[float]]] = []  # (optimizer step, γ per bin) for the heatmap
+        self._history: list[tuple[int, torch.Tensor]] = []  # (optimizer step, γ per bin on the device)
 
     def capture_ctx(self, tag):
         import contextlib
@@ -100,20 +100,30 @@ class APT:
         return self.capture.capture(tag) if self.capture is not None else contextlib.nullcontext()
 
     def record(self, step: int) -> None:
-        self.history.append((step, self.indicator.gamma().tolist()))
+        """Keep γ of this optimizer step (a device copy: read back only when saved or drawn)."""
+        self._history.append((step, self.indicator.gamma().clone()))
+
+    @property
+    def history(self) -> list[tuple[int, list[float]]]:
+        """(optimizer step, γ per bin) for the heatmap and the saved state."""
+        if not self._history:
+            return []
+        gammas = torch.stack([g for _, g in self._history]).cpu().tolist()
+        return [(s, g) for (s, _), g in zip(self._history, gammas)]
 
     def state_dict(self) -> dict:
         state = {f"indicator.{k}": v for k, v in self.indicator.state_dict().items()}
-        if self.history:
-            state["history.steps"] = torch.tensor([s for s, _ in self.history], dtype=torch.int64)
-            state["history.gamma"] = torch.tensor([g for _, g in self.history], dtype=torch.float32)
+        if self._history:
+            state["history.steps"] = torch.tensor([s for s, _ in self._history], dtype=torch.int64)
+            state["history.gamma"] = torch.stack([g for _, g in self._history]).cpu().float()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.indicator.load_state_dict({k[len("indicator."):]: v for k, v in state.items() if k.startswith("indicator.")})
-        self.history = []
+        self._history = []
         if "history.steps" in state:
-            self.history = list(zip(state["history.steps"].tolist(), state["history.gamma"].tolist()))
+            g = state["history.gamma"].to(self.indicator.device)
+            self._history = list(zip(state["history.steps"].tolist(), g.unbind(0)))
 
     def metadata(self) -> dict[str, str]:
         """The `apt_*` keys of the saved LoRA (strings, like every safetensors metadata value)."""
@@ -220,16 +230,17 @@ def apt_step(args, ctx, batch, apt: APT):
 
     apt.indicator.sync_update(accelerator, timesteps, mse_prior.detach(), mse_ft.detach(), is_reg)
 
+    # 0-d device tensors: the trainer reads them only when it logs (no host sync inside the step)
     logs = {
-        "apt/L_theta": mse_ft.mean().item(),
-        "apt/L_phi": mse_prior.mean().item(),
-        "apt/delta_noise": (pred.detach() - pred_prior).pow(2).mean().item(),
-        "apt/gamma_mean_batch": gamma.mean().item(),
-        "apt/p_aug": p_aug.mean().item(),
-        "apt/aug_fraction": aug_mask.float().mean().item(),
+        "apt/L_theta": mse_ft.detach().mean(),
+        "apt/L_phi": mse_prior.mean(),
+        "apt/delta_noise": (pred.detach() - pred_prior).pow(2).mean(),
+        "apt/gamma_mean_batch": gamma.mean(),
+        "apt/p_aug": p_aug.mean(),
+        "apt/aug_fraction": aug_mask.float().mean(),
     }
     if l_mu is not None:
-        logs["apt/L_mu"], logs["apt/L_sigma"] = l_mu.item(), l_sigma.item()
+        logs["apt/L_mu"], logs["apt/L_sigma"] = l_mu.detach(), l_sigma.detach()
     if l_attn is not None:
-        logs["apt/L_attn"] = l_attn.item()
+        logs["apt/L_attn"] = l_attn.detach()
     return loss, logs

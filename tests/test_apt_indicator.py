@@ -176,3 +176,17 @@ def test_defaults_and_logs():
     assert set(logs) == {"apt/gamma_bin6", "apt/ema_prior_bin6", "apt/ema_ft_bin6"}
     assert logs["apt/gamma_bin6"] == pytest.approx(1 - math.exp(-100 * 0.01), rel=1e-5)
     assert "bins=10" in repr(ind) and "step=1" in repr(ind)
+
+
+def test_lookup_and_update_never_read_the_device():
+    """On the meta device every host read (.item(), .cpu(), bool(), .tolist()) raises: γ lookup, EMA update and
+    the γ copy kept for the heatmap must be pure device ops (issue 6: no sync inside the step)."""
+    ind = OverfittingIndicator(device="meta")
+    t = torch.tensor([5, 950, 420], device="meta")
+    g = ind.gamma_for(t)
+    assert g.device.type == "meta" and g.shape == (3,)
+    ind.update(t, torch.ones(3, device="meta"), torch.ones(3, device="meta"), torch.zeros(3, dtype=torch.bool, device="meta"))
+    ind.gamma().clone()
+    with pytest.raises(Exception):
+        ind.logs()  # the one place that reads values
+

@@ -127,7 +127,7 @@ def test_components_none_monitors_without_changing_the_loss():
     batch = _batch(2, ["a photo of sks dog", "sks dog"])
     torch.manual_seed(5)
     loss, logs = train_apt_lora.training_step(args, ctx, batch)
-    assert loss.item() == pytest.approx(logs["apt/L_theta"], rel=1e-6)
+    assert loss.item() == pytest.approx(float(logs["apt/L_theta"]), rel=1e-6)
     assert logs["apt/aug_fraction"] == 0.0 and "apt/L_mu" not in logs and "apt/L_attn" not in logs
     assert apt.indicator.seen.any() and apt.metadata()["apt_components"] == ""
 
