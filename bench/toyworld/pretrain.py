@@ -62,7 +62,7 @@ class PretrainConfig:
     # data
     n_images: int = 30000
     # diffusion
-    steps: int = 7000
+    steps: int = 5000
     batch_size: int = 64
     lr: float = 5e-4
     warmup_steps: int = 500
