@@ -67,7 +67,14 @@ def test_two_step_pipeline_writes_the_report(small_model, tmp_path):
     s = E.Settings(model=small_model, methods=("dreambooth", "dreambooth_pp", "dco", "apt"), seeds=(0, 1), steps=2,
                    n_per_prompt=1, sample_steps=2, n_reg=2, quality_n=4, context_n=2, judge_n=8, noise_draws=1)
     work, res = str(tmp_path / "work"), str(tmp_path / "res")
-    path = E.evaluate(s, work, res, "tw", log=lambda *_: None)
+    from dataclasses import replace
+
+    # a train-only process (as several run in parallel) fills the work dir; the full run then finds its LoRAs
+    assert E.evaluate(replace(s, methods=("dco",)), work, res, "tw", log=lambda *_: None, train_only=True) is None
+    assert not os.path.exists(os.path.join(res, "tw.md"))
+    first = []
+    path = E.evaluate(s, work, res, "tw", log=first.append)
+    assert sum("cached" in line for line in first) == 2  # dco, seeds 0 and 1
     md = open(path, encoding="utf-8").read()
     for label in ("DreamBooth", "DreamBooth + prior pres.", "DCO", "APT (ATA+RS+AA)", "ΔNoise", "γ per bin"):
         assert label in md

@@ -47,6 +47,8 @@ METHODS = {
     "ata": ("+ATA", ["--apt", "--apt_components", "ata"], False),
     "ata_rs": ("+ATA+RS", ["--apt", "--apt_components", "ata,rs"], False),
     "apt": ("APT (ATA+RS+AA)", ["--apt"], False),
+    # not a default: τ scaled to the toy model's loss gap (see docs/toyworld.md, "What the benchmark shows")
+    "apt_tau10": ("APT, τ = 10", ["--apt", "--apt_gamma_temperature", "10"], False),
 }
 GRID_METHODS = ("dreambooth", "dco", "apt")
 
@@ -237,6 +239,28 @@ def gamma_history(run: str) -> Optional[dict]:
     if "history.steps" not in st:
         return None
     return {"steps": st["history.steps"].tolist(), "gamma": st["history.gamma"].tolist()}
+
+
+def prepare_and_train(s: Settings, model, size: int, work: str, log=print):
+    """Reference photos, reg images and dataset TOMLs in `work`, then every (method, seed) run.
+    Returns (reference images, {(method, seed): run folder})."""
+    os.makedirs(work, exist_ok=True)
+    refs = write_references(s.subject, size, os.path.join(work, "refs"))
+    reg = None
+    if any(METHODS[m][2] for m in s.methods):
+        reg = os.path.join(work, "reg")
+        write_reg_images(model, s, reg)
+    ref_dir = os.path.abspath(os.path.join(work, "refs"))
+    for name, reg_dir in (("dataset.toml", None), ("dataset_pp.toml", reg)):
+        text = dataset_toml(s, size, ref_dir, os.path.abspath(reg_dir) if reg_dir else None)
+        path = os.path.join(work, name)
+        if not (os.path.isfile(path) and open(path, encoding="utf-8").read() == text):
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)  # a parallel train-only process may be reading it
+    runs = {(m, sd): train_run(s, m, sd, work, log) for m in s.methods for sd in s.seeds}
+    return refs, runs
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -438,8 +462,9 @@ def grid_columns(prior: ImageSet, subject: W.SubjectSpec) -> list[int]:
 
 # ------------------------------------------------------------------------------------------------ driver
 def evaluate(s: Settings, work: str = DEFAULT_WORK, results_dir: str = DEFAULT_RESULTS, name: str = "toyworld",
-             log=print) -> str:
-    """Run the whole benchmark; returns the path of the markdown report."""
+             log=print, train_only: bool = False) -> Optional[str]:
+    """Run the whole benchmark; returns the path of the markdown report. `train_only`: train (or find cached)
+    the LoRAs and stop (several such processes, on disjoint methods, fill one work dir in parallel)."""
     from networks.lora import LoRANetwork
 
     t_start = time.time()
@@ -451,6 +476,9 @@ def evaluate(s: Settings, work: str = DEFAULT_WORK, results_dir: str = DEFAULT_R
     judge = J.load(s.judge)
     size = image_size(model)
 
+    if train_only:
+        prepare_and_train(s, model, size, work, log)
+        return None
     t0 = time.time()
     judge_acc = J.held_out_accuracy(judge, s.judge_n)
     judge_vae = J.held_out_accuracy(judge, s.judge_n, degrade=J.VAERoundTrip(model))
@@ -461,16 +489,7 @@ def evaluate(s: Settings, work: str = DEFAULT_WORK, results_dir: str = DEFAULT_R
     seconds["judge and prior quality"] = time.time() - t0
 
     t0 = time.time()
-    refs = write_references(s.subject, size, os.path.join(work, "refs"))
-    reg = None
-    if any(METHODS[m][2] for m in s.methods):
-        reg = os.path.join(work, "reg")
-        write_reg_images(model, s, reg)
-    with open(os.path.join(work, "dataset.toml"), "w", encoding="utf-8") as f:
-        f.write(dataset_toml(s, size, os.path.abspath(os.path.join(work, "refs")), None))
-    with open(os.path.join(work, "dataset_pp.toml"), "w", encoding="utf-8") as f:
-        f.write(dataset_toml(s, size, os.path.abspath(os.path.join(work, "refs")), os.path.abspath(reg) if reg else None))
-    runs = {(m, sd): train_run(s, m, sd, work, log) for m in s.methods for sd in s.seeds}
+    refs, runs = prepare_and_train(s, model, size, work, log)
     seconds["training"] = time.time() - t0
 
     t0 = time.time()
@@ -563,6 +582,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--results_dir", default=DEFAULT_RESULTS)
     p.add_argument("--name", default="toyworld", help="report name: RESULTS_DIR/NAME.md and RESULTS_DIR/NAME/*.png")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--train_only", action="store_true", help="train the LoRAs into --work_dir and stop (run "
+                   "several on disjoint --methods in parallel, then once without it to measure)")
     a = p.parse_args(argv)
     methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
     unknown = [m for m in methods if m not in METHODS]
@@ -583,7 +604,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  quality_n=a.quality_n, context_n=a.context_n, judge_n=a.judge_n, noise_draws=a.noise_draws,
                  subject=subject)
     os.environ.setdefault("TQDM_DISABLE", "1")
-    evaluate(s, a.work_dir, a.results_dir, a.name)
+    evaluate(s, a.work_dir, a.results_dir, a.name, train_only=a.train_only)
     return 0
 
 
