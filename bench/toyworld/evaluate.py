@@ -63,7 +63,7 @@ class Settings:
     learning_rate: float = 1e-3
     rank: int = 8
     batch_size: int = 1
-    n_per_prompt: int = 8  # images per prompt (seeds 1000 * prompt + j, the same for every method)
+    n_per_prompt: int = 4  # images per prompt (seeds 1000 * prompt + j, the same for every method)
     sample_steps: int = 25
     guidance: float = 4.0
     n_reg: int = 60  # prior-preservation images (prior model, class prompt)
