@@ -93,6 +93,10 @@ def test_two_step_pipeline_writes_the_report(small_model, tmp_path):
     with safe_open(os.path.join(work, "runs", "dco-s1", "lora.safetensors"), "pt") as f:
         assert f.metadata()["apt_loss_type"] == "dco"
     assert len(os.listdir(os.path.join(work, "reg"))) == 4  # 2 images + 2 captions
+    with safe_open(os.path.join(work, "runs", "dreambooth_pp-s0", "lora.safetensors"), "pt") as f:
+        assert f.metadata()["ss_num_reg_images"] == "2"  # prior preservation really trained with the reg images
+    with safe_open(os.path.join(work, "runs", "dreambooth-s0", "lora.safetensors"), "pt") as f:
+        assert f.metadata()["ss_num_reg_images"] == "0"
     # a second run reuses the trained LoRAs (cached by their arguments)
     logs = []
     E.evaluate(s, work, res, "tw", log=logs.append)

@@ -212,10 +212,12 @@ def train_run(s: Settings, method: str, seed: int, work: str, log=print) -> str:
             "--output_name", "lora", "--seed", str(seed), *s.trainer_args(), *extra]
     if uses_reg:
         argv += ["--prior_loss_weight", str(s.prior_loss_weight)]
+    with open(argv[argv.index("--dataset_config") + 1], encoding="utf-8") as f:
+        key = {"argv": argv, "dataset": f.read()}  # a changed dataset TOML trains again
     stamp = os.path.join(run, "argv.json")
     if os.path.isfile(os.path.join(run, "lora.safetensors")) and os.path.isfile(stamp):
         with open(stamp, encoding="utf-8") as f:
-            if json.load(f) == argv:
+            if json.load(f) == key:
                 log(f"[train] {method} seed {seed}: cached")
                 return run
     t0 = time.time()
@@ -223,7 +225,7 @@ def train_run(s: Settings, method: str, seed: int, work: str, log=print) -> str:
     if code != 0:
         raise RuntimeError(f"train_apt_lora.py failed ({code}) for {method} seed {seed}: {' '.join(argv)}")
     with open(stamp, "w", encoding="utf-8") as f:
-        json.dump(argv, f)
+        json.dump(key, f)
     log(f"[train] {method} seed {seed}: {time.time() - t0:.0f}s")
     return run
 
@@ -252,6 +254,8 @@ def prepare_and_train(s: Settings, model, size: int, work: str, log=print):
         write_reg_images(model, s, reg)
     ref_dir = os.path.abspath(os.path.join(work, "refs"))
     for name, reg_dir in (("dataset.toml", None), ("dataset_pp.toml", reg)):
+        if name == "dataset_pp.toml" and reg_dir is None:
+            continue  # only a process that trains with reg images writes it (parallel --train_only runs)
         text = dataset_toml(s, size, ref_dir, os.path.abspath(reg_dir) if reg_dir else None)
         path = os.path.join(work, name)
         if not (os.path.isfile(path) and open(path, encoding="utf-8").read() == text):
