@@ -114,8 +114,15 @@ def test_bundled_model_loads_as_sd1_from_folder_and_single_file(tmp_path):
     assert P.folder_megabytes(BUNDLED) <= 30
     info = json.load(open(os.path.join(BUNDLED, "toyworld.json")))
     assert info["config"]["image_size"] == 32
-    m = load_model(BUNDLED)
-    assert m.arch == "sd1" and not m.v_parameterization and m.unet.dtype == torch.float16
+    from safetensors import safe_open
+
+    for part in ("unet", "vae", "text_encoder"):  # shipped in fp16 ...
+        folder = os.path.join(BUNDLED, part)
+        (name,) = [f for f in os.listdir(folder) if f.endswith(".safetensors")]
+        with safe_open(os.path.join(folder, name), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}, part
+    m = load_model(BUNDLED)  # ... and loaded in fp32, as the loader does for every checkpoint (train_apt_lora casts later)
+    assert m.arch == "sd1" and not m.v_parameterization and m.unet.dtype == torch.float32
     assert m.latent_scale == pytest.approx(info["latent_scaling_factor"], rel=1e-6) and m.latent_scale != 1.0
     f = save_single_file(m, str(tmp_path / "toyworld.safetensors"))
     m2 = load_model(f)
