@@ -105,3 +105,13 @@ def test_cli_reduced_run(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out and os.path.isfile(os.path.join(out, "model_index.json"))
     assert P.main(args) == 2  # exists
     assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_device_is_not_part_of_the_key_and_a_missing_cuda_is_a_clear_error(tmp_path, capsys):
+    assert _cfg(device="cuda").key() == _cfg().key()  # a checkpoint resumes on another device
+    out, work = str(tmp_path / "cli"), str(tmp_path / "cliwork")
+    assert P.main(["--steps", "2", "--device", "cuda", "--out", out, "--work_dir", work]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda" in err and "no CUDA device" in err and "--device cpu" in err
+    assert not os.path.exists(work) and not os.path.exists(out)

@@ -73,6 +73,9 @@ class PretrainConfig:
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.999
     bf16: bool = False  # CPU/GPU autocast for the diffusion phase
+    # where to train ("cpu", "cuda", "cuda:1"): not part of the key, a checkpoint resumes on another device.
+    # All random draws are made on the CPU and moved, so a device changes only float rounding.
+    device: str = "cpu"
 
     def __post_init__(self):
         if self.vae_channels is None:
@@ -85,7 +88,8 @@ class PretrainConfig:
 
     def key(self) -> str:
         """Hash of everything that changes the result (a checkpoint from another config is refused)."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=list).encode()).hexdigest()[:16]
+        d = {k: v for k, v in asdict(self).items() if k != "device"}
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
 def model_configs(cfg: PretrainConfig) -> dict:
@@ -167,6 +171,29 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _check_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch build sees no CUDA device ({torch.__version__}); "
+                         "use --device cpu")
+
+
+def _to_device(model, device: str):
+    """UNet, VAE and text encoder on `device`."""
+    _check_device(device)
+    for m in (model.unet, model.vae, *model.text_encoders):
+        m.to(device)
+    return model
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(torch.device(device))
+
+
 # ------------------------------------------------------------------------------------------------ phase 1: VAE
 def vae_batch(cfg: PretrainConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Generic codec data: uniform attributes, patterns half of the time, people half of the time.
@@ -187,8 +214,9 @@ def vae_batch(cfg: PretrainConfig, step: int) -> tuple[torch.Tensor, torch.Tenso
 
 def vae_loss(vae, batch, cfg: PretrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
     x, weight = batch
+    x, weight = x.to(vae.device), weight.to(vae.device)
     post = vae.encode(x).latent_dist
-    z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+    z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(x.device)
     rec = vae.decode(z).sample
     err = rec - x
     rec_loss = ((err.abs() + err**2) * weight).mean() / weight.mean()
@@ -266,7 +294,7 @@ def vae_judge_check(vae, cfg: PretrainConfig, n: int = 400, judge_path: Optional
     x, y = J.judge_batch(np.random.default_rng([cfg.seed, 0xC4EC]), n)
     if cfg.image_size != W.SIZE:
         x = F.interpolate(x, size=cfg.image_size, mode="area")
-    rec = torch.cat([vae.decode(vae.encode(x[i : i + 100] * 2 - 1).latent_dist.mean).sample
+    rec = torch.cat([vae.decode(vae.encode(x[i : i + 100].to(vae.device) * 2 - 1).latent_dist.mean).sample.cpu()
                      for i in range(0, n, 100)])
     out = {}
     for name, imgs in (("resized", x), ("vae", ((rec + 1) / 2).clamp(0, 1))):
@@ -288,9 +316,9 @@ def encode_dataset(model, cfg: PretrainConfig, chunk: int = 250) -> dict:
             im, _, scene = W.pretraining_example(i, cfg.seed)
             ims.append(im)
             scenes.append(asdict(scene))
-        post = vae.encode(to_tensor(ims, cfg.image_size)).latent_dist
-        means.append(post.mean.half())
-        stds.append(post.std.half())
+        post = vae.encode(to_tensor(ims, cfg.image_size).to(vae.device)).latent_dist
+        means.append(post.mean.half().cpu())
+        stds.append(post.std.half().cpu())
         done = min(cfg.n_images, start + chunk)
         if done % 5000 < chunk or done == cfg.n_images:
             _log(f"[latents] {done}/{cfg.n_images} images encoded ({time.time() - t0:.0f}s)")
@@ -323,14 +351,16 @@ def diffusion_loss(model, latents: torch.Tensor, captions: list, cfg: PretrainCo
 
     sched = model.noise_scheduler
     b = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=gen)
+    noise = torch.randn(latents.shape, generator=gen)  # drawn on the CPU: the same on every device
     t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen)
+    dev = model.unet.device
+    latents, noise, t = latents.to(dev), noise.to(dev), t.to(dev)
     noisy = sched.add_noise(latents, noise, t)
     ctx = encode_prompts(model, captions).context
     pred = model.unet(noisy, t, ctx).sample
     per = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
     if cfg.min_snr_gamma:
-        ac = sched.alphas_cumprod[t]
+        ac = sched.alphas_cumprod.to(dev)[t]
         snr = ac / (1 - ac)
         per = per * torch.clamp(snr, max=cfg.min_snr_gamma) / snr
     return per.mean()
@@ -355,7 +385,7 @@ def train_diffusion(model, data: dict, cfg: PretrainConfig, state: dict, save_ck
     start = state.get("step", 0)
     scale = data["scaling_factor"]
     t0, run = time.time(), None
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
+    autocast = torch.autocast(unet.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     for step in range(start, cfg.steps):
         warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
         decay = 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
@@ -393,9 +423,9 @@ def export(model, cfg: PretrainConfig, out: str, info: dict, overwrite: bool) ->
     from library.model_util import save_diffusers
 
     m = copy.copy(model)
-    m.unet = copy.deepcopy(model.unet).half()
-    m.vae = copy.deepcopy(model.vae).half()
-    m.text_encoders = [copy.deepcopy(model.text_encoders[0]).half()]
+    m.unet = copy.deepcopy(model.unet).half().cpu()
+    m.vae = copy.deepcopy(model.vae).half().cpu()
+    m.text_encoders = [copy.deepcopy(model.text_encoders[0]).half().cpu()]
     path = save_diffusers(m, out, overwrite=overwrite)
     with open(os.path.join(path, "toyworld.json"), "w", encoding="utf-8") as f:
         json.dump({"config": asdict(cfg), **info}, f, indent=2, default=list)
@@ -416,6 +446,7 @@ def pretrain(cfg: PretrainConfig, out: str = DEFAULT_OUT, work_dir: str = DEFAUL
     for the judge check of the VAE (`vae_judge_check`; 0 skips it)."""
     if os.path.exists(out) and os.listdir(out) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    _check_device(cfg.device)
     os.makedirs(work_dir, exist_ok=True)
     ckpt_path = os.path.join(work_dir, "checkpoint.pt")
     lat_path = os.path.join(work_dir, "latents.pt")
@@ -436,6 +467,7 @@ def pretrain(cfg: PretrainConfig, out: str = DEFAULT_OUT, work_dir: str = DEFAUL
     model = build_model(cfg)
     if "vae" in state:
         model.vae.load_state_dict(state["vae"])
+    _to_device(model, cfg.device)
     t_all = time.time()
     secs = state.setdefault("seconds", {})
     if state["phase"] == "vae":
@@ -476,6 +508,7 @@ def pretrain(cfg: PretrainConfig, out: str = DEFAULT_OUT, work_dir: str = DEFAUL
         model.unet.load_state_dict(state["unet"])
         model.text_encoders[0].load_state_dict(state["te"])
     info = {"seconds": {k: round(v) for k, v in secs.items()}, "torch_threads": torch.get_num_threads(),
+            "device": _device_name(cfg.device),
             "latent_scaling_factor": data["scaling_factor"], "vae_judge_accuracy": state.get("vae_judge")}
     path = export(model, cfg, out, info, overwrite=True)
     _log(f"wrote {path} ({folder_megabytes(path):.1f} MB); phases: {info['seconds']} s; "
@@ -485,7 +518,7 @@ def pretrain(cfg: PretrainConfig, out: str = DEFAULT_OUT, work_dir: str = DEFAUL
 
 def time_steps(cfg: PretrainConfig, n: int = 20, warmup: int = 2) -> dict:
     """Seconds per step of each phase at this config (random weights; for the time estimate)."""
-    model = build_model(cfg)
+    model = _to_device(build_model(cfg), cfg.device)
     out = {}
     vae = model.vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
@@ -496,6 +529,7 @@ def time_steps(cfg: PretrainConfig, n: int = 20, warmup: int = 2) -> dict:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        _sync(cfg.device)
         ts.append(time.time() - t0)
     out["vae_step_s"] = float(np.median(ts[warmup:]))
     vae.eval().requires_grad_(False)
@@ -508,7 +542,7 @@ def time_steps(cfg: PretrainConfig, n: int = 20, warmup: int = 2) -> dict:
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99), fused=True)
     ema = EMA([unet, te], cfg.ema_decay)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
+    autocast = torch.autocast(unet.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     ts = []
     for s in range(warmup + n):
         t0 = time.time()
@@ -519,6 +553,7 @@ def time_steps(cfg: PretrainConfig, n: int = 20, warmup: int = 2) -> dict:
         loss.backward()
         opt.step()
         ema.update(s)
+        _sync(cfg.device)
         ts.append(time.time() - t0)
     out["diffusion_step_s"] = float(np.median(ts[warmup:]))
     est = cfg.vae_steps * out["vae_step_s"] + cfg.n_images * out["encode_image_s"] + \
@@ -548,6 +583,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the diffusion phase (fast on CPUs "
                    "with AMX and on GPUs; results differ slightly from fp32)")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N (random draws stay on the CPU, so a "
+                   "device changes only rounding; a checkpoint resumes on any device)")
     p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--work_dir", default=DEFAULT_WORK, help="checkpoints and the latent cache")
     p.add_argument("--resume", action="store_true", help="continue from --work_dir's checkpoint")
@@ -566,7 +603,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error("--unet_channels needs 4 comma-separated values (the SD1 layout has 4 blocks)")
     cfg = PretrainConfig(image_size=args.image_size, seed=args.seed, vae_steps=args.vae_steps,
                          n_images=args.n_images, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                         unet_channels=unet_ch, te_hidden=args.te_hidden, bf16=args.bf16,
+                         unet_channels=unet_ch, te_hidden=args.te_hidden, bf16=args.bf16, device=args.device,
                          vae_channels=tuple(int(x) for x in args.vae_channels.split(",")) if args.vae_channels
                          else None)
     if args.time_only:
