@@ -164,6 +164,15 @@ def verify_args(args):
         except ImportError:
             raise TrainingSetupError("--xformers needs the xformers package (CUDA only): pip install -r requirements-gpu.txt, "
                                      "or leave the flag out to use PyTorch SDPA attention") from None
+    if args.apt_cuda_graph:
+        import torch
+
+        from apt_ext.step import apt_enabled
+
+        if not apt_enabled(args):
+            raise TrainingSetupError("--apt_cuda_graph speeds up APT's prior pass: it needs --apt (or --loss_type dco)")
+        if not torch.cuda.is_available():
+            raise TrainingSetupError("--apt_cuda_graph needs a CUDA device (this torch sees none): leave the flag out")
     if args.sample_prior_grid and not args.sample_prompts:
         raise TrainingSetupError("--sample_prior_grid needs --sample_prompts FILE: the grid shows those prompts "
                                  "with the LoRA off and on")

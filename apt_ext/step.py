@@ -93,6 +93,46 @@ class APT:
             layers = select_layers(model.unet, model.arch, args.apt_layers)
             self.capture = APTCapture(model.unet, layers, args.apt_rs_hook, args.apt_rs_stats).install()
         self._history: list[tuple[int, torch.Tensor]] = []  # (optimizer step, γ per bin on the device)
+        self.static_prior = None  # a StaticPass once enable_static_prior() ran (--apt_cuda_graph)
+        if getattr(args, "apt_cuda_graph", False):
+            self.enable_static_prior(model, args.mixed_precision, torch.device(device).type)
+
+    def enable_static_prior(self, model, mixed_precision: str, device_type: str, backend: str = "cuda") -> None:
+        """Run the prior pass through a `StaticPass` (apt_ext/prior_graph.py): a CUDA graph per input shape.
+        Autocast runs with its weight-cast cache off, as graph recording requires."""
+        from apt_ext.prior_graph import StaticPass
+        from library.conditioning import TextConditioning, unet_forward
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+
+        def prior_outputs(noisy, timesteps, context, pooled, time_ids):
+            with self.capture_ctx("prior") as rec, torch.autocast(device_type, dtype=dtype, enabled=dtype is not None,
+                                                                   cache_enabled=False):
+                pred = unet_forward(model, noisy, timesteps, TextConditioning(context, pooled), time_ids).float()
+            if rec is None:
+                return [pred]
+            return [pred, *rec.attn, *(x for mu_sigma in rec.stats for x in mu_sigma)]
+
+        self.static_prior = StaticPass(prior_outputs, backend)
+
+    def prior_pass(self, ctx, noisy, timesteps, cond, time_ids):
+        """The prior pass's UNet forward (call it with the LoRA multiplier at 0, without grad): the prediction
+        and the capture record (None without rs/aa), eager or replayed from `static_prior`."""
+        from apt_ext.capture import CaptureRecord
+        from library.conditioning import unet_forward
+
+        if self.static_prior is None:
+            with self.capture_ctx("prior") as rec, ctx.accelerator.autocast():
+                pred = unet_forward(ctx.model, noisy, timesteps, cond, time_ids).float()
+            return pred, rec
+        pred, *rest = self.static_prior(noisy, timesteps, cond.context, cond.pooled, time_ids)
+        if self.capture is None:
+            return pred, None
+        rec = CaptureRecord("prior", self.capture.attn_names, self.capture.stats_names)
+        n = len(rec.attn)
+        rec.attn, rec.stats = rest[:n], list(zip(rest[n::2], rest[n + 1 :: 2]))
+        rec.num_heads = [m.heads for _, m in self.capture.attn_modules]
+        return pred, rec
 
     def capture_ctx(self, tag):
         import contextlib
@@ -194,8 +234,7 @@ def apt_step(args, ctx, batch, apt: APT):
     # prior pass: the base model (LoRA multiplier 0 on UNet and text encoders), class prompt c, no grad
     with torch.no_grad(), ctx.network.multiplier_override(0.0):
         cond_prior = ctx.encode_text(prior_captions)
-        with apt.capture_ctx("prior") as rec_prior, accelerator.autocast():
-            pred_prior = unet_forward(model, noisy, timesteps, cond_prior, time_ids).float()
+        pred_prior, rec_prior = apt.prior_pass(ctx, noisy, timesteps, cond_prior, time_ids)
 
     # fine-tuned pass: LoRA on, prompt c*, with grad
     cond = ctx.encode_text(captions)

@@ -194,6 +194,9 @@ def _apt_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--apt_rs_stats", type=str, default="scalar", choices=["scalar", "per_channel"])
     g.add_argument("--apt_identifier_align", type=str, default="class", choices=["class", "drop"],
                    help="attention alignment of the identifier's column: to the class token (class) or left out (drop)")
+    g.add_argument("--apt_cuda_graph", action="store_true",
+                   help="replay the prior pass (base UNet, no grad) as a CUDA graph, one per bucket shape: fewer kernel "
+                        "launches, same results (CUDA only; off by default until measured on a GPU, see docs/speed.md)")
 
 
 def _state_args(p: argparse.ArgumentParser) -> None:
