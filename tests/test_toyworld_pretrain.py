@@ -115,3 +115,25 @@ def test_device_is_not_part_of_the_key_and_a_missing_cuda_is_a_clear_error(tmp_p
     err = capsys.readouterr().err
     assert "--device cuda" in err and "no CUDA device" in err and "--device cpu" in err
     assert not os.path.exists(work) and not os.path.exists(out)
+
+
+def test_init_from_continues_a_written_model(tmp_path):
+    """--init_from: the VAE phase is skipped, the folder's weights are the start (0 more steps give them back
+    bitwise), more steps change UNet and text encoder but not the VAE, and toyworld.json records the start."""
+    quiet = dict(log_every=100, vae_check_n=0, workers=0)
+    first = P.pretrain(_cfg(), str(tmp_path / "first"), str(tmp_path / "w1"), **quiet)
+    same = P.pretrain(_cfg(steps=0, init_from=first, seed=1), str(tmp_path / "same"), str(tmp_path / "w2"), **quiet)
+    a, b = _weights(first), _weights(same)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    more = P.pretrain(_cfg(steps=2, init_from=first, seed=1), str(tmp_path / "more"), str(tmp_path / "w3"), **quiet)
+    c = _weights(more)
+    assert all(torch.equal(a[k], c[k]) for k in a if k.startswith("vae."))
+    assert any(not torch.equal(a[k], c[k]) for k in a if k.startswith("unet."))
+    info, first_info = (json.load(open(os.path.join(p, "toyworld.json"))) for p in (more, first))
+    assert info["init"]["folder"] == first and info["init"]["config"] == first_info["config"]
+    assert info["latent_scaling_factor"] == first_info["latent_scaling_factor"] and "vae" not in info["seconds"]
+    with pytest.raises(ValueError, match="does not match these settings"):
+        P.pretrain(_cfg(steps=1, init_from=first, unet_channels=(32, 32, 32, 64)), str(tmp_path / "bad"),
+                   str(tmp_path / "w4"), **quiet)
+    with pytest.raises(ValueError, match="no toyworld.json"):
+        P.pretrain(_cfg(steps=1, init_from=str(tmp_path)), str(tmp_path / "bad2"), str(tmp_path / "w5"), **quiet)

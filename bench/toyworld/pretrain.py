@@ -76,6 +76,8 @@ class PretrainConfig:
     # where to train ("cpu", "cuda", "cuda:1"): not part of the key, a checkpoint resumes on another device.
     # All random draws are made on the CPU and moved, so a device changes only float rounding.
     device: str = "cpu"
+    # continue from a model folder written by this script (its VAE, UNet and text encoder; no VAE phase)
+    init_from: Optional[str] = None
 
     def __post_init__(self):
         if self.vae_channels is None:
@@ -465,6 +467,8 @@ def pretrain(cfg: PretrainConfig, out: str = DEFAULT_OUT, work_dir: str = DEFAUL
         _atomic_torch_save(s, ckpt_path)
 
     model = build_model(cfg)
+    if cfg.init_from and state["phase"] == "vae":
+        state.update(init_weights(model, cfg.init_from), phase="latents")
     if "vae" in state:
         model.vae.load_state_dict(state["vae"])
     _to_device(model, cfg.device)
@@ -485,6 +489,8 @@ def pretrain(cfg: PretrainConfig, out: str = DEFAULT_OUT, work_dir: str = DEFAUL
     if state["phase"] == "latents":
         t0 = time.time()
         data = encode_dataset(model, cfg)
+        if cfg.init_from:  # the UNet was trained on latents at this scale
+            data["scaling_factor"] = state["init"]["latent_scaling_factor"]
         _atomic_torch_save(data, lat_path)
         secs["latents"] = time.time() - t0
         state.update(phase="diffusion")
@@ -510,10 +516,36 @@ def pretrain(cfg: PretrainConfig, out: str = DEFAULT_OUT, work_dir: str = DEFAUL
     info = {"seconds": {k: round(v) for k, v in secs.items()}, "torch_threads": torch.get_num_threads(),
             "device": _device_name(cfg.device),
             "latent_scaling_factor": data["scaling_factor"], "vae_judge_accuracy": state.get("vae_judge")}
+    if cfg.init_from:
+        info["init"] = state["init"]  # how the starting model was made (its toyworld.json)
     path = export(model, cfg, out, info, overwrite=True)
     _log(f"wrote {path} ({folder_megabytes(path):.1f} MB); phases: {info['seconds']} s; "
          f"this session {time.time() - t_all:.0f}s")
     return path
+
+
+def init_weights(model, folder: str) -> dict:
+    """Load the VAE, UNet and text encoder of a model folder written by this script into `model` (same
+    architecture, else ValueError). Returns the checkpoint-state entries: weights, its VAE check, its toyworld.json."""
+    from library.model_util import load_model
+
+    info_path = os.path.join(folder, "toyworld.json")
+    if not os.path.isfile(info_path):
+        raise ValueError(f"--init_from {folder}: no toyworld.json there; give a folder written by this script")
+    with open(info_path, encoding="utf-8") as f:
+        info = json.load(f)
+    src = load_model(folder)
+    pairs = ((model.vae, src.vae, "vae"), (model.unet, src.unet, "unet"), (model.text_encoders[0], src.text_encoders[0],
+                                                                          "text_encoder"))
+    for dst, s, name in pairs:
+        try:
+            dst.load_state_dict(s.state_dict())
+        except RuntimeError as e:
+            raise ValueError(f"--init_from {folder}: its {name} does not match these settings (give the same "
+                             f"--image_size, --vae_channels, --unet_channels, --te_hidden as its toyworld.json): "
+                             f"{str(e).splitlines()[0]}") from None
+    return {"vae": model.vae.state_dict(), "unet": model.unet.state_dict(), "te": model.text_encoders[0].state_dict(),
+            "vae_judge": info.get("vae_judge_accuracy"), "init": {"folder": folder, **info}}
 
 
 def time_steps(cfg: PretrainConfig, n: int = 20, warmup: int = 2) -> dict:
@@ -588,6 +620,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--work_dir", default=DEFAULT_WORK, help="checkpoints and the latent cache")
     p.add_argument("--resume", action="store_true", help="continue from --work_dir's checkpoint")
+    p.add_argument("--init_from", default=None, metavar="FOLDER",
+                   help="start from a model folder written by this script (VAE, UNet, text encoder): the VAE phase "
+                        "is skipped and --steps more diffusion steps run with a fresh optimizer and LR schedule")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--save_every", type=int, default=500, help="checkpoint every N steps (each phase)")
     p.add_argument("--vae_check", type=int, default=400, metavar="N",
@@ -604,6 +639,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = PretrainConfig(image_size=args.image_size, seed=args.seed, vae_steps=args.vae_steps,
                          n_images=args.n_images, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          unet_channels=unet_ch, te_hidden=args.te_hidden, bf16=args.bf16, device=args.device,
+                         init_from=args.init_from,
                          vae_channels=tuple(int(x) for x in args.vae_channels.split(",")) if args.vae_channels
                          else None)
     if args.time_only:
