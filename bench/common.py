@@ -164,7 +164,7 @@ class BenchStep:
 def build_step_fn(model, args, device="cpu", batch: dict | None = None, step=None) -> BenchStep:
     """The trainer's setup and loop body around one step function (default `train_apt_lora.training_step`),
     as in `train_apt_lora.train`: `create_network` + `apply_to`, the APT state when the args ask for it
-    (`--apt`, DCO), `prepare_optimizer_params`, `get_optimizer`, `get_lr_scheduler`, `accelerator.prepare(optimizer)`,
+    (`--apt`, DCO), the text-encoder output cache (`--cache_text_encoder_outputs`), `prepare_optimizer_params`, `get_optimizer`, `get_lr_scheduler`, `accelerator.prepare(optimizer)`,
     then per micro-batch the loop body: accumulate, step, backward (skipped for a non-finite loss), `any_rank`,
     `all_reduce_gradients`, `clip_grad_norm_`, optimizer and scheduler step (skipped for non-finite gradients),
     zero_grad, `loss.item()`.
@@ -193,7 +193,12 @@ def build_step_fn(model, args, device="cpu", batch: dict | None = None, step=Non
     lr_scheduler = train_util.get_lr_scheduler(args, optimizer, args.max_train_steps)
     optimizer = accelerator.prepare(optimizer)
     trainable = [p for p in network.parameters() if p.requires_grad]
-    ctx = train_apt_lora.TrainContext(args, accelerator, model, network, weight_dtype, torch.float32, None,
+    te_cache = None
+    if getattr(args, "cache_text_encoder_outputs", False):  # as the trainer: frozen text encoders, outputs memoised
+        from library.conditioning import TextEncoderCache
+
+        te_cache = TextEncoderCache(model, clip_skip=args.clip_skip, max_token_length=args.max_token_length)
+    ctx = train_apt_lora.TrainContext(args, accelerator, model, network, weight_dtype, torch.float32, te_cache,
                                       **({"apt": apt} if apt is not None else {}))
     batch = batch if batch is not None else make_batch(model)
 
@@ -277,7 +282,8 @@ def memory_measure(device) -> str:
 def time_steps(step_fn, n_warmup: int, n_steps: int, device=None) -> tuple[float, int]:
     """Run `step_fn()` `n_warmup` times untimed, then `n_steps` times timed; return (median seconds per step,
     peak memory bytes over warm-up and timed steps). CUDA: `torch.cuda.max_memory_allocated` (weights included),
-    synchronised around each step. CPU: peak RSS growth over the RSS before the warm-up (see memory_measure).
+    synchronised around each step (warm-up steps too). Every step's seconds are kept in `time_steps.last_times` and
+    `time_steps.last_warmup_times`. CPU: peak RSS growth over the RSS before the warm-up (see memory_measure).
     `device`: where the step runs (default: cuda if available, else cpu)."""
     if n_steps < 1:
         raise ValueError("n_steps must be >= 1")
@@ -292,8 +298,13 @@ def time_steps(step_fn, n_warmup: int, n_steps: int, device=None) -> tuple[float
         gc.collect()
         _reset_peak_rss()
         base = _current_rss_bytes()
+    warmup_times = []
     for _ in range(n_warmup):
+        t0 = time.perf_counter()
         step_fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+        warmup_times.append(time.perf_counter() - t0)
     if cuda:
         torch.cuda.synchronize(device)
     times = []
@@ -305,6 +316,7 @@ def time_steps(step_fn, n_warmup: int, n_steps: int, device=None) -> tuple[float
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(device) if cuda else max(0, _peak_rss_bytes() - base)
     time_steps.last_times = times  # every timed step, for whoever wants more than the median
+    time_steps.last_warmup_times = warmup_times  # every warm-up step (first-step costs: capture, compile, caches)
     return statistics.median(times), int(peak)
 
 
@@ -348,7 +360,8 @@ def run_config(cfg: BenchConfig, n_warmup: int, n_steps: int, grad_ckpt=None) ->
         median_s, peak = time_steps(bench.step_fn, n_warmup, n_steps, cfg.device)
         rows.append({**asdict(cfg), "grad_ckpt": gc_on, "device_name": device_name(cfg.device),
                      "n_warmup": n_warmup, "n_steps": n_steps, "median_s": median_s,
-                     "times_s": list(time_steps.last_times), "peak_bytes": peak,
+                     "times_s": list(time_steps.last_times),
+                     "warmup_times_s": list(time_steps.last_warmup_times), "peak_bytes": peak,
                      "memory_measure": memory_measure(cfg.device), "lora_params": bench.lora_params,
                      "unet_params": sum(p.numel() for p in model.unet.parameters()),
                      "build_s": build_s, "torch": torch.__version__,

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # GPU step benchmark in one go: SD1.5 at 512 px and SDXL at 1024 px (random weights, bf16, batch 1, LoRA rank 32 on
-# UNet + text encoders, AdamW), with and without gradient checkpointing. Run from the repository root:
+# UNet + text encoders, AdamW), with and without gradient checkpointing; then the reference step, this project's
+# plain step and its APT step side by side at batch 1 and 4 (bench/apt_overhead.py). Run from the repository root:
 #
-#   bash bench/gpu_check.sh                 # writes $OUT/step_time-gpu.md (OUT defaults to bench/results)
+#   bash bench/gpu_check.sh                 # writes $OUT/step_time-gpu.md and $OUT/apt_overhead-gpu.md
+#                                           # (OUT defaults to bench/results)
 #   bash bench/gpu_check.sh --dry-run       # no GPU needed: the same flow on the tiny CPU configs, 1 step each,
-#                                           # into $OUT/step_time-dryrun.md (OUT defaults to a temporary folder)
+#                                           # into $OUT/step_time-dryrun.md and $OUT/apt_overhead-dryrun.md
+#                                           # (OUT defaults to a temporary folder)
 #
 # What it does:
 #   1. Prints the machine (nvidia-smi, torch, CUDA) into env.txt (in $OUT when set, else a temporary folder).
@@ -12,13 +15,21 @@
 #      with a constraint (torch==<installed version>). On a machine without a package index, put wheels in .whl/
 #      first (pure-Python ones suffice for a CUDA image that has torch/transformers/accelerate), e.g. here:
 #        echo /.whl/ >> .git/info/exclude
-#        python -m pip download --no-deps -d .whl diffusers==0.42.1 toml==0.10.2
+#        python -m pip download --no-deps -d .whl diffusers==0.42.1 toml==0.10.2 peft==0.21.2
 #      and they are installed with --no-index --no-deps into /tmp/apt-lora-site.
 #   3. Runs `python -m bench.step_time --configs sd15,sdxl --out $OUT/step_time-gpu.md`, each config and
 #      gradient-checkpointing setting in its own process with a timeout (STEP_TIMEOUT seconds, default 240).
+#      SKIP_STEP_TIME=1 skips it.
+#   4. Runs `python -m bench.apt_overhead --configs $CONFIGS --batch_sizes $BATCH_SIZES --grad_ckpt $APT_GRAD_CKPT
+#      --out $OUT/apt_overhead-gpu.md`: per config and batch size the reference step (bench/reference_step.py, a copy
+#      of ../shared/bench/reference_step.py; needs peft), this project's plain step and its APT step, plus an
+#      "APT (fast)" column with `--apt $APT_EXTRA` when APT_EXTRA is set (e.g. APT_EXTRA=--apt_cuda_graph), each in
+#      its own process. SKIP_APT=1 skips it.
 #
 # Environment: OUT (output folder), STEPS (timed steps, default 10), WARMUP (default 3), STEP_TIMEOUT,
-# CONFIGS (default sd15,sdxl), PYTHON (default python3, else python).
+# CONFIGS (default sd15,sdxl), BATCH_SIZES (apt_overhead's, default 1,4), APT_GRAD_CKPT (apt_overhead's gradient
+# checkpointing settings, default off: the setting the issue's targets and reference figures are for; off,on for
+# both), APT_EXTRA (default empty), SKIP_STEP_TIME, SKIP_APT, PYTHON (default python3, else python).
 # Exit code: 0 when every config produced a row, 1 when one failed or timed out (the table still says which).
 set -uo pipefail
 
@@ -44,11 +55,16 @@ STEPS="${STEPS:-10}"
 WARMUP="${WARMUP:-3}"
 STEP_TIMEOUT="${STEP_TIMEOUT:-240}"
 CONFIGS="${CONFIGS:-sd15,sdxl}"
+BATCH_SIZES="${BATCH_SIZES:-1,4}"
+APT_GRAD_CKPT="${APT_GRAD_CKPT:-off}"
+APT_EXTRA="${APT_EXTRA:-}"
 RESULT="$OUT/step_time-gpu.md"
+APT_RESULT="$OUT/apt_overhead-gpu.md"
 EXTRA=()
 if [ "$DRY_RUN" = 1 ]; then
-  CONFIGS="tiny-sd1,tiny-sdxl"; STEPS=1; WARMUP=1
+  CONFIGS="tiny-sd1,tiny-sdxl"; STEPS=1; WARMUP=1; BATCH_SIZES=1,2
   RESULT="$OUT/step_time-dryrun.md"
+  APT_RESULT="$OUT/apt_overhead-dryrun.md"
   EXTRA=(--threads 1)
 fi
 mkdir -p "$OUT" "$LOGS"
@@ -99,6 +115,9 @@ if ! missing="$(need_check)"; then
     exit 2
   fi
 fi
+if ! "$PYTHON" -c "import peft" >/dev/null 2>&1; then  # only the reference step needs it: its column shows the error
+  echo "peft does not import: apt_overhead's reference column will show an error (pip install peft)" | tee -a "$LOGS/env.txt"
+fi
 "$PYTHON" -c "import diffusers, transformers, accelerate; print('diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)" | tee -a "$LOGS/env.txt"
 
 # 3. the benchmark
@@ -106,14 +125,23 @@ if [ "$DRY_RUN" = 0 ] && ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.
   echo "no CUDA device: run with --dry-run to check the flow on CPU" | tee -a "$LOGS/env.txt"
   exit 2
 fi
-echo "python -m bench.step_time --configs $CONFIGS --steps $STEPS --warmup $WARMUP --timeout $STEP_TIMEOUT ${EXTRA[*]:-} --out $RESULT"
-"$PYTHON" -m bench.step_time --configs "$CONFIGS" --steps "$STEPS" --warmup "$WARMUP" --timeout "$STEP_TIMEOUT" \
-  ${EXTRA[@]+"${EXTRA[@]}"} --out "$RESULT" 2> >(tee "$LOGS/step_time.log" >&2)
-status=$?
-echo "exit code $status; table in $RESULT, logs in $LOGS"
-# 4. APT's overhead on the same card (plain and APT steps side by side), unless only the step time was asked for
-if [ "$DRY_RUN" = 0 ] && [ "${SKIP_APT:-0}" = 0 ]; then
-  "$PYTHON" -m bench.apt_overhead --configs "$CONFIGS" --steps "$STEPS" --warmup "$WARMUP" --timeout "$STEP_TIMEOUT" \
-    --out "$OUT/apt_overhead-gpu.md" 2> >(tee "$LOGS/apt_overhead.log" >&2) || status=$?
+status=0
+if [ "${SKIP_STEP_TIME:-0}" = 0 ]; then
+  echo "python -m bench.step_time --configs $CONFIGS --steps $STEPS --warmup $WARMUP --timeout $STEP_TIMEOUT ${EXTRA[*]:-} --out $RESULT"
+  "$PYTHON" -m bench.step_time --configs "$CONFIGS" --steps "$STEPS" --warmup "$WARMUP" --timeout "$STEP_TIMEOUT" \
+    ${EXTRA[@]+"${EXTRA[@]}"} --out "$RESULT" 2> >(tee "$LOGS/step_time.log" >&2)
+  status=$?
+  echo "exit code $status; table in $RESULT, logs in $LOGS"
+fi
+# 4. the reference, plain and APT steps side by side on the same card, unless only the step time was asked for
+if [ "${SKIP_APT:-0}" = 0 ]; then
+  APT_ARGS=(--configs "$CONFIGS" --batch_sizes "$BATCH_SIZES" --grad_ckpt "$APT_GRAD_CKPT" --steps "$STEPS"
+            --warmup "$WARMUP" --timeout "$STEP_TIMEOUT" ${EXTRA[@]+"${EXTRA[@]}"})
+  [ -n "$APT_EXTRA" ] && APT_ARGS+=(--extra_apt_args="$APT_EXTRA")
+  echo "python -m bench.apt_overhead ${APT_ARGS[*]} --out $APT_RESULT"
+  "$PYTHON" -m bench.apt_overhead "${APT_ARGS[@]}" --out "$APT_RESULT" 2> >(tee "$LOGS/apt_overhead.log" >&2)
+  apt_status=$?
+  echo "exit code $apt_status; table in $APT_RESULT, logs in $LOGS"
+  [ "$apt_status" != 0 ] && status=$apt_status
 fi
 exit $status

@@ -1,6 +1,10 @@
-"""bench/common.py still drives the trainer's step (a smoke test: the benchmark itself is not run here)."""
+"""bench/common.py still drives the trainer's step (smoke tests), and bench/apt_overhead.py prints the reference,
+plain and APT steps side by side (one tiny CPU run)."""
 import math
+import os
+import re
 
+import pytest
 import torch
 
 from bench.common import (CONFIGS, build_bench_model, build_step_fn, make_batch, make_bench_args, markdown_table,
@@ -16,7 +20,7 @@ def test_bench_step_trains_tiny_sd1_and_reports_time_and_memory():
     assert all(u.abs().sum() == 0 for u in ups)  # lora_up starts at zero
     assert math.isfinite(bench.step_fn())
     median_s, peak = time_steps(bench.step_fn, n_warmup=0, n_steps=2, device="cpu")
-    assert median_s > 0 and peak >= 0 and len(time_steps.last_times) == 2
+    assert median_s > 0 and peak >= 0 and len(time_steps.last_times) == 2 and time_steps.last_warmup_times == []
     assert all(u.abs().sum() > 0 for u in ups)  # the optimizer stepped
     assert bench.lora_params == sum(p.numel() for p in bench.network.parameters() if p.requires_grad)
 
@@ -26,3 +30,80 @@ def test_bench_step_trains_tiny_sd1_and_reports_time_and_memory():
     lines = table.splitlines()
     assert len(lines) == 4 and all(line.count("|") == lines[0].count("|") for line in lines)
     assert "tiny-sd1 | CPU | fp32 | 64²" in lines[2] and "error: timeout after 240 s" in lines[3]
+
+
+def test_bench_step_with_cached_text_encoder_outputs_and_warmup_times():
+    """--network_train_unet_only --cache_text_encoder_outputs (apt_overhead --unet_only): the trainer's cache is used."""
+    model = build_bench_model("sd1", real=False, device="cpu", dtype=torch.float32)
+    args = make_bench_args(rank=4, extra=["--network_train_unet_only", "--cache_text_encoder_outputs"])
+    bench = build_step_fn(model, args, device="cpu", batch=make_batch(model, batch_size=1, resolution=64))
+    assert bench.ctx.te_cache is not None
+    median_s, _ = time_steps(bench.step_fn, n_warmup=1, n_steps=1, device="cpu")
+    assert len(bench.ctx.te_cache) >= 1 and len(time_steps.last_warmup_times) == 1 and median_s > 0
+
+
+# ------------------------------------------------------------------------------------------------ apt_overhead
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_REFERENCE = os.path.join(REPO, "..", "shared", "bench", "reference_step.py")
+
+
+@pytest.mark.skipif(not os.path.exists(SHARED_REFERENCE), reason="../shared/bench/reference_step.py is not here")
+def test_reference_step_is_a_byte_identical_copy():
+    """bench/reference_step.py is ../shared/bench/reference_step.py, byte for byte (the GPU machine has no ../shared)."""
+    with open(SHARED_REFERENCE, "rb") as f, open(os.path.join(REPO, "bench", "reference_step.py"), "rb") as g:
+        assert f.read() == g.read()
+
+
+def _cells(line: str) -> list:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def test_apt_overhead_row_flags_the_issue_targets_on_gpu_configs_only():
+    from bench import apt_overhead as A
+
+    ref = {"s": 1.0, "peak": 10 * 2**30, "warmup": 2.0}
+    cols = {"plain": {"s": 0.39, "peak": 10 * 2**30, "warmup": 30.0}, "APT": {"s": 0.51, "peak": 11.5 * 2**30, "warmup": 61.0}}
+    head = _cells(A.table_head(False)[0])
+    row = dict(zip(head, _cells(A.table_row("sdxl", 1, False, 1024, ref, cols, True, []))))
+    assert row["reference step"] == "1000.0 ms" and row["plain step"] == "390.0 ms" and row["APT peak"] == "11.50 GiB"
+    assert row["plain/ref time"] == "0.39 ✓" and row["APT/ref time"] == "0.51 ✗"
+    assert row["APT/plain time"] == "1.31 ✗" and row["APT/plain memory"] == "1.15 ✗"
+    assert row["plain warm-up"] == "30.00 s ✓" and row["APT warm-up"] == "61.00 s ✗" and row["reference warm-up"] == "2.00 s"
+    # batch 4, gradient checkpointing on: no reference targets; APT/plain ones still apply
+    row4 = dict(zip(head, _cells(A.table_row("sdxl", 4, True, 1024, ref, cols, True, []))))
+    assert row4["APT/ref time"] == "0.51" and row4["plain/ref time"] == "0.39" and row4["APT/plain time"] == "1.31 ✗"
+    # CPU configs: numbers, no flags; a failed column shows "-" and its error
+    cpu = dict(zip(head, _cells(A.table_row("tiny-sd1", 1, False, 64, None, cols, False, ["reference: boom"]))))
+    assert cpu["reference step"] == "-" and cpu["APT/ref time"] == "-" and cpu["APT/plain time"] == "1.31"
+    assert cpu["errors"] == "reference: boom"
+    fast = A.table_head(True)[0]
+    assert "APT (fast) step" in fast and "fast/ref time" in fast and "fast/plain memory" in fast
+    assert A.REFERENCE == {"sd15": ("SD15", 512), "sdxl": ("SDXL", 1024), "tiny-sd1": ("TINY_15", 64),
+                           "tiny-sdxl": ("TINY_XL", 128)}
+
+
+def test_apt_overhead_prints_reference_plain_and_apt_side_by_side(tmp_path, capsys):
+    """One tiny CPU run (3 worker processes): the reference (bench/reference_step.py, TINY_15), plain and APT steps."""
+    from bench import apt_overhead as A
+
+    out = tmp_path / "apt_overhead.md"
+    rc = A.main(["--configs", "tiny-sd1", "--steps", "1", "--warmup", "1", "--grad_ckpt", "off", "--batch_sizes", "1",
+                 "--threads", "1", "--timeout", "300", "--out", str(out)])
+    text = out.read_text()
+    assert rc == 0, text
+    lines = text.splitlines()
+    head = next(ln for ln in lines if ln.startswith("| config |"))
+    row = dict(zip(_cells(head), _cells(next(ln for ln in lines if ln.startswith("| tiny-sd1 |")))))
+    assert row["batch"] == "1" and row["grad ckpt"] == "off" and row["errors"] == ""
+    for col in ("reference step", "plain step", "APT step"):
+        assert re.fullmatch(r"\d+\.\d ms", row[col]) and float(row[col].split()[0]) > 0, (col, row[col])
+    for col in ("plain peak", "APT peak"):
+        assert re.fullmatch(r"[\d,]+ MiB|\d+\.\d\d GiB", row[col]), (col, row[col])
+    assert row["reference peak"] == "-"  # reference_step measures no CPU memory
+    for col in ("reference warm-up", "plain warm-up", "APT warm-up"):
+        assert re.fullmatch(r"-?\d+\.\d\d s", row[col]), (col, row[col])
+    for col in ("APT/ref time", "plain/ref time", "APT/plain time", "APT/plain memory"):
+        assert re.fullmatch(r"\d+\.\d\d", row[col]), (col, row[col])  # numbers, no ✓/✗ on a CPU config
+    assert float(row["APT/plain time"]) == pytest.approx(float(row["APT step"].split()[0]) / float(row["plain step"].split()[0]), abs=0.01)
+    assert "TINY_15 at 64 px" in text and "Targets" in text
+    assert head in capsys.readouterr().out
