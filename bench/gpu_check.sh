@@ -25,11 +25,14 @@
 #      of ../shared/bench/reference_step.py; needs peft), this project's plain step and its APT step, plus an
 #      "APT (fast)" column with `--apt $APT_EXTRA` when APT_EXTRA is set (e.g. APT_EXTRA=--apt_cuda_graph), each in
 #      its own process. SKIP_APT=1 skips it.
+#   5. Runs `python -m bench.prior_graph_check --configs $CONFIGS > $OUT/prior_graph_check-gpu.md`: APT steps with
+#      the prior pass replayed as CUDA graphs against the eager prior pass (loss, APT terms, LoRA weights, γ).
+#      SKIP_GRAPH_CHECK=1 skips it.
 #
 # Environment: OUT (output folder), STEPS (timed steps, default 10), WARMUP (default 3), STEP_TIMEOUT,
 # CONFIGS (default sd15,sdxl), BATCH_SIZES (apt_overhead's, default 1,4), APT_GRAD_CKPT (apt_overhead's gradient
 # checkpointing settings, default off: the setting the issue's targets and reference figures are for; off,on for
-# both), APT_EXTRA (default empty), SKIP_STEP_TIME, SKIP_APT, PYTHON (default python3, else python).
+# both), APT_EXTRA (default empty), SKIP_STEP_TIME, SKIP_APT, SKIP_GRAPH_CHECK, PYTHON (default python3, else python).
 # Exit code: 0 when every config produced a row, 1 when one failed or timed out (the table still says which).
 set -uo pipefail
 
@@ -143,5 +146,14 @@ if [ "${SKIP_APT:-0}" = 0 ]; then
   apt_status=$?
   echo "exit code $apt_status; table in $APT_RESULT, logs in $LOGS"
   [ "$apt_status" != 0 ] && status=$apt_status
+fi
+# 5. the prior pass replayed as CUDA graphs trains like the eager one (tiny configs on the CPU in a dry run)
+if [ "${SKIP_GRAPH_CHECK:-0}" = 0 ]; then
+  GRAPH_RESULT="$OUT/prior_graph_check-$([ "$DRY_RUN" = 1 ] && echo dryrun || echo gpu).md"
+  echo "python -m bench.prior_graph_check --configs $CONFIGS > $GRAPH_RESULT"
+  "$PYTHON" -m bench.prior_graph_check --configs "$CONFIGS" > "$GRAPH_RESULT" 2> >(tee "$LOGS/prior_graph_check.log" >&2)
+  graph_status=$?
+  cat "$GRAPH_RESULT"
+  [ "$graph_status" != 0 ] && status=$graph_status
 fi
 exit $status

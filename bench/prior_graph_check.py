@@ -1,0 +1,128 @@
+"""Does the prior pass on static buffers (--apt_cuda_graph) train exactly like the eager one? Side by side.
+
+    python -m bench.prior_graph_check                       # CPU: tiny SD1 + SDXL, the "eager" replay backend
+    python -m bench.prior_graph_check --configs sd15,sdxl   # CUDA: real architectures, bf16, CUDA graphs
+
+For each config, two runs from the same LoRA start (nonzero, so the fine-tuned pass differs from the prior)
+make `--steps` APT optimizer steps over two bucket shapes (batch 2 at the config's resolution, batch 1 at a
+wider one), with the same t, noise and augmentation draws: one with the eager prior pass, one through
+`apt_ext.prior_graph.StaticPass`. Prints the largest relative difference of the loss, of each logged APT term,
+of the trained LoRA weights and of γ, against a tolerance (1e-6 in fp32, 2e-2 in bf16/fp16: the two runs use
+the same kernels, but a bf16 step amplifies any last-bit difference through AdamW). Exit code 1 if one is over.
+tests/test_prior_graph.py runs the same comparison on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+TOLERANCE = {"no": 1e-6, "bf16": 2e-2, "fp16": 2e-2}
+
+
+def _batch(model, bsz: int, h: int, w: int, seed: int) -> dict:
+    from bench.common import make_batch
+
+    batch = make_batch(model, batch_size=bsz, resolution=8 * h, seed=seed)
+    batch["latents"] = torch.randn(bsz, 4, h, w, generator=torch.Generator().manual_seed(seed))
+    size = torch.tensor([[8 * h, 8 * w]] * bsz)
+    batch["original_sizes_hw"], batch["target_sizes_hw"] = size.clone(), size.clone()
+    return batch
+
+
+def run_steps(model, *, static: str | None, components: str = "ata,rs,aa", steps: int = 4, latent: int = 8,
+              device: str = "cpu", mixed_precision: str = "no", rank: int = 4):
+    """`steps` APT optimizer steps on `model` (its LoRA starts from a fixed nonzero draw), cycling a batch of 2 at
+    latent² and a batch of 1 at latent × 1.5·latent. `static`: None (eager prior pass) or a StaticPass backend.
+    Returns ([(loss, logs)] per step, LoRA state dict, γ, number of recorded shapes)."""
+    import train_apt_lora
+    from apt_ext.step import APT
+    from bench.common import make_accelerator, make_bench_args
+    from networks.lora import LoRANetwork
+
+    args = make_bench_args(rank=rank, alpha=rank, mixed_precision=mixed_precision,
+                           extra=["--apt", "--apt_components", components, "--apt_gamma_temperature", "1000"])
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+    network = LoRANetwork(model, lora_dim=rank, alpha=float(rank))
+    network.apply_to()
+    with torch.no_grad():
+        for i, lora in enumerate(network.loras):
+            lora.lora_up.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
+    network.to(device)
+    accelerator = make_accelerator(device, mixed_precision)
+    apt = APT(args, model, accelerator.device)
+    if static:
+        apt.enable_static_prior(model, mixed_precision, torch.device(device).type, backend=static)
+    ctx = train_apt_lora.TrainContext(args, accelerator, model, network, weight_dtype, torch.float32, None, apt)
+    opt = torch.optim.AdamW(network.parameters(), lr=1e-2)
+    shapes = [(2, latent, latent), (1, latent, latent + latent // 2)]
+    out = []
+    for step in range(steps):
+        bsz, h, w = shapes[step % 2]
+        torch.manual_seed(100 + step)  # t, noise and augmentation draws: the same in both runs
+        loss, logs = train_apt_lora.training_step(args, ctx, _batch(model, bsz, h, w, seed=step))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        out.append((loss.item(), {k: float(v) for k, v in logs.items()}))
+    weights = {k: v.detach().float().cpu() for k, v in network.state_dict().items()}
+    network.restore()
+    return out, weights, apt.indicator.gamma().detach().cpu(), (len(apt.static_prior) if static else 0)
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(a), abs(b), 1e-12)
+
+
+def compare(eager, static) -> dict:
+    """Largest relative differences between two `run_steps` results: loss, each log key, LoRA weights, γ."""
+    (steps0, w0, g0, _), (steps1, w1, g1, _) = eager, static
+    diff = {"loss": max(_rel(a[0], b[0]) for a, b in zip(steps0, steps1))}
+    for k in steps0[0][1]:
+        diff[k] = max(_rel(a[1][k], b[1][k]) for a, b in zip(steps0, steps1))
+    diff["lora weights"] = max(float(((w1[k] - w0[k]).abs().max() / w0[k].abs().max().clamp_min(1e-12))) for k in w0)
+    diff["gamma"] = float((g1 - g0).abs().max())
+    return diff
+
+
+def main(argv=None) -> int:
+    from bench.common import CONFIGS, build_bench_model
+
+    p = argparse.ArgumentParser(prog="python -m bench.prior_graph_check", description=__doc__.split("\n")[0])
+    p.add_argument("--configs", default=None, help="from bench/common.py CONFIGS (default: tiny-sd1,tiny-sdxl, "
+                   "plus sd15,sdxl with CUDA)")
+    p.add_argument("--steps", type=int, default=4)
+    a = p.parse_args(argv)
+    names = a.configs.split(",") if a.configs else [n for n, c in CONFIGS.items()
+                                                      if c.device == "cpu" or torch.cuda.is_available()]
+    failed = False
+    print("| config | backend | precision | recorded shapes | loss | largest other term | LoRA weights | γ | tolerance | ok |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name in names:
+        cfg = CONFIGS[name]
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            print(f"| {name} | - | - | - | needs CUDA | | | | | |")
+            failed = True
+            continue
+        backend = "cuda" if cfg.device == "cuda" else "eager"
+        mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.dtype]
+        results = []
+        for static in (None, backend):
+            model = build_bench_model(cfg.arch, cfg.real, cfg.device, {"no": torch.float32, "bf16": torch.bfloat16,
+                                                                       "fp16": torch.float16}[mp])
+            results.append(run_steps(model, static=static, steps=a.steps, latent=cfg.resolution // 8,
+                                     device=cfg.device, mixed_precision=mp))
+            del model
+        d = compare(*results)
+        other = max((v, k) for k, v in d.items() if k not in ("loss", "lora weights", "gamma"))
+        tol = TOLERANCE[mp]
+        ok = all(v <= tol for v in d.values()) and results[1][3] == 2
+        failed |= not ok
+        print(f"| {name} | {backend} | {cfg.dtype} | {results[1][3]} | {d['loss']:.1e} | {other[0]:.1e} ({other[1]}) | "
+              f"{d['lora weights']:.1e} | {d['gamma']:.1e} | {tol:g} | {'✓' if ok else '✗'} |", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
