@@ -66,6 +66,8 @@ def micro_batch(args, ctx, batch, optimizer, lr_scheduler, trainable, step_fn=No
     """The loop body for one micro-batch: loss, backward, and at the end of an accumulation window the
     gradient all-reduce, clipping and the optimizer step. A NaN/inf loss or gradient skips the whole window
     on every rank. Returns (loss, logs, status), status "accumulating" | "stepped" | "skipped".
+    Nothing is read back from the device before the window's end (a non-finite loss is kept as a device flag and
+    its backward runs: its gradients are dropped with the window); there, one value decides the step.
     The benchmarks call this too, so what they time is what the trainer runs."""
     import torch
 
@@ -74,25 +76,29 @@ def micro_batch(args, ctx, batch, optimizer, lr_scheduler, trainable, step_fn=No
     accelerator = ctx.accelerator
     with accelerator.accumulate(ctx.network):
         loss, logs = (step_fn or training_step)(args, ctx, batch)
-        if torch.isfinite(loss):
-            accelerator.backward(loss)
-        else:  # no backward: the whole accumulation window is skipped below
-            ctx.window_bad = True
-            logger.warning("non-finite loss (images: %s)", ", ".join(batch["image_keys"]))
+        ctx.window_losses.append(loss.detach())
+        ctx.window_keys.extend(batch["image_keys"])
+        accelerator.backward(loss)
         status = "accumulating"
         if accelerator.sync_gradients:
-            bad = any_rank(ctx.window_bad, accelerator)  # every rank skips, or none
-            if not bad:
+            finite = torch.isfinite(torch.stack(ctx.window_losses)).all()
+            if accelerator.scaler is None:
                 all_reduce_gradients(trainable, accelerator)  # then the norm is the same on every rank
-                norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm or float("inf"))  # unscales fp16
-                # fp16: the grad scaler skips overflowing steps itself and lowers its scale
-                bad = accelerator.scaler is None and not bool(torch.isfinite(norm))
-                if bad:
-                    logger.warning("non-finite gradients (images: %s)", ", ".join(batch["image_keys"]))
-            if not bad:
+                norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm or float("inf"))
+                bad = any_rank(not bool(finite & torch.isfinite(norm)), accelerator)  # the window's one read
+            else:  # fp16: a window with a NaN loss is never unscaled; the scaler skips overflowing steps itself
+                bad = any_rank(not bool(finite), accelerator)
+                if not bad:
+                    all_reduce_gradients(trainable, accelerator)
+                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm or float("inf"))  # unscales
+            if bad:
+                what = "loss" if not bool(finite) else "gradients"
+                logger.warning("non-finite %s (images: %s)", what, ", ".join(ctx.window_keys))
+            else:
                 optimizer.step()
                 lr_scheduler.step()
-            status, ctx.window_bad = ("skipped" if bad else "stepped"), False
+            status = "skipped" if bad else "stepped"
+            ctx.window_losses, ctx.window_keys = [], []
         optimizer.zero_grad(set_to_none=True)
     return loss, logs, status
 
@@ -111,7 +117,7 @@ class TrainContext:
     def __init__(self, args, accelerator, model, network, weight_dtype, vae_dtype, te_cache, apt=None):
         self.args, self.accelerator, self.model, self.network = args, accelerator, model, network
         self.weight_dtype, self.vae_dtype, self.te_cache, self.apt = weight_dtype, vae_dtype, te_cache, apt
-        self.window_bad = False  # a NaN/inf micro-batch in the current accumulation window
+        self.window_losses, self.window_keys = [], []  # of the current accumulation window (NaN/inf check at its end)
 
     def encode_latents(self, batch):
         import torch

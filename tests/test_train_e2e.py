@@ -215,6 +215,24 @@ def test_nan_steps_are_skipped_then_the_run_stops_with_the_likely_cause(tiny, im
     assert rc == 2 and "--no_half_vae" in err and "learning rate" in err and "--max_bad_steps 2" in err
 
 
+def test_micro_batch_reads_nothing_from_the_device_before_the_window_ends():
+    """Issue 6: no host-device sync inside the step. On the meta device any read (bool, .item()) raises, so a
+    micro-batch that only accumulates runs there: loss, finiteness flag and backward stay on the device."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    net = torch.nn.Linear(3, 1, device="meta")
+    ctx = SimpleNamespace(accelerator=accelerator, network=net, window_losses=[], window_keys=[])
+    opt = accelerator.prepare(torch.optim.SGD(net.parameters(), lr=0.1))  # as the trainer's: keeps grads while accumulating
+    step = lambda args, ctx, batch: ((net(torch.ones(2, 3, device="meta")) ** 2).mean(), {})  # noqa: E731
+    loss, _, status = train_apt_lora.micro_batch(SimpleNamespace(max_grad_norm=1.0), ctx, {"image_keys": ["a", "b"]},
+                                                 opt, None, list(net.parameters()), step_fn=step)
+    assert status == "accumulating" and loss.device.type == "meta"
+    assert len(ctx.window_losses) == 1 and ctx.window_keys == ["a", "b"] and net.weight.grad is not None
+
+
 def test_sd2_v_prediction_with_the_usual_options(images, tmp_path):
     """SD2 768-v style (v-prediction) with bf16 autocast, gradient checkpointing, clip_skip, reg images with
     prior_loss_weight, per-epoch saves, sample images and TensorBoard logs, in one run."""
