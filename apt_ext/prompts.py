@@ -236,7 +236,8 @@ def alignment_for_batch(tokenizers: Sequence, captions_ft: Sequence[str], captio
 
     SDXL: the UNet's cross-attention sees both encoders' states concatenated along channels, so the token axis is
     shared. Both tokenizers are CLIP BPE and differ only in the pad id, and the diff gives the same π for both;
-    use `pis[0]` (tokenizer 1) for the UNet maps (`unet_alignment`).
+    use `pis[0]` (tokenizer 1) for the UNet maps (`unet_alignment`; the training step memoises those rows per sample,
+    `apt_ext.step.APT.alignment`).
     """
     if len(captions_ft) != len(captions_prior):
         raise ValueError("captions_ft and captions_prior must have the same length")

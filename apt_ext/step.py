@@ -16,7 +16,7 @@ import torch
 from apt_ext.augment import AdaptiveAugment, black_latent
 from apt_ext.indicator import OverfittingIndicator, default_temperature
 from apt_ext.losses import adaptive_weights, attn_loss, dco_loss, rs_losses, total_loss
-from apt_ext.prompts import ALIGN_MODES, alignment_for_batch, class_prompts, unet_alignment
+from apt_ext.prompts import ALIGN_MODES, alignment_for_batch, class_prompts
 
 COMPONENTS = ("ata", "rs", "aa")  # adaptive training adjustment, representation stabilization, attention alignment
 
@@ -94,6 +94,7 @@ class APT:
             self.capture = APTCapture(model.unet, layers, args.apt_rs_hook, args.apt_rs_stats).install()
         self._history: list[tuple[int, torch.Tensor]] = []  # (optimizer step, γ per bin on the device)
         self.static_prior = None  # a StaticPass once enable_static_prior() ran (--apt_cuda_graph)
+        self._pi_rows: dict[tuple, torch.Tensor] = {}  # memo of alignment()
         if getattr(args, "apt_cuda_graph", False):
             self.enable_static_prior(model, args.mixed_precision, torch.device(device).type)
 
@@ -133,6 +134,27 @@ class APT:
         rec.attn, rec.stats = rest[:n], list(zip(rest[n::2], rest[n + 1 :: 2]))
         rec.num_heads = [m.heads for _, m in self.capture.attn_modules]
         return pred, rec
+
+    PI_MEMO_SIZE = 4096
+
+    def alignment(self, model, captions, prior_captions, class_tokens, prior_class_tokens, device):
+        """π (B, N) for the UNet's cross-attention maps (tokenizer 1's; SDXL's second gives the same, §2.5), or
+        None when c == c* for the whole batch. Rows are memoised per sample on the device: tokenizing and diffing
+        is host work (about 2 ms a sample) that would otherwise repeat on every step of every epoch."""
+        if list(captions) == list(prior_captions):
+            return None
+        rows = []
+        for c, p, ct, pct in zip(captions, prior_captions, class_tokens, prior_class_tokens):
+            key = (c, p, ct, pct)
+            row = self._pi_rows.get(key)
+            if row is None:
+                if len(self._pi_rows) >= self.PI_MEMO_SIZE:  # shuffled or dropped-out captions: keep it bounded
+                    self._pi_rows.clear()
+                (pi,) = alignment_for_batch(model.tokenizers[:1], [c], [p], self.args.apt_identifier_align,
+                                            self.args.max_token_length, [ct], [pct])
+                row = self._pi_rows[key] = pi[0].to(device)
+            rows.append(row)
+        return torch.stack(rows)
 
     def capture_ctx(self, tag):
         import contextlib
@@ -259,11 +281,7 @@ def apt_step(args, ctx, batch, apt: APT):
     if "rs" in comps:
         l_mu, l_sigma = rs_losses(rec_ft.stats, rec_prior.stats)
     if "aa" in comps:
-        pi = None
-        if list(captions) != list(prior_captions):
-            pis = alignment_for_batch(model.tokenizers, captions, prior_captions, args.apt_identifier_align,
-                                      args.max_token_length, batch["class_tokens"], batch["prior_class_tokens"])
-            pi = unet_alignment(pis)
+        pi = apt.alignment(model, captions, prior_captions, batch["class_tokens"], batch["prior_class_tokens"], device)
         l_attn = attn_loss(rec_ft.attn, rec_prior.attn, pi, rec_ft.num_heads)
     loss = total_loss(loss_dm, weights, l_mu, l_sigma, l_attn, args.apt_lambda_dist, args.apt_lambda_attn)
 

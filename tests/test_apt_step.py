@@ -244,3 +244,26 @@ def test_reg_subset_with_plain_class_tokens_keeps_its_caption_as_c(world, tmp_pa
     assert _run(w, tmp_path / "out", "--max_train_steps", "4", "--prior_loss_weight", "1.0") == 0
     pairs = [(c, p) for caps, prior in seen for c, p in zip(caps, prior)]
     assert ("dog", "dog") in pairs and ("sks dog", "dog") in pairs  # reg: unchanged; subject: identifier dropped
+
+
+def test_alignment_is_memoised_per_sample_and_equals_the_batch_computation(monkeypatch):
+    """apt.alignment: the π rows of alignment_for_batch (tokenizer 1), computed once per sample and reused."""
+    import apt_ext.step as step_mod
+    from apt_ext.prompts import alignment_for_batch
+
+    args = _args("--cache_latents")
+    ctx, apt, _ = _ctx("sdxl", args)
+    model = ctx.model
+    ft = ["a photo of sks dog", "sks dog on grass", "a cat"]
+    pr = ["a photo of dog", "dog on grass", "a cat"]
+    ct, pct = ["sks dog", "sks dog", None], ["dog", "dog", None]
+    expected = alignment_for_batch(model.tokenizers, ft, pr, "class", None, ct, pct)
+    calls = []
+    real = step_mod.alignment_for_batch
+    monkeypatch.setattr(step_mod, "alignment_for_batch", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    pi = apt.alignment(model, ft, pr, ct, pct, torch.device("cpu"))
+    assert torch.equal(pi, expected[0]) and torch.equal(pi, expected[1])  # both SDXL tokenizers give the same π
+    assert len(calls) == 3
+    pi2 = apt.alignment(model, ft[::-1], pr[::-1], ct[::-1], pct[::-1], torch.device("cpu"))
+    assert torch.equal(pi2, expected[0].flip(0)) and len(calls) == 3  # all three rows from the memo
+    assert apt.alignment(model, ["a cat"], ["a cat"], [None], [None], torch.device("cpu")) is None
