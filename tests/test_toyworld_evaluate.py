@@ -92,7 +92,7 @@ def test_two_step_pipeline_writes_the_report(small_model, tmp_path):
         assert any(k.startswith("lora_unet_") for k in f.keys())
     with safe_open(os.path.join(work, "runs", "dco-s1", "lora.safetensors"), "pt") as f:
         assert f.metadata()["apt_loss_type"] == "dco"
-    assert len(os.listdir(os.path.join(work, "reg"))) == 4  # 2 images + 2 captions
+    assert len([f for f in os.listdir(os.path.join(work, "reg")) if f.endswith((".png", ".txt"))]) == 4  # 2 + 2
     with safe_open(os.path.join(work, "runs", "dreambooth_pp-s0", "lora.safetensors"), "pt") as f:
         assert f.metadata()["ss_num_reg_images"] == "2"  # prior preservation really trained with the reg images
     with safe_open(os.path.join(work, "runs", "dreambooth-s0", "lora.safetensors"), "pt") as f:
@@ -101,6 +101,18 @@ def test_two_step_pipeline_writes_the_report(small_model, tmp_path):
     logs = []
     E.evaluate(s, work, res, "tw", log=logs.append)
     assert sum("cached" in line for line in logs) == 8
+    # ... and by the model's content: runs and reg images of another model (same path) are not reused
+    fp = E.model_fingerprint(small_model)
+    assert json.load(open(os.path.join(work, "runs", "apt-s0", "argv.json")))["model"] == fp
+    assert json.load(open(os.path.join(work, "reg", "stamp.json")))["model"] == fp
+    import shutil
+
+    other = str(tmp_path / "other")
+    shutil.copytree(small_model, other)
+    assert E.model_fingerprint(other) == fp  # where it lies does not count, what it holds does
+    with open(os.path.join(other, "toyworld.json"), "a", encoding="utf-8") as f:
+        f.write("\n")
+    assert E.model_fingerprint(other) != fp
 
 
 BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "models", "toyworld-sd1")

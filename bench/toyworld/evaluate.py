@@ -18,6 +18,7 @@ Runs are cached in --work_dir by their arguments, so an interrupted benchmark co
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -174,19 +175,37 @@ def write_references(subject: W.SubjectSpec, size: int, folder: str, seed: int =
     return out
 
 
+def model_fingerprint(path: str) -> str:
+    """sha256 of a model's files (a folder's, by relative path, or one file): cached runs and reg images of
+    another model are not reused."""
+    h = hashlib.sha256()
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    for f in files:
+        h.update(os.path.relpath(f, path).encode() + b"\0")
+        with open(f, "rb") as fh:
+            h.update(hashlib.sha256(fh.read()).digest())
+    return h.hexdigest()[:16]
+
+
 def write_reg_images(model, s: Settings, folder: str) -> None:
     """Prior-preservation images: the prior model's samples of the class prompt (DreamBooth's recipe)."""
-    if os.path.isdir(folder) and len([f for f in os.listdir(folder) if f.endswith(".png")]) == s.n_reg:
+    prompt = s.subject.class_prompt
+    stamp = {"model": model_fingerprint(s.model), "n": s.n_reg, "prompt": prompt, "steps": s.sample_steps,
+             "guidance": s.guidance}
+    stamp_path = os.path.join(folder, "stamp.json")
+    if os.path.isfile(stamp_path) and json.load(open(stamp_path, encoding="utf-8")) == stamp:
         return
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder)
-    prompt = s.subject.class_prompt
     x = sample(model, [prompt] * s.n_reg, [50_000 + i for i in range(s.n_reg)], steps=s.sample_steps,
                guidance=s.guidance)
     for i, im in enumerate(to_pil(x)):
         im.save(os.path.join(folder, f"reg_{i}.png"))
         with open(os.path.join(folder, f"reg_{i}.txt"), "w", encoding="utf-8") as f:
             f.write(prompt + "\n")
+    with open(stamp_path, "w", encoding="utf-8") as f:
+        json.dump(stamp, f)
 
 
 def dataset_toml(s: Settings, size: int, refs: str, reg: Optional[str]) -> str:
@@ -213,7 +232,7 @@ def train_run(s: Settings, method: str, seed: int, work: str, log=print) -> str:
     if uses_reg:
         argv += ["--prior_loss_weight", str(s.prior_loss_weight)]
     with open(argv[argv.index("--dataset_config") + 1], encoding="utf-8") as f:
-        key = {"argv": argv, "dataset": f.read()}  # a changed dataset TOML trains again
+        key = {"argv": argv, "dataset": f.read(), "model": model_fingerprint(s.model)}  # another dataset or model: again
     stamp = os.path.join(run, "argv.json")
     if os.path.isfile(os.path.join(run, "lora.safetensors")) and os.path.isfile(stamp):
         with open(stamp, encoding="utf-8") as f:
