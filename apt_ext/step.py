@@ -104,10 +104,12 @@ class APT:
         from apt_ext.prior_graph import StaticPass
         from library.conditioning import TextConditioning, unet_forward
 
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+        from library.train_util import weight_dtype
+
+        dtype = weight_dtype(mixed_precision)
 
         def prior_outputs(noisy, timesteps, context, pooled, time_ids):
-            with self.capture_ctx("prior") as rec, torch.autocast(device_type, dtype=dtype, enabled=dtype is not None,
+            with self.capture_ctx("prior") as rec, torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32,
                                                                    cache_enabled=False):
                 pred = unet_forward(model, noisy, timesteps, TextConditioning(context, pooled), time_ids).float()
             if rec is None:

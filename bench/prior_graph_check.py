@@ -43,7 +43,9 @@ def run_steps(model, *, static: str | None, components: str = "ata,rs,aa", steps
 
     args = make_bench_args(rank=rank, alpha=rank, mixed_precision=mixed_precision,
                            extra=["--apt", "--apt_components", components, "--apt_gamma_temperature", "1000"])
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+    from library.train_util import weight_dtype as dtype_of
+
+    weight_dtype = dtype_of(mixed_precision)
     network = LoRANetwork(model, lora_dim=rank, alpha=float(rank))
     network.apply_to()
     with torch.no_grad():
@@ -88,6 +90,7 @@ def compare(eager, static) -> dict:
 
 def main(argv=None) -> int:
     from bench.common import CONFIGS, build_bench_model
+    from library.train_util import weight_dtype
 
     p = argparse.ArgumentParser(prog="python -m bench.prior_graph_check", description=__doc__.split("\n")[0])
     p.add_argument("--configs", default=None, help="from bench/common.py CONFIGS (default: tiny-sd1,tiny-sdxl, "
@@ -109,8 +112,7 @@ def main(argv=None) -> int:
         mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.dtype]
         results = []
         for static in (None, backend):
-            model = build_bench_model(cfg.arch, cfg.real, cfg.device, {"no": torch.float32, "bf16": torch.bfloat16,
-                                                                       "fp16": torch.float16}[mp])
+            model = build_bench_model(cfg.arch, cfg.real, cfg.device, weight_dtype(mp))
             results.append(run_steps(model, static=static, steps=a.steps, latent=cfg.resolution // 8,
                                      device=cfg.device, mixed_precision=mp))
             del model
