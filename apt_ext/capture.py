@@ -198,6 +198,23 @@ class CaptureRecord:
         return ([n for n, a in zip(self.attn_names, self.attn) if a is None]
                 + [n for n, s in zip(self.stats_names, self.stats) if s is None])
 
+    def flat(self) -> list:
+        """The captured tensors as one flat list (attention maps, then mu, sigma of each stats module): the
+        outputs of a static pass (apt_ext/prior_graph.py). Inverse of `from_flat`."""
+        return [*self.attn, *(x for mu_sigma in self.stats for x in mu_sigma)]
+
+    @classmethod
+    def from_flat(cls, tag: str, attn_names: list, stats_names: list, num_heads: list, tensors) -> "CaptureRecord":
+        """The record whose `flat()` is `tensors`."""
+        rec = cls(tag, list(attn_names), list(stats_names))
+        n = len(rec.attn)
+        if len(tensors) != n + 2 * len(rec.stats):
+            raise ValueError(f"CaptureRecord.from_flat: {len(tensors)} tensors for {n} attention maps and "
+                             f"{len(rec.stats)} (mu, sigma) pairs")
+        rec.attn, rec.stats = list(tensors[:n]), list(zip(tensors[n::2], tensors[n + 1 :: 2]))
+        rec.num_heads = list(num_heads)
+        return rec
+
 
 class APTCapture:
     """Installs the probability processors (attn2) and hidden-state hooks (attn1 or Transformer2DModel) on the

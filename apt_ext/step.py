@@ -114,7 +114,7 @@ class APT:
                 pred = unet_forward(model, noisy, timesteps, TextConditioning(context, pooled), time_ids).float()
             if rec is None:
                 return [pred]
-            return [pred, *rec.attn, *(x for mu_sigma in rec.stats for x in mu_sigma)]
+            return [pred, *rec.flat()]
 
         self.static_prior = StaticPass(prior_outputs, backend)
 
@@ -131,11 +131,8 @@ class APT:
         pred, *rest = self.static_prior(noisy, timesteps, cond.context, cond.pooled, time_ids)
         if self.capture is None:
             return pred, None
-        rec = CaptureRecord("prior", self.capture.attn_names, self.capture.stats_names)
-        n = len(rec.attn)
-        rec.attn, rec.stats = rest[:n], list(zip(rest[n::2], rest[n + 1 :: 2]))
-        rec.num_heads = [m.heads for _, m in self.capture.attn_modules]
-        return pred, rec
+        heads = [m.heads for _, m in self.capture.attn_modules]
+        return pred, CaptureRecord.from_flat("prior", self.capture.attn_names, self.capture.stats_names, heads, rest)
 
     PI_MEMO_SIZE = 4096
 

@@ -222,3 +222,20 @@ def test_capture_misuse_errors(sd1):
         assert cap._active is None
     finally:
         cap.remove()
+
+
+def test_capture_record_flat_round_trip_and_count_check():
+    """The static prior pass returns a record as `flat()` tensors and rebuilds it with `from_flat`: order matters
+    (attention maps first, then mu, sigma per stats module), and a wrong count is refused."""
+    from apt_ext.capture import CaptureRecord
+
+    rec = CaptureRecord("prior", ["a0", "a1"], ["s0"])
+    a0, a1, mu, sd = (torch.full((1,), float(i)) for i in range(4))
+    rec.attn, rec.stats, rec.num_heads = [a0, a1], [(mu, sd)], [2, 4]
+    flat = rec.flat()
+    assert [float(x) for x in flat] == [0.0, 1.0, 2.0, 3.0]
+    back = CaptureRecord.from_flat("prior", rec.attn_names, rec.stats_names, rec.num_heads, flat)
+    assert back.complete and back.num_heads == [2, 4] and back.tag == "prior"
+    assert back.attn[1] is a1 and back.stats[0][0] is mu and back.stats[0][1] is sd
+    with pytest.raises(ValueError, match="3 tensors for 2 attention maps and 1"):
+        CaptureRecord.from_flat("prior", rec.attn_names, rec.stats_names, rec.num_heads, flat[:3])
