@@ -258,7 +258,7 @@ def train(args):
 
         args.seed = broadcast_object_list([random.randint(0, 2**31 - 1) if is_main else None])[0]
     set_seed(args.seed)
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    weight_dtype = train_util.weight_dtype(args.mixed_precision)
     vae_dtype = torch.float32 if args.no_half_vae else weight_dtype
 
     # --- model and data ---------------------------------------------------------------------------

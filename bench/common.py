@@ -176,7 +176,7 @@ def build_step_fn(model, args, device="cpu", batch: dict | None = None, step=Non
     from networks import lora as lora_lib
 
     step = step or train_apt_lora.training_step
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    weight_dtype = train_util.weight_dtype(args.mixed_precision)
     accelerator = make_accelerator(device, args.mixed_precision)
     network = lora_lib.create_network(model, args)
     network.apply_to()
