@@ -39,6 +39,9 @@ def _network_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--network_weights", type=str, default=None, help="continue training from this LoRA .safetensors")
     g.add_argument("--network_train_unet_only", action="store_true", help="train the UNet LoRA only (no text encoder LoRA)")
     g.add_argument("--network_multiplier", type=float, default=1.0, help="LoRA multiplier during training")
+    g.add_argument("--no_fused_lora", action="store_true",
+                   help="compute each Linear LoRA branch as separate down, up, scale and add ops instead of down + one "
+                        "addmm (same result to rounding, more kernel launches; docs/speed.md)")
 
 
 def _dataset_args(p: argparse.ArgumentParser) -> None:

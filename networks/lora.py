@@ -210,6 +210,8 @@ class LoRAModule(nn.Module):
         else:
             raise TypeError(f"{lora_name}: LoRA needs a Linear or Conv2d, got {type(org_module).__name__}")
         self.is_conv3x3 = isinstance(org_module, nn.Conv2d) and tuple(org_module.kernel_size) != (1, 1)
+        self.is_linear = isinstance(org_module, nn.Linear)
+        self.fused = True  # Linear without dropout: up-projection, scale and sum in one addmm (see `_fused_linear`)
         if alpha is None or float(alpha) == 0:
             alpha = self.lora_dim
         self.configured_alpha = float(alpha)  # as created (the alpha buffer may be replaced by load_weights)
@@ -262,6 +264,10 @@ class LoRAModule(nn.Module):
         org_out = self.org_forward(x, *args, **kwargs)
         if self.multiplier == 0:
             return org_out  # the branch is skipped entirely: bit-exact base output
+        if self.fused and self.is_linear and not (self.training and self.has_dropout):
+            out = self._fused_linear(x, org_out)
+            if out is not None:
+                return out
         if self.module_dropout is not None and self.training and torch.rand(1) < self.module_dropout:
             return org_out
 
@@ -280,6 +286,25 @@ class LoRAModule(nn.Module):
             scale = self.scale * (1.0 / (1.0 - self.rank_dropout))
         lx = self.lora_up(lx)
         return org_out + (lx * (self.multiplier * scale)).to(org_out.dtype)
+
+    @property
+    def has_dropout(self) -> bool:
+        return bool(self.dropout or self.rank_dropout or self.module_dropout)
+
+    def _fused_linear(self, x, org_out):
+        """org_out + multiplier · scale · up(down(x)) as down and one addmm: 2 kernels instead of 4-5 (down, up,
+        scale, cast, add; the input cast is also skipped under autocast, which casts again anyway). A GPU step is
+        bound by kernel launches (docs/speed.md). None where dtypes would need casts outside autocast."""
+        down, up = self.lora_down.weight, self.lora_up.weight
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if not autocast and not (x.dtype == down.dtype == org_out.dtype):
+            return None
+        if not isinstance(self.multiplier, (int, float)):
+            return None
+        h = self.lora_down(x)
+        out = torch.addmm(org_out.reshape(-1, org_out.shape[-1]), h.reshape(-1, h.shape[-1]), up.t(),
+                          alpha=self.multiplier * self.scale)
+        return out.view(org_out.shape)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = multiplier · scale · up @ down in the original weight's layout (KOHYA_COMPAT §1.1)."""
@@ -382,6 +407,11 @@ class LoRANetwork(nn.Module):
     @property
     def is_applied(self) -> bool:
         return any(lora.is_applied for lora in self.loras)
+
+    def set_fused(self, fused: bool) -> None:
+        """Linear LoRA branches as down + one addmm (True, the default) or as separate ops (`--no_fused_lora`)."""
+        for lora in self.loras:
+            lora.fused = bool(fused)
 
     # -- multiplier ----------------------------------------------------------------------------------------------
     def set_multiplier(self, multiplier: float) -> None:
@@ -768,5 +798,6 @@ def create_network(model, args) -> LoRANetwork:
         train_unet=not te_only,
         train_text_encoder=not unet_only,
     )
+    network.set_fused(not getattr(args, "no_fused_lora", False))
     network.network_args = {str(item).split("=", 1)[0].strip(): str(item).split("=", 1)[1].strip() for item in raw}
     return network

@@ -194,6 +194,82 @@ def test_dropouts_only_in_training():
         lora.restore()
 
 
+def _branch_grads(org, lora, x, fused, autocast):
+    lora.fused = fused
+    for p in (*lora.parameters(), x):
+        p.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = org(x)
+    (y.float() ** 2).sum().backward()
+    return y.detach(), [p.grad.clone() for p in (lora.lora_down.weight, lora.lora_up.weight, x)]
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_fused_linear_branch_equals_separate_ops_with_fewer_kernels(base_dtype):
+    """Issue 6: a Linear's LoRA branch as down + one addmm gives the output and gradients of the separate ops
+    (fp32: to rounding; bf16 autocast, the trainer's setting: to bf16 rounding) and dispatches 5 ops instead of 9
+    with bf16 base weights under autocast (the input is not cast to fp32 only to be cast back)."""
+    from bench.op_count import count_ops
+
+    torch.manual_seed(0)
+    org = nn.Linear(24, 16).to(base_dtype)
+    x = torch.randn(2, 7, 24).to(base_dtype).requires_grad_(True)
+    lora = _patched(org, lora_dim=4, alpha=2.0, multiplier=0.7)
+    autocast = base_dtype == torch.bfloat16
+    y0, g0 = _branch_grads(org, lora, x, False, autocast)
+    y1, g1 = _branch_grads(org, lora, x, True, autocast)
+    tol = dict(atol=1e-5, rtol=1e-5) if not autocast else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(y1, y0, **tol)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, **tol)
+    assert y1.dtype == y0.dtype and y1.shape == (2, 7, 16)
+    if autocast:
+        counts = {}
+        for fused in (False, True):
+            lora.fused = fused
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                counts[fused] = dict(count_ops(lambda: org(x))[1])
+        assert counts[False] == {"aten.addmm": 1, "aten._to_copy": 4, "aten.mm": 2, "aten.mul": 1, "aten.add": 1}
+        assert counts[True] == {"aten.addmm": 2, "aten._to_copy": 2, "aten.mm": 1}
+    lora.fused = True  # training with a dropout takes the separate path (its masks), eval does not
+    lora.dropout = 0.5
+    lora.train()
+    with torch.no_grad():
+        outs = [org(x) for _ in range(4)]
+    assert any(not torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_no_fused_lora_flag(sd1):
+    assert all(lora.fused for lora in create_network(sd1, args(network_dim=4)).loras)
+    net = create_network(sd1, args(network_dim=4, no_fused_lora=True))
+    assert not any(lora.fused for lora in net.loras)
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_fused_branch_whole_unet_step_equals_separate(arch):
+    """The whole tiny UNet with LoRA (fp32): loss and every LoRA gradient of the fused branch equal the separate
+    ops' to 1e-5 (the tolerance docs/speed.md states)."""
+    model = build_tiny_model(arch)
+    net = create_network(model, args(network_dim=4, network_alpha=2.0, network_train_unet_only=True))
+    randomize(net, seed=5, std=0.05)
+    net.apply_to()
+    inputs, kw = unet_inputs(model)
+    res = {}
+    for fused in (False, True):
+        for lora in net.loras:
+            lora.fused = fused
+        net.zero_grad(set_to_none=True)
+        loss = (model.unet(*inputs, **kw).sample ** 2).mean()
+        loss.backward()
+        res[fused] = (loss.detach(), [p.grad.clone() for p in net.parameters() if p.grad is not None])
+    torch.testing.assert_close(res[True][0], res[False][0], atol=1e-6, rtol=1e-5)
+    assert len(res[True][1]) == len(res[False][1]) > 0
+    for a, b in zip(res[True][1], res[False][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert sum(lora.is_linear for lora in net.loras) > 0
+    net.restore()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # save / load
 
