@@ -445,11 +445,23 @@ def _import_optimizer_class(path: str):
     return cls
 
 
+def _all_on_cuda(params) -> bool:
+    """Whether every tensor of `params` (tensors or param-group dicts) is on a CUDA device."""
+    tensors = []
+    for p in params:
+        group = p["params"] if isinstance(p, dict) else [p]
+        if not isinstance(group, (list, tuple)):
+            return False  # a generator: do not consume it
+        tensors.extend(group)
+    return bool(tensors) and all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
+
+
 def get_optimizer(args, trainable_params) -> tuple[str, torch.optim.Optimizer]:
     """Build the optimizer the flags ask for; returns (description, optimizer).
 
     The description is sd-scripts' `ss_optimizer` string: `module.Class(k=v,...)`, e.g.
-    `torch.optim.adamw.AdamW(weight_decay=0.01)`. Built in: AdamW (default), AdamW8bit (bitsandbytes, optional),
+    `torch.optim.adamw.AdamW(weight_decay=0.01)`. Built in: AdamW (default; fused=True when every parameter is on
+    CUDA and --optimizer_args names neither fused nor foreach), AdamW8bit (bitsandbytes, optional),
     SGDNesterov (torch SGD, nesterov, momentum 0.9 unless given), Adafactor (transformers); also any torch.optim
     class name or `module.ClassName`. `--use_8bit_adam` is the legacy spelling of AdamW8bit.
     As in sd-scripts, Adafactor with relative_step (its default) ignores the learning rates and switches
@@ -477,6 +489,8 @@ def get_optimizer(args, trainable_params) -> tuple[str, torch.optim.Optimizer]:
 
     if kind == "adamw":
         optimizer_class = torch.optim.AdamW
+        if "fused" not in kwargs and "foreach" not in kwargs and _all_on_cuda(trainable_params):
+            extra["fused"] = True  # one kernel per step instead of ~12 per tensor list; torch's default is foreach
     elif kind == "adamw8bit":
         try:
             import bitsandbytes as bnb  # noqa: F401  (optional GPU extra)

@@ -283,6 +283,21 @@ def test_param_groups_keep_their_lr():
     assert [g["lr"] for g in opt.param_groups] == [5e-5, 5e-6]
 
 
+def test_adamw_fused_only_on_cuda_and_not_over_user_args(monkeypatch):
+    """Issue 6: AdamW is fused (one kernel per step) when every parameter is on CUDA; never on the CPU, never when
+    --optimizer_args names fused or foreach; the ss_optimizer description does not change."""
+    name, opt = tu.get_optimizer(ns(learning_rate=1e-4), params())  # CPU tensors
+    assert not opt.defaults["fused"] and name == "torch.optim.adamw.AdamW"
+    assert not tu._all_on_cuda([{"params": (p for p in params())}])  # a generator is not consumed to check
+    monkeypatch.setattr(tu, "_all_on_cuda", lambda ps: True)  # fused AdamW also runs on the CPU in torch >= 2.4
+    name, opt = tu.get_optimizer(ns(learning_rate=1e-4), params())
+    assert opt.defaults["fused"] is True and name == "torch.optim.adamw.AdamW"
+    name, opt = tu.get_optimizer(ns(learning_rate=1e-4, optimizer_args=["foreach=True"]), params())
+    assert not opt.defaults["fused"] and opt.defaults["foreach"] is True and name == "torch.optim.adamw.AdamW(foreach=True)"
+    name, opt = tu.get_optimizer(ns(learning_rate=1e-4, optimizer_args=["fused=False"]), params())
+    assert opt.defaults["fused"] is False
+
+
 def test_sgd_nesterov():
     name, opt = tu.get_optimizer(ns(optimizer_type="SGDNesterov", learning_rate=0.1), params())
     assert name == "torch.optim.sgd.SGD(momentum=0.9)"
