@@ -107,3 +107,24 @@ def test_apt_overhead_prints_reference_plain_and_apt_side_by_side(tmp_path, caps
     assert float(row["APT/plain time"]) == pytest.approx(float(row["APT step"].split()[0]) / float(row["plain step"].split()[0]), abs=0.01)
     assert "TINY_15 at 64 px" in text and "Targets" in text
     assert head in capsys.readouterr().out
+
+
+def test_op_counter_counts_kernels_not_views():
+    from bench.op_count import count_ops
+
+    a = torch.ones(4)
+    out, ops = count_ops(lambda: a.add(1).mul(2).view(2, 2).t().contiguous().detach())
+    assert dict(ops) == {"aten.add": 1, "aten.mul": 1, "aten.clone": 1}  # view, t, detach: no kernel
+    assert torch.equal(out, torch.full((2, 2), 4.0))
+
+
+@pytest.mark.parametrize("arch,modules", [("sd1", 192), ("sdxl", 722)])
+def test_narrow_layouts_keep_the_real_models_lora_targets(arch, modules):
+    """The op count is only a proxy for the full models if the narrow layouts have their modules: sd-scripts logs
+    "create LoRA for U-Net: 192 modules" for SD1.x and 722 for SDXL."""
+    from bench.op_count import build_narrow_model
+    from networks.lora import create_network
+
+    model = build_narrow_model(arch)
+    args = make_bench_args(rank=4, extra=["--network_train_unet_only"])
+    assert len(create_network(model, args).unet_loras) == modules
