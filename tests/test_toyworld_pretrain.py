@@ -137,3 +137,50 @@ def test_init_from_continues_a_written_model(tmp_path):
                    str(tmp_path / "w4"), **quiet)
     with pytest.raises(ValueError, match="no toyworld.json"):
         P.pretrain(_cfg(steps=1, init_from=str(tmp_path)), str(tmp_path / "bad2"), str(tmp_path / "w5"), **quiet)
+
+
+@pytest.mark.parametrize("floor", [None, 0.5])
+def test_diffusion_loss_weights_min_snr_and_the_snr_floor(monkeypatch, floor):
+    """The eps-loss weight is clamp(snr, floor, 5) / snr: min-SNR-5 caps the low-noise steps, the floor raises the
+    high-noise ones (snr < floor) to floor / snr. Checked against the hand formula on a zero-predicting UNet."""
+    from types import SimpleNamespace
+
+    import library.conditioning as C
+    from library.model_util import make_noise_scheduler
+
+    class ZeroUNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(()))
+
+        @property
+        def device(self):
+            return self.p.device
+
+        def forward(self, noisy, t, ctx):
+            return SimpleNamespace(sample=torch.zeros_like(noisy))
+
+    monkeypatch.setattr(C, "encode_prompts", lambda model, caps: SimpleNamespace(context=torch.zeros(len(caps), 1, 4)))
+    sched = make_noise_scheduler(False)
+    model = SimpleNamespace(unet=ZeroUNet(), noise_scheduler=sched)
+    lat = torch.randn(64, 4, 2, 2)
+    loss = P.diffusion_loss(model, lat, [""] * 64, _cfg(snr_floor=floor), torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    noise, t = torch.randn(lat.shape, generator=g), torch.randint(0, 1000, (64,), generator=g)
+    snr = sched.alphas_cumprod[t] / (1 - sched.alphas_cumprod[t])
+    w = torch.where(snr > 5, 5 / snr, torch.ones_like(snr))
+    if floor is not None:
+        w = torch.where(snr < floor, floor / snr, w)
+        assert (snr < floor).any() and (w > 1).any()
+    assert loss.item() == pytest.approx(((noise ** 2).mean(dim=(1, 2, 3)) * w).mean().item(), rel=1e-5)
+
+
+def test_snr_floor_unset_keeps_earlier_checkpoint_keys():
+    """A field added with a None default must not change the key of the configs written before it existed."""
+    import hashlib
+    from dataclasses import asdict
+
+    cfg = _cfg()
+    d = {k: v for k, v in asdict(cfg).items() if k not in ("device", "snr_floor")}
+    assert cfg.key() == hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
+    assert _cfg(snr_floor=0.5).key() != cfg.key()

@@ -71,6 +71,9 @@ class PretrainConfig:
     te_layers: int = 3
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
+    # layout emphasis: the eps-loss weight is clamp(snr, snr_floor, min_snr_gamma) / snr, so the high-noise
+    # steps where the layout (position) is decided are not weighted down to ~snr in x0 terms (None: min-SNR only)
+    snr_floor: Optional[float] = None
     ema_decay: float = 0.999
     bf16: bool = False  # CPU/GPU autocast for the diffusion phase
     # where to train ("cpu", "cuda", "cuda:1"): not part of the key, a checkpoint resumes on another device.
@@ -91,6 +94,8 @@ class PretrainConfig:
     def key(self) -> str:
         """Hash of everything that changes the result (a checkpoint from another config is refused)."""
         d = {k: v for k, v in asdict(self).items() if k != "device"}
+        if d["snr_floor"] is None:  # added later: unset, it leaves the keys of earlier checkpoints as they were
+            del d["snr_floor"]
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
@@ -361,10 +366,10 @@ def diffusion_loss(model, latents: torch.Tensor, captions: list, cfg: PretrainCo
     ctx = encode_prompts(model, captions).context
     pred = model.unet(noisy, t, ctx).sample
     per = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
-    if cfg.min_snr_gamma:
+    if cfg.min_snr_gamma or cfg.snr_floor:
         ac = sched.alphas_cumprod.to(dev)[t]
         snr = ac / (1 - ac)
-        per = per * torch.clamp(snr, max=cfg.min_snr_gamma) / snr
+        per = per * torch.clamp(snr, min=cfg.snr_floor, max=cfg.min_snr_gamma or None) / snr
     return per.mean()
 
 
@@ -605,6 +610,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--n_images", type=int, default=d.n_images, help="pretraining images (encoded once)")
     p.add_argument("--batch_size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup_steps", type=int, default=d.warmup_steps, help="linear LR warm-up of the diffusion phase")
+    p.add_argument("--snr_floor", type=float, default=d.snr_floor,
+                   help="weight the high-noise steps as if their SNR were at least this (eps-loss weight "
+                        "clamp(snr, floor, 5) / snr): the steps that decide the layout (default: min-SNR-5 only)")
     p.add_argument("--image_size", type=int, default=d.image_size, choices=[32, 64])
     p.add_argument("--unet_channels", type=str, default=",".join(map(str, d.unet_channels)),
                    help="UNet block_out_channels (4 values; SD1 layout)")
@@ -638,6 +647,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error("--unet_channels needs 4 comma-separated values (the SD1 layout has 4 blocks)")
     cfg = PretrainConfig(image_size=args.image_size, seed=args.seed, vae_steps=args.vae_steps,
                          n_images=args.n_images, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                         warmup_steps=args.warmup_steps, snr_floor=args.snr_floor,
                          unet_channels=unet_ch, te_hidden=args.te_hidden, bf16=args.bf16, device=args.device,
                          init_from=args.init_from,
                          vae_channels=tuple(int(x) for x in args.vae_channels.split(",")) if args.vae_channels
