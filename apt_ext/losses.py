@@ -77,6 +77,28 @@ def hidden_stats(h: torch.Tensor, mode: str = "scalar") -> tuple[torch.Tensor, t
     return _MeanStd.apply(h, dims)
 
 
+def _groups(keys: Sequence) -> list[list[int]]:
+    """Indices grouped by equal key (a layer's shape), in first-seen order: each group is stacked and reduced at
+    once, a handful of kernels for all its layers instead of ten per layer (a GPU step is bound by launches,
+    docs/speed.md)."""
+    out: dict = {}
+    for i, k in enumerate(keys):
+        out.setdefault(k, []).append(i)
+    return list(out.values())
+
+
+def _sum_sq_diff(ft: Sequence[torch.Tensor], prior: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ_layers of the per-sample mean of (ft − prior)², (B,) float32; the prior side detached."""
+    total = None
+    for g in _groups([tuple(t.shape) for t in ft]):
+        a = torch.stack([ft[i] for i in g]).float()  # (L, B, ...)
+        b = torch.stack([prior[i].detach() for i in g]).float().to(a.device)
+        d = (a - b).pow(2)
+        part = d.reshape(d.shape[0], d.shape[1], -1).mean(dim=2).sum(dim=0)
+        total = part if total is None else total + part
+    return total
+
+
 def rs_losses(stats_ft: Sequence[tuple[torch.Tensor, torch.Tensor]],
               stats_prior: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Eqs. 4, 5: L_μ = mean_i Σ_layers (μ_θ − μ_φ)², L_σ likewise.
@@ -91,12 +113,8 @@ def rs_losses(stats_ft: Sequence[tuple[torch.Tensor, torch.Tensor]],
     if len(stats_ft) == 0:
         raise ValueError("rs_losses needs at least one layer")
 
-    def sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        d = (a.float() - b.detach().float().to(a.device)) ** 2
-        return d.reshape(d.shape[0], -1).mean(dim=1)  # (B,): scalar mode is unchanged, per-channel averages
-
-    l_mu = sum(sq(mt, mp) for (mt, _), (mp, _) in zip(stats_ft, stats_prior))
-    l_sigma = sum(sq(st, sp) for (_, st), (_, sp) in zip(stats_ft, stats_prior))
+    l_mu = _sum_sq_diff([mt for mt, _ in stats_ft], [mp for mp, _ in stats_prior])
+    l_sigma = _sum_sq_diff([st for _, st in stats_ft], [sp for _, sp in stats_prior])
     return l_mu.mean(), l_sigma.mean()
 
 
@@ -118,23 +136,26 @@ def attn_loss(maps_ft: Sequence[torch.Tensor], maps_prior: Sequence[torch.Tensor
     heads = list(num_heads) if isinstance(num_heads, (list, tuple)) else [int(num_heads)] * len(maps_ft)
     if len(heads) != len(maps_ft):
         raise ValueError(f"num_heads has {len(heads)} entries for {len(maps_ft)} layers")
-    total = None
-    for a_t, a_p, h in zip(maps_ft, maps_prior, heads):
-        a_t = a_t.float()
-        a_p = a_p.detach().float().to(a_t.device)
-        if pi is not None:
-            b, nq, nt = a_t.shape
-            idx = pi.to(a_t.device).long()
-            if idx.shape != (b, nt):
-                raise ValueError(f"pi has shape {tuple(idx.shape)}, expected {(b, nt)} (batch, tokens of c*)")
-            a_p = torch.gather(a_p, 2, idx.clamp_min(0)[:, None, :].expand(b, nq, nt))
-            d = (a_t - a_p) * (idx >= 0)[:, None, :]
-        elif a_p.shape != a_t.shape:
+    for a_t, a_p in zip(maps_ft, maps_prior):
+        if pi is None and a_p.shape != a_t.shape:
             raise ValueError(f"prior maps {tuple(a_p.shape)} and fine-tuned maps {tuple(a_t.shape)} differ; pass pi")
+    if pi is not None:
+        b, _, nt = maps_ft[0].shape
+        idx = pi.to(maps_ft[0].device).long()
+        if idx.shape != (b, nt):
+            raise ValueError(f"pi has shape {tuple(idx.shape)}, expected {(b, nt)} (batch, tokens of c*)")
+    total = None
+    # the layers of one resolution and head count at once: (L, B, N_query, N_tokens)
+    for g in _groups([(tuple(m.shape), h) for m, h in zip(maps_ft, heads)]):
+        a_t = torch.stack([maps_ft[i] for i in g]).float()
+        a_p = torch.stack([maps_prior[i].detach() for i in g]).float().to(a_t.device)
+        if pi is not None:
+            a_p = torch.gather(a_p, 3, idx.clamp_min(0)[None, :, None, :].expand(a_t.shape))
+            d = (a_t - a_p) * (idx >= 0)[None, :, None, :]
         else:
             d = a_t - a_p
-        layer = d.pow(2).sum(dim=(1, 2)) / h  # (B,)
-        total = layer if total is None else total + layer
+        part = d.pow(2).sum(dim=(0, 2, 3)) / heads[g[0]]  # (B,)
+        total = part if total is None else total + part
     return total.mean()
 
 

@@ -150,3 +150,56 @@ def test_attn_loss_leaves_out_dropped_columns():
     assert attn_loss([a_t], [a_p], pi, 1).item() == pytest.approx(0.625)
     pi_class = torch.tensor([[0, 2, 2]])  # mode "class": the identifier maps to the class column
     assert attn_loss([a_t], [a_p], pi_class, 1).item() == pytest.approx(0.625 + 2 * (1 - 0.25) ** 2)
+
+
+def _per_layer_attn(maps_ft, maps_prior, pi, heads):
+    """Eq. 6 one layer at a time, as written in the paper."""
+    total = 0
+    for a_t, a_p, h in zip(maps_ft, maps_prior, heads):
+        if pi is not None:
+            a_p = torch.stack([a_p[i][:, pi[i].clamp_min(0)] for i in range(a_t.shape[0])])
+            a_p = a_p * (pi >= 0)[:, None, :]
+            a_t = a_t * (pi >= 0)[:, None, :]
+        total = total + ((a_t - a_p) ** 2).sum(dim=(1, 2)) / h
+    return total.mean()
+
+
+def test_batched_losses_equal_the_per_layer_sums_over_mixed_shapes_and_heads():
+    """SDXL-like up blocks: two resolutions, head counts that differ within one resolution, a π with a dropped
+    column; per-channel RS stats of different widths. The batched reductions equal the layer-by-layer formulas."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(2, 16, 5)] * 3 + [(2, 64, 5)] * 2 + [(2, 16, 5)]
+    heads = [20, 20, 10, 10, 10, 20]
+    ft = [torch.rand(s, generator=g, requires_grad=True) for s in shapes]
+    prior = [torch.rand(s[0], s[1], 7, generator=g) for s in shapes]
+    pi = torch.tensor([[0, 1, -1, 3, 6], [0, 2, 3, -1, 4]])
+    got = attn_loss(ft, prior, pi, heads)
+    ref = _per_layer_attn(ft, prior, pi, heads)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+    g1 = torch.autograd.grad(got, ft)
+    g2 = torch.autograd.grad(_per_layer_attn(ft, prior, pi, heads), ft)
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-9) for a, b in zip(g1, g2))
+
+    widths = [4, 8, 4, 16]
+    st_ft = [(torch.randn(2, c, generator=g), torch.rand(2, c, generator=g)) for c in widths]
+    st_pr = [(torch.randn(2, c, generator=g), torch.rand(2, c, generator=g)) for c in widths]
+    l_mu, l_sigma = rs_losses(st_ft, st_pr)
+    ref_mu = sum(((a - b) ** 2).mean(dim=1) for (a, _), (b, _) in zip(st_ft, st_pr)).mean()
+    ref_sigma = sum(((a - b) ** 2).mean(dim=1) for (_, a), (_, b) in zip(st_ft, st_pr)).mean()
+    assert l_mu.item() == pytest.approx(ref_mu.item(), rel=1e-6)
+    assert l_sigma.item() == pytest.approx(ref_sigma.item(), rel=1e-6)
+
+
+def test_loss_kernels_do_not_grow_with_the_number_of_layers_of_one_shape():
+    """A GPU step is launch-bound: 36 SDXL up-block layers must not cost 36x the loss kernels."""
+    from bench.op_count import count_ops
+
+    def ops(n):
+        ft = [torch.rand(1, 16, 5) for _ in range(n)]
+        prior = [m + 0.1 for m in ft]
+        stats = [(torch.rand(1), torch.rand(1)) for _ in range(n)]
+        _, c1 = count_ops(lambda: attn_loss(ft, prior, torch.tensor([[0, 1, 2, 3, -1]]), 10))
+        _, c2 = count_ops(lambda: rs_losses(stats, stats))
+        return sum(c1.values()) + sum(c2.values())
+
+    assert ops(30) == ops(2)
