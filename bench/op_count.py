@@ -17,6 +17,7 @@ import argparse
 import copy
 import sys
 from collections import Counter
+from contextlib import contextmanager
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -54,6 +55,27 @@ def count_ops(fn) -> tuple[object, Counter]:
     with OpCounter() as c:
         out = fn()
     return out, c.ops
+
+
+@contextmanager
+def counting_prior_pass(counts: list):
+    """Within the block, each `APT.prior_pass` call appends its op count to `counts`: the ops that
+    `--apt_cuda_graph` replays as one CUDA graph."""
+    from apt_ext.step import APT
+
+    orig = APT.prior_pass
+
+    def counted(self, *args, **kwargs):
+        with OpCounter() as c:
+            out = orig(self, *args, **kwargs)
+        counts.append(c.total)
+        return out
+
+    APT.prior_pass = counted
+    try:
+        yield counts
+    finally:
+        APT.prior_pass = orig
 
 
 def narrow_config(arch: str) -> dict:
@@ -111,22 +133,26 @@ def step_ops(arch: str, apt: bool, fast: bool, batch_size: int = 1) -> dict:
     bench = build_step_fn(model, args, device="cpu", batch=make_batch(model, batch_size, resolution=LATENT * 8))
     assert all(lora.fused == fast for lora in bench.network.loras)
     bench.step_fn()  # warm-up: caches, lazy state
-    loss, ops = count_ops(bench.step_fn)
+    with counting_prior_pass([]) as prior:
+        loss, ops = count_ops(bench.step_fn)
     return {"arch": arch, "apt": apt, "fast": fast, "batch_size": batch_size, "ops": sum(ops.values()),
-            "loss": loss, "top": ops.most_common(8), "lora_modules": len(bench.network.loras)}
+            "prior_ops": sum(prior), "loss": loss, "top": ops.most_common(8), "lora_modules": len(bench.network.loras),
+            "counts": ops}
 
 
 def table(rows: list[dict]) -> str:
     head = ["| layout | UNet LoRA modules | plain: separate ops | plain: fused | APT: separate ops | APT: fused "
-            "| fused / separate (plain, APT) | APT / plain (fused) |", "|---|---|---|---|---|---|---|---|"]
+            "| fused / separate (plain, APT) | APT / plain (fused) | APT, prior pass as one graph (fused) "
+            "| its APT / plain |", "|---|---|---|---|---|---|---|---|---|---|"]
     out = []
     for arch in dict.fromkeys(r["arch"] for r in rows):
         g = {(r["apt"], r["fast"]): r for r in rows if r["arch"] == arch}
         n = lambda a, f: g[(a, f)]["ops"]  # noqa: E731
+        graphed = n(True, True) - g[(True, True)]["prior_ops"] + 1  # the prior pass's ops: one graph replay
         out.append(f"| {arch} (narrow, batch {g[(False, False)]['batch_size']}) | {g[(False, False)]['lora_modules']} "
                    f"| {n(False, False)} | {n(False, True)} | {n(True, False)} | {n(True, True)} "
                    f"| {n(False, True) / n(False, False):.2f}, {n(True, True) / n(True, False):.2f} "
-                   f"| {n(True, True) / n(False, True):.2f} |")
+                   f"| {n(True, True) / n(False, True):.2f} | {graphed} | {graphed / n(False, True):.2f} |")
     return "\n".join(head + out)
 
 
@@ -142,12 +168,15 @@ def main(argv=None) -> int:
         for apt in (False, True):
             for fast in (False, True):
                 r = step_ops(arch, apt, fast, a.batch_size)
-                print(f"{arch} apt={apt} fast={fast}: {r['ops']} ops; top {r['top'][:6]}", file=sys.stderr)
+                print(f"{arch} apt={apt} fast={fast}: {r['ops']} ops (prior pass {r['prior_ops']}); "
+                      f"top {r['top'][:6]}", file=sys.stderr)
                 rows.append(r)
     text = ("ATen ops (non-view) per trainer step (forward, backward, clipping, AdamW), counted on the CPU: UNet LoRA "
             "rank 32, bf16 base weights and autocast, cached text-encoder outputs. *separate ops*: the LoRA branch as "
             "down, up, scale, add and foreach AdamW (torch's CUDA default); *fused*: this project's CUDA defaults, "
-            "the branch as down + one addmm and fused AdamW.\n\n" + table(rows) + "\n")
+            "the branch as down + one addmm and fused AdamW. *prior pass as one graph*: the APT step's count with the "
+            "ops of its no-grad prior pass replaced by the one launch of a CUDA graph replay (`--apt_cuda_graph`).\n\n"
+            + table(rows) + "\n")
     print(text)
     if a.out:
         from library.safe_io import atomic_write_bytes
