@@ -39,7 +39,7 @@ def training_step(args, ctx, batch):
 def plain_step(args, ctx, batch):
     """Plain DreamBooth-LoRA loss (sd-scripts' train_network step)."""
     from library import train_util
-    from library.conditioning import sdxl_time_ids, unet_forward
+    from library.conditioning import sdxl_time_ids
 
     model, accelerator = ctx.model, ctx.accelerator
     device, weight_dtype = accelerator.device, ctx.weight_dtype
@@ -51,8 +51,7 @@ def plain_step(args, ctx, batch):
     if model.is_sdxl:
         time_ids = sdxl_time_ids(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]).to(device, weight_dtype)
 
-    with accelerator.autocast():
-        pred = unet_forward(model, noisy_latents.to(weight_dtype), timesteps, cond, time_ids)
+    pred, _ = ctx.unet_pass(noisy_latents.to(weight_dtype), timesteps, cond, time_ids)
     target = train_util.get_target(model.noise_scheduler, latents, noise, timesteps)
 
     huber_c = train_util.get_huber_c(args, timesteps, model.noise_scheduler)
@@ -99,7 +98,7 @@ def micro_batch(args, ctx, batch, optimizer, lr_scheduler, trainable, step_fn=No
                 lr_scheduler.step()
             status = "skipped" if bad else "stepped"
             ctx.window_losses, ctx.window_keys = [], []
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not ctx.keep_grads)
     return loss, logs, status
 
 
@@ -118,6 +117,45 @@ class TrainContext:
         self.args, self.accelerator, self.model, self.network = args, accelerator, model, network
         self.weight_dtype, self.vae_dtype, self.te_cache, self.apt = weight_dtype, vae_dtype, te_cache, apt
         self.window_losses, self.window_keys = [], []  # of the current accumulation window (NaN/inf check at its end)
+        self.unet_graph = None  # a GraphedUNet once enable_unet_graph() ran (--unet_cuda_graph)
+        self.keep_grads = False  # zero the gradients instead of freeing them (see enable_unet_graph)
+
+    def enable_unet_graph(self, trainable, backend="cuda"):
+        """--unet_cuda_graph: the step's UNet forward and backward from CUDA graphs (library/unet_graph.py).
+        With gradient accumulation the gradients stay allocated and are zeroed, not freed: a freed `.grad` would
+        adopt the graph's gradient buffer, which the next micro-batch's replay overwrites before it is added."""
+        import torch
+
+        from library.unet_graph import GraphedUNet, unet_outputs
+
+        bad = [lora.lora_name for lora in self.network.loras if lora.has_dropout]
+        if bad:
+            raise ValueError(f"--unet_cuda_graph: LoRA dropout is drawn per call, which a recorded graph cannot do "
+                             f"({len(bad)} modules, e.g. {bad[0]}): leave out --network_dropout and the rank/module "
+                             "dropout network_args, or the flag")
+        apt = self.apt
+        capture = apt.capture_ctx if apt is not None and apt.capture is not None else None
+        fn = unet_outputs(self.model, self.weight_dtype, self.accelerator.device.type, capture)
+        self.unet_graph = GraphedUNet(fn, trainable, backend, max_graphs=self.args.unet_cuda_graph_max)
+        self.keep_grads = self.args.gradient_accumulation_steps > 1
+        if self.keep_grads:
+            for p in trainable:
+                p.grad = torch.zeros_like(p)
+
+    def unet_pass(self, noisy, timesteps, cond, time_ids, capture_ctx=None):
+        """The fine-tuned UNet forward with grad: (prediction in float32, the flat capture tensors). Eager under
+        the accelerator's autocast, or replayed from `unet_graph`. `capture_ctx(tag)`: APT's capture context."""
+        import contextlib
+
+        from library.conditioning import unet_forward
+
+        if self.unet_graph is not None:
+            pred, *rest = self.unet_graph(noisy, timesteps, cond.context, cond.pooled, time_ids)
+            return pred, rest
+        cap = capture_ctx("ft") if capture_ctx is not None else contextlib.nullcontext()
+        with cap as rec, self.accelerator.autocast():
+            pred = unet_forward(self.model, noisy, timesteps, cond, time_ids).float()
+        return pred, (rec.flat() if rec is not None else [])
 
     def encode_latents(self, batch):
         import torch
@@ -179,6 +217,16 @@ def verify_args(args):
             raise TrainingSetupError("--apt_cuda_graph speeds up APT's prior pass: it needs --apt (or --loss_type dco)")
         if not torch.cuda.is_available():
             raise TrainingSetupError("--apt_cuda_graph needs a CUDA device (this torch sees none): leave the flag out")
+    if args.unet_cuda_graph:
+        import torch
+
+        if args.gradient_checkpointing:
+            raise TrainingSetupError("--unet_cuda_graph cannot be combined with --gradient_checkpointing yet: "
+                                     "leave one of them out")
+        if args.unet_cuda_graph_max < 1:
+            raise TrainingSetupError(f"--unet_cuda_graph_max must be at least 1, got {args.unet_cuda_graph_max}")
+        if not torch.cuda.is_available():
+            raise TrainingSetupError("--unet_cuda_graph needs a CUDA device (this torch sees none): leave the flag out")
     if args.sample_prior_grid and not args.sample_prompts:
         raise TrainingSetupError("--sample_prior_grid needs --sample_prompts FILE: the grid shows those prompts "
                                  "with the LoRA off and on")
@@ -357,6 +405,11 @@ def train(args):
         accelerator.print(f"resumed from {args.resume}: step {step}, epoch {start_epoch}")
 
     ctx = TrainContext(args, accelerator, model, network, weight_dtype, vae_dtype, te_cache, apt)
+    if args.unet_cuda_graph:
+        try:
+            ctx.enable_unet_graph(trainable)
+        except ValueError as e:
+            raise train_util.TrainingSetupError(str(e)) from None
     metadata = metadata_lib.build_training_metadata(
         args, model=model, network=network, optimizer_name=optimizer_name, dataset_group=data,
         num_batches_per_epoch=len(data), num_epochs=num_epochs, max_train_steps=args.max_train_steps)

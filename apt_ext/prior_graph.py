@@ -20,12 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-BACKENDS = ("cuda", "eager")
-
-
-def signature(inputs: Sequence[Optional[torch.Tensor]]) -> tuple:
-    """What a recorded graph is specific to: each input's shape, dtype and device (None stays None)."""
-    return tuple(None if t is None else (tuple(t.shape), t.dtype, str(t.device)) for t in inputs)
+from library.unet_graph import BACKENDS, signature  # noqa: F401  (signature: one definition for both graph kinds)
 
 
 class StaticPass:

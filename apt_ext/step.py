@@ -95,33 +95,24 @@ class APT:
         self._history: list[tuple[int, torch.Tensor]] = []  # (optimizer step, γ per bin on the device)
         self.static_prior = None  # a StaticPass once enable_static_prior() ran (--apt_cuda_graph)
         self._pi_rows: dict[tuple, torch.Tensor] = {}  # memo of alignment()
-        if getattr(args, "apt_cuda_graph", False):
-            self.enable_static_prior(model, args.mixed_precision, torch.device(device).type)
+        if getattr(args, "apt_cuda_graph", False):  # the trainer refuses it without CUDA; benches dry-run it eagerly
+            kind = torch.device(device).type
+            self.enable_static_prior(model, args.mixed_precision, kind, "cuda" if kind == "cuda" else "eager")
 
     def enable_static_prior(self, model, mixed_precision: str, device_type: str, backend: str = "cuda") -> None:
         """Run the prior pass through a `StaticPass` (apt_ext/prior_graph.py): a CUDA graph per input shape.
         Autocast runs with its weight-cast cache off, as graph recording requires."""
         from apt_ext.prior_graph import StaticPass
-        from library.conditioning import TextConditioning, unet_forward
-
         from library.train_util import weight_dtype
+        from library.unet_graph import unet_outputs
 
-        dtype = weight_dtype(mixed_precision)
-
-        def prior_outputs(noisy, timesteps, context, pooled, time_ids):
-            with self.capture_ctx("prior") as rec, torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32,
-                                                                   cache_enabled=False):
-                pred = unet_forward(model, noisy, timesteps, TextConditioning(context, pooled), time_ids).float()
-            if rec is None:
-                return [pred]
-            return [pred, *rec.flat()]
-
-        self.static_prior = StaticPass(prior_outputs, backend)
+        capture = self.capture_ctx if self.capture is not None else None
+        fn = unet_outputs(model, weight_dtype(mixed_precision), device_type, capture, tag="prior")
+        self.static_prior = StaticPass(fn, backend)
 
     def prior_pass(self, ctx, noisy, timesteps, cond, time_ids):
         """The prior pass's UNet forward (call it with the LoRA multiplier at 0, without grad): the prediction
         and the capture record (None without rs/aa), eager or replayed from `static_prior`."""
-        from apt_ext.capture import CaptureRecord
         from library.conditioning import unet_forward
 
         if self.static_prior is None:
@@ -129,10 +120,24 @@ class APT:
                 pred = unet_forward(ctx.model, noisy, timesteps, cond, time_ids).float()
             return pred, rec
         pred, *rest = self.static_prior(noisy, timesteps, cond.context, cond.pooled, time_ids)
+        return pred, self.record_from_flat("prior", rest)
+
+    def ft_pass(self, ctx, noisy, timesteps, cond, time_ids):
+        """The fine-tuned UNet forward (LoRA on, prompt c*, with grad): the prediction and the capture record,
+        eager or replayed from the trainer's CUDA graphs (`TrainContext.unet_pass`)."""
+        pred, flat = ctx.unet_pass(noisy, timesteps, cond, time_ids,
+                                   self.capture_ctx if self.capture is not None else None)
+        return pred, self.record_from_flat("ft", flat)
+
+    def record_from_flat(self, tag, flat):
+        """The capture record of a pass whose tensors came back as one list (`CaptureRecord.flat`); None
+        without rs/aa."""
+        from apt_ext.capture import CaptureRecord
+
         if self.capture is None:
-            return pred, None
+            return None
         heads = [m.heads for _, m in self.capture.attn_modules]
-        return pred, CaptureRecord.from_flat("prior", self.capture.attn_names, self.capture.stats_names, heads, rest)
+        return CaptureRecord.from_flat(tag, self.capture.attn_names, self.capture.stats_names, heads, flat)
 
     PI_MEMO_SIZE = 4096
 
@@ -218,7 +223,7 @@ class APT:
 def apt_step(args, ctx, batch, apt: APT):
     """One micro-batch with APT (or DCO). Returns (loss, logs); the indicator is updated in place."""
     from library import train_util
-    from library.conditioning import sdxl_time_ids, unet_forward
+    from library.conditioning import sdxl_time_ids
 
     model, accelerator = ctx.model, ctx.accelerator
     device, weight_dtype = accelerator.device, ctx.weight_dtype
@@ -259,8 +264,7 @@ def apt_step(args, ctx, batch, apt: APT):
 
     # fine-tuned pass: LoRA on, prompt c*, with grad
     cond = ctx.encode_text(captions)
-    with apt.capture_ctx("ft") as rec_ft, accelerator.autocast():
-        pred = unet_forward(model, noisy, timesteps, cond, time_ids).float()
+    pred, rec_ft = apt.ft_pass(ctx, noisy, timesteps, cond, time_ids)
 
     # per-sample MSE of both passes: the indicator's inputs, unweighted (§2.1)
     mse_ft = train_util.per_sample_loss(pred, target, "l2")

@@ -1,15 +1,18 @@
-"""Does the prior pass on static buffers (--apt_cuda_graph) train exactly like the eager one? Side by side.
+"""Do the CUDA-graph paths train exactly like the eager ones? Side by side.
 
     python -m bench.prior_graph_check                       # CPU: tiny SD1 + SDXL, the "eager" replay backend
     python -m bench.prior_graph_check --configs sd15,sdxl   # CUDA: real architectures, bf16, CUDA graphs
 
-For each config, two runs from the same LoRA start (nonzero, so the fine-tuned pass differs from the prior)
-make `--steps` APT optimizer steps over two bucket shapes (batch 2 at the config's resolution, batch 1 at a
-wider one), with the same t, noise and augmentation draws: one with the eager prior pass, one through
-`apt_ext.prior_graph.StaticPass`. Prints the largest relative difference of the loss, of each logged APT term,
-of the trained LoRA weights and of γ, against a tolerance (1e-6 in fp32, 2e-2 in bf16/fp16: the two runs use
-the same kernels, but a bf16 step amplifies any last-bit difference through AdamW). Exit code 1 if one is over.
-tests/test_prior_graph.py runs the same comparison on the CPU.
+Variants (`--variants`): `prior` — the prior pass on static buffers (`--apt_cuda_graph`,
+`apt_ext.prior_graph.StaticPass`); `unet` — the fine-tuned UNet forward and backward from graphs
+(`--unet_cuda_graph`, `library.unet_graph.GraphedUNet`); `both`. For each config and variant, two runs from the
+same LoRA start (nonzero, so the fine-tuned pass differs from the prior) make `--steps` APT optimizer steps over
+two bucket shapes (batch 2 at the config's resolution, batch 1 at a wider one), with the same t, noise and
+augmentation draws: one eager, one through the graphs. Prints the largest relative difference of the loss, of
+each logged APT term, of the trained LoRA weights and of γ, against a tolerance (1e-6 in fp32, 2e-2 in
+bf16/fp16: the runs use the same kernels, but a bf16 step amplifies any last-bit difference through AdamW).
+Exit code 1 if one is over. tests/test_prior_graph.py and tests/test_unet_graph.py run the same comparison on
+the CPU.
 """
 from __future__ import annotations
 
@@ -32,10 +35,11 @@ def _batch(model, bsz: int, h: int, w: int, seed: int) -> dict:
 
 
 def run_steps(model, *, static: str | None, components: str = "ata,rs,aa", steps: int = 4, latent: int = 8,
-              device: str = "cpu", mixed_precision: str = "no", rank: int = 4):
+              device: str = "cpu", mixed_precision: str = "no", rank: int = 4, unet_graph: str | None = None):
     """`steps` APT optimizer steps on `model` (its LoRA starts from a fixed nonzero draw), cycling a batch of 2 at
-    latent² and a batch of 1 at latent × 1.5·latent. `static`: None (eager prior pass) or a StaticPass backend.
-    Returns ([(loss, logs)] per step, LoRA state dict, γ, number of recorded shapes)."""
+    latent² and a batch of 1 at latent × 1.5·latent. `static`: None (eager prior pass) or a StaticPass backend;
+    `unet_graph`: None (eager fine-tuned pass) or a GraphedUNet backend.
+    Returns ([(loss, logs)] per step, LoRA state dict, γ, number of recorded shapes (prior, else UNet))."""
     import train_apt_lora
     from apt_ext.step import APT
     from bench.common import make_accelerator, make_bench_args
@@ -57,6 +61,8 @@ def run_steps(model, *, static: str | None, components: str = "ata,rs,aa", steps
     if static:
         apt.enable_static_prior(model, mixed_precision, torch.device(device).type, backend=static)
     ctx = train_apt_lora.TrainContext(args, accelerator, model, network, weight_dtype, torch.float32, None, apt)
+    if unet_graph:
+        ctx.enable_unet_graph([p for p in network.parameters() if p.requires_grad], unet_graph)
     opt = torch.optim.AdamW(network.parameters(), lr=1e-2)
     shapes = [(2, latent, latent), (1, latent, latent + latent // 2)]
     out = []
@@ -70,7 +76,8 @@ def run_steps(model, *, static: str | None, components: str = "ata,rs,aa", steps
         out.append((loss.item(), {k: float(v) for k, v in logs.items()}))
     weights = {k: v.detach().float().cpu() for k, v in network.state_dict().items()}
     network.restore()
-    return out, weights, apt.indicator.gamma().detach().cpu(), (len(apt.static_prior) if static else 0)
+    recorded = len(apt.static_prior) if static else len(ctx.unet_graph) if unet_graph else 0
+    return out, weights, apt.indicator.gamma().detach().cpu(), recorded
 
 
 def _rel(a: float, b: float) -> float:
@@ -96,12 +103,15 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default=None, help="from bench/common.py CONFIGS (default: tiny-sd1,tiny-sdxl, "
                    "plus sd15,sdxl with CUDA)")
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--variants", default="prior,unet,both", help="prior, unet, both (comma-separated)")
     a = p.parse_args(argv)
+    variants = {"prior": ("prior pass",), "unet": ("UNet fwd+bwd",), "both": ("prior pass", "UNet fwd+bwd")}
     names = a.configs.split(",") if a.configs else [n for n, c in CONFIGS.items()
                                                       if c.device == "cpu" or torch.cuda.is_available()]
     failed = False
-    print("| config | backend | precision | recorded shapes | loss | largest other term | LoRA weights | γ | tolerance | ok |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| config | graphs | backend | precision | recorded shapes | loss | largest other term | LoRA weights | γ "
+          "| tolerance | ok |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         cfg = CONFIGS[name]
         if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -110,19 +120,35 @@ def main(argv=None) -> int:
             continue
         backend = "cuda" if cfg.device == "cuda" else "eager"
         mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.dtype]
-        results = []
-        for static in (None, backend):
+        def run(graphs):
             model = build_bench_model(cfg.arch, cfg.real, cfg.device, weight_dtype(mp))
-            results.append(run_steps(model, static=static, steps=a.steps, latent=cfg.resolution // 8,
-                                     device=cfg.device, mixed_precision=mp))
-            del model
-        d = compare(*results)
-        other = max((v, k) for k, v in d.items() if k not in ("loss", "lora weights", "gamma"))
-        tol = TOLERANCE[mp]
-        ok = all(v <= tol for v in d.values()) and results[1][3] == 2
-        failed |= not ok
-        print(f"| {name} | {backend} | {cfg.dtype} | {results[1][3]} | {d['loss']:.1e} | {other[0]:.1e} ({other[1]}) | "
-              f"{d['lora weights']:.1e} | {d['gamma']:.1e} | {tol:g} | {'✓' if ok else '✗'} |", flush=True)
+            try:
+                return run_steps(model, static=backend if "prior pass" in graphs else None, steps=a.steps,
+                                 latent=cfg.resolution // 8, device=cfg.device, mixed_precision=mp,
+                                 unet_graph=backend if "UNet fwd+bwd" in graphs else None)
+            finally:
+                del model
+                if cfg.device == "cuda":
+                    torch.cuda.empty_cache()
+
+        eager = run(())
+        for v in a.variants.split(","):
+            graphs = variants[v]
+            try:
+                fast = run(graphs)
+            except Exception as e:  # one failing variant must not hide the others' rows
+                print(f"| {name} | {' + '.join(graphs)} | {backend} | {cfg.dtype} | failed: {type(e).__name__}: "
+                      f"{str(e)[:200]} | | | | | | ✗ |", flush=True)
+                failed = True
+                continue
+            d = compare(eager, fast)
+            other = max((v, k) for k, v in d.items() if k not in ("loss", "lora weights", "gamma"))
+            tol = TOLERANCE[mp]
+            ok = all(v <= tol for v in d.values()) and fast[3] == 2
+            failed |= not ok
+            print(f"| {name} | {' + '.join(graphs)} | {backend} | {cfg.dtype} | {fast[3]} | {d['loss']:.1e} | "
+                  f"{other[0]:.1e} ({other[1]}) | {d['lora weights']:.1e} | {d['gamma']:.1e} | {tol:g} "
+                  f"| {'✓' if ok else '✗'} |", flush=True)
     return 1 if failed else 0
 
 

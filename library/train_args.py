@@ -88,6 +88,13 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32 under mixed precision")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--unet_cuda_graph", action="store_true",
+                   help="replay the UNet's training forward and backward as CUDA graphs, one pair per bucket shape and "
+                        "batch size: far fewer kernel launches (CUDA only; no LoRA dropout, no gradient checkpointing; "
+                        "off by default until measured on a GPU, see docs/speed.md)")
+    g.add_argument("--unet_cuda_graph_max", type=int, default=2,
+                   help="--unet_cuda_graph records at most this many input shapes (each holds its activations in GPU "
+                        "memory); other shapes run without a graph")
     g.add_argument("--xformers", action="store_true", help="xformers attention (CUDA; requirements-gpu.txt)")
     g.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping; 0 disables")

@@ -224,7 +224,7 @@ def test_micro_batch_reads_nothing_from_the_device_before_the_window_ends():
 
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
     net = torch.nn.Linear(3, 1, device="meta")
-    ctx = SimpleNamespace(accelerator=accelerator, network=net, window_losses=[], window_keys=[])
+    ctx = SimpleNamespace(accelerator=accelerator, network=net, window_losses=[], window_keys=[], keep_grads=False)
     opt = accelerator.prepare(torch.optim.SGD(net.parameters(), lr=0.1))  # as the trainer's: keeps grads while accumulating
     step = lambda args, ctx, batch: ((net(torch.ones(2, 3, device="meta")) ** 2).mean(), {})  # noqa: E731
     loss, _, status = train_apt_lora.micro_batch(SimpleNamespace(max_grad_norm=1.0), ctx, {"image_keys": ["a", "b"]},

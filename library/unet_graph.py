@@ -1,0 +1,117 @@
+"""The training step's UNet forward and backward replayed as CUDA graphs, one pair per input shape (issue 6).
+
+A LoRA step at batch 1 on a GPU is bound by kernel launches and Python (docs/speed.md): SDXL dispatches ~13 000
+ops per step, each a launch, for ~15 TFLOP of math. `torch.cuda.make_graphed_callables` records the forward and
+the backward of a module once and replays each as one launch; autograd sees one node whose backward returns the
+gradients of the trainable (LoRA) parameters, which then land in `.grad` as usual: the loss, clipping and the
+optimizer stay eager and unchanged.
+
+`unet_outputs` is the function recorded: the UNet prediction (float32) and, for APT, the capture record's tensors
+(attention maps, (mu, sigma) pairs, `CaptureRecord.flat`), so what Python hooks collect while recording is
+returned as graph outputs. `GraphedUNet` keeps one recording per input signature (aspect bucket, batch size) up
+to `max_graphs`; further shapes run eagerly (same function, same results), so a many-bucket dataset cannot fill
+the GPU with recorded activations. Backend "eager" runs the function directly: the CPU tests check the data flow
+(outputs, capture record, gradients) of everything but the recording.
+
+What a recording fixes, and the trainer therefore refuses with the flag: a Python decision taken per call (LoRA
+module dropout draws on the CPU), gradient checkpointing (untested inside a graph), and a `.grad` that a
+replay overwrites: with gradient accumulation the gradients are kept allocated (`keep_grads`), so autograd adds
+into them instead of adopting the graph's output buffer.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("cuda", "eager")
+
+
+def signature(inputs: Sequence[Optional[torch.Tensor]]) -> tuple:
+    """What a recorded graph is specific to: each input's shape, dtype and device (None stays None)."""
+    return tuple(None if t is None else (tuple(t.shape), t.dtype, str(t.device)) for t in inputs)
+
+
+def unet_outputs(model, weight_dtype: torch.dtype, device_type: str, capture_ctx: Optional[Callable] = None,
+                 tag: str = "ft") -> Callable:
+    """fn(noisy, timesteps, context, pooled, time_ids) -> [pred (float32), *captured tensors]: the UNet forward
+    under autocast with its weight-cast cache off (graph recording requires that; the cache only saves casts
+    between repeated calls within one autocast region, so the results are the same). `capture_ctx(tag)`: APT's
+    capture context, whose record is returned flattened."""
+    from library.conditioning import TextConditioning, unet_forward
+
+    enabled = weight_dtype != torch.float32
+
+    def fn(noisy, timesteps, context, pooled, time_ids):
+        import contextlib
+
+        cap = capture_ctx(tag) if capture_ctx is not None else contextlib.nullcontext()
+        with cap as rec, torch.autocast(device_type, dtype=weight_dtype, enabled=enabled, cache_enabled=False):
+            pred = unet_forward(model, noisy, timesteps, TextConditioning(context, pooled), time_ids).float()
+        return [pred] if rec is None else [pred, *rec.flat()]
+
+    return fn
+
+
+class _Call(torch.nn.Module):
+    """`fn` as a module whose parameters are the trainable ones: `make_graphed_callables` returns gradients for
+    a module's parameters only (the UNet's own weights are frozen and not in it). Inputs that are None are
+    fixed per recording and put back here."""
+
+    def __init__(self, fn: Callable, params: Sequence[torch.nn.Parameter], none_mask: tuple):
+        super().__init__()
+        self.fn, self.none_mask = fn, none_mask
+        self.params = torch.nn.ParameterList(params)  # the same Parameter objects, not copies
+
+    def forward(self, *tensors):
+        it = iter(tensors)
+        args = [None if is_none else next(it) for is_none in self.none_mask]
+        return tuple(self.fn(*args))
+
+
+class GraphedUNet:
+    """`fn(*inputs) -> list of tensors` with autograd to `params`, replayed from CUDA graphs per input signature.
+
+    `fn` must take every per-call tensor as an argument and touch nothing else that changes between calls except
+    the parameters' values (updated in place by the optimizer, as graphs need)."""
+
+    def __init__(self, fn: Callable, params: Sequence[torch.nn.Parameter], backend: str = "cuda",
+                 max_graphs: int = 2, warmup: int = 3):
+        if backend not in BACKENDS:
+            raise ValueError(f"GraphedUNet backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("a CUDA graph needs a CUDA device; this torch sees none")
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be at least 1, got {max_graphs}")
+        self.fn, self.params, self.backend = fn, [p for p in params if p.requires_grad], backend
+        self.max_graphs, self.warmup = max_graphs, warmup
+        self.recorded: dict[tuple, Callable] = {}  # signature -> graphed callable (or the eager one)
+        self.eager_calls = 0  # calls of shapes beyond max_graphs
+        self.pool = torch.cuda.graph_pool_handle() if backend == "cuda" else None
+
+    def __len__(self) -> int:
+        return len(self.recorded)
+
+    def __call__(self, *inputs: Optional[torch.Tensor]) -> list[torch.Tensor]:
+        key = signature(inputs)
+        call = self.recorded.get(key)
+        if call is None:
+            if len(self.recorded) >= self.max_graphs:
+                if self.eager_calls == 0:
+                    logger.warning("more than %d input shapes: shape %s runs without a CUDA graph (raise the limit "
+                                   "with --unet_cuda_graph_max, at the cost of GPU memory)", self.max_graphs, key)
+                self.eager_calls += 1
+                return list(self.fn(*inputs))
+            call = self.recorded[key] = self._record(inputs)
+        return list(call(*(x for x in inputs if x is not None)))
+
+    def _record(self, inputs) -> Callable:
+        module = _Call(self.fn, self.params, tuple(x is None for x in inputs))
+        if self.backend == "eager":
+            return module
+        sample = tuple(x.detach().clone().requires_grad_(x.requires_grad) for x in inputs if x is not None)
+        return torch.cuda.make_graphed_callables(module, sample, num_warmup_iters=self.warmup,
+                                                 allow_unused_input=True, pool=self.pool)

@@ -1,0 +1,127 @@
+"""The training step's UNet forward and backward from CUDA graphs (library/unet_graph.py, --unet_cuda_graph): the
+per-shape bookkeeping, the outputs and gradients, whole APT and plain steps through it equal to the eager ones,
+the gradients kept under accumulation, and the flag's errors. The CUDA recording itself
+(`torch.cuda.make_graphed_callables`) needs a GPU: bench/prior_graph_check.py --configs sd15,sdxl checks it there."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import train_apt_lora
+from bench.prior_graph_check import compare, run_steps
+from library.tiny_models import build_tiny_model
+from library.unet_graph import GraphedUNet
+
+
+def test_graphed_unet_records_per_shape_passes_gradients_and_falls_back_beyond_max():
+    w = torch.nn.Parameter(torch.tensor([1.5, -2.0]))
+    frozen = torch.nn.Parameter(torch.tensor(3.0), requires_grad=False)
+    seen = []
+
+    def fn(x, bias, scale):
+        seen.append((tuple(x.shape), bias is None))
+        y = x * w * frozen + (0 if bias is None else bias)
+        return [y * scale, y.sum(dim=-1)]
+
+    g = GraphedUNet(fn, [w, frozen], backend="eager", max_graphs=2)
+    assert g.params == [w]  # only what trains
+    x = torch.ones(3, 2)
+    out = g(x, None, torch.tensor(2.0))
+    assert torch.equal(out[0], 2 * 3 * x * w.detach()) and len(g) == 1 and seen[-1] == ((3, 2), True)
+    (out[0].sum() + out[1].sum()).backward()
+    assert torch.equal(w.grad, torch.tensor([(2 * 3 + 3) * 3.0] * 2))  # d/dw of sum(6 x w) + sum(3 x w) over 3 rows
+    g(torch.ones(3, 2), torch.zeros(2), torch.tensor(1.0))  # same shapes, a bias now: another signature
+    assert len(g) == 2 and seen[-1] == ((3, 2), False)
+    g(torch.ones(5, 2), None, torch.tensor(1.0))  # a third shape: past max_graphs, runs as is
+    assert len(g) == 2 and g.eager_calls == 1
+    with pytest.raises(ValueError, match="backend must be one of"):
+        GraphedUNet(fn, [w], backend="graph")
+    with pytest.raises(ValueError, match="max_graphs must be at least 1"):
+        GraphedUNet(fn, [w], backend="eager", max_graphs=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs a CUDA device"):
+            GraphedUNet(fn, [w], backend="cuda")
+
+
+@pytest.mark.parametrize("arch,components", [("sd1", "ata,rs,aa"), ("sdxl", "ata,rs,aa"), ("sd1", "none")])
+def test_apt_steps_through_the_unet_graph_equal_eager(arch, components):
+    """Loss, every logged APT term (the capture record comes back as graph outputs), the trained LoRA weights and
+    γ after 4 steps over two bucket shapes equal the eager steps."""
+    eager = run_steps(build_tiny_model(arch), static=None, components=components)
+    graphed = run_steps(build_tiny_model(arch), static="eager", unet_graph="eager", components=components)
+    assert graphed[3] == 2
+    diff = compare(eager, graphed)
+    assert all(v <= 1e-6 for v in diff.values()), diff
+    if components != "none":
+        assert eager[0][0][1]["apt/L_attn"] > 0  # the alignment terms are computed from the returned maps
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_plain_trainer_steps_through_the_unet_graph_equal_eager(accumulation):
+    """The trainer's own loop body (micro_batch: backward, clipping, AdamW) with and without the graph path; with
+    gradient accumulation the gradients stay allocated between windows (zeroed, not freed)."""
+    from bench.common import build_step_fn, make_batch, make_bench_args
+
+    results = []
+    for graph in (False, True):
+        model = build_tiny_model("sd1")
+        extra = ["--gradient_accumulation_steps", str(accumulation)] + (["--unet_cuda_graph"] if graph else [])
+        args = make_bench_args(rank=4, extra=extra)
+        torch.manual_seed(0)
+        bench = build_step_fn(model, args, device="cpu", batch=make_batch(model, 2, resolution=64))
+        assert (bench.ctx.unet_graph is not None) == graph
+        grads_before = [p.grad for p in bench.trainable]
+        losses = []
+        for i in range(3):
+            torch.manual_seed(10 + i)
+            losses.append(bench.step_fn())
+        if graph and accumulation > 1:
+            assert bench.ctx.keep_grads
+            assert all(g is not None and p.grad is g for g, p in zip(grads_before, bench.trainable))
+            assert all(float(p.grad.abs().sum()) == 0 for p in bench.trainable)  # zeroed after the window
+        else:
+            assert not bench.ctx.keep_grads and all(p.grad is None for p in bench.trainable)
+        results.append((losses, [p.detach().clone() for p in bench.trainable]))
+    (l0, w0), (l1, w1) = results
+    assert l0 == pytest.approx(l1, rel=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-8) for a, b in zip(w0, w1))
+    assert l0[0] != l0[2]
+
+
+def test_unet_graph_refuses_lora_dropout():
+    from bench.common import build_step_fn, make_bench_args
+
+    model = build_tiny_model("sd1")
+    args = make_bench_args(rank=4, extra=["--network_dropout", "0.1", "--unet_cuda_graph"])
+    with pytest.raises(ValueError, match="--unet_cuda_graph: LoRA dropout is drawn per call"):
+        build_step_fn(model, args, device="cpu")
+
+
+def test_unet_graph_flag_errors(tmp_path, capsys):
+    base = ["--pretrained_model_name_or_path", str(tmp_path / "nomodel"), "--train_data_dir", str(tmp_path),
+            "--output_dir", str(tmp_path / "out"), "--unet_cuda_graph"]
+    assert train_apt_lora.main(base + ["--gradient_checkpointing"]) == 2
+    assert "--unet_cuda_graph cannot be combined with --gradient_checkpointing" in capsys.readouterr().err
+    assert train_apt_lora.main(base + ["--unet_cuda_graph_max", "0"]) == 2
+    assert "--unet_cuda_graph_max must be at least 1, got 0" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert train_apt_lora.main(base) == 2
+        assert "--unet_cuda_graph needs a CUDA device" in capsys.readouterr().err
+
+
+def test_micro_batch_zeroes_instead_of_freeing_kept_gradients():
+    """keep_grads: zero_grad(set_to_none=False), so the next window's backward adds into the same tensors."""
+    from accelerate import Accelerator
+
+    net = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in net.parameters()]
+    ctx = SimpleNamespace(accelerator=Accelerator(cpu=True), network=net, window_losses=[], window_keys=[],
+                          keep_grads=True)
+    step = lambda args, ctx, batch: (net(torch.ones(2, 3)).sum(), {})  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    train_apt_lora.micro_batch(SimpleNamespace(max_grad_norm=0.0), ctx, {"image_keys": ["a"]}, opt, sched,
+                               list(net.parameters()), step)
+    assert all(p.grad is g and float(g.abs().sum()) == 0 for p, g in zip(net.parameters(), grads))
