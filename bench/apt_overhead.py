@@ -2,7 +2,8 @@
 
     python -m bench.apt_overhead                     # tiny SD1 / SDXL on CPU (+ SD1.5, SDXL with CUDA)
     python -m bench.apt_overhead --configs sd15,sdxl --grad_ckpt off --out bench/results/apt_overhead-gpu.md
-    python -m bench.apt_overhead --configs sdxl --extra_apt_args="--apt_cuda_graph"   # + an "APT (fast)" column
+    python -m bench.apt_overhead --configs sdxl --extra_apt_args="--apt_cuda_graph --unet_cuda_graph"
+                                                     # + "plain (fast)" and "APT (fast)" columns
     bash bench/gpu_check.sh        # on a GPU: sd15,sdxl at batch 1,4, gradient checkpointing off (APT_EXTRA=...)
 
 Columns, per config (bench/common.py CONFIGS), batch size (`--batch_sizes`, default 1,4 on the GPU configs and 1 on
@@ -14,15 +15,16 @@ the tiny CPU ones) and gradient-checkpointing setting:
   JSON line gives the step (`train_s_gc0` / `train_s_gc1`, the mean over the timed steps) and the peak memory
   (`train_peakGiB_gc*`, max allocated over the timed steps; none on CPU). Its warm-up steps are timed by wrapping its
   `timeit` (the warm-up steps run first, each timed, then its own `timeit` with no warm-up: the timed part is its own).
-- plain / APT / APT (fast): the trainer's own loop body (`train_apt_lora.micro_batch`, bench/common.py) with no extra
-  flags, with `--apt`, and with `--apt` + `--extra_apt_args` (only when given), each in a fresh process, `--rounds`
-  times alternating. Median step time, peak memory (CUDA max allocated over warm-up + timed steps, weights included;
+- plain / APT / plain (fast) / APT (fast): the trainer's own loop body (`train_apt_lora.micro_batch`,
+  bench/common.py) with no extra flags, with `--apt`, and (only when `--extra_apt_args` is given) with those flags,
+  and with `--apt` and those flags, each in a fresh process, `--rounds` times alternating. Median step time, peak memory (CUDA max allocated over warm-up + timed steps, weights included;
   CPU: RSS growth). LoRA on the UNet and the text encoders (the captions go through them each step); `--unet_only`:
   on the UNet only with cached text-encoder outputs, the reference's setting.
 - warm-up: the one-time cost of the first steps (graph capture, compilation, allocator and kernel caches): the
   warm-up steps' total wall time minus warm-up steps x the step time.
 - ratios: APT/reference and plain/reference step time (same gradient-checkpointing setting), APT/plain step time and
-  peak memory (and the same for APT (fast)).
+  peak memory; with the fast columns: fast APT/reference, fast plain/reference (the targets' flags apply to these
+  too), fast APT/fast plain time and memory.
 
 Targets (issue 6), flagged ✓/✗ on the GPU configs only: SDXL 1024² batch 1 APT <= 0.5 x reference and plain <= 0.4 x
 reference; SD1.5 512² batch 1 APT <= 0.5 x reference (these three with gradient checkpointing off, as the reference
@@ -181,7 +183,9 @@ def _ratio(a, b, target=None) -> str:
 def table_row(name: str, bs: int, gc: bool, res: int, ref: dict | None, cols: dict, gpu: bool, errors: list) -> str:
     """One markdown row: the steps' times, peaks and warm-ups, then the ratios (flags on GPU configs only)."""
     plain, apt, fast = cols.get("plain"), cols.get("APT"), cols.get("APT (fast)")
-    variants = [("reference", ref), ("plain", plain), ("APT", apt)] + ([("APT (fast)", fast)] if "APT (fast)" in cols else [])
+    fast_plain = cols.get("plain (fast)")
+    variants = [("reference", ref), ("plain", plain), ("APT", apt)]
+    variants += [(k, cols.get(k)) for k in ("plain (fast)", "APT (fast)") if k in cols]
     g = lambda v, k: None if v is None else v[k]  # noqa: E731
     off = gpu and not gc
     cells = [name, f"{res}²", str(bs), "on" if gc else "off"]
@@ -199,17 +203,19 @@ def table_row(name: str, bs: int, gc: bool, res: int, ref: dict | None, cols: di
               _ratio(g(apt, "peak"), g(plain, "peak"), MEMORY_TARGET if gpu else None)]
     if "APT (fast)" in cols:
         cells += [_ratio(g(fast, "s"), ref_s, APT_VS_REFERENCE.get((name, bs)) if off else None),
-                  _ratio(g(fast, "s"), g(plain, "s"), TIME_TARGET if gpu else None),
-                  _ratio(g(fast, "peak"), g(plain, "peak"), MEMORY_TARGET if gpu else None)]
+                  _ratio(g(fast_plain, "s"), ref_s, PLAIN_VS_REFERENCE.get((name, bs)) if off else None),
+                  _ratio(g(fast, "s"), g(fast_plain, "s"), TIME_TARGET if gpu else None),
+                  _ratio(g(fast, "peak"), g(fast_plain, "peak"), MEMORY_TARGET if gpu else None)]
     cells.append("; ".join(errors))
     return "| " + " | ".join(c.replace("|", "/") for c in cells) + " |"
 
 
 def table_head(fast: bool) -> list:
-    names = ["reference", "plain", "APT"] + (["APT (fast)"] if fast else [])
+    names = ["reference", "plain", "APT"] + (["plain (fast)", "APT (fast)"] if fast else [])
     head = (["config", "res", "batch", "grad ckpt"] + [f"{n} step" for n in names] + [f"{n} peak" for n in names]
             + [f"{n} warm-up" for n in names] + ["APT/ref time", "plain/ref time", "APT/plain time", "APT/plain memory"]
-            + (["fast/ref time", "fast/plain time", "fast/plain memory"] if fast else []) + ["errors"])
+            + (["fast APT/ref time", "fast plain/ref time", "fast APT/fast plain time", "fast APT/fast plain memory"]
+               if fast else []) + ["errors"])
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
 
@@ -230,7 +236,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=1, help="plain/APT measurement pairs per setting (medians are combined)")
     p.add_argument("--grad_ckpt", type=str, default="off,on", help="off, on, or off,on")
     p.add_argument("--extra_apt_args", type=str, default="",
-                   help='more train_apt_lora.py flags appended to --apt for a third project column, "APT (fast)"')
+                   help='more train_apt_lora.py flags for two more project columns: "plain (fast)" with them, "APT '
+                        '(fast)" with --apt and them (flags of APT only, like --apt_cuda_graph, change nothing in plain)')
     p.add_argument("--unet_only", action="store_true",
                    help="the project's LoRA on the UNet only, text-encoder outputs cached (--network_train_unet_only "
                         "--cache_text_encoder_outputs): no text encoder in the step, like the reference")
@@ -260,13 +267,14 @@ def main(argv=None) -> int:
     extra = shlex.split(a.extra_apt_args or "")
     kinds = {"plain": [], "APT": ["--apt"]}
     if extra:
+        kinds["plain (fast)"] = list(extra)
         kinds["APT (fast)"] = ["--apt", *extra]
     cmd = f"python -m bench.apt_overhead {' '.join(argv if argv is not None else sys.argv[1:])}".strip()
     lines = [f"# APT overhead: `{cmd}`", "",
              f"{time.strftime('%Y-%m-%d %H:%M')}, worker torch threads: {a.threads or '1 on CPU configs, default on GPU ones'}, "
              f"{a.steps} timed steps after {a.warmup} warm-up, {a.rounds} round(s)"
              + (f"; load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "")
-             + (f"; APT (fast) = `--apt {' '.join(extra)}`" if extra else "")
+             + (f"; plain (fast) = `{' '.join(extra)}`, APT (fast) = `--apt {' '.join(extra)}`" if extra else "")
              + ("; project LoRA on the UNet only" if a.unet_only else ""), "", *table_head(bool(extra))]
     print("\n".join(lines), flush=True)
     all_rows, failed = [], False

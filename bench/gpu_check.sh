@@ -22,12 +22,12 @@
 #      SKIP_STEP_TIME=1 skips it.
 #   4. Runs `python -m bench.apt_overhead --configs $CONFIGS --batch_sizes $BATCH_SIZES --grad_ckpt $APT_GRAD_CKPT
 #      --out $OUT/apt_overhead-gpu.md`: per config and batch size the reference step (bench/reference_step.py, a copy
-#      of ../shared/bench/reference_step.py; needs peft), this project's plain step and its APT step, plus an
-#      "APT (fast)" column with `--apt $APT_EXTRA` when APT_EXTRA is set (e.g. APT_EXTRA=--apt_cuda_graph), each in
-#      its own process. SKIP_APT=1 skips it.
+#      of ../shared/bench/reference_step.py; needs peft), this project's plain step and its APT step, plus
+#      "plain (fast)" and "APT (fast)" columns with `$APT_EXTRA` and `--apt $APT_EXTRA` when APT_EXTRA is set (e.g.
+#      APT_EXTRA="--apt_cuda_graph --unet_cuda_graph"), each in its own process. SKIP_APT=1 skips it.
 #   5. Runs `python -m bench.prior_graph_check --configs $CONFIGS > $OUT/prior_graph_check-gpu.md`: APT steps with
-#      the prior pass replayed as CUDA graphs against the eager prior pass (loss, APT terms, LoRA weights, γ).
-#      SKIP_GRAPH_CHECK=1 skips it.
+#      the prior pass (--apt_cuda_graph), the fine-tuned forward+backward (--unet_cuda_graph) and both replayed as
+#      CUDA graphs against the eager steps (loss, APT terms, LoRA weights, γ). SKIP_GRAPH_CHECK=1 skips it.
 #
 # Environment: OUT (output folder), STEPS (timed steps, default 10), WARMUP (default 3), STEP_TIMEOUT,
 # CONFIGS (default sd15,sdxl), BATCH_SIZES (apt_overhead's, default 1,4), APT_GRAD_CKPT (apt_overhead's gradient

@@ -76,8 +76,13 @@ def test_apt_overhead_row_flags_the_issue_targets_on_gpu_configs_only():
     cpu = dict(zip(head, _cells(A.table_row("tiny-sd1", 1, False, 64, None, cols, False, ["reference: boom"]))))
     assert cpu["reference step"] == "-" and cpu["APT/ref time"] == "-" and cpu["APT/plain time"] == "1.31"
     assert cpu["errors"] == "reference: boom"
-    fast = A.table_head(True)[0]
-    assert "APT (fast) step" in fast and "fast/ref time" in fast and "fast/plain memory" in fast
+    fast_head = _cells(A.table_head(True)[0])
+    cols_fast = dict(cols, **{"plain (fast)": {"s": 0.2, "peak": 10 * 2**30, "warmup": 20.0},
+                              "APT (fast)": {"s": 0.22, "peak": 10.5 * 2**30, "warmup": 40.0}})
+    fast = dict(zip(fast_head, _cells(A.table_row("sdxl", 1, False, 1024, ref, cols_fast, True, []))))
+    assert fast["plain (fast) step"] == "200.0 ms" and fast["APT (fast) step"] == "220.0 ms"
+    assert fast["fast plain/ref time"] == "0.20 ✓" and fast["fast APT/ref time"] == "0.22 ✓"
+    assert fast["fast APT/fast plain time"] == "1.10 ✓" and fast["fast APT/fast plain memory"] == "1.05 ✓"
     assert A.REFERENCE == {"sd15": ("SD15", 512), "sdxl": ("SDXL", 1024), "tiny-sd1": ("TINY_15", 64),
                            "tiny-sdxl": ("TINY_XL", 128)}
 
