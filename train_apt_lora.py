@@ -391,11 +391,10 @@ def train(args):
     optimizer_name, optimizer = train_util.get_optimizer(args, params)
     lr_scheduler = train_util.get_lr_scheduler(args, optimizer, args.max_train_steps)
 
-    # its own generator: starting an epoch's iterator must not draw from the global RNG (exact resume)
-    loader = torch.utils.data.DataLoader(data, batch_size=1, shuffle=True, collate_fn=dataset_lib.collate_batch,
-                                         generator=torch.Generator().manual_seed(args.seed),
-                                         num_workers=args.max_data_loader_n_workers,
-                                         persistent_workers=args.persistent_data_loader_workers and args.max_data_loader_n_workers > 0)
+    loader = dataset_lib.make_loader(data, args, args.seed)
+    advice = dataset_lib.loader_advice(args, device.type)
+    if advice and is_main:
+        logger.warning(advice)
     optimizer, loader = accelerator.prepare(optimizer, loader)
     trainable = [p for p in network.parameters() if p.requires_grad]
     step, start_epoch, skip_batches = 0, 1, 0

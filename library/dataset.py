@@ -717,6 +717,29 @@ def collate_batch(items: list[dict]) -> dict:
     return items[0]
 
 
+def make_loader(data: "DatasetGroup", args, seed: int) -> torch.utils.data.DataLoader:
+    """The trainer's DataLoader over `data` (items are whole batches): shuffled by its own generator, so starting
+    an epoch's iterator draws nothing from the global RNG (exact resume); `--max_data_loader_n_workers` processes
+    (each item's randomness is seeded by (seed, epoch, item), so workers change no result), kept across epochs with
+    `--persistent_data_loader_workers`. bench/data_loader.py times it."""
+    workers = int(getattr(args, "max_data_loader_n_workers", 0) or 0)
+    return torch.utils.data.DataLoader(data, batch_size=1, shuffle=True, collate_fn=collate_batch,
+                                       generator=torch.Generator().manual_seed(seed), num_workers=workers,
+                                       persistent_workers=bool(getattr(args, "persistent_data_loader_workers", False))
+                                       and workers > 0)
+
+
+def loader_advice(args, device_type: str) -> str | None:
+    """A warning when a CUDA step will wait for images decoded in the main process: a 1024² photo takes ~75 ms
+    to decode, resize and crop on one core (bench/results/data_loader-cpu.md), batch 4 ~300 ms, while a fast
+    SDXL step is expected near 150 ms (docs/speed.md). None when latents are cached or workers load ahead."""
+    if device_type != "cuda" or getattr(args, "cache_latents", False) or (args.max_data_loader_n_workers or 0) > 0:
+        return None
+    return ("images are decoded and resized in the main process between steps (~75 ms per 1024² photo): a fast GPU "
+            "step waits for them. Pass --cache_latents (each image encoded once), or load ahead with "
+            "--max_data_loader_n_workers 4 --persistent_data_loader_workers")
+
+
 def build_dataset_group(blueprints: list[DatasetBlueprint], *, is_sdxl: bool, seed: int | None,
                         prior_loss_weight: float = 1.0, debug: bool = False) -> DatasetGroup:
     """Read images and captions of every blueprint, assign buckets, and return the DatasetGroup.

@@ -340,3 +340,39 @@ def test_cache_latents_refuses_random_crop(tmp_path, vae):
     g = group([{"image_dir": str(tmp_path / "t"), "class_tokens": "x", "random_crop": True}])
     with pytest.raises(ConfigError, match=r"datasets\[0\].subsets\[0\].*random_crop.*cannot be cached"):
         g.cache_latents(vae, 0.18215)
+
+
+def test_make_loader_workers_give_the_batches_of_the_main_process(tmp_path):
+    """The trainer's loader: the same batches, captions included (per-item seeds), with 0 or 2 worker processes;
+    starting an epoch draws nothing from the global RNG."""
+    from types import SimpleNamespace
+
+    from library.dataset import make_loader
+
+    for i in range(5):
+        img(tmp_path / "t" / f"{i}.png", seed=i)
+    (tmp_path / "t" / "0.caption").write_text("a, b, c, d, e")
+    g = group([{"image_dir": str(tmp_path / "t"), "class_tokens": "x", "num_repeats": 2, "shuffle_caption": True}],
+              general={"resolution": 64, "batch_size": 2})
+    runs = []
+    for workers in (0, 2):
+        args = SimpleNamespace(max_data_loader_n_workers=workers, persistent_data_loader_workers=True)
+        loader = make_loader(g, args, seed=3)
+        assert loader.num_workers == workers and loader.persistent_workers == (workers > 0)
+        g.set_current_epoch(1)
+        torch.manual_seed(0)
+        runs.append([(tuple(b["image_keys"]), tuple(b["captions"]), b["images"].sum().item()) for b in loader])
+        assert torch.rand(1).item() == torch.rand(1, generator=torch.Generator().manual_seed(0)).item()
+    assert runs[0] == runs[1] and len(runs[0]) == 5
+
+
+def test_loader_advice_only_for_a_cuda_step_decoding_images():
+    from types import SimpleNamespace
+
+    from library.dataset import loader_advice
+
+    a = lambda cache, workers: SimpleNamespace(cache_latents=cache, max_data_loader_n_workers=workers)  # noqa: E731
+    assert "--cache_latents" in loader_advice(a(False, 0), "cuda")
+    assert "--max_data_loader_n_workers 4" in loader_advice(a(False, 0), "cuda")
+    assert loader_advice(a(True, 0), "cuda") is None and loader_advice(a(False, 2), "cuda") is None
+    assert loader_advice(a(False, 0), "cpu") is None
