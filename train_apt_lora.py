@@ -359,6 +359,7 @@ def train(args):
                                to_disk=args.cache_latents_to_disk, device=device)
         model.vae.to("cpu")  # only sampling needs it again
     model.unet.to(device, weight_dtype)
+    train_util.set_unet_layout(model.unet, args)
     for te in model.text_encoders:
         te.to(device, weight_dtype)
     if args.xformers:

@@ -178,6 +178,7 @@ def build_step_fn(model, args, device="cpu", batch: dict | None = None, step=Non
     step = step or train_apt_lora.training_step
     weight_dtype = train_util.weight_dtype(args.mixed_precision)
     accelerator = make_accelerator(device, args.mixed_precision)
+    train_util.set_unet_layout(model.unet, args)
     network = lora_lib.create_network(model, args)
     network.apply_to()
     network.set_multiplier(args.network_multiplier)

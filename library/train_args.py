@@ -88,6 +88,9 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32 under mixed precision")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--channels_last", action="store_true",
+                   help="UNet weights in channels_last memory layout (NHWC convolutions; may help on GPUs with tensor "
+                        "cores, measure with bench/apt_overhead.py; same results up to rounding)")
     g.add_argument("--unet_cuda_graph", action="store_true",
                    help="replay the UNet's training forward and backward as CUDA graphs, one pair per bucket shape and "
                         "batch size: far fewer kernel launches (CUDA only; no LoRA dropout, no gradient checkpointing; "

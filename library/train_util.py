@@ -445,6 +445,13 @@ def _import_optimizer_class(path: str):
     return cls
 
 
+def set_unet_layout(unet, args) -> None:
+    """--channels_last: the UNet's 4-d weights in channels_last (NHWC) layout; convolutions then run NHWC and
+    pass that layout on. The LoRA weights keep theirs (their convs are 1x1 or small)."""
+    if getattr(args, "channels_last", False):
+        unet.to(memory_format=torch.channels_last)
+
+
 def _all_on_cuda(params) -> bool:
     """Whether every tensor of `params` (tensors or param-group dicts) is on a CUDA device."""
     tensors = []

@@ -125,3 +125,29 @@ def test_micro_batch_zeroes_instead_of_freeing_kept_gradients():
     train_apt_lora.micro_batch(SimpleNamespace(max_grad_norm=0.0), ctx, {"image_keys": ["a"]}, opt, sched,
                                list(net.parameters()), step)
     assert all(p.grad is g and float(g.abs().sum()) == 0 for p, g in zip(net.parameters(), grads))
+
+
+def test_channels_last_unet_trains_like_the_default_layout():
+    """--channels_last changes the memory layout of the UNet's conv weights, not the numbers: the APT loss and the
+    LoRA gradients of one step agree to fp32 rounding (CPU). (Weights after AdamW steps are not compared: Adam
+    turns a rounding-level gradient into a full-size step.)"""
+    from bench.common import build_step_fn, make_batch, make_bench_args
+
+    results = []
+    for flag in ([], ["--channels_last"]):
+        model = build_tiny_model("sd1")
+        args = make_bench_args(rank=4, extra=["--apt"] + flag)
+        bench = build_step_fn(model, args, device="cpu", batch=make_batch(model, 2, resolution=64))
+        w = model.unet.conv_in.weight
+        assert w.is_contiguous(memory_format=torch.channels_last) == bool(flag) and (not flag or not w.is_contiguous())
+        with torch.no_grad():
+            for i, lora in enumerate(bench.network.loras):  # nonzero up weights: every gradient is nonzero
+                lora.lora_up.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
+        torch.manual_seed(10)
+        loss, _ = train_apt_lora.training_step(args, bench.ctx, bench.batch)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in bench.trainable]))
+    (l0, g0), (l1, g1) = results
+    assert l0 == pytest.approx(l1, rel=1e-5)
+    scale = max(float(g.abs().max()) for g in g0)  # mid-block self-attention over one token: q/k gradients are 0
+    assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-6 * scale) for a, b in zip(g0, g1))
