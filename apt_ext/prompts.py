@@ -236,7 +236,7 @@ def alignment_for_batch(tokenizers: Sequence, captions_ft: Sequence[str], captio
 
     SDXL: the UNet's cross-attention sees both encoders' states concatenated along channels, so the token axis is
     shared. Both tokenizers are CLIP BPE and differ only in the pad id, and the diff gives the same π for both;
-    use `pis[0]` (tokenizer 1) for the UNet maps (`unet_alignment`; the training step memoises those rows per sample,
+    the UNet maps use `pis[0]` (tokenizer 1; the training step memoises those rows per sample,
     `apt_ext.step.APT.alignment`).
     """
     if len(captions_ft) != len(captions_prior):
@@ -267,7 +267,3 @@ def _identifier_and_class_ids(tok, class_tokens: str | None, prior_class_tokens:
     ident = next((w for w in words if w.lower() not in prior_words), None)
     return _word_ids(tok, ident), _word_ids(tok, prior)
 
-
-def unet_alignment(pis: Sequence[torch.Tensor]) -> torch.LongTensor:
-    """The π for the UNet's cross-attention maps: tokenizer 1's (SDXL: identical to tokenizer 2's for CLIP BPE)."""
-    return pis[0]
