@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from library.unet_graph import BACKENDS, signature  # noqa: F401  (signature: one definition for both graph kinds)
+from library.unet_graph import BACKENDS, graph_pool, signature  # noqa: F401  (one definition for both graph kinds)
 
 
 class StaticPass:
@@ -31,13 +31,9 @@ class StaticPass:
     stay at the same address between calls, as the frozen base UNet does."""
 
     def __init__(self, fn: Callable, backend: str = "cuda", warmup: int = 2):
-        if backend not in BACKENDS:
-            raise ValueError(f"StaticPass backend must be one of {BACKENDS}, got {backend!r}")
-        if backend == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("a CUDA graph needs a CUDA device; this torch sees none")
+        self.pool = graph_pool("StaticPass", backend)
         self.fn, self.backend, self.warmup = fn, backend, warmup
         self.recorded: dict[tuple, tuple] = {}  # signature -> (graph or None, static inputs, static outputs)
-        self.pool = torch.cuda.graph_pool_handle() if backend == "cuda" else None
 
     def __len__(self) -> int:
         return len(self.recorded)

@@ -35,6 +35,15 @@ def signature(inputs: Sequence[Optional[torch.Tensor]]) -> tuple:
     return tuple(None if t is None else (tuple(t.shape), t.dtype, str(t.device)) for t in inputs)
 
 
+def graph_pool(owner: str, backend: str):
+    """The memory pool for `owner`'s recordings (None for the "eager" backend), after checking the backend."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{owner} backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("a CUDA graph needs a CUDA device; this torch sees none")
+    return torch.cuda.graph_pool_handle() if backend == "cuda" else None
+
+
 def unet_outputs(model, weight_dtype: torch.dtype, device_type: str, capture_ctx: Optional[Callable] = None,
                  tag: str = "ft") -> Callable:
     """fn(noisy, timesteps, context, pooled, time_ids) -> [pred (float32), *captured tensors]: the UNet forward
@@ -80,17 +89,13 @@ class GraphedUNet:
 
     def __init__(self, fn: Callable, params: Sequence[torch.nn.Parameter], backend: str = "cuda",
                  max_graphs: int = 2, warmup: int = 3):
-        if backend not in BACKENDS:
-            raise ValueError(f"GraphedUNet backend must be one of {BACKENDS}, got {backend!r}")
-        if backend == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("a CUDA graph needs a CUDA device; this torch sees none")
+        self.pool = graph_pool("GraphedUNet", backend)
         if max_graphs < 1:
             raise ValueError(f"max_graphs must be at least 1, got {max_graphs}")
         self.fn, self.params, self.backend = fn, [p for p in params if p.requires_grad], backend
         self.max_graphs, self.warmup = max_graphs, warmup
         self.recorded: dict[tuple, Callable] = {}  # signature -> graphed callable (or the eager one)
         self.eager_calls = 0  # calls of shapes beyond max_graphs
-        self.pool = torch.cuda.graph_pool_handle() if backend == "cuda" else None
 
     def __len__(self) -> int:
         return len(self.recorded)
