@@ -730,12 +730,12 @@ def make_loader(data: "DatasetGroup", args, seed: int) -> torch.utils.data.DataL
 
 
 def loader_advice(args, device_type: str) -> str | None:
-    """A warning when a CUDA step will wait for images decoded in the main process: a 1024² photo takes ~75 ms
-    to decode, resize and crop on one core (bench/results/data_loader-cpu.md), batch 4 ~300 ms, while a fast
+    """A warning when a CUDA step will wait for images decoded in the main process: a 1024² photo takes ~90 ms
+    to decode, resize and crop on one core (bench/results/data_loader-cpu.md), batch 4 ~390 ms, while a fast
     SDXL step is expected near 150 ms (docs/speed.md). None when latents are cached or workers load ahead."""
     if device_type != "cuda" or getattr(args, "cache_latents", False) or (args.max_data_loader_n_workers or 0) > 0:
         return None
-    return ("images are decoded and resized in the main process between steps (~75 ms per 1024² photo): a fast GPU "
+    return ("images are decoded and resized in the main process between steps (~90 ms per 1024² photo): a fast GPU "
             "step waits for them. Pass --cache_latents (each image encoded once), or load ahead with "
             "--max_data_loader_n_workers 4 --persistent_data_loader_workers")
 
