@@ -151,3 +151,26 @@ def test_channels_last_unet_trains_like_the_default_layout():
     assert l0 == pytest.approx(l1, rel=1e-5)
     scale = max(float(g.abs().max()) for g in g0)  # mid-block self-attention over one token: q/k gradients are 0
     assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-6 * scale) for a, b in zip(g0, g1))
+
+
+def test_the_recorded_module_meets_make_graphed_callables_preconditions():
+    """What torch.cuda.make_graphed_callables asserts before it records (it needs CUDA, so it cannot run here): no
+    hooks on the module, no buffer requiring grad, tensors only as sample args; and its `parameters()` (the
+    gradients it returns) are exactly the trainable LoRA parameters, the same objects, so AdamW's in-place updates
+    are what the replays read."""
+    from library.unet_graph import _Call
+
+    model = build_tiny_model("sd1")
+    from networks.lora import LoRANetwork
+
+    net = LoRANetwork(model, lora_dim=4, alpha=4.0)
+    net.apply_to()
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    g = GraphedUNet(lambda *xs: [xs[0] * 2], trainable + [torch.nn.Parameter(torch.ones(1), requires_grad=False)],
+                    backend="eager")
+    module = g._record((torch.ones(1, 4, 8, 8), torch.tensor([1]), torch.ones(1, 77, 32), None, None))
+    assert isinstance(module, _Call) and module.none_mask == (False, False, False, True, True)
+    assert not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
+    assert all(not b.requires_grad for b in module.buffers())
+    assert [id(p) for p in module.parameters()] == [id(p) for p in trainable]
+    net.restore()
