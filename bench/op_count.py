@@ -78,6 +78,46 @@ def counting_prior_pass(counts: list):
         APT.prior_pass = orig
 
 
+@contextmanager
+def counting_unet_pass(counts: list):
+    """Within the block the fine-tuned UNet pass (`TrainContext.unet_pass`) runs as one autograd node, as
+    `--unet_cuda_graph` makes it: its forward's and its backward's op counts are appended to `counts` (the ops the
+    two graph launches replace). The node's backward is `torch.autograd.grad` to the LoRA parameters, like the
+    graphed callable's."""
+    import train_apt_lora
+
+    orig = train_apt_lora.TrainContext.unet_pass
+
+    def counted(self, noisy, timesteps, cond, time_ids, capture_ctx=None):
+        params = [p for p in self.network.parameters() if p.requires_grad]
+        inner = {}
+
+        class Node(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *_params):
+                with torch.enable_grad(), OpCounter() as c:
+                    pred, rest = orig(self, noisy, timesteps, cond, time_ids, capture_ctx)
+                counts.append(c.total)
+                inner["outs"] = [pred, *rest]
+                return tuple(o.detach() for o in inner["outs"])
+
+            @staticmethod
+            def backward(ctx, *grads):
+                with OpCounter() as c:
+                    out = torch.autograd.grad(inner["outs"], params, grads, allow_unused=True)
+                counts.append(c.total)
+                return out
+
+        outs = Node.apply(*params)
+        return outs[0], list(outs[1:])
+
+    train_apt_lora.TrainContext.unet_pass = counted
+    try:
+        yield counts
+    finally:
+        train_apt_lora.TrainContext.unet_pass = orig
+
+
 def narrow_config(arch: str) -> dict:
     """The real architecture config (library/configs) with widths shrunk ~8-40x and every depth and head count
     kept: the same modules, LoRA targets and ops as the full model."""
@@ -135,24 +175,30 @@ def step_ops(arch: str, apt: bool, fast: bool, batch_size: int = 1) -> dict:
     bench.step_fn()  # warm-up: caches, lazy state
     with counting_prior_pass([]) as prior:
         loss, ops = count_ops(bench.step_fn)
+    with counting_prior_pass([]), counting_unet_pass([]) as unet:  # a second step: the fine-tuned pass alone
+        count_ops(bench.step_fn)
     return {"arch": arch, "apt": apt, "fast": fast, "batch_size": batch_size, "ops": sum(ops.values()),
-            "prior_ops": sum(prior), "loss": loss, "top": ops.most_common(8), "lora_modules": len(bench.network.loras),
+            "prior_ops": sum(prior), "unet_ops": sum(unet), "loss": loss, "top": ops.most_common(8), "lora_modules": len(bench.network.loras),
             "counts": ops}
 
 
 def table(rows: list[dict]) -> str:
     head = ["| layout | UNet LoRA modules | plain: separate ops | plain: fused | APT: separate ops | APT: fused "
             "| fused / separate (plain, APT) | APT / plain (fused) | APT, prior pass as one graph (fused) "
-            "| its APT / plain |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "| its APT / plain | with every graph: plain | APT |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     out = []
     for arch in dict.fromkeys(r["arch"] for r in rows):
         g = {(r["apt"], r["fast"]): r for r in rows if r["arch"] == arch}
         n = lambda a, f: g[(a, f)]["ops"]  # noqa: E731
         graphed = n(True, True) - g[(True, True)]["prior_ops"] + 1  # the prior pass's ops: one graph replay
+        all_plain = n(False, True) - g[(False, True)]["unet_ops"] + 2  # fine-tuned forward, backward: one each
+        all_apt = graphed - g[(True, True)]["unet_ops"] + 2
         out.append(f"| {arch} (narrow, batch {g[(False, False)]['batch_size']}) | {g[(False, False)]['lora_modules']} "
                    f"| {n(False, False)} | {n(False, True)} | {n(True, False)} | {n(True, True)} "
                    f"| {n(False, True) / n(False, False):.2f}, {n(True, True) / n(True, False):.2f} "
-                   f"| {n(True, True) / n(False, True):.2f} | {graphed} | {graphed / n(False, True):.2f} |")
+                   f"| {n(True, True) / n(False, True):.2f} | {graphed} | {graphed / n(False, True):.2f} "
+                   f"| {all_plain} | {all_apt} |")
     return "\n".join(head + out)
 
 
@@ -175,7 +221,9 @@ def main(argv=None) -> int:
             "rank 32, bf16 base weights and autocast, cached text-encoder outputs. *separate ops*: the LoRA branch as "
             "down, up, scale, add and foreach AdamW (torch's CUDA default); *fused*: this project's CUDA defaults, "
             "the branch as down + one addmm and fused AdamW. *prior pass as one graph*: the APT step's count with the "
-            "ops of its no-grad prior pass replaced by the one launch of a CUDA graph replay (`--apt_cuda_graph`).\n\n"
+            "ops of its no-grad prior pass replaced by the one launch of a CUDA graph replay (`--apt_cuda_graph`). "
+            "*with every graph*: also the fine-tuned UNet forward and backward as two replays (`--unet_cuda_graph`): "
+            "what is left is the step's eager part (noise, losses, clipping, AdamW).\n\n"
             + table(rows) + "\n")
     print(text)
     if a.out:

@@ -133,3 +133,14 @@ def test_narrow_layouts_keep_the_real_models_lora_targets(arch, modules):
     model = build_narrow_model(arch)
     args = make_bench_args(rank=4, extra=["--network_train_unet_only"])
     assert len(create_network(model, args).unet_loras) == modules
+
+
+def test_a_graphed_plain_step_leaves_few_eager_ops():
+    """With the fine-tuned forward and backward replayed (--unet_cuda_graph), what still launches one kernel per op
+    is the step's eager part: noise, loss, clipping, fused AdamW. On the narrow SD1.5 layout (192 LoRA modules) it
+    must stay a few dozen ops, not grow with the modules (a per-parameter loop would add hundreds)."""
+    from bench.op_count import step_ops
+
+    r = step_ops("sd1", apt=False, fast=True)
+    assert r["prior_ops"] == 0 and 0.9 * r["ops"] < r["unet_ops"] < r["ops"]
+    assert r["ops"] - r["unet_ops"] < 100, r["ops"] - r["unet_ops"]
