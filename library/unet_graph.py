@@ -10,8 +10,9 @@ optimizer stay eager and unchanged.
 (attention maps, (mu, sigma) pairs, `CaptureRecord.flat`), so what Python hooks collect while recording is
 returned as graph outputs. `GraphedUNet` keeps one recording per input signature (aspect bucket, batch size) up
 to `max_graphs`; further shapes run eagerly (same function, same results), so a many-bucket dataset cannot fill
-the GPU with recorded activations. Backend "eager" runs the function directly: the CPU tests check the data flow
-(outputs, capture record, gradients) of everything but the recording.
+the GPU with recorded activations. Backend "eager" (`replay_without_cuda`) runs the function at each call but
+keeps a recording's structure and memory: one autograd node, outputs and parameter gradients in buffers that the
+next call overwrites; the CPU tests check everything but the recording itself.
 
 What a recording fixes, and the trainer therefore refuses with the flag: a Python decision taken per call (LoRA
 module dropout draws on the CPU), gradient checkpointing (untested inside a graph), and a `.grad` that a
@@ -81,6 +82,44 @@ class _Call(torch.nn.Module):
         return tuple(self.fn(*args))
 
 
+def replay_without_cuda(module: _Call, n_args: int) -> Callable:
+    """What `make_graphed_callables(module, ...)` returns, run eagerly: one autograd node whose outputs are views of
+    buffers that the next call overwrites, and whose backward returns the parameters' gradients as views of
+    buffers that the next backward overwrites — a recording's static memory. The CPU tests meet the aliasing a
+    replay has (a `.grad` that adopts the gradient buffer, outputs kept past the next call)."""
+    params = tuple(module.parameters())
+    state: dict = {}
+
+    class Replay(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            user = [a.detach().requires_grad_(a.requires_grad) for a in args[:n_args]]
+            with torch.enable_grad():
+                outs = module(*user)
+            state["user"], state["outs"] = user, outs
+            bufs = state.setdefault("out_bufs", [torch.empty_like(o) for o in outs])
+            for b, o in zip(bufs, outs):
+                b.copy_(o.detach())
+            return tuple(b.detach() for b in bufs)
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, *grads):
+            surface = [*state["user"], *params]
+            wanted = [i for i, t in enumerate(surface) if t.requires_grad]
+            got = torch.autograd.grad(state["outs"], [surface[i] for i in wanted], grads, allow_unused=True)
+            bufs = state.setdefault("grad_bufs", {})
+            out: list = [None] * len(surface)
+            for i, g in zip(wanted, got):
+                if g is not None:
+                    buf = bufs.setdefault(i, torch.empty_like(g))
+                    buf.copy_(g)
+                    out[i] = buf.detach()
+            return tuple(out)
+
+    return lambda *args: Replay.apply(*args, *params)
+
+
 class GraphedUNet:
     """`fn(*inputs) -> list of tensors` with autograd to `params`, replayed from CUDA graphs per input signature.
 
@@ -113,10 +152,14 @@ class GraphedUNet:
             call = self.recorded[key] = self._record(inputs)
         return list(call(*(x for x in inputs if x is not None)))
 
+    def module_for(self, inputs) -> _Call:
+        """The module recorded for `inputs`' signature (its None inputs fixed)."""
+        return _Call(self.fn, self.params, tuple(x is None for x in inputs))
+
     def _record(self, inputs) -> Callable:
-        module = _Call(self.fn, self.params, tuple(x is None for x in inputs))
+        module = self.module_for(inputs)
         if self.backend == "eager":
-            return module
+            return replay_without_cuda(module, sum(x is not None for x in inputs))
         sample = tuple(x.detach().clone().requires_grad_(x.requires_grad) for x in inputs if x is not None)
         return torch.cuda.make_graphed_callables(module, sample, num_warmup_iters=self.warmup,
                                                  allow_unused_input=True, pool=self.pool)

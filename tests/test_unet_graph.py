@@ -168,9 +168,31 @@ def test_the_recorded_module_meets_make_graphed_callables_preconditions():
     trainable = [p for p in net.parameters() if p.requires_grad]
     g = GraphedUNet(lambda *xs: [xs[0] * 2], trainable + [torch.nn.Parameter(torch.ones(1), requires_grad=False)],
                     backend="eager")
-    module = g._record((torch.ones(1, 4, 8, 8), torch.tensor([1]), torch.ones(1, 77, 32), None, None))
+    module = g.module_for((torch.ones(1, 4, 8, 8), torch.tensor([1]), torch.ones(1, 77, 32), None, None))
     assert isinstance(module, _Call) and module.none_mask == (False, False, False, True, True)
     assert not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
     assert all(not b.requires_grad for b in module.buffers())
     assert [id(p) for p in module.parameters()] == [id(p) for p in trainable]
     net.restore()
+
+
+def test_replay_buffers_alias_like_a_recording_and_keep_grads_is_what_makes_accumulation_right():
+    """The "eager" backend keeps a recording's memory: outputs are overwritten by the next call, and a freed `.grad`
+    adopts the gradient buffer, which the next backward overwrites. Accumulating two micro-batches into freed
+    gradients then gives twice the second one's gradient instead of the sum; gradients kept allocated (zeroed, as
+    enable_unet_graph does under accumulation) give the sum."""
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    g = GraphedUNet(lambda x: [x * w], [w], backend="eager")
+    a = g(torch.tensor([1.0, 1.0]))[0]
+    a_before = a.clone()
+    b = g(torch.tensor([3.0, 3.0]))[0]
+    assert torch.equal(b, torch.tensor([3.0, 6.0])) and torch.equal(a, b) and not torch.equal(a, a_before)
+
+    def accumulate(keep):
+        w.grad = torch.zeros_like(w) if keep else None
+        for x in (torch.tensor([1.0, 1.0]), torch.tensor([3.0, 3.0])):
+            g(x)[0].sum().backward()
+        return w.grad.clone()
+
+    assert torch.equal(accumulate(keep=True), torch.tensor([4.0, 4.0]))  # 1 + 3
+    assert torch.equal(accumulate(keep=False), torch.tensor([6.0, 6.0]))  # the hazard: 3 + 3
