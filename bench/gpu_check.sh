@@ -17,22 +17,25 @@
 #        echo /.whl/ >> .git/info/exclude
 #        python -m pip download --no-deps -d .whl diffusers==0.42.1 toml==0.10.2 peft==0.21.2
 #      and they are installed with --no-index --no-deps into /tmp/apt-lora-site.
-#   3. Runs `python -m bench.step_time --configs sd15,sdxl --out $OUT/step_time-gpu.md`, each config and
+#   3. Correctness first: `python -m bench.prior_graph_check --configs $CONFIGS --variants $GRAPH_VARIANTS >
+#      $OUT/prior_graph_check-gpu.md`: APT steps with the prior pass (--apt_cuda_graph), the fine-tuned forward+backward
+#      (--unet_cuda_graph) and both replayed as CUDA graphs against the eager steps (loss, APT terms, LoRA weights,
+#      γ). SKIP_GRAPH_CHECK=1 skips it.
+#   4. Runs `python -m bench.step_time --configs sd15,sdxl --out $OUT/step_time-gpu.md`, each config and
 #      gradient-checkpointing setting in its own process with a timeout (STEP_TIMEOUT seconds, default 240).
 #      SKIP_STEP_TIME=1 skips it.
-#   4. Runs `python -m bench.apt_overhead --configs $CONFIGS --batch_sizes $BATCH_SIZES --grad_ckpt $APT_GRAD_CKPT
+#   5. Runs `python -m bench.apt_overhead --configs $CONFIGS --batch_sizes $BATCH_SIZES --grad_ckpt $APT_GRAD_CKPT
 #      --out $OUT/apt_overhead-gpu.md`: per config and batch size the reference step (bench/reference_step.py, a copy
 #      of ../shared/bench/reference_step.py; needs peft), this project's plain step and its APT step, plus
 #      "plain (fast)" and "APT (fast)" columns with `$APT_EXTRA` and `--apt $APT_EXTRA` when APT_EXTRA is set (e.g.
 #      APT_EXTRA="--apt_cuda_graph --unet_cuda_graph"), each in its own process. SKIP_APT=1 skips it.
-#   5. Runs `python -m bench.prior_graph_check --configs $CONFIGS > $OUT/prior_graph_check-gpu.md`: APT steps with
-#      the prior pass (--apt_cuda_graph), the fine-tuned forward+backward (--unet_cuda_graph) and both replayed as
-#      CUDA graphs against the eager steps (loss, APT terms, LoRA weights, γ). SKIP_GRAPH_CHECK=1 skips it.
+#   In the 15 minutes a session gets on a GPU (machine start included):
+#      APT_EXTRA="--apt_cuda_graph --unet_cuda_graph" SKIP_STEP_TIME=1 BATCH_SIZES=1 STEPS=5 bash bench/gpu_check.sh
 #
 # Environment: OUT (output folder), STEPS (timed steps, default 10), WARMUP (default 3), STEP_TIMEOUT,
 # CONFIGS (default sd15,sdxl), BATCH_SIZES (apt_overhead's, default 1,4), APT_GRAD_CKPT (apt_overhead's gradient
 # checkpointing settings, default off: the setting the issue's targets and reference figures are for; off,on for
-# both), APT_EXTRA (default empty), SKIP_STEP_TIME, SKIP_APT, SKIP_GRAPH_CHECK, PYTHON (default python3, else python).
+# both), APT_EXTRA (default empty), GRAPH_VARIANTS (prior_graph_check's, default prior,unet,both), SKIP_STEP_TIME, SKIP_APT, SKIP_GRAPH_CHECK, PYTHON (default python3, else python).
 # Exit code: 0 when every config produced a row, 1 when one failed or timed out (the table still says which).
 set -uo pipefail
 
@@ -61,6 +64,7 @@ CONFIGS="${CONFIGS:-sd15,sdxl}"
 BATCH_SIZES="${BATCH_SIZES:-1,4}"
 APT_GRAD_CKPT="${APT_GRAD_CKPT:-off}"
 APT_EXTRA="${APT_EXTRA:-}"
+GRAPH_VARIANTS="${GRAPH_VARIANTS:-prior,unet,both}"
 RESULT="$OUT/step_time-gpu.md"
 APT_RESULT="$OUT/apt_overhead-gpu.md"
 EXTRA=()
@@ -129,6 +133,18 @@ if [ "$DRY_RUN" = 0 ] && ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.
   exit 2
 fi
 status=0
+# 3. correctness first: the graphed paths (--apt_cuda_graph, --unet_cuda_graph) train like the eager ones (tiny
+#    configs on the CPU in a dry run); if they do not, the fast columns below measure a wrong step
+if [ "${SKIP_GRAPH_CHECK:-0}" = 0 ]; then
+  GRAPH_RESULT="$OUT/prior_graph_check-$([ "$DRY_RUN" = 1 ] && echo dryrun || echo gpu).md"
+  echo "python -m bench.prior_graph_check --configs $CONFIGS --variants $GRAPH_VARIANTS > $GRAPH_RESULT"
+  "$PYTHON" -m bench.prior_graph_check --configs "$CONFIGS" --variants "$GRAPH_VARIANTS" > "$GRAPH_RESULT" \
+    2> >(tee "$LOGS/prior_graph_check.log" >&2)
+  graph_status=$?
+  cat "$GRAPH_RESULT"
+  [ "$graph_status" != 0 ] && status=$graph_status
+fi
+# 4. the step time with and without gradient checkpointing
 if [ "${SKIP_STEP_TIME:-0}" = 0 ]; then
   echo "python -m bench.step_time --configs $CONFIGS --steps $STEPS --warmup $WARMUP --timeout $STEP_TIMEOUT ${EXTRA[*]:-} --out $RESULT"
   "$PYTHON" -m bench.step_time --configs "$CONFIGS" --steps "$STEPS" --warmup "$WARMUP" --timeout "$STEP_TIMEOUT" \
@@ -136,7 +152,7 @@ if [ "${SKIP_STEP_TIME:-0}" = 0 ]; then
   status=$?
   echo "exit code $status; table in $RESULT, logs in $LOGS"
 fi
-# 4. the reference, plain and APT steps side by side on the same card, unless only the step time was asked for
+# 5. the reference, plain and APT steps side by side on the same card, unless only the step time was asked for
 if [ "${SKIP_APT:-0}" = 0 ]; then
   APT_ARGS=(--configs "$CONFIGS" --batch_sizes "$BATCH_SIZES" --grad_ckpt "$APT_GRAD_CKPT" --steps "$STEPS"
             --warmup "$WARMUP" --timeout "$STEP_TIMEOUT" ${EXTRA[@]+"${EXTRA[@]}"})
@@ -146,14 +162,5 @@ if [ "${SKIP_APT:-0}" = 0 ]; then
   apt_status=$?
   echo "exit code $apt_status; table in $APT_RESULT, logs in $LOGS"
   [ "$apt_status" != 0 ] && status=$apt_status
-fi
-# 5. the prior pass replayed as CUDA graphs trains like the eager one (tiny configs on the CPU in a dry run)
-if [ "${SKIP_GRAPH_CHECK:-0}" = 0 ]; then
-  GRAPH_RESULT="$OUT/prior_graph_check-$([ "$DRY_RUN" = 1 ] && echo dryrun || echo gpu).md"
-  echo "python -m bench.prior_graph_check --configs $CONFIGS > $GRAPH_RESULT"
-  "$PYTHON" -m bench.prior_graph_check --configs "$CONFIGS" > "$GRAPH_RESULT" 2> >(tee "$LOGS/prior_graph_check.log" >&2)
-  graph_status=$?
-  cat "$GRAPH_RESULT"
-  [ "$graph_status" != 0 ] && status=$graph_status
 fi
 exit $status
