@@ -144,3 +144,19 @@ def test_a_graphed_plain_step_leaves_few_eager_ops():
     r = step_ops("sd1", apt=False, fast=True)
     assert r["prior_ops"] == 0 and 0.9 * r["ops"] < r["unet_ops"] < r["ops"]
     assert r["ops"] - r["unet_ops"] < 100, r["ops"] - r["unet_ops"]
+
+
+def test_gpu_check_dry_run_runs_the_graph_check_first(tmp_path):
+    """bench/gpu_check.sh is what a short GPU session runs: its dry run (tiny CPU configs) must get through the
+    graph equality check of all three variants (the step benchmarks are skipped here; test_apt_overhead_* covers
+    them)."""
+    import subprocess
+
+    env = dict(os.environ, OUT=str(tmp_path), SKIP_STEP_TIME="1", SKIP_APT="1")
+    r = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], capture_output=True, text=True, env=env,
+                       timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    table = (tmp_path / "prior_graph_check-dryrun.md").read_text()
+    rows = [ln for ln in table.splitlines() if ln.startswith("| tiny-")]
+    assert len(rows) == 6 and all(ln.rstrip().endswith("✓ |") for ln in rows), table
+    assert {"prior pass", "UNet fwd+bwd", "prior pass + UNet fwd+bwd"} == {ln.split("|")[2].strip() for ln in rows}
