@@ -119,6 +119,17 @@ class TrainContext:
         self.window_losses, self.window_keys = [], []  # of the current accumulation window (NaN/inf check at its end)
         self.unet_graph = None  # a GraphedUNet once enable_unet_graph() ran (--unet_cuda_graph)
         self.keep_grads = False  # zero the gradients instead of freeing them (see enable_unet_graph)
+        self._unet_fn = None  # the fine-tuned pass's function (`unet_fn`), eager or recorded by unet_graph
+
+    def unet_fn(self):
+        """The fine-tuned UNet pass as one function (`library.unet_graph.unet_outputs`, APT's capture included):
+        what `unet_pass` calls, and what `--unet_cuda_graph` records. Made once."""
+        if self._unet_fn is None:
+            from library.unet_graph import unet_outputs
+
+            capture = self.apt.capture_fn if self.apt is not None else None
+            self._unet_fn = unet_outputs(self.model, self.weight_dtype, self.accelerator.device.type, capture)
+        return self._unet_fn
 
     def enable_unet_graph(self, trainable, backend="cuda"):
         """--unet_cuda_graph: the step's UNet forward and backward from CUDA graphs (library/unet_graph.py).
@@ -126,36 +137,25 @@ class TrainContext:
         adopt the graph's gradient buffer, which the next micro-batch's replay overwrites before it is added."""
         import torch
 
-        from library.unet_graph import GraphedUNet, unet_outputs
+        from library.unet_graph import GraphedUNet
 
         bad = [lora.lora_name for lora in self.network.loras if lora.has_dropout]
         if bad:
             raise ValueError(f"--unet_cuda_graph: LoRA dropout is drawn per call, which a recorded graph cannot do "
                              f"({len(bad)} modules, e.g. {bad[0]}): leave out --network_dropout and the rank/module "
                              "dropout network_args, or the flag")
-        apt = self.apt
-        capture = apt.capture_ctx if apt is not None and apt.capture is not None else None
-        fn = unet_outputs(self.model, self.weight_dtype, self.accelerator.device.type, capture)
-        self.unet_graph = GraphedUNet(fn, trainable, backend, max_graphs=self.args.unet_cuda_graph_max)
+        self.unet_graph = GraphedUNet(self.unet_fn(), trainable, backend, max_graphs=self.args.unet_cuda_graph_max)
         self.keep_grads = self.args.gradient_accumulation_steps > 1
         if self.keep_grads:
             for p in trainable:
                 p.grad = torch.zeros_like(p)
 
-    def unet_pass(self, noisy, timesteps, cond, time_ids, capture_ctx=None):
-        """The fine-tuned UNet forward with grad: (prediction in float32, the flat capture tensors). Eager under
-        the accelerator's autocast, or replayed from `unet_graph`. `capture_ctx(tag)`: APT's capture context."""
-        import contextlib
-
-        from library.conditioning import unet_forward
-
-        if self.unet_graph is not None:
-            pred, *rest = self.unet_graph(noisy, timesteps, cond.context, cond.pooled, time_ids)
-            return pred, rest
-        cap = capture_ctx("ft") if capture_ctx is not None else contextlib.nullcontext()
-        with cap as rec, self.accelerator.autocast():
-            pred = unet_forward(self.model, noisy, timesteps, cond, time_ids).float()
-        return pred, (rec.flat() if rec is not None else [])
+    def unet_pass(self, noisy, timesteps, cond, time_ids):
+        """The fine-tuned UNet forward with grad: (prediction in float32, the flat capture tensors of APT's
+        record), from `unet_fn`, or replayed from `unet_graph`."""
+        run = self.unet_graph if self.unet_graph is not None else self.unet_fn()
+        pred, *rest = run(noisy, timesteps, cond.context, cond.pooled, time_ids)
+        return pred, rest
 
     def encode_latents(self, batch):
         import torch

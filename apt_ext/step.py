@@ -94,6 +94,7 @@ class APT:
             self.capture = APTCapture(model.unet, layers, args.apt_rs_hook, args.apt_rs_stats).install()
         self._history: list[tuple[int, torch.Tensor]] = []  # (optimizer step, γ per bin on the device)
         self.static_prior = None  # a StaticPass once enable_static_prior() ran (--apt_cuda_graph)
+        self._prior_fn = None  # the prior pass's function (`prior_fn`), eager or wrapped by static_prior
         self._pi_rows: dict[tuple, torch.Tensor] = {}  # memo of alignment()
         if getattr(args, "apt_cuda_graph", False):  # the trainer refuses it without CUDA; benches dry-run it eagerly
             kind = torch.device(device).type
@@ -104,29 +105,36 @@ class APT:
         Autocast runs with its weight-cast cache off, as graph recording requires."""
         from apt_ext.prior_graph import StaticPass
         from library.train_util import weight_dtype
-        from library.unet_graph import unet_outputs
 
-        capture = self.capture_ctx if self.capture is not None else None
-        fn = unet_outputs(model, weight_dtype(mixed_precision), device_type, capture, tag="prior")
-        self.static_prior = StaticPass(fn, backend)
+        self.static_prior = StaticPass(self.prior_fn(model, weight_dtype(mixed_precision), device_type), backend)
+
+    def prior_fn(self, model, dtype, device_type: str):
+        """The prior pass's function (`library.unet_graph.unet_outputs`, capture tag "prior"): called as is, or
+        replayed through `static_prior`. Made once."""
+        if self._prior_fn is None:
+            from library.unet_graph import unet_outputs
+
+            self._prior_fn = unet_outputs(model, dtype, device_type, self.capture_fn, tag="prior")
+        return self._prior_fn
+
+    @property
+    def capture_fn(self):
+        """`capture_ctx`, or None without rs/aa (what `unet_outputs` takes)."""
+        return self.capture_ctx if self.capture is not None else None
 
     def prior_pass(self, ctx, noisy, timesteps, cond, time_ids):
         """The prior pass's UNet forward (call it with the LoRA multiplier at 0, without grad): the prediction
         and the capture record (None without rs/aa), eager or replayed from `static_prior`."""
-        from library.conditioning import unet_forward
-
-        if self.static_prior is None:
-            with self.capture_ctx("prior") as rec, ctx.accelerator.autocast():
-                pred = unet_forward(ctx.model, noisy, timesteps, cond, time_ids).float()
-            return pred, rec
-        pred, *rest = self.static_prior(noisy, timesteps, cond.context, cond.pooled, time_ids)
+        run = self.static_prior  # (not `or`: a StaticPass with no recording yet has len 0)
+        if run is None:
+            run = self.prior_fn(ctx.model, ctx.weight_dtype, ctx.accelerator.device.type)
+        pred, *rest = run(noisy, timesteps, cond.context, cond.pooled, time_ids)
         return pred, self.record_from_flat("prior", rest)
 
     def ft_pass(self, ctx, noisy, timesteps, cond, time_ids):
         """The fine-tuned UNet forward (LoRA on, prompt c*, with grad): the prediction and the capture record,
         eager or replayed from the trainer's CUDA graphs (`TrainContext.unet_pass`)."""
-        pred, flat = ctx.unet_pass(noisy, timesteps, cond, time_ids,
-                                   self.capture_ctx if self.capture is not None else None)
+        pred, flat = ctx.unet_pass(noisy, timesteps, cond, time_ids)
         return pred, self.record_from_flat("ft", flat)
 
     def record_from_flat(self, tag, flat):

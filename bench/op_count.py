@@ -88,7 +88,7 @@ def counting_unet_pass(counts: list):
 
     orig = train_apt_lora.TrainContext.unet_pass
 
-    def counted(self, noisy, timesteps, cond, time_ids, capture_ctx=None):
+    def counted(self, noisy, timesteps, cond, time_ids):
         params = [p for p in self.network.parameters() if p.requires_grad]
         inner = {}
 
@@ -96,7 +96,7 @@ def counting_unet_pass(counts: list):
             @staticmethod
             def forward(ctx, *_params):
                 with torch.enable_grad(), OpCounter() as c:
-                    pred, rest = orig(self, noisy, timesteps, cond, time_ids, capture_ctx)
+                    pred, rest = orig(self, noisy, timesteps, cond, time_ids)
                 counts.append(c.total)
                 inner["outs"] = [pred, *rest]
                 return tuple(o.detach() for o in inner["outs"])
