@@ -24,7 +24,7 @@ import torch
 
 
 def write_images(folder: str, n: int, size: int, seed: int = 0) -> str:
-    """`n` PNGs of `size`x`size`·1.25 with smooth random content (compresses like a photo, not like noise)."""
+    """`n` PNGs of 1.5·`size` x 1.875·`size` px with smooth random content (compresses like a photo, not noise)."""
     from PIL import Image
 
     sub = os.path.join(folder, "1_sks dog")
@@ -58,8 +58,8 @@ def build(folder: str, resolution: int, batch_size: int, workers: int, cache: bo
     return data, dataset_lib.make_loader(data, args, seed=0)
 
 
-def measure(loader, batches: int) -> tuple[float, float, int]:
-    """(first batch s, mean s per later batch, batches timed): epochs restart until `batches` are done."""
+def measure(loader, batches: int) -> tuple[float, float]:
+    """(first batch s, mean s per later batch): epochs restart until `batches` later batches are done."""
     t0 = time.perf_counter()
     it = iter(loader)
     next(it)
@@ -71,7 +71,7 @@ def measure(loader, batches: int) -> tuple[float, float, int]:
             n += 1
         except StopIteration:
             it = iter(loader)
-    return first, (time.perf_counter() - t1) / max(1, n), n
+    return first, (time.perf_counter() - t1) / max(1, n)
 
 
 def main(argv=None) -> int:
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
             for bs in (int(x) for x in a.batch_sizes.split(",")):
                 for w in (int(x) for x in a.workers.split(",")):
                     _, loader = build(folder, a.resolution, bs, w, cache, a.sdxl)
-                    first, per, _ = measure(loader, a.batches)
+                    first, per = measure(loader, a.batches)
                     ok = "keeps up" if per * 1000 <= a.gpu_step_ms else "**starves it**"
                     row = (f"| {'cached latents' if cache else 'images'} | {bs} | {w} | {first * 1000:.0f} ms "
                            f"| {per * 1000:.1f} ms | {1 / per:.1f} | {ok} |")
