@@ -219,6 +219,13 @@ def table_head(fast: bool) -> list:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
 
+def _progress(summary: dict | None) -> str:
+    """A column's figures as soon as it is measured (a run cut short still shows them)."""
+    if summary is None:
+        return "failed"
+    return f"step {_fmt_s(summary['s'])}, peak {_fmt_bytes(summary['peak'])}, warm-up {_fmt_warm(summary['warmup'])}"
+
+
 def _ints(text: str) -> list:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -287,7 +294,8 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 ref_row = measure_reference(name, bs, a.warmup, a.steps, a.timeout, threads)
                 all_rows.append(ref_row)
-                print(f"[{name} bs{bs} reference] {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+                print(f"[{name} bs{bs} reference] {time.perf_counter() - t0:.0f} s: {_progress(reference_summary(ref_row, False))}",
+                      file=sys.stderr, flush=True)
             for gc in settings:
                 measured = {k: [] for k in kinds}
                 for _ in range(a.rounds):
@@ -295,8 +303,8 @@ def main(argv=None) -> int:
                         t0 = time.perf_counter()
                         measured[kind].append(measure(name, gc, targs, a.warmup, a.steps, a.timeout, threads, bs,
                                                       a.unet_only))
-                        print(f"[{name} bs{bs} gc {'on' if gc else 'off'} {kind}] {time.perf_counter() - t0:.0f} s",
-                              file=sys.stderr, flush=True)
+                        print(f"[{name} bs{bs} gc {'on' if gc else 'off'} {kind}] {time.perf_counter() - t0:.0f} s: "
+                              f"{_progress(project_summary(measured[kind][-1:]))}", file=sys.stderr, flush=True)
                 errors = [f"{kind}: {r['error']}" for kind, rs in measured.items() for r in rs if "error" in r]
                 if ref_row is not None and "error" in ref_row:
                     errors.insert(0, f"reference: {ref_row['error']}")
