@@ -35,7 +35,7 @@
 # Environment: OUT (output folder), STEPS (timed steps, default 10), WARMUP (default 3), STEP_TIMEOUT,
 # CONFIGS (default sd15,sdxl), BATCH_SIZES (apt_overhead's, default 1,4), APT_GRAD_CKPT (apt_overhead's gradient
 # checkpointing settings, default off: the setting the targets and reference figures are for; off,on for
-# both), APT_EXTRA (default empty), GRAPH_VARIANTS (prior_graph_check's, default prior,unet,both), SKIP_STEP_TIME, SKIP_APT, SKIP_GRAPH_CHECK, PYTHON (default python3, else python).
+# both), APT_EXTRA (default empty), GRAPH_VARIANTS (prior_graph_check's, default eager,prior,unet,both), SKIP_STEP_TIME, SKIP_APT, SKIP_GRAPH_CHECK, PYTHON (default python3, else python).
 # Exit code: 0 when every config produced a row, 1 when one failed or timed out (the table still says which).
 set -uo pipefail
 
@@ -64,7 +64,7 @@ CONFIGS="${CONFIGS:-sd15,sdxl}"
 BATCH_SIZES="${BATCH_SIZES:-1,4}"
 APT_GRAD_CKPT="${APT_GRAD_CKPT:-off}"
 APT_EXTRA="${APT_EXTRA:-}"
-GRAPH_VARIANTS="${GRAPH_VARIANTS:-prior,unet,both}"
+GRAPH_VARIANTS="${GRAPH_VARIANTS:-eager,prior,unet,both}"
 RESULT="$OUT/step_time-gpu.md"
 APT_RESULT="$OUT/apt_overhead-gpu.md"
 EXTRA=()

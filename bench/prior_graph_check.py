@@ -5,12 +5,16 @@
 
 Variants (`--variants`): `prior` — the prior pass on static buffers (`--apt_cuda_graph`,
 `apt_ext.prior_graph.StaticPass`); `unet` — the fine-tuned UNet forward and backward from graphs
-(`--unet_cuda_graph`, `library.unet_graph.GraphedUNet`); `both`. For each config and variant, two runs from the
-same LoRA start (nonzero, so the fine-tuned pass differs from the prior) make `--steps` APT optimizer steps over
-two bucket shapes (batch 2 at the config's resolution, batch 1 at a wider one), with the same t, noise and
-augmentation draws: one eager, one through the graphs. Prints the largest relative difference of the loss, of
-each logged APT term, of the trained LoRA weights and of γ, against a tolerance (1e-6 in fp32, 2e-2 in
-bf16/fp16: the runs use the same kernels, but a bf16 step amplifies any last-bit difference through AdamW).
+(`--unet_cuda_graph`, `library.unet_graph.GraphedUNet`); `both`; `eager` — a second eager run, whose differences are
+the comparison's noise floor (bf16 kernels with atomic reductions differ run to run). For each config and variant,
+two runs from the same LoRA start (nonzero, so the fine-tuned pass differs from the prior) make `--steps` APT
+optimizer steps over two bucket shapes (batch 2 at the config's resolution, batch 1 at a wider one), with the same t,
+noise and augmentation draws: one eager, one through the graphs. Prints the largest relative difference over the
+steps of the loss, of each logged APT term, of the LoRA gradients (‖Δg‖/‖g‖, before each optimizer step), of the
+trained LoRA weights and of γ, against a tolerance (1e-6 in fp32, 2e-2 in bf16/fp16). AdamW's lr is 1e-2 in fp32
+and 1e-4 in bf16/fp16: AdamW normalises each gradient element, so a last-bit difference in a near-zero gradient
+becomes a whole step of lr, and at 1e-2 two bf16 runs of the same eager step end up with LoRA weights 70-90 % apart
+(the first H200 run of this check, bench/results/prior_graph_check-h200.md).
 Exit code 1 if one is over. tests/test_prior_graph.py and tests/test_unet_graph.py run the same comparison on
 the CPU.
 """
@@ -35,11 +39,14 @@ def _batch(model, bsz: int, h: int, w: int, seed: int) -> dict:
 
 
 def run_steps(model, *, static: str | None, components: str = "ata,rs,aa", steps: int = 4, latent: int = 8,
-              device: str = "cpu", mixed_precision: str = "no", rank: int = 4, unet_graph: str | None = None):
+              device: str = "cpu", mixed_precision: str = "no", rank: int = 4, unet_graph: str | None = None,
+              lr: float = 1e-2):
     """`steps` APT optimizer steps on `model` (its LoRA starts from a fixed nonzero draw), cycling a batch of 2 at
     latent² and a batch of 1 at latent × 1.5·latent. `static`: None (eager prior pass) or a StaticPass backend;
-    `unet_graph`: None (eager fine-tuned pass) or a GraphedUNet backend.
-    Returns ([(loss, logs)] per step, LoRA state dict, γ, number of recorded shapes (prior, else UNet))."""
+    `unet_graph`: None (eager fine-tuned pass) or a GraphedUNet backend. `lr`: AdamW's; keep it small in bf16, where
+    AdamW turns a last-bit gradient difference into a whole step (a near-zero gradient's sign decides the update).
+    Returns ([(loss, logs, gradient)] per step, the gradient being every LoRA gradient flattened (fp32, CPU) before
+    the optimizer step, LoRA state dict, γ, number of recorded shapes (prior, else UNet))."""
     import train_apt_lora
     from apt_ext.step import APT
     from bench.common import make_accelerator, make_bench_args
@@ -63,7 +70,8 @@ def run_steps(model, *, static: str | None, components: str = "ata,rs,aa", steps
     ctx = train_apt_lora.TrainContext(args, accelerator, model, network, weight_dtype, torch.float32, None, apt)
     if unet_graph:
         ctx.enable_unet_graph([p for p in network.parameters() if p.requires_grad], unet_graph)
-    opt = torch.optim.AdamW(network.parameters(), lr=1e-2)
+    params = [p for p in network.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
     shapes = [(2, latent, latent), (1, latent, latent + latent // 2)]
     out = []
     for step in range(steps):
@@ -71,9 +79,11 @@ def run_steps(model, *, static: str | None, components: str = "ata,rs,aa", steps
         torch.manual_seed(100 + step)  # t, noise and augmentation draws: the same in both runs
         loss, logs = train_apt_lora.training_step(args, ctx, _batch(model, bsz, h, w, seed=step))
         loss.backward()
+        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten().cpu()
+                          for p in params])
         opt.step()
         opt.zero_grad(set_to_none=True)
-        out.append((loss.item(), {k: float(v) for k, v in logs.items()}))
+        out.append((loss.item(), {k: float(v) for k, v in logs.items()}, grad))
     weights = {k: v.detach().float().cpu() for k, v in network.state_dict().items()}
     network.restore()
     recorded = len(apt.static_prior) if static else len(ctx.unet_graph) if unet_graph else 0
@@ -85,11 +95,13 @@ def _rel(a: float, b: float) -> float:
 
 
 def compare(eager, static) -> dict:
-    """Largest relative differences between two `run_steps` results: loss, each log key, LoRA weights, γ."""
+    """Largest relative differences between two `run_steps` results over the steps: loss, each log key, the LoRA
+    gradients (‖Δg‖ / ‖g‖ per step), the trained LoRA weights (max |Δw| / max |w| per tensor), γ (absolute)."""
     (steps0, w0, g0, _), (steps1, w1, g1, _) = eager, static
     diff = {"loss": max(_rel(a[0], b[0]) for a, b in zip(steps0, steps1))}
     for k in steps0[0][1]:
         diff[k] = max(_rel(a[1][k], b[1][k]) for a, b in zip(steps0, steps1))
+    diff["gradients"] = max(float((b[2] - a[2]).norm() / a[2].norm().clamp_min(1e-30)) for a, b in zip(steps0, steps1))
     diff["lora weights"] = max(float(((w1[k] - w0[k]).abs().max() / w0[k].abs().max().clamp_min(1e-12))) for k in w0)
     diff["gamma"] = float((g1 - g0).abs().max())
     return diff
@@ -103,28 +115,32 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default=None, help="from bench/common.py CONFIGS (default: tiny-sd1,tiny-sdxl, "
                    "plus sd15,sdxl with CUDA)")
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--variants", default="prior,unet,both", help="prior, unet, both (comma-separated)")
+    p.add_argument("--variants", default="prior,unet,both",
+                   help="prior, unet, both, eager (a second eager run: the noise floor of the comparison), comma-separated")
     a = p.parse_args(argv)
-    variants = {"prior": ("prior pass",), "unet": ("UNet fwd+bwd",), "both": ("prior pass", "UNet fwd+bwd")}
+    variants = {"eager": (), "prior": ("prior pass",), "unet": ("UNet fwd+bwd",),
+                "both": ("prior pass", "UNet fwd+bwd")}
     names = a.configs.split(",") if a.configs else [n for n, c in CONFIGS.items()
                                                       if c.device == "cpu" or torch.cuda.is_available()]
     failed = False
-    print("| config | graphs | backend | precision | recorded shapes | loss | largest other term | LoRA weights | γ "
-          "| tolerance | ok |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| config | graphs | backend | precision | recorded shapes | loss | largest other term | gradients "
+          "| LoRA weights | γ | tolerance | ok |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         cfg = CONFIGS[name]
         if cfg.device == "cuda" and not torch.cuda.is_available():
-            print(f"| {name} | - | - | - | needs CUDA | | | | | |")
+            print(f"| {name} | - | - | - | needs CUDA | | | | | | | ✗ |")
             failed = True
             continue
         backend = "cuda" if cfg.device == "cuda" else "eager"
         mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.dtype]
+        lr = 1e-2 if mp == "no" else 1e-4  # see run_steps: AdamW amplifies low-precision noise in proportion to lr
+
         def run(graphs):
             model = build_bench_model(cfg.arch, cfg.real, cfg.device, weight_dtype(mp))
             try:
                 return run_steps(model, static=backend if "prior pass" in graphs else None, steps=a.steps,
-                                 latent=cfg.resolution // 8, device=cfg.device, mixed_precision=mp,
+                                 latent=cfg.resolution // 8, device=cfg.device, mixed_precision=mp, lr=lr,
                                  unet_graph=backend if "UNet fwd+bwd" in graphs else None)
             finally:
                 del model
@@ -134,21 +150,22 @@ def main(argv=None) -> int:
         eager = run(())
         for v in a.variants.split(","):
             graphs = variants[v]
+            label = " + ".join(graphs) or "none (eager again: the noise floor)"
             try:
                 fast = run(graphs)
             except Exception as e:  # one failing variant must not hide the others' rows
-                print(f"| {name} | {' + '.join(graphs)} | {backend} | {cfg.dtype} | failed: {type(e).__name__}: "
-                      f"{str(e)[:200]} | | | | | | ✗ |", flush=True)
+                print(f"| {name} | {label} | {backend} | {cfg.dtype} | failed: {type(e).__name__}: "
+                      f"{str(e)[:200]} | | | | | | | ✗ |", flush=True)
                 failed = True
                 continue
             d = compare(eager, fast)
-            other = max((v, k) for k, v in d.items() if k not in ("loss", "lora weights", "gamma"))
+            other = max((v, k) for k, v in d.items() if k not in ("loss", "gradients", "lora weights", "gamma"))
             tol = TOLERANCE[mp]
-            ok = all(v <= tol for v in d.values()) and fast[3] == 2
+            ok = all(v <= tol for v in d.values()) and fast[3] == (2 if graphs else 0)
             failed |= not ok
-            print(f"| {name} | {' + '.join(graphs)} | {backend} | {cfg.dtype} | {fast[3]} | {d['loss']:.1e} | "
-                  f"{other[0]:.1e} ({other[1]}) | {d['lora weights']:.1e} | {d['gamma']:.1e} | {tol:g} "
-                  f"| {'✓' if ok else '✗'} |", flush=True)
+            print(f"| {name} | {label} | {backend} | {cfg.dtype} | {fast[3]} | {d['loss']:.1e} | "
+                  f"{other[0]:.1e} ({other[1]}) | {d['gradients']:.1e} | {d['lora weights']:.1e} | {d['gamma']:.1e} "
+                  f"| {tol:g} | {'✓' if ok else '✗'} |", flush=True)
     return 1 if failed else 0
 
 

@@ -148,8 +148,8 @@ def test_a_graphed_plain_step_leaves_few_eager_ops():
 
 def test_gpu_check_dry_run_runs_the_graph_check_first(tmp_path):
     """bench/gpu_check.sh is what a short GPU session runs: its dry run (tiny CPU configs) must get through the
-    graph equality check of all three variants (the step benchmarks are skipped here; test_apt_overhead_* covers
-    them)."""
+    graph equality check of all three variants and the eager noise-floor row (the step benchmarks are skipped
+    here; test_apt_overhead_* covers them)."""
     import subprocess
 
     env = dict(os.environ, OUT=str(tmp_path), SKIP_STEP_TIME="1", SKIP_APT="1")
@@ -158,5 +158,6 @@ def test_gpu_check_dry_run_runs_the_graph_check_first(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     table = (tmp_path / "prior_graph_check-dryrun.md").read_text()
     rows = [ln for ln in table.splitlines() if ln.startswith("| tiny-")]
-    assert len(rows) == 6 and all(ln.rstrip().endswith("✓ |") for ln in rows), table
-    assert {"prior pass", "UNet fwd+bwd", "prior pass + UNet fwd+bwd"} == {ln.split("|")[2].strip() for ln in rows}
+    assert len(rows) == 8 and all(ln.rstrip().endswith("✓ |") for ln in rows), table
+    assert {"none (eager again: the noise floor)", "prior pass", "UNet fwd+bwd",
+            "prior pass + UNet fwd+bwd"} == {ln.split("|")[2].strip() for ln in rows}
