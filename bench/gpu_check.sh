@@ -13,14 +13,15 @@
 #   1. Prints the machine (nvidia-smi, torch, CUDA) into env.txt (in $OUT when set, else a temporary folder).
 #   2. Makes sure the Python requirements import. The preinstalled torch is never touched: a pip install pins it
 #      with a constraint (torch==<installed version>). On a machine without a package index, put wheels in .whl/
-#      first (pure-Python ones suffice for a CUDA image that has torch/transformers/accelerate), e.g. here:
+#      first (pure-Python ones suffice for a CUDA image that has torch/transformers/accelerate; the H200 image of
+#      2026-12 has peft but lacks diffusers, toml and importlib_metadata), e.g. here:
 #        echo /.whl/ >> .git/info/exclude
-#        python -m pip download --no-deps -d .whl diffusers==0.42.1 toml==0.10.2 peft==0.21.2
+#        python -m pip download --no-deps -d .whl diffusers==0.42.1 toml==0.10.2 importlib_metadata
 #      and they are installed with --no-index --no-deps into /tmp/apt-lora-site.
 #   3. Correctness first: `python -m bench.prior_graph_check --configs $CONFIGS --variants $GRAPH_VARIANTS >
 #      $OUT/prior_graph_check-gpu.md`: APT steps with the prior pass (--apt_cuda_graph), the fine-tuned forward+backward
-#      (--unet_cuda_graph) and both replayed as CUDA graphs against the eager steps (loss, APT terms, LoRA weights,
-#      γ). SKIP_GRAPH_CHECK=1 skips it.
+#      (--unet_cuda_graph) and both replayed as CUDA graphs against the eager steps (loss, APT terms, LoRA gradients
+#      and weights, γ), and a second eager run for the noise floor. SKIP_GRAPH_CHECK=1 skips it.
 #   4. Runs `python -m bench.step_time --configs sd15,sdxl --out $OUT/step_time-gpu.md`, each config and
 #      gradient-checkpointing setting in its own process with a timeout (STEP_TIMEOUT seconds, default 240).
 #      SKIP_STEP_TIME=1 skips it.
@@ -28,14 +29,21 @@
 #      --out $OUT/apt_overhead-gpu.md`: per config and batch size the reference step (bench/reference_step.py, a copy
 #      of ../shared/bench/reference_step.py; needs peft), this project's plain step and its APT step, plus
 #      "plain (fast)" and "APT (fast)" columns with `$APT_EXTRA` and `--apt $APT_EXTRA` when APT_EXTRA is set (e.g.
-#      APT_EXTRA="--apt_cuda_graph --unet_cuda_graph"), each in its own process. SKIP_APT=1 skips it.
-#   In the 15 minutes a session gets on a GPU (machine start included):
-#      APT_EXTRA="--apt_cuda_graph --unet_cuda_graph" SKIP_STEP_TIME=1 BATCH_SIZES=1 STEPS=5 bash bench/gpu_check.sh
+#      APT_EXTRA="--apt_cuda_graph --unet_cuda_graph"), each in its own process; APT_UNET_ONLY=1 adds --unet_only
+#      (LoRA on the UNet only, text-encoder outputs cached: the reference's setting, and that of
+#      bench/results/apt_overhead-h200.md). SKIP_APT=1 skips it.
+#   Durations measured on an H200 (2026-12-04, machine start ~1 minute on top): the graph check of sd15,sdxl with
+#   three graph variants 100 s (add ~25 s for the eager row); apt_overhead with the fast columns at batch 1 and 5
+#   steps: SDXL 229 s (reference 74 s, each project column 33-38 s), SD1.5 155 s. So in the 15 minutes a session
+#   gets on a GPU, one call of ~9 minutes:
+#      APT_EXTRA="--apt_cuda_graph --unet_cuda_graph" APT_UNET_ONLY=1 SKIP_STEP_TIME=1 BATCH_SIZES=1 STEPS=5 \
+#        bash bench/gpu_check.sh
+#   or the check alone (~2.5 minutes): SKIP_STEP_TIME=1 SKIP_APT=1 bash bench/gpu_check.sh
 #
 # Environment: OUT (output folder), STEPS (timed steps, default 10), WARMUP (default 3), STEP_TIMEOUT,
 # CONFIGS (default sd15,sdxl), BATCH_SIZES (apt_overhead's, default 1,4), APT_GRAD_CKPT (apt_overhead's gradient
 # checkpointing settings, default off: the setting the targets and reference figures are for; off,on for
-# both), APT_EXTRA (default empty), GRAPH_VARIANTS (prior_graph_check's, default eager,prior,unet,both), SKIP_STEP_TIME, SKIP_APT, SKIP_GRAPH_CHECK, PYTHON (default python3, else python).
+# both), APT_EXTRA (default empty), APT_UNET_ONLY (default 0), GRAPH_VARIANTS (prior_graph_check's, default eager,prior,unet,both), SKIP_STEP_TIME, SKIP_APT, SKIP_GRAPH_CHECK, PYTHON (default python3, else python).
 # Exit code: 0 when every config produced a row, 1 when one failed or timed out (the table still says which).
 set -uo pipefail
 
@@ -157,6 +165,7 @@ if [ "${SKIP_APT:-0}" = 0 ]; then
   APT_ARGS=(--configs "$CONFIGS" --batch_sizes "$BATCH_SIZES" --grad_ckpt "$APT_GRAD_CKPT" --steps "$STEPS"
             --warmup "$WARMUP" --timeout "$STEP_TIMEOUT" ${EXTRA[@]+"${EXTRA[@]}"})
   [ -n "$APT_EXTRA" ] && APT_ARGS+=(--extra_apt_args="$APT_EXTRA")
+  [ "${APT_UNET_ONLY:-0}" = 1 ] && APT_ARGS+=(--unet_only)
   echo "python -m bench.apt_overhead ${APT_ARGS[*]} --out $APT_RESULT"
   "$PYTHON" -m bench.apt_overhead "${APT_ARGS[@]}" --out "$APT_RESULT" 2> >(tee "$LOGS/apt_overhead.log" >&2)
   apt_status=$?
