@@ -278,7 +278,7 @@ def train(args):
     from library.interrupt import GracefulInterrupt
     from library.safe_io import remove_stale_temp_files
     from library.train_state import load_state, read_state_info, save_state
-    from library.model_util import load_model, place
+    from library.model_util import load_model
     from networks import lora as lora_lib
 
     verify_args(args)
@@ -352,16 +352,16 @@ def train(args):
             logger.info("cleanup: %s", what)
 
     device = accelerator.device
-    place(model.vae, device, vae_dtype)
+    model.vae.to(device, vae_dtype)
     if args.cache_latents:  # disk caches: the main process writes them, the others then read them
         with torch.no_grad(), accelerator.main_process_first() if args.cache_latents_to_disk else contextlib.nullcontext():
             data.cache_latents(model.vae, model.latent_scale, vae_batch_size=args.vae_batch_size,
                                to_disk=args.cache_latents_to_disk, device=device)
         model.vae.to("cpu")  # only sampling needs it again
-    place(model.unet, device, weight_dtype)
+    model.unet.to(device, weight_dtype)
     train_util.set_unet_layout(model.unet, args)
     for te in model.text_encoders:
-        place(te, device, weight_dtype)
+        te.to(device, weight_dtype)
     if args.xformers:
         model.unet.enable_xformers_memory_efficient_attention()
     if args.gradient_checkpointing:
@@ -444,7 +444,7 @@ def train(args):
         if due:
             from library.sampling import sample_images
 
-            place(model.vae, device, vae_dtype)
+            model.vae.to(device, vae_dtype)
             sample_images(model, sample_prompts, output_dir=args.output_dir, extra_modules=[network],
                           output_name=args.output_name, epoch=epoch if at_epoch_end else None,
                           step=None if at_epoch_end else step, device=device, clip_skip=args.clip_skip,
@@ -536,7 +536,7 @@ def train(args):
             from library.safe_io import atomic_write_bytes
             from library.sampling import prior_vs_lora_grid
 
-            place(model.vae, device, vae_dtype)
+            model.vae.to(device, vae_dtype)
             grid = prior_vs_lora_grid(model, network, sample_prompts, seed=args.seed, upscale_to=128, device=device,
                                       clip_skip=args.clip_skip, max_token_length=args.max_token_length,
                                       sampler=args.sample_sampler, dtype=weight_dtype)

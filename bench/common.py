@@ -70,7 +70,7 @@ def build_bench_model(arch: str, real: bool, device="cpu", dtype=torch.float32):
     `device` (a `torch.device` context, so no full-size CPU copy is made and every buffer, e.g. CLIP's position ids,
     is initialised as usual), in fp32 and then cast. Otherwise the tiny model of `library.tiny_models`."""
     from library.clip_tokenizer import bundled_clip_tokenizer
-    from library.model_util import PAD_TOKENS, arch_config, build_from_config, place
+    from library.model_util import PAD_TOKENS, arch_config, build_from_config
     from library.tiny_models import build_tiny_model
 
     device = torch.device(device)
@@ -83,10 +83,10 @@ def build_bench_model(arch: str, real: bool, device="cpu", dtype=torch.float32):
         model = build_tiny_model(arch, seed=0)
     for m in [model.unet, model.vae, *model.text_encoders]:
         m.eval().requires_grad_(False)
-    place(model.vae, "cpu", torch.float32)
-    place(model.unet, device, dtype)
+    model.vae.to("cpu", torch.float32)
+    model.unet.to(device, dtype)
     for te in model.text_encoders:
-        place(te, device, dtype)
+        te.to(device, dtype)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the fp32 build is gone; do not count its cached blocks
     return model

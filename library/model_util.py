@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, ModelMixin, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from library import ldm_convert
@@ -213,22 +213,11 @@ def read_state_dict(path: str, allow_pickle: bool = False, what: str = "model") 
     raise ModelLoadError(f"{path}: unsupported model file type {ext!r}. Supported: {SUPPORTED}.")
 
 
-def place(module, device=None, dtype=None):
-    """`module.to(device, dtype)` without diffusers' warning on every dtype cast ("There are modules in
-    UNet2DConditionModel that should be kept in float32: []", printed by diffusers 0.42 even when the list is empty):
-    a diffusers model that keeps no module in fp32 is cast by torch.nn.Module.to, with the same result. Any other
-    module (text encoders, a model that does keep fp32 modules) goes through its own `.to`."""
-    kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-    if isinstance(module, ModelMixin) and not module._keep_in_fp32_modules:
-        return torch.nn.Module.to(module, **kwargs)
-    return module.to(**kwargs)
-
-
 def _finish(module):
     """Every loaded module: CPU, fp32, eval, frozen."""
-    place(module, "cpu")
+    module.to(device="cpu")
     if any(p.dtype != torch.float32 for p in module.parameters() if p.is_floating_point()):
-        place(module, dtype=torch.float32)
+        module.to(dtype=torch.float32)
     return module.eval().requires_grad_(False)
 
 

@@ -3,7 +3,6 @@
 Tiny random models (library.tiny_models) stand in for real ones; full-size layouts are checked on the meta device.
 """
 import json
-import logging
 import os
 
 import pytest
@@ -348,43 +347,3 @@ def test_full_size_configs_on_meta(arch, n_params, model_type):
 def test_agreeing_flags_load(tiny):
     assert load_model(tiny["sdxl"]["file"], sdxl=True, v2=False).arch == "sdxl"
     assert load_model(tiny["sd1"]["file"], v2=False, sdxl=False).arch == "sd1"
-
-
-class _Records(logging.Handler):
-    """Collects what a library logger emits (diffusers' loggers do not propagate to the root, which caplog reads)."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-    def take(self) -> str:
-        out, self.messages = "\n".join(self.messages), []
-        return out
-
-
-def test_place_casts_without_diffusers_empty_list_warning():
-    """diffusers 0.42 warns on every `.to(dtype)` of a UNet or VAE ("should be kept in float32: []") even when no
-    module is kept; `place` casts the same tensors without it, and leaves a model that does keep fp32 modules to its
-    own `.to` (which keeps them and warns)."""
-    m = build_tiny_model("sd1", seed=0)
-    records, logger = _Records(), logging.getLogger("diffusers")
-    logger.addHandler(records)
-    try:
-        m.unet.to("cpu", torch.bfloat16)
-        assert "should be kept in float32" in records.take()  # the noise place() avoids (a later diffusers may drop it)
-        model_util.place(m.unet, "cpu", torch.float32)
-        model_util.place(m.vae, torch.device("cpu"), torch.bfloat16)
-        model_util.place(m.text_encoders[0], "cpu", torch.bfloat16)
-        assert records.take() == ""
-        assert {p.dtype for p in m.unet.parameters()} == {torch.float32}
-        assert {p.dtype for p in m.vae.parameters()} == {torch.bfloat16}
-        assert {p.dtype for p in m.text_encoders[0].parameters()} == {torch.bfloat16}
-
-        m.unet._keep_in_fp32_modules = ["conv_in"]  # a model with fp32 modules: its own .to decides
-        model_util.place(m.unet, "cpu", torch.bfloat16)
-        assert "should be kept in float32: ['conv_in']" in records.take()
-    finally:
-        logger.removeHandler(records)
