@@ -72,7 +72,9 @@ def build_bench_model(arch: str, real: bool, device="cpu", dtype=torch.float32):
     from library.clip_tokenizer import bundled_clip_tokenizer
     from library.model_util import PAD_TOKENS, arch_config, build_from_config
     from library.tiny_models import build_tiny_model
+    from train_apt_lora import quiet_libraries
 
+    quiet_libraries()  # as the trainer: no diffusers warning on each dtype cast below
     device = torch.device(device)
     if real:
         torch.manual_seed(0)
