@@ -118,8 +118,9 @@ class TrainContext:
         self.weight_dtype, self.vae_dtype, self.te_cache, self.apt = weight_dtype, vae_dtype, te_cache, apt
         self.window_losses, self.window_keys = [], []  # of the current accumulation window (NaN/inf check at its end)
         self.unet_graph = None  # a GraphedUNet once enable_unet_graph() ran (--unet_cuda_graph)
-        self.keep_grads = False  # zero the gradients instead of freeing them (see enable_unet_graph)
-        self._unet_fn = None  # the fine-tuned pass's function (`unet_fn`), eager or recorded by unet_graph
+        self.te_graph = None  # the same for the text encoders (--text_encoder_cuda_graph)
+        self.keep_grads = False  # zero the gradients instead of freeing them (see _graphed)
+        self._unet_fn = self._text_fn = None  # the passes' functions (`unet_fn`, `text_fn`), eager or recorded
 
     def unet_fn(self):
         """The fine-tuned UNet pass as one function (`library.unet_graph.unet_outputs`, APT's capture included):
@@ -131,24 +132,50 @@ class TrainContext:
             self._unet_fn = unet_outputs(self.model, self.weight_dtype, self.accelerator.device.type, capture)
         return self._unet_fn
 
-    def enable_unet_graph(self, trainable, backend="cuda"):
-        """--unet_cuda_graph: the step's UNet forward and backward from CUDA graphs (library/unet_graph.py).
+    def text_fn(self):
+        """The text encoders on token ids as one function (`library.unet_graph.text_outputs`): what `encode_text`
+        calls, and what `--text_encoder_cuda_graph` records. Made once."""
+        if self._text_fn is None:
+            from library.unet_graph import text_outputs
+
+            self._text_fn = text_outputs(self.model, self.weight_dtype, self.accelerator.device.type,
+                                         self.args.clip_skip, self.args.max_token_length)
+        return self._text_fn
+
+    def _graphed(self, flag, fn, loras, params, backend):
+        """`fn`'s forward and backward from CUDA graphs (library/unet_graph.py), with autograd to `params`.
         With gradient accumulation the gradients stay allocated and are zeroed, not freed: a freed `.grad` would
         adopt the graph's gradient buffer, which the next micro-batch's replay overwrites before it is added."""
         import torch
 
         from library.unet_graph import GraphedUNet
 
-        bad = [lora.lora_name for lora in self.network.loras if lora.has_dropout]
+        bad = [lora.lora_name for lora in loras if lora.has_dropout]
         if bad:
-            raise ValueError(f"--unet_cuda_graph: LoRA dropout is drawn per call, which a recorded graph cannot do "
+            raise ValueError(f"{flag}: LoRA dropout is drawn per call, which a recorded graph cannot do "
                              f"({len(bad)} modules, e.g. {bad[0]}): leave out --network_dropout and the rank/module "
                              "dropout network_args, or the flag")
-        self.unet_graph = GraphedUNet(self.unet_fn(), trainable, backend, max_graphs=self.args.unet_cuda_graph_max)
-        self.keep_grads = self.args.gradient_accumulation_steps > 1
-        if self.keep_grads:
-            for p in trainable:
-                p.grad = torch.zeros_like(p)
+        graph = GraphedUNet(fn, params, backend, max_graphs=self.args.unet_cuda_graph_max)
+        if self.args.gradient_accumulation_steps > 1:  # every trainable gradient: zero_grad treats them alike
+            self.keep_grads = True
+            for p in self.network.parameters():
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        return graph
+
+    def enable_unet_graph(self, trainable, backend="cuda"):
+        """--unet_cuda_graph: the step's UNet forward and backward from CUDA graphs."""
+        self.unet_graph = self._graphed("--unet_cuda_graph", self.unet_fn(), self.network.unet_loras, trainable, backend)
+
+    def enable_te_graph(self, backend="cuda"):
+        """--text_encoder_cuda_graph: the text encoders' forward and backward, when their LoRA trains."""
+        params = [p for lora in self.network.text_encoder_loras for p in lora.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("--text_encoder_cuda_graph: no text-encoder LoRA trains (--network_train_unet_only); "
+                             "leave the flag out (with frozen text encoders, --cache_text_encoder_outputs encodes "
+                             "each caption once)")
+        self.te_graph = self._graphed("--text_encoder_cuda_graph", self.text_fn(), self.network.text_encoder_loras,
+                                      params, backend)
 
     def unet_pass(self, noisy, timesteps, cond, time_ids):
         """The fine-tuned UNet forward with grad: (prediction in float32, the flat capture tensors of APT's
@@ -170,18 +197,21 @@ class TrainContext:
         return latents * self.model.latent_scale
 
     def encode_text(self, captions):
+        """The captions' TextConditioning on the device in the weight dtype: from the cache, or `text_fn` on their
+        token ids (replayed from `te_graph` when the text-encoder LoRA trains and --text_encoder_cuda_graph is on)."""
         import torch
 
-        from library.conditioning import encode_prompts
+        from library.conditioning import TextConditioning, tokenize
 
         device = self.accelerator.device
         if self.te_cache is not None:
             return self.te_cache.get(captions).to(device, self.weight_dtype)
         train_te = not self.args.network_train_unet_only and torch.is_grad_enabled()  # the APT prior pass: no grad
-        with torch.set_grad_enabled(train_te), self.accelerator.autocast():
-            cond = encode_prompts(self.model, captions, clip_skip=self.args.clip_skip,
-                                  max_token_length=self.args.max_token_length, device=device)
-        return cond.to(device, self.weight_dtype)
+        ids = [t.to(device) for t in tokenize(self.model, captions, self.args.max_token_length)]
+        run = self.te_graph if train_te and self.te_graph is not None else self.text_fn()
+        with torch.set_grad_enabled(train_te):
+            context, *pooled = run(*ids)
+        return TextConditioning(context, pooled[0] if pooled else None)
 
 
 def verify_args(args):
@@ -217,16 +247,22 @@ def verify_args(args):
             raise TrainingSetupError("--apt_cuda_graph speeds up APT's prior pass: it needs --apt (or --loss_type dco)")
         if not torch.cuda.is_available():
             raise TrainingSetupError("--apt_cuda_graph needs a CUDA device (this torch sees none): leave the flag out")
-    if args.unet_cuda_graph:
+    for flag in ("unet_cuda_graph", "text_encoder_cuda_graph"):
+        if not getattr(args, flag):
+            continue
         import torch
 
         if args.gradient_checkpointing:
-            raise TrainingSetupError("--unet_cuda_graph cannot be combined with --gradient_checkpointing yet: "
+            raise TrainingSetupError(f"--{flag} cannot be combined with --gradient_checkpointing yet: "
                                      "leave one of them out")
         if args.unet_cuda_graph_max < 1:
             raise TrainingSetupError(f"--unet_cuda_graph_max must be at least 1, got {args.unet_cuda_graph_max}")
         if not torch.cuda.is_available():
-            raise TrainingSetupError("--unet_cuda_graph needs a CUDA device (this torch sees none): leave the flag out")
+            raise TrainingSetupError(f"--{flag} needs a CUDA device (this torch sees none): leave the flag out")
+        if flag == "text_encoder_cuda_graph" and args.network_train_unet_only:
+            raise TrainingSetupError("--text_encoder_cuda_graph records the text encoders' training pass, and "
+                                     "--network_train_unet_only trains none: leave the flag out (frozen text encoders "
+                                     "are encoded once per caption with --cache_text_encoder_outputs)")
     if args.sample_prior_grid and not args.sample_prompts:
         raise TrainingSetupError("--sample_prior_grid needs --sample_prompts FILE: the grid shows those prompts "
                                  "with the LoRA off and on")
@@ -405,11 +441,13 @@ def train(args):
         accelerator.print(f"resumed from {args.resume}: step {step}, epoch {start_epoch}")
 
     ctx = TrainContext(args, accelerator, model, network, weight_dtype, vae_dtype, te_cache, apt)
-    if args.unet_cuda_graph:
-        try:
+    try:
+        if args.unet_cuda_graph:
             ctx.enable_unet_graph(trainable)
-        except ValueError as e:
-            raise train_util.TrainingSetupError(str(e)) from None
+        if args.text_encoder_cuda_graph:
+            ctx.enable_te_graph()
+    except ValueError as e:
+        raise train_util.TrainingSetupError(str(e)) from None
     metadata = metadata_lib.build_training_metadata(
         args, model=model, network=network, optimizer_name=optimizer_name, dataset_group=data,
         num_batches_per_epoch=len(data), num_epochs=num_epochs, max_train_steps=args.max_train_steps)

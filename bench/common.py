@@ -203,8 +203,11 @@ def build_step_fn(model, args, device="cpu", batch: dict | None = None, step=Non
         te_cache = TextEncoderCache(model, clip_skip=args.clip_skip, max_token_length=args.max_token_length)
     ctx = train_apt_lora.TrainContext(args, accelerator, model, network, weight_dtype, torch.float32, te_cache,
                                       **({"apt": apt} if apt is not None else {}))
+    backend = "cuda" if accelerator.device.type == "cuda" else "eager"  # eager: the CPU stand-in of a recording
     if getattr(args, "unet_cuda_graph", False):
-        ctx.enable_unet_graph(trainable, "cuda" if accelerator.device.type == "cuda" else "eager")
+        ctx.enable_unet_graph(trainable, backend)
+    if getattr(args, "text_encoder_cuda_graph", False):
+        ctx.enable_te_graph(backend)
     batch = batch if batch is not None else make_batch(model)
 
     def step_fn() -> float:  # exactly the trainer's loop body

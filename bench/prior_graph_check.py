@@ -5,7 +5,8 @@
 
 Variants (`--variants`): `prior` — the prior pass on static buffers (`--apt_cuda_graph`,
 `apt_ext.prior_graph.StaticPass`); `unet` — the fine-tuned UNet forward and backward from graphs
-(`--unet_cuda_graph`, `library.unet_graph.GraphedUNet`); `both`; `eager` — a second eager run, whose differences are
+(`--unet_cuda_graph`, `library.unet_graph.GraphedUNet`); `both`; `te` — the text encoders' forward and backward
+(`--text_encoder_cuda_graph`); `all` — the three; `eager` — a second eager run, whose differences are
 the comparison's noise floor (bf16 kernels with atomic reductions differ run to run). For each config and variant,
 two runs from the same LoRA start (nonzero, so the fine-tuned pass differs from the prior) make `--steps` APT
 optimizer steps over two bucket shapes (batch 2 at the config's resolution, batch 1 at a wider one), with the same t,
@@ -40,10 +41,11 @@ def _batch(model, bsz: int, h: int, w: int, seed: int) -> dict:
 
 def run_steps(model, *, static: str | None, components: str = "ata,rs,aa", steps: int = 4, latent: int = 8,
               device: str = "cpu", mixed_precision: str = "no", rank: int = 4, unet_graph: str | None = None,
-              lr: float = 1e-2):
+              te_graph: str | None = None, lr: float = 1e-2):
     """`steps` APT optimizer steps on `model` (its LoRA starts from a fixed nonzero draw), cycling a batch of 2 at
     latent² and a batch of 1 at latent × 1.5·latent. `static`: None (eager prior pass) or a StaticPass backend;
-    `unet_graph`: None (eager fine-tuned pass) or a GraphedUNet backend. `lr`: AdamW's; keep it small in bf16, where
+    `unet_graph`: None (eager fine-tuned pass) or a GraphedUNet backend; `te_graph` the same for the text encoders
+    (their LoRA trains here). `lr`: AdamW's; keep it small in bf16, where
     AdamW turns a last-bit gradient difference into a whole step (a near-zero gradient's sign decides the update).
     Returns ([(loss, logs, gradient)] per step, the gradient being every LoRA gradient flattened (fp32, CPU) before
     the optimizer step, LoRA state dict, γ, number of recorded shapes (prior, else UNet))."""
@@ -70,6 +72,8 @@ def run_steps(model, *, static: str | None, components: str = "ata,rs,aa", steps
     ctx = train_apt_lora.TrainContext(args, accelerator, model, network, weight_dtype, torch.float32, None, apt)
     if unet_graph:
         ctx.enable_unet_graph([p for p in network.parameters() if p.requires_grad], unet_graph)
+    if te_graph:
+        ctx.enable_te_graph(te_graph)
     params = [p for p in network.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     shapes = [(2, latent, latent), (1, latent, latent + latent // 2)]
@@ -86,7 +90,8 @@ def run_steps(model, *, static: str | None, components: str = "ata,rs,aa", steps
         out.append((loss.item(), {k: float(v) for k, v in logs.items()}, grad))
     weights = {k: v.detach().float().cpu() for k, v in network.state_dict().items()}
     network.restore()
-    recorded = len(apt.static_prior) if static else len(ctx.unet_graph) if unet_graph else 0
+    recorded = (len(apt.static_prior) if static else len(ctx.unet_graph) if unet_graph
+                else len(ctx.te_graph) if te_graph else 0)
     return out, weights, apt.indicator.gamma().detach().cpu(), recorded
 
 
@@ -116,10 +121,12 @@ def main(argv=None) -> int:
                    "plus sd15,sdxl with CUDA)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--variants", default="prior,unet,both",
-                   help="prior, unet, both, eager (a second eager run: the noise floor of the comparison), comma-separated")
+                   help="prior, unet, both, te (text encoders), all, eager (a second eager run: the noise floor of the "
+                        "comparison), comma-separated")
     a = p.parse_args(argv)
     variants = {"eager": (), "prior": ("prior pass",), "unet": ("UNet fwd+bwd",),
-                "both": ("prior pass", "UNet fwd+bwd")}
+                "both": ("prior pass", "UNet fwd+bwd"), "te": ("text encoders fwd+bwd",),
+                "all": ("prior pass", "UNet fwd+bwd", "text encoders fwd+bwd")}
     names = a.configs.split(",") if a.configs else [n for n, c in CONFIGS.items()
                                                       if c.device == "cpu" or torch.cuda.is_available()]
     failed = False
@@ -141,7 +148,8 @@ def main(argv=None) -> int:
             try:
                 return run_steps(model, static=backend if "prior pass" in graphs else None, steps=a.steps,
                                  latent=cfg.resolution // 8, device=cfg.device, mixed_precision=mp, lr=lr,
-                                 unet_graph=backend if "UNet fwd+bwd" in graphs else None)
+                                 unet_graph=backend if "UNet fwd+bwd" in graphs else None,
+                                 te_graph=backend if "text encoders fwd+bwd" in graphs else None)
             finally:
                 del model
                 if cfg.device == "cuda":
@@ -161,6 +169,7 @@ def main(argv=None) -> int:
             d = compare(eager, fast)
             other = max((v, k) for k, v in d.items() if k not in ("loss", "gradients", "lora weights", "gamma"))
             tol = TOLERANCE[mp]
+            # two recordings: one per bucket shape (prior, UNet), per batch size (text encoders: 2 and 1)
             ok = all(v <= tol for v in d.values()) and fast[3] == (2 if graphs else 0)
             failed |= not ok
             print(f"| {name} | {label} | {backend} | {cfg.dtype} | {fast[3]} | {d['loss']:.1e} | "

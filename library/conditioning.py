@@ -172,57 +172,62 @@ def _first_eos_pool(text_encoder_2, last_hidden_state: torch.Tensor, ids: torch.
 
 def encode_prompts(model, captions: Union[str, Sequence[str]], *, clip_skip: Optional[int] = None,
                    max_token_length: Optional[int] = None, device=None) -> TextConditioning:
-    """Encode captions with the model's (live, possibly LoRA-patched) text encoders.
+    """Encode captions with the model's (live, possibly LoRA-patched) text encoders: `tokenize`, then `encode_ids`.
+
+    Token ids go to each text encoder's device; the result stays there (and in the encoder's dtype) unless
+    `device` is given. Runs under the caller's grad mode: wrap in `torch.no_grad()` for frozen encoders.
+    """
+    captions = _as_list(captions)
+    if not captions:
+        raise ValueError("encode_prompts: no captions given")
+    ids_list = [ids.to(_module_device(te)) for ids, te in zip(tokenize(model, captions, max_token_length),
+                                                               model.text_encoders)]
+    cond = encode_ids(model, ids_list, clip_skip=clip_skip, max_token_length=max_token_length)
+    return cond.to(device=device) if device is not None else cond
+
+
+def encode_ids(model, ids_list: Sequence[torch.Tensor], *, clip_skip: Optional[int] = None,
+               max_token_length: Optional[int] = None) -> TextConditioning:
+    """The text encoders on token ids (`tokenize`'s, one (B, n_chunks * 77) tensor per encoder, on its device):
+    tensor work only, no host synchronisation, so `--text_encoder_cuda_graph` can record it.
 
     SD1/SD2: last_hidden_state (clip_skip None or 1), else final_layer_norm(hidden_states[-clip_skip]).
     SDXL: context = cat(TE1 hidden_states[-2], TE2 hidden_states[-2]) (no final LN; [-2] is sd-scripts'
     `hidden_states[11]` for the real 12-layer TE1), pooled = TE2 text_projection of the final-LN EOS state of
     the first chunk. clip_skip is ignored for SDXL (as in sd-scripts; a warning is logged once).
-
-    Token ids go to each text encoder's device; the result stays there (and in the encoder's dtype) unless
-    `device` is given. Runs under the caller's grad mode: wrap in `torch.no_grad()` for frozen encoders.
     """
     global _warned_sdxl_clip_skip
-    captions = _as_list(captions)
-    if not captions:
-        raise ValueError("encode_prompts: no captions given")
     n = num_chunks(max_token_length)
-    ids_list = tokenize(model, captions, max_token_length)
-
+    b = ids_list[0].shape[0]
     if model.is_sdxl:
         if clip_skip not in (None, 1) and not _warned_sdxl_clip_skip:
             logger.warning("clip_skip=%s is ignored for SDXL (sd-scripts uses TE1/TE2 penultimate layers)", clip_skip)
             _warned_sdxl_clip_skip = True
         te1, te2 = model.text_encoders
-        ids1 = ids_list[0].reshape(-1, CHUNK_LEN).to(_module_device(te1))
-        ids2 = ids_list[1].reshape(-1, CHUNK_LEN).to(_module_device(te2))
+        ids1, ids2 = ids_list[0].reshape(-1, CHUNK_LEN), ids_list[1].reshape(-1, CHUNK_LEN)
         out1 = te1(ids1, output_hidden_states=True, return_dict=True)
         h1 = out1.hidden_states[-2]
         out2 = te2(ids2, output_hidden_states=True, return_dict=True)
         h2 = out2.hidden_states[-2]
         pooled = _first_eos_pool(te2, out2.last_hidden_state, ids2, model.tokenizers[1].eos_token_id)
-        b = len(captions)
         h1 = stitch_chunks(h1.reshape(b, -1, h1.shape[-1]), n)
         h2 = stitch_chunks(h2.reshape(b, -1, h2.shape[-1]), n)
         pooled = pooled[::n]
         context = torch.cat([h1, h2.to(device=h1.device, dtype=h1.dtype)], dim=-1)
-        cond = TextConditioning(context, pooled.to(device=context.device))
+        return TextConditioning(context, pooled.to(device=context.device))
+    te = model.text_encoders[0]
+    ids = ids_list[0].reshape(-1, CHUNK_LEN)
+    if clip_skip is not None and clip_skip < 1:
+        raise ValueError(f"clip_skip must be >= 1, got {clip_skip}")
+    if clip_skip is None or clip_skip == 1:
+        hidden = te(ids, return_dict=True).last_hidden_state
     else:
-        te = model.text_encoders[0]
-        ids = ids_list[0].reshape(-1, CHUNK_LEN).to(_module_device(te))
-        if clip_skip is not None and clip_skip < 1:
-            raise ValueError(f"clip_skip must be >= 1, got {clip_skip}")
-        if clip_skip is None or clip_skip == 1:
-            hidden = te(ids, return_dict=True).last_hidden_state
-        else:
-            out = te(ids, output_hidden_states=True, return_dict=True)
-            if clip_skip >= len(out.hidden_states):
-                raise ValueError(f"clip_skip={clip_skip} is larger than the text encoder's "
-                                 f"{len(out.hidden_states) - 1} layers")
-            hidden = final_layer_norm(te)(out.hidden_states[-clip_skip])
-        hidden = stitch_chunks(hidden.reshape(len(captions), -1, hidden.shape[-1]), n)
-        cond = TextConditioning(hidden, None)
-    return cond.to(device=device) if device is not None else cond
+        out = te(ids, output_hidden_states=True, return_dict=True)
+        if clip_skip >= len(out.hidden_states):
+            raise ValueError(f"clip_skip={clip_skip} is larger than the text encoder's "
+                             f"{len(out.hidden_states) - 1} layers")
+        hidden = final_layer_norm(te)(out.hidden_states[-clip_skip])
+    return TextConditioning(stitch_chunks(hidden.reshape(b, -1, hidden.shape[-1]), n), None)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The training step's UNet forward and backward replayed as CUDA graphs, one pair per input shape (issue 6).
+"""The training step's UNet (and text-encoder) forward and backward replayed as CUDA graphs, one pair per input
+shape (issue 6).
 
 A LoRA step at batch 1 on a GPU is bound by kernel launches and Python (docs/speed.md): SDXL dispatches ~13 000
 ops per step, each a launch, for ~15 TFLOP of math. `torch.cuda.make_graphed_callables` records the forward and
@@ -10,7 +11,9 @@ optimizer stay eager and unchanged.
 (attention maps, (mu, sigma) pairs, `CaptureRecord.flat`), so what Python hooks collect while recording is
 returned as graph outputs. `GraphedUNet` keeps one recording per input signature (aspect bucket, batch size) up
 to `max_graphs`; further shapes run eagerly (same function, same results), so a many-bucket dataset cannot fill
-the GPU with recorded activations. Backend "eager" (`replay_without_cuda`) runs the function at each call but
+the GPU with recorded activations. `text_outputs` is the text encoders' function, recorded the same way when
+their LoRA trains (--text_encoder_cuda_graph): its context output then carries gradients into the UNet's
+recording, whose backward returns the context's gradient. Backend "eager" (`replay_without_cuda`) runs the function at each call but
 keeps a recording's structure and memory: one autograd node, outputs and parameter gradients in buffers that the
 next call overwrites; the CPU tests check everything but the recording itself.
 
@@ -62,6 +65,23 @@ def unet_outputs(model, weight_dtype: torch.dtype, device_type: str, capture_ctx
         with cap as rec, torch.autocast(device_type, dtype=weight_dtype, enabled=enabled, cache_enabled=False):
             pred = unet_forward(model, noisy, timesteps, TextConditioning(context, pooled), time_ids).float()
         return [pred] if rec is None else [pred, *rec.flat()]
+
+    return fn
+
+
+def text_outputs(model, weight_dtype: torch.dtype, device_type: str, clip_skip: Optional[int] = None,
+                 max_token_length: Optional[int] = None) -> Callable:
+    """fn(*ids) -> [context] (SD1/SD2) or [context, pooled] (SDXL), in `weight_dtype`: the text encoders on
+    token ids (`conditioning.encode_ids`, one tensor per encoder) under autocast with its weight-cast cache off,
+    as `unet_outputs`. What the trainer's text encoding runs, eagerly or recorded by --text_encoder_cuda_graph."""
+    from library.conditioning import encode_ids
+
+    enabled = weight_dtype != torch.float32
+
+    def fn(*ids):
+        with torch.autocast(device_type, dtype=weight_dtype, enabled=enabled, cache_enabled=False):
+            cond = encode_ids(model, ids, clip_skip=clip_skip, max_token_length=max_token_length)
+        return [t.to(weight_dtype) for t in (cond.context, cond.pooled) if t is not None]
 
     return fn
 

@@ -43,12 +43,15 @@ def test_graphed_unet_records_per_shape_passes_gradients_and_falls_back_beyond_m
             GraphedUNet(fn, [w], backend="cuda")
 
 
-@pytest.mark.parametrize("arch,components", [("sd1", "ata,rs,aa"), ("sdxl", "ata,rs,aa"), ("sd1", "none")])
-def test_apt_steps_through_the_unet_graph_equal_eager(arch, components):
-    """Loss, every logged APT term (the capture record comes back as graph outputs), the trained LoRA weights and
-    γ after 4 steps over two bucket shapes equal the eager steps."""
+@pytest.mark.parametrize("arch,components,te", [("sd1", "ata,rs,aa", False), ("sdxl", "ata,rs,aa", False),
+                                                 ("sd1", "none", False), ("sdxl", "ata,rs,aa", True)])
+def test_apt_steps_through_the_unet_graph_equal_eager(arch, components, te):
+    """Loss, every logged APT term (the capture record comes back as graph outputs), the LoRA gradients, the trained
+    LoRA weights and γ after 4 steps over two bucket shapes equal the eager steps; `te`: the text encoders' pass
+    recorded too (the prior pass encodes c without grad, eagerly; c* goes through the recording)."""
     eager = run_steps(build_tiny_model(arch), static=None, components=components)
-    graphed = run_steps(build_tiny_model(arch), static="eager", unet_graph="eager", components=components)
+    graphed = run_steps(build_tiny_model(arch), static="eager", unet_graph="eager", components=components,
+                        te_graph="eager" if te else None)
     assert graphed[3] == 2
     diff = compare(eager, graphed)
     assert all(v <= 1e-6 for v in diff.values()), diff
@@ -56,21 +59,28 @@ def test_apt_steps_through_the_unet_graph_equal_eager(arch, components):
         assert eager[0][0][1]["apt/L_attn"] > 0  # the alignment terms are computed from the returned maps
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_plain_trainer_steps_through_the_unet_graph_equal_eager(accumulation):
-    """The trainer's own loop body (micro_batch: backward, clipping, AdamW) with and without the graph path; with
-    gradient accumulation the gradients stay allocated between windows (zeroed, not freed)."""
+@pytest.mark.parametrize("arch,accumulation,flags", [
+    ("sd1", 1, ["--unet_cuda_graph"]), ("sd1", 2, ["--unet_cuda_graph"]),
+    ("sd1", 2, ["--text_encoder_cuda_graph"]), ("sdxl", 1, ["--unet_cuda_graph", "--text_encoder_cuda_graph"]),
+    ("sdxl", 2, ["--unet_cuda_graph", "--text_encoder_cuda_graph"])])
+def test_plain_trainer_steps_through_the_graphs_equal_eager(arch, accumulation, flags):
+    """The trainer's own loop body (micro_batch: backward, clipping, AdamW) with and without the graph paths (UNet,
+    text encoders with their LoRA training, both: the context's gradient flows from one recording into the other);
+    with gradient accumulation the gradients stay allocated between windows (zeroed, not freed)."""
     from bench.common import build_step_fn, make_batch, make_bench_args
 
     results = []
     for graph in (False, True):
-        model = build_tiny_model("sd1")
-        extra = ["--gradient_accumulation_steps", str(accumulation)] + (["--unet_cuda_graph"] if graph else [])
+        model = build_tiny_model(arch)
+        extra = ["--gradient_accumulation_steps", str(accumulation)] + (flags if graph else [])
         args = make_bench_args(rank=4, extra=extra)
         torch.manual_seed(0)
         bench = build_step_fn(model, args, device="cpu", batch=make_batch(model, 2, resolution=64))
-        assert (bench.ctx.unet_graph is not None) == graph
+        assert (bench.ctx.unet_graph is not None) == (graph and "--unet_cuda_graph" in flags)
+        assert (bench.ctx.te_graph is not None) == (graph and "--text_encoder_cuda_graph" in flags)
+        assert any(lora.lora_name.startswith("lora_te") for lora in bench.network.loras)  # the text encoders train
         grads_before = [p.grad for p in bench.trainable]
+        start = [p.detach().clone() for p in bench.trainable]
         losses = []
         for i in range(3):
             torch.manual_seed(10 + i)
@@ -83,8 +93,17 @@ def test_plain_trainer_steps_through_the_unet_graph_equal_eager(accumulation):
             assert not bench.ctx.keep_grads and all(p.grad is None for p in bench.trainable)
         results.append((losses, [p.detach().clone() for p in bench.trainable]))
     (l0, w0), (l1, w1) = results
+    if graph and "--text_encoder_cuda_graph" in flags:  # its recordings ran (one shape), fed by each step's captions
+        assert len(bench.ctx.te_graph) == 1
     assert l0 == pytest.approx(l1, rel=1e-6)
-    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-8) for a, b in zip(w0, w1))
+    # A LoRA on a layer whose output nothing reads (SDXL's TE1 last layer: the context is hidden_states[-2]) gets no
+    # gradient. Eagerly its gradient stays None and AdamW skips it; kept gradients are zeros, so AdamW's weight decay
+    # shrinks its down weights. Its up weights stay exactly 0 either way, so the LoRA is the same (docs/speed.md).
+    unused = [torch.equal(a, b) for a, b in zip(w0, start)]
+    names = [n for n, p in bench.network.named_parameters() if p.requires_grad]
+    assert not any(unused) or (arch == "sdxl" and all("lora_te1" in n for n, u in zip(names, unused) if u))
+    assert all(torch.count_nonzero(w) == 0 for n, w, u in zip(names, w1, unused) if u and "lora_up" in n)
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-8) for a, b, u in zip(w0, w1, unused) if not u)
     assert l0[0] != l0[2]
 
 
@@ -107,6 +126,32 @@ def test_unet_graph_flag_errors(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert train_apt_lora.main(base) == 2
         assert "--unet_cuda_graph needs a CUDA device" in capsys.readouterr().err
+    te = base[:-1] + ["--text_encoder_cuda_graph"]
+    assert train_apt_lora.main(te + ["--gradient_checkpointing"]) == 2
+    assert "--text_encoder_cuda_graph cannot be combined with --gradient_checkpointing" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert train_apt_lora.main(te + ["--network_train_unet_only"]) == 2
+        assert "--text_encoder_cuda_graph needs a CUDA device" in capsys.readouterr().err
+
+
+def test_text_encoder_graph_setup_errors(monkeypatch, tmp_path, capsys):
+    """Nothing to record with frozen text encoders, and no recording of a per-call dropout draw: both named."""
+    from bench.common import build_step_fn, make_bench_args
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # verify_args' device check passed
+    base = ["--pretrained_model_name_or_path", str(tmp_path / "nomodel"), "--train_data_dir", str(tmp_path),
+            "--output_dir", str(tmp_path / "out"), "--text_encoder_cuda_graph", "--network_train_unet_only"]
+    assert train_apt_lora.main(base) == 2
+    assert "--network_train_unet_only trains none: leave the flag out" in capsys.readouterr().err
+    monkeypatch.undo()
+    model = build_tiny_model("sd1")
+    with pytest.raises(ValueError, match="--text_encoder_cuda_graph: no text-encoder LoRA trains"):
+        build_step_fn(model, make_bench_args(rank=4, extra=["--network_train_unet_only", "--text_encoder_cuda_graph"]),
+                      device="cpu")
+    model = build_tiny_model("sd1")
+    with pytest.raises(ValueError, match="--text_encoder_cuda_graph: LoRA dropout is drawn per call"):
+        build_step_fn(model, make_bench_args(rank=4, extra=["--network_dropout", "0.1", "--text_encoder_cuda_graph"]),
+                      device="cpu")
 
 
 def test_micro_batch_zeroes_instead_of_freeing_kept_gradients():
@@ -196,3 +241,22 @@ def test_replay_buffers_alias_like_a_recording_and_keep_grads_is_what_makes_accu
 
     assert torch.equal(accumulate(keep=True), torch.tensor([4.0, 4.0]))  # 1 + 3
     assert torch.equal(accumulate(keep=False), torch.tensor([6.0, 6.0]))  # the hazard: 3 + 3
+
+
+@pytest.mark.parametrize("arch,clip_skip,max_len", [("sd1", 2, 225), ("sdxl", None, 150)])
+def test_text_pass_reads_nothing_back_to_the_host(arch, clip_skip, max_len):
+    """What --text_encoder_cuda_graph records must not synchronise with the host (a recording fails on it): on the
+    meta device every host read raises, so the text encoders' function (CLIP with its causal mask, SDXL's EOS
+    pooling, chunk stitching) runs there to the right shapes."""
+    from library.conditioning import context_length, tokenize
+    from library.unet_graph import text_outputs
+
+    model = build_tiny_model(arch)
+    for te in model.text_encoders:
+        te.to("meta")
+    fn = text_outputs(model, torch.float32, "cpu", clip_skip=clip_skip, max_token_length=max_len)
+    ids = [t.to("meta") for t in tokenize(model, ["a photo of sks dog", "a dog"], max_len)]
+    out = fn(*ids)
+    assert all(t.device.type == "meta" for t in out)
+    assert out[0].shape[:2] == (2, context_length(max_len))
+    assert len(out) == (2 if arch == "sdxl" else 1)
