@@ -98,7 +98,8 @@ def _training_args(p: argparse.ArgumentParser) -> None:
                         "see docs/speed.md)")
     g.add_argument("--unet_cuda_graph_max", type=int, default=2,
                    help="--unet_cuda_graph (and --text_encoder_cuda_graph) records at most this many input shapes (each "
-                        "holds its activations in GPU memory); other shapes run without a graph")
+                        "holds its activations in GPU memory, and one is recorded only while twice the largest so far "
+                        "is still free); other shapes run without a graph")
     g.add_argument("--text_encoder_cuda_graph", action="store_true",
                    help="replay the text encoders' training forward and backward as CUDA graphs when their LoRA "
                         "trains (one pair per batch size): ~5800 fewer kernel launches per SDXL step (CUDA only; no "

@@ -140,21 +140,37 @@ def replay_without_cuda(module: _Call, n_args: int) -> Callable:
     return lambda *args: Replay.apply(*args, *params)
 
 
+def cuda_memory() -> tuple[int, int]:
+    """(bytes allocated by torch, bytes still available to it: free on the device plus its cached blocks)."""
+    free, _total = torch.cuda.mem_get_info()
+    allocated = torch.cuda.memory_allocated()
+    return allocated, free + torch.cuda.memory_reserved() - allocated
+
+
 class GraphedUNet:
     """`fn(*inputs) -> list of tensors` with autograd to `params`, replayed from CUDA graphs per input signature.
 
     `fn` must take every per-call tensor as an argument and touch nothing else that changes between calls except
-    the parameters' values (updated in place by the optimizer, as graphs need)."""
+    the parameters' values (updated in place by the optimizer, as graphs need).
+
+    A recording keeps its activations for good, so a new shape is recorded only while `max_graphs` allows and
+    the memory still available holds `headroom` times the largest recording so far (one for the new recording,
+    the rest for the eager passes of the shapes without one); otherwise it runs eagerly, with one warning.
+    `memory() -> (allocated, available)` bytes: `cuda_memory` on CUDA, none (no check) for the eager backend
+    unless given."""
 
     def __init__(self, fn: Callable, params: Sequence[torch.nn.Parameter], backend: str = "cuda",
-                 max_graphs: int = 2, warmup: int = 3):
+                 max_graphs: int = 2, warmup: int = 3, memory: Optional[Callable[[], tuple]] = None,
+                 headroom: float = 2.0):
         self.pool = graph_pool("GraphedUNet", backend)
         if max_graphs < 1:
             raise ValueError(f"max_graphs must be at least 1, got {max_graphs}")
         self.fn, self.params, self.backend = fn, [p for p in params if p.requires_grad], backend
         self.max_graphs, self.warmup = max_graphs, warmup
+        self.memory = memory if memory is not None else (cuda_memory if backend == "cuda" else None)
+        self.headroom, self.cost = headroom, 0  # cost: the largest recording's memory (bytes)
         self.recorded: dict[tuple, Callable] = {}  # signature -> graphed callable (or the eager one)
-        self.eager_calls = 0  # calls of shapes beyond max_graphs
+        self.eager_calls = 0  # calls of shapes left without a recording
 
     def __len__(self) -> int:
         return len(self.recorded)
@@ -162,15 +178,32 @@ class GraphedUNet:
     def __call__(self, *inputs: Optional[torch.Tensor]) -> list[torch.Tensor]:
         key = signature(inputs)
         call = self.recorded.get(key)
-        if call is None:
-            if len(self.recorded) >= self.max_graphs:
-                if self.eager_calls == 0:
-                    logger.warning("more than %d input shapes: shape %s runs without a CUDA graph (raise the limit "
-                                   "with --unet_cuda_graph_max, at the cost of GPU memory)", self.max_graphs, key)
-                self.eager_calls += 1
-                return list(self.fn(*inputs))
-            call = self.recorded[key] = self._record(inputs)
-        return list(call(*(x for x in inputs if x is not None)))
+        if call is not None:
+            return list(call(*(x for x in inputs if x is not None)))
+        why = self._why_not_record()
+        if why:
+            if self.eager_calls == 0:
+                logger.warning("shape %s runs without a CUDA graph: %s", key, why)
+            self.eager_calls += 1
+            return list(self.fn(*inputs))
+        before = self.memory()[0] if self.memory is not None else 0
+        call = self.recorded[key] = self._record(inputs)
+        out = list(call(*(x for x in inputs if x is not None)))
+        if self.memory is not None:  # what the recording (its static outputs and saved activations) holds
+            self.cost = max(self.cost, self.memory()[0] - before)
+        return out
+
+    def _why_not_record(self) -> str:
+        """Why a new shape gets no recording ("" if it does)."""
+        if len(self.recorded) >= self.max_graphs:
+            return (f"{self.max_graphs} shapes are recorded already (raise the limit with --unet_cuda_graph_max, at "
+                    "the cost of GPU memory)")
+        if self.memory is not None and self.recorded:
+            available = self.memory()[1]
+            if self.headroom * self.cost > available:
+                return (f"a recording holds ~{self.cost / 2**30:.1f} GiB and {available / 2**30:.1f} GiB is available "
+                        f"(needed: {self.headroom:g}x, to leave room for the passes without a recording)")
+        return ""
 
     def module_for(self, inputs) -> _Call:
         """The module recorded for `inputs`' signature (its None inputs fixed)."""

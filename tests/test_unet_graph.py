@@ -43,6 +43,34 @@ def test_graphed_unet_records_per_shape_passes_gradients_and_falls_back_beyond_m
             GraphedUNet(fn, [w], backend="cuda")
 
 
+def test_graphed_unet_records_a_new_shape_only_while_memory_allows(caplog):
+    """A recording keeps its activations: a new shape is recorded while the memory available holds twice the
+    largest recording (the new one, and room for the passes without one); else it runs eagerly, with a warning
+    that says how much each needs. Memory is faked here: each call of `fn` "holds" 30 bytes."""
+    w = torch.nn.Parameter(torch.tensor([2.0]))
+    mem = {"allocated": 0, "available": 100}
+
+    def fn(x):
+        mem["allocated"] += 30
+        return [x * w]
+
+    g = GraphedUNet(fn, [w], backend="eager", max_graphs=5, memory=lambda: (mem["allocated"], mem["available"]))
+    g(torch.ones(1))
+    assert len(g) == 1 and g.cost == 30
+    g(torch.ones(2))  # 100 available >= 2 x 30
+    assert len(g) == 2 and g.eager_calls == 0
+    mem["available"] = 59
+    with caplog.at_level("WARNING", logger="library.unet_graph"):
+        out = g(torch.ones(3))
+    assert len(g) == 2 and g.eager_calls == 1 and torch.equal(out[0], torch.full((3,), 2.0))
+    assert "runs without a CUDA graph: a recording holds ~0.0 GiB and 0.0 GiB is available (needed: 2x" in caplog.text
+    mem["available"] = 60
+    g(torch.ones(4))
+    assert len(g) == 3  # room again
+    g(torch.ones(2))  # a recorded shape replays whatever the memory
+    assert len(g) == 3 and g.eager_calls == 1
+
+
 @pytest.mark.parametrize("arch,components,te", [("sd1", "ata,rs,aa", False), ("sdxl", "ata,rs,aa", False),
                                                  ("sd1", "none", False), ("sdxl", "ata,rs,aa", True)])
 def test_apt_steps_through_the_unet_graph_equal_eager(arch, components, te):
