@@ -247,6 +247,8 @@ def verify_args(args):
             raise TrainingSetupError("--apt_cuda_graph speeds up APT's prior pass: it needs --apt (or --loss_type dco)")
         if not torch.cuda.is_available():
             raise TrainingSetupError("--apt_cuda_graph needs a CUDA device (this torch sees none): leave the flag out")
+    if args.unet_cuda_graph_max < 1:
+        raise TrainingSetupError(f"--unet_cuda_graph_max must be at least 1, got {args.unet_cuda_graph_max}")
     for flag in ("unet_cuda_graph", "text_encoder_cuda_graph"):
         if not getattr(args, flag):
             continue
@@ -255,8 +257,6 @@ def verify_args(args):
         if args.gradient_checkpointing:
             raise TrainingSetupError(f"--{flag} cannot be combined with --gradient_checkpointing yet: "
                                      "leave one of them out")
-        if args.unet_cuda_graph_max < 1:
-            raise TrainingSetupError(f"--unet_cuda_graph_max must be at least 1, got {args.unet_cuda_graph_max}")
         if not torch.cuda.is_available():
             raise TrainingSetupError(f"--{flag} needs a CUDA device (this torch sees none): leave the flag out")
         if flag == "text_encoder_cuda_graph" and args.network_train_unet_only:
@@ -420,6 +420,14 @@ def train(args):
     network.set_multiplier(args.network_multiplier)
     network.to(device)
     network.train()
+    if args.cuda_graphs == "auto":  # before APT, which records its prior pass when args.apt_cuda_graph is set
+        from library.unet_graph import auto_cuda_graphs
+
+        why = auto_cuda_graphs(args, device.type, any(lora.has_dropout for lora in network.loras),
+                               bool(network.text_encoder_loras), apt_enabled(args))
+        on = [f"--{f}" for f, w in why.items() if not w]
+        off = [f"--{f} ({w})" for f, w in why.items() if w]
+        accelerator.print(f"--cuda_graphs auto: on: {', '.join(on) or 'none'}; off: {', '.join(off) or 'none'}")
     try:
         apt = APT(args, model, device) if apt_enabled(args) else None  # after LoRA and attention processors are set
     except ValueError as e:

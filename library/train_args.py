@@ -91,6 +91,11 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--channels_last", action="store_true",
                    help="UNet weights in channels_last memory layout (NHWC convolutions; may help on GPUs with tensor "
                         "cores, measure with bench/apt_overhead.py; same results up to rounding)")
+    g.add_argument("--cuda_graphs", choices=["off", "auto"], default="off",
+                   help="auto: turn on each of --unet_cuda_graph, --text_encoder_cuda_graph and --apt_cuda_graph that "
+                        "this run can use (CUDA, no LoRA dropout, no gradient checkpointing; the run prints which, and "
+                        "why not the others). Off by default until the graphs' equality check passes on a GPU "
+                        "(docs/speed.md); on CPU auto does nothing")
     g.add_argument("--unet_cuda_graph", action="store_true",
                    help="replay the UNet's training forward and backward as CUDA graphs, one pair per bucket shape and "
                         "batch size: far fewer kernel launches, an SDXL step 6.8x faster on an H200 (CUDA only; no LoRA "

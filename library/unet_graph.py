@@ -48,6 +48,34 @@ def graph_pool(owner: str, backend: str):
     return torch.cuda.graph_pool_handle() if backend == "cuda" else None
 
 
+GRAPH_FLAGS = ("unet_cuda_graph", "text_encoder_cuda_graph", "apt_cuda_graph")
+
+
+def auto_cuda_graphs(args, device_type: str, has_dropout: bool, trains_text_encoder: bool, apt_on: bool) -> dict:
+    """--cuda_graphs auto: which of the graph flags this run can use. Sets those on `args` and returns
+    {flag: "" if turned on, else why not}; a flag the user set already stays set ("" too).
+
+    The UNet's and the text encoders' recordings need CUDA, no LoRA dropout (drawn per call) and no gradient
+    checkpointing; the text encoders' needs their LoRA to train; the prior pass's needs CUDA and APT (it runs with
+    the LoRA off and without grad, so dropout and checkpointing do not touch it)."""
+    why = {}
+    for flag in GRAPH_FLAGS:
+        reasons = [] if device_type == "cuda" else ["no CUDA device"]
+        if flag == "apt_cuda_graph":
+            reasons += [] if apt_on else ["APT is off"]
+        else:
+            reasons += ["LoRA dropout"] if has_dropout else []
+            reasons += ["--gradient_checkpointing"] if args.gradient_checkpointing else []
+        if flag == "text_encoder_cuda_graph" and not trains_text_encoder:
+            reasons.append("no text-encoder LoRA trains")
+        if getattr(args, flag):
+            reasons = []
+        elif not reasons:
+            setattr(args, flag, True)
+        why[flag] = ", ".join(reasons)
+    return why
+
+
 def unet_outputs(model, weight_dtype: torch.dtype, device_type: str, capture_ctx: Optional[Callable] = None,
                  tag: str = "ft") -> Callable:
     """fn(noisy, timesteps, context, pooled, time_ids) -> [pred (float32), *captured tensors]: the UNet forward

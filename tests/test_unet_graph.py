@@ -288,3 +288,28 @@ def test_text_pass_reads_nothing_back_to_the_host(arch, clip_skip, max_len):
     assert all(t.device.type == "meta" for t in out)
     assert out[0].shape[:2] == (2, context_length(max_len))
     assert len(out) == (2 if arch == "sdxl" else 1)
+
+
+def test_cuda_graphs_auto_turns_on_what_the_run_can_use():
+    """--cuda_graphs auto: each graph flag on where this run allows it, else off with the reason; flags the user set
+    stay set."""
+    from library.unet_graph import auto_cuda_graphs
+
+    def run(device="cuda", dropout=False, te=True, apt=True, **flags):
+        args = SimpleNamespace(gradient_checkpointing=False, unet_cuda_graph=False, text_encoder_cuda_graph=False,
+                               apt_cuda_graph=False)
+        vars(args).update(flags)
+        why = auto_cuda_graphs(args, device, dropout, te, apt)
+        assert all((w == "") == getattr(args, f) for f, w in why.items())  # on exactly where no reason is given
+        return why
+
+    assert run() == {"unet_cuda_graph": "", "text_encoder_cuda_graph": "", "apt_cuda_graph": ""}
+    assert set(run(device="cpu").values()) == {"no CUDA device"}
+    assert run(dropout=True) == {"unet_cuda_graph": "LoRA dropout", "text_encoder_cuda_graph": "LoRA dropout",
+                                 "apt_cuda_graph": ""}  # the prior pass runs with the LoRA off
+    assert run(gradient_checkpointing=True, apt=False) == {
+        "unet_cuda_graph": "--gradient_checkpointing", "text_encoder_cuda_graph": "--gradient_checkpointing",
+        "apt_cuda_graph": "APT is off"}
+    assert run(te=False)["text_encoder_cuda_graph"] == "no text-encoder LoRA trains"
+    assert run(device="cpu", te=False)["text_encoder_cuda_graph"] == "no CUDA device, no text-encoder LoRA trains"
+    assert run(device="cpu", unet_cuda_graph=True)["unet_cuda_graph"] == ""  # the user's own flag is left alone
