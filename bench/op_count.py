@@ -89,26 +89,32 @@ def counting_unet_pass(counts: list):
     orig = train_apt_lora.TrainContext.unet_pass
 
     def counted(self, noisy, timesteps, cond, time_ids):
+        from library.conditioning import TextConditioning
+
         params = [p for p in self.network.parameters() if p.requires_grad]
+        texts = [t for t in (cond.context, cond.pooled) if t is not None]  # inputs: a trained text encoder's outputs
         inner = {}
 
         class Node(torch.autograd.Function):
             @staticmethod
-            def forward(ctx, *_params):
+            def forward(ctx, *tensors):
+                inner["texts"] = [t.detach().requires_grad_(t.requires_grad) for t in tensors[:len(texts)]]
+                c_in = TextConditioning(inner["texts"][0], inner["texts"][1] if len(texts) > 1 else None)
                 with torch.enable_grad(), OpCounter() as c:
-                    pred, rest = orig(self, noisy, timesteps, cond, time_ids)
+                    pred, rest = orig(self, noisy, timesteps, c_in, time_ids)
                 counts.append(c.total)
                 inner["outs"] = [pred, *rest]
                 return tuple(o.detach() for o in inner["outs"])
 
             @staticmethod
-            def backward(ctx, *grads):
+            def backward(ctx, *grads):  # the parameters' gradients and the text inputs', as the graphed callable's
+                wrt = [t for t in inner["texts"] if t.requires_grad] + params
                 with OpCounter() as c:
-                    out = torch.autograd.grad(inner["outs"], params, grads, allow_unused=True)
+                    got = iter(torch.autograd.grad(inner["outs"], wrt, grads, allow_unused=True))
                 counts.append(c.total)
-                return out
+                return tuple(next(got) if t.requires_grad else None for t in inner["texts"]) + tuple(got)
 
-        outs = Node.apply(*params)
+        outs = Node.apply(*texts, *params)
         return outs[0], list(outs[1:])
 
     train_apt_lora.TrainContext.unet_pass = counted
@@ -116,6 +122,50 @@ def counting_unet_pass(counts: list):
         yield counts
     finally:
         train_apt_lora.TrainContext.unet_pass = orig
+
+
+@contextmanager
+def counting_text_pass(counts: list):
+    """Within the block the text encoders' pass with grad (`TrainContext.text_fn`'s function, as
+    `--text_encoder_cuda_graph` records it) runs as one autograd node: its forward's and its backward's op counts
+    are appended to `counts`. Calls without grad (APT's prior prompt) run as they are."""
+    import train_apt_lora
+
+    orig = train_apt_lora.TrainContext.text_fn
+
+    def counted_fn(self):
+        fn = orig(self)
+        params = [p for lora in self.network.text_encoder_loras for p in lora.parameters() if p.requires_grad]
+
+        def run(*ids):
+            if not torch.is_grad_enabled():
+                return fn(*ids)
+            inner = {}
+
+            class Node(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx, *_params):
+                    with torch.enable_grad(), OpCounter() as c:
+                        inner["outs"] = fn(*ids)
+                    counts.append(c.total)
+                    return tuple(o.detach() for o in inner["outs"])
+
+                @staticmethod
+                def backward(ctx, *grads):
+                    with OpCounter() as c:
+                        out = torch.autograd.grad(inner["outs"], params, grads, allow_unused=True)
+                    counts.append(c.total)
+                    return out
+
+            return list(Node.apply(*params))
+
+        return run
+
+    train_apt_lora.TrainContext.text_fn = counted_fn
+    try:
+        yield counts
+    finally:
+        train_apt_lora.TrainContext.text_fn = orig
 
 
 def narrow_config(arch: str) -> dict:
@@ -156,18 +206,20 @@ def build_narrow_model(arch: str):
     return model
 
 
-def step_ops(arch: str, apt: bool, fast: bool, batch_size: int = 1) -> dict:
+def step_ops(arch: str, apt: bool, fast: bool, batch_size: int = 1, train_te: bool = False) -> dict:
     """Ops of one trainer step (after one warm-up step) on the narrow `arch` layout, bf16 base weights and autocast
     as the trainer sets them for --mixed_precision bf16. `fast`: this project's CUDA defaults (LoRA branch fused into
     one addmm, fused AdamW); else the LoRA branch as separate ops and foreach AdamW (torch's CUDA default).
-    Returns the total and the top ops."""
+    `train_te`: the text encoders' LoRA trains too (their outputs are not cached). Returns the total, the ops of
+    the prior pass, of the fine-tuned UNet pass and of the text encoders' pass with grad (forward + backward), and
+    the top ops."""
     from bench.common import build_step_fn, make_batch, make_bench_args
 
     model = build_narrow_model(arch)
     for m in (model.unet, *model.text_encoders):
         m.to(torch.bfloat16)
-    extra = ["--cache_text_encoder_outputs", "--network_train_unet_only",
-             "--optimizer_args", "fused=True" if fast else "foreach=True"] + (["--apt"] if apt else []) \
+    extra = ([] if train_te else ["--cache_text_encoder_outputs", "--network_train_unet_only"]) \
+        + ["--optimizer_args", "fused=True" if fast else "foreach=True"] + (["--apt"] if apt else []) \
         + ([] if fast else ["--no_fused_lora"])
     args = make_bench_args(rank=32, mixed_precision="bf16", extra=extra)
     bench = build_step_fn(model, args, device="cpu", batch=make_batch(model, batch_size, resolution=LATENT * 8))
@@ -175,11 +227,12 @@ def step_ops(arch: str, apt: bool, fast: bool, batch_size: int = 1) -> dict:
     bench.step_fn()  # warm-up: caches, lazy state
     with counting_prior_pass([]) as prior:
         loss, ops = count_ops(bench.step_fn)
-    with counting_prior_pass([]), counting_unet_pass([]) as unet:  # a second step: the fine-tuned pass alone
+    with counting_prior_pass([]), counting_unet_pass([]) as unet, counting_text_pass([]) as text:  # the passes alone
         count_ops(bench.step_fn)
-    return {"arch": arch, "apt": apt, "fast": fast, "batch_size": batch_size, "ops": sum(ops.values()),
-            "prior_ops": sum(prior), "unet_ops": sum(unet), "loss": loss, "top": ops.most_common(8), "lora_modules": len(bench.network.loras),
-            "counts": ops}
+    return {"arch": arch, "apt": apt, "fast": fast, "batch_size": batch_size, "train_te": train_te,
+            "ops": sum(ops.values()), "prior_ops": sum(prior), "unet_ops": sum(unet), "text_ops": sum(text),
+            "loss": loss, "top": ops.most_common(8), "lora_modules": len(bench.network.unet_loras),
+            "te_lora_modules": len(bench.network.text_encoder_loras), "counts": ops}
 
 
 def table(rows: list[dict]) -> str:
@@ -202,6 +255,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(head + out)
 
 
+def te_table(rows: list[dict]) -> str:
+    """The steps with text-encoder LoRA (fused paths): what the text encoders' pass with grad costs, and what is
+    left with all three graphs."""
+    head = ["| layout | text-encoder LoRA modules | plain | its text-encoder pass (fwd + bwd) | APT | its text-encoder "
+            "pass (c*, fwd + bwd) | with every graph: plain | APT |", "|---|---|---|---|---|---|---|---|"]
+    out = []
+    for arch in dict.fromkeys(r["arch"] for r in rows):
+        g = {r["apt"]: r for r in rows if r["arch"] == arch}
+        left = {a: g[a]["ops"] - g[a]["prior_ops"] - g[a]["unet_ops"] - g[a]["text_ops"] + 4 + (1 if g[a]["prior_ops"] else 0)
+                for a in g}  # each recording: a forward and a backward launch; the prior pass: one
+        out.append(f"| {arch} (narrow, batch {g[False]['batch_size']}) | {g[False]['te_lora_modules']} | {g[False]['ops']} "
+                   f"| {g[False]['text_ops']} | {g[True]['ops']} | {g[True]['text_ops']} | {left[False]} | {left[True]} |")
+    return "\n".join(head + out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.op_count", description=__doc__.split("\n")[0])
     p.add_argument("--archs", default="sd1,sdxl")
@@ -209,7 +277,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="also write the table (markdown) here")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    rows = []
+    rows, te_rows = [], []
     for arch in a.archs.split(","):
         for apt in (False, True):
             for fast in (False, True):
@@ -217,6 +285,9 @@ def main(argv=None) -> int:
                 print(f"{arch} apt={apt} fast={fast}: {r['ops']} ops (prior pass {r['prior_ops']}); "
                       f"top {r['top'][:6]}", file=sys.stderr)
                 rows.append(r)
+            r = step_ops(arch, apt, True, a.batch_size, train_te=True)
+            print(f"{arch} apt={apt} text-encoder LoRA: {r['ops']} ops (text encoders {r['text_ops']})", file=sys.stderr)
+            te_rows.append(r)
     text = ("ATen ops (non-view) per trainer step (forward, backward, clipping, AdamW), counted on the CPU: UNet LoRA "
             "rank 32, bf16 base weights and autocast, cached text-encoder outputs. *separate ops*: the LoRA branch as "
             "down, up, scale, add and foreach AdamW (torch's CUDA default); *fused*: this project's CUDA defaults, "
@@ -224,7 +295,11 @@ def main(argv=None) -> int:
             "ops of its no-grad prior pass replaced by the one launch of a CUDA graph replay (`--apt_cuda_graph`). "
             "*with every graph*: also the fine-tuned UNet forward and backward as two replays (`--unet_cuda_graph`): "
             "what is left is the step's eager part (noise, losses, clipping, AdamW).\n\n"
-            + table(rows) + "\n")
+            + table(rows) + "\n\n"
+            "With the text encoders' LoRA training too (rank 32, fused paths; their outputs are not cached, so every step "
+            "encodes the captions with grad; APT also encodes its class prompt c without grad, which stays eager): the "
+            "text encoders' pass with grad, forward and backward, is what `--text_encoder_cuda_graph` replays as two "
+            "launches. *with every graph*: the three flags together.\n\n" + te_table(te_rows) + "\n")
     print(text)
     if a.out:
         from library.safe_io import atomic_write_bytes

@@ -146,6 +146,19 @@ def test_a_graphed_plain_step_leaves_few_eager_ops():
     assert r["ops"] - r["unet_ops"] < 100, r["ops"] - r["unet_ops"]
 
 
+def test_graphed_text_encoders_leave_few_eager_ops():
+    """With the text encoders' LoRA training, their pass with grad is the other big block of launches (SD1.5: ~1300
+    ops); with it and the UNet's pass replayed (--text_encoder_cuda_graph, --unet_cuda_graph) the eager remainder
+    is again a few dozen ops, and each pass is counted once (the UNet's backward hands the context's gradient to
+    the text encoders' instead of running through them)."""
+    from bench.op_count import step_ops
+
+    r = step_ops("sd1", apt=False, fast=True, train_te=True)
+    assert r["te_lora_modules"] == 72 and r["text_ops"] > 1000
+    left = r["ops"] - r["unet_ops"] - r["text_ops"]
+    assert 0 < left < 100, left
+
+
 def test_gpu_check_dry_run_runs_the_graph_check_first(tmp_path):
     """bench/gpu_check.sh is what a short GPU session runs: its dry run (tiny CPU configs) must get through the
     graph equality check of all three variants and the eager noise-floor row (the step benchmarks are skipped
