@@ -121,6 +121,7 @@ class TrainContext:
         self.te_graph = None  # the same for the text encoders (--text_encoder_cuda_graph)
         self.keep_grads = False  # zero the gradients instead of freeing them (see _graphed)
         self._unet_fn = self._text_fn = None  # the passes' functions (`unet_fn`, `text_fn`), eager or recorded
+        self._base_text = {}  # caption -> its encoding by the base text encoders (`encode_base_text`)
 
     def unet_fn(self):
         """The fine-tuned UNet pass as one function (`library.unet_graph.unet_outputs`, APT's capture included):
@@ -212,6 +213,34 @@ class TrainContext:
         with torch.set_grad_enabled(train_te):
             context, *pooled = run(*ids)
         return TextConditioning(context, pooled[0] if pooled else None)
+
+
+    BASE_TEXT_MEMO = 256  # captions kept by encode_base_text (SDXL: ~0.3 MB each)
+
+    def encode_base_text(self, captions):
+        """The captions through the base text encoders (LoRA off, no grad), as APT's prior pass needs its class
+        prompts c: memoised per caption on the device (the last BASE_TEXT_MEMO), since the base encoders never
+        change; with their LoRA training that saves a text-encoder forward per step. The same values as
+        `encode_text` with the LoRA multiplier at 0 (a LoRA at 0 is not computed at all)."""
+        import torch
+
+        from library.conditioning import TextConditioning
+
+        if self.te_cache is not None:
+            return self.encode_text(captions)
+        memo = self._base_text
+        missing = [c for c in dict.fromkeys(captions) if c not in memo]
+        if missing:
+            with torch.no_grad(), self.network.multiplier_override(0.0):
+                cond = self.encode_text(missing)
+            for i, caption in enumerate(missing):
+                memo[caption] = cond[i]
+        for caption in captions:  # most recently used last
+            memo[caption] = memo.pop(caption)
+        out = TextConditioning.cat([memo[c] for c in captions])
+        for old in list(memo)[: max(0, len(memo) - self.BASE_TEXT_MEMO)]:
+            del memo[old]  # least recently used first (dicts keep insertion order)
+        return out
 
 
 def verify_args(args):

@@ -267,7 +267,7 @@ def apt_step(args, ctx, batch, apt: APT):
 
     # prior pass: the base model (LoRA multiplier 0 on UNet and text encoders), class prompt c, no grad
     with torch.no_grad(), ctx.network.multiplier_override(0.0):
-        cond_prior = ctx.encode_text(prior_captions)
+        cond_prior = ctx.encode_base_text(prior_captions)  # memoised per caption: the base encoders never change
         pred_prior, rec_prior = apt.prior_pass(ctx, noisy, timesteps, cond_prior, time_ids)
 
     # fine-tuned pass: LoRA on, prompt c*, with grad

@@ -267,3 +267,33 @@ def test_alignment_is_memoised_per_sample_and_equals_the_batch_computation(monke
     pi2 = apt.alignment(model, ft[::-1], pr[::-1], ct[::-1], pct[::-1], torch.device("cpu"))
     assert torch.equal(pi2, expected[0].flip(0)) and len(calls) == 3  # all three rows from the memo
     assert apt.alignment(model, ["a cat"], ["a cat"], [None], [None], torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_base_text_memo_equals_the_lora_off_encoding_and_skips_the_encoders(arch, monkeypatch):
+    """APT's class prompts c go through the base text encoders (LoRA off): memoised per caption, they equal a fresh
+    encoding with the LoRA at 0 even after the text-encoder LoRA changed, a repeated caption runs no text encoder,
+    and the memo keeps only the last BASE_TEXT_MEMO captions (least recently used out first)."""
+    from bench.op_count import count_ops
+
+    ctx, apt, network = _ctx(arch, _args())
+    with torch.no_grad():
+        for lora in network.text_encoder_loras:
+            lora.lora_up.weight.normal_(0, 0.5)  # a trained text-encoder LoRA: c must not see it
+    first = ctx.encode_base_text(["a photo of dog", "a dog"])
+    with torch.no_grad():
+        on = ctx.encode_text(["a photo of dog"])
+        for lora in network.text_encoder_loras:
+            lora.lora_up.weight.mul_(3)  # the LoRA keeps training
+        with network.multiplier_override(0.0):
+            off = ctx.encode_text(["a dog", "a photo of dog"])
+    assert not torch.allclose(on.context, off.context[1:])  # the LoRA does change the encoding
+    again, ops = count_ops(lambda: ctx.encode_base_text(["a dog", "a photo of dog", "a dog"]))
+    assert torch.equal(again.context, torch.cat([off.context, off.context[:1]]))
+    assert torch.equal(first.context, off.context.flip(0))
+    if arch == "sdxl":
+        assert torch.equal(again.pooled, torch.cat([off.pooled, off.pooled[:1]]))
+    assert sum(ops.values()) < 10, ops  # the concatenation only: no text encoder ran
+    monkeypatch.setattr(train_apt_lora.TrainContext, "BASE_TEXT_MEMO", 2)
+    ctx.encode_base_text(["a cat"])  # "a photo of dog" was used least recently
+    assert list(ctx._base_text) == ["a dog", "a cat"]
