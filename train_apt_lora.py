@@ -117,7 +117,7 @@ class TrainContext:
         self.args, self.accelerator, self.model, self.network = args, accelerator, model, network
         self.weight_dtype, self.vae_dtype, self.te_cache, self.apt = weight_dtype, vae_dtype, te_cache, apt
         self.window_losses, self.window_keys = [], []  # of the current accumulation window (NaN/inf check at its end)
-        self.unet_graph = None  # a GraphedUNet once enable_unet_graph() ran (--unet_cuda_graph)
+        self.unet_graph = None  # a GraphedPass once enable_unet_graph() ran (--unet_cuda_graph)
         self.te_graph = None  # the same for the text encoders (--text_encoder_cuda_graph)
         self.keep_grads = False  # zero the gradients instead of freeing them (see _graphed)
         self._unet_fn = self._text_fn = None  # the passes' functions (`unet_fn`, `text_fn`), eager or recorded
@@ -149,14 +149,14 @@ class TrainContext:
         adopt the graph's gradient buffer, which the next micro-batch's replay overwrites before it is added."""
         import torch
 
-        from library.unet_graph import GraphedUNet
+        from library.unet_graph import GraphedPass
 
         bad = [lora.lora_name for lora in loras if lora.has_dropout]
         if bad:
             raise ValueError(f"{flag}: LoRA dropout is drawn per call, which a recorded graph cannot do "
                              f"({len(bad)} modules, e.g. {bad[0]}): leave out --network_dropout and the rank/module "
                              "dropout network_args, or the flag")
-        graph = GraphedUNet(fn, params, backend, max_graphs=self.args.unet_cuda_graph_max)
+        graph = GraphedPass(fn, params, backend, max_graphs=self.args.unet_cuda_graph_max)
         if self.args.gradient_accumulation_steps > 1:  # every trainable gradient: zero_grad treats them alike
             self.keep_grads = True
             for p in self.network.parameters():

@@ -5,7 +5,7 @@
 
 Variants (`--variants`): `prior` — the prior pass on static buffers (`--apt_cuda_graph`,
 `apt_ext.prior_graph.StaticPass`); `unet` — the fine-tuned UNet forward and backward from graphs
-(`--unet_cuda_graph`, `library.unet_graph.GraphedUNet`); `both`; `te` — the text encoders' forward and backward
+(`--unet_cuda_graph`, `library.unet_graph.GraphedPass`); `both`; `te` — the text encoders' forward and backward
 (`--text_encoder_cuda_graph`); `all` — the three; `eager` — a second eager run, whose differences are
 the comparison's noise floor (bf16 kernels with atomic reductions differ run to run). For each config and variant,
 two runs from the same LoRA start (nonzero, so the fine-tuned pass differs from the prior) make `--steps` APT
@@ -44,7 +44,7 @@ def run_steps(model, *, static: str | None, components: str = "ata,rs,aa", steps
               te_graph: str | None = None, lr: float = 1e-2):
     """`steps` APT optimizer steps on `model` (its LoRA starts from a fixed nonzero draw), cycling a batch of 2 at
     latent² and a batch of 1 at latent × 1.5·latent. `static`: None (eager prior pass) or a StaticPass backend;
-    `unet_graph`: None (eager fine-tuned pass) or a GraphedUNet backend; `te_graph` the same for the text encoders
+    `unet_graph`: None (eager fine-tuned pass) or a GraphedPass backend; `te_graph` the same for the text encoders
     (their LoRA trains here). `lr`: AdamW's; keep it small in bf16, where
     AdamW turns a last-bit gradient difference into a whole step (a near-zero gradient's sign decides the update).
     Returns ([(loss, logs, gradient)] per step, the gradient being every LoRA gradient flattened (fp32, CPU) before

@@ -9,7 +9,7 @@ optimizer stay eager and unchanged.
 
 `unet_outputs` is the function recorded: the UNet prediction (float32) and, for APT, the capture record's tensors
 (attention maps, (mu, sigma) pairs, `CaptureRecord.flat`), so what Python hooks collect while recording is
-returned as graph outputs. `GraphedUNet` keeps one recording per input signature (aspect bucket, batch size) up
+returned as graph outputs. `GraphedPass` keeps one recording per input signature (aspect bucket, batch size) up
 to `max_graphs`; further shapes run eagerly (same function, same results), so a many-bucket dataset cannot fill
 the GPU with recorded activations. `text_outputs` is the text encoders' function, recorded the same way when
 their LoRA trains (--text_encoder_cuda_graph): its context output then carries gradients into the UNet's
@@ -175,7 +175,7 @@ def cuda_memory() -> tuple[int, int]:
     return allocated, free + torch.cuda.memory_reserved() - allocated
 
 
-class GraphedUNet:
+class GraphedPass:
     """`fn(*inputs) -> list of tensors` with autograd to `params`, replayed from CUDA graphs per input signature.
 
     `fn` must take every per-call tensor as an argument and touch nothing else that changes between calls except
@@ -190,7 +190,7 @@ class GraphedUNet:
     def __init__(self, fn: Callable, params: Sequence[torch.nn.Parameter], backend: str = "cuda",
                  max_graphs: int = 2, warmup: int = 3, memory: Optional[Callable[[], tuple]] = None,
                  headroom: float = 2.0):
-        self.pool = graph_pool("GraphedUNet", backend)
+        self.pool = graph_pool("GraphedPass", backend)
         if max_graphs < 1:
             raise ValueError(f"max_graphs must be at least 1, got {max_graphs}")
         self.fn, self.params, self.backend = fn, [p for p in params if p.requires_grad], backend

@@ -10,7 +10,7 @@ import torch
 import train_apt_lora
 from bench.prior_graph_check import compare, run_steps
 from library.tiny_models import build_tiny_model
-from library.unet_graph import GraphedUNet
+from library.unet_graph import GraphedPass
 
 
 def test_graphed_unet_records_per_shape_passes_gradients_and_falls_back_beyond_max():
@@ -23,7 +23,7 @@ def test_graphed_unet_records_per_shape_passes_gradients_and_falls_back_beyond_m
         y = x * w * frozen + (0 if bias is None else bias)
         return [y * scale, y.sum(dim=-1)]
 
-    g = GraphedUNet(fn, [w, frozen], backend="eager", max_graphs=2)
+    g = GraphedPass(fn, [w, frozen], backend="eager", max_graphs=2)
     assert g.params == [w]  # only what trains
     x = torch.ones(3, 2)
     out = g(x, None, torch.tensor(2.0))
@@ -35,12 +35,12 @@ def test_graphed_unet_records_per_shape_passes_gradients_and_falls_back_beyond_m
     g(torch.ones(5, 2), None, torch.tensor(1.0))  # a third shape: past max_graphs, runs as is
     assert len(g) == 2 and g.eager_calls == 1
     with pytest.raises(ValueError, match="backend must be one of"):
-        GraphedUNet(fn, [w], backend="graph")
+        GraphedPass(fn, [w], backend="graph")
     with pytest.raises(ValueError, match="max_graphs must be at least 1"):
-        GraphedUNet(fn, [w], backend="eager", max_graphs=0)
+        GraphedPass(fn, [w], backend="eager", max_graphs=0)
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="needs a CUDA device"):
-            GraphedUNet(fn, [w], backend="cuda")
+            GraphedPass(fn, [w], backend="cuda")
 
 
 def test_graphed_unet_records_a_new_shape_only_while_memory_allows(caplog):
@@ -54,7 +54,7 @@ def test_graphed_unet_records_a_new_shape_only_while_memory_allows(caplog):
         mem["allocated"] += 30
         return [x * w]
 
-    g = GraphedUNet(fn, [w], backend="eager", max_graphs=5, memory=lambda: (mem["allocated"], mem["available"]))
+    g = GraphedPass(fn, [w], backend="eager", max_graphs=5, memory=lambda: (mem["allocated"], mem["available"]))
     g(torch.ones(1))
     assert len(g) == 1 and g.cost == 30
     g(torch.ones(2))  # 100 available >= 2 x 30
@@ -239,7 +239,7 @@ def test_the_recorded_module_meets_make_graphed_callables_preconditions():
     net = LoRANetwork(model, lora_dim=4, alpha=4.0)
     net.apply_to()
     trainable = [p for p in net.parameters() if p.requires_grad]
-    g = GraphedUNet(lambda *xs: [xs[0] * 2], trainable + [torch.nn.Parameter(torch.ones(1), requires_grad=False)],
+    g = GraphedPass(lambda *xs: [xs[0] * 2], trainable + [torch.nn.Parameter(torch.ones(1), requires_grad=False)],
                     backend="eager")
     module = g.module_for((torch.ones(1, 4, 8, 8), torch.tensor([1]), torch.ones(1, 77, 32), None, None))
     assert isinstance(module, _Call) and module.none_mask == (False, False, False, True, True)
@@ -255,7 +255,7 @@ def test_replay_buffers_alias_like_a_recording_and_keep_grads_is_what_makes_accu
     gradients then gives twice the second one's gradient instead of the sum; gradients kept allocated (zeroed, as
     enable_unet_graph does under accumulation) give the sum."""
     w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
-    g = GraphedUNet(lambda x: [x * w], [w], backend="eager")
+    g = GraphedPass(lambda x: [x * w], [w], backend="eager")
     a = g(torch.tensor([1.0, 1.0]))[0]
     a_before = a.clone()
     b = g(torch.tensor([3.0, 3.0]))[0]
