@@ -43,6 +43,7 @@ def plain_step(args, ctx, batch):
 
     model, accelerator = ctx.model, ctx.accelerator
     device, weight_dtype = accelerator.device, ctx.weight_dtype
+    batch = ctx.batch_to_device(batch)
 
     latents = ctx.encode_latents(batch)
     noise, noisy_latents, timesteps = train_util.get_noise_noisy_latents_and_timesteps(args, model.noise_scheduler, latents)
@@ -185,6 +186,21 @@ class TrainContext:
         pred, *rest = run(noisy, timesteps, cond.context, cond.pooled, time_ids)
         return pred, rest
 
+    def to_device(self, x, dtype=None):
+        """A host tensor to the accelerator without waiting for it. On CUDA torch copies a pageable tensor and then
+        synchronises the stream (the host waits for every queued kernel); a pinned one is queued like a kernel,
+        and torch's pinned-memory cache keeps its buffer until the copy has run."""
+        device = self.accelerator.device
+        if device.type == "cuda" and x.device.type == "cpu":
+            x = x.pin_memory().to(device, non_blocking=True)  # then any cast runs on the device
+        return x.to(device, dtype)
+
+    def batch_to_device(self, batch: dict) -> dict:
+        """The batch's tensors on the accelerator (`to_device`), once at the start of a step."""
+        import torch
+
+        return {k: self.to_device(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
     def encode_latents(self, batch):
         import torch
 
@@ -204,11 +220,12 @@ class TrainContext:
 
         from library.conditioning import TextConditioning, tokenize
 
-        device = self.accelerator.device
         if self.te_cache is not None:
-            return self.te_cache.get(captions).to(device, self.weight_dtype)
+            cond = self.te_cache.get(captions)
+            return TextConditioning(self.to_device(cond.context, self.weight_dtype),
+                                    None if cond.pooled is None else self.to_device(cond.pooled, self.weight_dtype))
         train_te = not self.args.network_train_unet_only and torch.is_grad_enabled()  # the APT prior pass: no grad
-        ids = [t.to(device) for t in tokenize(self.model, captions, self.args.max_token_length)]
+        ids = [self.to_device(t) for t in tokenize(self.model, captions, self.args.max_token_length)]
         run = self.te_graph if train_te and self.te_graph is not None else self.text_fn()
         with torch.set_grad_enabled(train_te):
             context, *pooled = run(*ids)

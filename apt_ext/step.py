@@ -237,6 +237,7 @@ def apt_step(args, ctx, batch, apt: APT):
     device, weight_dtype = accelerator.device, ctx.weight_dtype
     comps = apt.components
     bsz = len(batch["captions"])
+    batch = ctx.batch_to_device(batch)  # once, without a stream sync (TrainContext.to_device)
     is_reg = batch["is_reg"].to(device)
 
     # t first: augmentation depends on γ of t's bin (the state before this step)
