@@ -11,11 +11,12 @@ optimizer stay eager and unchanged.
 (attention maps, (mu, sigma) pairs, `CaptureRecord.flat`), so what Python hooks collect while recording is
 returned as graph outputs. `GraphedPass` keeps one recording per input signature (aspect bucket, batch size) up
 to `max_graphs` and while GPU memory allows; further shapes run eagerly (same function, same results), so a
-many-bucket dataset cannot fill the GPU with recorded activations. `text_outputs` is the text encoders' function, recorded the same way when
-their LoRA trains (--text_encoder_cuda_graph): its context output then carries gradients into the UNet's
-recording, whose backward returns the context's gradient. Backend "eager" (`replay_without_cuda`) runs the function at each call but
-keeps a recording's structure and memory: one autograd node, outputs and parameter gradients in buffers that the
-next call overwrites; the CPU tests check everything but the recording itself.
+many-bucket dataset cannot fill the GPU with recorded activations. `text_outputs` is the text encoders'
+function, recorded the same way when their LoRA trains (--text_encoder_cuda_graph): its context output then
+carries gradients into the UNet's recording, whose backward returns the context's gradient. Backend "eager"
+(`replay_without_cuda`) runs the function at each call but keeps a recording's structure and memory: one autograd
+node, outputs and parameter gradients in buffers that the next call overwrites; the CPU tests check everything but
+the recording itself.
 
 What a recording fixes, and the trainer therefore refuses with the flag: a Python decision taken per call (LoRA
 module dropout draws on the CPU), gradient checkpointing (untested inside a graph), and a `.grad` that a
