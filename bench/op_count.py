@@ -78,43 +78,50 @@ def counting_prior_pass(counts: list):
         APT.prior_pass = orig
 
 
+def counted_node(run, inputs: list, params: list, counts: list) -> tuple:
+    """`run(*inputs)` as one autograd node, as a graphed callable is: the op counts of its forward and of its
+    backward are appended to `counts`; the backward returns the gradients of the inputs that require grad and of
+    `params` (so the ops of whatever produced the inputs are not counted again here)."""
+    inner = {}
+
+    class Node(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *tensors):
+            inner["inputs"] = [t.detach().requires_grad_(t.requires_grad) for t in tensors[:len(inputs)]]
+            with torch.enable_grad(), OpCounter() as c:
+                inner["outs"] = list(run(*inner["inputs"]))
+            counts.append(c.total)
+            return tuple(o.detach() for o in inner["outs"])
+
+        @staticmethod
+        def backward(ctx, *grads):
+            wrt = [t for t in inner["inputs"] if t.requires_grad] + params
+            with OpCounter() as c:
+                got = iter(torch.autograd.grad(inner["outs"], wrt, grads, allow_unused=True))
+            counts.append(c.total)
+            return tuple(next(got) if t.requires_grad else None for t in inner["inputs"]) + tuple(got)
+
+    return Node.apply(*inputs, *params)
+
+
 @contextmanager
 def counting_unet_pass(counts: list):
-    """Within the block the fine-tuned UNet pass (`TrainContext.unet_pass`) runs as one autograd node, as
-    `--unet_cuda_graph` makes it: its forward's and its backward's op counts are appended to `counts` (the ops the
-    two graph launches replace). The node's backward is `torch.autograd.grad` to the LoRA parameters, like the
-    graphed callable's."""
+    """Within the block the fine-tuned UNet pass (`TrainContext.unet_pass`) runs as one node (`counted_node`), as
+    `--unet_cuda_graph` makes it: the ops its two graph launches replace."""
     import train_apt_lora
+    from library.conditioning import TextConditioning
 
     orig = train_apt_lora.TrainContext.unet_pass
 
     def counted(self, noisy, timesteps, cond, time_ids):
-        from library.conditioning import TextConditioning
-
         params = [p for p in self.network.parameters() if p.requires_grad]
-        texts = [t for t in (cond.context, cond.pooled) if t is not None]  # inputs: a trained text encoder's outputs
-        inner = {}
+        texts = [t for t in (cond.context, cond.pooled) if t is not None]  # a trained text encoder's outputs
 
-        class Node(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, *tensors):
-                inner["texts"] = [t.detach().requires_grad_(t.requires_grad) for t in tensors[:len(texts)]]
-                c_in = TextConditioning(inner["texts"][0], inner["texts"][1] if len(texts) > 1 else None)
-                with torch.enable_grad(), OpCounter() as c:
-                    pred, rest = orig(self, noisy, timesteps, c_in, time_ids)
-                counts.append(c.total)
-                inner["outs"] = [pred, *rest]
-                return tuple(o.detach() for o in inner["outs"])
+        def run(*t):
+            pred, rest = orig(self, noisy, timesteps, TextConditioning(t[0], t[1] if len(t) > 1 else None), time_ids)
+            return [pred, *rest]
 
-            @staticmethod
-            def backward(ctx, *grads):  # the parameters' gradients and the text inputs', as the graphed callable's
-                wrt = [t for t in inner["texts"] if t.requires_grad] + params
-                with OpCounter() as c:
-                    got = iter(torch.autograd.grad(inner["outs"], wrt, grads, allow_unused=True))
-                counts.append(c.total)
-                return tuple(next(got) if t.requires_grad else None for t in inner["texts"]) + tuple(got)
-
-        outs = Node.apply(*texts, *params)
+        outs = counted_node(run, texts, params, counts)
         return outs[0], list(outs[1:])
 
     train_apt_lora.TrainContext.unet_pass = counted
@@ -127,8 +134,8 @@ def counting_unet_pass(counts: list):
 @contextmanager
 def counting_text_pass(counts: list):
     """Within the block the text encoders' pass with grad (`TrainContext.text_fn`'s function, as
-    `--text_encoder_cuda_graph` records it) runs as one autograd node: its forward's and its backward's op counts
-    are appended to `counts`. Calls without grad (APT's prior prompt) run as they are."""
+    `--text_encoder_cuda_graph` records it) runs as one node (`counted_node`); calls without grad (APT's class
+    prompts) run as they are."""
     import train_apt_lora
 
     orig = train_apt_lora.TrainContext.text_fn
@@ -136,30 +143,7 @@ def counting_text_pass(counts: list):
     def counted_fn(self):
         fn = orig(self)
         params = [p for lora in self.network.text_encoder_loras for p in lora.parameters() if p.requires_grad]
-
-        def run(*ids):
-            if not torch.is_grad_enabled():
-                return fn(*ids)
-            inner = {}
-
-            class Node(torch.autograd.Function):
-                @staticmethod
-                def forward(ctx, *_params):
-                    with torch.enable_grad(), OpCounter() as c:
-                        inner["outs"] = fn(*ids)
-                    counts.append(c.total)
-                    return tuple(o.detach() for o in inner["outs"])
-
-                @staticmethod
-                def backward(ctx, *grads):
-                    with OpCounter() as c:
-                        out = torch.autograd.grad(inner["outs"], params, grads, allow_unused=True)
-                    counts.append(c.total)
-                    return out
-
-            return list(Node.apply(*params))
-
-        return run
+        return lambda *ids: list(counted_node(fn, list(ids), params, counts)) if torch.is_grad_enabled() else fn(*ids)
 
     train_apt_lora.TrainContext.text_fn = counted_fn
     try:
