@@ -221,16 +221,15 @@ class TrainContext:
         from library.conditioning import TextConditioning, tokenize
 
         if self.te_cache is not None:
-            cond = self.te_cache.get(captions)
-            return TextConditioning(self.to_device(cond.context, self.weight_dtype),
-                                    None if cond.pooled is None else self.to_device(cond.pooled, self.weight_dtype))
+            cached = self.te_cache.get(captions)
+            return TextConditioning(*(None if t is None else self.to_device(t, self.weight_dtype)
+                                      for t in (cached.context, cached.pooled)))
         train_te = not self.args.network_train_unet_only and torch.is_grad_enabled()  # the APT prior pass: no grad
         ids = [self.to_device(t) for t in tokenize(self.model, captions, self.args.max_token_length)]
         run = self.te_graph if train_te and self.te_graph is not None else self.text_fn()
         with torch.set_grad_enabled(train_te):
             context, *pooled = run(*ids)
         return TextConditioning(context, pooled[0] if pooled else None)
-
 
     BASE_TEXT_MEMO = 256  # captions kept by encode_base_text (SDXL: ~0.3 MB each)
 
@@ -255,8 +254,8 @@ class TrainContext:
         for caption in captions:  # most recently used last
             memo[caption] = memo.pop(caption)
         out = TextConditioning.cat([memo[c] for c in captions])
-        for old in list(memo)[: max(0, len(memo) - self.BASE_TEXT_MEMO)]:
-            del memo[old]  # least recently used first (dicts keep insertion order)
+        while len(memo) > self.BASE_TEXT_MEMO:
+            del memo[next(iter(memo))]  # least recently used first (dicts keep insertion order)
         return out
 
 
