@@ -18,6 +18,7 @@ import os
 import random
 import sys
 import time
+from typing import NamedTuple, Optional
 
 # Never reach the HF hub: every model part and tokenizer comes from local files.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,18 +63,30 @@ def plain_step(args, ctx, batch):
     return loss.mean(), {}
 
 
-def micro_batch(args, ctx, batch, optimizer, lr_scheduler, trainable, step_fn=None):
+class MicroBatch(NamedTuple):
+    """What `micro_batch` returns. `values`: host floats, at the end of an accumulation window only, from the
+    window's one read of the device: "loss" (this micro-batch's) and the logs named by `read`."""
+
+    loss: "torch.Tensor"
+    logs: dict
+    status: str  # "accumulating" | "stepped" | "skipped"
+    values: Optional[dict] = None
+
+
+def micro_batch(args, ctx, batch, optimizer, lr_scheduler, trainable, step_fn=None, read=()) -> MicroBatch:
     """The loop body for one micro-batch: loss, backward, and at the end of an accumulation window the
     gradient all-reduce, clipping and the optimizer step. A NaN/inf loss or gradient skips the whole window
-    on every rank. Returns (loss, logs, status), status "accumulating" | "stepped" | "skipped".
+    on every rank. `read`: names of logs to read back with the loss at the window's end (True: all).
     Nothing is read back from the device before the window's end (a non-finite loss is kept as a device flag and
-    its backward runs: its gradients are dropped with the window); there, one value decides the step.
+    its backward runs: its gradients are dropped with the window); there, one read gives the flags that decide the
+    step, the loss and the logs asked for, so the host never waits for the optimizer step it queues.
     The benchmarks call this too, so what they time is what the trainer runs."""
     import torch
 
     from library.distributed import all_reduce_gradients, any_rank
 
     accelerator = ctx.accelerator
+    values = None
     with accelerator.accumulate(ctx.network):
         loss, logs = (step_fn or training_step)(args, ctx, batch)
         ctx.window_losses.append(loss.detach())
@@ -82,17 +95,21 @@ def micro_batch(args, ctx, batch, optimizer, lr_scheduler, trainable, step_fn=No
         status = "accumulating"
         if accelerator.sync_gradients:
             finite = torch.isfinite(torch.stack(ctx.window_losses)).all()
+            ok = finite
             if accelerator.scaler is None:
                 all_reduce_gradients(trainable, accelerator)  # then the norm is the same on every rank
                 norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm or float("inf"))
-                bad = any_rank(not bool(finite & torch.isfinite(norm)), accelerator)  # the window's one read
-            else:  # fp16: a window with a NaN loss is never unscaled; the scaler skips overflowing steps itself
-                bad = any_rank(not bool(finite), accelerator)
-                if not bad:
-                    all_reduce_gradients(trainable, accelerator)
-                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm or float("inf"))  # unscales
+                ok = finite & torch.isfinite(norm)
+            keys = list(logs) if read is True else [k for k in read if k in logs]
+            flat = torch.stack([finite.float(), ok.float(), loss.detach().float().reshape(()),
+                                *(logs[k].detach().float().reshape(()) for k in keys)]).tolist()  # the window's one read
+            values = {"loss": flat[2], **dict(zip(keys, flat[3:]))}
+            bad = any_rank(not flat[1], accelerator)
+            if not bad and accelerator.scaler is not None:  # fp16: a window with a NaN loss is never unscaled;
+                all_reduce_gradients(trainable, accelerator)  # the scaler skips overflowing steps itself
+                accelerator.clip_grad_norm_(trainable, args.max_grad_norm or float("inf"))  # unscales
             if bad:
-                what = "loss" if not bool(finite) else "gradients"
+                what = "loss" if not flat[0] else "gradients"
                 logger.warning("non-finite %s (images: %s)", what, ", ".join(ctx.window_keys))
             else:
                 optimizer.step()
@@ -100,7 +117,7 @@ def micro_batch(args, ctx, batch, optimizer, lr_scheduler, trainable, step_fn=No
             status = "skipped" if bad else "stepped"
             ctx.window_losses, ctx.window_keys = [], []
         optimizer.zero_grad(set_to_none=not ctx.keep_grads)
-    return loss, logs, status
+    return MicroBatch(loss, logs, status, values)
 
 
 class Interrupted(Exception):
@@ -187,13 +204,10 @@ class TrainContext:
         return pred, rest
 
     def to_device(self, x, dtype=None):
-        """A host tensor to the accelerator without waiting for it. On CUDA torch copies a pageable tensor and then
-        synchronises the stream (the host waits for every queued kernel); a pinned one is queued like a kernel,
-        and torch's pinned-memory cache keeps its buffer until the copy has run."""
-        device = self.accelerator.device
-        if device.type == "cuda" and x.device.type == "cpu":
-            x = x.pin_memory().to(device, non_blocking=True)  # then any cast runs on the device
-        return x.to(device, dtype)
+        """A host tensor to the accelerator without waiting for it (`library.transfer.to_device`)."""
+        from library.transfer import to_device
+
+        return to_device(x, self.accelerator.device, dtype)
 
     def batch_to_device(self, batch: dict) -> dict:
         """The batch's tensors on the accelerator (`to_device`), once at the start of a step."""
@@ -555,6 +569,7 @@ def train(args):
     if step == 0:
         maybe_sample(0, 0)
     epoch, batches_done, interrupted = start_epoch, skip_batches, False
+    read = True if args.log_with else ("apt/gamma_seen_mean",)  # logs read back at each step's end (one read)
     with GracefulInterrupt() as stop:
         # epochs run until max_train_steps optimizer steps are done (skipped NaN steps add batches)
         for epoch in itertools.count(start_epoch):
@@ -564,10 +579,10 @@ def train(args):
             batches_done, skip_batches = skip_batches, 0
             for batch in batches:
                 batches_done += 1
-                loss, logs, status = micro_batch(args, ctx, batch, optimizer, lr_scheduler, trainable)
-                if status == "accumulating":
+                res = micro_batch(args, ctx, batch, optimizer, lr_scheduler, trainable, read=read)
+                if res.status == "accumulating":
                     continue
-                if status == "skipped":  # NaN/inf: the step does not count; too many of them stop the run
+                if res.status == "skipped":  # NaN/inf: the step does not count; too many of them stop the run
                     bad_steps += 1
                     if bad_steps >= args.max_bad_steps:
                         raise train_util.TrainingSetupError(
@@ -576,16 +591,16 @@ def train(args):
                             "or a learning rate too high (lower --learning_rate / --unet_lr)")
                     continue
                 step += 1
-                loss_value = loss.detach().item()
+                loss_value = res.values["loss"]  # host floats, read with the step's NaN/inf flags
                 loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
                 progress.update(1)
                 postfix = dict(loss=f"{loss_value:.4f}", avg=f"{loss_sum / loss_count:.4f}")
                 if apt is not None:
                     apt.record(step)
-                    postfix["gamma"] = f"{apt.indicator.gamma()[apt.indicator.seen].mean().nan_to_num().item():.3f}"
+                    postfix["gamma"] = f"{res.values['apt/gamma_seen_mean']:.3f}"
                 progress.set_postfix(postfix)
-                if args.log_with:  # the step's logs are device tensors: read here, only when logging
-                    logs = {k: float(v) for k, v in logs.items()}
+                if args.log_with:
+                    logs = {k: v for k, v in res.values.items() if k != "loss"}
                     if apt is not None:
                         logs.update(apt.indicator.logs())
                     lrs = lr_scheduler.get_last_lr()

@@ -17,6 +17,11 @@ Resampling, one code path for both spaces (`_warp`):
    value is exactly `fill` (−1 in pixel space, the black latent in latent space) and the content edge is
    blended with it bilinearly (antialiased edge).
 Samples not selected are returned bit-exact. The augmentation never touches SDXL's size conditioning.
+
+No value is read back from the device (issue 6: the step never waits for the GPU): the scales and angles are
+drawn on the host, every sample is warped with them, and the Bernoulli mask (on the device, from γ) picks
+warped or original with `torch.where`. Warping a sample that is then not used costs a few small kernels, far
+less than the stall a `mask.any()` or a per-sample index read would cost.
 """
 from __future__ import annotations
 
@@ -47,17 +52,17 @@ def sample_aug_mask(p: torch.Tensor, generator: torch.Generator | None = None) -
 
 
 def zoom_rotate_params(n: int, scale_range: tuple[float, float] = SCALE_RANGE, rotation_deg: float = ROTATION_DEG,
-                       generator: torch.Generator | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """s ~ U(scale_range) and angle ~ U(−rotation_deg, rotation_deg) in degrees, (n,) float32 each.
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """s ~ U(scale_range) and angle ~ U(−rotation_deg, rotation_deg) in degrees, (n,) float32 each, on the host
+    (the warp's sizes and matrices are built from them there; a CPU generator, or none, keeps this sync-free).
 
     Drawn for every sample, augmented or not, so the random stream does not depend on the mask.
     """
     lo, hi = float(scale_range[0]), float(scale_range[1])
     if not 1.0 <= lo <= hi:
         raise ValueError(f"scale_range must satisfy 1 <= low <= high (zoom-out only), got {scale_range}")
-    device = device if device is not None else "cpu"
-    scales = lo + (hi - lo) * _rand(n, generator, device)
-    angles = (2.0 * _rand(n, generator, device) - 1.0) * float(rotation_deg)
+    scales = lo + (hi - lo) * _rand(n, generator, "cpu")
+    angles = (2.0 * _rand(n, generator, "cpu") - 1.0) * float(rotation_deg)
     return scales, angles
 
 
@@ -71,33 +76,40 @@ def _theta(scale: float, angle_deg: float, h: int, w: int) -> torch.Tensor:
                          [-scale * sn * w / h, scale * c, 0.0]], dtype=torch.float32)
 
 
-def _warp(x: torch.Tensor, scale: float, angle_deg: float, fill: torch.Tensor, antialias: bool = True) -> torch.Tensor:
-    """Zoom out by `scale` and rotate one sample x (1, C, H, W) float32; outside the content: `fill` (1, C, 1, 1)."""
+def _warp(x: torch.Tensor, scale: float, theta: torch.Tensor, fill: torch.Tensor, antialias: bool = True) -> torch.Tensor:
+    """Zoom out by `scale` and rotate one sample x (1, C, H, W) float32 with `theta` (1, 2, 3) (`_theta` of that
+    scale and angle, on x's device); outside the content: `fill` (1, C, 1, 1)."""
     _, _, h, w = x.shape
     src = x - fill
     small = (max(1, round(h / scale)), max(1, round(w / scale)))
     if antialias and small != (h, w):
         src = F.interpolate(src, size=small, mode="bilinear", align_corners=False, antialias=True)
-    grid = F.affine_grid(_theta(scale, angle_deg, h, w)[None].to(x.device), [1, x.shape[1], h, w], align_corners=False)
+    grid = F.affine_grid(theta, [1, x.shape[1], h, w], align_corners=False)
     return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
 
 
 def _apply(x: torch.Tensor, mask: torch.Tensor, scales: torch.Tensor, angles: torch.Tensor, fill: torch.Tensor,
            antialias: bool) -> torch.Tensor:
+    """Every sample warped with its host (scale, angle), kept where `mask` (on x's device): nothing is read back."""
+    from library.transfer import to_device
+
     if x.dim() != 4:
         raise ValueError(f"expected (B, C, H, W), got shape {tuple(x.shape)}")
-    out = x.clone()
+    if mask.numel() != x.shape[0] or scales.numel() != x.shape[0] or angles.numel() != x.shape[0]:
+        raise ValueError(f"batch of {x.shape[0]}: mask, scales and angles need one value per sample, got "
+                         f"{mask.numel()}, {scales.numel()}, {angles.numel()}")
+    s, a = scales.reshape(-1).tolist(), angles.reshape(-1).tolist()  # host tensors (zoom_rotate_params)
+    h, w = x.shape[-2:]
+    theta = to_device(torch.stack([_theta(si, ai, h, w) for si, ai in zip(s, a)]), x.device)
     fill = fill.to(x.device, torch.float32)
-    for i in torch.nonzero(mask.reshape(-1).cpu()).reshape(-1).tolist():
-        y = _warp(x[i : i + 1].float(), float(scales[i]), float(angles[i]), fill, antialias)
-        out[i] = y[0].to(x.dtype)
-    return out
+    warped = torch.cat([_warp(x[i : i + 1].float(), s[i], theta[i : i + 1], fill, antialias) for i in range(len(s))])
+    return torch.where(mask.reshape(-1, 1, 1, 1).to(x.device), warped.to(x.dtype), x)
 
 
 def apply_pixel_aug(images: torch.Tensor, mask: torch.Tensor, scales: torch.Tensor, angles: torch.Tensor,
                     antialias: bool = True) -> torch.Tensor:
     """Zoom-out + rotation of the masked samples of [−1, 1] images (B, 3, H, W), border −1 (black)."""
-    fill = torch.full((1, images.shape[1], 1, 1), -1.0)
+    fill = torch.full((1, images.shape[1], 1, 1), -1.0, device=images.device)
     return _apply(images, mask, scales, angles, fill, antialias)
 
 
@@ -152,9 +164,7 @@ class AdaptiveAugment:
             raise ValueError("latent-space augmentation needs fill_latent (black_latent(vae, ...))")
         gamma = gamma_per_sample.to(x.device)
         mask = sample_aug_mask(aug_probability(gamma, self.p_max), generator)
-        scales, angles = zoom_rotate_params(x.shape[0], self.scale_range, self.rotation_deg, generator, x.device)
-        if not bool(mask.any()):
-            return x, mask
+        scales, angles = zoom_rotate_params(x.shape[0], self.scale_range, self.rotation_deg, generator)
         if space == "pixel":
             return apply_pixel_aug(x, mask, scales, angles, self.antialias), mask
         return apply_latent_aug(x, mask, scales, angles, fill_latent, self.antialias), mask

@@ -75,6 +75,11 @@ class OverfittingIndicator:
         g = g.clamp(0.0, 1.0)
         return torch.where(self.seen, g, torch.zeros_like(g)).float()
 
+    def gamma_seen_mean(self) -> torch.Tensor:
+        """Mean γ over the bins seen so far (0 before any), a 0-d device tensor: the progress bar's γ."""
+        seen = self.seen.float()
+        return (self.gamma() * seen).sum() / seen.sum().clamp(min=1.0)
+
     def gamma_for(self, timesteps: torch.Tensor) -> torch.Tensor:
         """γ of each sample's bin, (batch,) float32, on the device of `timesteps`."""
         t = torch.as_tensor(timesteps)
@@ -181,8 +186,8 @@ class OverfittingIndicator:
 
     def logs(self, prefix: str = "apt/") -> dict[str, float]:
         """Per-bin γ and EMAs of the seen bins, for the trainer's logger (the paper's Fig. 6)."""
-        g, seen = self.gamma().tolist(), self.seen.tolist()
-        ep, ef = self.ema_prior.tolist(), self.ema_ft.tolist()
+        g, seen, ep, ef = torch.stack([self.gamma().double(), self.seen.double(), self.ema_prior.double(),
+                                       self.ema_ft.double()]).tolist()  # one read of the device
         out: dict[str, float] = {}
         for b in range(self.num_bins):
             if seen[b]:

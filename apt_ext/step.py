@@ -153,6 +153,8 @@ class APT:
         """π (B, N) for the UNet's cross-attention maps (tokenizer 1's; SDXL's second gives the same, §2.5), or
         None when c == c* for the whole batch. Rows are memoised per sample on the device: tokenizing and diffing
         is host work (about 2 ms a sample) that would otherwise repeat on every step of every epoch."""
+        from library.transfer import to_device
+
         if list(captions) == list(prior_captions):
             return None
         rows = []
@@ -164,7 +166,7 @@ class APT:
                     self._pi_rows.clear()
                 (pi,) = alignment_for_batch(model.tokenizers[:1], [c], [p], self.args.apt_identifier_align,
                                             self.args.max_token_length, [ct], [pct])
-                row = self._pi_rows[key] = pi[0].to(device)
+                row = self._pi_rows[key] = to_device(pi[0], device)
             rows.append(row)
         return torch.stack(rows)
 
@@ -305,6 +307,7 @@ def apt_step(args, ctx, batch, apt: APT):
         "apt/L_phi": mse_prior.mean(),
         "apt/delta_noise": (pred.detach() - pred_prior).pow(2).mean(),
         "apt/gamma_mean_batch": gamma.mean(),
+        "apt/gamma_seen_mean": apt.indicator.gamma_seen_mean(),
         "apt/p_aug": p_aug.mean(),
         "apt/aug_fraction": aug_mask.float().mean(),
     }

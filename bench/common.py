@@ -211,8 +211,8 @@ def build_step_fn(model, args, device="cpu", batch: dict | None = None, step=Non
     batch = batch if batch is not None else make_batch(model)
 
     def step_fn() -> float:  # exactly the trainer's loop body
-        loss, _logs, _status = train_apt_lora.micro_batch(args, ctx, batch, optimizer, lr_scheduler, trainable, step)
-        return loss.detach().item()
+        res = train_apt_lora.micro_batch(args, ctx, batch, optimizer, lr_scheduler, trainable, step)
+        return res.values["loss"] if res.values is not None else res.loss.detach().item()
 
     return BenchStep(step_fn, args, ctx, network, optimizer, accelerator, batch,
                      lora_params=sum(p.numel() for p in trainable), trainable=trainable)

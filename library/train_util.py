@@ -93,6 +93,31 @@ def check_noise_and_loss_args(args, v_prediction: bool, num_train_timesteps: int
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def alphas_cumprod_on(noise_scheduler, device) -> torch.Tensor:
+    """ᾱ (float32) on `device`, copied there once and kept beside the scheduler (rebuilt if its ᾱ is replaced, as
+    --zero_terminal_snr does). The step indexes it with device timesteps: diffusers' add_noise moves ᾱ to the
+    latents' device on every call and sd-scripts moves it back, two copies that each make the host wait (issue 6)."""
+    from library.transfer import to_device
+
+    device = torch.device(device)
+    ac = noise_scheduler.alphas_cumprod
+    source, copies = getattr(noise_scheduler, "_apt_alphas_cumprod", (None, {}))
+    if source is not ac:
+        source, copies = ac, {}
+        noise_scheduler._apt_alphas_cumprod = (source, copies)
+    if device not in copies:
+        copies[device] = to_device(ac.detach(), device, torch.float32)
+    return copies[device]
+
+
+def _sqrt_alpha_terms(noise_scheduler, like: torch.Tensor, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
+    """(√ᾱ_t, √(1−ᾱ_t)) per sample, shaped to broadcast over `like`, in its dtype: diffusers' DDPMScheduler
+    add_noise/get_velocity arithmetic, on the device."""
+    ac = alphas_cumprod_on(noise_scheduler, like.device).to(like.dtype)[timesteps]
+    shape = (-1,) + (1,) * (like.ndim - 1)
+    return (ac**0.5).reshape(shape), ((1 - ac) ** 0.5).reshape(shape)
+
+
 def _randn(shape, like: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
     """randn on the generator's device (a CPU generator can serve CUDA latents), then moved to `like`."""
     if generator is None:
@@ -129,8 +154,9 @@ def pyramid_noise_like(noise, iterations: int = 6, discount: float = 0.4, genera
     """
     b, c, h, w = noise.shape
     up = torch.nn.Upsample(size=(h, w), mode="bilinear")
+    host = generator if generator is not None and generator.device.type == "cpu" else None
     for i in range(iterations):
-        r = float(_rand1(noise, generator).item()) * 2 + 2
+        r = float(torch.rand(1, generator=host)) * 2 + 2  # on the host: the sizes below need it there
         hn, wn = max(1, int(h / (r**i))), max(1, int(w / (r**i)))
         noise = noise + up(_randn((b, c, hn, wn), noise, generator)) * discount**i
         if hn == 1 or wn == 1:
@@ -151,15 +177,17 @@ def sample_timesteps(args, noise_scheduler, batch_size: int, device=None, genera
     """Uniform integer timesteps in [min_timestep, max_timestep) (sd-scripts `get_timesteps`); min == max → constant.
 
     Separate from the noise so that APT can draw t before its t-dependent augmentation.
-    Drawn on the CPU (or the generator's device) like sd-scripts, then moved to `device`.
+    Drawn on the CPU (or the generator's device) like sd-scripts, then moved to `device` without a stream sync.
     """
+    from library.transfer import to_device
+
     lo, hi = timestep_range(args, noise_scheduler)
     gen_device = generator.device if generator is not None else "cpu"
     if lo < hi:
         t = torch.randint(lo, hi, (batch_size,), generator=generator, device=gen_device)
     else:
         t = torch.full((batch_size,), hi, device=gen_device)
-    return t.long().to(device if device is not None else "cpu")
+    return to_device(t.long(), device if device is not None else "cpu")
 
 
 def sample_noise(args, latents: torch.Tensor, generator=None) -> torch.Tensor:
@@ -184,12 +212,9 @@ def add_noise(args, noise_scheduler, latents, noise, timesteps, generator=None) 
     gamma = getattr(args, "ip_noise_gamma", None)
     if gamma:
         strength = _rand1(latents, generator) * gamma if getattr(args, "ip_noise_gamma_random_strength", False) else gamma
-        noisy = noise_scheduler.add_noise(latents, noise + strength * _randn(latents.shape, latents, generator), timesteps)
-    else:
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    # diffusers moves alphas_cumprod to the latents' device; keep it on the CPU like sd-scripts does
-    noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.cpu()
-    return noisy
+        noise = noise + strength * _randn(latents.shape, latents, generator)
+    sqrt_ac, sqrt_one_minus_ac = _sqrt_alpha_terms(noise_scheduler, latents, timesteps)
+    return sqrt_ac * latents + sqrt_one_minus_ac * noise
 
 
 def get_noise_noisy_latents_and_timesteps(args, noise_scheduler, latents, generator=None, timesteps=None):
@@ -213,9 +238,8 @@ def get_target(noise_scheduler, latents, noise, timesteps) -> torch.Tensor:
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-        noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.cpu()
-        return target
+        sqrt_ac, sqrt_one_minus_ac = _sqrt_alpha_terms(noise_scheduler, latents, timesteps)
+        return sqrt_ac * noise - sqrt_one_minus_ac * latents
     raise TrainingSetupError(
         f"noise scheduler prediction_type {prediction_type!r} is not supported; LoRA training supports "
         "epsilon and v_prediction (--v_parameterization)"
@@ -262,9 +286,9 @@ def get_huber_c(args, timesteps: torch.Tensor, noise_scheduler) -> Optional[torc
         alpha = -math.log(huber_c) / noise_scheduler.config.num_train_timesteps
         return torch.exp(-alpha * timesteps.float()) * huber_scale
     if schedule == "snr":
-        ac = torch.index_select(noise_scheduler.alphas_cumprod.cpu(), 0, timesteps.cpu())
+        ac = alphas_cumprod_on(noise_scheduler, timesteps.device)[timesteps]
         sigmas = ((1.0 - ac) / ac) ** 0.5
-        return ((1 - huber_c) / (1 + sigmas) ** 2 + huber_c).to(timesteps.device)
+        return (1 - huber_c) / (1 + sigmas) ** 2 + huber_c
     if schedule == "constant":
         return torch.full((b,), huber_c * huber_scale, device=timesteps.device)
     raise TrainingSetupError(f"--huber_schedule {schedule!r} is not known; choose one of {', '.join(HUBER_SCHEDULES)}")
@@ -308,10 +332,10 @@ def per_sample_loss(pred, target, loss_type: str = "l2", huber_c=0.1, mask=None)
 
 
 def snr_of(noise_scheduler, timesteps) -> torch.Tensor:
-    """SNR(t) = ᾱ_t / (1 − ᾱ_t) (float32, CPU), computed as sd-scripts' `all_snr` = (√ᾱ/√(1−ᾱ))²."""
-    ac = noise_scheduler.alphas_cumprod.detach().float().cpu()
-    all_snr = (torch.sqrt(ac) / torch.sqrt(1.0 - ac)) ** 2
-    return all_snr[torch.as_tensor(timesteps).long().cpu()]
+    """SNR(t) = ᾱ_t / (1 − ᾱ_t) (float32, on the timesteps' device), computed as sd-scripts' `all_snr` = (√ᾱ/√(1−ᾱ))²."""
+    t = torch.as_tensor(timesteps).long()
+    ac = alphas_cumprod_on(noise_scheduler, t.device)[t]
+    return (torch.sqrt(ac) / torch.sqrt(1.0 - ac)) ** 2
 
 
 def apply_snr_weight(loss, timesteps, noise_scheduler, gamma: float, v_prediction: bool = False):
@@ -330,7 +354,7 @@ def apply_snr_weight(loss, timesteps, noise_scheduler, gamma: float, v_predictio
 
 
 def _snr_capped(noise_scheduler, timesteps) -> torch.Tensor:
-    return torch.minimum(snr_of(noise_scheduler, timesteps), torch.tensor(1000.0))
+    return snr_of(noise_scheduler, timesteps).clamp(max=1000.0)
 
 
 def scale_v_prediction_loss_like_noise_prediction(loss, timesteps, noise_scheduler):

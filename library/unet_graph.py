@@ -77,21 +77,28 @@ def auto_cuda_graphs(args, device_type: str, has_dropout: bool, trains_text_enco
     return why
 
 
+def _autocast(device_type: str, weight_dtype: torch.dtype):
+    """Autocast to `weight_dtype` with its weight-cast cache off (graph recording requires that; the cache only
+    saves casts between repeated calls within one autocast region, so the results are the same); no context at
+    float32 (then any device works, the meta device of the sync audit in tests/test_train_e2e.py included)."""
+    import contextlib
+
+    if weight_dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=weight_dtype, cache_enabled=False)
+
+
 def unet_outputs(model, weight_dtype: torch.dtype, device_type: str, capture_ctx: Optional[Callable] = None,
                  tag: str = "ft") -> Callable:
     """fn(noisy, timesteps, context, pooled, time_ids) -> [pred (float32), *captured tensors]: the UNet forward
-    under autocast with its weight-cast cache off (graph recording requires that; the cache only saves casts
-    between repeated calls within one autocast region, so the results are the same). `capture_ctx(tag)`: APT's
-    capture context, whose record is returned flattened."""
+    under `_autocast`. `capture_ctx(tag)`: APT's capture context, whose record is returned flattened."""
     from library.conditioning import TextConditioning, unet_forward
-
-    enabled = weight_dtype != torch.float32
 
     def fn(noisy, timesteps, context, pooled, time_ids):
         import contextlib
 
         cap = capture_ctx(tag) if capture_ctx is not None else contextlib.nullcontext()
-        with cap as rec, torch.autocast(device_type, dtype=weight_dtype, enabled=enabled, cache_enabled=False):
+        with cap as rec, _autocast(device_type, weight_dtype):
             pred = unet_forward(model, noisy, timesteps, TextConditioning(context, pooled), time_ids).float()
         return [pred] if rec is None else [pred, *rec.flat()]
 
@@ -101,14 +108,12 @@ def unet_outputs(model, weight_dtype: torch.dtype, device_type: str, capture_ctx
 def text_outputs(model, weight_dtype: torch.dtype, device_type: str, clip_skip: Optional[int] = None,
                  max_token_length: Optional[int] = None) -> Callable:
     """fn(*ids) -> [context] (SD1/SD2) or [context, pooled] (SDXL), in `weight_dtype`: the text encoders on
-    token ids (`conditioning.encode_ids`, one tensor per encoder) under autocast with its weight-cast cache off,
-    as `unet_outputs`. What the trainer's text encoding runs, eagerly or recorded by --text_encoder_cuda_graph."""
+    token ids (`conditioning.encode_ids`, one tensor per encoder) under `_autocast`. What the trainer's text
+    encoding runs, eagerly or recorded by --text_encoder_cuda_graph."""
     from library.conditioning import encode_ids
 
-    enabled = weight_dtype != torch.float32
-
     def fn(*ids):
-        with torch.autocast(device_type, dtype=weight_dtype, enabled=enabled, cache_enabled=False):
+        with _autocast(device_type, weight_dtype):
             cond = encode_ids(model, ids, clip_skip=clip_skip, max_token_length=max_token_length)
         return [t.to(weight_dtype) for t in (cond.context, cond.pooled) if t is not None]
 

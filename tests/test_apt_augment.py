@@ -115,7 +115,7 @@ def test_adaptive_augment_call():
     assert (aug.p_max, aug.scale_range, aug.rotation_deg) == (0.8, (1.0, 3.0), 15.0)
     x = torch.rand(3, 3, 8, 8) * 2 - 1
     y, m = aug(x, torch.zeros(3), "pixel", generator=torch.Generator().manual_seed(0))
-    assert y is x and not m.any()  # γ = 0: nothing happens
+    assert torch.equal(y, x) and not m.any()  # γ = 0: nothing happens
     y1, m1 = aug(x, torch.ones(3), "latent", fill_latent=torch.zeros(3), generator=torch.Generator().manual_seed(5))
     y2, m2 = aug(x, torch.ones(3), "latent", fill_latent=torch.zeros(3), generator=torch.Generator().manual_seed(5))
     assert torch.equal(y1, y2) and torch.equal(m1, m2)  # reproducible with a generator

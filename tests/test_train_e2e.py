@@ -231,9 +231,9 @@ def test_micro_batch_reads_nothing_from_the_device_before_the_window_ends():
     ctx = SimpleNamespace(accelerator=accelerator, network=net, window_losses=[], window_keys=[], keep_grads=False)
     opt = accelerator.prepare(torch.optim.SGD(net.parameters(), lr=0.1))  # as the trainer's: keeps grads while accumulating
     step = lambda args, ctx, batch: ((net(torch.ones(2, 3, device="meta")) ** 2).mean(), {})  # noqa: E731
-    loss, _, status = train_apt_lora.micro_batch(SimpleNamespace(max_grad_norm=1.0), ctx, {"image_keys": ["a", "b"]},
-                                                 opt, None, list(net.parameters()), step_fn=step)
-    assert status == "accumulating" and loss.device.type == "meta"
+    res = train_apt_lora.micro_batch(SimpleNamespace(max_grad_norm=1.0), ctx, {"image_keys": ["a", "b"]},
+                                     opt, None, list(net.parameters()), step_fn=step)
+    assert res.status == "accumulating" and res.loss.device.type == "meta" and res.values is None
     assert len(ctx.window_losses) == 1 and ctx.window_keys == ["a", "b"] and net.weight.grad is not None
 
 
