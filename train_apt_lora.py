@@ -167,13 +167,11 @@ class TrainContext:
         adopt the graph's gradient buffer, which the next micro-batch's replay overwrites before it is added."""
         import torch
 
-        from library.unet_graph import GraphedPass
+        from library.unet_graph import GraphedPass, blocker_message
 
         bad = [lora.lora_name for lora in loras if lora.has_dropout]
         if bad:
-            raise ValueError(f"{flag}: LoRA dropout is drawn per call, which a recorded graph cannot do "
-                             f"({len(bad)} modules, e.g. {bad[0]}): leave out --network_dropout and the rank/module "
-                             "dropout network_args, or the flag")
+            raise ValueError(blocker_message(flag, "LoRA dropout", f" ({len(bad)} modules, e.g. {bad[0]})"))
         graph = GraphedPass(fn, params, backend, max_graphs=self.args.unet_cuda_graph_max)
         if self.args.gradient_accumulation_steps > 1:  # every trainable gradient: zero_grad treats them alike
             self.keep_grads = True
@@ -184,16 +182,16 @@ class TrainContext:
 
     def enable_unet_graph(self, trainable, backend="cuda"):
         """--unet_cuda_graph: the step's UNet forward and backward from CUDA graphs."""
-        self.unet_graph = self._graphed("--unet_cuda_graph", self.unet_fn(), self.network.unet_loras, trainable, backend)
+        self.unet_graph = self._graphed("unet_cuda_graph", self.unet_fn(), self.network.unet_loras, trainable, backend)
 
     def enable_te_graph(self, backend="cuda"):
         """--text_encoder_cuda_graph: the text encoders' forward and backward, when their LoRA trains."""
         params = [p for lora in self.network.text_encoder_loras for p in lora.parameters() if p.requires_grad]
         if not params:
-            raise ValueError("--text_encoder_cuda_graph: no text-encoder LoRA trains (--network_train_unet_only); "
-                             "leave the flag out (with frozen text encoders, --cache_text_encoder_outputs encodes "
-                             "each caption once)")
-        self.te_graph = self._graphed("--text_encoder_cuda_graph", self.text_fn(), self.network.text_encoder_loras,
+            from library.unet_graph import blocker_message
+
+            raise ValueError(blocker_message("text_encoder_cuda_graph", "no text-encoder LoRA trains"))
+        self.te_graph = self._graphed("text_encoder_cuda_graph", self.text_fn(), self.network.text_encoder_loras,
                                       params, backend)
 
     def unet_pass(self, noisy, timesteps, cond, time_ids):
@@ -297,31 +295,20 @@ def verify_args(args):
         except ImportError:
             raise TrainingSetupError("--xformers needs the xformers package (CUDA only): pip install -r requirements-gpu.txt, "
                                      "or leave the flag out to use PyTorch SDPA attention") from None
-    if args.apt_cuda_graph:
+    if args.unet_cuda_graph_max < 1:
+        raise TrainingSetupError(f"--unet_cuda_graph_max must be at least 1, got {args.unet_cuda_graph_max}")
+    from library.unet_graph import GRAPH_FLAGS, blocker_message, graph_blockers
+
+    for flag in (f for f in GRAPH_FLAGS if getattr(args, f)):  # LoRA dropout is checked once the network is built
         import torch
 
         from apt_ext.step import apt_enabled
 
-        if not apt_enabled(args):
-            raise TrainingSetupError("--apt_cuda_graph speeds up APT's prior pass: it needs --apt (or --loss_type dco)")
-        if not torch.cuda.is_available():
-            raise TrainingSetupError("--apt_cuda_graph needs a CUDA device (this torch sees none): leave the flag out")
-    if args.unet_cuda_graph_max < 1:
-        raise TrainingSetupError(f"--unet_cuda_graph_max must be at least 1, got {args.unet_cuda_graph_max}")
-    for flag in ("unet_cuda_graph", "text_encoder_cuda_graph"):
-        if not getattr(args, flag):
-            continue
-        import torch
-
-        if args.gradient_checkpointing:
-            raise TrainingSetupError(f"--{flag} cannot be combined with --gradient_checkpointing yet: "
-                                     "leave one of them out")
-        if not torch.cuda.is_available():
-            raise TrainingSetupError(f"--{flag} needs a CUDA device (this torch sees none): leave the flag out")
-        if flag == "text_encoder_cuda_graph" and args.network_train_unet_only:
-            raise TrainingSetupError("--text_encoder_cuda_graph records the text encoders' training pass, and "
-                                     "--network_train_unet_only trains none: leave the flag out (frozen text encoders "
-                                     "are encoded once per caption with --cache_text_encoder_outputs)")
+        reasons = graph_blockers(flag, cuda=torch.cuda.is_available(), apt_on=apt_enabled(args),
+                                 gradient_checkpointing=args.gradient_checkpointing,
+                                 trains_text_encoder=not args.network_train_unet_only)
+        if reasons:
+            raise TrainingSetupError(blocker_message(flag, reasons[0]))
     if args.sample_prior_grid and not args.sample_prompts:
         raise TrainingSetupError("--sample_prior_grid needs --sample_prompts FILE: the grid shows those prompts "
                                  "with the LoRA off and on")

@@ -51,24 +51,51 @@ def graph_pool(owner: str, backend: str):
 
 GRAPH_FLAGS = ("unet_cuda_graph", "text_encoder_cuda_graph", "apt_cuda_graph")
 
+_ADVICE = {  # what a blocker means for a user who asked for the flag
+    "APT is off": " speeds up APT's prior pass: it needs --apt (or --loss_type dco)",
+    "LoRA dropout": ": LoRA dropout is drawn per call, which a recorded graph cannot do{detail}: leave out "
+                    "--network_dropout and the rank/module dropout network_args, or the flag",
+    "--gradient_checkpointing": " cannot be combined with --gradient_checkpointing yet: leave one of them out",
+    "no CUDA device": " needs a CUDA device (this torch sees none): leave the flag out",
+    "no text-encoder LoRA trains": ": no text-encoder LoRA trains (--network_train_unet_only), so there is no "
+                                   "training pass to record: leave the flag out (frozen text encoders are encoded "
+                                   "once per caption with --cache_text_encoder_outputs)",
+}
 
-def auto_cuda_graphs(args, device_type: str, has_dropout: bool, trains_text_encoder: bool, apt_on: bool) -> dict:
-    """--cuda_graphs auto: which of the graph flags this run can use. Sets those on `args` and returns
-    {flag: "" if turned on, else why not}; a flag the user set already stays set ("" too).
+
+def graph_blockers(flag: str, *, cuda: bool, apt_on: bool, gradient_checkpointing: bool, trains_text_encoder: bool,
+                   has_dropout: bool = False) -> list[str]:
+    """Why `flag`'s recording cannot be used in this run ([]: it can). The one list behind --cuda_graphs auto, the
+    flag checks before the model loads and the LoRA checks once the network is built (dropout).
 
     The UNet's and the text encoders' recordings need CUDA, no LoRA dropout (drawn per call) and no gradient
     checkpointing; the text encoders' needs their LoRA to train; the prior pass's needs CUDA and APT (it runs with
     the LoRA off and without grad, so dropout and checkpointing do not touch it)."""
+    if flag not in GRAPH_FLAGS:
+        raise ValueError(f"unknown graph flag {flag!r}; one of {GRAPH_FLAGS}")
+    if flag == "apt_cuda_graph":
+        return ([] if apt_on else ["APT is off"]) + ([] if cuda else ["no CUDA device"])
+    reasons = ["LoRA dropout"] if has_dropout else []
+    reasons += ["--gradient_checkpointing"] if gradient_checkpointing else []
+    reasons += [] if cuda else ["no CUDA device"]
+    if flag == "text_encoder_cuda_graph" and not trains_text_encoder:
+        reasons.append("no text-encoder LoRA trains")
+    return reasons
+
+
+def blocker_message(flag: str, reason: str, detail: str = "") -> str:
+    """The error for a user who set `flag` in a run that `reason` (from `graph_blockers`) rules out."""
+    return f"--{flag}" + _ADVICE[reason].format(detail=detail)
+
+
+def auto_cuda_graphs(args, device_type: str, has_dropout: bool, trains_text_encoder: bool, apt_on: bool) -> dict:
+    """--cuda_graphs auto: which of the graph flags this run can use (`graph_blockers`). Sets those on `args` and
+    returns {flag: "" if turned on, else why not}; a flag the user set already stays set ("" too)."""
     why = {}
     for flag in GRAPH_FLAGS:
-        reasons = [] if device_type == "cuda" else ["no CUDA device"]
-        if flag == "apt_cuda_graph":
-            reasons += [] if apt_on else ["APT is off"]
-        else:
-            reasons += ["LoRA dropout"] if has_dropout else []
-            reasons += ["--gradient_checkpointing"] if args.gradient_checkpointing else []
-        if flag == "text_encoder_cuda_graph" and not trains_text_encoder:
-            reasons.append("no text-encoder LoRA trains")
+        reasons = graph_blockers(flag, cuda=device_type == "cuda", apt_on=apt_on,
+                                 gradient_checkpointing=args.gradient_checkpointing,
+                                 trains_text_encoder=trains_text_encoder, has_dropout=has_dropout)
         if getattr(args, flag):
             reasons = []
         elif not reasons:

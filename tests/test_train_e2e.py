@@ -55,7 +55,7 @@ def test_train_sd1_single_file_writes_kohya_lora(tiny, images, tmp_path, capsys)
                   "--cuda_graphs", "auto") == 0
     if not torch.cuda.is_available():  # auto on a CPU: every graph off, each with its reason
         assert ("--cuda_graphs auto: on: none; off: --unet_cuda_graph (no CUDA device), --text_encoder_cuda_graph "
-                "(no CUDA device), --apt_cuda_graph (no CUDA device, APT is off)") in capsys.readouterr().out
+                "(no CUDA device), --apt_cuda_graph (APT is off, no CUDA device)") in capsys.readouterr().out
     final, step2 = out / "lora.safetensors", out / "lora-step00000002.safetensors"
     assert final.exists() and step2.exists()
     with safe_open(str(final), "pt") as f:

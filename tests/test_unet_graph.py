@@ -170,7 +170,8 @@ def test_text_encoder_graph_setup_errors(monkeypatch, tmp_path, capsys):
     base = ["--pretrained_model_name_or_path", str(tmp_path / "nomodel"), "--train_data_dir", str(tmp_path),
             "--output_dir", str(tmp_path / "out"), "--text_encoder_cuda_graph", "--network_train_unet_only"]
     assert train_apt_lora.main(base) == 2
-    assert "--network_train_unet_only trains none: leave the flag out" in capsys.readouterr().err
+    assert ("--text_encoder_cuda_graph: no text-encoder LoRA trains (--network_train_unet_only), so there is no "
+            "training pass to record: leave the flag out") in capsys.readouterr().err
     monkeypatch.undo()
     model = build_tiny_model("sd1")
     with pytest.raises(ValueError, match="--text_encoder_cuda_graph: no text-encoder LoRA trains"):
@@ -313,3 +314,23 @@ def test_cuda_graphs_auto_turns_on_what_the_run_can_use():
     assert run(te=False)["text_encoder_cuda_graph"] == "no text-encoder LoRA trains"
     assert run(device="cpu", te=False)["text_encoder_cuda_graph"] == "no CUDA device, no text-encoder LoRA trains"
     assert run(device="cpu", unet_cuda_graph=True)["unet_cuda_graph"] == ""  # the user's own flag is left alone
+
+
+@pytest.mark.parametrize("flag,kw,expected", [
+    ("unet_cuda_graph", {}, []),
+    ("unet_cuda_graph", {"cuda": False, "gradient_checkpointing": True, "has_dropout": True},
+     ["LoRA dropout", "--gradient_checkpointing", "no CUDA device"]),
+    ("text_encoder_cuda_graph", {"trains_text_encoder": False}, ["no text-encoder LoRA trains"]),
+    ("unet_cuda_graph", {"trains_text_encoder": False}, []),
+    ("apt_cuda_graph", {"gradient_checkpointing": True, "has_dropout": True}, []),  # no grad, LoRA off: unaffected
+    ("apt_cuda_graph", {"apt_on": False, "cuda": False}, ["APT is off", "no CUDA device"]),
+])
+def test_graph_blockers_is_the_one_list(flag, kw, expected):
+    """What --cuda_graphs auto reports, what the flag checks refuse and what the LoRA check refuses come from here."""
+    from library.unet_graph import blocker_message, graph_blockers
+
+    base = dict(cuda=True, apt_on=True, gradient_checkpointing=False, trains_text_encoder=True)
+    assert graph_blockers(flag, **{**base, **kw}) == expected
+    for reason in expected:  # each names the flag and says what to do
+        msg = blocker_message(flag, reason)
+        assert msg.startswith(f"--{flag}") and ("leave" in msg or "it needs --apt" in msg), msg
