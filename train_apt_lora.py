@@ -377,7 +377,8 @@ def train(args):
         AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                               mixed_precision=args.mixed_precision, log_with=args.log_with, project_dir=log_dir,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+                              # batches reach the device by non-blocking copies from the loader's pinned memory
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True))
     is_main = accelerator.is_main_process
     if os.environ.get("WORLD_SIZE", "1").isdigit() and int(os.environ.get("WORLD_SIZE", "1")) > accelerator.num_processes:
         raise train_util.TrainingSetupError(
@@ -482,7 +483,7 @@ def train(args):
     optimizer_name, optimizer = train_util.get_optimizer(args, params)
     lr_scheduler = train_util.get_lr_scheduler(args, optimizer, args.max_train_steps)
 
-    loader = dataset_lib.make_loader(data, args, args.seed)
+    loader = dataset_lib.make_loader(data, args, args.seed, pin_memory=device.type == "cuda")
     advice = dataset_lib.loader_advice(args, device.type)
     if advice and is_main:
         logger.warning(advice)

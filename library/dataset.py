@@ -717,13 +717,14 @@ def collate_batch(items: list[dict]) -> dict:
     return items[0]
 
 
-def make_loader(data: "DatasetGroup", args, seed: int) -> torch.utils.data.DataLoader:
+def make_loader(data: "DatasetGroup", args, seed: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """The trainer's DataLoader over `data` (items are whole batches): shuffled by its own generator, so starting
     an epoch's iterator draws nothing from the global RNG (exact resume); `--max_data_loader_n_workers` processes
     (each item's randomness is seeded by (seed, epoch, item), so workers change no result), kept across epochs with
-    `--persistent_data_loader_workers`. bench/data_loader.py times it."""
+    `--persistent_data_loader_workers`. `pin_memory` (on CUDA): batches are pinned by the loader's thread, so their
+    copy to the GPU is queued without the host waiting (library/transfer.py). bench/data_loader.py times it."""
     workers = int(getattr(args, "max_data_loader_n_workers", 0) or 0)
-    return torch.utils.data.DataLoader(data, batch_size=1, shuffle=True, collate_fn=collate_batch,
+    return torch.utils.data.DataLoader(data, batch_size=1, shuffle=True, collate_fn=collate_batch, pin_memory=pin_memory,
                                        generator=torch.Generator().manual_seed(seed), num_workers=workers,
                                        persistent_workers=bool(getattr(args, "persistent_data_loader_workers", False))
                                        and workers > 0)

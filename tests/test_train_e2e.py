@@ -237,6 +237,21 @@ def test_micro_batch_reads_nothing_from_the_device_before_the_window_ends():
     assert len(ctx.window_losses) == 1 and ctx.window_keys == ["a", "b"] and net.weight.grad is not None
 
 
+def test_batches_reach_the_device_by_non_blocking_copies(tiny, images, tmp_path, monkeypatch):
+    """Issue 6: accelerate moves each batch to the device; with blocking copies (its default) every tensor of every
+    batch would make the host wait for the GPU. The prepared loader copies non-blocking, from memory the loader
+    pins on CUDA (pinning needs CUDA; on a CPU there is no copy)."""
+    from accelerate import Accelerator
+    from accelerate.data_loader import DataLoaderShard
+
+    prepared = []
+    real = Accelerator.prepare
+    monkeypatch.setattr(Accelerator, "prepare", lambda self, *a, **k: prepared.extend(out := real(self, *a, **k)) or out)
+    assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "out", "--max_train_steps", "1") == 0
+    (loader,) = [x for x in prepared if isinstance(x, DataLoaderShard)]
+    assert loader._non_blocking is True and loader.pin_memory == torch.cuda.is_available()
+
+
 def test_sd2_v_prediction_with_the_usual_options(images, tmp_path):
     """SD2 768-v style (v-prediction) with bf16 autocast, gradient checkpointing, clip_skip, reg images with
     prior_loss_weight, per-epoch saves, sample images and TensorBoard logs, in one run."""
