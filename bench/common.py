@@ -167,9 +167,9 @@ def build_step_fn(model, args, device="cpu", batch: dict | None = None, step=Non
     """The trainer's setup and loop body around one step function (default `train_apt_lora.training_step`),
     as in `train_apt_lora.train`: `create_network` + `apply_to`, the APT state when the args ask for it
     (`--apt`, DCO), the text-encoder output cache (`--cache_text_encoder_outputs`), `prepare_optimizer_params`, `get_optimizer`, `get_lr_scheduler`, `accelerator.prepare(optimizer)`,
-    then per micro-batch the loop body: accumulate, step, backward (skipped for a non-finite loss), `any_rank`,
-    `all_reduce_gradients`, `clip_grad_norm_`, optimizer and scheduler step (skipped for non-finite gradients),
-    zero_grad, `loss.item()`.
+    then per micro-batch the loop body (`train_apt_lora.micro_batch`): accumulate, step, backward, and at the
+    window's end `all_reduce_gradients`, `clip_grad_norm_`, the one read of flags and loss, `any_rank`, optimizer
+    and scheduler step (skipped for a non-finite loss or gradients), zero_grad.
 
     `step(args, ctx, batch) -> (loss, logs)`: the step to time (default: the trainer's, which dispatches to the
     APT step when `ctx.apt` is set). `batch`: default `make_batch(model)` at 512 px."""

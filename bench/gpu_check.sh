@@ -22,6 +22,8 @@
 #      $OUT/prior_graph_check-gpu.md`: APT steps with the prior pass (--apt_cuda_graph), the fine-tuned forward+backward
 #      (--unet_cuda_graph) and both replayed as CUDA graphs against the eager steps (loss, APT terms, LoRA gradients
 #      and weights, γ), and a second eager run for the noise floor. SKIP_GRAPH_CHECK=1 skips it.
+#   3b. Host-device syncs per optimizer step: `python -m bench.sync_check --configs $CONFIGS > $OUT/sync_check-gpu.md`
+#      (CUDA's sync debug mode; expected 1 per step). SKIP_SYNC_CHECK=1 skips it.
 #   4. Runs `python -m bench.step_time --configs sd15,sdxl --out $OUT/step_time-gpu.md`, each config and
 #      gradient-checkpointing setting in its own process with a timeout (STEP_TIMEOUT seconds, default 240).
 #      SKIP_STEP_TIME=1 skips it.
@@ -43,7 +45,7 @@
 # Environment: OUT (output folder), STEPS (timed steps, default 10), WARMUP (default 3), STEP_TIMEOUT,
 # CONFIGS (default sd15,sdxl), BATCH_SIZES (apt_overhead's, default 1,4), APT_GRAD_CKPT (apt_overhead's gradient
 # checkpointing settings, default off: the setting the issue's targets and reference figures are for; off,on for
-# both), APT_EXTRA (default empty), APT_UNET_ONLY (default 0), GRAPH_VARIANTS (prior_graph_check's, default eager,prior,unet,both), SKIP_STEP_TIME, SKIP_APT, SKIP_GRAPH_CHECK, PYTHON (default python3, else python).
+# both), APT_EXTRA (default empty), APT_UNET_ONLY (default 0), GRAPH_VARIANTS (prior_graph_check's, default eager,prior,unet,both), SKIP_STEP_TIME, SKIP_APT, SKIP_GRAPH_CHECK, SKIP_SYNC_CHECK, PYTHON (default python3, else python).
 # Exit code: 0 when every config produced a row, 1 when one failed or timed out (the table still says which).
 set -uo pipefail
 
@@ -151,6 +153,16 @@ if [ "${SKIP_GRAPH_CHECK:-0}" = 0 ]; then
   graph_status=$?
   cat "$GRAPH_RESULT"
   [ "$graph_status" != 0 ] && status=$graph_status
+fi
+# 3b. host-device syncs per optimizer step of the plain, APT and fast APT steps (expected: 1, the window's read)
+if [ "${SKIP_SYNC_CHECK:-0}" = 0 ]; then
+  SYNC_RESULT="$OUT/sync_check-$([ "$DRY_RUN" = 1 ] && echo dryrun || echo gpu).md"
+  echo "python -m bench.sync_check --configs $CONFIGS --steps 3 --warmup 2 > $SYNC_RESULT"
+  timeout "$STEP_TIMEOUT" "$PYTHON" -m bench.sync_check --configs "$CONFIGS" --steps 3 --warmup 2 > "$SYNC_RESULT" \
+    2> >(tee "$LOGS/sync_check.log" >&2)
+  sync_status=$?
+  cat "$SYNC_RESULT"
+  [ "$sync_status" != 0 ] && status=$sync_status
 fi
 # 4. the step time with and without gradient checkpointing
 if [ "${SKIP_STEP_TIME:-0}" = 0 ]; then

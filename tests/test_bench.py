@@ -165,7 +165,7 @@ def test_gpu_check_dry_run_runs_the_graph_check_first(tmp_path):
     here; test_apt_overhead_* covers them)."""
     import subprocess
 
-    env = dict(os.environ, OUT=str(tmp_path), SKIP_STEP_TIME="1", SKIP_APT="1")
+    env = dict(os.environ, OUT=str(tmp_path), SKIP_STEP_TIME="1", SKIP_APT="1", SKIP_SYNC_CHECK="1")
     r = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], capture_output=True, text=True, env=env,
                        timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -174,3 +174,34 @@ def test_gpu_check_dry_run_runs_the_graph_check_first(tmp_path):
     assert len(rows) == 8 and all(ln.rstrip().endswith("✓ |") for ln in rows), table
     assert {"none (eager again: the noise floor)", "prior pass", "UNet fwd+bwd",
             "prior pass + UNet fwd+bwd"} == {ln.split("|")[2].strip() for ln in rows}
+
+
+def test_sync_check_counts_the_debug_mode_warnings_per_place(monkeypatch, capsys):
+    """bench/sync_check.py on a GPU counts CUDA's sync debug-mode warnings by file:line; here the warnings are
+    made by hand (a CPU has no device to wait for), and its CPU run goes through the trainer's step."""
+    import warnings
+
+    from bench import sync_check
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    calls = []
+
+    def step():
+        calls.append(1)
+        warnings.warn("called a synchronizing CUDA operation")  # the message torch's debug mode uses
+        if len(calls) % 2:
+            warnings.warn("called a synchronizing CUDA operation")
+        warnings.warn("something else")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warm-up call's warnings are not counted (nor shown)
+        where = sync_check.count_syncs(step, n_warmup=1, n_steps=2, cuda=True)
+    assert len(calls) == 3 and modes == ["warn", "default"]
+    assert list(where.values()) in ([2, 1], [1, 2]) and sum(where.values()) == 3
+    assert all(k.startswith(os.path.join("tests", "test_bench.py:")) for k in where)
+    monkeypatch.undo()
+    assert sync_check.main(["--configs", "tiny-sd1", "--settings", "plain,apt-fast", "--steps", "1", "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| tiny-sd1 | plain | n/a | no CUDA: nothing to count |" in out and "| tiny-sd1 | apt-fast | n/a | needs CUDA |" in out

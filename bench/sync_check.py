@@ -1,0 +1,100 @@
+"""Host-device synchronisations per optimizer step of the trainer's loop body, counted on a GPU (issue 6).
+
+    python -m bench.sync_check --configs sd15,sdxl              # CUDA: the real architectures, bf16
+    python -m bench.sync_check --configs tiny-sd1 --steps 2     # CPU: the same flow, nothing to count
+
+On CUDA, `torch.cuda.set_sync_debug_mode("warn")` warns at each op that makes the host wait for the device
+(`.item()`, `nonzero`, a blocking copy, ...). For each config and setting this builds the trainer's step
+(`bench.common.build_step_fn`: `train_apt_lora.micro_batch` around the plain or the APT step), runs `--warmup`
+steps (graph recordings happen there), then counts the warnings of `--steps` steps and says where they come from.
+Expected: 1 per optimizer step, the window's read in `micro_batch` (flags, loss, logs in one `.tolist()`).
+Settings: `plain`, `apt` (`--apt`), `apt-fast` (`--apt --apt_cuda_graph --unet_cuda_graph`, CUDA only).
+On a CPU there is no device to wait for; the CPU-side audit is tests/test_no_host_sync.py (the step on the meta
+device). Prints a markdown table; exit code 1 if a setting syncs more than once per step on CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import warnings
+
+import torch
+
+SETTINGS = {"plain": [], "apt": ["--apt"], "apt-fast": ["--apt", "--apt_cuda_graph", "--unet_cuda_graph"]}
+
+
+def count_syncs(step_fn, n_warmup: int, n_steps: int, cuda: bool) -> collections.Counter:
+    """file:line -> synchronising ops in `n_steps` calls of `step_fn`, after `n_warmup` uncounted ones."""
+    for _ in range(n_warmup):
+        step_fn()
+    where = collections.Counter()
+    if not cuda:
+        for _ in range(n_steps):
+            step_fn()
+        return where
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(n_steps):
+                step_fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchronizing" in str(w.message):
+            where[f"{os.path.relpath(w.filename)}:{w.lineno}"] += 1
+    return where
+
+
+def run(config: str, setting: str, n_warmup: int, n_steps: int) -> dict:
+    from bench.common import CONFIGS, DTYPES, MIXED_PRECISION, build_bench_model, build_step_fn, make_bench_args, make_batch
+
+    cfg = CONFIGS[config]
+    cuda = cfg.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise RuntimeError(f"{config} needs CUDA, and torch.cuda.is_available() is False")
+    flags = SETTINGS[setting]
+    if not cuda and "--apt_cuda_graph" in flags:
+        return {"config": config, "setting": setting, "per_step": None, "where": "needs CUDA"}
+    model = build_bench_model(cfg.arch, cfg.real, cfg.device, DTYPES[cfg.dtype])
+    args = make_bench_args(cfg.rank, mixed_precision=MIXED_PRECISION[cfg.dtype],
+                           extra=["--network_train_unet_only", "--cache_text_encoder_outputs", *flags])
+    bench = build_step_fn(model, args, cfg.device, make_batch(model, cfg.batch_size, cfg.resolution))
+    where = count_syncs(bench.step_fn, n_warmup, n_steps, cuda)
+    per_step = sum(where.values()) / n_steps if cuda else None
+    return {"config": config, "setting": setting, "per_step": per_step,
+            "where": ", ".join(f"{k} ×{v}" for k, v in where.most_common(6)) if cuda else "no CUDA: nothing to count"}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--configs", default="sd15,sdxl")
+    p.add_argument("--settings", default="plain,apt,apt-fast")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=3)
+    a = p.parse_args(argv)
+    rows, status = [], 0
+    for config in a.configs.split(","):
+        for setting in a.settings.split(","):
+            print(f"{config} {setting} ...", file=sys.stderr, flush=True)
+            try:
+                row = run(config, setting, a.warmup, a.steps)
+            except Exception as e:  # one failing setting must not hide the others
+                row = {"config": config, "setting": setting, "per_step": None, "where": f"error: {e!r}"[:300]}
+                status = 1
+            if row["per_step"] is not None and row["per_step"] > 1:
+                status = 1
+            rows.append(row)
+    print("| config | setting | syncs per optimizer step | where (file:line × count) |")
+    print("|---|---|---|---|")
+    for r in rows:
+        n = "n/a" if r["per_step"] is None else f"{r['per_step']:.2f}"
+        print(f"| {r['config']} | {r['setting']} | {n} | {r['where']} |")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
