@@ -22,6 +22,8 @@
 #      $OUT/prior_graph_check-gpu.md`: APT steps with the prior pass (--apt_cuda_graph), the fine-tuned forward+backward
 #      (--unet_cuda_graph) and both replayed as CUDA graphs against the eager steps (loss, APT terms, LoRA gradients
 #      and weights, γ), and a second eager run for the noise floor. SKIP_GRAPH_CHECK=1 skips it.
+#   3a. The trainer on the device (SKIP_SMOKE=1 skips it): the bundled toy model, --apt --cuda_graphs auto, 30 steps
+#      in bf16, from cached latents and from images (2 loader workers); logs smoke_*.log in $LOGS.
 #   3b. Host-device syncs per optimizer step: `python -m bench.sync_check --configs $CONFIGS > $OUT/sync_check-gpu.md`
 #      (CUDA's sync debug mode; expected 1 per step). SKIP_SYNC_CHECK=1 skips it.
 #   4. Runs `python -m bench.step_time --configs sd15,sdxl --out $OUT/step_time-gpu.md`, each config and
@@ -45,7 +47,7 @@
 # Environment: OUT (output folder), STEPS (timed steps, default 10), WARMUP (default 3), STEP_TIMEOUT,
 # CONFIGS (default sd15,sdxl), BATCH_SIZES (apt_overhead's, default 1,4), APT_GRAD_CKPT (apt_overhead's gradient
 # checkpointing settings, default off: the setting the targets and reference figures are for; off,on for
-# both), APT_EXTRA (default empty), APT_UNET_ONLY (default 0), GRAPH_VARIANTS (prior_graph_check's, default eager,prior,unet,both), SKIP_STEP_TIME, SKIP_APT, SKIP_GRAPH_CHECK, SKIP_SYNC_CHECK, PYTHON (default python3, else python).
+# both), APT_EXTRA (default empty), APT_UNET_ONLY (default 0), GRAPH_VARIANTS (prior_graph_check's, default eager,prior,unet,both), SKIP_STEP_TIME, SKIP_APT, SKIP_GRAPH_CHECK, SKIP_SMOKE, SKIP_SYNC_CHECK, PYTHON (default python3, else python).
 # Exit code: 0 when every config produced a row, 1 when one failed or timed out (the table still says which).
 set -uo pipefail
 
@@ -153,6 +155,25 @@ if [ "${SKIP_GRAPH_CHECK:-0}" = 0 ]; then
   graph_status=$?
   cat "$GRAPH_RESULT"
   [ "$graph_status" != 0 ] && status=$graph_status
+fi
+# 3a. the trainer itself on the device: the bundled toy model with APT and --cuda_graphs auto, from cached latents
+#     and from images (pixel-space augmentation, pinned batches, loader workers): CUDA-only paths end to end
+if [ "${SKIP_SMOKE:-0}" = 0 ]; then
+  SMOKE_STEPS=$([ "$DRY_RUN" = 1 ] && echo 2 || echo 30)
+  SMOKE=(--pretrained_model_name_or_path examples/models/toyworld-sd1 --dataset_config examples/toyworld/dataset.toml
+         --apt --network_dim 8 --network_train_unet_only --learning_rate 1e-3 --max_train_steps "$SMOKE_STEPS" --seed 42
+         --cuda_graphs auto --overwrite)
+  [ "$DRY_RUN" = 0 ] && SMOKE+=(--mixed_precision bf16)
+  for mode in latents images; do
+    MODE_ARGS=(--output_dir "$LOGS/smoke_$mode" --output_name smoke)
+    [ "$mode" = latents ] && MODE_ARGS+=(--cache_latents) || MODE_ARGS+=(--max_data_loader_n_workers 2)
+    echo "python train_apt_lora.py ${SMOKE[*]} ${MODE_ARGS[*]}"
+    timeout "$STEP_TIMEOUT" "$PYTHON" train_apt_lora.py "${SMOKE[@]}" "${MODE_ARGS[@]}" > "$LOGS/smoke_$mode.log" 2>&1
+    smoke_status=$?
+    tr '\r' '\n' < "$LOGS/smoke_$mode.log" | grep -E "cuda_graphs|steps: 100%|saved|Error|error" | tail -6
+    echo "trainer smoke ($mode): exit code $smoke_status" | tee -a "$LOGS/env.txt"
+    [ "$smoke_status" != 0 ] && status=$smoke_status
+  done
 fi
 # 3b. host-device syncs per optimizer step of the plain, APT and fast APT steps (expected: 1, the window's read)
 if [ "${SKIP_SYNC_CHECK:-0}" = 0 ]; then
