@@ -164,8 +164,9 @@ if [ "${SKIP_SMOKE:-0}" = 0 ]; then
          --apt --network_dim 8 --network_train_unet_only --learning_rate 1e-3 --max_train_steps "$SMOKE_STEPS" --seed 42
          --cuda_graphs auto --overwrite)
   [ "$DRY_RUN" = 0 ] && SMOKE+=(--mixed_precision bf16)
+  SMOKE_DIR="$(mktemp -d)"  # the LoRAs stay out of $OUT: only the logs come back
   for mode in latents images; do
-    MODE_ARGS=(--output_dir "$LOGS/smoke_$mode" --output_name smoke)
+    MODE_ARGS=(--output_dir "$SMOKE_DIR/$mode" --output_name smoke)
     [ "$mode" = latents ] && MODE_ARGS+=(--cache_latents) || MODE_ARGS+=(--max_data_loader_n_workers 2)
     echo "python train_apt_lora.py ${SMOKE[*]} ${MODE_ARGS[*]}"
     timeout "$STEP_TIMEOUT" "$PYTHON" train_apt_lora.py "${SMOKE[@]}" "${MODE_ARGS[@]}" > "$LOGS/smoke_$mode.log" 2>&1
