@@ -67,7 +67,7 @@ class MicroBatch(NamedTuple):
     """What `micro_batch` returns. `values`: host floats, at the end of an accumulation window only, from the
     window's one read of the device: "loss" (this micro-batch's) and the logs named by `read`."""
 
-    loss: "torch.Tensor"
+    loss: object  # the micro-batch's loss, a 0-d tensor on the device
     logs: dict
     status: str  # "accumulating" | "stepped" | "skipped"
     values: Optional[dict] = None
@@ -661,9 +661,10 @@ def main(argv=None) -> int:
     from library.model_util import ModelLoadError
     from apt_ext.prompts import PromptError
     from apt_ext.step import apply_preset
+    from library.config_file import parse_args_with_config, write_config_file
     from library.sampling import SamplingError
     from library.train_state import StateError
-    from library.train_util import TrainingSetupError, parse_args_with_config, write_config_file
+    from library.train_util import TrainingSetupError
     from networks.lora import LoRAWeightsError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

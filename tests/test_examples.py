@@ -6,7 +6,7 @@ import pytest
 
 from library.config_util import generate_blueprint, load_dataset_config
 from library.train_args import setup_parser
-from library.train_util import parse_args_with_config
+from library.config_file import parse_args_with_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARG_FILES = ["examples/toyworld/train.toml", "examples/sd15_dog.toml", "examples/sdxl_backpack.toml"]

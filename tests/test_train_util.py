@@ -1,4 +1,4 @@
-"""library/train_util.py: noise, timesteps, targets, losses, weighting, optimizers, schedules, names, config files."""
+"""library/train_util.py: noise, timesteps, targets, losses, weighting, optimizers, schedules, names; library/config_file.py."""
 import argparse
 import math
 import sys
@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from library import config_file as cf
 from library import train_util as tu
 from library.train_util import TrainingSetupError
 
@@ -479,7 +480,7 @@ def load(tmp_path, text, argv_extra=(), name="cfg"):
     argv = ["--config_file", str(tmp_path / name), *argv_extra]  # .toml is appended
     if "pretrained" not in text:
         argv += ["--pretrained_model_name_or_path", "x"]
-    return tu.parse_args_with_config(parser, argv)
+    return cf.parse_args_with_config(parser, argv)
 
 
 CONFIG = """
@@ -507,7 +508,7 @@ def test_config_precedence_and_flattening(tmp_path):
     assert args.cache_latents is True and args.network_args == ["conv_dim=4", "conv_alpha=1"]  # nested tables
     assert args.lr_warmup_steps == 0.1  # string through the argument's converter
     assert args.text_encoder_lr == [5e-5]  # a scalar for a list argument
-    assert tu.read_config_file(argparse.Namespace(config_file=None), make_parser(), []).config_file is None
+    assert cf.read_config_file(argparse.Namespace(config_file=None), make_parser(), []).config_file is None
 
 
 def test_config_unknown_key_suggests(tmp_path):
@@ -535,7 +536,7 @@ def test_config_type_errors(tmp_path):
     with pytest.raises(TrainingSetupError, match="set twice"):
         load(tmp_path, "[a]\nmax_train_steps = 1\n[b]\nmax_train_steps = 2\n")
     with pytest.raises(TrainingSetupError, match="not found"):
-        tu.read_config_file(argparse.Namespace(config_file=str(tmp_path / "missing")), make_parser(), [])
+        cf.read_config_file(argparse.Namespace(config_file=str(tmp_path / "missing")), make_parser(), [])
     args = load(tmp_path, "resolution = 768\nlearning_rate = 1\n")  # numbers for str / float arguments
     assert args.resolution == "768" and isinstance(args.learning_rate, float)
 
@@ -546,16 +547,16 @@ def test_output_config_round_trip(tmp_path):
             "--network_args", "conv_dim=4", "--output_name", 'my "lora"', "--wandb_api_key", "secret",
             "--lr_warmup_steps", "5%"]
     args = parser.parse_args(argv)
-    path = tu.write_config_file(args, parser, str(tmp_path / "out"))
+    path = cf.write_config_file(args, parser, str(tmp_path / "out"))
     text = open(path, encoding="utf-8").read()
     assert path.endswith("out.toml") and "secret" not in text and "max_train_steps" not in text
-    back = tu.read_config_file(argparse.Namespace(config_file=path), parser, ["--config_file", path])
+    back = cf.read_config_file(argparse.Namespace(config_file=path), parser, ["--config_file", path])
     for key in ("pretrained_model_name_or_path", "learning_rate", "cache_latents", "network_args", "output_name",
                 "lr_warmup_steps", "max_train_steps"):
         assert getattr(back, key) == getattr(args, key), key
     assert back.wandb_api_key is None
     with pytest.raises(TrainingSetupError, match="already exists"):
-        tu.write_config_file(args, parser, path)
+        cf.write_config_file(args, parser, path)
 
 
 def test_real_parser_sd_scripts_config(tmp_path):
@@ -569,7 +570,7 @@ def test_real_parser_sd_scripts_config(tmp_path):
         'optimizer_args = ["weight_decay=0.01"]\n[training_arguments]\nmax_train_steps = 2000\nmixed_precision = "bf16"\n',
         encoding="utf-8")
     parser = train_args.setup_parser()
-    args = tu.parse_args_with_config(parser, ["--config_file", str(path), "--learning_rate", "2e-4"])
+    args = cf.parse_args_with_config(parser, ["--config_file", str(path), "--learning_rate", "2e-4"])
     assert args.learning_rate == 2e-4 and args.network_dim == 32 and args.max_train_steps == 2000
     assert args.network_alpha == 32.0 and isinstance(args.network_alpha, float)  # no int64 alpha
     assert tu.resolve_warmup_steps(args.lr_warmup_steps, 2000) == 100

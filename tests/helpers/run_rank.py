@@ -34,7 +34,7 @@ def _save(state_dict, path):
 def main(argv=None) -> int:
     import train_apt_lora
     from library.train_args import setup_parser
-    from library.train_util import parse_args_with_config
+    from library.config_file import parse_args_with_config
     from networks import lora as lora_lib
 
     pre = argparse.ArgumentParser(add_help=False)

@@ -1,0 +1,292 @@
+"""`--config_file`: training arguments from a TOML file, and `--output_config` writing them back (sd-scripts'
+`read_config_from_file`, KOHYA_COMPAT.md section 6).
+
+Command line > file > defaults. Keys are flag names; nested tables are flattened; values are converted and checked
+with each flag's own argparse action, so a wrong type or an unknown key is an error naming the file, the key and
+what to do (`TrainingSetupError`).
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import logging
+import math
+import os
+import re
+from typing import Optional, Sequence
+
+from library.train_util import TrainingSetupError
+
+logger = logging.getLogger(__name__)
+
+
+_CONFIG_NEVER_WRITTEN = ("config_file", "output_config", "wandb_api_key", "huggingface_token")
+
+
+def config_file_path(name: str) -> str:
+    """`--config_file x` means `x.toml` (sd-scripts appends the extension when it is missing)."""
+    return name if name.endswith(".toml") else name + ".toml"
+
+
+def _load_toml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise TrainingSetupError(f"--config_file {path}: file not found; check the path (.toml is added when missing)")
+    with open(path, encoding="utf-8-sig") as f:
+        text = f.read()
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11
+        tomllib = None
+    if tomllib is not None:
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            line, col = getattr(e, "lineno", None), getattr(e, "colno", None)
+            msg = str(e)
+            m = re.search(r"\(at line (\d+), column (\d+)\)", msg)
+            if m:
+                line, col = line or int(m.group(1)), col or int(m.group(2))
+                msg = msg[: m.start()].strip()
+            elif "end of document" in msg:
+                line, col = text.count("\n") + 1, 1
+            raise TrainingSetupError(
+                f"--config_file {path}: TOML syntax error at line {line}, column {col}: {msg}. "
+                "Strings need quotes, e.g. output_name = \"my_lora\"; true/false are lowercase"
+            ) from None
+    import toml
+
+    try:
+        return toml.loads(text)
+    except toml.TomlDecodeError as e:
+        raise TrainingSetupError(
+            f"--config_file {path}: TOML syntax error at line {e.lineno}, column {e.colno}: {e.msg}"
+        ) from None
+
+
+def _flatten_tables(data: dict, path: str, out: dict, where: dict, dup: list) -> None:
+    """All tables (at any depth) are merged into one flat mapping: section names carry no meaning."""
+    for key, value in data.items():
+        here = f"{path}.{key}" if path else key
+        if isinstance(value, dict):
+            _flatten_tables(value, here, out, where, dup)
+            continue
+        if key in out:
+            dup.append((key, where[key], here))
+        out[key] = value
+        where[key] = here
+
+
+def _toml_type_name(value) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return type(value).__name__
+
+
+def _convert_scalar(action: argparse.Action, value, where: str, path: str):
+    """Check a TOML scalar against the argument's type; sd-scripts keeps TOML values as they are, which lets a
+    quoted number slip through and fail much later, so mistakes are reported here by key instead."""
+    t = action.type
+    key = where.split(".")[-1]
+
+    def bad(expected: str):
+        example = {"an integer": "100", "a number": "0.0001", "a string": '"text"'}[expected]
+        if isinstance(value, str) and expected != "a string":
+            try:
+                (int if expected == "an integer" else float)(value)
+                example = value.strip()  # the quoted number itself, without the quotes
+            except ValueError:
+                pass
+        raise TrainingSetupError(
+            f"--config_file {path}: {where} must be {expected}, got {_toml_type_name(value)} {value!r}; "
+            f"write it as {key} = {example}"
+        )
+    if t is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+            bad("an integer")
+        return int(value)
+    if t is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            bad("a number")
+        return float(value)
+    if t is None or t is str:
+        if isinstance(value, bool) or isinstance(value, (list, dict)):
+            bad("a string")
+        return value if isinstance(value, str) else str(value)
+    if callable(t) and isinstance(value, str):
+        try:
+            return t(value)
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as e:
+            raise TrainingSetupError(f"--config_file {path}: {where} = {value!r} is not valid: {e}") from None
+    return value
+
+
+def _convert_toml_value(action: argparse.Action, value, where: str, path: str):
+    if action.nargs == 0:  # store_true / store_false / store_const
+        if isinstance(action.const, bool) or isinstance(action, argparse.BooleanOptionalAction):
+            if not isinstance(value, bool):
+                raise TrainingSetupError(
+                    f"--config_file {path}: {where} is a switch and must be true or false, got {value!r}"
+                )
+        return value
+    if isinstance(action, argparse.BooleanOptionalAction):
+        if not isinstance(value, bool):
+            raise TrainingSetupError(f"--config_file {path}: {where} must be true or false, got {value!r}")
+        return value
+    is_list = action.nargs in ("*", "+") or isinstance(action.nargs, int) or isinstance(action, argparse._AppendAction)
+    if is_list:
+        items = value if isinstance(value, list) else [value]
+        converted = [_convert_scalar(action, v, where, path) for v in items]
+        values = converted
+    else:
+        if isinstance(value, list):
+            raise TrainingSetupError(f"--config_file {path}: {where} takes a single value, got an array {value!r}")
+        converted = _convert_scalar(action, value, where, path)
+        values = [converted]
+    if action.choices is not None:
+        for v in values:
+            if v not in action.choices:
+                raise TrainingSetupError(
+                    f"--config_file {path}: {where} = {v!r} is not one of {', '.join(map(str, action.choices))}"
+                )
+    return converted
+
+
+def _dest_actions(parser: argparse.ArgumentParser) -> dict:
+    return {a.dest: a for a in parser._actions if a.dest not in (argparse.SUPPRESS, "help") and a.option_strings}
+
+
+def read_config_file(args, parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None):
+    """`--config_file x[.toml]`: sd-scripts semantics with checked keys. Returns the new args namespace.
+
+    All tables are flattened (section names are irrelevant); each key is an argument name without `--`.
+    Precedence: command line > TOML > defaults (the command line `argv`, default `sys.argv[1:]`, is parsed again
+    on top of the TOML values, as sd-scripts does). Unlike sd-scripts, unknown keys are an error naming the
+    closest argument, and values are checked against the argument's type (a quoted number for an int argument is
+    an error; string values of custom-typed arguments such as `lr_warmup_steps = "10%"` go through the type).
+    """
+    name = getattr(args, "config_file", None)
+    if not name:
+        return args
+    path = config_file_path(name)
+    data = _load_toml(path)
+
+    flat: dict = {}
+    where: dict = {}
+    dup: list = []
+    _flatten_tables(data, "", flat, where, dup)
+    if dup:
+        key, first, second = dup[0]
+        raise TrainingSetupError(f"--config_file {path}: {key} is set twice ({first} and {second}); keep one")
+
+    actions = _dest_actions(parser)
+    unknown = [k for k in flat if k not in actions]
+    if unknown:
+        lines = []
+        for k in unknown:
+            close = difflib.get_close_matches(k.replace("-", "_").lstrip("_"), list(actions), n=1, cutoff=0.6)
+            lines.append(f"{where[k]}" + (f" (did you mean {close[0]}?)" if close else ""))
+        raise TrainingSetupError(
+            f"--config_file {path}: unknown key{'s' if len(unknown) > 1 else ''} {'; '.join(lines)}. "
+            "Keys are argument names without '--' (see --help)"
+        )
+
+    values = {}
+    for key, value in flat.items():
+        if key in ("config_file", "output_config"):
+            continue  # meaningless inside the file itself
+        values[key] = _convert_toml_value(actions[key], value, where[key], path)
+
+    # arguments the file provides are no longer required on the command line
+    relaxed = [a for a in actions.values() if a.required and a.dest in values]
+    for a in relaxed:
+        a.required = False
+    try:
+        new_args = parser.parse_args(argv, namespace=argparse.Namespace(**values))
+    finally:
+        for a in relaxed:
+            a.required = True
+    logger.info(f"loaded {len(values)} settings from {path}")
+    return new_args
+
+
+def parse_args_with_config(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None):
+    """Parse the command line with `--config_file` support; the entry point for `train_apt_lora.py`.
+
+    `--config_file` is looked up first, so that arguments the parser marks required may come from the file.
+    With `--output_config` the file is not read (the caller writes it with `write_config_file` and exits).
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config_file", type=str, default=None)
+    pre.add_argument("--output_config", action="store_true")
+    known, _ = pre.parse_known_args(argv)
+    if known.config_file and not known.output_config:
+        return read_config_file(known, parser, argv)
+    return parser.parse_args(argv)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value if v is not None) + "]"
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def _parser_defaults(parser: argparse.ArgumentParser) -> dict:
+    defaults = {}
+    for dest, action in _dest_actions(parser).items():
+        default = action.default
+        if isinstance(default, str) and callable(action.type) and action.type is not str:
+            try:
+                default = action.type(default)
+            except Exception:
+                pass
+        defaults[dest] = default
+    return defaults
+
+
+def write_config_file(args, parser: argparse.ArgumentParser, path: str, overwrite: bool = False) -> str:
+    """`--output_config`: write the arguments that differ from their defaults as a flat TOML file.
+
+    Secrets and the config flags themselves are never written. None values are left out (TOML has no null).
+    Refuses to replace an existing file unless `overwrite`. Returns the path written.
+    """
+    path = config_file_path(path)
+    if os.path.exists(path) and not overwrite:
+        raise TrainingSetupError(f"--output_config: {path} already exists; remove it or choose another --config_file name")
+    defaults = _parser_defaults(parser)
+    lines = []
+    for dest in defaults:
+        if dest in _CONFIG_NEVER_WRITTEN or not hasattr(args, dest):
+            continue
+        value = getattr(args, dest)
+        if value is None or value == defaults[dest]:
+            continue
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        lines.append(f"{dest} = {_toml_value(value)}")
+    text = "# written by --output_config; load with --config_file\n" + "\n".join(lines) + "\n"
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
