@@ -299,16 +299,18 @@ def verify_args(args):
         raise TrainingSetupError(f"--unet_cuda_graph_max must be at least 1, got {args.unet_cuda_graph_max}")
     from library.unet_graph import GRAPH_FLAGS, blocker_message, graph_blockers
 
-    for flag in (f for f in GRAPH_FLAGS if getattr(args, f)):  # LoRA dropout is checked once the network is built
+    graph_flags = [f for f in GRAPH_FLAGS if getattr(args, f)]  # LoRA dropout is checked once the network is built
+    if graph_flags:
         import torch
 
         from apt_ext.step import apt_enabled
 
-        reasons = graph_blockers(flag, cuda=torch.cuda.is_available(), apt_on=apt_enabled(args),
-                                 gradient_checkpointing=args.gradient_checkpointing,
-                                 trains_text_encoder=not args.network_train_unet_only)
-        if reasons:
-            raise TrainingSetupError(blocker_message(flag, reasons[0]))
+        for flag in graph_flags:
+            reasons = graph_blockers(flag, cuda=torch.cuda.is_available(), apt_on=apt_enabled(args),
+                                     gradient_checkpointing=args.gradient_checkpointing,
+                                     trains_text_encoder=not args.network_train_unet_only)
+            if reasons:
+                raise TrainingSetupError(blocker_message(flag, reasons[0]))
     if args.sample_prior_grid and not args.sample_prompts:
         raise TrainingSetupError("--sample_prior_grid needs --sample_prompts FILE: the grid shows those prompts "
                                  "with the LoRA off and on")

@@ -107,7 +107,7 @@ def auto_cuda_graphs(args, device_type: str, has_dropout: bool, trains_text_enco
 def _autocast(device_type: str, weight_dtype: torch.dtype):
     """Autocast to `weight_dtype` with its weight-cast cache off (graph recording requires that; the cache only
     saves casts between repeated calls within one autocast region, so the results are the same); no context at
-    float32 (then any device works, the meta device of the sync audit in tests/test_train_e2e.py included)."""
+    float32 (then any device works, the meta device of the sync audit in tests/test_no_host_sync.py included)."""
     import contextlib
 
     if weight_dtype == torch.float32:

@@ -49,7 +49,7 @@ def meta_autocast(monkeypatch):
     monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: False if a and a[0] == "meta" else real(*a))
 
 
-def _batch(bsz, pixels, sdxl):
+def _batch(bsz, pixels):
     return {
         "images": torch.rand(bsz, 3, 64, 64) * 2 - 1 if pixels else None,
         "latents": None if pixels else torch.randn(bsz, 4, 8, 8),
@@ -72,7 +72,7 @@ def _meta_step(arch, flags, pixels, v_parameterization=False):
     accelerator = SimpleNamespace(device=META, num_processes=1)
     apt = APT(args, model, META) if "--apt" in flags else None
     ctx = train_apt_lora.TrainContext(args, accelerator, model, network, torch.float32, torch.float32, None, apt)
-    batch = _batch(2, pixels, arch == "sdxl")
+    batch = _batch(2, pixels)
     with BlockingCopies() as mode:
         for _ in range(2):  # the second step runs with the memos (base text, alignment rows) filled
             loss, logs = train_apt_lora.training_step(args, ctx, batch)
