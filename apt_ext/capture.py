@@ -155,7 +155,7 @@ class ProbCaptureAttnProcessor:
             scores = scores + attention_mask.float()
         probs = scores.softmax(dim=-1)  # (B, H, Nq, Nt) float32
         if self.sink is not None:
-            self.sink(self.index, attn, probs)
+            self._emit(attn, probs)
         hidden_states = torch.matmul(probs, value.float()).to(query.dtype)  # Nt is 77..227: a float32 V is tiny
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
@@ -167,6 +167,13 @@ class ProbCaptureAttnProcessor:
             hidden_states = hidden_states + residual
         hidden_states = hidden_states / attn.rescale_output_factor
         return hidden_states
+
+    @torch.compiler.disable
+    def _emit(self, attn: Attention, probs: torch.Tensor) -> None:
+        """Hand the probabilities to the sink, outside any torch.compile graph (--torch_compile): the sink's
+        bookkeeping (which record, which slot) is Python state that a traced graph would specialise on, one
+        recompilation per layer and per filled slot."""
+        self.sink(self.index, attn, probs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -268,8 +275,9 @@ class APTCapture:
         self._orig_processors = [m.processor for _, m in self.attn_modules]
         for i, (_, m) in enumerate(self.attn_modules):
             m.set_processor(ProbCaptureAttnProcessor(self._on_attn, i))
-        for j, (_, m) in enumerate(self.stats_modules):
-            self._hooks.append(m.register_forward_hook(self._make_stats_hook(j)))
+        self._stats_index = {id(m): j for j, (_, m) in enumerate(self.stats_modules)}
+        for _, m in self.stats_modules:
+            self._hooks.append(m.register_forward_hook(self._on_stats))
         return self
 
     def remove(self) -> None:
@@ -330,16 +338,18 @@ class APTCapture:
         rec.attn[index] = a.detach() if rec.tag == "prior" else a
         rec.num_heads[index] = int(probs.shape[1])
 
-    def _make_stats_hook(self, index: int):
-        def hook(module, inputs, output):
-            rec = self._slot_open(lambda r: r.stats, index, self.stats_modules[index][0])
-            if rec is None:
-                return None
-            x = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
-            with _plain_saved_tensors():
-                mu, sigma = hidden_stats(x, self.rs_stats)
-            if rec.tag == "prior":
-                mu, sigma = mu.detach(), sigma.detach()
-            rec.stats[index] = (mu, sigma)
+    @torch.compiler.disable
+    def _on_stats(self, module, inputs, output):
+        """The forward hook of every stats module (one callable for all, the index looked up here, outside any
+        torch.compile graph, like `ProbCaptureAttnProcessor._emit`)."""
+        index = self._stats_index[id(module)]
+        rec = self._slot_open(lambda r: r.stats, index, self.stats_modules[index][0])
+        if rec is None:
             return None
-        return hook
+        x = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
+        with _plain_saved_tensors():
+            mu, sigma = hidden_stats(x, self.rs_stats)
+        if rec.tag == "prior":
+            mu, sigma = mu.detach(), sigma.detach()
+        rec.stats[index] = (mu, sigma)
+        return None
