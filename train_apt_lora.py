@@ -308,9 +308,22 @@ def verify_args(args):
         for flag in graph_flags:
             reasons = graph_blockers(flag, cuda=torch.cuda.is_available(), apt_on=apt_enabled(args),
                                      gradient_checkpointing=args.gradient_checkpointing,
-                                     trains_text_encoder=not args.network_train_unet_only)
+                                     trains_text_encoder=not args.network_train_unet_only,
+                                     torch_compile=args.torch_compile)
             if reasons:
                 raise TrainingSetupError(blocker_message(flag, reasons[0]))
+    if args.torch_compile:
+        import torch
+
+        from library.torch_compile import backend_problem
+
+        problem = backend_problem(args.dynamo_backend, cuda=torch.cuda.is_available())
+        if problem:
+            raise TrainingSetupError(problem)
+        if args.gradient_checkpointing:  # the recomputation can pick another compiled graph (pytorch#166926)
+            raise TrainingSetupError("--torch_compile cannot be combined with --gradient_checkpointing yet (the "
+                                     "backward's recomputation can run another compiled graph than the forward): "
+                                     "leave one of them out")
     if args.sample_prior_grid and not args.sample_prompts:
         raise TrainingSetupError("--sample_prior_grid needs --sample_prompts FILE: the grid shows those prompts "
                                  "with the LoRA off and on")
@@ -481,6 +494,9 @@ def train(args):
         apt = APT(args, model, device) if apt_enabled(args) else None  # after LoRA and attention processors are set
     except ValueError as e:
         raise train_util.TrainingSetupError(str(e)) from None
+    from library.torch_compile import maybe_compile
+
+    compiled = maybe_compile(args, model.unet)  # traced at the first step, LoRA and APT's processors included
     params = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, args.learning_rate)
     optimizer_name, optimizer = train_util.get_optimizer(args, params)
     lr_scheduler = train_util.get_lr_scheduler(args, optimizer, args.max_train_steps)
@@ -589,6 +605,8 @@ def train(args):
                     apt.record(step)
                     postfix["gamma"] = f"{res.values['apt/gamma_seen_mean']:.3f}"
                 progress.set_postfix(postfix)
+                if compiled is not None and loss_count == 1 and is_main:  # this run's first step (resumed too)
+                    progress.write(f"{compiled} in the first step")
                 if args.log_with:
                     logs = {k: v for k, v in res.values.items() if k != "loss"}
                     if apt is not None:
@@ -613,6 +631,8 @@ def train(args):
             if step >= args.max_train_steps:
                 break
         progress.close()
+        if compiled is not None:
+            accelerator.print(f"{compiled} over the run")
         if interrupted:
             accelerator.wait_for_everyone()
             name = train_util.ckpt_name(args.output_name, step=step)

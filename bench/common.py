@@ -166,7 +166,7 @@ class BenchStep:
 def build_step_fn(model, args, device="cpu", batch: dict | None = None, step=None) -> BenchStep:
     """The trainer's setup and loop body around one step function (default `train_apt_lora.training_step`),
     as in `train_apt_lora.train`: `create_network` + `apply_to`, the APT state when the args ask for it
-    (`--apt`, DCO), the text-encoder output cache (`--cache_text_encoder_outputs`), `prepare_optimizer_params`, `get_optimizer`, `get_lr_scheduler`, `accelerator.prepare(optimizer)`,
+    (`--apt`, DCO), `--torch_compile`, the text-encoder output cache (`--cache_text_encoder_outputs`), `prepare_optimizer_params`, `get_optimizer`, `get_lr_scheduler`, `accelerator.prepare(optimizer)`,
     then per micro-batch the loop body (`train_apt_lora.micro_batch`): accumulate, step, backward, and at the
     window's end `all_reduce_gradients`, `clip_grad_norm_`, the one read of flags and loss, `any_rank`, optimizer
     and scheduler step (skipped for a non-finite loss or gradients), zero_grad.
@@ -191,6 +191,9 @@ def build_step_fn(model, args, device="cpu", batch: dict | None = None, step=Non
         from apt_ext.step import APT, apt_enabled
 
         apt = APT(args, model, accelerator.device) if apt_enabled(args) else None
+    from library.torch_compile import maybe_compile
+
+    maybe_compile(args, model.unet)
     params = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, args.learning_rate)
     _, optimizer = train_util.get_optimizer(args, params)
     lr_scheduler = train_util.get_lr_scheduler(args, optimizer, args.max_train_steps)

@@ -109,6 +109,14 @@ def _training_args(p: argparse.ArgumentParser) -> None:
                    help="replay the text encoders' training forward and backward as CUDA graphs when their LoRA "
                         "trains (one pair per batch size): ~5800 fewer kernel launches per SDXL step (CUDA only; no "
                         "LoRA dropout, no gradient checkpointing; not yet run on a GPU, see docs/speed.md)")
+    g.add_argument("--torch_compile", action="store_true",
+                   help="compile the UNet's repeated blocks (ResnetBlock2D, BasicTransformerBlock) with torch.compile: "
+                        "the first steps of each bucket shape compile (minutes for SDXL), later ones reuse the graphs; "
+                        "the run prints how many graphs and how long (docs/speed.md). Not with the CUDA graph flags or "
+                        "--gradient_checkpointing")
+    g.add_argument("--dynamo_backend", type=str, default="inductor",
+                   help="torch.compile backend for --torch_compile (inductor, refused on the CPU where it computes wrong "
+                        "LoRA gradients with torch 2.13; aot_eager and eager trace without generating code)")
     g.add_argument("--xformers", action="store_true", help="xformers attention (CUDA; requirements-gpu.txt)")
     g.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping; 0 disables")

@@ -57,6 +57,8 @@ _ADVICE = {  # what a blocker means for a user who asked for the flag
                     "--network_dropout and the rank/module dropout network_args, or the flag",
     "--gradient_checkpointing": " cannot be combined with --gradient_checkpointing yet: leave one of them out",
     "no CUDA device": " needs a CUDA device (this torch sees none): leave the flag out",
+    "--torch_compile": " cannot be combined with --torch_compile yet (recording compiled blocks is untested): "
+                       "leave one of them out",
     "no text-encoder LoRA trains": ": no text-encoder LoRA trains (--network_train_unet_only), so there is no "
                                    "training pass to record: leave the flag out (frozen text encoders are encoded "
                                    "once per caption with --cache_text_encoder_outputs)",
@@ -64,23 +66,25 @@ _ADVICE = {  # what a blocker means for a user who asked for the flag
 
 
 def graph_blockers(flag: str, *, cuda: bool, apt_on: bool, gradient_checkpointing: bool, trains_text_encoder: bool,
-                   has_dropout: bool = False) -> list[str]:
+                   has_dropout: bool = False, torch_compile: bool = False) -> list[str]:
     """Why `flag`'s recording cannot be used in this run ([]: it can). The one list behind --cuda_graphs auto, the
     flag checks before the model loads and the LoRA checks once the network is built (dropout).
 
     The UNet's and the text encoders' recordings need CUDA, no LoRA dropout (drawn per call) and no gradient
     checkpointing; the text encoders' needs their LoRA to train; the prior pass's needs CUDA and APT (it runs with
-    the LoRA off and without grad, so dropout and checkpointing do not touch it)."""
+    the LoRA off and without grad, so dropout and checkpointing do not touch it). None records compiled blocks
+    (--torch_compile) yet."""
     if flag not in GRAPH_FLAGS:
         raise ValueError(f"unknown graph flag {flag!r}; one of {GRAPH_FLAGS}")
+    compiled = ["--torch_compile"] if torch_compile else []
     if flag == "apt_cuda_graph":
-        return ([] if apt_on else ["APT is off"]) + ([] if cuda else ["no CUDA device"])
+        return ([] if apt_on else ["APT is off"]) + ([] if cuda else ["no CUDA device"]) + compiled
     reasons = ["LoRA dropout"] if has_dropout else []
     reasons += ["--gradient_checkpointing"] if gradient_checkpointing else []
     reasons += [] if cuda else ["no CUDA device"]
     if flag == "text_encoder_cuda_graph" and not trains_text_encoder:
         reasons.append("no text-encoder LoRA trains")
-    return reasons
+    return reasons + compiled
 
 
 def blocker_message(flag: str, reason: str, detail: str = "") -> str:
@@ -95,7 +99,8 @@ def auto_cuda_graphs(args, device_type: str, has_dropout: bool, trains_text_enco
     for flag in GRAPH_FLAGS:
         reasons = graph_blockers(flag, cuda=device_type == "cuda", apt_on=apt_on,
                                  gradient_checkpointing=args.gradient_checkpointing,
-                                 trains_text_encoder=trains_text_encoder, has_dropout=has_dropout)
+                                 trains_text_encoder=trains_text_encoder, has_dropout=has_dropout,
+                                 torch_compile=args.torch_compile)
         if getattr(args, flag):
             reasons = []
         elif not reasons:

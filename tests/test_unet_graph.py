@@ -298,7 +298,7 @@ def test_cuda_graphs_auto_turns_on_what_the_run_can_use():
 
     def run(device="cuda", dropout=False, te=True, apt=True, **flags):
         args = SimpleNamespace(gradient_checkpointing=False, unet_cuda_graph=False, text_encoder_cuda_graph=False,
-                               apt_cuda_graph=False)
+                               apt_cuda_graph=False, torch_compile=False)
         vars(args).update(flags)
         why = auto_cuda_graphs(args, device, dropout, te, apt)
         assert all((w == "") == getattr(args, f) for f, w in why.items())  # on exactly where no reason is given
@@ -314,6 +314,7 @@ def test_cuda_graphs_auto_turns_on_what_the_run_can_use():
     assert run(te=False)["text_encoder_cuda_graph"] == "no text-encoder LoRA trains"
     assert run(device="cpu", te=False)["text_encoder_cuda_graph"] == "no CUDA device, no text-encoder LoRA trains"
     assert run(device="cpu", unet_cuda_graph=True)["unet_cuda_graph"] == ""  # the user's own flag is left alone
+    assert set(run(torch_compile=True).values()) == {"--torch_compile"}
 
 
 @pytest.mark.parametrize("flag,kw,expected", [
@@ -324,6 +325,8 @@ def test_cuda_graphs_auto_turns_on_what_the_run_can_use():
     ("unet_cuda_graph", {"trains_text_encoder": False}, []),
     ("apt_cuda_graph", {"gradient_checkpointing": True, "has_dropout": True}, []),  # no grad, LoRA off: unaffected
     ("apt_cuda_graph", {"apt_on": False, "cuda": False}, ["APT is off", "no CUDA device"]),
+    ("apt_cuda_graph", {"torch_compile": True}, ["--torch_compile"]),
+    ("text_encoder_cuda_graph", {"torch_compile": True, "cuda": False}, ["no CUDA device", "--torch_compile"]),
 ])
 def test_graph_blockers_is_the_one_list(flag, kw, expected):
     """What --cuda_graphs auto reports, what the flag checks refuse and what the LoRA check refuses come from here."""

@@ -1,0 +1,62 @@
+"""--torch_compile (library/torch_compile.py): the UNet's blocks compiled in place train exactly like eager ones,
+stop compiling once every shape and pass has been seen, and the flag's errors. The "aot_eager" backend traces and
+runs the same graphs as inductor without generating code (inductor is refused on the CPU: its code computes wrong
+LoRA gradients with torch 2.13, docs/speed.md)."""
+import pytest
+import torch
+
+import train_apt_lora
+from bench.prior_graph_check import compare, run_steps
+from library.tiny_models import build_tiny_model
+from library.torch_compile import CompileReport, backend_problem, compile_unet_blocks, compiled_block_types
+
+
+def test_compiled_apt_steps_equal_eager_and_stop_compiling(monkeypatch):
+    """6 APT steps over two bucket shapes (all three components, so APT's capture runs inside compiled blocks):
+    loss, every APT term, the LoRA gradients and γ equal the eager steps; graphs are compiled in the first steps
+    (per block shape, pass and bucket, then once more with dynamic sizes) and none after."""
+    eager = run_steps(build_tiny_model("sdxl"), static=None, steps=6)
+    model = build_tiny_model("sdxl")
+    report = CompileReport()
+    n = compile_unet_blocks(model.unet, "aot_eager")  # before the LoRA and APT's processors: tracing is lazy
+    assert n == sum(isinstance(m, compiled_block_types()) for m in model.unet.modules()) > 0
+    seen = []
+    step = train_apt_lora.training_step
+
+    def counting_step(*a, **k):
+        seen.append(report.delta()["graphs"])
+        return step(*a, **k)
+
+    monkeypatch.setattr(train_apt_lora, "training_step", counting_step)
+    compiled = run_steps(model, static=None, steps=6)
+    seen.append(report.delta()["graphs"])
+    diff = compare(eager, compiled)
+    weights = diff.pop("lora weights")  # after 6 AdamW steps at lr 1e-2, which scale a last-bit gradient change up
+    assert all(v <= 2e-5 for v in diff.values()) and weights <= 2e-4, str(diff) + f" weights {weights}"  # fp32 rounding
+    assert eager[0][0][1]["apt/L_attn"] > 0
+    assert seen[1] > 0  # the first step compiled
+    assert seen[-3] == seen[-2] == seen[-1], seen  # the last two steps (both shapes seen twice) compile nothing
+    assert "graphs compiled in" in str(report)
+
+
+def test_backend_problems_name_the_flag_and_the_fix(monkeypatch):
+    assert backend_problem("aot_eager", cuda=False) is None
+    msg = backend_problem("nope", cuda=False)
+    assert msg.startswith("--dynamo_backend 'nope' is not a torch.compile backend") and "inductor" in msg
+    assert "inductor on the CPU computes wrong LoRA gradients" in backend_problem("inductor", cuda=False)
+    import library.torch_compile as tc
+
+    monkeypatch.setattr(tc.importlib.util, "find_spec", lambda name: None)
+    assert "needs the triton package" in backend_problem("inductor", cuda=True)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--dynamo_backend", "nope"], "--dynamo_backend 'nope' is not a torch.compile backend"),
+    (["--dynamo_backend", "aot_eager", "--gradient_checkpointing"],
+     "--torch_compile cannot be combined with --gradient_checkpointing yet"),
+])
+def test_flag_errors_come_before_the_model_loads(tmp_path, capsys, extra, message):
+    rc = train_apt_lora.main(["--pretrained_model_name_or_path", str(tmp_path / "missing"), "--train_data_dir",
+                              str(tmp_path), "--output_dir", str(tmp_path / "out"), "--torch_compile", *extra])
+    assert rc != 0
+    assert message in capsys.readouterr().err
