@@ -26,6 +26,10 @@
 #      in bf16, from cached latents and from images (2 loader workers); logs smoke_*.log in $LOGS.
 #   3b. Host-device syncs per optimizer step: `python -m bench.sync_check --configs $CONFIGS > $OUT/sync_check-gpu.md`
 #      (CUDA's sync debug mode; expected 1 per step). SKIP_SYNC_CHECK=1 skips it.
+#   3c. Only with RUN_COMPILE=1: --torch_compile's blocks (inductor) against eager APT steps
+#      (`bench.prior_graph_check --variants compiled` on $COMPILE_CONFIGS, default sd15) and its warm-up, graphs and
+#      step time against eager (`bench.compile_time --real --archs $COMPILE_ARCHS`, default sd1), into
+#      $OUT/compile_check-gpu.md and $OUT/compile_time-gpu.md. Not timed on a GPU yet: budget several minutes.
 #   4. Runs `python -m bench.step_time --configs sd15,sdxl --out $OUT/step_time-gpu.md`, each config and
 #      gradient-checkpointing setting in its own process with a timeout (STEP_TIMEOUT seconds, default 240).
 #      SKIP_STEP_TIME=1 skips it.
@@ -47,7 +51,7 @@
 # Environment: OUT (output folder), STEPS (timed steps, default 10), WARMUP (default 3), STEP_TIMEOUT,
 # CONFIGS (default sd15,sdxl), BATCH_SIZES (apt_overhead's, default 1,4), APT_GRAD_CKPT (apt_overhead's gradient
 # checkpointing settings, default off: the setting the targets and reference figures are for; off,on for
-# both), APT_EXTRA (default empty), APT_UNET_ONLY (default 0), GRAPH_VARIANTS (prior_graph_check's, default eager,prior,unet,both), SKIP_STEP_TIME, SKIP_APT, SKIP_GRAPH_CHECK, SKIP_SMOKE, SKIP_SYNC_CHECK, PYTHON (default python3, else python).
+# both), APT_EXTRA (default empty), APT_UNET_ONLY (default 0), GRAPH_VARIANTS (prior_graph_check's, default eager,prior,unet,both), SKIP_STEP_TIME, SKIP_APT, SKIP_GRAPH_CHECK, SKIP_SMOKE, SKIP_SYNC_CHECK, RUN_COMPILE, COMPILE_CONFIGS, COMPILE_ARCHS, PYTHON (default python3, else python).
 # Exit code: 0 when every config produced a row, 1 when one failed or timed out (the table still says which).
 set -uo pipefail
 
@@ -185,6 +189,26 @@ if [ "${SKIP_SYNC_CHECK:-0}" = 0 ]; then
   sync_status=$?
   cat "$SYNC_RESULT"
   [ "$sync_status" != 0 ] && status=$sync_status
+fi
+# 3c. --torch_compile (opt-in: inductor's first compile of a full-size UNet takes minutes): the compiled blocks
+#     against eager APT steps over two bucket shapes, then graphs, warm-up and step time against eager
+if [ "${RUN_COMPILE:-0}" = 1 ]; then
+  if [ "$DRY_RUN" = 1 ]; then
+    CHECK_CONFIGS=tiny-sd1; CT_ARGS=(--archs sd1 --backends aot_eager --steps apt --timed_steps 2); SUFFIX=dryrun
+  else
+    CHECK_CONFIGS="${COMPILE_CONFIGS:-sd15}"; CT_ARGS=(--archs "${COMPILE_ARCHS:-sd1}" --backends inductor --real); SUFFIX=gpu
+  fi
+  echo "python -m bench.prior_graph_check --configs $CHECK_CONFIGS --variants compiled > $OUT/compile_check-$SUFFIX.md"
+  timeout 600 "$PYTHON" -m bench.prior_graph_check --configs "$CHECK_CONFIGS" --variants compiled \
+    > "$OUT/compile_check-$SUFFIX.md" 2> >(tee "$LOGS/compile_check.log" >&2)
+  compile_status=$?
+  cat "$OUT/compile_check-$SUFFIX.md"
+  [ "$compile_status" != 0 ] && status=$compile_status
+  echo "python -m bench.compile_time ${CT_ARGS[*]} --out $OUT/compile_time-$SUFFIX.md"
+  "$PYTHON" -m bench.compile_time "${CT_ARGS[@]}" --timeout 900 --out "$OUT/compile_time-$SUFFIX.md" \
+    2> >(tee "$LOGS/compile_time.log" >&2)
+  compile_status=$?
+  [ "$compile_status" != 0 ] && status=$compile_status
 fi
 # 4. the step time with and without gradient checkpointing
 if [ "${SKIP_STEP_TIME:-0}" = 0 ]; then

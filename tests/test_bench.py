@@ -205,3 +205,19 @@ def test_sync_check_counts_the_debug_mode_warnings_per_place(monkeypatch, capsys
     assert sync_check.main(["--configs", "tiny-sd1", "--settings", "plain,apt-fast", "--steps", "1", "--warmup", "1"]) == 0
     out = capsys.readouterr().out
     assert "| tiny-sd1 | plain | n/a | no CUDA: nothing to count |" in out and "| tiny-sd1 | apt-fast | n/a | needs CUDA |" in out
+
+
+def test_compile_time_rows_and_a_failed_worker():
+    """bench/compile_time.py: a row per run, side by side with the eager step; a worker that fails (here an unknown
+    layout) becomes an error row with its last message instead of stopping the table."""
+    from bench.compile_time import run_row, table
+
+    bad = run_row("nope", "aot_eager", apt=False, real=False, steps=1, max_warmup=1, timeout=300)
+    assert "unknown" in bad["error"].lower() or "nope" in bad["error"], bad
+    ok = {"arch": "sd1", "backend": "aot_eager", "apt": True, "real": False, "graphs": 61, "graph_breaks": 15,
+          "compile_s": 63.46, "warmup_steps": 4, "warmup_s": 65.9, "settled": False, "eager_s": 0.336,
+          "compiled_s": 0.378}
+    lines = table([ok, bad]).splitlines()
+    assert lines[2] == ("| sd1 (narrow) | APT | aot_eager | 61 | 15 | 65.9 s (4, still compiling) | 63.5 s | 336 ms "
+                        "| 378 ms | 1.12 |")
+    assert lines[3].startswith("| nope (narrow) | plain | aot_eager | error: ")
