@@ -26,9 +26,10 @@
 #      in bf16, from cached latents and from images (2 loader workers); logs smoke_*.log in $LOGS.
 #   3b. Host-device syncs per optimizer step: `python -m bench.sync_check --configs $CONFIGS > $OUT/sync_check-gpu.md`
 #      (CUDA's sync debug mode; expected 1 per step). SKIP_SYNC_CHECK=1 skips it.
-#   3c. Only with RUN_COMPILE=1: --torch_compile's blocks (inductor) against eager APT steps
-#      (`bench.prior_graph_check --variants compiled` on $COMPILE_CONFIGS, default sd15) and its warm-up, graphs and
-#      step time against eager (`bench.compile_time --real --archs $COMPILE_ARCHS`, default sd1), into
+#   3c. Only with RUN_COMPILE=1: `bench.inductor_grad_check --device cuda` (the input gradient that CPU inductor
+#      gets wrong; seconds) into $OUT/inductor_grad_check-gpu.md; --torch_compile's blocks (inductor) against eager
+#      APT steps (`bench.prior_graph_check --variants compiled` on $COMPILE_CONFIGS, default sd15) and its warm-up,
+#      graphs and step time against eager (`bench.compile_time --real --archs $COMPILE_ARCHS`, default sd1), into
 #      $OUT/compile_check-gpu.md and $OUT/compile_time-gpu.md. Not timed on a GPU yet: budget several minutes.
 #   4. Runs `python -m bench.step_time --configs sd15,sdxl --out $OUT/step_time-gpu.md`, each config and
 #      gradient-checkpointing setting in its own process with a timeout (STEP_TIMEOUT seconds, default 240).
@@ -193,6 +194,14 @@ fi
 # 3c. --torch_compile (opt-in: inductor's first compile of a full-size UNet takes minutes): the compiled blocks
 #     against eager APT steps over two bucket shapes, then graphs, warm-up and step time against eager
 if [ "${RUN_COMPILE:-0}" = 1 ]; then
+  if [ "$DRY_RUN" = 0 ]; then  # seconds: inductor's input gradient through a LoRA'd block (wrong on the CPU)
+    echo "python -m bench.inductor_grad_check --device cuda > $OUT/inductor_grad_check-gpu.md"
+    "$PYTHON" -m bench.inductor_grad_check --device cuda > "$OUT/inductor_grad_check-gpu.md" \
+      2> >(tee "$LOGS/inductor_grad_check.log" >&2)
+    compile_status=$?
+    cat "$OUT/inductor_grad_check-gpu.md"
+    [ "$compile_status" != 0 ] && status=$compile_status
+  fi
   if [ "$DRY_RUN" = 1 ]; then
     CHECK_CONFIGS=tiny-sd1; CT_ARGS=(--archs sd1 --backends aot_eager --steps apt --timed_steps 2); SUFFIX=dryrun
   else

@@ -49,9 +49,10 @@ def available_backends() -> list[str]:
 
 def backend_problem(backend: str, cuda: bool) -> str | None:
     """Why `backend` cannot be used in this environment (None: it can), as the message for the user. Inductor is
-    refused on the CPU: its C++ code gives LoRA gradients 10% off (tiny SD1, LoRA on the transformer blocks, batch 2
-    then batch 1: `python -m bench.prior_graph_check --variants compiled --compile_backend inductor` shows it), where
-    "aot_eager_decomp_partition" (the same decompositions and partitioning, no generated code) is exact."""
+    refused on the CPU: its C++ code gives a wrong input gradient where a LayerNorm of a transposed input feeds four
+    matmuls, which a LoRA'd transformer block is at batch 1 (LoRA gradients 10% off; `python -m
+    bench.inductor_grad_check` shows it), where "aot_eager_decomp_partition" (the same decompositions and
+    partitioning, no generated code) is exact."""
     known = available_backends()
     if backend not in known:
         return f"--dynamo_backend {backend!r} is not a torch.compile backend of this torch; one of {', '.join(known)}"
@@ -62,7 +63,7 @@ def backend_problem(backend: str, cuda: bool) -> str | None:
         if not cuda:
             return (f"--dynamo_backend inductor on the CPU computes wrong LoRA gradients with torch "
                     f"{torch.__version__.split('+')[0]} (measured here: 10% off a float64 reference once the batch "
-                    f"size changes; its decompositions without code generation are exact, docs/speed.md): use "
+                    f"size changes; `python -m bench.inductor_grad_check` checks it, docs/speed.md): use "
                     f"--dynamo_backend aot_eager on the CPU, or leave out --torch_compile")
     return None
 

@@ -221,3 +221,20 @@ def test_compile_time_rows_and_a_failed_worker():
     assert lines[2] == ("| sd1 (narrow) | APT | aot_eager | 61 | 15 | 65.9 s (4, still compiling) | 63.5 s | 336 ms "
                         "| 378 ms | 1.12 |")
     assert lines[3].startswith("| nope (narrow) | plain | aot_eager | error: ")
+
+
+def test_inductor_grad_check_measures_a_wrong_input_gradient():
+    """bench/inductor_grad_check.py (why inductor is refused on the CPU) compares the right gradients: zero for a
+    backend that computes the same thing, 10% for one whose graphs return outputs 10% too large."""
+    from bench.inductor_grad_check import input_gradient_error, minimal_case_error
+
+    def ten_percent_off(gm, example_inputs):
+        def run(*args):
+            out = gm(*args)
+            return type(out)(o * 1.1 if isinstance(o, torch.Tensor) and o.is_floating_point() else o for o in out)
+        return run
+
+    assert minimal_case_error("eager") < 1e-6
+    assert minimal_case_error(ten_percent_off) == pytest.approx(0.1, rel=1e-3)  # d(1.1·Σ h²)/dx = 1.1·g
+    assert input_gradient_error("eager") < 1e-6
+    assert input_gradient_error("eager", contiguous=True, lora=False) < 1e-6
