@@ -1,6 +1,7 @@
 """Toy world pretraining (issue 4): a 2-step run at a reduced size writes a loadable SD1 diffusers folder;
 an interrupted run resumes to the same weights."""
 import json
+from dataclasses import asdict
 import os
 
 import pytest
@@ -139,6 +140,28 @@ def test_init_from_continues_a_written_model(tmp_path):
         P.pretrain(_cfg(steps=1, init_from=str(tmp_path)), str(tmp_path / "bad2"), str(tmp_path / "w5"), **quiet)
 
 
+def test_init_vae_from_takes_the_vae_only(tmp_path):
+    """--init_vae_from: the VAE (bitwise) and its judge check come from the folder, the UNet and text encoder are
+    the fresh ones of this seed (equal to a from-scratch build), the latent scale is measured anew; combined with
+    --init_from it is refused."""
+    quiet = dict(log_every=100, vae_check_n=0, workers=0)
+    first = P.pretrain(_cfg(), str(tmp_path / "first"), str(tmp_path / "w1"), **quiet)
+    new = P.pretrain(_cfg(steps=0, seed=1, init_vae_from=first), str(tmp_path / "new"), str(tmp_path / "w2"), **quiet)
+    a, b = _weights(first), _weights(new)
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("vae."))
+    fresh = P.build_model(_cfg(seed=1))
+    for k, v in fresh.unet.state_dict().items():
+        assert torch.equal(v.half(), b[f"unet.{k}"]), k
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("unet."))
+    info, first_info = (json.load(open(os.path.join(p, "toyworld.json"))) for p in (new, first))
+    assert info["vae_from"]["config"] == first_info["config"] and "vae" not in info["seconds"]
+    assert info["vae_judge_accuracy"] == first_info["vae_judge_accuracy"]
+    with pytest.raises(ValueError, match="exclude each other"):
+        P.pretrain(_cfg(init_from=first, init_vae_from=first), str(tmp_path / "bad"), str(tmp_path / "w3"), **quiet)
+    with pytest.raises(ValueError, match="--init_vae_from .*no toyworld.json"):
+        P.pretrain(_cfg(init_vae_from=str(tmp_path)), str(tmp_path / "bad2"), str(tmp_path / "w4"), **quiet)
+
+
 @pytest.mark.parametrize("floor", [None, 0.5])
 def test_diffusion_loss_weights_min_snr_and_the_snr_floor(monkeypatch, floor):
     """The eps-loss weight is clamp(snr, floor, 5) / snr: min-SNR-5 caps the low-noise steps, the floor raises the
@@ -175,12 +198,46 @@ def test_diffusion_loss_weights_min_snr_and_the_snr_floor(monkeypatch, floor):
     assert loss.item() == pytest.approx(((noise ** 2).mean(dim=(1, 2, 3)) * w).mean().item(), rel=1e-5)
 
 
-def test_snr_floor_unset_keeps_earlier_checkpoint_keys():
-    """A field added with a None default must not change the key of the configs written before it existed."""
+def test_later_fields_unset_keep_earlier_checkpoint_keys():
+    """Fields added later (snr_floor None, freeze_text_encoder False, init_vae_from None) must not change the key of the configs
+    written before they existed."""
     import hashlib
-    from dataclasses import asdict
 
     cfg = _cfg()
-    d = {k: v for k, v in asdict(cfg).items() if k not in ("device", "snr_floor")}
+    d = {k: v for k, v in asdict(cfg).items()
+         if k not in ("device", "snr_floor", "freeze_text_encoder", "init_vae_from")}
     assert cfg.key() == hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
     assert _cfg(snr_floor=0.5).key() != cfg.key()
+    assert _cfg(freeze_text_encoder=True).key() != cfg.key()
+    assert _cfg(init_vae_from="x").key() != cfg.key()
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_freeze_text_encoder_trains_the_unet_only(freeze):
+    """--freeze_text_encoder: the diffusion phase leaves the (random) text encoder exactly as initialised, EMA
+    included, and still trains the UNet; without it both train."""
+    cfg = _cfg(freeze_text_encoder=freeze, steps=3)
+    model = P.build_model(cfg)
+    te0 = {k: v.clone() for k, v in model.text_encoders[0].state_dict().items()}
+    unet0 = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    data = {"mean": torch.randn(8, 4, 8, 8).half(), "std": torch.full((8, 4, 8, 8), 0.1).half(),
+            "scenes": [asdict(P.W.pretraining_example(i)[2]) for i in range(8)], "scaling_factor": 1.0}
+    ema = P.train_diffusion(model, data, cfg, {}, lambda s: None, save_every=100, log_every=100)
+    ema.copy_to([model.unet, model.text_encoders[0]])
+    te_same = all(torch.equal(v, te0[k]) for k, v in model.text_encoders[0].state_dict().items())
+    assert te_same == freeze
+    assert not all(torch.equal(v, unet0[k]) for k, v in model.unet.state_dict().items())
+
+
+def test_position_probe_blocks_and_rows():
+    """bench/toyworld/position_probe.py (why --freeze_text_encoder exists): the block sits in the column its label
+    names, and a run reports Δε at the three timesteps before and after training."""
+    from bench.toyworld import position_probe as PP
+
+    x, lab = PP.block_batch(16, torch.Generator().manual_seed(0))
+    cols = (x[:, 0].abs().sum(dim=1) > 0)  # (n, 8): columns holding the block
+    for c, l in zip(cols, lab):
+        assert c.nonzero().flatten().tolist() == ([1, 2] if l == 0 else [5, 6])
+    assert x.sum(dim=(1, 2, 3)).eq(2.0 * 4 * 4).all()  # one 2x2 block of +2 in 4 channels
+    rows = PP.run("none", steps=1, batch_size=2, log=lambda m: None)
+    assert [r[0] for r in rows] == [0, 1] and all(len(r[1]) == 3 and min(r[1]) >= 0 for r in rows)

@@ -69,6 +69,9 @@ class PretrainConfig:
     unet_channels: tuple = (32, 64, 64, 64)
     te_hidden: int = 64
     te_layers: int = 3
+    # keep the (random) text encoder fixed, as SD keeps CLIP: trained jointly from scratch, it merges the position
+    # words before the UNet learns to use them (docs/toyworld.md, "Position: the cause")
+    freeze_text_encoder: bool = False
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
     # layout emphasis: the eps-loss weight is clamp(snr, snr_floor, min_snr_gamma) / snr, so the high-noise
@@ -81,6 +84,9 @@ class PretrainConfig:
     device: str = "cpu"
     # continue from a model folder written by this script (its VAE, UNet and text encoder; no VAE phase)
     init_from: Optional[str] = None
+    # take only the VAE (and its judge check) from a model folder written by this script: no VAE phase, a fresh
+    # UNet and text encoder. Keeps a bundled VAE, and the judge fine-tuned on its round trips, when retraining
+    init_vae_from: Optional[str] = None
 
     def __post_init__(self):
         if self.vae_channels is None:
@@ -94,8 +100,11 @@ class PretrainConfig:
     def key(self) -> str:
         """Hash of everything that changes the result (a checkpoint from another config is refused)."""
         d = {k: v for k, v in asdict(self).items() if k != "device"}
-        if d["snr_floor"] is None:  # added later: unset, it leaves the keys of earlier checkpoints as they were
+        if d["snr_floor"] is None:  # added later: unset, these leave the keys of earlier checkpoints as they were
             del d["snr_floor"]
+        for k in ("freeze_text_encoder", "init_vae_from"):
+            if not d[k]:
+                del d[k]
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
@@ -383,7 +392,9 @@ def train_diffusion(model, data: dict, cfg: PretrainConfig, state: dict, save_ck
     mods = [unet, te]
     for m in mods:
         m.train().requires_grad_(True)
-    params = [p for m in mods for p in m.parameters()]
+    if cfg.freeze_text_encoder:
+        te.eval().requires_grad_(False)
+    params = [p for m in mods for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99), fused=True)
     ema = EMA(mods, cfg.ema_decay)
     if "opt" in state:
@@ -472,8 +483,13 @@ def pretrain(cfg: PretrainConfig, out: str = DEFAULT_OUT, work_dir: str = DEFAUL
         _atomic_torch_save(s, ckpt_path)
 
     model = build_model(cfg)
+    if cfg.init_from and cfg.init_vae_from:
+        raise ValueError("--init_from and --init_vae_from exclude each other: --init_from already takes the VAE")
     if cfg.init_from and state["phase"] == "vae":
         state.update(init_weights(model, cfg.init_from), phase="latents")
+    elif cfg.init_vae_from and state["phase"] == "vae":
+        got = init_weights(model, cfg.init_vae_from, parts=("vae",))
+        state.update(vae=got["vae"], vae_judge=got["vae_judge"], vae_from=got["init"], phase="latents")
     if "vae" in state:
         model.vae.load_state_dict(state["vae"])
     _to_device(model, cfg.device)
@@ -523,30 +539,36 @@ def pretrain(cfg: PretrainConfig, out: str = DEFAULT_OUT, work_dir: str = DEFAUL
             "latent_scaling_factor": data["scaling_factor"], "vae_judge_accuracy": state.get("vae_judge")}
     if cfg.init_from:
         info["init"] = state["init"]  # how the starting model was made (its toyworld.json)
+    if cfg.init_vae_from:
+        info["vae_from"] = state["vae_from"]
     path = export(model, cfg, out, info, overwrite=True)
     _log(f"wrote {path} ({folder_megabytes(path):.1f} MB); phases: {info['seconds']} s; "
          f"this session {time.time() - t_all:.0f}s")
     return path
 
 
-def init_weights(model, folder: str) -> dict:
-    """Load the VAE, UNet and text encoder of a model folder written by this script into `model` (same
-    architecture, else ValueError). Returns the checkpoint-state entries: weights, its VAE check, its toyworld.json."""
+def init_weights(model, folder: str, parts: Sequence[str] = ("vae", "unet", "text_encoder")) -> dict:
+    """Load `parts` (of the VAE, UNet and text encoder) of a model folder written by this script into `model`
+    (same architecture, else ValueError). Returns the checkpoint-state entries: weights, its VAE check, its
+    toyworld.json."""
     from library.model_util import load_model
 
+    flag = "--init_from" if len(parts) == 3 else "--init_vae_from"
     info_path = os.path.join(folder, "toyworld.json")
     if not os.path.isfile(info_path):
-        raise ValueError(f"--init_from {folder}: no toyworld.json there; give a folder written by this script")
+        raise ValueError(f"{flag} {folder}: no toyworld.json there; give a folder written by this script")
     with open(info_path, encoding="utf-8") as f:
         info = json.load(f)
     src = load_model(folder)
     pairs = ((model.vae, src.vae, "vae"), (model.unet, src.unet, "unet"), (model.text_encoders[0], src.text_encoders[0],
                                                                           "text_encoder"))
     for dst, s, name in pairs:
+        if name not in parts:
+            continue
         try:
             dst.load_state_dict(s.state_dict())
         except RuntimeError as e:
-            raise ValueError(f"--init_from {folder}: its {name} does not match these settings (give the same "
+            raise ValueError(f"{flag} {folder}: its {name} does not match these settings (give the same "
                              f"--image_size, --vae_channels, --unet_channels, --te_hidden as its toyworld.json): "
                              f"{str(e).splitlines()[0]}") from None
     return {"vae": model.vae.state_dict(), "unet": model.unet.state_dict(), "te": model.text_encoders[0].state_dict(),
@@ -614,6 +636,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--snr_floor", type=float, default=d.snr_floor,
                    help="weight the high-noise steps as if their SNR were at least this (eps-loss weight "
                         "clamp(snr, floor, 5) / snr): the steps that decide the layout (default: min-SNR-5 only)")
+    p.add_argument("--freeze_text_encoder", action="store_true",
+                   help="keep the randomly initialised text encoder fixed (as SD keeps CLIP): trained jointly, it "
+                        "merges the position words before the UNet learns them (docs/toyworld.md)")
     p.add_argument("--image_size", type=int, default=d.image_size, choices=[32, 64])
     p.add_argument("--unet_channels", type=str, default=",".join(map(str, d.unet_channels)),
                    help="UNet block_out_channels (4 values; SD1 layout)")
@@ -632,6 +657,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--init_from", default=None, metavar="FOLDER",
                    help="start from a model folder written by this script (VAE, UNet, text encoder): the VAE phase "
                         "is skipped and --steps more diffusion steps run with a fresh optimizer and LR schedule")
+    p.add_argument("--init_vae_from", default=None, metavar="FOLDER",
+                   help="take only the VAE from a model folder written by this script (no VAE phase; fresh UNet and "
+                        "text encoder): retrains the bundled model on the VAE its judge was fine-tuned on")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--save_every", type=int, default=500, help="checkpoint every N steps (each phase)")
     p.add_argument("--vae_check", type=int, default=400, metavar="N",
@@ -648,8 +676,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = PretrainConfig(image_size=args.image_size, seed=args.seed, vae_steps=args.vae_steps,
                          n_images=args.n_images, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          warmup_steps=args.warmup_steps, snr_floor=args.snr_floor,
+                         freeze_text_encoder=args.freeze_text_encoder,
                          unet_channels=unet_ch, te_hidden=args.te_hidden, bf16=args.bf16, device=args.device,
-                         init_from=args.init_from,
+                         init_from=args.init_from, init_vae_from=args.init_vae_from,
                          vae_channels=tuple(int(x) for x in args.vae_channels.split(",")) if args.vae_channels
                          else None)
     if args.time_only:
