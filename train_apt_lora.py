@@ -39,7 +39,8 @@ def training_step(args, ctx, batch):
 
 def plain_step(args, ctx, batch):
     """Plain DreamBooth-LoRA loss (sd-scripts' train_network step)."""
-    from library import train_util
+    from library.losses import get_huber_c, per_sample_loss, post_process_loss
+    from library.noise import get_noise_noisy_latents_and_timesteps, get_target
     from library.conditioning import sdxl_time_ids
 
     model, accelerator = ctx.model, ctx.accelerator
@@ -47,19 +48,19 @@ def plain_step(args, ctx, batch):
     batch = ctx.batch_to_device(batch)
 
     latents = ctx.encode_latents(batch)
-    noise, noisy_latents, timesteps = train_util.get_noise_noisy_latents_and_timesteps(args, model.noise_scheduler, latents)
+    noise, noisy_latents, timesteps = get_noise_noisy_latents_and_timesteps(args, model.noise_scheduler, latents)
     cond = ctx.encode_text(batch["captions"])
     time_ids = None
     if model.is_sdxl:
         time_ids = sdxl_time_ids(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]).to(device, weight_dtype)
 
     pred, _ = ctx.unet_pass(noisy_latents.to(weight_dtype), timesteps, cond, time_ids)
-    target = train_util.get_target(model.noise_scheduler, latents, noise, timesteps)
+    target = get_target(model.noise_scheduler, latents, noise, timesteps)
 
-    huber_c = train_util.get_huber_c(args, timesteps, model.noise_scheduler)
-    loss = train_util.per_sample_loss(pred.float(), target.float(), args.loss_type, huber_c)
+    huber_c = get_huber_c(args, timesteps, model.noise_scheduler)
+    loss = per_sample_loss(pred.float(), target.float(), args.loss_type, huber_c)
     loss = loss * batch["loss_weights"].to(device)
-    loss = train_util.post_process_loss(loss, args, timesteps, model.noise_scheduler)
+    loss = post_process_loss(loss, args, timesteps, model.noise_scheduler)
     return loss.mean(), {}
 
 
@@ -371,6 +372,9 @@ def train(args):
     from apt_ext.step import APT, apt_enabled
 
     from library import config_util, dataset as dataset_lib, metadata as metadata_lib, train_util
+    from library.losses import check_noise_and_loss_args
+    from library.noise import fix_noise_scheduler_betas_for_zero_terminal_snr
+    from library.optimizers import get_lr_scheduler, get_optimizer
     from library.conditioning import TextEncoderCache
     from library.interrupt import GracefulInterrupt
     from library.safe_io import remove_stale_temp_files
@@ -411,9 +415,9 @@ def train(args):
     model = load_model(args.pretrained_model_name_or_path, v2=args.v2, v_parameterization=args.v_parameterization,
                        sdxl=args.sdxl, tokenizer_path=args.tokenizer_path, vae_path=args.vae,
                        allow_pickle=args.allow_pickle_checkpoint)
-    train_util.check_noise_and_loss_args(args, model.v_parameterization)
+    check_noise_and_loss_args(args, model.v_parameterization)
     if args.zero_terminal_snr:
-        train_util.fix_noise_scheduler_betas_for_zero_terminal_snr(model.noise_scheduler)
+        fix_noise_scheduler_betas_for_zero_terminal_snr(model.noise_scheduler)
     user_config = config_util.load_dataset_config(args.dataset_config) if args.dataset_config else None
     blueprints = config_util.generate_blueprint(user_config, args, config_path=args.dataset_config, is_sdxl=model.is_sdxl)
     if apt_enabled(args):  # fail now, not at the first step, when c cannot be derived from c*
@@ -498,8 +502,8 @@ def train(args):
 
     compiled = maybe_compile(args, model.unet)  # traced at the first step, LoRA and APT's processors included
     params = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, args.learning_rate)
-    optimizer_name, optimizer = train_util.get_optimizer(args, params)
-    lr_scheduler = train_util.get_lr_scheduler(args, optimizer, args.max_train_steps)
+    optimizer_name, optimizer = get_optimizer(args, params)
+    lr_scheduler = get_lr_scheduler(args, optimizer, args.max_train_steps)
 
     loader = dataset_lib.make_loader(data, args, args.seed, pin_memory=device.type == "cuda")
     advice = dataset_lib.loader_advice(args, device.type)

@@ -232,7 +232,8 @@ class APT:
 
 def apt_step(args, ctx, batch, apt: APT):
     """One micro-batch with APT (or DCO). Returns (loss, logs); the indicator is updated in place."""
-    from library import train_util
+    from library.losses import get_huber_c, per_sample_loss, post_process_loss
+    from library.noise import add_noise, get_target, sample_noise, sample_timesteps
     from library.conditioning import sdxl_time_ids
 
     model, accelerator = ctx.model, ctx.accelerator
@@ -243,7 +244,7 @@ def apt_step(args, ctx, batch, apt: APT):
     is_reg = batch["is_reg"].to(device)
 
     # t first: augmentation depends on γ of t's bin (the state before this step)
-    timesteps = train_util.sample_timesteps(args, model.noise_scheduler, bsz, device)
+    timesteps = sample_timesteps(args, model.noise_scheduler, bsz, device)
     gamma = apt.indicator.gamma_for(timesteps).to(device)
     aug_mask = torch.zeros(bsz, dtype=torch.bool, device=device)
     p_aug = torch.zeros(bsz, device=device)
@@ -258,9 +259,9 @@ def apt_step(args, ctx, batch, apt: APT):
     else:
         latents = ctx.encode_latents(batch)
 
-    noise = train_util.sample_noise(args, latents)
-    noisy = train_util.add_noise(args, model.noise_scheduler, latents, noise, timesteps).to(weight_dtype)
-    target = train_util.get_target(model.noise_scheduler, latents, noise, timesteps).float()
+    noise = sample_noise(args, latents)
+    noisy = add_noise(args, model.noise_scheduler, latents, noise, timesteps).to(weight_dtype)
+    target = get_target(model.noise_scheduler, latents, noise, timesteps).float()
     time_ids = None
     if model.is_sdxl:  # size conditioning is left unchanged by the augmentation (§2.2)
         time_ids = sdxl_time_ids(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]).to(device, weight_dtype)
@@ -278,16 +279,16 @@ def apt_step(args, ctx, batch, apt: APT):
     pred, rec_ft = apt.ft_pass(ctx, noisy, timesteps, cond, time_ids)
 
     # per-sample MSE of both passes: the indicator's inputs, unweighted (§2.1)
-    mse_ft = train_util.per_sample_loss(pred, target, "l2")
-    mse_prior = train_util.per_sample_loss(pred_prior, target, "l2")
+    mse_ft = per_sample_loss(pred, target, "l2")
+    mse_prior = per_sample_loss(pred_prior, target, "l2")
 
     if args.loss_type == "dco":  # DCO on subject samples; reg samples keep the plain loss (prior preservation)
         loss_dm = torch.where(is_reg, mse_ft, dco_loss(mse_ft, mse_prior, args.dco_beta))
         loss_dm = loss_dm * batch["loss_weights"].to(device)
     else:
-        huber_c = train_util.get_huber_c(args, timesteps, model.noise_scheduler)
-        loss_dm = mse_ft if args.loss_type == "l2" else train_util.per_sample_loss(pred, target, args.loss_type, huber_c)
-        loss_dm = train_util.post_process_loss(loss_dm * batch["loss_weights"].to(device), args, timesteps,
+        huber_c = get_huber_c(args, timesteps, model.noise_scheduler)
+        loss_dm = mse_ft if args.loss_type == "l2" else per_sample_loss(pred, target, args.loss_type, huber_c)
+        loss_dm = post_process_loss(loss_dm * batch["loss_weights"].to(device), args, timesteps,
                                                model.noise_scheduler)
 
     weights = adaptive_weights(gamma, is_reg) if "ata" in comps else None

@@ -175,6 +175,7 @@ def build_step_fn(model, args, device="cpu", batch: dict | None = None, step=Non
     APT step when `ctx.apt` is set). `batch`: default `make_batch(model)` at 512 px."""
     import train_apt_lora
     from library import train_util
+    from library.optimizers import get_lr_scheduler, get_optimizer
     from networks import lora as lora_lib
 
     step = step or train_apt_lora.training_step
@@ -195,8 +196,8 @@ def build_step_fn(model, args, device="cpu", batch: dict | None = None, step=Non
 
     maybe_compile(args, model.unet)
     params = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, args.learning_rate)
-    _, optimizer = train_util.get_optimizer(args, params)
-    lr_scheduler = train_util.get_lr_scheduler(args, optimizer, args.max_train_steps)
+    _, optimizer = get_optimizer(args, params)
+    lr_scheduler = get_lr_scheduler(args, optimizer, args.max_train_steps)
     optimizer = accelerator.prepare(optimizer)
     trainable = [p for p in network.parameters() if p.requires_grad]
     te_cache = None

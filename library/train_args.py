@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from library.train_util import int_or_float
+from library.optimizers import int_or_float
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:

@@ -1,4 +1,5 @@
-"""library/train_util.py: noise, timesteps, targets, losses, weighting, optimizers, schedules, names; library/config_file.py."""
+"""library/noise.py (noise, timesteps, targets), library/losses.py (losses, weighting, flag checks),
+library/optimizers.py (optimizers, schedules), library/train_util.py (names, dtypes); library/config_file.py."""
 import argparse
 import math
 import sys
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from library import config_file as cf
-from library import train_util as tu
+from library import losses as loss_lib, noise as noise_lib, optimizers as optim_lib, train_util as tu
 from library.train_util import TrainingSetupError
 
 
@@ -49,7 +50,7 @@ TS = [0, 10, 250, 500, 999]
 def test_min_snr_eps_hand_computed(eps_sched):
     ts = torch.tensor(TS)
     loss = torch.ones(len(TS))
-    got = tu.apply_snr_weight(loss, ts, eps_sched, 5.0, v_prediction=False)
+    got = loss_lib.apply_snr_weight(loss, ts, eps_sched, 5.0, v_prediction=False)
     snr = hand_snr(eps_sched, TS)
     want = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / snr
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-7)
@@ -60,7 +61,7 @@ def test_min_snr_eps_hand_computed(eps_sched):
 def test_min_snr_v_hand_computed(v_sched):
     ts = torch.tensor(TS)
     loss = torch.full((len(TS),), 2.0)
-    got = tu.apply_snr_weight(loss, ts, v_sched, 5.0, v_prediction=True)
+    got = loss_lib.apply_snr_weight(loss, ts, v_sched, 5.0, v_prediction=True)
     snr = hand_snr(v_sched, TS)
     want = 2.0 * torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / (snr + 1)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-7)
@@ -70,19 +71,19 @@ def test_snr_matches_alphas_cumprod(eps_sched):
     # t=500 by hand from the scaled_linear betas
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     ab = torch.cumprod(1 - betas, 0)[500]
-    assert float(tu.snr_of(eps_sched, torch.tensor([500]))[0]) == pytest.approx(float(ab / (1 - ab)), rel=1e-4)
+    assert float(loss_lib.snr_of(eps_sched, torch.tensor([500]))[0]) == pytest.approx(float(ab / (1 - ab)), rel=1e-4)
 
 
 def test_post_process_loss_order_and_flags(eps_sched, v_sched):
     ts = torch.tensor([5, 300, 900])
     loss = torch.tensor([1.0, 2.0, 3.0])
     # nothing set → unchanged
-    assert torch.equal(tu.post_process_loss(loss, ns(), ts, eps_sched), loss)
+    assert torch.equal(loss_lib.post_process_loss(loss, ns(), ts, eps_sched), loss)
 
     snr = hand_snr(eps_sched, ts.tolist())
     capped = torch.clamp(snr, max=1000)
     args = ns(min_snr_gamma=5.0, debiased_estimation_loss=True, v_pred_like_loss=0.5)
-    got = tu.post_process_loss(loss, args, ts, eps_sched).double()
+    got = loss_lib.post_process_loss(loss, args, ts, eps_sched).double()
     want = loss.double() * torch.clamp(snr, max=5.0) / snr
     want = want + want / (capped / (capped + 1)) * 0.5
     want = want / torch.sqrt(capped)
@@ -91,7 +92,7 @@ def test_post_process_loss_order_and_flags(eps_sched, v_sched):
     snr_v = hand_snr(v_sched, ts.tolist())
     capped_v = torch.clamp(snr_v, max=1000)
     args = ns(min_snr_gamma=5.0, scale_v_pred_loss_like_noise_pred=True, debiased_estimation_loss=True)
-    got = tu.post_process_loss(loss, args, ts, v_sched).double()
+    got = loss_lib.post_process_loss(loss, args, ts, v_sched).double()
     want = loss.double() * torch.clamp(snr_v, max=5.0) / (snr_v + 1)
     want = want * capped_v / (capped_v + 1)
     want = want / (capped_v + 1)
@@ -108,7 +109,7 @@ def test_v_target_formula(v_sched):
     x0 = torch.randn(3, 4, 8, 8, generator=g)
     noise = torch.randn(3, 4, 8, 8, generator=g)
     ts = torch.tensor([0, 400, 999])
-    got = tu.get_target(v_sched, x0, noise, ts)
+    got = noise_lib.get_target(v_sched, x0, noise, ts)
     ab = v_sched.alphas_cumprod[ts].view(-1, 1, 1, 1)
     torch.testing.assert_close(got, ab.sqrt() * noise - (1 - ab).sqrt() * x0, rtol=1e-5, atol=1e-6)
     assert v_sched.alphas_cumprod.device.type == "cpu"
@@ -116,13 +117,13 @@ def test_v_target_formula(v_sched):
 
 def test_eps_target_is_noise(eps_sched):
     noise = torch.randn(2, 4, 4, 4)
-    assert tu.get_target(eps_sched, torch.randn(2, 4, 4, 4), noise, torch.tensor([1, 2])) is noise
+    assert noise_lib.get_target(eps_sched, torch.randn(2, 4, 4, 4), noise, torch.tensor([1, 2])) is noise
 
 
 def test_noise_offset_adds_per_channel_constant():
     latents = torch.randn(2, 4, 8, 8)
     shape = latents.shape
-    noise = tu.sample_noise(ns(noise_offset=0.1), latents, torch.Generator().manual_seed(7))
+    noise = noise_lib.sample_noise(ns(noise_offset=0.1), latents, torch.Generator().manual_seed(7))
     g = torch.Generator().manual_seed(7)
     base = torch.randn(shape, generator=g)
     offset = torch.randn(2, 4, 1, 1, generator=g)
@@ -134,7 +135,7 @@ def test_noise_offset_adds_per_channel_constant():
 
 def test_adaptive_noise_scale():
     latents = torch.randn(2, 4, 8, 8) + 0.5
-    noise = tu.sample_noise(ns(noise_offset=0.1, adaptive_noise_scale=0.2), latents, torch.Generator().manual_seed(3))
+    noise = noise_lib.sample_noise(ns(noise_offset=0.1, adaptive_noise_scale=0.2), latents, torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(3)
     base = torch.randn(latents.shape, generator=g)
     offset = 0.1 + 0.2 * latents.mean(dim=(2, 3), keepdim=True).abs()
@@ -144,7 +145,7 @@ def test_adaptive_noise_scale():
 def test_noise_offset_random_strength_bounded():
     latents = torch.zeros(1, 4, 4, 4)
     for seed in range(5):
-        noise = tu.sample_noise(ns(noise_offset=0.1, noise_offset_random_strength=True), latents,
+        noise = noise_lib.sample_noise(ns(noise_offset=0.1, noise_offset_random_strength=True), latents,
                                 torch.Generator().manual_seed(seed))
         g = torch.Generator().manual_seed(seed)
         base = torch.randn(latents.shape, generator=g)
@@ -155,40 +156,40 @@ def test_noise_offset_random_strength_bounded():
 def test_multires_noise_is_unit_std_and_seeded():
     latents = torch.zeros(2, 4, 32, 32)
     args = ns(multires_noise_iterations=6, multires_noise_discount=0.3)
-    a = tu.sample_noise(args, latents, torch.Generator().manual_seed(1))
-    b = tu.sample_noise(args, latents, torch.Generator().manual_seed(1))
+    a = noise_lib.sample_noise(args, latents, torch.Generator().manual_seed(1))
+    b = noise_lib.sample_noise(args, latents, torch.Generator().manual_seed(1))
     assert a.shape == latents.shape and torch.equal(a, b)
     assert float(a.std()) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_timesteps_in_range(eps_sched):
     g = torch.Generator().manual_seed(0)
-    t = tu.sample_timesteps(ns(min_timestep=100, max_timestep=200), eps_sched, 4000, generator=g)
+    t = noise_lib.sample_timesteps(ns(min_timestep=100, max_timestep=200), eps_sched, 4000, generator=g)
     assert t.dtype == torch.long and int(t.min()) >= 100 and int(t.max()) < 200
     assert int(t.min()) == 100 and int(t.max()) == 199  # uniform over the whole range
-    t = tu.sample_timesteps(ns(), eps_sched, 4000, generator=g)
+    t = noise_lib.sample_timesteps(ns(), eps_sched, 4000, generator=g)
     assert int(t.min()) >= 0 and int(t.max()) <= 999
-    t = tu.sample_timesteps(ns(min_timestep=300, max_timestep=300), eps_sched, 5)
+    t = noise_lib.sample_timesteps(ns(min_timestep=300, max_timestep=300), eps_sched, 5)
     assert t.tolist() == [300] * 5
 
 
 def test_get_noise_noisy_latents_and_timesteps(eps_sched):
     latents = torch.randn(3, 4, 8, 8)
-    noise, noisy, t = tu.get_noise_noisy_latents_and_timesteps(
+    noise, noisy, t = noise_lib.get_noise_noisy_latents_and_timesteps(
         ns(min_timestep=10, max_timestep=20), eps_sched, latents, torch.Generator().manual_seed(0))
     assert noise.shape == noisy.shape == latents.shape and t.shape == (3,)
     assert ((t >= 10) & (t < 20)).all()
     torch.testing.assert_close(noisy, eps_sched.add_noise(latents, noise, t))
     # pre-drawn timesteps are used as they are
     fixed = torch.tensor([5, 6, 7])
-    _, _, t2 = tu.get_noise_noisy_latents_and_timesteps(ns(), eps_sched, latents, timesteps=fixed)
+    _, _, t2 = noise_lib.get_noise_noisy_latents_and_timesteps(ns(), eps_sched, latents, timesteps=fixed)
     assert t2.tolist() == [5, 6, 7]
 
 
 def test_ip_noise_gamma_perturbs_input_not_target(eps_sched):
     latents = torch.randn(2, 4, 8, 8)
     args = ns(ip_noise_gamma=0.1)
-    noise, noisy, t = tu.get_noise_noisy_latents_and_timesteps(args, eps_sched, latents, torch.Generator().manual_seed(0))
+    noise, noisy, t = noise_lib.get_noise_noisy_latents_and_timesteps(args, eps_sched, latents, torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)
     base = torch.randn(latents.shape, generator=g)
     torch.testing.assert_close(noise, base)  # the target noise is unperturbed
@@ -199,18 +200,18 @@ def test_ip_noise_gamma_perturbs_input_not_target(eps_sched):
 
 
 def test_check_noise_and_loss_args():
-    tu.check_noise_and_loss_args(ns(noise_offset=0.05, min_snr_gamma=5), v_prediction=False)
+    loss_lib.check_noise_and_loss_args(ns(noise_offset=0.05, min_snr_gamma=5), v_prediction=False)
     with pytest.raises(TrainingSetupError, match="--adaptive_noise_scale"):
-        tu.check_noise_and_loss_args(ns(adaptive_noise_scale=0.1), v_prediction=False)
-    tu.check_noise_and_loss_args(ns(noise_offset=0.1, multires_noise_iterations=6), v_prediction=False)  # allowed
+        loss_lib.check_noise_and_loss_args(ns(adaptive_noise_scale=0.1), v_prediction=False)
+    loss_lib.check_noise_and_loss_args(ns(noise_offset=0.1, multires_noise_iterations=6), v_prediction=False)  # allowed
     with pytest.raises(TrainingSetupError, match="--scale_v_pred_loss_like_noise_pred"):
-        tu.check_noise_and_loss_args(ns(scale_v_pred_loss_like_noise_pred=True), v_prediction=False)
+        loss_lib.check_noise_and_loss_args(ns(scale_v_pred_loss_like_noise_pred=True), v_prediction=False)
     with pytest.raises(TrainingSetupError, match="--v_pred_like_loss"):
-        tu.check_noise_and_loss_args(ns(v_pred_like_loss=0.1), v_prediction=True)
+        loss_lib.check_noise_and_loss_args(ns(v_pred_like_loss=0.1), v_prediction=True)
     with pytest.raises(TrainingSetupError, match="--min_timestep"):
-        tu.check_noise_and_loss_args(ns(min_timestep=500, max_timestep=100), v_prediction=False)
+        loss_lib.check_noise_and_loss_args(ns(min_timestep=500, max_timestep=100), v_prediction=False)
     with pytest.raises(TrainingSetupError, match="--loss_type"):
-        tu.check_noise_and_loss_args(ns(loss_type="l3"), v_prediction=False)
+        loss_lib.check_noise_and_loss_args(ns(loss_type="l3"), v_prediction=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,39 +222,39 @@ def test_check_noise_and_loss_args():
 def test_per_sample_loss_hand_computed():
     pred = torch.tensor([[[[1.0, -2.0]]], [[[0.5, 3.0]]]])  # (2,1,1,2)
     target = torch.zeros_like(pred)
-    l2 = tu.per_sample_loss(pred, target, "l2")
+    l2 = loss_lib.per_sample_loss(pred, target, "l2")
     assert l2.shape == (2,) and l2.dtype == torch.float32
     assert l2.tolist() == pytest.approx([(1 + 4) / 2, (0.25 + 9) / 2])
-    assert tu.per_sample_loss(pred, target, "l1").tolist() == pytest.approx([1.5, 1.75])
+    assert loss_lib.per_sample_loss(pred, target, "l1").tolist() == pytest.approx([1.5, 1.75])
 
     def huber(d, c):
         return 2 * c * (math.sqrt(d * d + c * c) - c)
 
-    got = tu.per_sample_loss(pred, target, "huber", huber_c=1.0)
+    got = loss_lib.per_sample_loss(pred, target, "huber", huber_c=1.0)
     assert got.tolist() == pytest.approx([(huber(1, 1) + huber(2, 1)) / 2, (huber(0.5, 1) + huber(3, 1)) / 2])
-    got = tu.per_sample_loss(pred, target, "smooth_l1", huber_c=0.5)
+    got = loss_lib.per_sample_loss(pred, target, "smooth_l1", huber_c=0.5)
     assert got.tolist() == pytest.approx(
         [(huber(1, 0.5) + huber(2, 0.5)) / 2 / 0.5, (huber(0.5, 0.5) + huber(3, 0.5)) / 2 / 0.5])
     # per-sample huber_c
-    got = tu.per_sample_loss(pred, target, "huber", huber_c=torch.tensor([1.0, 0.1]))
+    got = loss_lib.per_sample_loss(pred, target, "huber", huber_c=torch.tensor([1.0, 0.1]))
     assert got.tolist() == pytest.approx([(huber(1, 1) + huber(2, 1)) / 2, (huber(0.5, 0.1) + huber(3, 0.1)) / 2])
     # half precision inputs give a float32 result; a mask weights elements before the mean
-    assert tu.per_sample_loss(pred.half(), target.half()).dtype == torch.float32
+    assert loss_lib.per_sample_loss(pred.half(), target.half()).dtype == torch.float32
     mask = torch.tensor([[[[1.0, 0.0]]], [[[0.0, 1.0]]]])
-    assert tu.per_sample_loss(pred, target, "l2", mask=mask).tolist() == pytest.approx([0.5, 4.5])
+    assert loss_lib.per_sample_loss(pred, target, "l2", mask=mask).tolist() == pytest.approx([0.5, 4.5])
     with pytest.raises(TrainingSetupError, match="--loss_type"):
-        tu.per_sample_loss(pred, target, "l3")
+        loss_lib.per_sample_loss(pred, target, "l3")
 
 
 def test_huber_c_schedules(eps_sched):
     t = torch.tensor([0, 500, 1000 - 1])
-    assert tu.get_huber_c(ns(loss_type="l2"), t, eps_sched) is None
-    const = tu.get_huber_c(ns(loss_type="huber", huber_schedule="constant", huber_c=0.2, huber_scale=2.0), t, eps_sched)
+    assert loss_lib.get_huber_c(ns(loss_type="l2"), t, eps_sched) is None
+    const = loss_lib.get_huber_c(ns(loss_type="huber", huber_schedule="constant", huber_c=0.2, huber_scale=2.0), t, eps_sched)
     assert const.tolist() == pytest.approx([0.4] * 3)
-    exp = tu.get_huber_c(ns(loss_type="huber", huber_schedule="exponential", huber_c=0.1, huber_scale=1.0),
+    exp = loss_lib.get_huber_c(ns(loss_type="huber", huber_schedule="exponential", huber_c=0.1, huber_scale=1.0),
                          torch.tensor([0, 1000]), eps_sched)
     assert exp.tolist() == pytest.approx([1.0, 0.1])
-    snr = tu.get_huber_c(ns(loss_type="smooth_l1", huber_c=0.1), t, eps_sched)  # default schedule: snr
+    snr = loss_lib.get_huber_c(ns(loss_type="smooth_l1", huber_c=0.1), t, eps_sched)  # default schedule: snr
     ac = eps_sched.alphas_cumprod[t].double()
     sigma = ((1 - ac) / ac).sqrt()
     assert snr.tolist() == pytest.approx(((1 - 0.1) / (1 + sigma) ** 2 + 0.1).tolist(), rel=1e-5)
@@ -269,10 +270,10 @@ def params():
 
 
 def test_adamw_default_and_description():
-    name, opt = tu.get_optimizer(ns(learning_rate=1e-4), params())
+    name, opt = optim_lib.get_optimizer(ns(learning_rate=1e-4), params())
     assert name == "torch.optim.adamw.AdamW" and isinstance(opt, torch.optim.AdamW)
     assert opt.param_groups[0]["lr"] == 1e-4
-    name, opt = tu.get_optimizer(ns(optimizer_type="AdamW", learning_rate=1e-4,
+    name, opt = optim_lib.get_optimizer(ns(optimizer_type="AdamW", learning_rate=1e-4,
                                     optimizer_args=["weight_decay=0.01", "betas=0.9,0.99"]), params())
     assert name == "torch.optim.adamw.AdamW(weight_decay=0.01,betas=(0.9, 0.99))"
     assert opt.param_groups[0]["weight_decay"] == 0.01 and opt.param_groups[0]["betas"] == (0.9, 0.99)
@@ -280,49 +281,49 @@ def test_adamw_default_and_description():
 
 def test_param_groups_keep_their_lr():
     groups = [{"params": params(), "lr": 5e-5}, {"params": params(), "lr": 5e-6}]
-    _, opt = tu.get_optimizer(ns(learning_rate=1e-4, optimizer_type="adamw"), groups)
+    _, opt = optim_lib.get_optimizer(ns(learning_rate=1e-4, optimizer_type="adamw"), groups)
     assert [g["lr"] for g in opt.param_groups] == [5e-5, 5e-6]
 
 
 def test_adamw_fused_only_on_cuda_and_not_over_user_args(monkeypatch):
     """Issue 6: AdamW is fused (one kernel per step) when every parameter is on CUDA; never on the CPU, never when
     --optimizer_args names fused or foreach; the ss_optimizer description does not change."""
-    name, opt = tu.get_optimizer(ns(learning_rate=1e-4), params())  # CPU tensors
+    name, opt = optim_lib.get_optimizer(ns(learning_rate=1e-4), params())  # CPU tensors
     assert not opt.defaults["fused"] and name == "torch.optim.adamw.AdamW"
-    assert not tu._all_on_cuda([{"params": (p for p in params())}])  # a generator is not consumed to check
-    monkeypatch.setattr(tu, "_all_on_cuda", lambda ps: True)  # fused AdamW also runs on the CPU in torch >= 2.4
-    name, opt = tu.get_optimizer(ns(learning_rate=1e-4), params())
+    assert not optim_lib._all_on_cuda([{"params": (p for p in params())}])  # a generator is not consumed to check
+    monkeypatch.setattr(optim_lib, "_all_on_cuda", lambda ps: True)  # fused AdamW also runs on the CPU in torch >= 2.4
+    name, opt = optim_lib.get_optimizer(ns(learning_rate=1e-4), params())
     assert opt.defaults["fused"] is True and name == "torch.optim.adamw.AdamW"
-    name, opt = tu.get_optimizer(ns(learning_rate=1e-4, optimizer_args=["foreach=True"]), params())
+    name, opt = optim_lib.get_optimizer(ns(learning_rate=1e-4, optimizer_args=["foreach=True"]), params())
     assert not opt.defaults["fused"] and opt.defaults["foreach"] is True and name == "torch.optim.adamw.AdamW(foreach=True)"
-    name, opt = tu.get_optimizer(ns(learning_rate=1e-4, optimizer_args=["fused=False"]), params())
+    name, opt = optim_lib.get_optimizer(ns(learning_rate=1e-4, optimizer_args=["fused=False"]), params())
     assert opt.defaults["fused"] is False
 
 
 def test_sgd_nesterov():
-    name, opt = tu.get_optimizer(ns(optimizer_type="SGDNesterov", learning_rate=0.1), params())
+    name, opt = optim_lib.get_optimizer(ns(optimizer_type="SGDNesterov", learning_rate=0.1), params())
     assert name == "torch.optim.sgd.SGD(momentum=0.9)"
     assert opt.param_groups[0]["nesterov"] is True and opt.param_groups[0]["momentum"] == 0.9
 
 
 def test_adafactor_relative_step_switches_schedule():
     args = ns(optimizer_type="Adafactor", learning_rate=1e-3, lr_scheduler="constant")
-    name, opt = tu.get_optimizer(args, params())
+    name, opt = optim_lib.get_optimizer(args, params())
     assert name == "transformers.optimization.Adafactor(relative_step=True)"
     assert args.lr_scheduler == "adafactor:0.001"
-    sched = tu.get_lr_scheduler(args, opt, 100)
+    sched = optim_lib.get_lr_scheduler(args, opt, 100)
     assert type(sched).__name__ == "AdafactorSchedule"
     args = ns(optimizer_type="Adafactor", learning_rate=1e-3, lr_scheduler="constant_with_warmup",
               optimizer_args=["relative_step=False", "scale_parameter=False"])
-    name, opt = tu.get_optimizer(args, params())
+    name, opt = optim_lib.get_optimizer(args, params())
     assert name == "transformers.optimization.Adafactor(relative_step=False,scale_parameter=False)"
     assert opt.param_groups[0]["lr"] == 1e-3 and args.lr_scheduler == "constant_with_warmup"
 
 
 def test_torch_and_module_path_optimizers():
-    name, opt = tu.get_optimizer(ns(optimizer_type="RAdam", learning_rate=1e-3), params())
+    name, opt = optim_lib.get_optimizer(ns(optimizer_type="RAdam", learning_rate=1e-3), params())
     assert isinstance(opt, torch.optim.RAdam) and name == "torch.optim.radam.RAdam"
-    name, opt = tu.get_optimizer(ns(optimizer_type="torch.optim.Adam", learning_rate=1e-3), params())
+    name, opt = optim_lib.get_optimizer(ns(optimizer_type="torch.optim.Adam", learning_rate=1e-3), params())
     assert isinstance(opt, torch.optim.Adam)
 
 
@@ -331,30 +332,30 @@ def test_adamw8bit_without_bitsandbytes(monkeypatch):
     expected = ("--optimizer_type AdamW8bit needs bitsandbytes, a GPU extra: pip install -r requirements-gpu.txt, "
                 "or use --optimizer_type AdamW")
     with pytest.raises(TrainingSetupError) as e:
-        tu.get_optimizer(ns(optimizer_type="AdamW8bit", learning_rate=1e-4), params())
+        optim_lib.get_optimizer(ns(optimizer_type="AdamW8bit", learning_rate=1e-4), params())
     assert str(e.value) == expected
     with pytest.raises(TrainingSetupError) as e:
-        tu.get_optimizer(ns(use_8bit_adam=True, optimizer_type="AdamW", learning_rate=1e-4), params())
+        optim_lib.get_optimizer(ns(use_8bit_adam=True, optimizer_type="AdamW", learning_rate=1e-4), params())
     assert str(e.value) == expected
     with pytest.raises(TrainingSetupError, match="disagree"):
-        tu.get_optimizer(ns(use_8bit_adam=True, optimizer_type="SGDNesterov", learning_rate=1e-4), params())
+        optim_lib.get_optimizer(ns(use_8bit_adam=True, optimizer_type="SGDNesterov", learning_rate=1e-4), params())
 
 
 def test_optimizer_errors():
     with pytest.raises(TrainingSetupError, match="AdamW, AdamW8bit, SGDNesterov, Adafactor"):
-        tu.get_optimizer(ns(optimizer_type="AdamX", learning_rate=1e-4), params())
+        optim_lib.get_optimizer(ns(optimizer_type="AdamX", learning_rate=1e-4), params())
     with pytest.raises(TrainingSetupError, match="did you mean RAdam"):
-        tu.get_optimizer(ns(optimizer_type="radam", learning_rate=1e-4), params())
+        optim_lib.get_optimizer(ns(optimizer_type="radam", learning_rate=1e-4), params())
     with pytest.raises(TrainingSetupError, match="prodigyopt.Prodigy"):
-        tu.get_optimizer(ns(optimizer_type="Prodigy", learning_rate=1.0), params())
+        optim_lib.get_optimizer(ns(optimizer_type="Prodigy", learning_rate=1.0), params())
     with pytest.raises(TrainingSetupError, match="no_such_pkg"):
-        tu.get_optimizer(ns(optimizer_type="no_such_pkg.Opt", learning_rate=1.0), params())
+        optim_lib.get_optimizer(ns(optimizer_type="no_such_pkg.Opt", learning_rate=1.0), params())
     with pytest.raises(TrainingSetupError, match="key=value"):
-        tu.get_optimizer(ns(learning_rate=1e-4, optimizer_args=["weight_decay"]), params())
+        optim_lib.get_optimizer(ns(learning_rate=1e-4, optimizer_args=["weight_decay"]), params())
     with pytest.raises(TrainingSetupError, match="quotes"):
-        tu.get_optimizer(ns(learning_rate=1e-4, optimizer_args=["foo=bar baz"]), params())
+        optim_lib.get_optimizer(ns(learning_rate=1e-4, optimizer_args=["foo=bar baz"]), params())
     with pytest.raises(TrainingSetupError, match="--optimizer_args"):
-        tu.get_optimizer(ns(learning_rate=1e-4, optimizer_args=["weight_decayy=0.1"]), params())
+        optim_lib.get_optimizer(ns(learning_rate=1e-4, optimizer_args=["weight_decayy=0.1"]), params())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -363,8 +364,8 @@ def test_optimizer_errors():
 
 
 def lr_at(args, step, total=110, num_processes=1, lr=1.0):
-    _, opt = tu.get_optimizer(ns(learning_rate=lr), params())
-    sched = tu.get_lr_scheduler(args, opt, total, num_processes)
+    _, opt = optim_lib.get_optimizer(ns(learning_rate=lr), params())
+    sched = optim_lib.get_lr_scheduler(args, opt, total, num_processes)
     return sched.lr_lambdas[0](step) * lr
 
 
@@ -395,13 +396,13 @@ def test_warmup_forms():
     for form in ("10%", 0.1, 20, "20", "0.1"):
         args = ns(lr_scheduler="linear", lr_warmup_steps=form)
         assert lr_at(args, 10, total=200) == pytest.approx(0.5), form  # 20 warmup steps of 200
-    assert tu.resolve_warmup_steps("10%", 200) == 20
-    assert tu.resolve_warmup_steps(0.1, 200) == 20
-    assert tu.int_or_float("10%") == 0.1 and tu.int_or_float("100") == 100 and tu.int_or_float("0.05") == 0.05
+    assert optim_lib.resolve_warmup_steps("10%", 200) == 20
+    assert optim_lib.resolve_warmup_steps(0.1, 200) == 20
+    assert optim_lib.int_or_float("10%") == 0.1 and optim_lib.int_or_float("100") == 100 and optim_lib.int_or_float("0.05") == 0.05
     with pytest.raises(TrainingSetupError, match="--lr_warmup_steps"):
-        tu.resolve_warmup_steps(1.5, 200)
+        optim_lib.resolve_warmup_steps(1.5, 200)
     with pytest.raises(TrainingSetupError, match="--lr_warmup_steps"):
-        tu.resolve_warmup_steps("ten", 200)
+        optim_lib.resolve_warmup_steps("ten", 200)
 
 
 def test_num_processes_scales_steps():
@@ -466,7 +467,7 @@ def make_parser():
     p.add_argument("--text_encoder_lr", type=float, nargs="*", default=None)
     p.add_argument("--cache_latents", action="store_true")
     p.add_argument("--mixed_precision", type=str, choices=["no", "fp16", "bf16"], default="no")
-    p.add_argument("--lr_warmup_steps", type=tu.int_or_float, default=0)
+    p.add_argument("--lr_warmup_steps", type=optim_lib.int_or_float, default=0)
     p.add_argument("--wandb_api_key", type=str, default=None)
     p.add_argument("--config_file", type=str, default=None)
     p.add_argument("--output_config", action="store_true")
@@ -573,14 +574,14 @@ def test_real_parser_sd_scripts_config(tmp_path):
     args = cf.parse_args_with_config(parser, ["--config_file", str(path), "--learning_rate", "2e-4"])
     assert args.learning_rate == 2e-4 and args.network_dim == 32 and args.max_train_steps == 2000
     assert args.network_alpha == 32.0 and isinstance(args.network_alpha, float)  # no int64 alpha
-    assert tu.resolve_warmup_steps(args.lr_warmup_steps, 2000) == 100
+    assert optim_lib.resolve_warmup_steps(args.lr_warmup_steps, 2000) == 100
 
 
 def test_zero_terminal_snr():
     sched = make_noise_scheduler(True)
     first = float(sched.alphas_cumprod[0])
-    tu.fix_noise_scheduler_betas_for_zero_terminal_snr(sched)
+    noise_lib.fix_noise_scheduler_betas_for_zero_terminal_snr(sched)
     assert float(sched.alphas_cumprod[-1]) == pytest.approx(0.0, abs=1e-12)
     assert float(sched.alphas_cumprod[0]) == pytest.approx(first, rel=1e-5)
-    w = tu.apply_snr_weight(torch.ones(2), torch.tensor([0, 999]), sched, 5.0, v_prediction=False)
+    w = loss_lib.apply_snr_weight(torch.ones(2), torch.tensor([0, 999]), sched, 5.0, v_prediction=False)
     assert torch.isfinite(w).all() and float(w[1]) == 1.0

@@ -1,0 +1,343 @@
+"""Optimizers and learning-rate schedules with sd-scripts' flags (`--optimizer_type`, `--optimizer_args`,
+`--lr_scheduler*`, `--lr_warmup_steps`) and its `ss_optimizer` description string.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import importlib
+import logging
+import re
+from typing import Iterable, Optional
+
+import torch
+
+from library.train_util import TrainingSetupError, _arg
+
+logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimizers
+# ---------------------------------------------------------------------------------------------------------------
+
+OPTIMIZER_CHOICES = ("AdamW", "AdamW8bit", "SGDNesterov", "Adafactor")
+BNB_HINT = "a GPU extra: pip install -r requirements-gpu.txt, or use --optimizer_type AdamW"
+# sd-scripts optimizer names we do not build in, and the module path that gives the same class
+_SD_SCRIPTS_ONLY = {
+    "lion": ("lion_pytorch.Lion", "pip install lion-pytorch"),
+    "prodigy": ("prodigyopt.Prodigy", "pip install prodigyopt"),
+    "dadaptation": ("dadaptation.DAdaptAdamPreprint", "pip install dadaptation"),
+    "dadaptadam": ("dadaptation.DAdaptAdam", "pip install dadaptation"),
+    "dadaptadagrad": ("dadaptation.DAdaptAdaGrad", "pip install dadaptation"),
+    "dadaptadan": ("dadaptation.DAdaptAdan", "pip install dadaptation"),
+    "dadaptadanip": ("dadaptation.experimental.DAdaptAdanIP", "pip install dadaptation"),
+    "dadaptlion": ("dadaptation.DAdaptLion", "pip install dadaptation"),
+    "dadaptsgd": ("dadaptation.DAdaptSGD", "pip install dadaptation"),
+    "lion8bit": ("bitsandbytes.optim.Lion8bit", BNB_HINT),
+    "pagedlion8bit": ("bitsandbytes.optim.PagedLion8bit", BNB_HINT),
+    "pagedadamw": ("bitsandbytes.optim.PagedAdamW", BNB_HINT),
+    "pagedadamw8bit": ("bitsandbytes.optim.PagedAdamW8bit", BNB_HINT),
+    "pagedadamw32bit": ("bitsandbytes.optim.PagedAdamW32bit", BNB_HINT),
+    "sgdnesterov8bit": ("bitsandbytes.optim.SGD8bit --optimizer_args momentum=0.9 nesterov=True", BNB_HINT),
+    "radamschedulefree": ("schedulefree.RAdamScheduleFree", "pip install schedulefree"),
+    "adamwschedulefree": ("schedulefree.AdamWScheduleFree", "pip install schedulefree"),
+    "sgdschedulefree": ("schedulefree.SGDScheduleFree", "pip install schedulefree"),
+}
+
+
+def parse_kv_args(values: Optional[Iterable[str]], flag: str) -> dict:
+    """Parse `k=v` strings with `ast.literal_eval` values (sd-scripts `--optimizer_args` / `--lr_scheduler_args`)."""
+    kwargs = {}
+    for item in values or []:
+        if "=" not in item:
+            raise TrainingSetupError(f"{flag}: {item!r} is not key=value (e.g. {flag} weight_decay=0.01 betas=0.9,0.999)")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        try:
+            kwargs[key] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise TrainingSetupError(
+                f"{flag}: the value of {item!r} is not a Python literal; numbers, True/False, tuples (0.9,0.999) "
+                f"work as they are, strings need quotes: {key}='{value.strip()}'"
+            ) from None
+    return kwargs
+
+
+def _import_optimizer_class(path: str):
+    """`torch.optim` class name (no dot) or a `module.ClassName` path, with a usable error when it is missing."""
+    if "." not in path:
+        cls = getattr(torch.optim, path, None)
+        if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer):
+            return cls
+        torch_names = [n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)
+                       and issubclass(getattr(torch.optim, n), torch.optim.Optimizer)]
+        close = difflib.get_close_matches(path.lower(), [n.lower() for n in (*OPTIMIZER_CHOICES, *torch_names)], n=1)
+        spelled = {n.lower(): n for n in (*OPTIMIZER_CHOICES, *torch_names)}
+        hint = f" (did you mean {spelled[close[0]]}?)" if close else ""
+        raise TrainingSetupError(
+            f"--optimizer_type {path!r} is not known{hint}; choose one of {', '.join(OPTIMIZER_CHOICES)}, "
+            "a torch.optim class name (e.g. RAdam), or a module path such as mypackage.MyOptimizer"
+        )
+    module_name, class_name = path.rsplit(".", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        hint = BNB_HINT if module_name.split(".")[0] == "bitsandbytes" else f"install the package that provides {module_name}"
+        raise TrainingSetupError(f"--optimizer_type {path} needs the module {module_name} ({e}): {hint}") from None
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise TrainingSetupError(f"--optimizer_type {path}: the module {module_name} has no class {class_name}")
+    return cls
+
+
+def _all_on_cuda(params) -> bool:
+    """Whether every tensor of `params` (tensors or param-group dicts) is on a CUDA device."""
+    tensors = []
+    for p in params:
+        group = p["params"] if isinstance(p, dict) else [p]
+        if not isinstance(group, (list, tuple)):
+            return False  # a generator: do not consume it
+        tensors.extend(group)
+    return bool(tensors) and all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
+
+
+def get_optimizer(args, trainable_params) -> tuple[str, torch.optim.Optimizer]:
+    """Build the optimizer the flags ask for; returns (description, optimizer).
+
+    The description is sd-scripts' `ss_optimizer` string: `module.Class(k=v,...)`, e.g.
+    `torch.optim.adamw.AdamW(weight_decay=0.01)`. Built in: AdamW (default; fused=True when every parameter is on
+    CUDA and --optimizer_args names neither fused nor foreach), AdamW8bit (bitsandbytes, optional),
+    SGDNesterov (torch SGD, nesterov, momentum 0.9 unless given), Adafactor (transformers); also any torch.optim
+    class name or `module.ClassName`. `--use_8bit_adam` is the legacy spelling of AdamW8bit.
+    As in sd-scripts, Adafactor with relative_step (its default) ignores the learning rates and switches
+    `args.lr_scheduler` to `adafactor:<lr>`.
+    """
+    optimizer_type = getattr(args, "optimizer_type", None) or ""
+    if getattr(args, "use_8bit_adam", False):
+        # "AdamW" is accepted too: it is the parser default, so it cannot be told apart from an unset flag
+        if optimizer_type and optimizer_type.lower() not in ("adamw", "adamw8bit"):
+            raise TrainingSetupError(
+                f"--use_8bit_adam and --optimizer_type {optimizer_type} disagree: use only --optimizer_type"
+            )
+        optimizer_type = "AdamW8bit"
+    if getattr(args, "use_lion_optimizer", False):
+        raise TrainingSetupError("--use_lion_optimizer is not built in: use --optimizer_type lion_pytorch.Lion (pip install lion-pytorch)")
+    if not optimizer_type:
+        optimizer_type = "AdamW"
+    kind = optimizer_type.lower()
+    kwargs = parse_kv_args(getattr(args, "optimizer_args", None), "--optimizer_args")
+    lr = getattr(args, "learning_rate", None)
+    extra: dict = {}  # constructor arguments that are not part of the description (sd-scripts' convention)
+
+    if not isinstance(trainable_params, (list, tuple)):
+        trainable_params = list(trainable_params)
+
+    if kind == "adamw":
+        optimizer_class = torch.optim.AdamW
+        if "fused" not in kwargs and "foreach" not in kwargs and _all_on_cuda(trainable_params):
+            extra["fused"] = True  # one kernel per step instead of ~12 per tensor list; torch's default is foreach
+    elif kind == "adamw8bit":
+        try:
+            import bitsandbytes as bnb  # noqa: F401  (optional GPU extra)
+        except ImportError:
+            raise TrainingSetupError(f"--optimizer_type AdamW8bit needs bitsandbytes, {BNB_HINT}") from None
+        optimizer_class = bnb.optim.AdamW8bit
+    elif kind == "sgdnesterov":
+        kwargs.setdefault("momentum", 0.9)
+        optimizer_class = torch.optim.SGD
+        extra["nesterov"] = True
+    elif kind == "adafactor":
+        from transformers.optimization import Adafactor
+
+        optimizer_class = Adafactor
+        kwargs.setdefault("relative_step", True)
+        if not kwargs["relative_step"] and kwargs.get("warmup_init", False):
+            logger.info("Adafactor: warmup_init=True needs relative_step=True; setting relative_step=True")
+            kwargs["relative_step"] = True
+        if kwargs["relative_step"]:
+            # relative_step computes its own lr: the schedule becomes AdafactorSchedule, group lrs are dropped
+            if lr:
+                logger.warning("Adafactor with relative_step: --learning_rate is used only as the initial lr")
+            if trainable_params and isinstance(trainable_params[0], dict):
+                had_group_lr = False
+                for group in trainable_params:
+                    had_group_lr = (group.pop("lr", None) is not None) or had_group_lr
+                if had_group_lr:
+                    logger.warning("Adafactor with relative_step ignores --unet_lr and --text_encoder_lr")
+            args.lr_scheduler = f"adafactor:{lr}"
+            lr = None
+    elif kind in _SD_SCRIPTS_ONLY:
+        path, hint = _SD_SCRIPTS_ONLY[kind]
+        raise TrainingSetupError(
+            f"--optimizer_type {optimizer_type} is an sd-scripts optimizer APT-LoRA does not build in; "
+            f"use --optimizer_type {path} ({hint}), or one of {', '.join(OPTIMIZER_CHOICES)}"
+        )
+    else:
+        optimizer_class = _import_optimizer_class(optimizer_type)
+
+    if lr is not None or kind == "adafactor":
+        extra["lr"] = lr  # without --learning_rate the optimizer's own default applies
+    try:
+        optimizer = optimizer_class(trainable_params, **kwargs, **extra)
+    except TypeError as e:
+        raise TrainingSetupError(
+            f"--optimizer_type {optimizer_type} rejected --optimizer_args {kwargs}: {e}; check the argument names"
+        ) from None
+    except (ValueError, IndexError, KeyError, AssertionError) as e:
+        raise TrainingSetupError(
+            f"--optimizer_type {optimizer_type} rejected its settings ({type(e).__name__}: {e}); "
+            f"check --learning_rate ({lr}) and --optimizer_args {kwargs}"
+        ) from None
+
+    name = optimizer_class.__module__ + "." + optimizer_class.__name__
+    args_str = ",".join(f"{k}={v}" for k, v in kwargs.items())
+    return name + (f"({args_str})" if args_str else ""), optimizer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Learning-rate schedules
+# ---------------------------------------------------------------------------------------------------------------
+
+SCHEDULER_CHOICES = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "adafactor",
+)
+
+
+def int_or_float(value: str):
+    """argparse type of `--lr_warmup_steps` (sd-scripts): "N%" → N/100, "0.1" → 0.1 (a ratio), "100" → 100."""
+    text = str(value).strip()
+    try:
+        if text.endswith("%"):
+            return float(text[:-1]) / 100.0
+        number = float(text)
+        if number >= 1:
+            return int(text) if re.fullmatch(r"[+-]?\d+", text) else _integral_or_fail(number, text)
+        return number
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a step count, a ratio < 1 or a percentage like 10%") from None
+
+
+def _integral_or_fail(number: float, text: str) -> int:
+    if number.is_integer():
+        return int(number)
+    raise ValueError(text)
+
+
+def resolve_warmup_steps(value, num_training_steps: int) -> int:
+    """`--lr_warmup_steps` as optimizer steps: an int, a ratio in [0, 1) of the total, or "N%"."""
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        try:
+            value = int_or_float(value)
+        except argparse.ArgumentTypeError as e:
+            raise TrainingSetupError(f"--lr_warmup_steps: {e}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TrainingSetupError(f"--lr_warmup_steps must be a number or a percentage, got {value!r}")
+    if value < 0:
+        raise TrainingSetupError(f"--lr_warmup_steps must not be negative, got {value}")
+    if isinstance(value, float):
+        if value < 1:
+            return int(value * num_training_steps)
+        if not value.is_integer():
+            raise TrainingSetupError(
+                f"--lr_warmup_steps {value}: use a whole number of steps, a ratio below 1 (0.1) or a percentage (10%)"
+            )
+    return int(value)
+
+
+def get_lr_scheduler(args, optimizer, num_training_steps: int, num_processes: int = 1):
+    """The LR schedule (sd-scripts `get_scheduler_fix`), built with diffusers' schedule functions.
+
+    `--lr_scheduler` constant | constant_with_warmup | linear | cosine | cosine_with_restarts
+    (`--lr_scheduler_num_cycles`) | polynomial (`--lr_scheduler_power`) | adafactor[:lr] (with Adafactor);
+    `--lr_scheduler_args k=v` go to the schedule function; `--lr_scheduler_type module.Class` builds any
+    scheduler class from `--lr_scheduler_args`.
+    `num_processes`: how often the schedule is stepped per optimizer step. accelerate's prepared scheduler
+    steps once per process, so like sd-scripts every step count is multiplied by it. Unlike sd-scripts, an
+    integer `--lr_warmup_steps` is multiplied too, so it always means optimizer steps (sd-scripts' integer
+    warmup shrinks with the number of GPUs; identical on one GPU).
+    Warmup with `constant` is an error, as in sd-scripts.
+    """
+    name = _arg(args, "lr_scheduler", "constant")
+    num_processes = max(1, int(num_processes))
+    total = int(num_training_steps) * num_processes
+    warmup_arg = getattr(args, "lr_warmup_steps", None)
+    warmup_value = warmup_arg
+    if isinstance(warmup_value, str):
+        try:
+            warmup_value = int_or_float(warmup_value)
+        except argparse.ArgumentTypeError as e:
+            raise TrainingSetupError(f"--lr_warmup_steps: {e}") from None
+    if isinstance(warmup_value, float) and warmup_value < 1:
+        warmup = resolve_warmup_steps(warmup_value, total)  # a ratio of the scheduler's own step count
+    else:
+        warmup = resolve_warmup_steps(warmup_value, total) * num_processes
+    if warmup > total:
+        logger.warning(f"--lr_warmup_steps ({warmup_arg}) is longer than the training ({num_training_steps} steps)")
+    sched_kwargs = parse_kv_args(getattr(args, "lr_scheduler_args", None), "--lr_scheduler_args")
+
+    custom = getattr(args, "lr_scheduler_type", None)
+    if custom:
+        if "." in custom:
+            module_name, class_name = custom.rsplit(".", 1)
+            try:
+                cls = getattr(importlib.import_module(module_name), class_name)
+            except (ImportError, AttributeError) as e:
+                raise TrainingSetupError(f"--lr_scheduler_type {custom}: cannot import it ({e})") from None
+        else:
+            cls = getattr(torch.optim.lr_scheduler, custom, None)
+            if cls is None:
+                raise TrainingSetupError(f"--lr_scheduler_type {custom} is not a torch.optim.lr_scheduler class")
+        try:
+            return cls(optimizer, **sched_kwargs)
+        except TypeError as e:
+            raise TrainingSetupError(f"--lr_scheduler_type {custom} rejected --lr_scheduler_args {sched_kwargs}: {e}") from None
+
+    def no_warmup(what: str):
+        if warmup:
+            raise TrainingSetupError(
+                f"--lr_scheduler {what} does not use --lr_warmup_steps (got {warmup_arg}): use --lr_scheduler "
+                "constant_with_warmup (or linear/cosine/...), or set --lr_warmup_steps 0"
+            )
+
+    if name.startswith("adafactor"):
+        from transformers.optimization import Adafactor, AdafactorSchedule
+
+        if not isinstance(optimizer, Adafactor):
+            raise TrainingSetupError("--lr_scheduler adafactor only works with --optimizer_type Adafactor")
+        no_warmup(name)
+        initial_lr = name.split(":", 1)[1] if ":" in name else None
+        initial_lr = float(initial_lr) if initial_lr not in (None, "", "None") else 0.0
+        return AdafactorSchedule(optimizer, initial_lr)
+
+    from diffusers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
+
+    if name not in SCHEDULER_CHOICES:
+        close = difflib.get_close_matches(name, SCHEDULER_CHOICES, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise TrainingSetupError(
+            f"--lr_scheduler {name!r} is not supported{hint}; choose one of {', '.join(SCHEDULER_CHOICES)}"
+        )
+    fn = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]
+    try:
+        if name == "constant":
+            no_warmup(name)
+            return fn(optimizer, **sched_kwargs)
+        if name == "constant_with_warmup":
+            return fn(optimizer, num_warmup_steps=warmup, **sched_kwargs)
+        common = dict(num_warmup_steps=warmup, num_training_steps=total)
+        if name == "cosine_with_restarts":
+            return fn(optimizer, num_cycles=int(_arg(args, "lr_scheduler_num_cycles", 1)), **common, **sched_kwargs)
+        if name == "polynomial":
+            return fn(optimizer, power=float(_arg(args, "lr_scheduler_power", 1.0)), **common, **sched_kwargs)
+        return fn(optimizer, **common, **sched_kwargs)
+    except (TypeError, ValueError) as e:
+        raise TrainingSetupError(f"--lr_scheduler {name}: {e}; check --lr_scheduler_args and --learning_rate") from None
