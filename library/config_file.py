@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import re
 from typing import Optional, Sequence
 
 from library.train_util import TrainingSetupError
@@ -30,38 +29,15 @@ def config_file_path(name: str) -> str:
 
 
 def _load_toml(path: str) -> dict:
+    """The training config, read by the one TOML reader (config_util.load_toml: file:line:col and the line shown)."""
+    from library.config_util import ConfigError, load_toml
+
     if not os.path.isfile(path):
         raise TrainingSetupError(f"--config_file {path}: file not found; check the path (.toml is added when missing)")
-    with open(path, encoding="utf-8-sig") as f:
-        text = f.read()
     try:
-        import tomllib
-    except ImportError:  # Python < 3.11
-        tomllib = None
-    if tomllib is not None:
-        try:
-            return tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            line, col = getattr(e, "lineno", None), getattr(e, "colno", None)
-            msg = str(e)
-            m = re.search(r"\(at line (\d+), column (\d+)\)", msg)
-            if m:
-                line, col = line or int(m.group(1)), col or int(m.group(2))
-                msg = msg[: m.start()].strip()
-            elif "end of document" in msg:
-                line, col = text.count("\n") + 1, 1
-            raise TrainingSetupError(
-                f"--config_file {path}: TOML syntax error at line {line}, column {col}: {msg}. "
-                "Strings need quotes, e.g. output_name = \"my_lora\"; true/false are lowercase"
-            ) from None
-    import toml
-
-    try:
-        return toml.loads(text)
-    except toml.TomlDecodeError as e:
-        raise TrainingSetupError(
-            f"--config_file {path}: TOML syntax error at line {e.lineno}, column {e.colno}: {e.msg}"
-        ) from None
+        return load_toml(path, "training config (--config_file)")
+    except ConfigError as e:
+        raise TrainingSetupError(f"--config_file: {e}") from None
 
 
 def _flatten_tables(data: dict, path: str, out: dict, where: dict, dup: list) -> None:

@@ -168,19 +168,6 @@ def _prompt_from_dict(entry: dict, where: str, base: dict) -> SamplePrompt:
     return SamplePrompt(**fields)
 
 
-def _load_toml(path: str) -> dict:
-    try:
-        import tomllib  # Python 3.11+
-
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except ImportError:  # pragma: no cover - Python < 3.11
-        import toml
-
-        with open(path, encoding="utf-8") as f:
-            return toml.load(f)
-
-
 def parse_prompt_file(path: Union[str, os.PathLike], *, default_size: int = 512, default_steps: int = 30,
                       default_scale: float = 7.5) -> list[SamplePrompt]:
     """Read an sd-scripts sample prompt file (.txt, .toml or .json; see docs/sampling.md).
@@ -206,10 +193,12 @@ def parse_prompt_file(path: Union[str, os.PathLike], *, default_size: int = 512,
                 prompts.append(parse_prompt_line(text, where=f"{path}:{lineno}", default_size=default_size,
                                                  default_steps=default_steps, default_scale=default_scale))
     elif ext == ".toml":
+        from library.config_util import ConfigError, load_toml
+
         try:
-            data = _load_toml(path)
-        except Exception as e:  # tomllib.TOMLDecodeError names line and column
-            raise SamplingError(f"{path}: invalid TOML: {e}") from None
+            data = load_toml(path, "sample prompt file")
+        except ConfigError as e:  # file:line:col, the line shown
+            raise SamplingError(str(e)) from None
         table = data.get("prompt")
         if not isinstance(table, dict):
             raise SamplingError(f"{path}: expected a [prompt] table with [[prompt.subset]] entries")

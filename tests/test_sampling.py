@@ -104,7 +104,7 @@ negative_prompt = "blurry"
 
 
 def test_toml_errors(tmp_path):
-    with pytest.raises(SamplingError, match=r"p\.toml: invalid TOML.*line 2"):
+    with pytest.raises(SamplingError, match=r"p\.toml:2:\d+: TOML syntax error in the sample prompt file"):
         parse_prompt_file(write(tmp_path, "p.toml", "[prompt]\nwidth = = 3\n"))
     with pytest.raises(SamplingError, match=r"no \[\[prompt.subset\]\]"):
         parse_prompt_file(write(tmp_path, "q.toml", "[prompt]\nwidth = 512\n"))

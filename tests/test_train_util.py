@@ -522,7 +522,11 @@ def test_config_unknown_key_suggests(tmp_path):
 def test_config_syntax_error_names_line(tmp_path):
     with pytest.raises(TrainingSetupError) as e:
         load(tmp_path, "[training]\nlearning_rate = 1e-4\nmax_train_steps = = 3\n")
-    assert "line 3" in str(e.value) and "cfg.toml" in str(e.value)
+    msg = str(e.value)
+    assert "line 3" in msg and "cfg.toml:3:" in msg and msg.startswith("--config_file")
+    assert "max_train_steps = = 3" in msg  # the line is shown (the one TOML reader, config_util.load_toml)
+    with pytest.raises(TrainingSetupError, match="--config_file .*nope.toml: file not found"):
+        cf.read_config_file(argparse.Namespace(config_file=str(tmp_path / "nope")), make_parser(), [])
 
 
 def test_config_type_errors(tmp_path):
