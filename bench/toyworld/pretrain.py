@@ -72,6 +72,10 @@ class PretrainConfig:
     # keep the (random) text encoder fixed, as SD keeps CLIP: trained jointly from scratch, it merges the position
     # words before the UNet learns to use them (docs/toyworld.md, "Position: the cause")
     freeze_text_encoder: bool = False
+    # or train it gently: its learning rate is lr * te_lr_scale, and 0 for the first te_freeze_steps steps (the UNet
+    # learns to read the random encoder first; the encoder's own warm-up starts when it is released)
+    te_lr_scale: float = 1.0
+    te_freeze_steps: int = 0
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
     # layout emphasis: the eps-loss weight is clamp(snr, snr_floor, min_snr_gamma) / snr, so the high-noise
@@ -100,12 +104,15 @@ class PretrainConfig:
     def key(self) -> str:
         """Hash of everything that changes the result (a checkpoint from another config is refused)."""
         d = {k: v for k, v in asdict(self).items() if k != "device"}
-        if d["snr_floor"] is None:  # added later: unset, these leave the keys of earlier checkpoints as they were
-            del d["snr_floor"]
-        for k in ("freeze_text_encoder", "init_vae_from"):
-            if not d[k]:
+        for k, neutral in LATER_FIELDS.items():  # added later: unset, they leave the keys of earlier checkpoints
+            if d[k] == neutral:
                 del d[k]
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+# fields added after models and checkpoints were written, with the value that means "as before"
+LATER_FIELDS = {"snr_floor": None, "freeze_text_encoder": False, "init_vae_from": None, "te_lr_scale": 1.0,
+                "te_freeze_steps": 0}
 
 
 def model_configs(cfg: PretrainConfig) -> dict:
@@ -394,8 +401,11 @@ def train_diffusion(model, data: dict, cfg: PretrainConfig, state: dict, save_ck
         m.train().requires_grad_(True)
     if cfg.freeze_text_encoder:
         te.eval().requires_grad_(False)
-    params = [p for m in mods for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99), fused=True)
+    groups = [{"params": list(unet.parameters()), "scale": 1.0, "start": 0}]
+    if not cfg.freeze_text_encoder:
+        groups.append({"params": list(te.parameters()), "scale": cfg.te_lr_scale, "start": cfg.te_freeze_steps})
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99), fused=True)
     ema = EMA(mods, cfg.ema_decay)
     if "opt" in state:
         opt.load_state_dict(state["opt"])
@@ -405,10 +415,10 @@ def train_diffusion(model, data: dict, cfg: PretrainConfig, state: dict, save_ck
     t0, run = time.time(), None
     autocast = torch.autocast(unet.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     for step in range(start, cfg.steps):
-        warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
         decay = 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * warm * (0.1 + 0.9 * decay)
+            warm = max(0.0, min(1.0, (step + 1 - g["start"]) / max(1, cfg.warmup_steps)))
+            g["lr"] = cfg.lr * g["scale"] * warm * (0.1 + 0.9 * decay)
         lat, caps = diffusion_batch(data, cfg, step, scale)
         with autocast:
             loss = diffusion_loss(model, lat, caps, cfg, _gen(cfg.seed, step, "noise"))
@@ -639,6 +649,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--freeze_text_encoder", action="store_true",
                    help="keep the randomly initialised text encoder fixed (as SD keeps CLIP): trained jointly, it "
                         "merges the position words before the UNet learns them (docs/toyworld.md)")
+    p.add_argument("--te_lr_scale", type=float, default=d.te_lr_scale,
+                   help="the text encoder's learning rate as a multiple of --lr (without --freeze_text_encoder)")
+    p.add_argument("--te_freeze_steps", type=int, default=d.te_freeze_steps,
+                   help="keep the text encoder fixed for the first N diffusion steps, then train it (its own warm-up)")
     p.add_argument("--image_size", type=int, default=d.image_size, choices=[32, 64])
     p.add_argument("--unet_channels", type=str, default=",".join(map(str, d.unet_channels)),
                    help="UNet block_out_channels (4 values; SD1 layout)")
@@ -676,7 +690,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = PretrainConfig(image_size=args.image_size, seed=args.seed, vae_steps=args.vae_steps,
                          n_images=args.n_images, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          warmup_steps=args.warmup_steps, snr_floor=args.snr_floor,
-                         freeze_text_encoder=args.freeze_text_encoder,
+                         freeze_text_encoder=args.freeze_text_encoder, te_lr_scale=args.te_lr_scale,
+                         te_freeze_steps=args.te_freeze_steps,
                          unet_channels=unet_ch, te_hidden=args.te_hidden, bf16=args.bf16, device=args.device,
                          init_from=args.init_from, init_vae_from=args.init_vae_from,
                          vae_channels=tuple(int(x) for x in args.vae_channels.split(",")) if args.vae_channels
