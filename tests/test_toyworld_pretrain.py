@@ -246,3 +246,23 @@ def test_position_probe_blocks_and_rows():
     assert x.sum(dim=(1, 2, 3)).eq(2.0 * 4 * 4).all()  # one 2x2 block of +2 in 4 channels
     rows = PP.run("none", steps=1, batch_size=2, log=lambda m: None)
     assert [r[0] for r in rows] == [0, 1] and all(len(r[1]) == 3 and min(r[1]) >= 0 for r in rows)
+
+
+def test_probe_model_word_response_by_hand(monkeypatch):
+    """bench/toyworld/probe_model.py's Δε on the bundled model: an unchanged word gives exactly 0, and a changed one
+    equals the mean squared ε difference computed here directly (same noise draws, same timestep)."""
+    from bench.toyworld import probe_model as PM
+    from bench.toyworld.evaluate import DEFAULT_MODEL, load
+    from library.conditioning import encode_prompts
+
+    model = load(DEFAULT_MODEL)
+    monkeypatch.setattr(PM, "CHANGES", {"same": ("ball", "ball"), "colour": ("red", "blue")})
+    monkeypatch.setattr(PM, "TIMESTEPS", (900,))
+    out = PM.word_response(model, draws=2)
+    assert out["same"] == [0.0]
+    ac, g = model.noise_scheduler.alphas_cumprod, torch.Generator().manual_seed(5)
+    x = torch.sqrt(1 - ac[900]) * torch.randn(2, 4, 8, 8, generator=g)
+    c = encode_prompts(model, [PM.PROBE, PM.PROBE.replace("red", "blue")]).context
+    with torch.no_grad():
+        e = [model.unet(x, torch.full((2,), 900), c[i : i + 1].expand(2, -1, -1)).sample for i in range(2)]
+    assert out["colour"][0] == pytest.approx(float(((e[1] - e[0]) ** 2).mean()), rel=1e-5) and out["colour"][0] > 0
