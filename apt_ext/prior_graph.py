@@ -16,11 +16,11 @@ flow of a graph without CUDA, so the CPU tests check everything but the recordin
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 
-from library.unet_graph import BACKENDS, graph_pool, signature  # noqa: F401  (one definition for both graph kinds)
+from library.unet_graph import graph_pool, signature
 
 
 class StaticPass:

@@ -3,7 +3,6 @@ stop compiling once every shape and pass has been seen, and the flag's errors. T
 runs the same graphs as inductor without generating code (inductor is refused on the CPU: its code computes wrong
 LoRA gradients with torch 2.13, docs/speed.md)."""
 import pytest
-import torch
 
 import train_apt_lora
 from bench.prior_graph_check import compare, run_steps
