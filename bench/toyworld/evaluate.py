@@ -333,14 +333,16 @@ def measure(ims: ImageSet, prior: ImageSet, s: Settings) -> dict:
     return out
 
 
+def quality_prompts(n: int, seed: int = 4242) -> tuple[list[str], list[int]]:
+    """The model-quality prompts (pretraining-style captions) and their sampling seeds: the first n of a fixed list."""
+    return [W.pretraining_example(i, seed)[1] for i in range(n)], [70_000 + i for i in range(n)]
+
+
 def model_quality(model, judge, s: Settings, seed: int = 4242) -> dict:
     """The prior model on its own prompts: pretraining-style captions (random attributes named), the share of
     named attributes the judge finds; and the unstated context of each context prompt ("a kite": a person)."""
-    prompts = []
-    for i in range(s.quality_n):
-        _, cap, _ = W.pretraining_example(i, seed)
-        prompts.append(cap)
-    x = sample(model, prompts, [70_000 + i for i in range(len(prompts))], steps=s.sample_steps, guidance=s.guidance)
+    prompts, seeds = quality_prompts(s.quality_n, seed)
+    x = sample(model, prompts, seeds, steps=s.sample_steps, guidance=s.guidance)
     acc, per = M.attribute_accuracy(prompts, judge.predict(x))
     out = {"named_attributes": acc, **{f"named_{k}": v for k, v in per.items()}}
     for cls in W.CONTEXT_CLASSES:

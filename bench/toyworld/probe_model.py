@@ -43,11 +43,10 @@ def word_response(model, draws: int = 8) -> dict:
 def named_share(model, judge, n: int, steps: int = 25, guidance: float = 4.0, seed: int = 4242) -> tuple[float, dict]:
     """The judged share of named attributes on the first `n` quality prompts (evaluate.model_quality's)."""
     from bench.toyworld import metrics as M
-    from bench.toyworld import world as W
-    from bench.toyworld.evaluate import sample
+    from bench.toyworld.evaluate import quality_prompts, sample
 
-    prompts = [W.pretraining_example(i, seed)[1] for i in range(n)]
-    x = sample(model, prompts, [70_000 + i for i in range(n)], steps=steps, guidance=guidance)
+    prompts, seeds = quality_prompts(n, seed)
+    x = sample(model, prompts, seeds, steps=steps, guidance=guidance)
     return M.attribute_accuracy(prompts, judge.predict(x))
 
 
