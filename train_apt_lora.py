@@ -64,30 +64,80 @@ def plain_step(args, ctx, batch):
     return loss.mean(), {}
 
 
+class WindowRead:
+    """The end of an accumulation window, read back in one copy (`library.transfer.HostCopy`): the NaN/inf flags
+    that decide the step, the loss and the logs asked for. Read at once (`--defer_step_read off`), or one window
+    later, when the device has long passed it. `ok_everywhere`: `ok` and-ed over the processes on the device."""
+
+    def __init__(self, finite, ok, loss, logs: dict, image_keys, ok_everywhere=None):
+        import torch
+
+        from library.transfer import HostCopy
+
+        flags = [finite, ok, ok if ok_everywhere is None else ok_everywhere]
+        self._copy = HostCopy(torch.stack([*(f.float() for f in flags), loss.detach().float().reshape(()),
+                                           *(v.detach().float().reshape(()) for v in logs.values())]))
+        self._names, self.image_keys, self._skipped, self._flat = list(logs), list(image_keys), None, None
+
+    def _read(self) -> list:
+        if self._flat is None:
+            self._flat = self._copy.tolist()  # the window's one read
+        return self._flat
+
+    def decide(self, accelerator) -> bool:
+        """Read now: True on every process if any process's window is not finite (its update is then dropped)."""
+        from library.distributed import any_rank
+
+        self._skipped = any_rank(not self._read()[1], accelerator)
+        return self._skipped
+
+    @property
+    def skipped(self) -> bool:
+        """Whether the window's update was dropped (on every process)."""
+        return (not self._read()[2]) if self._skipped is None else self._skipped
+
+    @property
+    def values(self) -> dict:
+        """Host floats: "loss" (the window's last micro-batch's) and the logs asked for."""
+        flat = self._read()
+        return {"loss": flat[3], **dict(zip(self._names, flat[4:]))}
+
+    def warning(self) -> str:
+        finite, ok = self._read()[:2]
+        what = "loss" if not finite else "gradients" if not ok else "loss or gradients on another process"
+        return f"non-finite {what} (images: {', '.join(self.image_keys)}): the step's update was dropped"
+
+
 class MicroBatch(NamedTuple):
-    """What `micro_batch` returns. `values`: host floats, at the end of an accumulation window only, from the
-    window's one read of the device: "loss" (this micro-batch's) and the logs named by `read`."""
+    """What `micro_batch` returns. `read`: at the end of an accumulation window, what it reads back."""
 
     loss: object  # the micro-batch's loss, a 0-d tensor on the device
     logs: dict
-    status: str  # "accumulating" | "stepped" | "skipped"
-    values: Optional[dict] = None
+    status: str  # "accumulating" | "stepped" | "skipped" | "queued" (--defer_step_read: decided on the device)
+    read: Optional[WindowRead] = None
+
+    @property
+    def values(self) -> Optional[dict]:
+        """The window's host floats when it has been read (stepped or skipped), else None."""
+        return self.read.values if self.status in ("stepped", "skipped") else None
 
 
 def micro_batch(args, ctx, batch, optimizer, lr_scheduler, trainable, step_fn=None, read=()) -> MicroBatch:
     """The loop body for one micro-batch: loss, backward, and at the end of an accumulation window the
-    gradient all-reduce, clipping and the optimizer step. A NaN/inf loss or gradient skips the whole window
-    on every rank. `read`: names of logs to read back with the loss at the window's end (True: all).
+    gradient all-reduce, clipping and the optimizer step. A NaN/inf loss or gradient drops the window's update
+    on every process. `read`: names of logs to read back with the loss at the window's end (True: all).
     Nothing is read back from the device before the window's end (a non-finite loss is kept as a device flag and
-    its backward runs: its gradients are dropped with the window); there, one read gives the flags that decide the
-    step, the loss and the logs asked for, so the host never waits for the optimizer step it queues.
+    its backward runs: its gradients are dropped with the window). There, with `ctx.defer_read`
+    (--defer_step_read), the optimizer skips a bad update on the device (torch's `found_inf`, as GradScaler uses
+    with fused optimizers) and the read waits for the caller ("queued"); otherwise one read decides the step
+    ("stepped" or "skipped"), so the host never waits for the optimizer step it queues.
     The benchmarks call this too, so what they time is what the trainer runs."""
     import torch
 
-    from library.distributed import all_reduce_gradients, any_rank
+    from library.distributed import all_reduce_gradients, every_rank
 
     accelerator = ctx.accelerator
-    values = None
+    window = None
     with accelerator.accumulate(ctx.network):
         loss, logs = (step_fn or training_step)(args, ctx, batch)
         ctx.window_losses.append(loss.detach())
@@ -101,24 +151,27 @@ def micro_batch(args, ctx, batch, optimizer, lr_scheduler, trainable, step_fn=No
                 all_reduce_gradients(trainable, accelerator)  # then the norm is the same on every rank
                 norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm or float("inf"))
                 ok = finite & torch.isfinite(norm)
-            keys = list(logs) if read is True else [k for k in read if k in logs]
-            flat = torch.stack([finite.float(), ok.float(), loss.detach().float().reshape(()),
-                                *(logs[k].detach().float().reshape(()) for k in keys)]).tolist()  # the window's one read
-            values = {"loss": flat[2], **dict(zip(keys, flat[3:]))}
-            bad = any_rank(not flat[1], accelerator)
-            if not bad and accelerator.scaler is not None:  # fp16: a window with a NaN loss is never unscaled;
-                all_reduce_gradients(trainable, accelerator)  # the scaler skips overflowing steps itself
-                accelerator.clip_grad_norm_(trainable, args.max_grad_norm or float("inf"))  # unscales
-            if bad:
-                what = "loss" if not flat[0] else "gradients"
-                logger.warning("non-finite %s (images: %s)", what, ", ".join(ctx.window_keys))
-            else:
+            shown = {k: logs[k] for k in (logs if read is True else read) if k in logs}
+            if getattr(ctx, "defer_read", False):
+                ok_everywhere = every_rank(ok, accelerator)
+                window = WindowRead(finite, ok, loss, shown, ctx.window_keys, ok_everywhere)
+                getattr(optimizer, "optimizer", optimizer).found_inf = (~ok_everywhere).float()  # the fused kernel's skip
                 optimizer.step()
-                lr_scheduler.step()
-            status = "skipped" if bad else "stepped"
+                lr_scheduler.step()  # a dropped update still counts as a step (as GradScaler's skips do)
+                status = "queued"
+            else:
+                window = WindowRead(finite, ok, loss, shown, ctx.window_keys)
+                bad = window.decide(accelerator)
+                if not bad and accelerator.scaler is not None:  # fp16: a window with a NaN loss is never unscaled;
+                    all_reduce_gradients(trainable, accelerator)  # the scaler skips overflowing steps itself
+                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm or float("inf"))  # unscales
+                if not bad:
+                    optimizer.step()
+                    lr_scheduler.step()
+                status = "skipped" if bad else "stepped"
             ctx.window_losses, ctx.window_keys = [], []
         optimizer.zero_grad(set_to_none=not ctx.keep_grads)
-    return MicroBatch(loss, logs, status, values)
+    return MicroBatch(loss, logs, status, window)
 
 
 class Interrupted(Exception):
@@ -139,6 +192,7 @@ class TrainContext:
         self.unet_graph = None  # a GraphedPass once enable_unet_graph() ran (--unet_cuda_graph)
         self.te_graph = None  # the same for the text encoders (--text_encoder_cuda_graph)
         self.keep_grads = False  # zero the gradients instead of freeing them (see _graphed)
+        self.defer_read = False  # --defer_step_read: skip bad updates on the device, read each step a step later
         self._unet_fn = self._text_fn = None  # the passes' functions (`unet_fn`, `text_fn`), eager or recorded
         self._base_text = {}  # caption -> its encoding by the base text encoders (`encode_base_text`)
 
@@ -374,8 +428,9 @@ def train(args):
     from library import config_util, dataset as dataset_lib, metadata as metadata_lib, train_util
     from library.losses import check_noise_and_loss_args
     from library.noise import fix_noise_scheduler_betas_for_zero_terminal_snr
-    from library.optimizers import get_lr_scheduler, get_optimizer
+    from library.optimizers import defer_step_read, get_lr_scheduler, get_optimizer
     from library.conditioning import TextEncoderCache
+    from library.transfer import HostCopy
     from library.interrupt import GracefulInterrupt
     from library.safe_io import remove_stale_temp_files
     from library.train_state import load_state, read_state_info, save_state
@@ -518,6 +573,7 @@ def train(args):
         accelerator.print(f"resumed from {args.resume}: step {step}, epoch {start_epoch}")
 
     ctx = TrainContext(args, accelerator, model, network, weight_dtype, vae_dtype, te_cache, apt)
+    ctx.defer_read = defer_step_read(args, optimizer, device.type)
     try:
         if args.unet_cuda_graph:
             ctx.enable_unet_graph(trainable)
@@ -580,8 +636,40 @@ def train(args):
         maybe_sample(0, 0)
     epoch, batches_done, interrupted = start_epoch, skip_batches, False
     read = True if args.log_with else ("apt/gamma_seen_mean",)  # logs read back at each step's end (one read)
+    pending = None  # --defer_step_read: the last step's (window read, step, lrs, indicator copy), shown a step later
+
+    def show(window, at_step, lrs, indicator):
+        """A step's read on the progress bar and in the logs; or, for a dropped update, the warning and the count
+        (too many stop the run)."""
+        nonlocal loss_sum, loss_count, bad_steps
+        if window.skipped:
+            logger.warning(window.warning())
+            bad_steps += 1
+            if bad_steps >= args.max_bad_steps:
+                raise train_util.TrainingSetupError(
+                    f"{bad_steps} steps skipped for NaN/inf loss or gradients (--max_bad_steps {args.max_bad_steps}). "
+                    "Likely causes: an fp16 VAE overflowing (use --no_half_vae or --mixed_precision bf16), "
+                    "or a learning rate too high (lower --learning_rate / --unet_lr)")
+            return
+        values = window.values
+        loss_sum, loss_count = loss_sum + values["loss"], loss_count + 1
+        postfix = dict(loss=f"{values['loss']:.4f}", avg=f"{loss_sum / loss_count:.4f}")
+        if apt is not None:
+            postfix["gamma"] = f"{values['apt/gamma_seen_mean']:.3f}"
+        progress.set_postfix(postfix)
+        if compiled is not None and loss_count == 1 and is_main:  # this run's first step (resumed too)
+            progress.write(f"{compiled} in the first step")
+        if args.log_with:
+            logs = {k: v for k, v in values.items() if k != "loss"}
+            if indicator is not None:
+                logs.update(apt.indicator.logs(indicator.tolist()))
+            accelerator.log({"loss/current": values["loss"], "loss/average": loss_sum / loss_count, "loss/bad_steps": bad_steps,
+                             **{f"lr/{g.get('name', i)}": lr for i, (g, lr) in enumerate(zip(optimizer.param_groups, lrs))},
+                             **logs}, step=at_step)
+
     with GracefulInterrupt() as stop:
-        # epochs run until max_train_steps optimizer steps are done (skipped NaN steps add batches)
+        # epochs run until max_train_steps optimizer steps are done (without --defer_step_read, skipped NaN steps
+        # add batches)
         for epoch in itertools.count(start_epoch):
             data.set_current_epoch(epoch)
             loader.set_epoch(epoch)  # the batch order of an epoch depends on (seed, epoch) only: resumable
@@ -592,33 +680,21 @@ def train(args):
                 res = micro_batch(args, ctx, batch, optimizer, lr_scheduler, trainable, read=read)
                 if res.status == "accumulating":
                     continue
-                if res.status == "skipped":  # NaN/inf: the step does not count; too many of them stop the run
-                    bad_steps += 1
-                    if bad_steps >= args.max_bad_steps:
-                        raise train_util.TrainingSetupError(
-                            f"{bad_steps} steps skipped for NaN/inf loss or gradients (--max_bad_steps {args.max_bad_steps}). "
-                            "Likely causes: an fp16 VAE overflowing (use --no_half_vae or --mixed_precision bf16), "
-                            "or a learning rate too high (lower --learning_rate / --unet_lr)")
+                lrs = lr_scheduler.get_last_lr()
+                indicator = HostCopy(apt.indicator.log_tensor()) if apt is not None and args.log_with else None
+                if res.status == "skipped":  # read at once: the step does not count
+                    show(res.read, step, lrs, indicator)
                     continue
                 step += 1
-                loss_value = res.values["loss"]  # host floats, read with the step's NaN/inf flags
-                loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
                 progress.update(1)
-                postfix = dict(loss=f"{loss_value:.4f}", avg=f"{loss_sum / loss_count:.4f}")
                 if apt is not None:
                     apt.record(step)
-                    postfix["gamma"] = f"{res.values['apt/gamma_seen_mean']:.3f}"
-                progress.set_postfix(postfix)
-                if compiled is not None and loss_count == 1 and is_main:  # this run's first step (resumed too)
-                    progress.write(f"{compiled} in the first step")
-                if args.log_with:
-                    logs = {k: v for k, v in res.values.items() if k != "loss"}
-                    if apt is not None:
-                        logs.update(apt.indicator.logs())
-                    lrs = lr_scheduler.get_last_lr()
-                    accelerator.log({"loss/current": loss_value, "loss/average": loss_sum / loss_count, "loss/bad_steps": bad_steps,
-                                     **{f"lr/{g.get('name', i)}": lr for i, (g, lr) in enumerate(zip(optimizer.param_groups, lrs))},
-                                     **logs}, step=step)
+                if res.status == "queued":  # decided on the device: counts, shown one step later
+                    if pending is not None:
+                        show(*pending)
+                    pending = (res.read, step, lrs, indicator)
+                else:
+                    show(res.read, step, lrs, indicator)
                 if stop.requested(accelerator) and step < args.max_train_steps:
                     interrupted = True
                     break
@@ -634,6 +710,8 @@ def train(args):
             maybe_sample(step, epoch, at_epoch_end=True)
             if step >= args.max_train_steps:
                 break
+        if pending is not None:
+            show(*pending)
         progress.close()
         if compiled is not None:
             accelerator.print(f"{compiled} over the run")

@@ -17,6 +17,8 @@ MPS has no float64: there the state stays on the CPU. `state_dict()` always retu
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 NUM_BINS = 10
@@ -184,10 +186,14 @@ class OverfittingIndicator:
             self.bin_updates = self.seen.long()
         self.step = int(state.get("step", 0))
 
-    def logs(self, prefix: str = "apt/") -> dict[str, float]:
-        """Per-bin γ and EMAs of the seen bins, for the trainer's logger (the paper's Fig. 6)."""
-        g, seen, ep, ef = torch.stack([self.gamma().double(), self.seen.double(), self.ema_prior.double(),
-                                       self.ema_ft.double()]).tolist()  # one read of the device
+    def log_tensor(self) -> torch.Tensor:
+        """(4, bins): γ, seen, the prior and fine-tuned EMAs; what `logs` reads (copied ahead by the trainer)."""
+        return torch.stack([self.gamma().double(), self.seen.double(), self.ema_prior.double(), self.ema_ft.double()])
+
+    def logs(self, read: Optional[list] = None, prefix: str = "apt/") -> dict[str, float]:
+        """Per-bin γ and EMAs of the seen bins, for the trainer's logger (the paper's Fig. 6). `read`:
+        `log_tensor()` as read back earlier; default: read it now (one read of the device)."""
+        g, seen, ep, ef = read if read is not None else self.log_tensor().tolist()
         out: dict[str, float] = {}
         for b in range(self.num_bins):
             if seen[b]:

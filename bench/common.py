@@ -150,7 +150,8 @@ def make_accelerator(device: str, mixed_precision: str):
 
 @dataclass
 class BenchStep:
-    """What `build_step_fn` made: `step_fn()` runs one optimizer step and returns the loss (a float)."""
+    """What `build_step_fn` made: `step_fn()` runs one optimizer step and returns the loss (a float; with
+    --defer_step_read, the previous step's, None at the first)."""
 
     step_fn: object
     args: object
@@ -175,7 +176,7 @@ def build_step_fn(model, args, device="cpu", batch: dict | None = None, step=Non
     APT step when `ctx.apt` is set). `batch`: default `make_batch(model)` at 512 px."""
     import train_apt_lora
     from library import train_util
-    from library.optimizers import get_lr_scheduler, get_optimizer
+    from library.optimizers import defer_step_read, get_lr_scheduler, get_optimizer
     from networks import lora as lora_lib
 
     step = step or train_apt_lora.training_step
@@ -214,8 +215,14 @@ def build_step_fn(model, args, device="cpu", batch: dict | None = None, step=Non
         ctx.enable_te_graph(backend)
     batch = batch if batch is not None else make_batch(model)
 
-    def step_fn() -> float:  # exactly the trainer's loop body
+    ctx.defer_read = defer_step_read(args, optimizer, accelerator.device.type)  # as the trainer (--defer_step_read)
+    pending = []
+
+    def step_fn() -> float | None:  # exactly the trainer's loop body
         res = train_apt_lora.micro_batch(args, ctx, batch, optimizer, lr_scheduler, trainable, step)
+        if res.status == "queued":  # deferred: the previous step's loss (None at the first), as the trainer shows it
+            pending.append(res.read)
+            return pending.pop(0).values["loss"] if len(pending) > 1 else None
         return res.values["loss"] if res.values is not None else res.loss.detach().item()
 
     return BenchStep(step_fn, args, ctx, network, optimizer, accelerator, batch,

@@ -181,7 +181,8 @@ if [ "${SKIP_SMOKE:-0}" = 0 ]; then
     [ "$smoke_status" != 0 ] && status=$smoke_status
   done
 fi
-# 3b. host-device syncs per optimizer step of the plain, APT and fast APT steps (expected: 1, the window's read)
+# 3b. host-device syncs per optimizer step of the plain, APT and fast APT steps (expected: 0 with --defer_step_read,
+#     1 with it off, the window's read)
 if [ "${SKIP_SYNC_CHECK:-0}" = 0 ]; then
   SYNC_RESULT="$OUT/sync_check-$([ "$DRY_RUN" = 1 ] && echo dryrun || echo gpu).md"
   echo "python -m bench.sync_check --configs $CONFIGS --steps 3 --warmup 2 > $SYNC_RESULT"

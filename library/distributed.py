@@ -37,3 +37,12 @@ def any_rank(flag: bool, accelerator) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())
+
+
+def every_rank(ok: torch.Tensor, accelerator) -> torch.Tensor:
+    """`ok` (a 0-d bool tensor) and-ed over all processes, on the device: `any_rank` without the host read."""
+    if accelerator.num_processes <= 1:
+        return ok
+    t = ok.float().reshape(1)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return t[0] > 0

@@ -96,6 +96,11 @@ def _training_args(p: argparse.ArgumentParser) -> None:
                         "this run can use (CUDA, no LoRA dropout, no gradient checkpointing; the run prints which, and "
                         "why not the others). Off by default until the graphs' equality check passes on a GPU "
                         "(docs/speed.md); on CPU auto does nothing")
+    g.add_argument("--defer_step_read", choices=["auto", "on", "off"], default="auto",
+                   help="auto (default): on CUDA with a fused optimizer (AdamW's default there), a NaN/inf update is "
+                        "dropped on the device and each step's loss is read one step later, so the host never waits "
+                        "for the GPU; a dropped update then still counts as a step. off: one read at each step's end, "
+                        "and a dropped step does not count. on: also on the CPU (with --optimizer_args fused=True)")
     g.add_argument("--unet_cuda_graph", action="store_true",
                    help="replay the UNet's training forward and backward as CUDA graphs, one pair per bucket shape and "
                         "batch size: far fewer kernel launches, an SDXL step 6.8x faster on an H200 (CUDA only; no LoRA "

@@ -204,7 +204,9 @@ def test_sync_check_counts_the_debug_mode_warnings_per_place(monkeypatch, capsys
     monkeypatch.undo()
     assert sync_check.main(["--configs", "tiny-sd1", "--settings", "plain,apt-fast", "--steps", "1", "--warmup", "1"]) == 0
     out = capsys.readouterr().out
-    assert "| tiny-sd1 | plain | n/a | no CUDA: nothing to count |" in out and "| tiny-sd1 | apt-fast | n/a | needs CUDA |" in out
+    assert "| tiny-sd1 | plain | n/a | 0 | no CUDA: nothing to count |" in out
+    assert "| tiny-sd1 | apt-fast | n/a | 0 | needs CUDA |" in out
+    assert [sync_check.expected_syncs(s) for s in ("plain", "apt", "apt-fast", "apt-read-each-step")] == [0, 0, 0, 1]
 
 
 def test_compile_time_rows_and_a_failed_worker():

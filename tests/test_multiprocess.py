@@ -153,3 +153,20 @@ def test_a_failing_rank_stops_the_others_with_its_error(setup):
     assert run["proc"].returncode != 0
     assert "injected failure on rank 1" in run["proc"].stdout + run["proc"].stderr
     assert run["seconds"] < 120, f"took {run['seconds']:.0f} s"
+
+
+@pytest.mark.parametrize("defer", ["off", "on"])
+def test_a_nan_on_one_rank_drops_the_update_on_both(setup, defer):
+    """Rank 1's second loss is NaN: both ranks drop that update (read at once: `any_rank`; with --defer_step_read
+    on the device: `every_rank`), say so, and end bit-identical and finite. Read at once the dropped step does not
+    count (each rank trains on 4 batches); deferred it does (3)."""
+    run = _launch(setup, f"nan-{defer}", "--seed", "1", "--defer_step_read", defer, "--optimizer_args", "fused=True",
+                  env_extra={"APT_TEST_NAN_RANK": "1"})
+    assert run["proc"].returncode == 0, _log(run)
+    out = run["proc"].stdout + run["proc"].stderr
+    # rank 1 names its loss; rank 0 its gradients (the all-reduce brought rank 1's NaN into them)
+    assert "non-finite loss (images: " in out and out.count("non-finite") == 2, _log(run)
+    a, b = _load_ranks(run)
+    assert all(torch.equal(a[k], b[k]) and torch.isfinite(a[k]).all() for k in a)
+    keys = [json.loads((run["ranks"] / f"rank{r}_keys.json").read_text()) for r in (0, 1)]
+    assert len(keys[0]) == len(keys[1]) == (STEPS + 1 if defer == "off" else STEPS)

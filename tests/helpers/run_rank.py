@@ -56,6 +56,7 @@ def main(argv=None) -> int:
     training_step = train_apt_lora.training_step
 
     fail_rank = os.environ.get("APT_TEST_FAIL_RANK")
+    nan_rank = os.environ.get("APT_TEST_NAN_RANK")
 
     def record_and_step(args, ctx, batch):  # which images this rank's micro-batches held (and its APT state)
         seen.append(list(batch["image_keys"]))
@@ -63,7 +64,10 @@ def main(argv=None) -> int:
             raise RuntimeError(f"injected failure on rank {rank}")
         if ctx.apt is not None and not apt_holder:
             apt_holder.append(ctx.apt)
-        return training_step(args, ctx, batch)
+        loss, logs = training_step(args, ctx, batch)
+        if nan_rank is not None and int(nan_rank) == rank and len(seen) == 2:  # tests: a NaN loss on one rank only
+            loss = loss * float("nan")
+        return loss, logs
 
     train_apt_lora.training_step = record_and_step
     train_apt_lora.quiet_libraries()

@@ -1,0 +1,194 @@
+"""--defer_step_read (issue 6): a NaN/inf update dropped on the device, each step read back one step later.
+
+The window's end then reads nothing: the fused optimizer skips the update itself (`found_inf`), and what the
+trainer shows (loss, logs, the NaN warning) is read from a copy one step later. The updates must be exactly those
+of the path that reads at once, and only the step count differs: a dropped update still counts as a step.
+"""
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import train_apt_lora
+from library.optimizers import defer_step_read
+from library.train_util import TrainingSetupError
+
+
+def _ctx(defer):
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    ctx = SimpleNamespace(accelerator=Accelerator(cpu=True), network=net, window_losses=[], window_keys=[],
+                          keep_grads=False, defer_read=defer)
+    opt = ctx.accelerator.prepare(torch.optim.AdamW(net.parameters(), lr=0.1, fused=True))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return ctx, net, opt, sched
+
+
+X = torch.tensor([[1.0, 2.0, 3.0]])
+
+
+def _step(kind):
+    """A step function: "good", "nan_loss" (loss and gradients NaN), "inf_grad" (finite loss, NaN gradients)."""
+
+    def step(args, ctx, batch):
+        net = ctx.network
+        loss = (net(X) ** 2).mean()
+        if kind == "nan_loss":
+            loss = loss * float("nan")
+        elif kind == "inf_grad":
+            loss = loss + (net.weight.sum() - net.weight.sum().detach()).abs().sqrt()  # 0, gradient 0 * inf
+        return loss, {"double": loss * 2}
+
+    return step
+
+
+KINDS = ["good", "nan_loss", "good", "inf_grad", "good"]
+
+
+def _run(defer):
+    ctx, net, opt, sched = _ctx(defer)
+    results = [train_apt_lora.micro_batch(SimpleNamespace(max_grad_norm=1.0), ctx, {"image_keys": [f"img{i}"]}, opt,
+                                          sched, list(net.parameters()), _step(kind), read=("double",))
+               for i, kind in enumerate(KINDS)]
+    return results, net, opt.optimizer, sched
+
+
+def test_deferred_updates_equal_the_read_at_once_path_and_a_dropped_one_counts():
+    eager, net_e, opt_e, sched_e = _run(False)
+    deferred, net_d, opt_d, sched_d = _run(True)
+    assert [r.status for r in eager] == ["stepped", "skipped", "stepped", "skipped", "stepped"]
+    assert [r.status for r in deferred] == ["queued"] * 5 and all(r.values is None for r in deferred)
+    assert [r.read.skipped for r in deferred] == [False, True, False, True, False]
+    assert torch.equal(net_e.weight, net_d.weight) and torch.equal(net_e.bias, net_d.bias)
+    assert not torch.equal(net_d.weight, _ctx(False)[1].weight)  # and it did train
+    for p_e, p_d in zip(net_e.parameters(), net_d.parameters()):
+        s_e, s_d = opt_e.state[p_e], opt_d.state[p_d]
+        assert float(s_e["step"]) == float(s_d["step"]) == 3  # the two dropped updates left no trace
+        assert torch.equal(s_e["exp_avg"], s_d["exp_avg"]) and torch.equal(s_e["exp_avg_sq"], s_d["exp_avg_sq"])
+    assert sched_e.last_epoch == 3 and sched_d.last_epoch == 5
+    for e, d in zip(eager, deferred):
+        if not d.read.skipped:
+            assert d.read.values == e.values and d.read.values["double"] == pytest.approx(2 * d.read.values["loss"])
+    assert deferred[1].read.warning() == "non-finite loss (images: img1): the step's update was dropped"
+    assert deferred[3].read.warning().startswith("non-finite gradients (images: img3)")
+
+
+def test_the_deferred_window_end_reads_nothing(monkeypatch):
+    ctx, net, opt, sched = _ctx(True)
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name, _r=real: (reads.append(_n), _r(self, *a))[1])
+    res = train_apt_lora.micro_batch(SimpleNamespace(max_grad_norm=1.0), ctx, {"image_keys": ["a"]}, opt, sched,
+                                     list(net.parameters()), _step("good"), read=("double",))
+    assert reads == [] and res.status == "queued"
+    loss = res.read.values["loss"]
+    assert reads == ["tolist"]  # one copy, read when asked
+    monkeypatch.undo()
+    with torch.no_grad():
+        assert res.read.values["loss"] == loss == pytest.approx(float((_ctx(False)[1](X) ** 2).mean()))
+
+
+def test_which_runs_defer():
+    fused = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], fused=True)
+    foreach = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))])
+    args = lambda mode, mp="no": SimpleNamespace(defer_step_read=mode, mixed_precision=mp)  # noqa: E731
+    wrapped = SimpleNamespace(optimizer=fused)  # as accelerate's AcceleratedOptimizer
+    assert defer_step_read(args("auto"), fused, "cuda") and defer_step_read(args("auto"), wrapped, "cuda")
+    assert not defer_step_read(args("auto"), fused, "cpu")  # nothing to wait for on a CPU
+    assert defer_step_read(args("on"), fused, "cpu") and not defer_step_read(args("off"), fused, "cuda")
+    assert not defer_step_read(args("auto"), foreach, "cuda") and not defer_step_read(args("auto", "fp16"), fused, "cuda")
+    with pytest.raises(TrainingSetupError, match=r"--defer_step_read on: AdamW cannot skip .*fused=True"):
+        defer_step_read(args("on"), foreach, "cpu")
+    with pytest.raises(TrainingSetupError, match=r"--defer_step_read on: fp16's GradScaler .*bf16"):
+        defer_step_read(args("on", "fp16"), fused, "cuda")
+
+
+def _tb_scalars(log_root):
+    """The scalars the trainer logged: tag -> [(step, value)] (accelerate's tracker folder; its hparams sit below)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run,) = log_root.glob("*/network_train")
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def tiny_sd1(tmp_path_factory):
+    import numpy as np
+    from PIL import Image
+
+    from library.tiny_models import write_tiny_model
+
+    root = tmp_path_factory.mktemp("defer")
+    write_tiny_model("sd1", str(root / "model"))
+    (root / "imgs").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "imgs" / f"{i}.png")
+    (root / "ds.toml").write_text(f'[[datasets]]\nresolution = 64\nbatch_size = 1\n  [[datasets.subsets]]\n'
+                                  f'  image_dir = "{(root / "imgs").as_posix()}"\n  class_tokens = "sks dog"\n')
+    return root
+
+
+def _train(root, out, *extra):
+    return train_apt_lora.main(["--pretrained_model_name_or_path", str(root / "model"), "--dataset_config",
+                                str(root / "ds.toml"), "--output_dir", str(out), "--output_name", "lora",
+                                "--network_dim", "4", "--max_train_steps", "3", "--learning_rate", "1e-2", "--seed", "1",
+                                "--optimizer_args", "fused=True", *extra])
+
+
+def test_trainer_logs_each_step_under_its_own_number_and_trains_the_same(tiny_sd1, tmp_path):
+    """APT with --log_with tensorboard: read one step later, every step is logged under its own number with the
+    same loss, γ, per-bin indicator logs and lr as when read at once, and the LoRA is the same bit for bit."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for mode in ("off", "on"):
+        out = tmp_path / mode
+        assert _train(tiny_sd1, out, "--apt", "--log_with", "tensorboard", "--logging_dir", str(out / "logs"),
+                      "--defer_step_read", mode, "--lr_scheduler", "linear") == 0
+        runs[mode] = (_tb_scalars(out / "logs"), load_file(str(out / "lora.safetensors")))
+    (logs_off, lora_off), (logs_on, lora_on) = runs["off"], runs["on"]
+    assert logs_on == logs_off
+    assert [s for s, _ in logs_on["loss/current"]] == [1, 2, 3]
+    assert any(k.startswith("apt/gamma_bin") for k in logs_on) and "apt/gamma_seen_mean" in logs_on
+    assert any(k.startswith("lr/") for k in logs_on)
+    assert lora_on.keys() == lora_off.keys() and all(torch.equal(lora_on[k], lora_off[k]) for k in lora_on)
+
+
+def test_trainer_warns_a_step_late_counts_the_dropped_step_and_stops(tiny_sd1, tmp_path, monkeypatch, caplog, capsys):
+    from safetensors import safe_open
+
+    real_step = train_apt_lora.plain_step
+    calls = {"n": 0}
+
+    def flaky(args, ctx, batch):
+        calls["n"] += 1
+        loss, logs = real_step(args, ctx, batch)
+        return (loss * float("nan") if calls["n"] == 2 else loss), logs
+
+    monkeypatch.setattr(train_apt_lora, "plain_step", flaky)
+    with caplog.at_level(logging.WARNING, logger="apt_lora"):
+        assert _train(tiny_sd1, tmp_path / "out", "--defer_step_read", "on") == 0
+    assert calls["n"] == 3  # the dropped update counted as one of the 3 steps
+    warned = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("non-finite loss (images: ") and ".png" in warned[0]
+    with safe_open(str(tmp_path / "out" / "lora.safetensors"), "pt") as f:
+        assert f.metadata()["ss_steps"] == "3" and all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
+
+    monkeypatch.setattr(train_apt_lora, "plain_step", lambda a, c, b: (real_step(a, c, b)[0] * float("nan"), {}))
+    rc = _train(tiny_sd1, tmp_path / "out2", "--defer_step_read", "on", "--max_bad_steps", "2", "--max_train_steps", "9")
+    err = capsys.readouterr().err
+    assert rc == 2 and "--max_bad_steps 2" in err and "learning rate" in err
+
+
+def test_on_with_an_optimizer_that_cannot_skip_is_refused(tiny_sd1, tmp_path, capsys):
+    rc = train_apt_lora.main(["--pretrained_model_name_or_path", str(tiny_sd1 / "model"), "--dataset_config",
+                              str(tiny_sd1 / "ds.toml"), "--output_dir", str(tmp_path / "o"), "--defer_step_read", "on"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--defer_step_read on: AdamW cannot skip an update on the device" in err and "fused=True" in err
