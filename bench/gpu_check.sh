@@ -25,12 +25,14 @@
 #   3a. The trainer on the device (SKIP_SMOKE=1 skips it): the bundled toy model, --apt --cuda_graphs auto, 30 steps
 #      in bf16, from cached latents and from images (2 loader workers); logs smoke_*.log in $LOGS.
 #   3b. Host-device syncs per optimizer step: `python -m bench.sync_check --configs $CONFIGS > $OUT/sync_check-gpu.md`
-#      (CUDA's sync debug mode; expected 1 per step). SKIP_SYNC_CHECK=1 skips it.
+#      (CUDA's sync debug mode; expected 0 per step, 1 with --defer_step_read off). SKIP_SYNC_CHECK=1 skips it.
 #   3c. Only with RUN_COMPILE=1: `bench.inductor_grad_check --device cuda` (the input gradient that CPU inductor
 #      gets wrong; seconds) into $OUT/inductor_grad_check-gpu.md; --torch_compile's blocks (inductor) against eager
 #      APT steps (`bench.prior_graph_check --variants compiled` on $COMPILE_CONFIGS, default sd15) and its warm-up,
 #      graphs and step time against eager (`bench.compile_time --real --archs $COMPILE_ARCHS`, default sd1), into
 #      $OUT/compile_check-gpu.md and $OUT/compile_time-gpu.md. Not timed on a GPU yet: budget several minutes.
+#   3d. Only with RUN_OVERLAP=1: `python -m bench.stream_overlap --configs $CONFIGS > $OUT/stream_overlap-gpu.md`:
+#      how much of an extra prior pass hides behind the fast APT step on a second CUDA stream (about 2 minutes).
 #   4. Runs `python -m bench.step_time --configs sd15,sdxl --out $OUT/step_time-gpu.md`, each config and
 #      gradient-checkpointing setting in its own process with a timeout (STEP_TIMEOUT seconds, default 240).
 #      SKIP_STEP_TIME=1 skips it.
@@ -52,7 +54,7 @@
 # Environment: OUT (output folder), STEPS (timed steps, default 10), WARMUP (default 3), STEP_TIMEOUT,
 # CONFIGS (default sd15,sdxl), BATCH_SIZES (apt_overhead's, default 1,4), APT_GRAD_CKPT (apt_overhead's gradient
 # checkpointing settings, default off: the setting the issue's targets and reference figures are for; off,on for
-# both), APT_EXTRA (default empty), APT_UNET_ONLY (default 0), GRAPH_VARIANTS (prior_graph_check's, default eager,prior,unet,both), SKIP_STEP_TIME, SKIP_APT, SKIP_GRAPH_CHECK, SKIP_SMOKE, SKIP_SYNC_CHECK, RUN_COMPILE, COMPILE_CONFIGS, COMPILE_ARCHS, PYTHON (default python3, else python).
+# both), APT_EXTRA (default empty), APT_UNET_ONLY (default 0), GRAPH_VARIANTS (prior_graph_check's, default eager,prior,unet,both), SKIP_STEP_TIME, SKIP_APT, SKIP_GRAPH_CHECK, SKIP_SMOKE, SKIP_SYNC_CHECK, RUN_OVERLAP, RUN_COMPILE, COMPILE_CONFIGS, COMPILE_ARCHS, PYTHON (default python3, else python).
 # Exit code: 0 when every config produced a row, 1 when one failed or timed out (the table still says which).
 set -uo pipefail
 
@@ -191,6 +193,18 @@ if [ "${SKIP_SYNC_CHECK:-0}" = 0 ]; then
   sync_status=$?
   cat "$SYNC_RESULT"
   [ "$sync_status" != 0 ] && status=$sync_status
+fi
+# 3d. only with RUN_OVERLAP=1: how much of a prior pass hides behind a fast APT step on a second stream (the
+#     question before pipelining the prior pass; bench/stream_overlap.py)
+if [ "${RUN_OVERLAP:-0}" = 1 ]; then
+  OVERLAP_CONFIGS=$([ "$DRY_RUN" = 1 ] && echo tiny-sd1 || echo "$CONFIGS")
+  OVERLAP_RESULT="$OUT/stream_overlap-$([ "$DRY_RUN" = 1 ] && echo dryrun || echo gpu).md"
+  echo "python -m bench.stream_overlap --configs $OVERLAP_CONFIGS > $OVERLAP_RESULT"
+  timeout "$STEP_TIMEOUT" "$PYTHON" -m bench.stream_overlap --configs "$OVERLAP_CONFIGS" > "$OVERLAP_RESULT" \
+    2> >(tee "$LOGS/stream_overlap.log" >&2)
+  overlap_status=$?
+  cat "$OVERLAP_RESULT"
+  [ "$overlap_status" != 0 ] && status=$overlap_status
 fi
 # 3c. --torch_compile (opt-in: inductor's first compile of a full-size UNet takes minutes): the compiled blocks
 #     against eager APT steps over two bucket shapes, then graphs, warm-up and step time against eager

@@ -165,7 +165,7 @@ def test_gpu_check_dry_run_runs_the_graph_check_first(tmp_path):
     here; test_apt_overhead_* covers them)."""
     import subprocess
 
-    env = dict(os.environ, OUT=str(tmp_path), SKIP_STEP_TIME="1", SKIP_APT="1", SKIP_SYNC_CHECK="1")
+    env = dict(os.environ, OUT=str(tmp_path), SKIP_STEP_TIME="1", SKIP_APT="1", SKIP_SYNC_CHECK="1", RUN_OVERLAP="1")
     r = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], capture_output=True, text=True, env=env,
                        timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -174,6 +174,7 @@ def test_gpu_check_dry_run_runs_the_graph_check_first(tmp_path):
     assert len(rows) == 8 and all(ln.rstrip().endswith("✓ |") for ln in rows), table
     assert {"none (eager again: the noise floor)", "prior pass", "UNet fwd+bwd",
             "prior pass + UNet fwd+bwd"} == {ln.split("|")[2].strip() for ln in rows}
+    assert "| tiny-sd1 |" in (tmp_path / "stream_overlap-dryrun.md").read_text()  # RUN_OVERLAP=1
 
 
 def test_sync_check_counts_the_debug_mode_warnings_per_place(monkeypatch, capsys):
@@ -240,3 +241,26 @@ def test_inductor_grad_check_measures_a_wrong_input_gradient():
     assert minimal_case_error(ten_percent_off) == pytest.approx(0.1, rel=1e-3)  # d(1.1·Σ h²)/dx = 1.1·g
     assert input_gradient_error("eager") < 1e-6
     assert input_gradient_error("eager", contiguous=True, lora=False) < 1e-6
+
+
+def test_stream_overlap_times_the_real_prior_pass(capsys):
+    """bench/stream_overlap.py: its extra prior pass is the APT step's own (the prediction of `APT.prior_pass` on
+    the same inputs, with the capture), `measure` alternates the three kinds, and the CPU table row says there is
+    nothing to hide without CUDA."""
+    from bench import stream_overlap
+
+    model = build_bench_model("sd1", real=False, device="cpu", dtype=torch.float32)
+    args = make_bench_args(rank=4, extra=["--network_train_unet_only", "--cache_text_encoder_outputs", "--apt"])
+    bench = build_step_fn(model, args, device="cpu", batch=make_batch(model, batch_size=1, resolution=64))
+    bench.step_fn()
+    prior, inputs = stream_overlap.extra_prior(bench)
+    pred, *captured = prior()
+    with torch.no_grad(), bench.network.multiplier_override(0.0):
+        want, rec = bench.ctx.apt.prior_pass(bench.ctx, *inputs)
+    assert torch.equal(pred, want) and rec is not None and len(captured) == len(rec.flat())
+    calls = []
+    t = stream_overlap.measure(lambda: calls.append("s"), lambda: calls.append("p"), cuda=False, n_steps=2, rounds=2)
+    assert "".join(calls) == "ss" "pp" "psps" * 2 and set(t) == {"step", "prior", "concurrent"}  # per round: 2 of each
+    assert stream_overlap.main(["--configs", "tiny-sd1", "--steps", "1", "--rounds", "1", "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\| tiny-sd1 \| [\d.]+ ms \| [\d.]+ ms \| [\d.]+ ms \| n/a \(no CUDA\) \| n/a \|", out), out
