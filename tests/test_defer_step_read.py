@@ -142,16 +142,19 @@ def _train(root, out, *extra):
                                 "--optimizer_args", "fused=True", *extra])
 
 
-def test_trainer_logs_each_step_under_its_own_number_and_trains_the_same(tiny_sd1, tmp_path):
+@pytest.mark.parametrize("accumulation", ["1", "2"])
+def test_trainer_logs_each_step_under_its_own_number_and_trains_the_same(tiny_sd1, tmp_path, accumulation):
     """APT with --log_with tensorboard: read one step later, every step is logged under its own number with the
-    same loss, γ, per-bin indicator logs and lr as when read at once, and the LoRA is the same bit for bit."""
+    same loss, γ, per-bin indicator logs and lr as when read at once, and the LoRA is the same bit for bit (also
+    when a step accumulates two micro-batches)."""
     from safetensors.torch import load_file
 
     runs = {}
     for mode in ("off", "on"):
         out = tmp_path / mode
         assert _train(tiny_sd1, out, "--apt", "--log_with", "tensorboard", "--logging_dir", str(out / "logs"),
-                      "--defer_step_read", mode, "--lr_scheduler", "linear") == 0
+                      "--defer_step_read", mode, "--lr_scheduler", "linear",
+                      "--gradient_accumulation_steps", accumulation) == 0
         runs[mode] = (_tb_scalars(out / "logs"), load_file(str(out / "lora.safetensors")))
     (logs_off, lora_off), (logs_on, lora_on) = runs["off"], runs["on"]
     assert logs_on == logs_off
