@@ -164,18 +164,10 @@ def test_trainer_logs_each_step_under_its_own_number_and_trains_the_same(tiny_sd
     assert lora_on.keys() == lora_off.keys() and all(torch.equal(lora_on[k], lora_off[k]) for k in lora_on)
 
 
-def test_trainer_warns_a_step_late_counts_the_dropped_step_and_stops(tiny_sd1, tmp_path, monkeypatch, caplog, capsys):
+def test_trainer_warns_a_step_late_counts_the_dropped_step_and_stops(tiny_sd1, tmp_path, nan_steps, caplog, capsys):
     from safetensors import safe_open
 
-    real_step = train_apt_lora.plain_step
-    calls = {"n": 0}
-
-    def flaky(args, ctx, batch):
-        calls["n"] += 1
-        loss, logs = real_step(args, ctx, batch)
-        return (loss * float("nan") if calls["n"] == 2 else loss), logs
-
-    monkeypatch.setattr(train_apt_lora, "plain_step", flaky)
+    calls = nan_steps(lambda n: n == 2)
     with caplog.at_level(logging.WARNING, logger="apt_lora"):
         assert _train(tiny_sd1, tmp_path / "out", "--defer_step_read", "on") == 0
     assert calls["n"] == 3  # the dropped update counted as one of the 3 steps
@@ -184,7 +176,7 @@ def test_trainer_warns_a_step_late_counts_the_dropped_step_and_stops(tiny_sd1, t
     with safe_open(str(tmp_path / "out" / "lora.safetensors"), "pt") as f:
         assert f.metadata()["ss_steps"] == "3" and all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
 
-    monkeypatch.setattr(train_apt_lora, "plain_step", lambda a, c, b: (real_step(a, c, b)[0] * float("nan"), {}))
+    nan_steps(lambda n: True)
     rc = _train(tiny_sd1, tmp_path / "out2", "--defer_step_read", "on", "--max_bad_steps", "2", "--max_train_steps", "9")
     err = capsys.readouterr().err
     assert rc == 2 and "--max_bad_steps 2" in err and "learning rate" in err

@@ -196,24 +196,15 @@ def test_gradient_accumulation_and_text_encoder_cache(tiny, images, tmp_path):
         assert f.metadata()["ss_steps"] == "3"
 
 
-def test_nan_steps_are_skipped_then_the_run_stops_with_the_likely_cause(tiny, images, tmp_path, capsys, monkeypatch):
+def test_nan_steps_are_skipped_then_the_run_stops_with_the_likely_cause(tiny, images, tmp_path, capsys, nan_steps):
     """A NaN loss skips the step (no weight update); after --max_bad_steps the run stops and names the causes."""
-    real_step = train_apt_lora.plain_step
-    calls = {"n": 0}
-
-    def flaky(args, ctx, batch):
-        calls["n"] += 1
-        loss, logs = real_step(args, ctx, batch)
-        return (loss * float("nan") if calls["n"] % 2 == 0 else loss), logs
-
-    monkeypatch.setattr(train_apt_lora, "plain_step", flaky)
+    nan_steps(lambda n: n % 2 == 0)
     out = tmp_path / "out"
     assert _train(tiny["sd1"], _dataset(tmp_path, images), out, "--max_bad_steps", "3") == 0  # 3 good steps, 2 bad
     with safe_open(str(out / "lora.safetensors"), "pt") as f:
         assert f.metadata()["ss_steps"] == "3"
         assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
-    calls["n"] = 0
-    monkeypatch.setattr(train_apt_lora, "plain_step", lambda a, c, b: (real_step(a, c, b)[0] * float("nan"), {}))
+    nan_steps(lambda n: True)
     rc = _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "out2", "--max_bad_steps", "2")
     err = capsys.readouterr().err
     assert rc == 2 and "--no_half_vae" in err and "learning rate" in err and "--max_bad_steps 2" in err
