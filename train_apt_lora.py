@@ -174,6 +174,34 @@ def micro_batch(args, ctx, batch, optimizer, lr_scheduler, trainable, step_fn=No
     return MicroBatch(loss, logs, status, window)
 
 
+class LookAhead:
+    """Iterates `iterable`; `peek()` fetches the next item early (once), or None at the end: the loop's look-ahead
+    for --apt_prior_ahead. It fetches only when asked, inside the step: accelerate's loader flags the end of its
+    epoch as it hands out the last batch, and that flag closes the accumulation window of the next micro-batch to
+    start, so it must not come a batch early."""
+
+    _EMPTY, _END = object(), object()
+
+    def __init__(self, iterable):
+        self._it, self._next = iter(iterable), self._EMPTY
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item, self._next = self._next, self._EMPTY
+        if item is self._EMPTY:
+            return next(self._it)
+        if item is self._END:
+            raise StopIteration
+        return item
+
+    def peek(self):
+        if self._next is self._EMPTY:
+            self._next = next(self._it, self._END)
+        return None if self._next is self._END else self._next
+
+
 class Interrupted(Exception):
     """Training stopped by SIGINT/SIGTERM after saving; carries the exit code (128 + signal)."""
 
@@ -193,6 +221,7 @@ class TrainContext:
         self.te_graph = None  # the same for the text encoders (--text_encoder_cuda_graph)
         self.keep_grads = False  # zero the gradients instead of freeing them (see _graphed)
         self.defer_read = False  # --defer_step_read: skip bad updates on the device, read each step a step later
+        self.next_batch = None  # --apt_prior_ahead: gives the loop's next batch (None at its epoch's end)
         self._unet_fn = self._text_fn = None  # the passes' functions (`unet_fn`, `text_fn`), eager or recorded
         self._base_text = {}  # caption -> its encoding by the base text encoders (`encode_base_text`)
 
@@ -367,6 +396,12 @@ def verify_args(args):
                                      torch_compile=args.torch_compile)
             if reasons:
                 raise TrainingSetupError(blocker_message(flag, reasons[0]))
+    if args.apt_prior_ahead:
+        from apt_ext.step import apt_enabled
+
+        if not apt_enabled(args):
+            raise TrainingSetupError("--apt_prior_ahead runs APT's prior pass a step ahead: it needs --apt (or "
+                                     "--loss_type dco)")
     if args.torch_compile:
         import torch
 
@@ -600,6 +635,8 @@ def train(args):
         network.save_weights(path, save_dtype, md, overwrite=args.overwrite)
         accelerator.print(f"saved {path}")
         if args.save_state or with_state:
+            if apt is not None and apt.ahead is not None:
+                apt.ahead.rewind()  # the generators as if the next step had not been prepared yet
             state_dir = os.path.join(args.output_dir, os.path.splitext(name)[0] + "-state")
             save_state(state_dir, network=network, optimizer=optimizer, lr_scheduler=lr_scheduler, step=step,
                        epoch=epoch, batches_done=batches_done, seed=args.seed,
@@ -675,8 +712,10 @@ def train(args):
             loader.set_epoch(epoch)  # the batch order of an epoch depends on (seed, epoch) only: resumable
             batches = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
             batches_done, skip_batches = skip_batches, 0
+            batches = LookAhead(batches) if args.apt_prior_ahead else batches
             for batch in batches:
                 batches_done += 1
+                ctx.next_batch = batches.peek if args.apt_prior_ahead else None  # its prior pass: during this step
                 res = micro_batch(args, ctx, batch, optimizer, lr_scheduler, trainable, read=read)
                 if res.status == "accumulating":
                     continue

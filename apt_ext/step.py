@@ -10,6 +10,7 @@ The same machinery gives the DCO baseline (`--loss_type dco`), which needs the p
 from __future__ import annotations
 
 import json
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -96,6 +97,11 @@ class APT:
         self.static_prior = None  # a StaticPass once enable_static_prior() ran (--apt_cuda_graph)
         self._prior_fn = None  # the prior pass's function (`prior_fn`), eager or wrapped by static_prior
         self._pi_rows: dict[tuple, torch.Tensor] = {}  # memo of alignment()
+        self.ahead = None  # --apt_prior_ahead: the next step's prior pass, queued before this step's backward
+        if getattr(args, "apt_prior_ahead", False):
+            from apt_ext.prior_ahead import PriorAhead
+
+            self.ahead = PriorAhead(device)
         if getattr(args, "apt_cuda_graph", False):  # the trainer refuses it without CUDA; benches dry-run it eagerly
             kind = torch.device(device).type
             self.enable_static_prior(model, args.mixed_precision, kind, "cuda" if kind == "cuda" else "eager")
@@ -230,14 +236,30 @@ class APT:
         return md
 
 
-def apt_step(args, ctx, batch, apt: APT):
-    """One micro-batch with APT (or DCO). Returns (loss, logs); the indicator is updated in place."""
-    from library.losses import get_huber_c, per_sample_loss, post_process_loss
+class StepInputs(NamedTuple):
+    """A step's inputs and its prior pass: everything before the fine-tuned pass (`prepare_step`)."""
+
+    batch: dict  # on the device (images augmented in pixel space)
+    is_reg: torch.Tensor
+    timesteps: torch.Tensor
+    gamma: torch.Tensor  # γ of t's bin, from the indicator state before this step
+    p_aug: torch.Tensor
+    aug_mask: torch.Tensor
+    noisy: torch.Tensor
+    target: torch.Tensor
+    time_ids: Optional[torch.Tensor]
+    prior_captions: list
+    pred_prior: torch.Tensor
+    rec_prior: object  # CaptureRecord or None
+
+
+def prepare_step(args, ctx, batch, apt: APT) -> StepInputs:
+    """t, γ, the augmentation, ε and x_t, then the prior pass. Every draw of the step happens here, in this order,
+    so that running it a step ahead (--apt_prior_ahead, apt_ext/prior_ahead.py) draws the same numbers."""
     from library.noise import add_noise, get_target, sample_noise, sample_timesteps
     from library.conditioning import sdxl_time_ids
 
-    model, accelerator = ctx.model, ctx.accelerator
-    device, weight_dtype = accelerator.device, ctx.weight_dtype
+    model, device, weight_dtype = ctx.model, ctx.accelerator.device, ctx.weight_dtype
     comps = apt.components
     bsz = len(batch["captions"])
     batch = ctx.batch_to_device(batch)  # once, without a stream sync (TrainContext.to_device)
@@ -266,13 +288,28 @@ def apt_step(args, ctx, batch, apt: APT):
     if model.is_sdxl:  # size conditioning is left unchanged by the augmentation (§2.2)
         time_ids = sdxl_time_ids(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]).to(device, weight_dtype)
 
-    captions = batch["captions"]
-    prior_captions = class_prompts(captions, batch["class_tokens"], batch["prior_class_tokens"])
-
+    prior_captions = class_prompts(batch["captions"], batch["class_tokens"], batch["prior_class_tokens"])
     # prior pass: the base model (LoRA multiplier 0 on UNet and text encoders), class prompt c, no grad
     with torch.no_grad(), ctx.network.multiplier_override(0.0):
         cond_prior = ctx.encode_base_text(prior_captions)  # memoised per caption: the base encoders never change
         pred_prior, rec_prior = apt.prior_pass(ctx, noisy, timesteps, cond_prior, time_ids)
+    return StepInputs(batch, is_reg, timesteps, gamma, p_aug, aug_mask, noisy, target, time_ids, prior_captions,
+                      pred_prior, rec_prior)
+
+
+def apt_step(args, ctx, batch, apt: APT):
+    """One micro-batch with APT (or DCO). Returns (loss, logs); the indicator is updated in place.
+    With --apt_prior_ahead, `prepare_step` of the trainer's next batch (`ctx.next_batch()`) is queued at the end,
+    before this step's backward, and taken by the next step."""
+    from library.losses import get_huber_c, per_sample_loss, post_process_loss
+
+    model, accelerator = ctx.model, ctx.accelerator
+    device = accelerator.device
+    comps = apt.components
+    x = (apt.ahead.take(batch) if apt.ahead is not None else None) or prepare_step(args, ctx, batch, apt)
+    batch, is_reg, timesteps, gamma, p_aug, aug_mask = x.batch, x.is_reg, x.timesteps, x.gamma, x.p_aug, x.aug_mask
+    noisy, target, time_ids, pred_prior, rec_prior = x.noisy, x.target, x.time_ids, x.pred_prior, x.rec_prior
+    captions, prior_captions = batch["captions"], x.prior_captions
 
     # fine-tuned pass: LoRA on, prompt c*, with grad
     cond = ctx.encode_text(captions)
@@ -301,6 +338,9 @@ def apt_step(args, ctx, batch, apt: APT):
     loss = total_loss(loss_dm, weights, l_mu, l_sigma, l_attn, args.apt_lambda_dist, args.apt_lambda_attn)
 
     apt.indicator.sync_update(accelerator, timesteps, mse_prior.detach(), mse_ft.detach(), is_reg)
+    upcoming = ctx.next_batch() if apt.ahead is not None and getattr(ctx, "next_batch", None) else None
+    if upcoming is not None:  # after the indicator update: the next step's γ needs it
+        apt.ahead.start(upcoming, lambda: prepare_step(args, ctx, upcoming, apt))
 
     # 0-d device tensors: the trainer reads them only when it logs (no host sync inside the step)
     logs = {

@@ -218,6 +218,8 @@ def build_step_fn(model, args, device="cpu", batch: dict | None = None, step=Non
     ctx.defer_read = defer_step_read(args, optimizer, accelerator.device.type)  # as the trainer (--defer_step_read)
     pending = []
 
+    ctx.next_batch = (lambda: batch) if getattr(args, "apt_prior_ahead", False) else None  # the same batch again
+
     def step_fn() -> float | None:  # exactly the trainer's loop body
         res = train_apt_lora.micro_batch(args, ctx, batch, optimizer, lr_scheduler, trainable, step)
         if res.status == "queued":  # deferred: the previous step's loss (None at the first), as the trainer shows it

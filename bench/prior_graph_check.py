@@ -6,7 +6,8 @@
 Variants (`--variants`): `prior` — the prior pass on static buffers (`--apt_cuda_graph`,
 `apt_ext.prior_graph.StaticPass`); `unet` — the fine-tuned UNet forward and backward from graphs
 (`--unet_cuda_graph`, `library.unet_graph.GraphedPass`); `both`; `te` — the text encoders' forward and backward
-(`--text_encoder_cuda_graph`); `all` — the three; `compiled` — no graphs, the UNet's blocks compiled as
+(`--text_encoder_cuda_graph`); `all` — the three; `ahead` — `both` with the prior pass a step ahead on a second
+stream (`--apt_prior_ahead`, apt_ext/prior_ahead.py); `compiled` — no graphs, the UNet's blocks compiled as
 --torch_compile does (`--compile_backend`, tolerance 2e-4 in fp32: other kernels); `eager` — a second eager run, whose differences are
 the comparison's noise floor (bf16 kernels with atomic reductions differ run to run). For each config and variant,
 two runs from the same LoRA start (nonzero, so the fine-tuned pass differs from the prior) make `--steps` APT
@@ -45,11 +46,12 @@ def _batch(model, bsz: int, h: int, w: int, seed: int) -> dict:
 
 def run_steps(model, *, static: str | None, components: str = "ata,rs,aa", steps: int = 4, latent: int = 8,
               device: str = "cpu", mixed_precision: str = "no", rank: int = 4, unet_graph: str | None = None,
-              te_graph: str | None = None, lr: float = 1e-2):
+              te_graph: str | None = None, lr: float = 1e-2, ahead: bool = False):
     """`steps` APT optimizer steps on `model` (its LoRA starts from a fixed nonzero draw), cycling a batch of 2 at
     latent² and a batch of 1 at latent × 1.5·latent. `static`: None (eager prior pass) or a StaticPass backend;
     `unet_graph`: None (eager fine-tuned pass) or a GraphedPass backend; `te_graph` the same for the text encoders
-    (their LoRA trains here). `lr`: AdamW's; keep it small in bf16, where
+    (their LoRA trains here). `ahead`: --apt_prior_ahead (each step's inputs and prior pass prepared during the step
+    before, seeded there as the eager run seeds them). `lr`: AdamW's; keep it small in bf16, where
     AdamW turns a last-bit gradient difference into a whole step (a near-zero gradient's sign decides the update).
     Returns ([(loss, logs, gradient)] per step, the gradient being every LoRA gradient flattened (fp32, CPU) before
     the optimizer step, LoRA state dict, γ, number of recorded shapes (prior, else UNet))."""
@@ -59,7 +61,8 @@ def run_steps(model, *, static: str | None, components: str = "ata,rs,aa", steps
     from networks.lora import LoRANetwork
 
     args = make_bench_args(rank=rank, alpha=rank, mixed_precision=mixed_precision,
-                           extra=["--apt", "--apt_components", components, "--apt_gamma_temperature", "1000"])
+                           extra=["--apt", "--apt_components", components, "--apt_gamma_temperature", "1000",
+                                  *(["--apt_prior_ahead"] if ahead else [])])
     from library.train_util import weight_dtype as dtype_of
 
     weight_dtype = dtype_of(mixed_precision)
@@ -81,11 +84,21 @@ def run_steps(model, *, static: str | None, components: str = "ata,rs,aa", steps
     params = [p for p in network.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     shapes = [(2, latent, latent), (1, latent, latent + latent // 2)]
+    batches = [_batch(model, *shapes[step % 2], seed=step) for step in range(steps)]
+
+    def next_batch(step):  # --apt_prior_ahead: the next step's draws are made now, from the seed it would get
+        def upcoming():
+            if step + 1 >= steps:
+                return None
+            torch.manual_seed(100 + step + 1)
+            return batches[step + 1]
+        return upcoming
+
     out = []
     for step in range(steps):
-        bsz, h, w = shapes[step % 2]
         torch.manual_seed(100 + step)  # t, noise and augmentation draws: the same in both runs
-        loss, logs = train_apt_lora.training_step(args, ctx, _batch(model, bsz, h, w, seed=step))
+        ctx.next_batch = next_batch(step) if ahead else None
+        loss, logs = train_apt_lora.training_step(args, ctx, batches[step])
         loss.backward()
         grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten().cpu()
                           for p in params])
@@ -125,7 +138,7 @@ def main(argv=None) -> int:
                    "plus sd15,sdxl with CUDA)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--variants", default="prior,unet,both",
-                   help="prior, unet, both, te (text encoders), all, compiled (--torch_compile's UNet blocks instead of "
+                   help="prior, unet, both, te (text encoders), all, ahead (both + --apt_prior_ahead), compiled (--torch_compile's UNet blocks instead of "
                         "graphs), eager (a second eager run: the noise floor of the comparison), comma-separated")
     p.add_argument("--compile_backend", default=None,
                    help="torch.compile backend of the compiled variant (default: inductor with CUDA, else aot_eager)")
@@ -134,6 +147,7 @@ def main(argv=None) -> int:
     variants = {"eager": (), "prior": ("prior pass",), "unet": ("UNet fwd+bwd",),
                 "both": ("prior pass", "UNet fwd+bwd"), "te": ("text encoders fwd+bwd",),
                 "all": ("prior pass", "UNet fwd+bwd", "text encoders fwd+bwd"),
+                "ahead": ("prior pass", "UNet fwd+bwd", "prior pass a step ahead"),
                 "compiled": (f"torch.compile blocks ({compile_backend})",)}
     names = a.configs.split(",") if a.configs else [n for n, c in CONFIGS.items()
                                                       if c.device == "cpu" or torch.cuda.is_available()]
@@ -161,7 +175,8 @@ def main(argv=None) -> int:
                 return run_steps(model, static=backend if "prior pass" in graphs else None, steps=a.steps,
                                  latent=cfg.resolution // 8, device=cfg.device, mixed_precision=mp, lr=lr,
                                  unet_graph=backend if "UNet fwd+bwd" in graphs else None,
-                                 te_graph=backend if "text encoders fwd+bwd" in graphs else None)
+                                 te_graph=backend if "text encoders fwd+bwd" in graphs else None,
+                                 ahead="prior pass a step ahead" in graphs)
             finally:
                 del model
                 if cfg.device == "cuda":

@@ -16,7 +16,6 @@ import inspect
 import json
 import logging
 import os
-import random
 import re
 import secrets
 import time
@@ -27,6 +26,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 
 from library.conditioning import encode_prompts
+from library.rng import preserved_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -285,29 +285,6 @@ def make_sampler(name: str, v_parameterization: bool = False, *, clip_sample: bo
 
 # ----------------------------------------------------------------------------------------------------------
 # Generation
-
-
-@contextlib.contextmanager
-def preserved_rng_state():
-    """Save torch (CPU and, when initialised, CUDA), Python and NumPy RNG states; restore them on exit."""
-    cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    py = random.getstate()
-    try:
-        import numpy as np
-
-        np_state = np.random.get_state()
-    except ImportError:  # pragma: no cover
-        np, np_state = None, None
-    try:
-        yield
-    finally:
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-        random.setstate(py)
-        if np is not None:
-            np.random.set_state(np_state)
 
 
 @contextlib.contextmanager

@@ -235,6 +235,10 @@ def _apt_args(p: argparse.ArgumentParser) -> None:
                    help="replay the prior pass (base UNet, no grad) as a CUDA graph, one per bucket shape: fewer kernel "
                         "launches, same results (CUDA only; with --unet_cuda_graph an SDXL APT step 5.2x faster on an "
                         "H200; off by default until its equality check passes on a GPU, see docs/speed.md)")
+    g.add_argument("--apt_prior_ahead", action="store_true",
+                   help="queue the next step's inputs and prior pass before this step's backward, on a second CUDA "
+                        "stream, so that the GPU can run both at once; the same results bit for bit (on the CPU it "
+                        "only changes the order). Off by default until measured on a GPU (docs/speed.md)")
 
 
 def _state_args(p: argparse.ArgumentParser) -> None:

@@ -19,36 +19,18 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from library.rng import rng_state, set_rng_state
 
 STATE_VERSION = 1
 
 
 class StateError(Exception):
     """A user-facing error about a state folder (missing, incomplete, from another run)."""
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    np_state = np.random.get_state()
-    state["numpy"] = (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _fsync_tree(folder: str) -> None:
@@ -78,7 +60,7 @@ def save_state(folder: str, *, network, optimizer, lr_scheduler, step: int, epoc
               os.path.join(tmp, "network.safetensors"))
     torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
     torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "lr_scheduler.pt"))
-    torch.save(_rng_state(), os.path.join(tmp, "rng.pt"))
+    torch.save(rng_state(), os.path.join(tmp, "rng.pt"))
     if apt_state:
         save_file({k: v.contiguous() for k, v in apt_state.items()}, os.path.join(tmp, "apt.safetensors"))
     with open(os.path.join(tmp, "train_state.json"), "w", encoding="utf-8") as f:
@@ -121,5 +103,5 @@ def load_state(folder: str, *, network, optimizer, lr_scheduler, apt=None) -> di
         if not os.path.exists(apt_path):
             raise StateError(f"--resume {folder}: the state has no APT indicator (the run was not trained with APT)")
         apt.load_state_dict(load_file(apt_path))
-    _set_rng_state(torch.load(os.path.join(folder, "rng.pt"), weights_only=True))
+    set_rng_state(torch.load(os.path.join(folder, "rng.pt"), weights_only=True))
     return info

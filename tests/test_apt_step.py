@@ -178,8 +178,9 @@ def _run(world, out, *extra):
                                 "--network_alpha", "4", "--learning_rate", "3e-3", "--seed", "7", *apt, *extra])
 
 
-@pytest.mark.parametrize("mode", [("--apt",), ("--apt", "--cache_latents"), ("--no_apt", "--cache_latents")],
-                         ids=["apt-pixels", "apt-cached-latents", "plain-cached-latents"])
+@pytest.mark.parametrize("mode", [("--apt",), ("--apt", "--cache_latents"), ("--no_apt", "--cache_latents"),
+                                  ("--apt", "--apt_prior_ahead")],
+                         ids=["apt-pixels", "apt-cached-latents", "plain-cached-latents", "apt-prior-ahead"])
 def test_resume_is_exact(world, tmp_path, mode):
     """4 steps straight == 2 steps + --resume + 2 steps: bit-identical LoRA weights (and indicator state)."""
     straight, split = tmp_path / "straight", tmp_path / "split"
