@@ -4,7 +4,8 @@
     → prior pass (LoRA multiplier 0, class prompt c, no grad, captured) → fine-tuned pass (prompt c*,
     captured) → (1 − γ)-weighted denoising loss + λ_dist (L_μ + L_σ) + λ_attn L_attn → indicator update.
 
-`APT` holds the indicator, the augmenter, the capture hooks and the γ history; `apt_step` is the step.
+`APT` holds the indicator, the augmenter, the capture hooks and the γ history; `apt_step` is the step, and
+`prepare_step` its part up to the prior pass (which --apt_prior_ahead runs a step early).
 The same machinery gives the DCO baseline (`--loss_type dco`), which needs the prior pass but nothing else.
 """
 from __future__ import annotations
