@@ -79,7 +79,8 @@ def run(config: str, setting: str, n_warmup: int, n_steps: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", default="sd15,sdxl")
-    p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--settings", default="plain,apt,apt-fast",
+                   help=f"of {', '.join(SETTINGS)} (apt-read-each-step: --defer_step_read off, 1 sync expected)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=3)
     a = p.parse_args(argv)
