@@ -1,7 +1,8 @@
 """Ctrl-C and SIGTERM during training: finish the step, save, and say how to resume.
 
-The first SIGINT/SIGTERM only sets a flag; the training loop checks it after each optimizer step, saves
-the LoRA and the full training state, and exits. A second signal raises KeyboardInterrupt at once:
+The first SIGINT/SIGTERM only sets a flag; the training loop checks it after each optimizer step (with several
+processes, the next step's check: they agree without waiting for the device), saves the LoRA and the full
+training state, and exits. A second signal raises KeyboardInterrupt at once:
 every file is written to a temporary name and renamed, so stopping in the middle of a save leaves the
 previous complete files, never a truncated one.
 """
@@ -23,6 +24,7 @@ class GracefulInterrupt:
     def __init__(self):
         self.signum = None
         self._previous = {}
+        self._pending = None  # with several processes: the last call's or-ed flags, read at the next call
 
     def _handler(self, signum, frame):
         if self.signum is not None:
@@ -46,15 +48,23 @@ class GracefulInterrupt:
         return False
 
     def requested(self, accelerator=None) -> bool:
-        """True once a signal came, on every process as soon as one of them got it (ranks stop together)."""
-        from library.distributed import any_rank
-
+        """True once a signal came; with several processes, on all of them at the same step. There the flags are
+        or-ed by an all-reduce on the device and read at the next call, so that the check never waits for the step
+        (issue 6): every process stops one step after the signal, together."""
         flag = self.signum is not None
-        if accelerator is not None:
-            flag = any_rank(flag, accelerator)
-            if flag and self.signum is None:
-                self.signum = signal.SIGTERM
-        return flag
+        if accelerator is None or accelerator.num_processes <= 1:
+            return flag
+        import torch
+
+        from library.transfer import HostCopy, to_device
+
+        t = to_device(torch.tensor([1.0 if flag else 0.0]), accelerator.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        previous, self._pending = self._pending, HostCopy(t)
+        stop = previous is not None and previous.tolist()[0] > 0
+        if stop and self.signum is None:
+            self.signum = signal.SIGTERM
+        return stop
 
     @property
     def exit_code(self) -> int:

@@ -170,3 +170,17 @@ def test_a_nan_on_one_rank_drops_the_update_on_both(setup, defer):
     assert all(torch.equal(a[k], b[k]) and torch.isfinite(a[k]).all() for k in a)
     keys = [json.loads((run["ranks"] / f"rank{r}_keys.json").read_text()) for r in (0, 1)]
     assert len(keys[0]) == len(keys[1]) == (STEPS + 1 if defer == "off" else STEPS)
+
+
+def test_a_signal_on_one_rank_stops_both_at_the_same_step_with_one_state(setup):
+    """Ctrl-C reaches rank 1 alone (at its second step): both ranks stop after the same step, the main process
+    saves the LoRA and the state for --resume once, and the run exits with the signal's code."""
+    run = _launch(setup, "signal", "--seed", "1", "--max_train_steps", "8", env_extra={"APT_TEST_SIGNAL_RANK": "1"})
+    assert run["proc"].returncode != 0, _log(run)
+    keys = [json.loads((run["ranks"] / f"rank{r}_keys.json").read_text()) for r in (0, 1)]
+    assert len(keys[0]) == len(keys[1]) and 2 <= len(keys[0]) < 8, (keys, _log(run))
+    states = [d for d in os.listdir(run["out"]) if d.endswith("-state")]
+    assert len(states) == 1, _log(run)
+    info = json.loads((run["out"] / states[0] / "train_state.json").read_text())
+    assert info["step"] == len(keys[0]), (info, _log(run))
+    assert "--resume" in run["proc"].stdout + run["proc"].stderr

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -57,11 +58,14 @@ def main(argv=None) -> int:
 
     fail_rank = os.environ.get("APT_TEST_FAIL_RANK")
     nan_rank = os.environ.get("APT_TEST_NAN_RANK")
+    signal_rank = os.environ.get("APT_TEST_SIGNAL_RANK")
 
     def record_and_step(args, ctx, batch):  # which images this rank's micro-batches held (and its APT state)
         seen.append(list(batch["image_keys"]))
         if fail_rank is not None and int(fail_rank) == rank and len(seen) == 2:  # tests: a rank that crashes
             raise RuntimeError(f"injected failure on rank {rank}")
+        if signal_rank is not None and int(signal_rank) == rank and len(seen) == 2:  # tests: Ctrl-C on one rank
+            os.kill(os.getpid(), signal.SIGINT)
         if ctx.apt is not None and not apt_holder:
             apt_holder.append(ctx.apt)
         loss, logs = training_step(args, ctx, batch)
@@ -72,7 +76,12 @@ def main(argv=None) -> int:
     train_apt_lora.training_step = record_and_step
     train_apt_lora.quiet_libraries()
     args = parse_args_with_config(setup_parser(), rest)
-    network = train_apt_lora.train(args)
+    try:
+        network = train_apt_lora.train(args)
+    except train_apt_lora.Interrupted as e:  # the batches seen, then the exit code the trainer gives
+        with open(os.path.join(ours.rank_out, f"rank{rank}_keys.json"), "w") as f:
+            json.dump(seen, f)
+        return e.exit_code
     _save(network.state_dict(), os.path.join(ours.rank_out, f"rank{rank}.safetensors"))
     if apt_holder:  # the APT overfitting indicator of this rank
         _save(apt_holder[0].state_dict(), os.path.join(ours.rank_out, f"rank{rank}_apt.safetensors"))
