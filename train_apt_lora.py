@@ -588,6 +588,8 @@ def train(args):
         apt = APT(args, model, device) if apt_enabled(args) else None  # after LoRA and attention processors are set
     except ValueError as e:
         raise train_util.TrainingSetupError(str(e)) from None
+    if apt is not None:  # no batch is larger: the ranks pad the indicator's rows to it without asking each other
+        apt.indicator.max_rows = max(d.bp.batch_size for d in data.datasets)
     from library.torch_compile import maybe_compile
 
     compiled = maybe_compile(args, model.unet)  # traced at the first step, LoRA and APT's processors included

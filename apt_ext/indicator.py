@@ -59,6 +59,7 @@ class OverfittingIndicator:
         self.seen = torch.zeros(self.num_bins, dtype=torch.bool, **z)
         self.bin_updates = torch.zeros(self.num_bins, dtype=torch.int64, **z)  # EMA updates per bin (for logs)
         self.step = 0  # update() calls
+        self.max_rows = None  # sync_update's padding: a bound on any rank's batch size, when the trainer knows one
 
     # ------------------------------------------------------------------ bins and gamma
     def bin_of(self, timesteps: torch.Tensor) -> torch.Tensor:
@@ -136,9 +137,10 @@ class OverfittingIndicator:
 
         With no accelerator or one process this is exactly `update`. Otherwise each rank packs
         (bin, L_φ, L_θ, keep) per sample into a fixed-size float64 tensor on `accelerator.device`
-        (NCCL needs CUDA tensors, gloo CPU ones; bins are small integers, exact in float64), padded to the
-        largest batch of all ranks (one tiny all_reduce MAX first: bucketed datasets can end an epoch with
-        a short batch), all-gathers it, and applies one update with all rows in rank order.
+        (NCCL needs CUDA tensors, gloo CPU ones; bins are small integers, exact in float64), padded to
+        `max_rows` (the trainer sets it to the datasets' largest batch size, known to every rank) or else to the
+        largest batch of all ranks (one tiny all_reduce MAX first, which the host waits for: bucketed datasets can
+        end an epoch with a short batch), all-gathers it, and applies one update with all rows in rank order.
         """
         if accelerator is None or getattr(accelerator, "num_processes", 1) <= 1:
             self.update(timesteps, loss_prior, loss_ft, is_reg)
@@ -147,9 +149,15 @@ class OverfittingIndicator:
 
         bins, lp, lf, keep = self._rows(timesteps, loss_prior, loss_ft, is_reg)
         device = accelerator.device
-        n = torch.tensor([bins.numel()], dtype=torch.int64, device=device)
-        dist.all_reduce(n, op=dist.ReduceOp.MAX)  # the one sync of a multi-process update: the padded size
-        rows = torch.zeros(int(n.item()), 4, dtype=torch.float64, device=device)  # padding rows have keep = 0
+        if self.max_rows is not None:  # the same bound on every rank: no need to ask the others
+            if bins.numel() > self.max_rows:
+                raise ValueError(f"a batch of {bins.numel()} samples, over max_rows={self.max_rows}")
+            n = self.max_rows
+        else:
+            n = torch.tensor([bins.numel()], dtype=torch.int64, device=device)
+            dist.all_reduce(n, op=dist.ReduceOp.MAX)  # a host-device sync: the padded size
+            n = int(n.item())
+        rows = torch.zeros(n, 4, dtype=torch.float64, device=device)  # padding rows have keep = 0
         rows[: bins.numel()] = torch.stack([bins.double(), lp, lf, keep.double()], dim=1).to(device)
         gathered = [torch.empty_like(rows) for _ in range(accelerator.num_processes)]
         dist.all_gather(gathered, rows)

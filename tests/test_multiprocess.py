@@ -184,3 +184,28 @@ def test_a_signal_on_one_rank_stops_both_at_the_same_step_with_one_state(setup):
     info = json.loads((run["out"] / states[0] / "train_state.json").read_text())
     assert info["step"] == len(keys[0]), (info, _log(run))
     assert "--resume" in run["proc"].stdout + run["proc"].stderr
+
+
+def test_ranks_with_unequal_batches_update_the_indicator_alike(setup):
+    """3 images in batches of 2: one rank holds 2 samples, the other 1. The indicator rows are padded to the
+    datasets' batch size (known to both ranks, so no rank asks the others): the same state on both ranks as when
+    the padding is agreed by an all-reduce (the path without a bound)."""
+    root = setup["root"] / "unequal"
+    (root / "imgs").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((64, 64, 3), 40 * (i + 1), dtype=np.uint8)).save(root / "imgs" / f"{i}.png")
+    dataset = root / "dataset.toml"
+    dataset.write_text(f'[[datasets]]\nresolution = 64\nbatch_size = 2\n\n  [[datasets.subsets]]\n'
+                       f'  image_dir = "{(root / "imgs").as_posix()}"\n  class_tokens = "sks dog"\n')
+    states = []
+    for name, env in (("bound", {}), ("all-reduce", {"APT_TEST_NO_MAX_ROWS": "1"})):
+        run = _launch(dict(setup, dataset=str(dataset)), f"unequal-{name}", "--seed", "1", "--apt",
+                      "--max_train_steps", "1", env_extra=env)
+        assert run["proc"].returncode == 0, _log(run)
+        keys = [json.loads((run["ranks"] / f"rank{r}_keys.json").read_text()) for r in (0, 1)]
+        assert sorted(len(k[0]) for k in keys) == [1, 2], keys
+        a, b = _load_ranks(run, "_apt")
+        assert all(torch.equal(a[k], b[k]) for k in a) and int(a["indicator.step"]) == 1
+        states.append(a)
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert int(states[0]["indicator.bin_updates"].sum()) >= 2  # the 3 samples, in 2 or 3 bins
