@@ -1,4 +1,4 @@
-"""Test setup: never touch the network, keep torch on few threads (CI has 2 cores)."""
+"""Test setup: never touch the network, keep torch on few threads (CI has 2 cores); shared fixtures."""
 import os
 import sys
 
@@ -7,12 +7,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models: threading overhead dominates, and a shared 2-core CPU makes 2 threads far slower (OpenMP spinning); the one place tests set it
-
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture
@@ -35,3 +33,35 @@ def nan_steps(monkeypatch):
         return calls
 
     return install
+
+
+class SimpleWorld:
+    """What `tiny_world` gives: `root`, `dataset` (the TOML's path) and `model(arch)`."""
+
+    def __init__(self, root, model):
+        self.root, self.dataset, self.model = root, str(root / "ds.toml"), model
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    """A folder with 3 random 64² images (`imgs/`), a dataset TOML of them (`ds.toml`: batch 1, class tokens
+    "sks dog"), and `model(arch)`: a tiny diffusers model of `arch` written there on first use (`root / arch`)."""
+    import numpy as np
+    from PIL import Image
+
+    from library.tiny_models import write_tiny_model
+
+    root = tmp_path_factory.mktemp("world")
+    (root / "imgs").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "imgs" / f"{i}.png")
+    (root / "ds.toml").write_text(f'[[datasets]]\nresolution = 64\nbatch_size = 1\n  [[datasets.subsets]]\n'
+                                  f'  image_dir = "{(root / "imgs").as_posix()}"\n  class_tokens = "sks dog"\n')
+
+    def model(arch="sd1"):
+        if not (root / arch).exists():
+            write_tiny_model(arch, str(root / arch))
+        return str(root / arch)
+
+    return SimpleWorld(root, model)

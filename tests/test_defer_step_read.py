@@ -117,33 +117,15 @@ def _tb_scalars(log_root):
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-@pytest.fixture(scope="module")
-def tiny_sd1(tmp_path_factory):
-    import numpy as np
-    from PIL import Image
-
-    from library.tiny_models import write_tiny_model
-
-    root = tmp_path_factory.mktemp("defer")
-    write_tiny_model("sd1", str(root / "model"))
-    (root / "imgs").mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "imgs" / f"{i}.png")
-    (root / "ds.toml").write_text(f'[[datasets]]\nresolution = 64\nbatch_size = 1\n  [[datasets.subsets]]\n'
-                                  f'  image_dir = "{(root / "imgs").as_posix()}"\n  class_tokens = "sks dog"\n')
-    return root
-
-
-def _train(root, out, *extra):
-    return train_apt_lora.main(["--pretrained_model_name_or_path", str(root / "model"), "--dataset_config",
-                                str(root / "ds.toml"), "--output_dir", str(out), "--output_name", "lora",
+def _train(world, out, *extra):
+    return train_apt_lora.main(["--pretrained_model_name_or_path", world.model("sd1"), "--dataset_config",
+                                world.dataset, "--output_dir", str(out), "--output_name", "lora",
                                 "--network_dim", "4", "--max_train_steps", "3", "--learning_rate", "1e-2", "--seed", "1",
                                 "--optimizer_args", "fused=True", *extra])
 
 
 @pytest.mark.parametrize("accumulation", ["1", "2"])
-def test_trainer_logs_each_step_under_its_own_number_and_trains_the_same(tiny_sd1, tmp_path, accumulation):
+def test_trainer_logs_each_step_under_its_own_number_and_trains_the_same(tiny_world, tmp_path, accumulation):
     """APT with --log_with tensorboard: read one step later, every step is logged under its own number with the
     same loss, γ, per-bin indicator logs and lr as when read at once, and the LoRA is the same bit for bit (also
     when a step accumulates two micro-batches)."""
@@ -152,7 +134,7 @@ def test_trainer_logs_each_step_under_its_own_number_and_trains_the_same(tiny_sd
     runs = {}
     for mode in ("off", "on"):
         out = tmp_path / mode
-        assert _train(tiny_sd1, out, "--apt", "--log_with", "tensorboard", "--logging_dir", str(out / "logs"),
+        assert _train(tiny_world, out, "--apt", "--log_with", "tensorboard", "--logging_dir", str(out / "logs"),
                       "--defer_step_read", mode, "--lr_scheduler", "linear",
                       "--gradient_accumulation_steps", accumulation) == 0
         runs[mode] = (_tb_scalars(out / "logs"), load_file(str(out / "lora.safetensors")))
@@ -164,12 +146,12 @@ def test_trainer_logs_each_step_under_its_own_number_and_trains_the_same(tiny_sd
     assert lora_on.keys() == lora_off.keys() and all(torch.equal(lora_on[k], lora_off[k]) for k in lora_on)
 
 
-def test_trainer_warns_a_step_late_counts_the_dropped_step_and_stops(tiny_sd1, tmp_path, nan_steps, caplog, capsys):
+def test_trainer_warns_a_step_late_counts_the_dropped_step_and_stops(tiny_world, tmp_path, nan_steps, caplog, capsys):
     from safetensors import safe_open
 
     calls = nan_steps(lambda n: n == 2)
     with caplog.at_level(logging.WARNING, logger="apt_lora"):
-        assert _train(tiny_sd1, tmp_path / "out", "--defer_step_read", "on") == 0
+        assert _train(tiny_world, tmp_path / "out", "--defer_step_read", "on") == 0
     assert calls["n"] == 3  # the dropped update counted as one of the 3 steps
     warned = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith("non-finite loss (images: ") and ".png" in warned[0]
@@ -177,13 +159,13 @@ def test_trainer_warns_a_step_late_counts_the_dropped_step_and_stops(tiny_sd1, t
         assert f.metadata()["ss_steps"] == "3" and all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
 
     nan_steps(lambda n: True)
-    rc = _train(tiny_sd1, tmp_path / "out2", "--defer_step_read", "on", "--max_bad_steps", "2", "--max_train_steps", "9")
+    rc = _train(tiny_world, tmp_path / "out2", "--defer_step_read", "on", "--max_bad_steps", "2", "--max_train_steps", "9")
     err = capsys.readouterr().err
     assert rc == 2 and "--max_bad_steps 2" in err and "learning rate" in err
 
 
-def test_on_with_an_optimizer_that_cannot_skip_is_refused(tiny_sd1, tmp_path, capsys):
-    rc = train_apt_lora.main(["--pretrained_model_name_or_path", str(tiny_sd1 / "model"), "--dataset_config",
-                              str(tiny_sd1 / "ds.toml"), "--output_dir", str(tmp_path / "o"), "--defer_step_read", "on"])
+def test_on_with_an_optimizer_that_cannot_skip_is_refused(tiny_world, tmp_path, capsys):
+    rc = train_apt_lora.main(["--pretrained_model_name_or_path", tiny_world.model("sd1"), "--dataset_config",
+                              tiny_world.dataset, "--output_dir", str(tmp_path / "o"), "--defer_step_read", "on"])
     err = capsys.readouterr().err
     assert rc == 2 and "--defer_step_read on: AdamW cannot skip an update on the device" in err and "fused=True" in err

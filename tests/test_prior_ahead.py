@@ -4,10 +4,8 @@ What must hold: the same run bit for bit (every draw in the same order), the loo
 batch's prior pass before this step's backward), an exact resume from a state saved while a step was prepared
 ahead (test_apt_step.py::test_resume_is_exact has that mode), and a clear error without APT.
 """
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -15,25 +13,9 @@ import train_apt_lora
 from apt_ext.prior_ahead import PriorAhead
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from library.tiny_models import write_tiny_model
-
-    root = tmp_path_factory.mktemp("ahead")
-    for arch in ("sd1", "sdxl"):
-        write_tiny_model(arch, str(root / arch))
-    (root / "imgs").mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "imgs" / f"{i}.png")
-    (root / "ds.toml").write_text(f'[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n'
-                                  f'  image_dir = "{(root / "imgs").as_posix()}"\n  class_tokens = "sks dog"\n')
-    return root
-
-
 def _run(world, out, arch="sd1", *extra):
-    return train_apt_lora.main(["--pretrained_model_name_or_path", str(world / arch), "--dataset_config",
-                                str(world / "ds.toml"), "--output_dir", str(out), "--output_name", "lora",
+    return train_apt_lora.main(["--pretrained_model_name_or_path", world.model(arch), "--dataset_config",
+                                world.dataset, "--output_dir", str(out), "--output_name", "lora",
                                 "--network_dim", "4", "--learning_rate", "3e-3", "--seed", "7", "--apt",
                                 "--apt_gamma_temperature", "1000", *extra])
 
@@ -43,9 +25,9 @@ def _run(world, out, arch="sd1", *extra):
     ("sd1", ["--max_train_steps", "3", "--cache_latents", "--gradient_accumulation_steps", "2"]),
     ("sdxl", ["--max_train_steps", "4", "--cache_latents"]),
 ], ids=["sd1-pixels", "sd1-latents-accumulation", "sdxl-latents"])
-def test_the_same_run_bit_for_bit(world, tmp_path, arch, extra):
+def test_the_same_run_bit_for_bit(tiny_world, tmp_path, arch, extra):
     for name, flags in (("sequential", []), ("ahead", ["--apt_prior_ahead"])):
-        assert _run(world, tmp_path / name, arch, *extra, *flags) == 0
+        assert _run(tiny_world, tmp_path / name, arch, *extra, *flags) == 0
     a, b = (load_file(str(tmp_path / n / "lora.safetensors")) for n in ("sequential", "ahead"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with safe_open(str(tmp_path / "sequential" / "lora.safetensors"), "pt") as f1, \
@@ -54,7 +36,7 @@ def test_the_same_run_bit_for_bit(world, tmp_path, arch, extra):
         assert f1.metadata()["apt_gamma_final"] != "[" + ", ".join(["0.0"] * 10) + "]"  # γ moved: the test can see
 
 
-def test_the_next_prior_pass_comes_before_this_backward(world, tmp_path, monkeypatch):
+def test_the_next_prior_pass_comes_before_this_backward(tiny_world, tmp_path, monkeypatch):
     from accelerate import Accelerator
 
     import apt_ext.step as step_mod
@@ -65,13 +47,13 @@ def test_the_next_prior_pass_comes_before_this_backward(world, tmp_path, monkeyp
         events.append("prepare " + batch["image_keys"][0].rsplit("/", 1)[-1]), real_prepare(args, ctx, batch, apt))[1])
     monkeypatch.setattr(Accelerator, "backward", lambda self, loss, **kw: (events.append("backward"),
                                                                            real_backward(self, loss, **kw))[1])
-    assert _run(world, tmp_path / "ahead", "sd1", "--max_train_steps", "3", "--cache_latents", "--apt_prior_ahead") == 0
+    assert _run(tiny_world, tmp_path / "ahead", "sd1", "--max_train_steps", "3", "--cache_latents", "--apt_prior_ahead") == 0
     order = [e.split()[0] for e in events]
     # step 1 prepares itself and step 2; steps 2 prepares step 3; step 3 is the epoch's last: nothing ahead
     assert order == ["prepare", "prepare", "backward", "prepare", "backward", "backward"], events
     assert len({e for e in events if e.startswith("prepare")}) == 3  # three different batches
     events.clear()
-    assert _run(world, tmp_path / "sequential", "sd1", "--max_train_steps", "3", "--cache_latents") == 0
+    assert _run(tiny_world, tmp_path / "sequential", "sd1", "--max_train_steps", "3", "--cache_latents") == 0
     assert [e.split()[0] for e in events] == ["prepare", "backward"] * 3
 
 
@@ -93,9 +75,9 @@ def test_take_hands_over_only_the_prepared_batch_and_rewind_restores_the_generat
     assert torch.equal(torch.get_rng_state(), before) and ahead.take(batch) is None
 
 
-def test_without_apt_is_refused(world, tmp_path, capsys):
-    rc = train_apt_lora.main(["--pretrained_model_name_or_path", str(world / "sd1"), "--dataset_config",
-                              str(world / "ds.toml"), "--output_dir", str(tmp_path / "o"), "--apt_prior_ahead"])
+def test_without_apt_is_refused(tiny_world, tmp_path, capsys):
+    rc = train_apt_lora.main(["--pretrained_model_name_or_path", tiny_world.model("sd1"), "--dataset_config",
+                              tiny_world.dataset, "--output_dir", str(tmp_path / "o"), "--apt_prior_ahead"])
     assert rc == 2 and "--apt_prior_ahead runs APT's prior pass a step ahead: it needs --apt" in capsys.readouterr().err
 
 
