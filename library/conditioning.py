@@ -30,6 +30,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from library.transfer import to_device
+
 logger = logging.getLogger(__name__)
 
 CHUNK_LEN = 77  # CLIP's context length: BOS + 75 tokens + EOS
@@ -180,8 +182,8 @@ def encode_prompts(model, captions: Union[str, Sequence[str]], *, clip_skip: Opt
     captions = _as_list(captions)
     if not captions:
         raise ValueError("encode_prompts: no captions given")
-    ids_list = [ids.to(_module_device(te)) for ids, te in zip(tokenize(model, captions, max_token_length),
-                                                               model.text_encoders)]
+    ids_list = [to_device(ids, _module_device(te)) for ids, te in zip(tokenize(model, captions, max_token_length),
+                                                                     model.text_encoders)]  # no stream sync
     cond = encode_ids(model, ids_list, clip_skip=clip_skip, max_token_length=max_token_length)
     return cond.to(device=device) if device is not None else cond
 

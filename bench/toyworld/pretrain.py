@@ -371,13 +371,14 @@ def diffusion_batch(data: dict, cfg: PretrainConfig, step: int, latent_scale: fl
 
 def diffusion_loss(model, latents: torch.Tensor, captions: list, cfg: PretrainConfig, gen: torch.Generator):
     from library.conditioning import encode_prompts
+    from library.transfer import to_device
 
     sched = model.noise_scheduler
     b = latents.shape[0]
     noise = torch.randn(latents.shape, generator=gen)  # drawn on the CPU: the same on every device
     t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen)
     dev = model.unet.device
-    latents, noise, t = latents.to(dev), noise.to(dev), t.to(dev)
+    latents, noise, t = (to_device(x, dev) for x in (latents, noise, t))  # pinned, non-blocking on CUDA
     noisy = sched.add_noise(latents, noise, t)
     ctx = encode_prompts(model, captions).context
     pred = model.unet(noisy, t, ctx).sample
@@ -427,12 +428,12 @@ def train_diffusion(model, data: dict, cfg: PretrainConfig, state: dict, save_ck
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema.update(step)
-        run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
+        run = loss.detach() if run is None else 0.98 * run + 0.02 * loss.detach()  # on the device: read to log
         done = step + 1
         if done % log_every == 0 or done == cfg.steps:
             el = time.time() - t0
             eta = el / (done - start) * (cfg.steps - done)
-            _log(f"[diffusion] step {done}/{cfg.steps}  loss {run:.4f}  ({el:.0f}s, {el / (done - start):.2f}s/step, "
+            _log(f"[diffusion] step {done}/{cfg.steps}  loss {float(run):.4f}  ({el:.0f}s, {el / (done - start):.2f}s/step, "
                  f"eta {eta / 60:.1f} min)")
         if (done % save_every == 0 or done == stop_after) and done < cfg.steps:
             state.update(step=done, unet=unet.state_dict(), te=te.state_dict(), opt=opt.state_dict(),
