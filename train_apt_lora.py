@@ -647,14 +647,15 @@ def train(args):
             loader.set_epoch(epoch)  # the batch order of an epoch depends on (seed, epoch) only: resumable
             batches = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
             batches_done, skip_batches = skip_batches, 0
-            batches = LookAhead(batches) if args.apt_prior_ahead else batches
+            if args.apt_prior_ahead:  # the step peeks at the next batch to queue its prior pass
+                batches = LookAhead(batches)
+                ctx.next_batch = batches.peek
             for batch in batches:
                 batches_done += 1
-                ctx.next_batch = batches.peek if args.apt_prior_ahead else None  # its prior pass: during this step
                 res = micro_batch(args, ctx, batch, optimizer, lr_scheduler, trainable, read=read)
                 if res.status == "accumulating":
                     continue
-                lrs = lr_scheduler.get_last_lr()
+                lrs = lr_scheduler.get_last_lr() if args.log_with else None  # what show() logs, taken now
                 indicator = HostCopy(apt.indicator.log_tensor()) if apt is not None and args.log_with else None
                 if res.status == "skipped":  # read at once: the step does not count
                     show(res.read, step, lrs, indicator)

@@ -32,20 +32,14 @@ def extra_prior(bench):
     recording on CUDA (one graph must never replay on two streams at once), eager elsewhere. Returns the pass
     (no arguments) and its inputs (x_t, t, the encoded c, SDXL's time ids)."""
     from apt_ext.prior_graph import StaticPass
-    from apt_ext.prompts import class_prompts
-    from library.conditioning import sdxl_time_ids
+    from apt_ext.step import prepare_step
 
-    ctx, batch, apt = bench.ctx, bench.batch, bench.ctx.apt
+    ctx, apt = bench.ctx, bench.ctx.apt
     device, dtype = ctx.accelerator.device, ctx.weight_dtype
-    latents = batch["latents"].to(device)
-    noisy = torch.randn(latents.shape, device=device, dtype=dtype)
-    timesteps = torch.randint(0, 1000, (latents.shape[0],), device=device)
-    time_ids = None
-    if ctx.model.is_sdxl:
-        time_ids = sdxl_time_ids(batch["original_sizes_hw"], batch["crop_top_lefts"],
-                                 batch["target_sizes_hw"]).to(device, dtype)
+    x = prepare_step(bench.args, ctx, bench.batch, apt)  # the step's own x_t, t and time ids
+    noisy, timesteps, time_ids = x.noisy, x.timesteps, x.time_ids
     with torch.no_grad(), bench.network.multiplier_override(0.0):
-        cond = ctx.encode_base_text(class_prompts(batch["captions"], batch["class_tokens"], batch["prior_class_tokens"]))
+        cond = ctx.encode_base_text(x.prior_captions)
     run = StaticPass(apt.prior_fn(ctx.model, dtype, device.type), "cuda" if device.type == "cuda" else "eager")
 
     def prior():

@@ -56,12 +56,12 @@ class GracefulInterrupt:
             return flag
         import torch
 
+        from library.distributed import every_rank
         from library.transfer import HostCopy, to_device
 
-        t = to_device(torch.tensor([1.0 if flag else 0.0]), accelerator.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        previous, self._pending = self._pending, HostCopy(t)
-        stop = previous is not None and previous.tolist()[0] > 0
+        calm = every_rank(to_device(torch.tensor(not flag), accelerator.device), accelerator)  # no signal anywhere
+        previous, self._pending = self._pending, HostCopy(~calm)
+        stop = previous is not None and bool(previous.tolist())
         if stop and self.signum is None:
             self.signum = signal.SIGTERM
         return stop
