@@ -297,6 +297,12 @@ def verify_args(args):
     if args.dataset_config is None and args.train_data_dir is None:
         raise TrainingSetupError("no training data: pass --dataset_config data.toml (or --train_data_dir)")
     check_output_location(args)  # before the model loads: a bad --output_name/--output_dir fails at once
+    from library.sd_scripts_flags import no_effect_notes
+
+    for note in no_effect_notes(args):
+        logger.info(note)
+    if args.ddp_timeout is not None and args.ddp_timeout < 1:
+        raise TrainingSetupError(f"--ddp_timeout is in minutes and must be at least 1, got {args.ddp_timeout}")
     if args.network_module != "networks.lora":
         raise TrainingSetupError(f"--network_module {args.network_module}: only networks.lora is supported")
     if args.use_8bit_adam:
@@ -420,7 +426,8 @@ def train(args):
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                               mixed_precision=args.mixed_precision, log_with=args.log_with, project_dir=log_dir,
                               # batches reach the device by non-blocking copies from the loader's pinned memory
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True))
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
+                              kwargs_handlers=train_util.accelerator_handlers(args))
     is_main = accelerator.is_main_process
     if os.environ.get("WORLD_SIZE", "1").isdigit() and int(os.environ.get("WORLD_SIZE", "1")) > accelerator.num_processes:
         raise train_util.TrainingSetupError(

@@ -15,6 +15,7 @@ import math
 import os
 from typing import Optional, Sequence
 
+from library.sd_scripts_flags import NO_EFFECT, NotImplementedFlag
 from library.train_util import TrainingSetupError
 
 logger = logging.getLogger(__name__)
@@ -179,6 +180,11 @@ def read_config_file(args, parser: argparse.ArgumentParser, argv: Optional[Seque
     for key, value in flat.items():
         if key in ("config_file", "output_config"):
             continue  # meaningless inside the file itself
+        if isinstance(actions[key], NotImplementedFlag):
+            raise TrainingSetupError(f"--config_file {path}: {where[key]} {actions[key].message()}")
+        if key in NO_EFFECT:  # accepted whatever its value; the trainer says it changes nothing
+            values[key] = value
+            continue
         values[key] = _convert_toml_value(actions[key], value, where[key], path)
 
     # arguments the file provides are no longer required on the command line

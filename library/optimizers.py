@@ -121,7 +121,11 @@ def defer_step_read(args, optimizer, device_type: str) -> bool:
         raise TrainingSetupError(f"--defer_step_read on: {why}; or use --defer_step_read auto/off")
     if why and device_type == "cuda":
         logger.info("--defer_step_read auto: off, %s", why)
-    return why is None and (mode == "on" or device_type == "cuda")
+    on = why is None and (mode == "on" or device_type == "cuda")
+    if on:
+        logger.info("--defer_step_read %s: on; a non-finite update is dropped on the device, and the progress bar "
+                    "and logs show each step one step late", mode)
+    return on
 
 
 def get_optimizer(args, trainable_params) -> tuple[str, torch.optim.Optimizer]:

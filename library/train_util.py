@@ -34,6 +34,19 @@ def set_unet_layout(unet, args) -> None:
         unet.to(memory_format=torch.channels_last)
 
 
+def accelerator_handlers(args) -> list:
+    """accelerate's kwargs handlers for the flags that configure it: --ddp_timeout (minutes) as the process
+    group's timeout, as sd-scripts passes it."""
+    minutes = getattr(args, "ddp_timeout", None)
+    if not minutes:
+        return []
+    import datetime
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return [InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=minutes))]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # File names and dtypes
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,128 @@
+"""sd-scripts' `train_network.py` flags that this trainer does not implement, by name.
+
+A command line or a `--config_file` carried over from sd-scripts should not fail with argparse's bare
+"unrecognized arguments": each flag here is registered so that it fails with what it does and what to do instead
+(`NOT_IMPLEMENTED`), or, where it has nothing to do in this trainer, is accepted and reported (`NO_EFFECT`).
+The dataset TOML's sd-scripts keys are handled the same way in `config_util`.
+"""
+from __future__ import annotations
+
+import argparse
+
+NOT_IMPLEMENTED = {  # flag -> what it does in sd-scripts; what to do here
+    "weighted_captions": "prompt weighting such as (word:1.2) in captions; write plain captions",
+    "scale_weight_norms": "max-norm regularisation of the LoRA's ΔW; leave it out (APT's representation "
+                          "stabilization and attention alignment are this trainer's regularisers)",
+    "dim_from_weights": "the rank read from --network_weights; pass the file's --network_dim and --network_alpha",
+    "base_weights": "LoRAs merged into the model before training; merge them into the checkpoint first",
+    "base_weights_multiplier": "the multipliers of --base_weights; merge those LoRAs into the checkpoint first",
+    "use_lion_optimizer": "the old spelling of --optimizer_type Lion; use that",
+    "fused_backward_pass": "Adafactor's optimizer step fused into the backward (full fine-tuning); leave it out",
+    "lr_decay_steps": "the decay phase of warmup_stable_decay; use one of the --lr_scheduler choices of --help",
+    "lr_scheduler_timescale": "inverse_sqrt's timescale; use one of the --lr_scheduler choices of --help",
+    "lr_scheduler_min_lr_ratio": "cosine_with_min_lr's floor; use one of the --lr_scheduler choices of --help",
+    "lr_scheduler_type": "a custom scheduler class; use one of the --lr_scheduler choices of --help",
+    "lr_scheduler_args": "a custom scheduler's arguments; use one of the --lr_scheduler choices of --help",
+    "full_fp16": "fp16 LoRA weights and gradients; use --mixed_precision fp16 (fp32 LoRA weights)",
+    "full_bf16": "bf16 LoRA weights and gradients; use --mixed_precision bf16 (fp32 LoRA weights)",
+    "fp8_base": "base weights stored in fp8; use --mixed_precision bf16 (bf16 base weights)",
+    "fp8_base_unet": "UNet weights stored in fp8; use --mixed_precision bf16 (bf16 base weights)",
+    "cpu_offload_checkpointing": "checkpointed activations kept on the CPU; use --gradient_checkpointing",
+    "deepspeed": "DeepSpeed training; train with accelerate launch (data parallel)",
+    "zero_stage": "a DeepSpeed setting; train with accelerate launch (data parallel)",
+    "cache_text_encoder_outputs_to_disk": "text-encoder outputs cached in files; use --cache_text_encoder_outputs "
+                                          "(cached in memory)",
+    "color_aug": "colour augmentation; leave it out",
+    "face_crop_aug_range": "face-centred crops; leave it out",
+    "alpha_mask": "the image's alpha channel as a loss mask; leave it out",
+    "masked_loss": "a loss mask from mask images or the alpha channel; leave it out",
+    "debug_dataset": "a viewer of the dataset's batches; leave it out",
+    "caption_extention": "the old misspelling of --caption_extension; use that",
+    "token_warmup_min": "caption-token warm-up; leave it out",
+    "token_warmup_step": "caption-token warm-up; leave it out",
+    "save_n_epoch_ratio": "saves spread over the run by ratio; use --save_every_n_epochs",
+    "metadata_usage_hint": "a modelspec field; write it into --metadata_description",
+    "metadata_thumbnail": "a modelspec field; leave it out",
+    "metadata_merged_from": "a modelspec field; leave it out",
+    "metadata_trigger_phrase": "a modelspec field; write it into --metadata_description",
+    "metadata_preprocessor": "a modelspec field; leave it out",
+    "metadata_is_negative_embedding": "a modelspec field for embeddings; leave it out",
+    "initial_epoch": "training started at a later epoch's schedule; use --save_state and --resume",
+    "initial_step": "training started at a later step's schedule; use --save_state and --resume",
+    "skip_until_initial_step": "skipping batches up to --initial_step; use --save_state and --resume",
+    "validation_split": "a held-out validation loss; leave it out",
+    "validation_seed": "a held-out validation loss; leave it out",
+    "validate_every_n_steps": "a held-out validation loss; leave it out",
+    "validate_every_n_epochs": "a held-out validation loss; leave it out",
+    "max_validation_steps": "a held-out validation loss; leave it out",
+    "huggingface_repo_id": "uploads to the Hugging Face hub; nothing here goes online: upload the output yourself",
+    "huggingface_repo_type": "uploads to the Hugging Face hub; nothing here goes online",
+    "huggingface_path_in_repo": "uploads to the Hugging Face hub; nothing here goes online",
+    "huggingface_token": "uploads to the Hugging Face hub; nothing here goes online",
+    "huggingface_repo_visibility": "uploads to the Hugging Face hub; nothing here goes online",
+    "save_state_to_huggingface": "uploads to the Hugging Face hub; nothing here goes online",
+    "resume_from_huggingface": "resuming from the Hugging Face hub; download the state and pass --resume DIR",
+    "async_upload": "uploads to the Hugging Face hub; nothing here goes online",
+    "wandb_api_key": "a wandb login; run `wandb login` before training with --log_with wandb",
+    "wandb_run_name": "the wandb run's name; leave it out (wandb names the run; --log_tracker_name names the project)",
+    "log_tracker_config": "a tracker's settings file; leave it out",
+    "log_config": "the arguments logged to the tracker; they are logged always",
+    "console_log_level": "the console's log level; leave it out",
+    "console_log_file": "a log file; redirect the output to a file instead",
+    "console_log_simple": "a plainer console log; leave it out",
+}
+
+NO_EFFECT = {  # flag -> (takes a value, why it does nothing here)
+    "lowram": (False, "the models load straight into memory once"),
+    "highvram": (False, "nothing is moved off the device to save memory in the first place"),
+    "mem_eff_attn": (False, "attention runs through torch's scaled_dot_product_attention (memory-efficient) already"),
+    "tokenizer_cache_dir": (True, "tokenizers come from the model folder or the bundled CLIP vocabulary; nothing is "
+                                  "downloaded"),
+    "disable_mmap_load_safetensors": (False, "checkpoints are read with safetensors' own (memory-mapped) loader"),
+    "cache_info": (False, "the dataset's image sizes are read when it is built; nothing is cached for them"),
+    "skip_cache_check": (False, "a cached latent file is checked for its bucket's size when it is read (its header only)"),
+    "ddp_gradient_as_bucket_view": (False, "this trainer all-reduces the LoRA's gradients itself, without a DDP "
+                                           "wrapper"),
+    "ddp_static_graph": (False, "this trainer all-reduces the LoRA's gradients itself, without a DDP wrapper"),
+}
+
+
+class NotImplementedFlag(argparse.Action):
+    """An sd-scripts flag this trainer does not implement: an error naming it and what to do instead."""
+
+    def __init__(self, option_strings, dest, advice: str = "", **kwargs):
+        super().__init__(option_strings, dest, nargs="*", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        self.advice = advice
+
+    def message(self) -> str:
+        what, todo = self.advice.split("; ", 1)
+        return f"is an sd-scripts flag that APT-LoRA does not implement ({what}): {todo}"
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise argparse.ArgumentError(self, self.message())
+
+
+def add_to_parser(p: argparse.ArgumentParser) -> None:
+    """Register the flags of both tables: the accepted ones in their own --help group, the others hidden."""
+    g = p.add_argument_group("sd-scripts flags accepted without effect")
+    for flag, (takes_value, why) in NO_EFFECT.items():
+        kind = dict(nargs="?", const=True) if takes_value else dict(action="store_true")
+        g.add_argument(f"--{flag}", default=argparse.SUPPRESS, help=f"no effect here: {why}", **kind)
+    for flag, advice in NOT_IMPLEMENTED.items():
+        p.add_argument(f"--{flag}", action=NotImplementedFlag, advice=advice)
+
+
+def no_effect_notes(args) -> list[str]:
+    """One line per accepted flag the run was given, saying why it changes nothing."""
+    return [f"--{flag} has no effect here: {why}" for flag, (_, why) in NO_EFFECT.items() if hasattr(args, flag)]
+
+
+def markdown_table() -> str:
+    """The flags that fail, for docs/cli.md."""
+    lines = ["## sd-scripts flags not implemented", "",
+             "Given on the command line or in a `--config_file`, each is an error that says what to do instead.", "",
+             "| flag | in sd-scripts | here |", "|---|---|---|"]
+    for flag, advice in NOT_IMPLEMENTED.items():
+        what, todo = advice.split("; ", 1)
+        lines.append(f"| `--{flag}` | {what} | {todo} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,89 @@
+"""sd-scripts command lines and config files carried over: flags not implemented fail with what to do, flags with
+nothing to do are accepted and reported, and the dataset flags sd-scripts has on its command line reach the dataset."""
+import datetime
+import logging
+
+import pytest
+
+from library import config_file as cf
+from library.config_util import SUBSET_DEFAULTS, generate_blueprint
+from library.sd_scripts_flags import NO_EFFECT, NOT_IMPLEMENTED, no_effect_notes
+from library.train_args import markdown_reference, setup_parser
+from library.train_util import TrainingSetupError, accelerator_handlers
+
+
+@pytest.mark.parametrize("argv", [["--masked_loss"], ["--weighted_captions"], ["--full_bf16"],
+                                  ["--huggingface_repo_id", "me/lora"], ["--caption_extention", ".txt"]])
+def test_a_flag_not_implemented_is_an_error_saying_what_to_do(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cf.parse_args_with_config(setup_parser(), ["--output_dir", "out", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    flag = argv[0].lstrip("-")
+    what, todo = NOT_IMPLEMENTED[flag].split("; ", 1)
+    assert f"argument {argv[0]}: is an sd-scripts flag that APT-LoRA does not implement ({what}): {todo}" in err
+
+
+def test_a_flag_not_implemented_in_a_config_file_names_the_file_and_key(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[training_arguments]\nmax_train_steps = 10\n[saving_arguments]\nfp8_base = true\n', encoding="utf-8")
+    with pytest.raises(TrainingSetupError) as e:
+        cf.parse_args_with_config(setup_parser(), ["--config_file", str(path)])
+    assert str(path) in str(e.value) and "fp8_base" in str(e.value)
+    assert "does not implement (base weights stored in fp8): use --mixed_precision bf16" in str(e.value)
+
+
+def test_flags_without_effect_are_accepted_and_reported(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('highvram = true\ntokenizer_cache_dir = "/cache"\n', encoding="utf-8")
+    args = cf.parse_args_with_config(setup_parser(), ["--config_file", str(path), "--lowram", "--mem_eff_attn"])
+    notes = no_effect_notes(args)
+    assert [n.split(" ")[0] for n in notes] == ["--lowram", "--highvram", "--mem_eff_attn", "--tokenizer_cache_dir"]
+    assert notes[0] == f"--lowram has no effect here: {NO_EFFECT['lowram'][1]}"
+    assert no_effect_notes(setup_parser().parse_args([])) == []  # not given: nothing said
+
+
+def test_the_trainer_logs_the_flags_without_effect(tmp_path, caplog):
+    import train_apt_lora
+
+    args = setup_parser().parse_args(["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "o"),
+                                      "--train_data_dir", str(tmp_path), "--lowram", "--ddp_static_graph"])
+    with caplog.at_level(logging.INFO):
+        train_apt_lora.verify_args(args)
+    assert "--lowram has no effect here" in caplog.text and "--ddp_static_graph has no effect here" in caplog.text
+
+
+def test_the_reference_lists_the_flags_not_implemented():
+    text = markdown_reference()
+    assert "## sd-scripts flags not implemented" in text and "| `--masked_loss` |" in text
+    assert "SUPPRESS" not in text
+    assert "| `--lowram` (flag) |" in text  # the accepted ones are in their own group
+
+
+def test_ddp_timeout_reaches_accelerate_and_is_checked(tmp_path):
+    import train_apt_lora
+
+    (handler,) = accelerator_handlers(setup_parser().parse_args(["--ddp_timeout", "90"]))
+    assert handler.timeout == datetime.timedelta(minutes=90)
+    assert accelerator_handlers(setup_parser().parse_args([])) == []
+    args = setup_parser().parse_args(["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "o"),
+                                      "--train_data_dir", str(tmp_path), "--ddp_timeout", "0"])
+    with pytest.raises(TrainingSetupError, match="--ddp_timeout is in minutes and must be at least 1, got 0"):
+        train_apt_lora.verify_args(args)
+
+
+def test_sd_scripts_caption_flags_reach_the_subsets(tmp_path):
+    (tmp_path / "train" / "5_sks dog").mkdir(parents=True)
+    base = ["--train_data_dir", str(tmp_path / "train"), "--resolution", "64"]
+    ((plain,),) = [bp.subsets for bp in generate_blueprint(None, setup_parser().parse_args(base))]
+    for key in ("caption_separator", "keep_tokens_separator", "secondary_separator", "enable_wildcard",
+                "caption_prefix", "caption_suffix", "resize_interpolation"):
+        assert getattr(plain, key) == SUBSET_DEFAULTS[key], key  # flags left out: the TOML defaults
+    args = setup_parser().parse_args(base + [
+        "--caption_separator", ";", "--keep_tokens_separator", "|||", "--secondary_separator", ";;;",
+        "--enable_wildcard", "--caption_prefix", "photo, ", "--caption_suffix", ", 4k", "--resize_interpolation",
+        "bicubic"])
+    ((sub,),) = [bp.subsets for bp in generate_blueprint(None, args)]
+    assert (sub.caption_separator, sub.keep_tokens_separator, sub.secondary_separator, sub.enable_wildcard,
+            sub.caption_prefix, sub.caption_suffix, sub.resize_interpolation) == \
+        (";", "|||", ";;;", True, "photo, ", ", 4k", "bicubic")
