@@ -301,6 +301,15 @@ def verify_args(args):
 
     for note in no_effect_notes(args):
         logger.info(note)
+    for kind in ("epochs", "steps"):
+        for flag in (f"save_last_n_{kind}", f"save_last_n_{kind}_state"):
+            if getattr(args, flag) is not None and getattr(args, flag) < 1:
+                raise TrainingSetupError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+            if getattr(args, flag) and not getattr(args, f"save_every_n_{kind}"):
+                raise TrainingSetupError(f"--{flag} keeps the last of the saves that --save_every_n_{kind} makes: "
+                                         f"add --save_every_n_{kind}")
+        if getattr(args, f"save_last_n_{kind}_state") and not args.save_state:
+            raise TrainingSetupError(f"--save_last_n_{kind}_state keeps training states: add --save_state")
     if args.ddp_timeout is not None and args.ddp_timeout < 1:
         raise TrainingSetupError(f"--ddp_timeout is in minutes and must be at least 1, got {args.ddp_timeout}")
     if args.network_module != "networks.lora":
@@ -584,6 +593,11 @@ def train(args):
                        epoch=epoch, batches_done=batches_done, seed=args.seed,
                        apt_state=apt.state_dict() if apt is not None else None, overwrite=args.overwrite)
 
+    def forget(names):
+        """--save_last_n_*: delete the save that the one just written pushed out of the kept window."""
+        for path in train_util.remove_old_save(args.output_dir, *names):
+            accelerator.print(f"removed {path} (--save_last_n_*)")
+
     def maybe_sample(step, epoch, at_epoch_end=False):
         if not sample_prompts or not is_main:
             return
@@ -682,6 +696,7 @@ def train(args):
                     break
                 if is_main and args.save_every_n_steps and step % args.save_every_n_steps == 0 and step < args.max_train_steps:
                     save(train_util.ckpt_name(args.output_name, step=step), step, epoch, batches_done)
+                    forget(train_util.rotated_out(args, step=step))
                 maybe_sample(step, epoch)
                 if step >= args.max_train_steps:
                     break
@@ -689,6 +704,7 @@ def train(args):
                 break
             if is_main and args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 and epoch < num_epochs:
                 save(train_util.ckpt_name(args.output_name, epoch=epoch), step, epoch + 1, 0)
+                forget(train_util.rotated_out(args, epoch=epoch))
             maybe_sample(step, epoch, at_epoch_end=True)
             if step >= args.max_train_steps:
                 break
@@ -709,7 +725,7 @@ def train(args):
 
     accelerator.wait_for_everyone()
     if is_main:
-        save(train_util.ckpt_name(args.output_name), step, epoch, batches_done)
+        save(train_util.ckpt_name(args.output_name), step, epoch, batches_done, with_state=args.save_state_on_train_end)
         if args.sample_prior_grid and sample_prompts:
             import io
 

@@ -186,6 +186,11 @@ def _saving_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"])
     g.add_argument("--save_every_n_epochs", type=int, default=None)
     g.add_argument("--save_every_n_steps", type=int, default=None)
+    g.add_argument("--save_last_n_epochs", type=int, default=None,
+                   help="keep only the last N epoch saves (with --save_every_n_epochs); older ones are deleted")
+    g.add_argument("--save_last_n_steps", type=int, default=None,
+                   help="keep only the step saves of the last N steps (with --save_every_n_steps); older ones are "
+                        "deleted")
     g.add_argument("--overwrite", action="store_true", help="allow replacing existing output files")
     g.add_argument("--no_metadata", action="store_true", help="write only the minimal metadata")
     g.add_argument("--training_comment", type=str, default=None)
@@ -259,6 +264,12 @@ def _state_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training state and resume")
     g.add_argument("--save_state", action="store_true",
                    help="with every LoRA save, also save the training state (<name>-step<N>-state folder) for --resume")
+    g.add_argument("--save_state_on_train_end", action="store_true",
+                   help="save the training state with the final LoRA only (<name>-state)")
+    g.add_argument("--save_last_n_epochs_state", type=int, default=None,
+                   help="keep the states of the last N epoch saves (default: --save_last_n_epochs)")
+    g.add_argument("--save_last_n_steps_state", type=int, default=None,
+                   help="keep the states of the saves of the last N steps (default: --save_last_n_steps)")
     g.add_argument("--resume", type=str, default=None,
                    help='continue exactly from a saved state folder; "latest": the newest one in --output_dir')
 

@@ -80,6 +80,48 @@ def state_dir_name(output_name: Optional[str], epoch: Optional[int] = None, step
     return ckpt_name(output_name, ext="", epoch=epoch, step=step) + "-state"
 
 
+def rotated_out(args, epoch: Optional[int] = None, step: Optional[int] = None) -> tuple[Optional[str], Optional[str]]:
+    """--save_last_n_epochs / --save_last_n_steps and their `_state` variants (which default to them): the LoRA file
+    and the state folder that the save at `epoch` or `step` pushes out of the kept window, as sd-scripts computes
+    them (None: nothing). Epochs count saves (N saves kept); steps are a distance (the saves of the last N steps)."""
+    def number(last_n, every, at, is_steps):
+        if not last_n:
+            return None
+        no = at - last_n - 1 if is_steps else at - every * last_n
+        no -= no % every if is_steps else 0
+        return no if no > 0 else None
+
+    is_steps = epoch is None
+    kind = "steps" if is_steps else "epochs"
+    every, at = (args.save_every_n_steps, step) if is_steps else (args.save_every_n_epochs, epoch)
+    last_n = getattr(args, f"save_last_n_{kind}", None)
+    lora = number(last_n, every, at, is_steps)
+    state = number(getattr(args, f"save_last_n_{kind}_state", None) or last_n, every, at, is_steps)
+    key = "step" if is_steps else "epoch"
+    return (None if lora is None else ckpt_name(args.output_name, **{key: lora}),
+            None if state is None else state_dir_name(args.output_name, **{key: state}))
+
+
+def remove_old_save(output_dir: str, lora_name: Optional[str], state_name: Optional[str]) -> list[str]:
+    """Delete a save that `rotated_out` named: the LoRA file and its γ heatmap, and the state folder (only when it
+    holds a train_state.json: a folder of ours). What is not there is skipped. Returns the paths removed."""
+    import shutil
+
+    removed = []
+    if lora_name:
+        for path in (os.path.join(output_dir, lora_name),
+                     os.path.join(output_dir, os.path.splitext(lora_name)[0] + "_gamma.png")):
+            if os.path.isfile(path):
+                os.remove(path)
+                removed.append(path)
+    if state_name:
+        folder = os.path.join(output_dir, state_name)
+        if os.path.isfile(os.path.join(folder, "train_state.json")):
+            shutil.rmtree(folder)
+            removed.append(folder)
+    return removed
+
+
 _PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

@@ -55,3 +55,78 @@ def test_sigkill_during_saves_never_leaves_a_truncated_file(tmp_path):
         p.kill()
         p.wait()
     assert kills == 12 and len(seen_steps) > 1  # saves really happened between kills
+
+
+# -- --save_last_n_*: the saves pushed out of the kept window are deleted, nothing else -----------------------------
+
+def test_rotated_out_names_as_sd_scripts_computes_them():
+    from types import SimpleNamespace
+
+    from library.train_util import rotated_out
+
+    def args(**kw):
+        base = dict(output_name="lora", save_every_n_epochs=2, save_every_n_steps=10, save_last_n_epochs=None,
+                    save_last_n_steps=None, save_last_n_epochs_state=None, save_last_n_steps_state=None)
+        return SimpleNamespace(**{**base, **kw})
+
+    # epochs count saves: every 2 epochs, keep 2 -> the save at epoch 6 pushes out epoch 2
+    assert rotated_out(args(save_last_n_epochs=2), epoch=6) == ("lora-000002.safetensors", "lora-000002-state")
+    assert rotated_out(args(save_last_n_epochs=2), epoch=4) == (None, None)  # epoch 0 was never saved
+    assert rotated_out(args(save_last_n_epochs=2, save_last_n_epochs_state=1), epoch=6) == \
+        ("lora-000002.safetensors", "lora-000004-state")
+    # steps are a distance: every 10, last 30 -> at step 50 the save of step 10 goes (sd-scripts' own example)
+    assert rotated_out(args(save_last_n_steps=30), step=50) == ("lora-step00000010.safetensors",
+                                                                "lora-step00000010-state")
+    assert rotated_out(args(save_last_n_steps=30), step=40) == (None, None)
+    assert rotated_out(args(save_last_n_steps=25), step=50) == ("lora-step00000020.safetensors",
+                                                                "lora-step00000020-state")
+    assert rotated_out(args(), step=50) == (None, None) and rotated_out(args(), epoch=6) == (None, None)
+    assert rotated_out(args(output_name=None, save_last_n_steps=30), step=50)[0] == "at-step00000010.safetensors"
+
+
+def test_remove_old_save_deletes_only_what_is_ours(tmp_path):
+    from library.train_util import remove_old_save
+
+    for name in ("lora-000002.safetensors", "lora-000002_gamma.png", "lora-000004.safetensors", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "lora-000002-state").mkdir()
+    (tmp_path / "lora-000002-state" / "train_state.json").write_text("{}")
+    (tmp_path / "lora-000004-state").mkdir()  # not a state folder of ours: kept
+    removed = remove_old_save(str(tmp_path), "lora-000002.safetensors", "lora-000002-state")
+    assert sorted(os.path.basename(p) for p in removed) == ["lora-000002-state", "lora-000002.safetensors",
+                                                           "lora-000002_gamma.png"]
+    assert remove_old_save(str(tmp_path), "lora-000004.safetensors", "lora-000004-state") == \
+        [str(tmp_path / "lora-000004.safetensors")]
+    assert sorted(os.listdir(tmp_path)) == ["lora-000004-state", "notes.txt"]
+    assert remove_old_save(str(tmp_path), None, None) == []
+
+
+def test_trainer_keeps_the_last_saves_and_states(tiny_world, tmp_path, capsys):
+    import train_apt_lora
+
+    def run(out, *extra):
+        return train_apt_lora.main(["--pretrained_model_name_or_path", tiny_world.model("sd1"), "--dataset_config",
+                                    tiny_world.dataset, "--output_dir", str(out), "--output_name", "lora",
+                                    "--network_dim", "2", "--max_train_steps", "8", "--seed", "1", *extra])
+
+    out = tmp_path / "out"
+    assert run(out, "--save_every_n_steps", "2", "--save_last_n_steps", "3", "--save_state",
+               "--save_last_n_steps_state", "1") == 0
+    # saves at 2, 4, 6 (8 is the final one): at 6 the LoRA of step 2 goes; the states of 2 and 4 went at 4 and 6
+    assert sorted(os.listdir(out)) == sorted(["lora-state", "lora-step00000004.safetensors",
+                                              "lora-step00000006.safetensors", "lora-step00000006-state",
+                                              "lora.safetensors"])
+    assert "removed " + str(out / "lora-step00000002.safetensors") in capsys.readouterr().out
+
+    out = tmp_path / "end"
+    assert run(out, "--save_every_n_steps", "4", "--save_state_on_train_end") == 0
+    assert sorted(os.listdir(out)) == ["lora-state", "lora-step00000004.safetensors", "lora.safetensors"]
+
+    for extra, message in ((["--save_last_n_epochs", "2"], "--save_last_n_epochs keeps the last of the saves that "
+                                                           "--save_every_n_epochs makes"),
+                           (["--save_every_n_steps", "2", "--save_last_n_steps_state", "1"],
+                            "--save_last_n_steps_state keeps training states: add --save_state"),
+                           (["--save_every_n_steps", "2", "--save_last_n_steps", "0"],
+                            "--save_last_n_steps must be at least 1, got 0")):
+        assert run(tmp_path / "bad", *extra) == 2
+        assert message in capsys.readouterr().err
