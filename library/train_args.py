@@ -40,6 +40,8 @@ def _network_args(p: argparse.ArgumentParser) -> None:
                    help='extra "key=value" options: conv_dim, conv_alpha, rank_dropout, module_dropout')
     g.add_argument("--network_weights", type=str, default=None, help="continue training from this LoRA .safetensors")
     g.add_argument("--network_train_unet_only", action="store_true", help="train the UNet LoRA only (no text encoder LoRA)")
+    g.add_argument("--network_train_text_encoder_only", action="store_true",
+                   help="train the text encoders' LoRA only (no UNet LoRA)")
     g.add_argument("--network_multiplier", type=float, default=1.0, help="LoRA multiplier during training")
     g.add_argument("--no_fused_lora", action="store_true",
                    help="compute each Linear LoRA branch as separate down, up, scale and add ops instead of down + one "

@@ -196,6 +196,22 @@ def test_gradient_accumulation_and_text_encoder_cache(tiny, images, tmp_path):
         assert f.metadata()["ss_steps"] == "3"
 
 
+def test_text_encoder_only_trains_the_text_encoders_lora_with_apt(tiny, images, tmp_path, capsys):
+    """--network_train_text_encoder_only: the file holds text-encoder modules only, all trained (APT's losses reach
+    them through the UNet); combined with --network_train_unet_only it is refused."""
+    out = tmp_path / "out"
+    assert _train(tiny["sdxl"], _dataset(tmp_path, images), out, "--network_train_text_encoder_only", "--apt") == 0
+    with safe_open(str(out / "lora.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        ups = [f.get_tensor(k) for k in keys if k.endswith("lora_up.weight")]
+    assert keys and all(k.startswith(("lora_te1_", "lora_te2_")) for k in keys)
+    assert sum(bool(torch.count_nonzero(u)) for u in ups) > len(ups) // 2  # trained (up starts at 0)
+    rc = _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "bad", "--network_train_text_encoder_only",
+                "--network_train_unet_only")
+    assert rc == 2 and "--network_train_unet_only and --network_train_text_encoder_only exclude each other" in \
+        capsys.readouterr().err
+
+
 def test_nan_steps_are_skipped_then_the_run_stops_with_the_likely_cause(tiny, images, tmp_path, capsys, nan_steps):
     """A NaN loss skips the step (no weight update); after --max_bad_steps the run stops and names the causes."""
     nan_steps(lambda n: n % 2 == 0)

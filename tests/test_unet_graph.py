@@ -87,26 +87,29 @@ def test_apt_steps_through_the_unet_graph_equal_eager(arch, components, te):
         assert eager[0][0][1]["apt/L_attn"] > 0  # the alignment terms are computed from the returned maps
 
 
-@pytest.mark.parametrize("arch,accumulation,flags", [
-    ("sd1", 1, ["--unet_cuda_graph"]), ("sd1", 2, ["--unet_cuda_graph"]),
-    ("sd1", 2, ["--text_encoder_cuda_graph"]), ("sdxl", 1, ["--unet_cuda_graph", "--text_encoder_cuda_graph"]),
-    ("sdxl", 2, ["--unet_cuda_graph", "--text_encoder_cuda_graph"])])
-def test_plain_trainer_steps_through_the_graphs_equal_eager(arch, accumulation, flags):
+@pytest.mark.parametrize("arch,accumulation,flags,base", [
+    ("sd1", 1, ["--unet_cuda_graph"], []), ("sd1", 2, ["--unet_cuda_graph"], []),
+    ("sd1", 2, ["--text_encoder_cuda_graph"], []), ("sdxl", 1, ["--unet_cuda_graph", "--text_encoder_cuda_graph"], []),
+    ("sdxl", 2, ["--unet_cuda_graph", "--text_encoder_cuda_graph"], []),
+    ("sd1", 1, ["--unet_cuda_graph", "--text_encoder_cuda_graph"], ["--network_train_text_encoder_only"])])
+def test_plain_trainer_steps_through_the_graphs_equal_eager(arch, accumulation, flags, base):
     """The trainer's own loop body (micro_batch: backward, clipping, AdamW) with and without the graph paths (UNet,
-    text encoders with their LoRA training, both: the context's gradient flows from one recording into the other);
-    with gradient accumulation the gradients stay allocated between windows (zeroed, not freed)."""
+    text encoders with their LoRA training, both: the context's gradient flows from one recording into the other,
+    also through a UNet without LoRA); with gradient accumulation the gradients stay allocated between windows
+    (zeroed, not freed)."""
     from bench.common import build_step_fn, make_batch, make_bench_args
 
     results = []
     for graph in (False, True):
         model = build_tiny_model(arch)
-        extra = ["--gradient_accumulation_steps", str(accumulation)] + (flags if graph else [])
+        extra = ["--gradient_accumulation_steps", str(accumulation)] + base + (flags if graph else [])
         args = make_bench_args(rank=4, extra=extra)
         torch.manual_seed(0)
         bench = build_step_fn(model, args, device="cpu", batch=make_batch(model, 2, resolution=64))
         assert (bench.ctx.unet_graph is not None) == (graph and "--unet_cuda_graph" in flags)
         assert (bench.ctx.te_graph is not None) == (graph and "--text_encoder_cuda_graph" in flags)
         assert any(lora.lora_name.startswith("lora_te") for lora in bench.network.loras)  # the text encoders train
+        assert bool(bench.network.unet_loras) == ("--network_train_text_encoder_only" not in base)
         grads_before = [p.grad for p in bench.trainable]
         start = [p.detach().clone() for p in bench.trainable]
         losses = []
