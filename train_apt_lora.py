@@ -546,7 +546,10 @@ def train(args):
     optimizer_name, optimizer = get_optimizer(args, params)
     lr_scheduler = get_lr_scheduler(args, optimizer, args.max_train_steps)
 
-    loader = dataset_lib.make_loader(data, args, args.seed, pin_memory=device.type == "cuda")
+    loader = dataset_lib.make_loader(data, args, args.seed, device_type=device.type)
+    if args.max_data_loader_n_workers is None and loader.num_workers and is_main:
+        logger.info("data loader: %d persistent worker processes decode the images ahead of the steps "
+                    "(--max_data_loader_n_workers 0 for none)", loader.num_workers)
     advice = dataset_lib.loader_advice(args, device.type)
     if advice and is_main:
         logger.warning(advice)

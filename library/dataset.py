@@ -717,28 +717,43 @@ def collate_batch(items: list[dict]) -> dict:
     return items[0]
 
 
-def make_loader(data: "DatasetGroup", args, seed: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+AUTO_WORKERS = 4  # worker processes by default where images are decoded during training on CUDA
+
+
+def loader_workers(args, device_type: str) -> tuple[int, bool]:
+    """(worker processes, persistent) of the trainer's loader. `--max_data_loader_n_workers` when given (with
+    `--persistent_data_loader_workers`). By default (None): where a CUDA step would wait for images decoded in the
+    main process (latents not cached: ~90 ms per 1024² photo on one core, bench/results/data_loader-cpu.md, against
+    a fast SDXL step near 150 ms), `AUTO_WORKERS` persistent workers, at most the cores less one; otherwise none:
+    a cached batch costs < 1 ms in the main process, and workers add start-up time and memory."""
+    given = getattr(args, "max_data_loader_n_workers", None)
+    if given is not None:
+        return int(given), bool(getattr(args, "persistent_data_loader_workers", False)) and given > 0
+    if device_type != "cuda" or getattr(args, "cache_latents", False):
+        return 0, False
+    return min(AUTO_WORKERS, max(1, (os.cpu_count() or 2) - 1)), True
+
+
+def make_loader(data: "DatasetGroup", args, seed: int, device_type: str = "cpu") -> torch.utils.data.DataLoader:
     """The trainer's DataLoader over `data` (items are whole batches): shuffled by its own generator, so starting
-    an epoch's iterator draws nothing from the global RNG (exact resume); `--max_data_loader_n_workers` processes
-    (each item's randomness is seeded by (seed, epoch, item), so workers change no result), kept across epochs with
-    `--persistent_data_loader_workers`. `pin_memory` (on CUDA): batches are pinned by the loader's thread, so their
-    copy to the GPU is queued without the host waiting (library/transfer.py). bench/data_loader.py times it."""
-    workers = int(getattr(args, "max_data_loader_n_workers", 0) or 0)
-    return torch.utils.data.DataLoader(data, batch_size=1, shuffle=True, collate_fn=collate_batch, pin_memory=pin_memory,
-                                       generator=torch.Generator().manual_seed(seed), num_workers=workers,
-                                       persistent_workers=bool(getattr(args, "persistent_data_loader_workers", False))
-                                       and workers > 0)
+    an epoch's iterator draws nothing from the global RNG (exact resume); `loader_workers` processes (each item's
+    randomness is seeded by (seed, epoch, item), so workers change no result). On CUDA batches are pinned by the
+    loader's thread, so their copy to the GPU is queued without the host waiting (library/transfer.py).
+    bench/data_loader.py times it."""
+    workers, persistent = loader_workers(args, device_type)
+    return torch.utils.data.DataLoader(data, batch_size=1, shuffle=True, collate_fn=collate_batch,
+                                       pin_memory=device_type == "cuda", generator=torch.Generator().manual_seed(seed),
+                                       num_workers=workers, persistent_workers=persistent)
 
 
 def loader_advice(args, device_type: str) -> str | None:
-    """A warning when a CUDA step will wait for images decoded in the main process: a 1024² photo takes ~90 ms
-    to decode, resize and crop on one core (bench/results/data_loader-cpu.md), batch 4 ~390 ms, while a fast
-    SDXL step is expected near 150 ms (docs/speed.md). None when latents are cached or workers load ahead."""
-    if device_type != "cuda" or getattr(args, "cache_latents", False) or (args.max_data_loader_n_workers or 0) > 0:
+    """A warning when a CUDA step will wait for images decoded in the main process because the user asked for no
+    workers (`loader_workers` picks some by default). None when latents are cached or workers load ahead."""
+    if device_type != "cuda" or getattr(args, "cache_latents", False) or loader_workers(args, device_type)[0] > 0:
         return None
     return ("images are decoded and resized in the main process between steps (~90 ms per 1024² photo): a fast GPU "
             "step waits for them. Pass --cache_latents (each image encoded once), or load ahead with "
-            "--max_data_loader_n_workers 4 --persistent_data_loader_workers")
+            f"--max_data_loader_n_workers {AUTO_WORKERS} --persistent_data_loader_workers (the default here)")
 
 
 def build_dataset_group(blueprints: list[DatasetBlueprint], *, is_sdxl: bool, seed: int | None,

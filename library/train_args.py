@@ -83,8 +83,9 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularization images")
     g.add_argument("--max_image_pixels", type=int, default=None,
                    help="refuse images with more pixels than this (decompression bombs; default 178956970)")
-    g.add_argument("--max_data_loader_n_workers", type=int, default=0,
-                   help="DataLoader worker processes (0: load in the main process)")
+    g.add_argument("--max_data_loader_n_workers", type=int, default=None,
+                   help="DataLoader worker processes (0: load in the main process). Default: 4 persistent ones "
+                        "(at most the cores less one) on CUDA without --cache_latents, else 0")
     g.add_argument("--persistent_data_loader_workers", action="store_true")
     g.add_argument("--cache_latents", action="store_true", help="encode every image once before training (in memory)")
     g.add_argument("--cache_latents_to_disk", action="store_true", help="cache latents in <image>_<W>x<H>_sd.safetensors files beside the images")

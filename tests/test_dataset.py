@@ -366,13 +366,24 @@ def test_make_loader_workers_give_the_batches_of_the_main_process(tmp_path):
     assert runs[0] == runs[1] and len(runs[0]) == 5
 
 
-def test_loader_advice_only_for_a_cuda_step_decoding_images():
+def test_workers_by_default_only_where_a_cuda_step_would_wait_for_images(monkeypatch):
     from types import SimpleNamespace
 
-    from library.dataset import loader_advice
+    from library.dataset import loader_advice, loader_workers
 
-    a = lambda cache, workers: SimpleNamespace(cache_latents=cache, max_data_loader_n_workers=workers)  # noqa: E731
+    a = lambda cache, workers, persistent=False: SimpleNamespace(  # noqa: E731
+        cache_latents=cache, max_data_loader_n_workers=workers, persistent_data_loader_workers=persistent)
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert loader_workers(a(False, None), "cuda") == (4, True)  # images decoded ahead, workers kept across epochs
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert loader_workers(a(False, None), "cuda") == (1, True)  # a core left for the training loop
+    assert loader_workers(a(True, None), "cuda") == (0, False) and loader_workers(a(False, None), "cpu") == (0, False)
+    assert loader_workers(a(False, 0), "cuda") == (0, False)  # what the user asked for
+    assert loader_workers(a(True, 2, True), "cpu") == (2, True) and loader_workers(a(True, 2), "cpu") == (2, False)
+    assert loader_workers(a(False, 0, True), "cuda") == (0, False)  # persistent needs workers
+    # the warning only when the user turned the workers off
     assert "--cache_latents" in loader_advice(a(False, 0), "cuda")
     assert "--max_data_loader_n_workers 4" in loader_advice(a(False, 0), "cuda")
+    assert loader_advice(a(False, None), "cuda") is None
     assert loader_advice(a(True, 0), "cuda") is None and loader_advice(a(False, 2), "cuda") is None
     assert loader_advice(a(False, 0), "cpu") is None
