@@ -115,7 +115,15 @@ def micro_batch(args, ctx, batch, optimizer, lr_scheduler, trainable, step_fn=No
             if getattr(ctx, "defer_read", False):
                 ok_everywhere = every_rank(ok, accelerator)
                 window = WindowRead(finite, ok, loss, shown, ctx.window_keys, ok_everywhere)
-                getattr(optimizer, "optimizer", optimizer).found_inf = (~ok_everywhere).float()  # the fused kernel's skip
+                if accelerator.scaler is None:
+                    getattr(optimizer, "optimizer", optimizer).found_inf = (~ok_everywhere).float()  # the fused skip
+                else:  # fp16: GradScaler finds overflowing gradients as it unscales, and hands the fused optimizer
+                    # its found_inf itself; a non-finite loss anywhere makes every gradient NaN, so it skips that too
+                    grads = [p.grad for p in trainable if p.grad is not None]
+                    if grads:
+                        torch._foreach_mul_(grads, torch.where(ok_everywhere, 1.0, float("nan")))
+                    all_reduce_gradients(trainable, accelerator)
+                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm or float("inf"))  # unscales
                 optimizer.step()
                 lr_scheduler.step()  # a dropped update still counts as a step (as GradScaler's skips do)
                 status = "queued"

@@ -104,17 +104,15 @@ def _all_on_cuda(params) -> bool:
 
 def defer_step_read(args, optimizer, device_type: str) -> bool:
     """--defer_step_read: whether a non-finite update is dropped on the device (the optimizer's `found_inf`, which
-    GradScaler uses with fused optimizers) and each step read back one step later, so that the host never waits
-    for the device. auto: on CUDA when the optimizer can (AdamW is fused there by default); on: wherever it can,
-    else an error saying why; off: one read at each step's end decides the step."""
+    GradScaler uses with fused optimizers, fp16 or not) and each step read back one step later, so that the host
+    never waits for the device. auto: on CUDA when the optimizer can (AdamW is fused there by default); on: wherever
+    it can, else an error saying why; off: one read at each step's end decides the step."""
     mode = getattr(args, "defer_step_read", "off")
     if mode == "off":
         return False
     inner = getattr(optimizer, "optimizer", optimizer)  # under accelerate's AcceleratedOptimizer
     why = None
-    if getattr(args, "mixed_precision", "no") == "fp16":
-        why = "fp16's GradScaler reads its overflow flag on the host (use --mixed_precision bf16)"
-    elif not getattr(inner, "_step_supports_amp_scaling", False):
+    if not getattr(inner, "_step_supports_amp_scaling", False):
         why = (f"{type(inner).__name__} cannot skip an update on the device (AdamW with fused=True can: the default "
                "on CUDA unless --optimizer_args names fused or foreach)")
     if why and mode == "on":

@@ -15,14 +15,22 @@ from library.optimizers import defer_step_read
 from library.train_util import TrainingSetupError
 
 
-def _ctx(defer):
+def _ctx(defer, fp16=False):
+    """A one-layer network under a CPU accelerator. `fp16`: accelerate gives no GradScaler on a CPU, so torch's CPU
+    GradScaler takes its place (as accelerate's own on CUDA: loss scaled in backward, unscaled by clipping, the step
+    through it)."""
     from accelerate import Accelerator
 
     torch.manual_seed(0)
     net = torch.nn.Linear(3, 2)
-    ctx = SimpleNamespace(accelerator=Accelerator(cpu=True), network=net, window_losses=[], window_keys=[],
+    accelerator = Accelerator(cpu=True)
+    if fp16:
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    ctx = SimpleNamespace(accelerator=accelerator, network=net, window_losses=[], window_keys=[],
                           keep_grads=False, defer_read=defer)
     opt = ctx.accelerator.prepare(torch.optim.AdamW(net.parameters(), lr=0.1, fused=True))
+    if fp16:
+        accelerator.unscale_gradients = lambda optimizer=None: accelerator.scaler.unscale_(opt.optimizer)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     return ctx, net, opt, sched
 
@@ -31,13 +39,16 @@ X = torch.tensor([[1.0, 2.0, 3.0]])
 
 
 def _step(kind):
-    """A step function: "good", "nan_loss" (loss and gradients NaN), "inf_grad" (finite loss, NaN gradients)."""
+    """A step function: "good", "nan_loss" (loss and gradients NaN), "nan_const" (NaN loss, finite gradients),
+    "inf_grad" (finite loss, NaN gradients)."""
 
     def step(args, ctx, batch):
         net = ctx.network
         loss = (net(X) ** 2).mean()
         if kind == "nan_loss":
             loss = loss * float("nan")
+        elif kind == "nan_const":  # a NaN that no gradient sees: the loss is NaN, the gradients finite
+            loss = loss + torch.tensor(float("nan"))
         elif kind == "inf_grad":
             loss = loss + (net.weight.sum() - net.weight.sum().detach()).abs().sqrt()  # 0, gradient 0 * inf
         return loss, {"double": loss * 2}
@@ -48,17 +59,17 @@ def _step(kind):
 KINDS = ["good", "nan_loss", "good", "inf_grad", "good"]
 
 
-def _run(defer):
-    ctx, net, opt, sched = _ctx(defer)
+def _run(defer, fp16=False, kinds=KINDS):
+    ctx, net, opt, sched = _ctx(defer, fp16)
     results = [train_apt_lora.micro_batch(SimpleNamespace(max_grad_norm=1.0), ctx, {"image_keys": [f"img{i}"]}, opt,
                                           sched, list(net.parameters()), _step(kind), read=("double",))
-               for i, kind in enumerate(KINDS)]
-    return results, net, opt.optimizer, sched
+               for i, kind in enumerate(kinds)]
+    return results, net, opt.optimizer, sched, ctx.accelerator.scaler
 
 
 def test_deferred_updates_equal_the_read_at_once_path_and_a_dropped_one_counts():
-    eager, net_e, opt_e, sched_e = _run(False)
-    deferred, net_d, opt_d, sched_d = _run(True)
+    eager, net_e, opt_e, sched_e, _ = _run(False)
+    deferred, net_d, opt_d, sched_d, _ = _run(True)
     assert [r.status for r in eager] == ["stepped", "skipped", "stepped", "skipped", "stepped"]
     assert [r.status for r in deferred] == ["queued"] * 5 and all(r.values is None for r in deferred)
     assert [r.read.skipped for r in deferred] == [False, True, False, True, False]
@@ -76,8 +87,29 @@ def test_deferred_updates_equal_the_read_at_once_path_and_a_dropped_one_counts()
     assert deferred[3].read.warning().startswith("non-finite gradients (images: img3)")
 
 
-def test_the_deferred_window_end_reads_nothing(monkeypatch):
-    ctx, net, opt, sched = _ctx(True)
+def test_fp16_deferred_updates_equal_the_read_at_once_path():
+    """fp16: GradScaler skips the overflowing window (inf_grad) in both paths, uncounted as a bad step; the NaN-loss
+    windows (NaN gradients, or NaN loss and finite gradients) are dropped on the device too. The weights and Adam state equal the read-at-once path bit for bit (the
+    scales are powers of two, so unscaling is exact); what differs is the scale, which the dropped NaN window also
+    halves, and the step count."""
+    kinds = KINDS + ["nan_const", "good"]
+    eager, net_e, opt_e, sched_e, scaler_e = _run(False, True, kinds)
+    deferred, net_d, opt_d, sched_d, scaler_d = _run(True, True, kinds)
+    assert [r.status for r in eager] == ["stepped", "skipped", "stepped", "stepped", "stepped", "skipped", "stepped"]
+    assert [r.read.skipped for r in deferred] == [False, True, False, False, False, True, False]
+    assert torch.equal(net_e.weight, net_d.weight) and torch.equal(net_e.bias, net_d.bias)
+    assert not torch.equal(net_d.weight, _ctx(False)[1].weight)
+    for p_e, p_d in zip(net_e.parameters(), net_d.parameters()):
+        s_e, s_d = opt_e.state[p_e], opt_d.state[p_d]
+        assert float(s_e["step"]) == float(s_d["step"]) == 4  # the NaN losses and the overflow left no trace
+        assert torch.equal(s_e["exp_avg"], s_d["exp_avg"]) and torch.equal(s_e["exp_avg_sq"], s_d["exp_avg_sq"])
+    assert sched_e.last_epoch == 5 and sched_d.last_epoch == 7
+    assert scaler_e.get_scale() == 8.0 and scaler_d.get_scale() == 2.0
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_the_deferred_window_end_reads_nothing(monkeypatch, fp16):
+    ctx, net, opt, sched = _ctx(True, fp16)
     reads = []
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
         real = getattr(torch.Tensor, name)
@@ -100,11 +132,9 @@ def test_which_runs_defer():
     assert defer_step_read(args("auto"), fused, "cuda") and defer_step_read(args("auto"), wrapped, "cuda")
     assert not defer_step_read(args("auto"), fused, "cpu")  # nothing to wait for on a CPU
     assert defer_step_read(args("on"), fused, "cpu") and not defer_step_read(args("off"), fused, "cuda")
-    assert not defer_step_read(args("auto"), foreach, "cuda") and not defer_step_read(args("auto", "fp16"), fused, "cuda")
+    assert not defer_step_read(args("auto"), foreach, "cuda") and defer_step_read(args("auto", "fp16"), fused, "cuda")
     with pytest.raises(TrainingSetupError, match=r"--defer_step_read on: AdamW cannot skip .*fused=True"):
         defer_step_read(args("on"), foreach, "cpu")
-    with pytest.raises(TrainingSetupError, match=r"--defer_step_read on: fp16's GradScaler .*bf16"):
-        defer_step_read(args("on", "fp16"), fused, "cuda")
 
 
 def _tb_scalars(log_root):
