@@ -15,7 +15,7 @@ import math
 import os
 from typing import Optional, Sequence
 
-from library.sd_scripts_flags import NO_EFFECT, NotImplementedFlag
+from library.sd_scripts_flags import NO_EFFECT, NotImplementedFlag, asks_for_nothing
 from library.train_util import TrainingSetupError
 
 logger = logging.getLogger(__name__)
@@ -181,6 +181,8 @@ def read_config_file(args, parser: argparse.ArgumentParser, argv: Optional[Seque
         if key in ("config_file", "output_config"):
             continue  # meaningless inside the file itself
         if isinstance(actions[key], NotImplementedFlag):
+            if asks_for_nothing(value):
+                continue  # e.g. masked_loss = false, as GUIs write it
             raise TrainingSetupError(f"--config_file {path}: {where[key]} {actions[key].message()}")
         if key in NO_EFFECT:  # accepted whatever its value; the trainer says it changes nothing
             values[key] = value

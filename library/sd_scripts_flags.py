@@ -87,8 +87,22 @@ NO_EFFECT = {  # flag -> (takes a value, why it does nothing here)
 }
 
 
+_OFF_TEXT = ("", "0", "0.0", "false", "none")
+
+
+def asks_for_nothing(value, command_line: bool = False) -> bool:
+    """Whether a flag's value leaves the feature off: false, 0, "" or an empty list in a TOML file (sd-scripts GUIs
+    write every key, most at such a default), or `--flag 0` / `--flag ""` on the command line (where a bare
+    `--flag`, no values, turns it on)."""
+    if command_line:
+        return bool(value) and all(str(v).strip().lower() in _OFF_TEXT for v in value)
+    return value is None or value is False or value == [] or value == "" or (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0)
+
+
 class NotImplementedFlag(argparse.Action):
-    """An sd-scripts flag this trainer does not implement: an error naming it and what to do instead."""
+    """An sd-scripts flag this trainer does not implement: an error naming it and what to do instead, unless its
+    value leaves it off (`asks_for_nothing`)."""
 
     def __init__(self, option_strings, dest, advice: str = "", **kwargs):
         super().__init__(option_strings, dest, nargs="*", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -99,7 +113,8 @@ class NotImplementedFlag(argparse.Action):
         return f"is an sd-scripts flag that APT-LoRA does not implement ({what}): {todo}"
 
     def __call__(self, parser, namespace, values, option_string=None):
-        raise argparse.ArgumentError(self, self.message())
+        if not asks_for_nothing(values, command_line=True):
+            raise argparse.ArgumentError(self, self.message())
 
 
 def add_to_parser(p: argparse.ArgumentParser) -> None:
@@ -114,13 +129,16 @@ def add_to_parser(p: argparse.ArgumentParser) -> None:
 
 def no_effect_notes(args) -> list[str]:
     """One line per accepted flag the run was given, saying why it changes nothing."""
-    return [f"--{flag} has no effect here: {why}" for flag, (_, why) in NO_EFFECT.items() if hasattr(args, flag)]
+    return [f"--{flag} has no effect here: {why}" for flag, (_, why) in NO_EFFECT.items()
+            if hasattr(args, flag) and not asks_for_nothing(getattr(args, flag))]
 
 
 def markdown_table() -> str:
     """The flags that fail, for docs/cli.md."""
     lines = ["## sd-scripts flags not implemented", "",
-             "Given on the command line or in a `--config_file`, each is an error that says what to do instead.", "",
+             "Given on the command line or in a `--config_file`, each is an error that says what to do instead, unless",
+             "its value leaves it off (`false`, `0`, `\"\"`: sd-scripts GUIs write every key, most at such a default).",
+             "",
              "| flag | in sd-scripts | here |", "|---|---|---|"]
     for flag, advice in NOT_IMPLEMENTED.items():
         what, todo = advice.split("; ", 1)

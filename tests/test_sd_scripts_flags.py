@@ -33,6 +33,22 @@ def test_a_flag_not_implemented_in_a_config_file_names_the_file_and_key(tmp_path
     assert "does not implement (base weights stored in fp8): use --mixed_precision bf16" in str(e.value)
 
 
+def test_flags_left_off_are_accepted_as_gui_config_files_write_them(tmp_path, capsys):
+    """kohya_ss-style config files list every key, most at their default: those ask for nothing and pass."""
+    path = tmp_path / "gui.toml"
+    path.write_text('masked_loss = false\nscale_weight_norms = 0\nhuggingface_repo_id = ""\nfp8_base = false\n'
+                    'base_weights = []\nlowram = false\nmax_train_steps = 5\n', encoding="utf-8")
+    args = cf.parse_args_with_config(setup_parser(), ["--config_file", str(path), "--scale_weight_norms", "0.0",
+                                                      "--huggingface_token", ""])
+    assert args.max_train_steps == 5 and no_effect_notes(args) == []
+    with pytest.raises(SystemExit):
+        cf.parse_args_with_config(setup_parser(), ["--config_file", str(path), "--scale_weight_norms", "1.0"])
+    assert "argument --scale_weight_norms: is an sd-scripts flag" in capsys.readouterr().err
+    path.write_text("scale_weight_norms = 1.0\n", encoding="utf-8")
+    with pytest.raises(TrainingSetupError, match="scale_weight_norms is an sd-scripts flag"):
+        cf.parse_args_with_config(setup_parser(), ["--config_file", str(path)])
+
+
 def test_flags_without_effect_are_accepted_and_reported(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('highvram = true\ntokenizer_cache_dir = "/cache"\n', encoding="utf-8")
