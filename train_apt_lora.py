@@ -61,7 +61,7 @@ def plain_step(args, ctx, batch):
     target = get_target(model.noise_scheduler, latents, noise, timesteps)
 
     huber_c = get_huber_c(args, timesteps, model.noise_scheduler)
-    loss = per_sample_loss(pred.float(), target.float(), args.loss_type, huber_c)
+    loss = per_sample_loss(pred.float(), target.float(), args.loss_type, huber_c, mask=batch.get("alpha_masks"))
     loss = loss * batch["loss_weights"].to(device)
     loss = post_process_loss(loss, args, timesteps, model.noise_scheduler)
     return loss.mean(), {}
@@ -467,6 +467,10 @@ def train(args):
         fix_noise_scheduler_betas_for_zero_terminal_snr(model.noise_scheduler)
     user_config = config_util.load_dataset_config(args.dataset_config) if args.dataset_config else None
     blueprints = config_util.generate_blueprint(user_config, args, config_path=args.dataset_config, is_sdxl=model.is_sdxl)
+    if args.masked_loss and not any(sub.alpha_mask for bp in blueprints for sub in bp.subsets):
+        raise train_util.TrainingSetupError(
+            "--masked_loss weights the loss by masks, and here they come from the images' alpha channel: set "
+            "alpha_mask = true in the subsets whose images have one (or pass --alpha_mask for all)")
     if apt_enabled(args):  # fail now, not at the first step, when c cannot be derived from c*
         from apt_ext.prompts import PromptError, resolve_prior_class_tokens
 

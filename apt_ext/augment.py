@@ -113,6 +113,15 @@ def apply_pixel_aug(images: torch.Tensor, mask: torch.Tensor, scales: torch.Tens
     return _apply(images, mask, scales, angles, fill, antialias)
 
 
+def apply_mask_aug(loss_mask: torch.Tensor, mask: torch.Tensor, scales: torch.Tensor, angles: torch.Tensor,
+                   antialias: bool = True) -> torch.Tensor:
+    """The same affine on per-pixel loss weights (B, H, W) or (B, 1, H, W) (alpha masks): the weights move with
+    the content, and the uncovered border weighs 0 (it is not the subject; sd-scripts' masks are 0 there too)."""
+    x = loss_mask.unsqueeze(1) if loss_mask.dim() == 3 else loss_mask
+    out = _apply(x.float(), mask, scales, angles, torch.zeros(1, 1, 1, 1), antialias)
+    return out.squeeze(1) if loss_mask.dim() == 3 else out
+
+
 def apply_latent_aug(latents: torch.Tensor, mask: torch.Tensor, scales: torch.Tensor, angles: torch.Tensor,
                      fill_latent: torch.Tensor, antialias: bool = True) -> torch.Tensor:
     """The same affine on latents (B, C, h, w); border = `fill_latent` ((C,) or (C, 1, 1): the latent of an
@@ -155,9 +164,10 @@ class AdaptiveAugment:
         self.antialias = bool(antialias)
 
     def __call__(self, x: torch.Tensor, gamma_per_sample: torch.Tensor, space: str,
-                 fill_latent: torch.Tensor | None = None, generator: torch.Generator | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (x_aug, mask). `space`: "pixel" ([−1, 1] images) or "latent" (needs `fill_latent`)."""
+                 fill_latent: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                 loss_mask: torch.Tensor | None = None):
+        """-> (x_aug, mask, loss_mask_aug): `loss_mask` (per-pixel loss weights such as alpha masks, any
+        resolution, or None) warped with x. `space`: "pixel" ([−1, 1] images) or "latent" (needs `fill_latent`)."""
         if space not in ("pixel", "latent"):
             raise ValueError(f"space must be 'pixel' or 'latent' (resolve 'auto' before), got {space!r}")
         if space == "latent" and fill_latent is None:
@@ -166,8 +176,12 @@ class AdaptiveAugment:
         mask = sample_aug_mask(aug_probability(gamma, self.p_max), generator)
         scales, angles = zoom_rotate_params(x.shape[0], self.scale_range, self.rotation_deg, generator)
         if space == "pixel":
-            return apply_pixel_aug(x, mask, scales, angles, self.antialias), mask
-        return apply_latent_aug(x, mask, scales, angles, fill_latent, self.antialias), mask
+            x_aug = apply_pixel_aug(x, mask, scales, angles, self.antialias)
+        else:
+            x_aug = apply_latent_aug(x, mask, scales, angles, fill_latent, self.antialias)
+        if loss_mask is not None:
+            loss_mask = apply_mask_aug(loss_mask, mask.to(loss_mask.device), scales, angles, self.antialias)
+        return x_aug, mask, loss_mask
 
     def __repr__(self) -> str:
         return (f"AdaptiveAugment(p_max={self.p_max}, scale_range={self.scale_range}, "

@@ -252,6 +252,7 @@ class StepInputs(NamedTuple):
     prior_captions: list
     pred_prior: torch.Tensor
     rec_prior: object  # CaptureRecord or None
+    loss_mask: Optional[torch.Tensor] = None  # alpha masks (B, H, W) as augmented, weighting both passes' losses
 
 
 def prepare_step(args, ctx, batch, apt: APT) -> StepInputs:
@@ -271,14 +272,16 @@ def prepare_step(args, ctx, batch, apt: APT) -> StepInputs:
     gamma = apt.indicator.gamma_for(timesteps).to(device)
     aug_mask = torch.zeros(bsz, dtype=torch.bool, device=device)
     p_aug = torch.zeros(bsz, device=device)
+    loss_mask = batch.get("alpha_masks")  # per-pixel loss weights: they move with the augmented content
     if "ata" in comps:
         p_aug = torch.where(is_reg, torch.zeros_like(gamma), gamma).clamp(0.0, apt.augment.p_max)
         if apt.aug_space == "pixel":
-            images, aug_mask = apt.augment(batch["images"].to(device), p_aug, "pixel")
+            images, aug_mask, loss_mask = apt.augment(batch["images"].to(device), p_aug, "pixel", loss_mask=loss_mask)
             batch = dict(batch, images=images)
             latents = ctx.encode_latents(batch)
         else:
-            latents, aug_mask = apt.augment(ctx.encode_latents(batch), p_aug, "latent", fill_latent=apt.fill_latent)
+            latents, aug_mask, loss_mask = apt.augment(ctx.encode_latents(batch), p_aug, "latent",
+                                                       fill_latent=apt.fill_latent, loss_mask=loss_mask)
     else:
         latents = ctx.encode_latents(batch)
 
@@ -295,7 +298,7 @@ def prepare_step(args, ctx, batch, apt: APT) -> StepInputs:
         cond_prior = ctx.encode_base_text(prior_captions)  # memoised per caption: the base encoders never change
         pred_prior, rec_prior = apt.prior_pass(ctx, noisy, timesteps, cond_prior, time_ids)
     return StepInputs(batch, is_reg, timesteps, gamma, p_aug, aug_mask, noisy, target, time_ids, prior_captions,
-                      pred_prior, rec_prior)
+                      pred_prior, rec_prior, loss_mask)
 
 
 def apt_step(args, ctx, batch, apt: APT):
@@ -316,16 +319,18 @@ def apt_step(args, ctx, batch, apt: APT):
     cond = ctx.encode_text(captions)
     pred, rec_ft = apt.ft_pass(ctx, noisy, timesteps, cond, time_ids)
 
-    # per-sample MSE of both passes: the indicator's inputs, unweighted (§2.1)
-    mse_ft = per_sample_loss(pred, target, "l2")
-    mse_prior = per_sample_loss(pred_prior, target, "l2")
+    # per-sample MSE of both passes: the indicator's inputs, unweighted (§2.1) but for the alpha masks, which
+    # weight both alike (the indicator compares the two models on the same pixels)
+    mse_ft = per_sample_loss(pred, target, "l2", mask=x.loss_mask)
+    mse_prior = per_sample_loss(pred_prior, target, "l2", mask=x.loss_mask)
 
     if args.loss_type == "dco":  # DCO on subject samples; reg samples keep the plain loss (prior preservation)
         loss_dm = torch.where(is_reg, mse_ft, dco_loss(mse_ft, mse_prior, args.dco_beta))
         loss_dm = loss_dm * batch["loss_weights"].to(device)
     else:
         huber_c = get_huber_c(args, timesteps, model.noise_scheduler)
-        loss_dm = mse_ft if args.loss_type == "l2" else per_sample_loss(pred, target, args.loss_type, huber_c)
+        loss_dm = mse_ft if args.loss_type == "l2" else per_sample_loss(pred, target, args.loss_type, huber_c,
+                                                                        mask=x.loss_mask)
         loss_dm = post_process_loss(loss_dm * batch["loss_weights"].to(device), args, timesteps,
                                                model.noise_scheduler)
 

@@ -113,14 +113,16 @@ def resize_filter(size: tuple[int, int], target: tuple[int, int], interpolation:
 
 def resize_and_crop(image: Image.Image, bucket_reso: tuple[int, int], resized_size: tuple[int, int], *,
                     random_crop: bool = False, rng: random.Random | None = None,
-                    interpolation: str | None = None) -> tuple[Image.Image, tuple[int, int]]:
+                    interpolation: str | None = None,
+                    offset: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """Resize to `resized_size` (covers the bucket), then crop to `bucket_reso`: centred, or at a random offset
-    with `random_crop`. Returns the crop and its (left, top) offset in the resized image."""
+    with `random_crop`, or at `offset` (the image's own crop, for its alpha mask). Returns the crop and its
+    (left, top) offset in the resized image."""
     if image.size != tuple(resized_size):
         image = image.resize(tuple(resized_size), resize_filter(image.size, resized_size, interpolation))
     w, h = image.size
-    offsets = []
-    for size, target in ((w, bucket_reso[0]), (h, bucket_reso[1])):
+    offsets = list(offset) if offset is not None else []
+    for size, target in ((w, bucket_reso[0]), (h, bucket_reso[1])) if offset is None else ():
         trim = max(size - target, 0)
         offsets.append(rng.randint(0, trim) if random_crop and trim > 0 else trim // 2)
     left, top = offsets

@@ -648,8 +648,6 @@ def _check_subset_values(s: SubsetBlueprint, w: dict, is_db: bool) -> None:
     if s.token_warmup_step:
         raise _not_supported(f"{w['token_warmup_step']} = {s.token_warmup_step}", "token_warmup_step",
                              "caption token warm-up")
-    if s.alpha_mask:
-        raise _not_supported(f"{w['alpha_mask']} = true", "alpha_mask", "alpha-channel loss masks")
     if s.custom_attributes:
         logger.warning(f"{w['custom_attributes']}: custom_attributes are ignored (sd-scripts' LoRA trainer for SD "
                        f"does not use them either).")

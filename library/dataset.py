@@ -48,6 +48,7 @@ class ImageInfo:
     latents_cache: str | None = None  # disk cache (loaded per sample)
     cached_original_size: tuple[int, int] | None = None
     cached_crop_ltrb: tuple[float, float, float, float] | None = None
+    alpha_mask: torch.Tensor | None = None  # (H, W) uint8 of the bucket, cached with the latents (alpha_mask subsets)
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
 
@@ -124,9 +125,11 @@ def _describe_failure(path: str, e: Exception) -> str:
     return f"cannot be read ({type(e).__name__}: {e}). Re-save or remove it"
 
 
-def load_image_rgb(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, *, probe: bool = False):
+def load_image_rgb(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, *, probe: bool = False,
+                   with_alpha: bool = False):
     """Decode an image fully: pixel limit, EXIF orientation applied, 8-bit RGB. Returns the PIL RGB image, or with
-    `probe` (size (w, h) of the upright image, has transparency). Raises ImageRefused or PIL/OS errors."""
+    `probe` (size (w, h) of the upright image, has transparency), or `with_alpha` (RGB image, its alpha channel as
+    an "L" image: 255 everywhere for an image without one). Raises ImageRefused or PIL/OS errors."""
     with _open_checked(path, max_pixels) as im:
         im.load()
         up = _upright(im)
@@ -136,6 +139,9 @@ def load_image_rgb(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, *, pro
         rgb = _to_rgb(up)
         if rgb is im:
             rgb = im.copy()  # the file is closed on leaving the with block
+        if with_alpha:
+            has_alpha = "A" in up.getbands() or "transparency" in up.info
+            return rgb, (up.convert("RGBA").getchannel("A") if has_alpha else Image.new("L", rgb.size, 255))
         return rgb
 
 
@@ -171,7 +177,7 @@ class _Dataset:
         self.tag_frequency: dict[str, dict[str, int]] = {}
         self.num_train_images = 0
         self.num_reg_images = 0
-        self.transparent: list[str] = []  # images with transparent pixels (alpha is dropped; said once)
+        self.transparent: list[str] = []  # transparent images outside alpha_mask subsets (alpha dropped; said once)
         if bp.is_dreambooth:
             self._load_dreambooth()
         else:
@@ -182,7 +188,8 @@ class _Dataset:
             more = f" and {len(self.transparent) - 1} more images have" if len(self.transparent) > 1 else " has"
             logger.warning(f"{bp.where}: {self.transparent[0]}{more} transparent pixels. The alpha channel is "
                            f"dropped (like sd-scripts), so the colour stored under transparent pixels is trained "
-                           f"(often black). Flatten them onto the background you want if that matters.")
+                           f"(often black). Flatten them onto the background you want if that matters, or set "
+                           f"alpha_mask = true in the subset to leave transparent pixels out of the loss.")
         self._make_buckets(debug)
         self.batches: list[tuple[int, int]] = []
         self.epoch_buckets: list[list[str]] = []
@@ -203,7 +210,7 @@ class _Dataset:
             probed = _probe_image(p, self.bp.max_image_pixels)
             if probed is not None:
                 found.append((p, probed[0]))
-                if probed[1]:
+                if probed[1] and not subset.alpha_mask:
                     self.transparent.append(p)
         if not found:
             raise _dir_error(subset, image_dir, f"none of its {len(paths)} images can be read",
@@ -300,7 +307,7 @@ class _Dataset:
                 if probed is None:
                     continue
                 size = probed[0]
-                if probed[1]:
+                if probed[1] and not subset.alpha_mask:
                     self.transparent.append(path)
                 md = md if isinstance(md, dict) else {}
                 caption, tags = md.get("caption"), md.get("tags")
@@ -477,21 +484,23 @@ class DatasetGroup(torch.utils.data.Dataset):
         epoch = self._arranged_epoch
         rng = random.Random(f"apt-lora/{self.seed}/{epoch}/{ds.index}/{local}/item")
         images, latents, captions, classes, priors, is_reg, weights = [], [], [], [], [], [], []
-        original_hw, crop_tl, target_hw, keys = [], [], [], []
+        original_hw, crop_tl, target_hw, keys, alphas = [], [], [], [], []
         for key in ds.batch_keys(local):
             info = ds.images[key]
             sub = info.subset
             flipped = sub.flip_aug and rng.random() < 0.5
             if info.latents is not None or info.latents_cache is not None:
-                lat, original_size, crop_ltrb = self._cached(info, flipped)
+                lat, original_size, crop_ltrb, alpha = self._cached(info, flipped)
                 latents.append(lat)
                 target = (lat.shape[2] * LATENT_STRIDE, lat.shape[1] * LATENT_STRIDE)
             else:
-                img, original_size, crop_ltrb = self._load_image(info, rng)
+                img, original_size, crop_ltrb, alpha = self._load_image(info, rng)
                 if flipped:
                     img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                    alpha = None if alpha is None else alpha.flip(-1)
                 images.append(_to_tensor(img))
                 target = img.size
+            alphas.append(alpha)
             left = target[0] - crop_ltrb[2] if flipped else crop_ltrb[0]
             original_hw.append((int(original_size[1]), int(original_size[0])))
             crop_tl.append((int(crop_ltrb[1]), int(left)))
@@ -517,29 +526,42 @@ class DatasetGroup(torch.utils.data.Dataset):
             "crop_top_lefts": torch.tensor(crop_tl, dtype=torch.long),
             "target_sizes_hw": torch.tensor(target_hw, dtype=torch.long),
             "image_keys": keys,
+            "alpha_masks": _loss_masks(alphas, target_hw),
         }
 
     def _load_image(self, info: ImageInfo, rng: random.Random | None):
-        """Resized and cropped to the bucket -> (PIL image, original size (w, h), sd-scripts crop_ltrb)."""
+        """Resized and cropped to the bucket -> (PIL image, original size (w, h), sd-scripts crop_ltrb, alpha mask):
+        with the subset's `alpha_mask`, the alpha channel resized and cropped as the image, (H, W) uint8; else None."""
         try:
-            img = load_image_rgb(info.path, info.max_pixels)
+            img = load_image_rgb(info.path, info.max_pixels, with_alpha=info.subset.alpha_mask)
         except Exception as e:  # noqa: BLE001 - it was readable when the dataset was built
             raise ConfigError(f"image {info.path} cannot be read any more ({_describe_failure(info.path, e)}); it was "
                               f"readable when the dataset was built. Do not change the dataset while training.") from None
+        img, alpha = img if info.subset.alpha_mask else (img, None)
         if img.size != info.size:
             raise ConfigError(f"image {info.path} changed size during training ({info.size} -> {img.size}). "
                               f"Do not edit the images while training.")
-        img, _ = resize_and_crop(img, info.bucket_reso, info.resized_size, random_crop=info.subset.random_crop,
-                                 rng=rng, interpolation=info.subset.resize_interpolation)
-        return img, info.size, get_crop_ltrb(info.bucket_reso, info.size)
+        interpolation = info.subset.resize_interpolation
+        img, offset = resize_and_crop(img, info.bucket_reso, info.resized_size, random_crop=info.subset.random_crop,
+                                      rng=rng, interpolation=interpolation)
+        if alpha is not None:
+            alpha, _ = resize_and_crop(alpha, info.bucket_reso, info.resized_size, interpolation=interpolation,
+                                       offset=offset)
+            alpha = torch.from_numpy(np.asarray(alpha, dtype=np.uint8).copy())
+        return img, info.size, get_crop_ltrb(info.bucket_reso, info.size), alpha
 
     def _cached(self, info: ImageInfo, flipped: bool):
+        """-> (latents, original size, crop_ltrb, alpha mask or None), flipped when asked."""
         if info.latents is not None:
-            lat = info.latents_flipped if flipped else info.latents
-            return lat, info.cached_original_size, info.cached_crop_ltrb
-        t = load_file(info.latents_cache)
-        lat = t["latents_flipped" if flipped else "latents"]
-        return lat.float(), tuple(t["original_size"].tolist()), tuple(t["crop_ltrb"].tolist())
+            lat, alpha = (info.latents_flipped if flipped else info.latents), info.alpha_mask
+            size, crop = info.cached_original_size, info.cached_crop_ltrb
+        else:
+            t = load_file(info.latents_cache)
+            lat, alpha = t["latents_flipped" if flipped else "latents"].float(), t.get("alpha_mask")
+            size, crop = tuple(t["original_size"].tolist()), tuple(t["crop_ltrb"].tolist())
+        if alpha is not None and flipped:
+            alpha = alpha.flip(-1)
+        return lat, size, crop, (alpha if info.subset.alpha_mask else None)
 
     # -- latent caching --------------------------------------------------------------------------------------------
     def cache_latents(self, vae, latent_scale: float, *, vae_batch_size: int = 1, to_disk: bool = False,
@@ -567,7 +589,7 @@ class DatasetGroup(torch.utils.data.Dataset):
             if to_disk:
                 w, h = info.size
                 info.latents_cache = f"{os.path.splitext(info.path)[0]}_{w:04d}x{h:04d}{suffix}"
-                if _cache_valid(info.latents_cache, info.bucket_reso, info.subset.flip_aug):
+                if _cache_valid(info.latents_cache, info.bucket_reso, info.subset.flip_aug, info.subset.alpha_mask):
                     continue
             todo.append(info)
         batches, batch = [], []
@@ -586,21 +608,24 @@ class DatasetGroup(torch.utils.data.Dataset):
         dtype = next(vae.parameters()).dtype
         with torch.no_grad():
             for batch in tqdm(batches, desc="caching latents", smoothing=1):
-                pixels = torch.stack([_to_tensor(self._load_image(i, None)[0]) for i in batch])
+                loaded = [self._load_image(i, None) for i in batch]
+                pixels = torch.stack([_to_tensor(x[0]) for x in loaded])
                 pixels = pixels.to(device=device, dtype=dtype)
                 lat = self._encode(vae, pixels, generator, batch)
                 lat_flip = (self._encode(vae, torch.flip(pixels, dims=[3]), generator, batch)
                             if batch[0].subset.flip_aug else [None] * len(batch))
-                for info, l, lf in zip(batch, lat, lat_flip):
+                for info, l, lf, (*_, alpha) in zip(batch, lat, lat_flip, loaded):
                     crop = get_crop_ltrb(info.bucket_reso, info.size)
                     if to_disk:
                         tensors = {"latents": l.contiguous(), "original_size": torch.tensor(info.size),
                                    "crop_ltrb": torch.tensor(crop)}
                         if lf is not None:
                             tensors["latents_flipped"] = lf.contiguous()
+                        if alpha is not None:
+                            tensors["alpha_mask"] = alpha.contiguous()
                         atomic_save_safetensors(tensors, info.latents_cache, overwrite=True)
                     else:
-                        info.latents, info.latents_flipped = l, lf
+                        info.latents, info.latents_flipped, info.alpha_mask = l, lf, alpha
                         info.cached_original_size, info.cached_crop_ltrb = info.size, crop
 
     @staticmethod
@@ -682,9 +707,9 @@ class DatasetGroup(torch.utils.data.Dataset):
         return {k: str(v) for k, v in md.items()}
 
 
-def _cache_valid(path: str, bucket_reso: tuple[int, int], flip_aug: bool) -> bool:
+def _cache_valid(path: str, bucket_reso: tuple[int, int], flip_aug: bool, alpha_mask: bool = False) -> bool:
     """sd-scripts' check: the file has latents / original_size / crop_ltrb of the bucket's latent size (and the
-    flipped latents with flip_aug). An unreadable file is recomputed."""
+    flipped latents with flip_aug, the bucket-sized alpha mask with alpha_mask). An unreadable file is recomputed."""
     if not os.path.isfile(path):
         return False
     expected = (bucket_reso[1] // LATENT_STRIDE, bucket_reso[0] // LATENT_STRIDE)
@@ -698,10 +723,21 @@ def _cache_valid(path: str, bucket_reso: tuple[int, int], flip_aug: bool) -> boo
             if flip_aug and ("latents_flipped" not in keys
                              or tuple(f.get_slice("latents_flipped").get_shape()[1:3]) != expected):
                 return False
+            if alpha_mask and ("alpha_mask" not in keys
+                               or tuple(f.get_slice("alpha_mask").get_shape()) != (bucket_reso[1], bucket_reso[0])):
+                return False
     except Exception as e:
         logger.warning(f"latent cache {path} cannot be read ({e}); it will be recomputed.")
         return False
     return True
+
+
+def _loss_masks(alphas: list, sizes_hw: list) -> torch.Tensor | None:
+    """A batch's alpha masks as loss weights (B, H, W) float32 in [0, 1]; 1 for the samples of subsets without
+    alpha_mask (sd-scripts); None when no sample has one."""
+    if all(a is None for a in alphas):
+        return None
+    return torch.stack([torch.ones(hw) if a is None else a.float() / 255.0 for a, hw in zip(alphas, sizes_hw)])
 
 
 def _to_tensor(img: Image.Image) -> torch.Tensor:

@@ -34,8 +34,6 @@ NOT_IMPLEMENTED = {  # flag -> what it does in sd-scripts; what to do here
                                           "(cached in memory)",
     "color_aug": "colour augmentation; leave it out",
     "face_crop_aug_range": "face-centred crops; leave it out",
-    "alpha_mask": "the image's alpha channel as a loss mask; leave it out",
-    "masked_loss": "a loss mask from mask images or the alpha channel; leave it out",
     "debug_dataset": "a viewer of the dataset's batches; leave it out",
     "caption_extention": "the old misspelling of --caption_extension; use that",
     "token_warmup_min": "caption-token warm-up; leave it out",

@@ -78,6 +78,9 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--caption_suffix", type=str, default=None, help="text put after every caption")
     g.add_argument("--flip_aug", action="store_true")
     g.add_argument("--random_crop", action="store_true")
+    g.add_argument("--alpha_mask", action="store_true",
+                   help="weight the loss by each image's alpha channel (transparent pixels out of the loss); the "
+                        "subset key alpha_mask, for every subset")
     g.add_argument("--resize_interpolation", type=str, default=None, choices=list(RESIZE_INTERPOLATIONS),
                    help="resampling filter for resizing images (default: area when shrinking, lanczos when enlarging)")
     g.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularization images")
@@ -160,6 +163,9 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--loss_type", type=str, default="l2", choices=["l1", "l2", "huber", "smooth_l1", "dco"],
                    help="dco: the DCO baseline (Lee et al. 2024), reference = LoRA off with the class prompt")
     g.add_argument("--dco_beta", type=float, default=1000.0, help="β of the DCO loss")
+    g.add_argument("--masked_loss", action="store_true",
+                   help="weight the loss by masks: the alpha masks of alpha_mask subsets, which weight it whenever "
+                        "set (as in sd-scripts); this flag checks that some subset has them")
     g.add_argument("--huber_schedule", type=str, default="snr", choices=["constant", "exponential", "snr"])
     g.add_argument("--huber_c", type=float, default=0.1)
     g.add_argument("--huber_scale", type=float, default=1.0)

@@ -24,7 +24,7 @@ def test_empirical_frequency_matches_p():
     # through AdaptiveAugment with γ = 1: p is capped at p_max = 0.8
     aug = AdaptiveAugment(p_max=0.8)
     x = torch.zeros(1000, 1, 2, 2)  # small images: the warp cost is per augmented sample
-    _, m = aug(x, torch.ones(1000), "pixel", generator=torch.Generator().manual_seed(2))
+    _, m, _ = aug(x, torch.ones(1000), "pixel", generator=torch.Generator().manual_seed(2))
     assert m.float().mean().item() == pytest.approx(0.8, abs=0.05)  # std 0.0126 for N = 1000: 4 std
 
 
@@ -114,10 +114,10 @@ def test_adaptive_augment_call():
     aug = AdaptiveAugment()
     assert (aug.p_max, aug.scale_range, aug.rotation_deg) == (0.8, (1.0, 3.0), 15.0)
     x = torch.rand(3, 3, 8, 8) * 2 - 1
-    y, m = aug(x, torch.zeros(3), "pixel", generator=torch.Generator().manual_seed(0))
-    assert torch.equal(y, x) and not m.any()  # γ = 0: nothing happens
-    y1, m1 = aug(x, torch.ones(3), "latent", fill_latent=torch.zeros(3), generator=torch.Generator().manual_seed(5))
-    y2, m2 = aug(x, torch.ones(3), "latent", fill_latent=torch.zeros(3), generator=torch.Generator().manual_seed(5))
+    y, m, lm = aug(x, torch.zeros(3), "pixel", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(y, x) and not m.any() and lm is None  # γ = 0: nothing happens
+    y1, m1, _ = aug(x, torch.ones(3), "latent", fill_latent=torch.zeros(3), generator=torch.Generator().manual_seed(5))
+    y2, m2, _ = aug(x, torch.ones(3), "latent", fill_latent=torch.zeros(3), generator=torch.Generator().manual_seed(5))
     assert torch.equal(y1, y2) and torch.equal(m1, m2)  # reproducible with a generator
     for i in range(3):
         assert torch.equal(y1[i], x[i]) != bool(m1[i])
@@ -125,6 +125,30 @@ def test_adaptive_augment_call():
         aug(x, torch.ones(3), "latent")
     with pytest.raises(ValueError, match="auto"):
         aug(x, torch.ones(3), "auto")
+
+
+def test_loss_mask_moves_with_the_content():
+    """An alpha mask (any resolution: here the pixels', with latents 8x smaller) is warped with the same draw as the
+    latents: the weights follow the content, the uncovered border weighs 0, unaugmented samples keep theirs exactly.
+    The random stream is the one without a mask."""
+    aug = AdaptiveAugment(p_max=1.0)
+    z = torch.rand(2, 4, 8, 8)
+    alpha = torch.zeros(2, 64, 64)
+    alpha[:, 16:48, 16:48] = 1.0  # the subject in the middle
+    gamma = torch.tensor([1.0, 0.0])  # the first sample is augmented, the second not
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    z_aug, m, a_aug = aug(z, gamma, "latent", fill_latent=torch.zeros(4), generator=g(), loss_mask=alpha)
+    z_ref, m_ref, _ = aug(z, gamma, "latent", fill_latent=torch.zeros(4), generator=g())
+    assert torch.equal(z_aug, z_ref) and torch.equal(m, m_ref) and m.tolist() == [True, False]
+    assert torch.equal(a_aug[1], alpha[1])
+    gen = g()
+    torch.rand(2, generator=gen)  # the Bernoulli draw
+    scales, angles = zoom_rotate_params(2, aug.scale_range, aug.rotation_deg, gen)
+    expected = apply_pixel_aug(alpha[:, None] * 2 - 1, m, scales, angles)[:, 0] / 2 + 0.5  # as an image, black border
+    assert torch.allclose(a_aug, expected, atol=1e-6)
+    s = float(scales[0])
+    assert a_aug[0].sum() == pytest.approx(alpha[0].sum() / s**2, rel=0.1)  # zoomed out by s: area / s²
+    assert a_aug[0, 0, 0] == 0 and a_aug[0, 32, 32] == pytest.approx(1.0)  # border out of the loss, centre in
 
 
 def test_black_latent_decodes_like_black():

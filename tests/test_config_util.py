@@ -241,7 +241,6 @@ def test_bad_cli_value_names_the_flag():
     ({"color_aug": True}, "`color_aug` is not supported yet"),
     ({"face_crop_aug_range": [2.0, 4.0]}, "`face_crop_aug_range` is not supported yet"),
     ({"token_warmup_step": 10}, "`token_warmup_step` is not supported yet"),
-    ({"alpha_mask": True}, "`alpha_mask` is not supported yet"),
     ({"conditioning_data_dir": "/c"}, "`conditioning_data_dir` is not supported yet"),
 ])
 def test_unimplemented_training_options_raise(extra, needle):

@@ -335,6 +335,74 @@ def test_flip_aug_with_cached_latents(tmp_path, vae):
     assert variants["plain"] > 5 and variants["flipped"] > 5
 
 
+def _rgba(path, w, h, alpha):
+    """An RGBA PNG: random colours, `alpha` (h, w) uint8."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rgb = np.random.default_rng(1).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(path)
+    return path
+
+
+def test_alpha_masks_follow_resize_crop_and_flip(tmp_path):
+    """alpha_mask = true: the alpha channel becomes the batch's loss weights, resized and cropped as the image
+    (300x200 -> 192x128 -> centre crop 128x128, like the colours) and flipped with it; the RGB is the one without
+    masks. Subsets without alpha_mask weigh 1; a batch without any alpha_mask subset has no masks."""
+    alpha = np.zeros((200, 300), np.uint8)
+    alpha[:, :150] = 255  # the left half is the subject
+    p = _rgba(tmp_path / "t" / "wide.png", 300, 200, alpha)
+    sub = {"image_dir": str(p.parent), "class_tokens": "x", "num_repeats": 40, "flip_aug": True}
+    g = group([{**sub, "alpha_mask": True}], general={"resolution": 128})
+    plain = group([sub], general={"resolution": 128})
+    flips = 0
+    for i in range(len(g)):
+        b, ref = g[i], plain[i]
+        m = b["alpha_masks"]
+        assert m.shape == (1, 128, 128) and m.dtype == torch.float32 and ref["alpha_masks"] is None
+        assert torch.equal(b["images"], ref["images"])  # the colours are what they are without masks
+        left = bool(m[0, 64, 0] == 1.0)
+        assert m[0, 64, 127] == (0.0 if left else 1.0) and 0 <= float(m.min()) and float(m.max()) <= 1
+        assert float(m.mean()) == pytest.approx(0.5, abs=0.02)
+        flips += not left
+    assert 10 < flips < 30
+
+    opaque = img(tmp_path / "o" / "opaque.png", 128, 128)
+    mixed = group([{"image_dir": str(p.parent), "class_tokens": "x", "alpha_mask": True},
+                   {"image_dir": str(opaque.parent), "class_tokens": "y"}], general={"resolution": 128},
+                  dataset={"batch_size": 2})
+    (b,) = [mixed[i] for i in range(len(mixed))]
+    by_key = dict(zip(b["image_keys"], b["alpha_masks"]))
+    assert torch.equal(by_key[str(opaque)], torch.ones(128, 128))  # no alpha_mask: weight 1 everywhere
+    assert float(by_key[str(p)].mean()) == pytest.approx(0.5, abs=0.02)
+    no_alpha = group([{"image_dir": str(opaque.parent), "class_tokens": "y", "alpha_mask": True}],
+                     general={"resolution": 128})
+    assert torch.equal(no_alpha[0]["alpha_masks"], torch.ones(1, 128, 128))  # an image without alpha: all in
+
+
+@pytest.mark.parametrize("to_disk", [False, True])
+def test_alpha_masks_are_cached_with_the_latents(tmp_path, vae, to_disk):
+    alpha = np.zeros((64, 80), np.uint8)
+    alpha[:, 40:] = 200
+    p = _rgba(tmp_path / "t" / "a.png", 80, 64, alpha)
+    subsets = [{"image_dir": str(p.parent), "class_tokens": "x", "alpha_mask": True, "flip_aug": True,
+                "num_repeats": 20}]
+    direct = group(subsets)
+    g = group(subsets)
+    g.cache_latents(vae, vae.config.scaling_factor, to_disk=to_disk)
+    for i in range(len(g)):
+        assert g[i]["images"] is None and torch.equal(g[i]["alpha_masks"], direct[i]["alpha_masks"])
+    if to_disk:
+        cache = tmp_path / "t" / "a_0080x0064_sd.safetensors"
+        assert load_file(str(cache))["alpha_mask"].shape == (64, 64)
+        plain = group([{**subsets[0], "alpha_mask": False}])  # a cache without masks is not valid for a masked run
+        plain.cache_latents(vae, vae.config.scaling_factor, to_disk=True)
+        os.remove(cache)
+        plain.cache_latents(vae, vae.config.scaling_factor, to_disk=True)
+        assert "alpha_mask" not in load_file(str(cache))
+        again = group(subsets)
+        again.cache_latents(vae, vae.config.scaling_factor, to_disk=True)
+        assert load_file(str(cache))["alpha_mask"].shape == (64, 64)
+
+
 def test_cache_latents_refuses_random_crop(tmp_path, vae):
     img(tmp_path / "t" / "a.png", 80, 64)
     g = group([{"image_dir": str(tmp_path / "t"), "class_tokens": "x", "random_crop": True}])
