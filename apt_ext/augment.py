@@ -118,7 +118,7 @@ def apply_mask_aug(loss_mask: torch.Tensor, mask: torch.Tensor, scales: torch.Te
     """The same affine on per-pixel loss weights (B, H, W) or (B, 1, H, W) (alpha masks): the weights move with
     the content, and the uncovered border weighs 0 (it is not the subject; sd-scripts' masks are 0 there too)."""
     x = loss_mask.unsqueeze(1) if loss_mask.dim() == 3 else loss_mask
-    out = _apply(x.float(), mask, scales, angles, torch.zeros(1, 1, 1, 1), antialias)
+    out = _apply(x.float(), mask, scales, angles, torch.zeros(1, 1, 1, 1, device=x.device), antialias)
     return out.squeeze(1) if loss_mask.dim() == 3 else out
 
 

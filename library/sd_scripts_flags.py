@@ -15,7 +15,6 @@ NOT_IMPLEMENTED = {  # flag -> what it does in sd-scripts; what to do here
                           "stabilization and attention alignment are this trainer's regularisers)",
     "dim_from_weights": "the rank read from --network_weights; pass the file's --network_dim and --network_alpha",
     "base_weights": "LoRAs merged into the model before training; merge them into the checkpoint first",
-    "base_weights_multiplier": "the multipliers of --base_weights; merge those LoRAs into the checkpoint first",
     "use_lion_optimizer": "the old spelling of --optimizer_type Lion; use that",
     "fused_backward_pass": "Adafactor's optimizer step fused into the backward (full fine-tuning); leave it out",
     "lr_decay_steps": "the decay phase of warmup_stable_decay; use one of the --lr_scheduler choices of --help",
@@ -29,14 +28,12 @@ NOT_IMPLEMENTED = {  # flag -> what it does in sd-scripts; what to do here
     "fp8_base_unet": "UNet weights stored in fp8; use --mixed_precision bf16 (bf16 base weights)",
     "cpu_offload_checkpointing": "checkpointed activations kept on the CPU; use --gradient_checkpointing",
     "deepspeed": "DeepSpeed training; train with accelerate launch (data parallel)",
-    "zero_stage": "a DeepSpeed setting; train with accelerate launch (data parallel)",
     "cache_text_encoder_outputs_to_disk": "text-encoder outputs cached in files; use --cache_text_encoder_outputs "
                                           "(cached in memory)",
     "color_aug": "colour augmentation; leave it out",
     "face_crop_aug_range": "face-centred crops; leave it out",
     "debug_dataset": "a viewer of the dataset's batches; leave it out",
     "caption_extention": "the old misspelling of --caption_extension; use that",
-    "token_warmup_min": "caption-token warm-up; leave it out",
     "token_warmup_step": "caption-token warm-up; leave it out",
     "save_n_epoch_ratio": "saves spread over the run by ratio; use --save_every_n_epochs",
     "metadata_usage_hint": "a modelspec field; write it into --metadata_description",
@@ -49,15 +46,11 @@ NOT_IMPLEMENTED = {  # flag -> what it does in sd-scripts; what to do here
     "initial_step": "training started at a later step's schedule; use --save_state and --resume",
     "skip_until_initial_step": "skipping batches up to --initial_step; use --save_state and --resume",
     "validation_split": "a held-out validation loss; leave it out",
-    "validation_seed": "a held-out validation loss; leave it out",
     "validate_every_n_steps": "a held-out validation loss; leave it out",
     "validate_every_n_epochs": "a held-out validation loss; leave it out",
     "max_validation_steps": "a held-out validation loss; leave it out",
     "huggingface_repo_id": "uploads to the Hugging Face hub; nothing here goes online: upload the output yourself",
-    "huggingface_repo_type": "uploads to the Hugging Face hub; nothing here goes online",
-    "huggingface_path_in_repo": "uploads to the Hugging Face hub; nothing here goes online",
     "huggingface_token": "uploads to the Hugging Face hub; nothing here goes online",
-    "huggingface_repo_visibility": "uploads to the Hugging Face hub; nothing here goes online",
     "save_state_to_huggingface": "uploads to the Hugging Face hub; nothing here goes online",
     "resume_from_huggingface": "resuming from the Hugging Face hub; download the state and pass --resume DIR",
     "async_upload": "uploads to the Hugging Face hub; nothing here goes online",
@@ -79,6 +72,13 @@ NO_EFFECT = {  # flag -> (takes a value, why it does nothing here)
     "disable_mmap_load_safetensors": (False, "checkpoints are read with safetensors' own (memory-mapped) loader"),
     "cache_info": (False, "the dataset's image sizes are read when it is built; nothing is cached for them"),
     "skip_cache_check": (False, "a cached latent file is checked for its bucket's size when it is read (its header only)"),
+    "base_weights_multiplier": (True, "only used with --base_weights, which APT-LoRA does not implement"),
+    "zero_stage": (True, "only used with --deepspeed, which APT-LoRA does not implement"),
+    "token_warmup_min": (True, "only used with --token_warmup_step, which APT-LoRA does not implement"),
+    "validation_seed": (True, "only used with --validation_split, which APT-LoRA does not implement"),
+    "huggingface_repo_type": (True, "only used with --huggingface_repo_id, which APT-LoRA does not implement"),
+    "huggingface_path_in_repo": (True, "only used with --huggingface_repo_id, which APT-LoRA does not implement"),
+    "huggingface_repo_visibility": (True, "only used with --huggingface_repo_id, which APT-LoRA does not implement"),
     "ddp_gradient_as_bucket_view": (False, "this trainer all-reduces the LoRA's gradients itself, without a DDP "
                                            "wrapper"),
     "ddp_static_graph": (False, "this trainer all-reduces the LoRA's gradients itself, without a DDP wrapper"),
@@ -119,7 +119,7 @@ def add_to_parser(p: argparse.ArgumentParser) -> None:
     """Register the flags of both tables: the accepted ones in their own --help group, the others hidden."""
     g = p.add_argument_group("sd-scripts flags accepted without effect")
     for flag, (takes_value, why) in NO_EFFECT.items():
-        kind = dict(nargs="?", const=True) if takes_value else dict(action="store_true")
+        kind = dict(nargs="*") if takes_value else dict(action="store_true")
         g.add_argument(f"--{flag}", default=argparse.SUPPRESS, help=f"no effect here: {why}", **kind)
     for flag, advice in NOT_IMPLEMENTED.items():
         p.add_argument(f"--{flag}", action=NotImplementedFlag, advice=advice)

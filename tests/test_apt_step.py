@@ -133,6 +133,34 @@ def test_components_none_monitors_without_changing_the_loss():
     assert apt.indicator.seen.any() and apt.metadata()["apt_components"] == ""
 
 
+def test_alpha_masks_weight_both_passes_and_move_with_the_augmentation(monkeypatch):
+    """Alpha masks of ones change nothing; augmented, the mask is warped with the latents (border 0, centre 1)
+    and the same mask weights the fine-tuned loss and the prior loss that the indicator compares."""
+    import library.losses
+
+    args = _args("--cache_latents", "--apt_aug_p_max", "1")
+    ctx, apt, _ = _ctx("sd1", args)
+    batch = _batch(2, ["a photo of sks dog", "sks dog"])
+    masked = dict(batch, alpha_masks=torch.ones(2, 64, 64))
+    runs = []
+    for b in (batch, masked):
+        torch.manual_seed(7)
+        runs.append(train_apt_lora.training_step(args, ctx, b)[1])
+        apt.indicator.load_state_dict(_ctx("sd1", args)[1].indicator.state_dict())  # the same γ (0) for both
+    assert {k: float(v) for k, v in runs[0].items()} == {k: float(v) for k, v in runs[1].items()}
+
+    seen = []
+    real = library.losses.per_sample_loss
+    monkeypatch.setattr(library.losses, "per_sample_loss",
+                        lambda *a, mask=None, **k: (seen.append(mask), real(*a, mask=mask, **k))[1])
+    apt.indicator.gamma_for = lambda t: torch.ones(t.shape[0])  # fully overfit: every sample augmented
+    _, logs = train_apt_lora.training_step(args, ctx, masked)
+    assert logs["apt/aug_fraction"] == 1.0
+    ft, prior = seen[:2]
+    assert ft is prior and ft.shape == (2, 64, 64)
+    assert float(ft[:, 0, 0].max()) == 0.0 and float(ft[:, 32, 32].min()) == pytest.approx(1.0)
+
+
 def test_components_parse_errors_name_the_choices():
     from apt_ext.step import parse_components
 

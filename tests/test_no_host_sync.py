@@ -49,8 +49,9 @@ def meta_autocast(monkeypatch):
     monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: False if a and a[0] == "meta" else real(*a))
 
 
-def _batch(bsz, pixels):
+def _batch(bsz, pixels, masks=False):
     return {
+        "alpha_masks": torch.rand(bsz, 64, 64) if masks else None,
         "images": torch.rand(bsz, 3, 64, 64) * 2 - 1 if pixels else None,
         "latents": None if pixels else torch.randn(bsz, 4, 8, 8),
         "captions": ["a photo of sks dog", "sks dog on grass"][:bsz],
@@ -61,7 +62,7 @@ def _batch(bsz, pixels):
     }
 
 
-def _meta_step(arch, flags, pixels, v_parameterization=False):
+def _meta_step(arch, flags, pixels, v_parameterization=False, masks=False):
     """One training step (loss and backward) of the trainer on the meta device; returns the blocking copies."""
     args = setup_parser().parse_args(flags + ([] if pixels else ["--cache_latents"]))
     model = build_tiny_model(arch, v_parameterization=v_parameterization)
@@ -72,7 +73,7 @@ def _meta_step(arch, flags, pixels, v_parameterization=False):
     accelerator = SimpleNamespace(device=META, num_processes=1)
     apt = APT(args, model, META) if "--apt" in flags else None
     ctx = train_apt_lora.TrainContext(args, accelerator, model, network, torch.float32, torch.float32, None, apt)
-    batch = _batch(2, pixels)
+    batch = _batch(2, pixels, masks)
     with BlockingCopies() as mode:
         for _ in range(2):  # the second step runs with the memos (base text, alignment rows) filled
             loss, logs = train_apt_lora.training_step(args, ctx, batch)
@@ -98,6 +99,13 @@ def test_apt_step_reads_nothing_back(arch, pixels, meta_autocast):
 def test_step_options_read_nothing_back(flags, meta_autocast):
     """The usual sd-scripts options: their timestep-dependent weights index ᾱ on the device."""
     assert _meta_step("sd1", flags, pixels=False, v_parameterization="--v_parameterization" in flags) == []
+
+
+@pytest.mark.parametrize("flags,pixels", [(["--apt"], False), (["--apt"], True), ([], False)],
+                         ids=["apt-latents", "apt-pixels", "plain"])
+def test_alpha_masked_steps_read_nothing_back(flags, pixels, meta_autocast):
+    """Alpha masks: copied with the batch, warped with the augmentation, area-resized into the losses."""
+    assert _meta_step("sd1", flags, pixels, masks=True) == []
 
 
 def test_a_blocking_copy_is_caught(meta_autocast):

@@ -212,6 +212,26 @@ def test_text_encoder_only_trains_the_text_encoders_lora_with_apt(tiny, images, 
         capsys.readouterr().err
 
 
+def test_alpha_masked_runs_and_masked_loss_without_masks(tiny, images, tmp_path, capsys):
+    """Transparent images with alpha_mask = true train (APT with cached latents, and plain from images);
+    --masked_loss with no mask source is refused naming the key to set."""
+    d = tmp_path / "rgba"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        alpha = np.zeros((64, 64), np.uint8)
+        alpha[16:48, 16:48] = 255
+        Image.fromarray(np.dstack([rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), alpha]), "RGBA").save(d / f"{i}.png")
+    dataset = _dataset(tmp_path, str(d), alpha_mask=True)
+    assert _train(tiny["sd1"], dataset, tmp_path / "apt", "--apt", "--cache_latents", "--masked_loss") == 0
+    assert _train(tiny["sd1"], dataset, tmp_path / "plain", "--masked_loss") == 0
+    for out in ("apt", "plain"):
+        with safe_open(str(tmp_path / out / "lora.safetensors"), "pt") as f:
+            assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
+    assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "bad", "--masked_loss") == 2
+    assert "--masked_loss weights the loss by masks" in capsys.readouterr().err
+
+
 def test_nan_steps_are_skipped_then_the_run_stops_with_the_likely_cause(tiny, images, tmp_path, capsys, nan_steps):
     """A NaN loss skips the step (no weight update); after --max_bad_steps the run stops and names the causes."""
     nan_steps(lambda n: n % 2 == 0)
