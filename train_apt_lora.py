@@ -126,6 +126,7 @@ def micro_batch(args, ctx, batch, optimizer, lr_scheduler, trainable, step_fn=No
                     accelerator.clip_grad_norm_(trainable, args.max_grad_norm or float("inf"))  # unscales
                 optimizer.step()
                 lr_scheduler.step()  # a dropped update still counts as a step (as GradScaler's skips do)
+                scale_weight_norms(args, ctx, window)
                 status = "queued"
             else:
                 window = WindowRead(finite, ok, loss, shown, ctx.window_keys)
@@ -136,10 +137,20 @@ def micro_batch(args, ctx, batch, optimizer, lr_scheduler, trainable, step_fn=No
                 if not bad:
                     optimizer.step()
                     lr_scheduler.step()
+                    scale_weight_norms(args, ctx, window)
                 status = "skipped" if bad else "stepped"
             ctx.window_losses, ctx.window_keys = [], []
         optimizer.zero_grad(set_to_none=not ctx.keep_grads)
     return MicroBatch(loss, logs, status, window)
+
+
+def scale_weight_norms(args, ctx, window) -> None:
+    """--scale_weight_norms: after each optimizer step, every LoRA's ΔW norm capped (networks/max_norm.py); its
+    counts are read with the window."""
+    if getattr(args, "scale_weight_norms", None):
+        from networks.max_norm import max_norm_
+
+        window.extend(max_norm_(ctx.network.loras, args.scale_weight_norms))
 
 
 class Interrupted(Exception):
@@ -664,6 +675,9 @@ def train(args):
         postfix = dict(loss=f"{values['loss']:.4f}", avg=f"{loss_sum / loss_count:.4f}")
         if apt is not None:
             postfix["gamma"] = f"{values['apt/gamma_seen_mean']:.3f}"
+        if "max_norm/keys_scaled" in values:  # sd-scripts shows these two
+            postfix["keys_scaled"] = int(values["max_norm/keys_scaled"])
+            postfix["avg_norm"] = f"{values['max_norm/average_key_norm']:.3f}"
         progress.set_postfix(postfix)
         if compiled is not None and loss_count == 1 and is_main:  # this run's first step (resumed too)
             progress.write(f"{compiled} in the first step")

@@ -145,6 +145,9 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--xformers", action="store_true", help="xformers attention (CUDA; requirements-gpu.txt)")
     g.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping; 0 disables")
+    g.add_argument("--scale_weight_norms", type=float, default=None,
+                   help="after each step, scale every LoRA down whose weight change ΔW has a norm above this "
+                        "(max-norm regularisation, sd-scripts'; 1 is a common value; logged as max_norm/*)")
     g.add_argument("--max_bad_steps", type=int, default=10,
                    help="steps with a NaN/inf loss or gradient are skipped; after this many the run stops")
     g.add_argument("--noise_offset", type=float, default=None)

@@ -176,6 +176,29 @@ def test_trainer_logs_each_step_under_its_own_number_and_trains_the_same(tiny_wo
     assert lora_on.keys() == lora_off.keys() and all(torch.equal(lora_on[k], lora_off[k]) for k in lora_on)
 
 
+def test_scale_weight_norms_in_both_modes(tiny_world, tmp_path, capsys):
+    """--scale_weight_norms caps every saved LoRA's ΔW norm, its counts are logged (max_norm/*, and on the progress
+    bar) under each step's number, and a deferred run equals one read at once."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for mode in ("off", "on"):
+        out = tmp_path / mode
+        assert _train(tiny_world, out, "--scale_weight_norms", "0.02", "--log_with", "tensorboard",
+                      "--logging_dir", str(out / "logs"), "--defer_step_read", mode) == 0
+        runs[mode] = (_tb_scalars(out / "logs"), load_file(str(out / "lora.safetensors")))
+        assert "keys_scaled=" in capsys.readouterr().err
+    (logs_off, lora_off), (logs_on, lora_on) = runs["off"], runs["on"]
+    assert logs_on == logs_off and all(torch.equal(lora_on[k], lora_off[k]) for k in lora_on)
+    assert [s for s, _ in logs_on["max_norm/keys_scaled"]] == [1, 2, 3]
+    assert logs_on["max_norm/keys_scaled"][-1][1] > 0 and logs_on["max_norm/max_key_norm"][-1][1] <= 0.02 * 1.0001
+    for key in [k for k in lora_on if k.endswith("lora_down.weight")]:
+        up, down = lora_on[key.replace("lora_down", "lora_up")], lora_on[key]
+        scale = float(lora_on[key.replace("lora_down.weight", "alpha")]) / down.shape[0]
+        delta = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1) * scale
+        assert float(delta.norm()) <= 0.02 * 1.0001
+
+
 def test_trainer_warns_a_step_late_counts_the_dropped_step_and_stops(tiny_world, tmp_path, nan_steps, caplog, capsys):
     from safetensors import safe_open
 

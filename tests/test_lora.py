@@ -274,6 +274,52 @@ def test_fused_branch_whole_unet_step_equals_separate(arch):
 # save / load
 
 
+def _sd_scripts_max_norm(state_dict, max_norm):
+    """sd-scripts' `LoRANetwork.apply_max_norm_regularization`, module by module, on a state dict (the reference)."""
+    keys_scaled, norms = 0, []
+    for key in [k for k in state_dict if "lora_down" in k and "weight" in k]:
+        up_key, alpha_key = key.replace("lora_down", "lora_up"), key.replace("lora_down.weight", "alpha")
+        down, up, alpha = state_dict[key], state_dict[up_key], state_dict[alpha_key]
+        scale = alpha / down.shape[0]
+        if up.shape[2:] == (1, 1) and down.shape[2:] == (1, 1):
+            updown = (up.squeeze(2).squeeze(2) @ down.squeeze(2).squeeze(2)).unsqueeze(2).unsqueeze(3)
+        elif up.shape[2:] == (3, 3) or down.shape[2:] == (3, 3):
+            updown = torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
+        else:
+            updown = up @ down
+        updown = updown * scale
+        norm = updown.norm().clamp(min=max_norm / 2)
+        ratio = torch.clamp(norm, max=max_norm) / norm
+        if ratio != 1:
+            keys_scaled += 1
+            state_dict[up_key] = up * ratio**0.5
+            state_dict[key] = down * ratio**0.5
+        norms.append(float(updown.norm() * ratio))
+    return keys_scaled, sum(norms) / len(norms), max(norms)
+
+
+def test_max_norm_equals_sd_scripts_per_module_loop(sd1):
+    """--scale_weight_norms, batched per shape (networks/max_norm.py), against sd-scripts' loop: Linear, 1x1 conv
+    (SD1's proj_in/out) and 3x3 conv (C3Lier) modules, some above the bound and some below, mixed alphas."""
+    from networks.max_norm import max_norm_
+
+    net = create_network(sd1, args(network_dim=4, network_alpha=2, network_args=["conv_dim=2", "conv_alpha=4"]))
+    randomize(net, seed=3, std=0.3)
+    kinds = {(m.is_linear, m.is_conv3x3) for m in net.loras}
+    assert kinds == {(True, False), (False, False), (False, True)}
+    bound = _sd_scripts_max_norm(dict(net.state_dict()), 1e9)[1]  # the mean norm: some above, some below
+    reference = {k: v.clone() for k, v in net.state_dict().items()}
+    expected = _sd_scripts_max_norm(reference, bound)
+    logs = max_norm_(net.loras, bound)
+    assert 0 < expected[0] < len(net.loras)  # some scaled, some not
+    assert int(logs["max_norm/keys_scaled"]) == expected[0]
+    assert float(logs["max_norm/average_key_norm"]) == pytest.approx(expected[1], rel=1e-5)
+    assert float(logs["max_norm/max_key_norm"]) == pytest.approx(expected[2], rel=1e-5)
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, reference[k], rtol=1e-5, atol=1e-7)
+    assert float(max_norm_(net.loras, bound * 1.0001)["max_norm/keys_scaled"]) == 0  # under the bound now
+
+
 def _file_bytes(path):
     with open(path, "rb") as f:
         return f.read()

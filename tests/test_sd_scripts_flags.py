@@ -38,14 +38,14 @@ def test_flags_left_off_are_accepted_as_gui_config_files_write_them(tmp_path, ca
     path = tmp_path / "gui.toml"
     path.write_text('masked_loss = false\nscale_weight_norms = 0\nhuggingface_repo_id = ""\nfp8_base = false\n'
                     'base_weights = []\nlowram = false\nmax_train_steps = 5\n', encoding="utf-8")
-    args = cf.parse_args_with_config(setup_parser(), ["--config_file", str(path), "--scale_weight_norms", "0.0",
-                                                      "--huggingface_token", ""])
-    assert args.max_train_steps == 5 and no_effect_notes(args) == []
+    args = cf.parse_args_with_config(setup_parser(), ["--config_file", str(path), "--lr_scheduler_min_lr_ratio",
+                                                      "0.0", "--huggingface_token", ""])
+    assert args.max_train_steps == 5 and no_effect_notes(args) == [] and not args.scale_weight_norms
     with pytest.raises(SystemExit):
-        cf.parse_args_with_config(setup_parser(), ["--config_file", str(path), "--scale_weight_norms", "1.0"])
-    assert "argument --scale_weight_norms: is an sd-scripts flag" in capsys.readouterr().err
-    path.write_text("scale_weight_norms = 1.0\n", encoding="utf-8")
-    with pytest.raises(TrainingSetupError, match="scale_weight_norms is an sd-scripts flag"):
+        cf.parse_args_with_config(setup_parser(), ["--config_file", str(path), "--lr_scheduler_min_lr_ratio", "0.1"])
+    assert "argument --lr_scheduler_min_lr_ratio: is an sd-scripts flag" in capsys.readouterr().err
+    path.write_text("lr_scheduler_min_lr_ratio = 0.1\n", encoding="utf-8")
+    with pytest.raises(TrainingSetupError, match="lr_scheduler_min_lr_ratio is an sd-scripts flag"):
         cf.parse_args_with_config(setup_parser(), ["--config_file", str(path)])
 
 
