@@ -37,7 +37,9 @@ def _network_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--network_alpha", type=float, default=1.0, help="LoRA alpha; scale = alpha / rank (default 1)")
     g.add_argument("--network_dropout", type=float, default=None, help="dropout on the LoRA down output (training only)")
     g.add_argument("--network_args", type=str, default=None, nargs="*",
-                   help='extra "key=value" options: conv_dim, conv_alpha, rank_dropout, module_dropout')
+                   help='extra "key=value" options: conv_dim, conv_alpha, rank_dropout, module_dropout; LoRA+: '
+                        'loraplus_lr_ratio (e.g. 16: the up weights learn 16x faster), loraplus_unet_lr_ratio, '
+                        'loraplus_text_encoder_lr_ratio')
     g.add_argument("--network_weights", type=str, default=None, help="continue training from this LoRA .safetensors")
     g.add_argument("--network_train_unet_only", action="store_true", help="train the UNet LoRA only (no text encoder LoRA)")
     g.add_argument("--network_train_text_encoder_only", action="store_true",

@@ -41,6 +41,9 @@ NETWORK_ARGS = {  # --network_args keys we accept -> parser
     "conv_alpha": float,
     "rank_dropout": float,
     "module_dropout": float,
+    "loraplus_lr_ratio": float,  # LoRA+ (Hayou et al. 2024): the up weights learn at lr x ratio
+    "loraplus_unet_lr_ratio": float,
+    "loraplus_text_encoder_lr_ratio": float,
 }
 
 # A text-encoder Linear we adapt: encoder layer i, q/k/v/out projections of self-attention and the two MLP layers.
@@ -365,6 +368,7 @@ class LoRANetwork(nn.Module):
         self.train_unet = train_unet
         self.train_text_encoder = train_text_encoder
         self.network_args: dict[str, str] = {}
+        self.loraplus: dict[str, float | None] = {}  # LoRA+ ratios: "all", "unet", "text_encoder" (create_network)
 
         def make(t: _Target) -> LoRAModule:
             dim, a = (self.conv_lora_dim, self.conv_alpha) if t.uses_conv_dim else (self.lora_dim, alpha)
@@ -433,6 +437,12 @@ class LoRANetwork(nn.Module):
                 lora.multiplier = m
 
     # -- optimiser -----------------------------------------------------------------------------------------------
+    def loraplus_ratio(self, group_name: str) -> float | None:
+        """LoRA+'s lr ratio of the up weights for the "unet" or a "textencoder..." group (sd-scripts: the specific
+        ratio, else `loraplus_lr_ratio`, else None: no LoRA+)."""
+        specific = self.loraplus.get("unet" if group_name == "unet" else "text_encoder")
+        return specific if specific is not None else self.loraplus.get("all")
+
     def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr) -> list[dict]:
         """Parameter groups as sd-scripts builds them: text encoder(s) then UNet, each with its "lr"
         (None → default_lr); groups whose lr is 0 are dropped (and their parameters frozen). `text_encoder_lr` may be
@@ -452,10 +462,15 @@ class LoRANetwork(nn.Module):
                 for p in params:
                     p.requires_grad_(False)
                 return
-            group = {"params": params, "name": name}
-            if lr is not None:
-                group["lr"] = lr
-            groups.append(group)
+            ratio = self.loraplus_ratio(name)
+            ups = {id(lora.lora_up.weight) for lora in loras} if ratio is not None else set()
+            for suffix, mine, factor in (("", [p for p in params if id(p) not in ups], 1.0),
+                                         (" plus", [p for p in params if id(p) in ups], ratio)):
+                if mine:  # LoRA+: the up weights in a group of their own, "<name> plus", at lr x ratio
+                    group = {"params": mine, "name": name + suffix}
+                    if lr is not None:
+                        group["lr"] = lr * factor
+                    groups.append(group)
 
         if isinstance(text_encoder_lr, (list, tuple)):
             lrs = list(text_encoder_lr)
@@ -768,7 +783,8 @@ def parse_network_args(network_args) -> dict:
 def create_network(model, args) -> LoRANetwork:
     """Build the network from trainer args (argparse Namespace): network_dim (None → 4), network_alpha (None → 1.0),
     network_dropout, network_args ("k=v" list: conv_dim, conv_alpha (1.0 when conv_dim is set), rank_dropout,
-    module_dropout), network_train_unet_only, network_train_text_encoder_only. Does not apply it (call apply_to())."""
+    module_dropout, the LoRA+ ratios loraplus_lr_ratio / loraplus_unet_lr_ratio / loraplus_text_encoder_lr_ratio),
+    network_train_unet_only, network_train_text_encoder_only. Does not apply it (call apply_to())."""
     dim = getattr(args, "network_dim", None)
     dim = 4 if dim is None else dim
     alpha = getattr(args, "network_alpha", None)
@@ -799,5 +815,7 @@ def create_network(model, args) -> LoRANetwork:
         train_text_encoder=not unet_only,
     )
     network.set_fused(not getattr(args, "no_fused_lora", False))
+    network.loraplus = {"all": kw.get("loraplus_lr_ratio"), "unet": kw.get("loraplus_unet_lr_ratio"),
+                        "text_encoder": kw.get("loraplus_text_encoder_lr_ratio")}
     network.network_args = {str(item).split("=", 1)[0].strip(): str(item).split("=", 1)[1].strip() for item in raw}
     return network

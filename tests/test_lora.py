@@ -603,6 +603,26 @@ def test_optimizer_param_groups(sd1):
     assert [g["name"] for g in groups] == ["textencoder", "unet"]
 
 
+def test_loraplus_puts_the_up_weights_in_their_own_group(sd1):
+    """--network_args loraplus_lr_ratio (sd-scripts' LoRA+): per part, the up weights in a "<name> plus" group at
+    lr x ratio (the part's own ratio first); the ratios reach ss_network_args; a bad value names the key."""
+    net = create_network(sd1, args(network_dim=2, network_args=["loraplus_lr_ratio=16",
+                                                                "loraplus_text_encoder_lr_ratio=4"]))
+    groups = net.prepare_optimizer_params(1e-5, 1e-4, 1e-3)
+    assert [(g["name"], g["lr"]) for g in groups] == [
+        ("textencoder", 1e-5), ("textencoder plus", 4e-5), ("unet", 1e-4), ("unet plus", 1.6e-3)]
+    assert {id(p) for p in groups[3]["params"]} == {id(m.lora_up.weight) for m in net.unet_loras}
+    assert {id(p) for p in groups[2]["params"]} == {id(m.lora_down.weight) for m in net.unet_loras}
+    assert {id(p) for p in groups[1]["params"]} == {id(m.lora_up.weight) for m in net.text_encoder_loras}
+    assert net.network_args == {"loraplus_lr_ratio": "16", "loraplus_text_encoder_lr_ratio": "4"}
+    only_unet = create_network(sd1, args(network_dim=2, network_args=["loraplus_unet_lr_ratio=8"]))
+    assert [(g["name"], g["lr"]) for g in only_unet.prepare_optimizer_params(None, None, 1e-3)] == [
+        ("textencoder", 1e-3), ("unet", 1e-3), ("unet plus", 8e-3)]
+    assert [g["name"] for g in only_unet.prepare_optimizer_params(0, None, 1e-3)] == ["unet", "unet plus"]
+    with pytest.raises(LoRAWeightsError, match="loraplus_lr_ratio='x': expected a number"):
+        create_network(sd1, args(network_args=["loraplus_lr_ratio=x"]))
+
+
 def test_network_state_dict_is_only_lora(sd1):
     net = LoRANetwork(sd1, lora_dim=2)
     assert all(k.startswith(("lora_unet_", "lora_te_")) and k.endswith(("lora_down.weight", "lora_up.weight",
