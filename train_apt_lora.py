@@ -337,6 +337,8 @@ def verify_args(args):
         args.optimizer_type = "AdamW8bit"
     if args.cache_latents_to_disk:
         args.cache_latents = True
+    if args.cache_text_encoder_outputs_to_disk:
+        args.cache_text_encoder_outputs = True
     if args.cache_text_encoder_outputs and not args.network_train_unet_only:
         raise TrainingSetupError("--cache_text_encoder_outputs needs --network_train_unet_only (a trained text encoder changes its outputs)")
     if args.xformers:

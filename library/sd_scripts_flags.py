@@ -26,8 +26,6 @@ NOT_IMPLEMENTED = {  # flag -> what it does in sd-scripts; what to do here
     "fp8_base_unet": "UNet weights stored in fp8; use --mixed_precision bf16 (bf16 base weights)",
     "cpu_offload_checkpointing": "checkpointed activations kept on the CPU; use --gradient_checkpointing",
     "deepspeed": "DeepSpeed training; train with accelerate launch (data parallel)",
-    "cache_text_encoder_outputs_to_disk": "text-encoder outputs cached in files; use --cache_text_encoder_outputs "
-                                          "(cached in memory)",
     "color_aug": "colour augmentation; leave it out",
     "face_crop_aug_range": "face-centred crops; leave it out",
     "debug_dataset": "a viewer of the dataset's batches; leave it out",

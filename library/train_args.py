@@ -97,6 +97,9 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vae_batch_size", type=int, default=1)
     g.add_argument("--cache_text_encoder_outputs", action="store_true",
                    help="encode each caption once (needs --network_train_unet_only and fixed captions)")
+    g.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true",
+                   help="sd-scripts' disk cache of them: implies --cache_text_encoder_outputs, kept in memory here "
+                        "(a dataset's captions take little)")
 
 
 def _training_args(p: argparse.ArgumentParser) -> None:

@@ -103,3 +103,15 @@ def test_sd_scripts_caption_flags_reach_the_subsets(tmp_path):
     assert (sub.caption_separator, sub.keep_tokens_separator, sub.secondary_separator, sub.enable_wildcard,
             sub.caption_prefix, sub.caption_suffix, sub.resize_interpolation) == \
         (";", "|||", ";;;", True, "photo, ", ", 4k", "bicubic")
+
+
+def test_text_encoder_disk_cache_means_the_memory_cache(tmp_path):
+    import train_apt_lora
+
+    base = ["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "o"), "--train_data_dir",
+            str(tmp_path), "--cache_text_encoder_outputs_to_disk"]
+    args = setup_parser().parse_args(base + ["--network_train_unet_only"])
+    train_apt_lora.verify_args(args)
+    assert args.cache_text_encoder_outputs
+    with pytest.raises(TrainingSetupError, match="--cache_text_encoder_outputs needs --network_train_unet_only"):
+        train_apt_lora.verify_args(setup_parser().parse_args(base))
