@@ -432,6 +432,14 @@ def test_make_loader_workers_give_the_batches_of_the_main_process(tmp_path):
         runs.append([(tuple(b["image_keys"]), tuple(b["captions"]), b["images"].sum().item()) for b in loader])
         assert torch.rand(1).item() == torch.rand(1, generator=torch.Generator().manual_seed(0)).item()
     assert runs[0] == runs[1] and len(runs[0]) == 5
+    # Windows and macOS start workers by spawn, which pickles the dataset: a copy gives the same batches
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(g))
+    for i in range(len(g)):
+        a, b = g[i], copy[i]
+        assert a["image_keys"] == b["image_keys"] and a["captions"] == b["captions"]
+        assert torch.equal(a["images"], b["images"])
 
 
 def test_workers_by_default_only_where_a_cuda_step_would_wait_for_images(monkeypatch):
