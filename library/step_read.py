@@ -22,12 +22,13 @@ class WindowRead:
         self._copy = HostCopy(torch.stack([*(f.float() for f in flags), loss.detach().float().reshape(()),
                                            *(v.detach().float().reshape(()) for v in logs.values())]))
         self._names, self.image_keys, self._skipped, self._flat = list(logs), list(image_keys), None, None
-        self._late = None  # logs of what ran after the optimizer step (`extend`)
+        self._late_names, self._late_copy, self._late = [], None, None  # logs from after the step (`extend`)
 
     def extend(self, logs: dict) -> None:
         """Add logs computed after the optimizer step (--scale_weight_norms' counts), copied the same way; read with
         `values` (read at once, that read waits for the step)."""
-        self._late = (list(logs), HostCopy(torch.stack([v.detach().float().reshape(()) for v in logs.values()])))
+        self._late_names = list(logs)
+        self._late_copy = HostCopy(torch.stack([v.detach().float().reshape(()) for v in logs.values()]))
 
     def _read(self) -> list:
         if self._flat is None:
@@ -48,10 +49,9 @@ class WindowRead:
     def values(self) -> dict:
         """Host floats: "loss" (the window's last micro-batch's) and the logs asked for."""
         flat = self._read()
-        if self._late is not None and not isinstance(self._late[1], list):
-            self._late = (self._late[0], self._late[1].tolist())
-        late = dict(zip(*self._late)) if self._late is not None else {}
-        return {"loss": flat[3], **dict(zip(self._names, flat[4:])), **late}
+        if self._late is None and self._late_copy is not None:
+            self._late = dict(zip(self._late_names, self._late_copy.tolist()))
+        return {"loss": flat[3], **dict(zip(self._names, flat[4:])), **(self._late or {})}
 
     def warning(self) -> str:
         finite, ok = self._read()[:2]
