@@ -84,20 +84,19 @@ def rotated_out(args, epoch: Optional[int] = None, step: Optional[int] = None) -
     """--save_last_n_epochs / --save_last_n_steps and their `_state` variants (which default to them): the LoRA file
     and the state folder that the save at `epoch` or `step` pushes out of the kept window, as sd-scripts computes
     them (None: nothing). Epochs count saves (N saves kept); steps are a distance (the saves of the last N steps)."""
-    def number(last_n, every, at, is_steps):
+    def number(last_n):
         if not last_n:
             return None
-        no = at - last_n - 1 if is_steps else at - every * last_n
-        no -= no % every if is_steps else 0
+        if epoch is not None:
+            no = epoch - args.save_every_n_epochs * last_n  # the save N saves back
+        else:
+            no = step - last_n - 1
+            no -= no % args.save_every_n_steps  # the newest save older than the last N steps
         return no if no > 0 else None
 
-    is_steps = epoch is None
-    kind = "steps" if is_steps else "epochs"
-    every, at = (args.save_every_n_steps, step) if is_steps else (args.save_every_n_epochs, epoch)
+    kind, key = ("epochs", "epoch") if epoch is not None else ("steps", "step")
     last_n = getattr(args, f"save_last_n_{kind}", None)
-    lora = number(last_n, every, at, is_steps)
-    state = number(getattr(args, f"save_last_n_{kind}_state", None) or last_n, every, at, is_steps)
-    key = "step" if is_steps else "epoch"
+    lora, state = number(last_n), number(getattr(args, f"save_last_n_{kind}_state", None) or last_n)
     return (None if lora is None else ckpt_name(args.output_name, **{key: lora}),
             None if state is None else state_dir_name(args.output_name, **{key: state}))
 
