@@ -558,12 +558,11 @@ def train(args):
         on = [f"--{f}" for f, w in why.items() if not w]
         off = [f"--{f} ({w})" for f, w in why.items() if w]
         accelerator.print(f"--cuda_graphs auto: on: {', '.join(on) or 'none'}; off: {', '.join(off) or 'none'}")
-    try:
-        apt = APT(args, model, device) if apt_enabled(args) else None  # after LoRA and attention processors are set
+    try:  # after LoRA and attention processors are set. No batch is larger than max_rows: the ranks pad the
+        # indicator's rows to it without asking each other
+        apt = APT(args, model, device, max_rows=max(d.bp.batch_size for d in data.datasets)) if apt_enabled(args) else None
     except ValueError as e:
         raise train_util.TrainingSetupError(str(e)) from None
-    if apt is not None:  # no batch is larger: the ranks pad the indicator's rows to it without asking each other
-        apt.indicator.max_rows = max(d.bp.batch_size for d in data.datasets)
     from library.torch_compile import maybe_compile
 
     compiled = maybe_compile(args, model.unet)  # traced at the first step, LoRA and APT's processors included

@@ -138,7 +138,7 @@ class OverfittingIndicator:
         With no accelerator or one process this is exactly `update`. Otherwise each rank packs
         (bin, L_φ, L_θ, keep) per sample into a fixed-size float64 tensor on `accelerator.device`
         (NCCL needs CUDA tensors, gloo CPU ones; bins are small integers, exact in float64), padded to
-        `max_rows` (the trainer sets it to the datasets' largest batch size, known to every rank) or else to the
+        `max_rows` (`APT` sets it to the datasets' largest batch size, known to every rank) or else to the
         largest batch of all ranks (one tiny all_reduce MAX first, which the host waits for: bucketed datasets can
         end an epoch with a short batch), all-gathers it, and applies one update with all rows in rank order.
         """

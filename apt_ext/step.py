@@ -69,7 +69,7 @@ def apt_enabled(args) -> bool:
 class APT:
     """Everything APT keeps across steps. Build it after LoRA is applied and attention processors are set."""
 
-    def __init__(self, args, model, device):
+    def __init__(self, args, model, device, max_rows: Optional[int] = None):
         self.components = parse_components(args.apt_components) if args.apt else frozenset()
         if args.apt_identifier_align not in ALIGN_MODES:
             raise ValueError(f"--apt_identifier_align must be one of {ALIGN_MODES}")
@@ -77,6 +77,7 @@ class APT:
         tau = args.apt_gamma_temperature or default_temperature(model.arch)
         self.indicator = OverfittingIndicator(args.apt_num_bins, model.noise_scheduler.config.num_train_timesteps,
                                               args.apt_ema_alpha, tau, device=device)
+        self.indicator.max_rows = max_rows  # the largest batch any rank sees (multi-process updates pad to it)
         self.augment = AdaptiveAugment(args.apt_aug_p_max, tuple(args.apt_aug_scale), args.apt_aug_rotation)
         self.aug_space = args.apt_aug_space
         if self.aug_space == "auto":
