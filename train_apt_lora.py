@@ -389,6 +389,12 @@ def verify_args(args):
         args.output_name = "last"
     if args.logging_dir and args.log_with is None:
         args.log_with = "tensorboard"
+    if args.log_with in ("wandb", "all"):
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise TrainingSetupError(f"--log_with {args.log_with} needs the wandb package: pip install wandb, then "
+                                     "`wandb login` (or set WANDB_MODE=offline); or use --log_with tensorboard")
     if args.resume == "latest":
         from library.interrupt import find_latest_state
 
@@ -644,7 +650,9 @@ def train(args):
                 model.vae.to("cpu")
 
     if args.log_with:
-        accelerator.init_trackers(args.log_tracker_name or "network_train", config={k: v for k, v in vars(args).items()
+        accelerator.init_trackers(args.log_tracker_name or "network_train",
+                                  init_kwargs={"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {},
+                                  config={k: v for k, v in vars(args).items()
                                                                                    if isinstance(v, (int, float, str, bool))})
     accelerator.print(f"{data.num_train_images} train images, {data.num_reg_images} reg images, {len(data)} batches per epoch, "
                       f"{num_epochs} epochs, {args.max_train_steps} optimizer steps, {optimizer_name}")

@@ -50,8 +50,8 @@ NOT_IMPLEMENTED = {  # flag -> what it does in sd-scripts; what to do here
     "save_state_to_huggingface": "uploads to the Hugging Face hub; nothing here goes online",
     "resume_from_huggingface": "resuming from the Hugging Face hub; download the state and pass --resume DIR",
     "async_upload": "uploads to the Hugging Face hub; nothing here goes online",
-    "wandb_api_key": "a wandb login; run `wandb login` before training with --log_with wandb",
-    "wandb_run_name": "the wandb run's name; leave it out (wandb names the run; --log_tracker_name names the project)",
+    "wandb_api_key": "a wandb login from the command line; run `wandb login` once instead (a key in a config file "
+                     "leaks with it)",
     "log_tracker_config": "a tracker's settings file; leave it out",
     "log_config": "the arguments logged to the tracker; they are logged always",
     "console_log_level": "the console's log level; leave it out",

@@ -219,8 +219,10 @@ def _logging_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("logging and samples")
     g.add_argument("--logging_dir", type=str, default=None, help="TensorBoard logs go to <logging_dir>/<log_prefix><time>")
     g.add_argument("--log_prefix", type=str, default=None)
-    g.add_argument("--log_with", type=str, default=None, choices=[None, "tensorboard"])
-    g.add_argument("--log_tracker_name", type=str, default=None)
+    g.add_argument("--log_with", type=str, default=None, choices=[None, "tensorboard", "wandb", "all"],
+                   help="tensorboard (default with --logging_dir), wandb (needs the wandb package and a login), or all")
+    g.add_argument("--log_tracker_name", type=str, default=None, help='the project name (default "network_train")')
+    g.add_argument("--wandb_run_name", type=str, default=None, help="the wandb run's name (default: wandb picks one)")
     g.add_argument("--sample_prompts", type=str, default=None, help="sd-scripts prompt file (.txt/.toml/.json)")
     g.add_argument("--sample_every_n_steps", type=int, default=None)
     g.add_argument("--sample_every_n_epochs", type=int, default=None)

@@ -115,3 +115,18 @@ def test_text_encoder_disk_cache_means_the_memory_cache(tmp_path):
     assert args.cache_text_encoder_outputs
     with pytest.raises(TrainingSetupError, match="--cache_text_encoder_outputs needs --network_train_unet_only"):
         train_apt_lora.verify_args(setup_parser().parse_args(base))
+
+
+def test_wandb_logging_without_the_package_says_how(tmp_path, monkeypatch):
+    import importlib.util
+
+    import train_apt_lora
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    for choice in ("wandb", "all"):
+        args = setup_parser().parse_args(["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "o"),
+                                          "--train_data_dir", str(tmp_path), "--log_with", choice,
+                                          "--wandb_run_name", "run1"])
+        with pytest.raises(TrainingSetupError, match=f"--log_with {choice} needs the wandb package: pip install wandb"):
+            train_apt_lora.verify_args(args)
