@@ -335,6 +335,19 @@ def verify_args(args):
         raise TrainingSetupError(f"--network_module {args.network_module}: only networks.lora is supported")
     if args.use_8bit_adam:
         args.optimizer_type = "AdamW8bit"
+    if args.dim_from_weights:
+        if not args.network_weights:
+            raise TrainingSetupError("--dim_from_weights reads the rank from the LoRA being continued: give it with "
+                                     "--network_weights FILE")
+        from networks.lora import dims_from_weights
+
+        dims = dims_from_weights(args.network_weights)
+        if "network_dim" in dims:
+            args.network_dim, args.network_alpha = dims["network_dim"], dims["network_alpha"]
+        if "conv_dim" in dims:
+            args.network_args = [a for a in args.network_args or [] if not a.startswith(("conv_dim=", "conv_alpha="))]
+            args.network_args += [f"conv_dim={dims['conv_dim']}", f"conv_alpha={dims['conv_alpha']:g}"]
+        logger.info("--dim_from_weights: %s", ", ".join(f"{k} {v:g}" for k, v in dims.items()))
     if args.cache_latents_to_disk:
         args.cache_latents = True
     if args.cache_text_encoder_outputs_to_disk:

@@ -11,7 +11,6 @@ import argparse
 
 NOT_IMPLEMENTED = {  # flag -> what it does in sd-scripts; what to do here
     "weighted_captions": "prompt weighting such as (word:1.2) in captions; write plain captions",
-    "dim_from_weights": "the rank read from --network_weights; pass the file's --network_dim and --network_alpha",
     "base_weights": "LoRAs merged into the model before training; merge them into the checkpoint first",
     "use_lion_optimizer": "the old spelling of --optimizer_type Lion; use that",
     "fused_backward_pass": "Adafactor's optimizer step fused into the backward (full fine-tuning); leave it out",

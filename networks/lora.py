@@ -696,6 +696,33 @@ def _group_kohya_keys(sd: dict) -> tuple[dict[str, dict], list[str]]:
     return modules, extra
 
 
+def dims_from_weights(path) -> dict:
+    """--dim_from_weights: the rank and alpha of a kohya LoRA file, for a network that continues it: `network_dim` /
+    `network_alpha` of its Linear and 1x1 modules, `conv_dim` / `conv_alpha` of its 3x3 convs (C3Lier), each of
+    which must be one value for all its modules (a file with per-module ranks, such as a resized LoRA, does not fit
+    networks.lora's one rank). A missing alpha means alpha = rank."""
+    path = os.fspath(path)
+    modules, extra = _group_kohya_keys(_read_lora_file(path))
+    if extra or not modules:
+        raise LoRAWeightsError(f"--dim_from_weights: {path} is not a plain kohya LoRA (networks.lora)")
+    found: dict[str, Counter] = {"network": Counter(), "conv": Counter()}
+    for e in modules.values():
+        d = e["lora_down"]
+        alpha = float(e["alpha"].float().item()) if "alpha" in e else float(d.shape[0])
+        found["conv" if d.dim() == 4 and tuple(d.shape[2:]) != (1, 1) else "network"][(int(d.shape[0]), alpha)] += 1
+    out = {}
+    for kind, counts in found.items():
+        if len(counts) > 1:
+            seen = ", ".join(f"rank {r} alpha {a:g} ({n} modules)" for (r, a), n in counts.most_common(4))
+            raise LoRAWeightsError(f"--dim_from_weights: the {'3x3 conv' if kind == 'conv' else 'Linear'} modules of "
+                                   f"{path} differ ({seen}); networks.lora trains one rank per kind, so this file "
+                                   "cannot be continued (a resized LoRA?)")
+        if counts:
+            ((rank, alpha),) = counts
+            out.update({f"{kind}_dim": rank, f"{kind}_alpha": alpha})
+    return out
+
+
 def _conv_rank_alpha(modules: dict, conv_names: set) -> tuple[int, str]:
     ranks, alphas = Counter(), Counter()
     for name, e in modules.items():

@@ -424,6 +424,26 @@ def _save(net, path, **kw):
     return str(path)
 
 
+def test_dims_from_weights_reads_rank_and_alpha_per_kind(sd1, tmp_path):
+    from networks.lora import dims_from_weights
+
+    net = create_network(sd1, args(network_dim=3, network_alpha=1.5, network_args=["conv_dim=2", "conv_alpha=0.5"]))
+    path = _save(net, tmp_path / "c3lier.safetensors")
+    assert dims_from_weights(path) == {"network_dim": 3, "network_alpha": 1.5, "conv_dim": 2, "conv_alpha": 0.5}
+    lierla = _save(create_network(sd1, args(network_dim=5, network_alpha=2)), tmp_path / "lierla.safetensors")
+    assert dims_from_weights(lierla) == {"network_dim": 5, "network_alpha": 2.0}
+    sd = safetensors.torch.load_file(lierla)
+    no_alpha = {k: v for k, v in sd.items() if not k.endswith(".alpha")}
+    safetensors.torch.save_file(no_alpha, str(tmp_path / "no_alpha.safetensors"))
+    assert dims_from_weights(str(tmp_path / "no_alpha.safetensors")) == {"network_dim": 5, "network_alpha": 5.0}
+    name = next(k for k in sd if k.endswith("lora_down.weight"))
+    sd[name] = sd[name][:2]  # one module of rank 2 (a resized LoRA)
+    sd[name.replace("lora_down", "lora_up")] = sd[name.replace("lora_down", "lora_up")][:, :2].contiguous()
+    safetensors.torch.save_file(sd, str(tmp_path / "mixed.safetensors"))
+    with pytest.raises(LoRAWeightsError, match=r"Linear modules of .*mixed.safetensors differ \(rank 5 alpha 2 "):
+        dims_from_weights(str(tmp_path / "mixed.safetensors"))
+
+
 def test_load_sdxl_lora_into_sd1_network(sd1, tmp_path):
     xl = LoRANetwork(build_tiny_model("sdxl"), lora_dim=4)
     path = _save(xl, tmp_path / "xl.safetensors")

@@ -232,6 +232,23 @@ def test_alpha_masked_runs_and_masked_loss_without_masks(tiny, images, tmp_path,
     assert "--masked_loss weights the loss by masks" in capsys.readouterr().err
 
 
+def test_dim_from_weights_continues_a_lora_of_another_rank(tiny, images, tmp_path, capsys):
+    dataset = _dataset(tmp_path, images)
+    first = tmp_path / "first"
+    assert _train(tiny["sd1"], dataset, first, "--network_dim", "3", "--network_alpha", "1.5",
+                  "--network_args", "conv_dim=2", "conv_alpha=0.5") == 0
+    weights = str(first / "lora.safetensors")
+    assert _train(tiny["sd1"], dataset, tmp_path / "no", "--network_weights", weights) == 2
+    assert "pass --network_args conv_dim=2 conv_alpha=0.5" in capsys.readouterr().err  # what the flag does for you
+    assert _train(tiny["sd1"], dataset, tmp_path / "yes", "--network_weights", weights, "--dim_from_weights") == 0
+    with safe_open(str(tmp_path / "yes" / "lora.safetensors"), "pt") as f:
+        meta = f.metadata()
+        shapes = {f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith("lora_down.weight")}
+    assert shapes == {3, 2} and meta["ss_network_dim"] == "3" and meta["ss_network_alpha"] == "1.5"
+    assert _train(tiny["sd1"], dataset, tmp_path / "bad", "--dim_from_weights") == 2
+    assert "--dim_from_weights reads the rank from the LoRA being continued" in capsys.readouterr().err
+
+
 def test_nan_steps_are_skipped_then_the_run_stops_with_the_likely_cause(tiny, images, tmp_path, capsys, nan_steps):
     """A NaN loss skips the step (no weight update); after --max_bad_steps the run stops and names the causes."""
     nan_steps(lambda n: n % 2 == 0)
