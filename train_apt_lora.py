@@ -335,6 +335,11 @@ def verify_args(args):
         raise TrainingSetupError(f"--network_module {args.network_module}: only networks.lora is supported")
     if args.use_8bit_adam:
         args.optimizer_type = "AdamW8bit"
+    if args.caption_extention is not None:  # sd-scripts: the misspelled flag, when given, wins
+        args.caption_extension = args.caption_extention
+    if isinstance(args.text_encoder_lr, list):  # one value for every text encoder, two for SDXL's TE1 and TE2
+        args.text_encoder_lr = (args.text_encoder_lr[0] if len(args.text_encoder_lr) == 1
+                                else args.text_encoder_lr or None)
     if args.dim_from_weights:
         if not args.network_weights:
             raise TrainingSetupError("--dim_from_weights reads the rank from the LoRA being continued: give it with "

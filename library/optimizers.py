@@ -145,8 +145,11 @@ def get_optimizer(args, trainable_params) -> tuple[str, torch.optim.Optimizer]:
                 f"--use_8bit_adam and --optimizer_type {optimizer_type} disagree: use only --optimizer_type"
             )
         optimizer_type = "AdamW8bit"
-    if getattr(args, "use_lion_optimizer", False):
-        raise TrainingSetupError("--use_lion_optimizer is not built in: use --optimizer_type lion_pytorch.Lion (pip install lion-pytorch)")
+    if getattr(args, "use_lion_optimizer", False):  # the legacy spelling of --optimizer_type Lion
+        if optimizer_type and optimizer_type.lower() not in ("adamw", "lion"):
+            raise TrainingSetupError(
+                f"--use_lion_optimizer and --optimizer_type {optimizer_type} disagree: use only --optimizer_type")
+        optimizer_type = "Lion"
     if not optimizer_type:
         optimizer_type = "AdamW"
     kind = optimizer_type.lower()
@@ -223,6 +226,7 @@ def get_optimizer(args, trainable_params) -> tuple[str, torch.optim.Optimizer]:
 # Learning-rate schedules
 # ---------------------------------------------------------------------------------------------------------------
 
+TRANSFORMERS_SCHEDULERS = ("cosine_with_min_lr", "warmup_stable_decay", "inverse_sqrt")
 SCHEDULER_CHOICES = (
     "constant",
     "constant_with_warmup",
@@ -230,8 +234,38 @@ SCHEDULER_CHOICES = (
     "cosine",
     "cosine_with_restarts",
     "polynomial",
+    "piecewise_constant",
+    *TRANSFORMERS_SCHEDULERS,
     "adafactor",
 )
+
+
+def _transformers_schedule(name, args, optimizer, warmup: int, total: int, num_processes: int, kwargs: dict):
+    """sd-scripts' schedules from transformers: cosine_with_min_lr (`--lr_scheduler_min_lr_ratio`),
+    warmup_stable_decay (`--lr_decay_steps`, the rest after warmup stable), inverse_sqrt
+    (`--lr_scheduler_timescale`). `--lr_scheduler_num_cycles` counts half-cosines, as sd-scripts passes it."""
+    from transformers import optimization as tro
+
+    cycles = float(_arg(args, "lr_scheduler_num_cycles", 1)) / 2
+    min_ratio = getattr(args, "lr_scheduler_min_lr_ratio", None)
+    if name == "inverse_sqrt":
+        timescale = getattr(args, "lr_scheduler_timescale", None)
+        timescale = None if timescale is None else int(timescale) * num_processes
+        return tro.get_inverse_sqrt_schedule(optimizer, num_warmup_steps=warmup, timescale=timescale, **kwargs)
+    if name == "cosine_with_min_lr":
+        if min_ratio is None:
+            raise TrainingSetupError("--lr_scheduler cosine_with_min_lr needs --lr_scheduler_min_lr_ratio (the floor "
+                                     "as a fraction of the learning rate, e.g. 0.1)")
+        return tro.get_cosine_with_min_lr_schedule_with_warmup(optimizer, num_warmup_steps=warmup,
+                                                               num_training_steps=total, num_cycles=cycles,
+                                                               min_lr_rate=min_ratio, **kwargs)
+    decay = _schedule_steps(getattr(args, "lr_decay_steps", None), total, num_processes, "--lr_decay_steps")
+    if not decay or warmup + decay > total:
+        raise TrainingSetupError(f"--lr_scheduler warmup_stable_decay needs --lr_decay_steps (steps, a ratio or N%) "
+                                 f"that fit with the warmup in the {total // num_processes} steps (got warmup "
+                                 f"{warmup // num_processes}, decay {decay // num_processes})")
+    return tro.get_wsd_schedule(optimizer, num_warmup_steps=warmup, num_stable_steps=total - warmup - decay,
+                                num_decay_steps=decay, num_cycles=cycles, min_lr_ratio=min_ratio or 0.0, **kwargs)
 
 
 def int_or_float(value: str):
@@ -254,27 +288,41 @@ def _integral_or_fail(number: float, text: str) -> int:
     raise ValueError(text)
 
 
-def resolve_warmup_steps(value, num_training_steps: int) -> int:
-    """`--lr_warmup_steps` as optimizer steps: an int, a ratio in [0, 1) of the total, or "N%"."""
+def resolve_warmup_steps(value, num_training_steps: int, flag: str = "--lr_warmup_steps") -> int:
+    """`--lr_warmup_steps` (or `--lr_decay_steps`, `flag`) as steps: an int, a ratio in [0, 1) of the total, or
+    "N%"."""
     if value is None:
         return 0
     if isinstance(value, str):
         try:
             value = int_or_float(value)
         except argparse.ArgumentTypeError as e:
-            raise TrainingSetupError(f"--lr_warmup_steps: {e}") from None
+            raise TrainingSetupError(f"{flag}: {e}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TrainingSetupError(f"--lr_warmup_steps must be a number or a percentage, got {value!r}")
+        raise TrainingSetupError(f"{flag} must be a number or a percentage, got {value!r}")
     if value < 0:
-        raise TrainingSetupError(f"--lr_warmup_steps must not be negative, got {value}")
+        raise TrainingSetupError(f"{flag} must not be negative, got {value}")
     if isinstance(value, float):
         if value < 1:
             return int(value * num_training_steps)
         if not value.is_integer():
             raise TrainingSetupError(
-                f"--lr_warmup_steps {value}: use a whole number of steps, a ratio below 1 (0.1) or a percentage (10%)"
+                f"{flag} {value}: use a whole number of steps, a ratio below 1 (0.1) or a percentage (10%)"
             )
     return int(value)
+
+
+def _schedule_steps(value, total: int, num_processes: int, flag: str) -> int:
+    """A step count of the schedule (`--lr_warmup_steps`, `--lr_decay_steps`) in scheduler steps: a ratio of
+    `total` (already in scheduler steps), or optimizer steps times `num_processes`."""
+    if isinstance(value, str):
+        try:
+            value = int_or_float(value)
+        except argparse.ArgumentTypeError as e:
+            raise TrainingSetupError(f"{flag}: {e}") from None
+    if isinstance(value, float) and value < 1:
+        return resolve_warmup_steps(value, total, flag)
+    return resolve_warmup_steps(value, total, flag) * num_processes
 
 
 def get_lr_scheduler(args, optimizer, num_training_steps: int, num_processes: int = 1):
@@ -294,16 +342,7 @@ def get_lr_scheduler(args, optimizer, num_training_steps: int, num_processes: in
     num_processes = max(1, int(num_processes))
     total = int(num_training_steps) * num_processes
     warmup_arg = getattr(args, "lr_warmup_steps", None)
-    warmup_value = warmup_arg
-    if isinstance(warmup_value, str):
-        try:
-            warmup_value = int_or_float(warmup_value)
-        except argparse.ArgumentTypeError as e:
-            raise TrainingSetupError(f"--lr_warmup_steps: {e}") from None
-    if isinstance(warmup_value, float) and warmup_value < 1:
-        warmup = resolve_warmup_steps(warmup_value, total)  # a ratio of the scheduler's own step count
-    else:
-        warmup = resolve_warmup_steps(warmup_value, total) * num_processes
+    warmup = _schedule_steps(warmup_arg, total, num_processes, "--lr_warmup_steps")
     if warmup > total:
         logger.warning(f"--lr_warmup_steps ({warmup_arg}) is longer than the training ({num_training_steps} steps)")
     sched_kwargs = parse_kv_args(getattr(args, "lr_scheduler_args", None), "--lr_scheduler_args")
@@ -350,9 +389,11 @@ def get_lr_scheduler(args, optimizer, num_training_steps: int, num_processes: in
         raise TrainingSetupError(
             f"--lr_scheduler {name!r} is not supported{hint}; choose one of {', '.join(SCHEDULER_CHOICES)}"
         )
-    fn = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]
     try:
-        if name == "constant":
+        if name in TRANSFORMERS_SCHEDULERS:
+            return _transformers_schedule(name, args, optimizer, warmup, total, num_processes, sched_kwargs)
+        fn = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]
+        if name in ("constant", "piecewise_constant"):  # piecewise: --lr_scheduler_args step_rules="1:10,0.1"
             no_warmup(name)
             return fn(optimizer, **sched_kwargs)
         if name == "constant_with_warmup":

@@ -67,6 +67,7 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bucket_reso_steps", type=int, default=64)
     g.add_argument("--bucket_no_upscale", action="store_true")
     g.add_argument("--caption_extension", type=str, default=".caption")
+    g.add_argument("--caption_extention", type=str, default=None, help="sd-scripts' old misspelling of --caption_extension")
     g.add_argument("--shuffle_caption", action="store_true")
     g.add_argument("--keep_tokens", type=int, default=0)
     g.add_argument("--caption_dropout_rate", type=float, default=0.0)
@@ -187,14 +188,27 @@ def _optimizer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer_type", type=str, default="AdamW", help="AdamW, AdamW8bit (bitsandbytes), SGDNesterov, Adafactor, or module.Class")
     g.add_argument("--optimizer_args", type=str, default=None, nargs="*", help='"key=value" optimizer options')
     g.add_argument("--use_8bit_adam", action="store_true", help="legacy alias of --optimizer_type AdamW8bit")
+    g.add_argument("--use_lion_optimizer", action="store_true", help="legacy alias of --optimizer_type Lion")
     g.add_argument("--learning_rate", type=float, default=1e-4)
     g.add_argument("--unet_lr", type=float, default=None)
-    g.add_argument("--text_encoder_lr", type=float, default=None)
+    g.add_argument("--text_encoder_lr", type=float, default=None, nargs="*",
+                   help="one value, or two for SDXL's text encoders (TE1, TE2)")
     g.add_argument("--lr_scheduler", type=str, default="constant",
-                   help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial")
+                   help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial, "
+                        "piecewise_constant, cosine_with_min_lr, warmup_stable_decay, inverse_sqrt, adafactor")
     g.add_argument("--lr_warmup_steps", type=int_or_float, default=0, help='steps, a ratio < 1 of the total, or "N%%"')
+    g.add_argument("--lr_decay_steps", type=int_or_float, default=None,
+                   help='warmup_stable_decay: steps of the decay, a ratio < 1 of the total, or "N%%"')
     g.add_argument("--lr_scheduler_num_cycles", type=int, default=1)
     g.add_argument("--lr_scheduler_power", type=float, default=1.0)
+    g.add_argument("--lr_scheduler_timescale", type=int, default=None, help="inverse_sqrt's timescale (steps)")
+    g.add_argument("--lr_scheduler_min_lr_ratio", type=float, default=None,
+                   help="cosine_with_min_lr and warmup_stable_decay: the lowest lr as a fraction of the lr")
+    g.add_argument("--lr_scheduler_type", type=str, default=None,
+                   help="any scheduler class (torch.optim.lr_scheduler name or module.Class), built with "
+                        "--lr_scheduler_args; replaces --lr_scheduler")
+    g.add_argument("--lr_scheduler_args", type=str, default=None, nargs="*",
+                   help='"key=value" arguments of the schedule (Python literals, e.g. step_rules="1:10,0.1")')
 
 
 def _saving_args(p: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ from library.train_util import TrainingSetupError, accelerator_handlers
 
 
 @pytest.mark.parametrize("argv", [["--color_aug"], ["--weighted_captions"], ["--full_bf16"],
-                                  ["--huggingface_repo_id", "me/lora"], ["--caption_extention", ".txt"]])
+                                  ["--huggingface_repo_id", "me/lora"], ["--fp8_base"]])
 def test_a_flag_not_implemented_is_an_error_saying_what_to_do(argv, capsys):
     with pytest.raises(SystemExit) as e:
         cf.parse_args_with_config(setup_parser(), ["--output_dir", "out", *argv])
@@ -38,14 +38,14 @@ def test_flags_left_off_are_accepted_as_gui_config_files_write_them(tmp_path, ca
     path = tmp_path / "gui.toml"
     path.write_text('masked_loss = false\nscale_weight_norms = 0\nhuggingface_repo_id = ""\nfp8_base = false\n'
                     'base_weights = []\nlowram = false\nmax_train_steps = 5\n', encoding="utf-8")
-    args = cf.parse_args_with_config(setup_parser(), ["--config_file", str(path), "--lr_scheduler_min_lr_ratio",
+    args = cf.parse_args_with_config(setup_parser(), ["--config_file", str(path), "--save_n_epoch_ratio",
                                                       "0.0", "--huggingface_token", ""])
     assert args.max_train_steps == 5 and no_effect_notes(args) == [] and not args.scale_weight_norms
     with pytest.raises(SystemExit):
-        cf.parse_args_with_config(setup_parser(), ["--config_file", str(path), "--lr_scheduler_min_lr_ratio", "0.1"])
-    assert "argument --lr_scheduler_min_lr_ratio: is an sd-scripts flag" in capsys.readouterr().err
-    path.write_text("lr_scheduler_min_lr_ratio = 0.1\n", encoding="utf-8")
-    with pytest.raises(TrainingSetupError, match="lr_scheduler_min_lr_ratio is an sd-scripts flag"):
+        cf.parse_args_with_config(setup_parser(), ["--config_file", str(path), "--save_n_epoch_ratio", "0.1"])
+    assert "argument --save_n_epoch_ratio: is an sd-scripts flag" in capsys.readouterr().err
+    path.write_text("save_n_epoch_ratio = 0.1\n", encoding="utf-8")
+    with pytest.raises(TrainingSetupError, match="save_n_epoch_ratio is an sd-scripts flag"):
         cf.parse_args_with_config(setup_parser(), ["--config_file", str(path)])
 
 
@@ -130,3 +130,21 @@ def test_wandb_logging_without_the_package_says_how(tmp_path, monkeypatch):
                                           "--wandb_run_name", "run1"])
         with pytest.raises(TrainingSetupError, match=f"--log_with {choice} needs the wandb package: pip install wandb"):
             train_apt_lora.verify_args(args)
+
+
+def test_old_spellings_and_text_encoder_lr_lists(tmp_path):
+    import train_apt_lora
+
+    base = ["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "o"), "--train_data_dir",
+            str(tmp_path)]
+    args = setup_parser().parse_args(base + ["--caption_extention", ".txt", "--text_encoder_lr", "1e-5"])
+    train_apt_lora.verify_args(args)
+    assert args.caption_extension == ".txt" and args.text_encoder_lr == 1e-5  # one value: every text encoder
+    args = setup_parser().parse_args(base + ["--text_encoder_lr", "1e-5", "2e-5"])
+    train_apt_lora.verify_args(args)
+    assert args.text_encoder_lr == [1e-5, 2e-5]  # SDXL: TE1, TE2 (networks/lora.py makes a group each)
+    path = tmp_path / "run.toml"
+    path.write_text("text_encoder_lr = 3e-6\nlr_scheduler_args = ['step_rules=\"1:2,0.1\"']\n", encoding="utf-8")
+    args = cf.parse_args_with_config(setup_parser(), ["--config_file", str(path)] + base)
+    train_apt_lora.verify_args(args)
+    assert args.text_encoder_lr == 3e-6 and args.lr_scheduler_args == ['step_rules="1:2,0.1"']

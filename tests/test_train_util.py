@@ -356,6 +356,11 @@ def test_optimizer_errors():
         optim_lib.get_optimizer(ns(learning_rate=1e-4, optimizer_args=["foo=bar baz"]), params())
     with pytest.raises(TrainingSetupError, match="--optimizer_args"):
         optim_lib.get_optimizer(ns(learning_rate=1e-4, optimizer_args=["weight_decayy=0.1"]), params())
+    # the legacy spelling of --optimizer_type Lion asks for lion-pytorch like the new one (not installed here)
+    with pytest.raises(TrainingSetupError, match="lion_pytorch.Lion.*pip install lion-pytorch"):
+        optim_lib.get_optimizer(ns(use_lion_optimizer=True, learning_rate=1e-4), params())
+    with pytest.raises(TrainingSetupError, match="--use_lion_optimizer and --optimizer_type SGDNesterov disagree"):
+        optim_lib.get_optimizer(ns(use_lion_optimizer=True, optimizer_type="SGDNesterov", learning_rate=1e-4), params())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -413,6 +418,49 @@ def test_num_processes_scales_steps():
             single = lr_at(args, step, total=110 if warmup == 10 else 100)
             double = lr_at(args, 2 * step, total=110 if warmup == 10 else 100, num_processes=2)
             assert double == pytest.approx(single), (warmup, step)
+
+
+def _lrs(sched, steps):
+    """The schedule's lr (factor of lr 1.0) at each of `steps` (the scheduler stepped there)."""
+    out = []
+    for _ in range(max(steps) + 1):
+        out.append(sched.get_last_lr()[0])
+        sched.optimizer.step()
+        sched.step()
+    return [out[i] for i in steps]
+
+
+@pytest.mark.parametrize("name,extra,expected", [
+    # 10 steps. floor 0.1, one half-cosine: 0.1 + 0.9 · ½(1 + cos(π t / 10))
+    ("cosine_with_min_lr", {"lr_scheduler_min_lr_ratio": 0.1},
+     {t: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t / 10)) for t in (0, 3, 5, 9)}),
+    # warmup 2, decay 4 (40%), stable 4 in between, decayed by a half-cosine to the floor 0
+    ("warmup_stable_decay", {"lr_warmup_steps": 2, "lr_decay_steps": "40%"},
+     {0: 0.0, 1: 0.5, 2: 1.0, 5: 1.0, 6: 1.0, 7: 0.5 * (1 + math.cos(math.pi * 1 / 4)), 8: 0.5, 9: 0.5 * (1 + math.cos(math.pi * 3 / 4))}),
+    # no warmup, timescale 4: 1 / √((t + 4) / 4)
+    ("inverse_sqrt", {"lr_scheduler_timescale": 4}, {t: 1 / math.sqrt((t + 4) / 4) for t in (0, 1, 5, 9)}),
+    # rules "factor:until,...,last": 1 before step 2, 0.5 before 4, then 0.1
+    ("piecewise_constant", {"lr_scheduler_args": ['step_rules="1:2,0.5:4,0.1"']}, {0: 1.0, 1: 1.0, 2: 0.5, 3: 0.5, 4: 0.1, 9: 0.1}),
+])
+def test_more_sd_scripts_schedules(name, extra, expected):
+    _, opt = optim_lib.get_optimizer(ns(learning_rate=1.0), params())
+    sched = optim_lib.get_lr_scheduler(ns(lr_scheduler=name, **{"lr_warmup_steps": 0, **extra}), opt, 10)
+    assert _lrs(sched, list(expected)) == pytest.approx(list(expected.values()), abs=1e-9)
+
+
+def test_custom_scheduler_class_and_schedule_errors():
+    _, opt = optim_lib.get_optimizer(ns(learning_rate=1.0), params())
+    sched = optim_lib.get_lr_scheduler(ns(lr_scheduler_type="LinearLR",
+                                          lr_scheduler_args=["start_factor=0.5", "total_iters=2"]), opt, 10)
+    assert _lrs(sched, [0, 1, 2, 5]) == pytest.approx([0.5, 0.75, 1.0, 1.0])
+    for kw, message in (({"lr_scheduler": "cosine_with_min_lr"}, "needs --lr_scheduler_min_lr_ratio"),
+                        ({"lr_scheduler": "warmup_stable_decay"}, "needs --lr_decay_steps"),
+                        ({"lr_scheduler": "warmup_stable_decay", "lr_warmup_steps": 6, "lr_decay_steps": 5},
+                         "got warmup 6, decay 5"),
+                        ({"lr_scheduler_type": "NoSuchLR"}, "not a torch.optim.lr_scheduler class")):
+        _, opt = optim_lib.get_optimizer(ns(learning_rate=1.0), params())
+        with pytest.raises(TrainingSetupError, match=message):
+            optim_lib.get_lr_scheduler(ns(**{"lr_warmup_steps": 0, **kw}), opt, 10)
 
 
 def test_unknown_scheduler():
