@@ -329,6 +329,9 @@ def verify_args(args):
                                          f"add --save_every_n_{kind}")
         if getattr(args, f"save_last_n_{kind}_state") and not args.save_state:
             raise TrainingSetupError(f"--save_last_n_{kind}_state keeps training states: add --save_state")
+    thumb = args.metadata_thumbnail
+    if thumb and not thumb.startswith("data:") and not os.path.isfile(thumb):
+        raise TrainingSetupError(f"--metadata_thumbnail {thumb}: no such image file (give an image, or a data: URL)")
     if args.ddp_timeout is not None and args.ddp_timeout < 1:
         raise TrainingSetupError(f"--ddp_timeout is in minutes and must be at least 1, got {args.ddp_timeout}")
     if args.network_module != "networks.lora":

@@ -227,8 +227,11 @@ def _saving_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action="store_true", help="allow replacing existing output files")
     g.add_argument("--no_metadata", action="store_true", help="write only the minimal metadata")
     g.add_argument("--training_comment", type=str, default=None)
-    for key in ("title", "author", "description", "license", "tags"):
-        g.add_argument(f"--metadata_{key}", type=str, default=None)
+    for key in ("title", "author", "description", "license", "tags", "usage_hint", "merged_from", "trigger_phrase",
+                "preprocessor", "is_negative_embedding"):
+        g.add_argument(f"--metadata_{key}", type=str, default=None, help=f"modelspec.{key} in the LoRA's metadata")
+    g.add_argument("--metadata_thumbnail", type=str, default=None,
+                   help="an image file (or a data: URL) stored as modelspec.thumbnail")
 
 
 def _logging_args(p: argparse.ArgumentParser) -> None:

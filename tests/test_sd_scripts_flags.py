@@ -148,3 +148,22 @@ def test_old_spellings_and_text_encoder_lr_lists(tmp_path):
     args = cf.parse_args_with_config(setup_parser(), ["--config_file", str(path)] + base)
     train_apt_lora.verify_args(args)
     assert args.text_encoder_lr == 3e-6 and args.lr_scheduler_args == ['step_rules="1:2,0.1"']
+
+
+def test_modelspec_metadata_flags_reach_the_file(tiny_world, tmp_path, capsys):
+    import train_apt_lora
+    from safetensors import safe_open
+
+    thumb = tmp_path / "thumb.png"
+    thumb.write_bytes(b"\x89PNG")
+    base = ["--pretrained_model_name_or_path", tiny_world.model("sd1"), "--dataset_config", tiny_world.dataset,
+            "--output_name", "lora", "--max_train_steps", "1"]
+    assert train_apt_lora.main(base + ["--output_dir", str(tmp_path / "o"), "--metadata_trigger_phrase", "sks dog",
+                                       "--metadata_usage_hint", "weight 0.8", "--metadata_thumbnail",
+                                       str(thumb)]) == 0
+    with safe_open(str(tmp_path / "o" / "lora.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["modelspec.trigger_phrase"] == "sks dog" and meta["modelspec.usage_hint"] == "weight 0.8"
+    assert meta["modelspec.thumbnail"].startswith("data:image/png;base64,")
+    rc = train_apt_lora.main(base + ["--output_dir", str(tmp_path / "bad"), "--metadata_thumbnail", "nope.png"])
+    assert rc == 2 and "--metadata_thumbnail nope.png: no such image file" in capsys.readouterr().err
