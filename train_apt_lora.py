@@ -534,6 +534,9 @@ def train(args):
     if args.max_train_epochs:
         args.max_train_steps = args.max_train_epochs * steps_per_epoch
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    if args.save_n_epoch_ratio:  # sd-scripts: about this many saves over the run
+        args.save_every_n_epochs = math.floor(num_epochs / args.save_n_epoch_ratio) or 1
+        logger.info("--save_n_epoch_ratio %g: a LoRA every %d epochs", args.save_n_epoch_ratio, args.save_every_n_epochs)
     resume_step = read_state_info(args.resume)["step"] if args.resume else 0
     existing = [p for p in planned_outputs(args, args.max_train_steps, num_epochs, resume_step) if os.path.exists(p)]
     if existing and not args.overwrite:

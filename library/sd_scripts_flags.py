@@ -23,7 +23,6 @@ NOT_IMPLEMENTED = {  # flag -> what it does in sd-scripts; what to do here
     "face_crop_aug_range": "face-centred crops; leave it out",
     "debug_dataset": "a viewer of the dataset's batches; leave it out",
     "token_warmup_step": "caption-token warm-up; leave it out",
-    "save_n_epoch_ratio": "saves spread over the run by ratio; use --save_every_n_epochs",
     "initial_epoch": "training started at a later epoch's schedule; use --save_state and --resume",
     "initial_step": "training started at a later step's schedule; use --save_state and --resume",
     "skip_until_initial_step": "skipping batches up to --initial_step; use --save_state and --resume",
@@ -39,7 +38,6 @@ NOT_IMPLEMENTED = {  # flag -> what it does in sd-scripts; what to do here
     "wandb_api_key": "a wandb login from the command line; run `wandb login` once instead (a key in a config file "
                      "leaks with it)",
     "log_tracker_config": "a tracker's settings file; leave it out",
-    "log_config": "the arguments logged to the tracker; they are logged always",
     "console_log_level": "the console's log level; leave it out",
     "console_log_file": "a log file; redirect the output to a file instead",
     "console_log_simple": "a plainer console log; leave it out",
@@ -61,6 +59,7 @@ NO_EFFECT = {  # flag -> (takes a value, why it does nothing here)
     "huggingface_repo_type": (True, "only used with --huggingface_repo_id, which APT-LoRA does not implement"),
     "huggingface_path_in_repo": (True, "only used with --huggingface_repo_id, which APT-LoRA does not implement"),
     "huggingface_repo_visibility": (True, "only used with --huggingface_repo_id, which APT-LoRA does not implement"),
+    "log_config": (False, "the arguments are always logged to the tracker (--log_with)"),
     "ddp_gradient_as_bucket_view": (False, "this trainer all-reduces the LoRA's gradients itself, without a DDP "
                                            "wrapper"),
     "ddp_static_graph": (False, "this trainer all-reduces the LoRA's gradients itself, without a DDP wrapper"),

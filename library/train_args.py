@@ -219,6 +219,8 @@ def _saving_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"])
     g.add_argument("--save_every_n_epochs", type=int, default=None)
     g.add_argument("--save_every_n_steps", type=int, default=None)
+    g.add_argument("--save_n_epoch_ratio", type=int, default=None,
+                   help="save about N LoRAs over the run (every floor(epochs / N) epochs; sets --save_every_n_epochs)")
     g.add_argument("--save_last_n_epochs", type=int, default=None,
                    help="keep only the last N epoch saves (with --save_every_n_epochs); older ones are deleted")
     g.add_argument("--save_last_n_steps", type=int, default=None,

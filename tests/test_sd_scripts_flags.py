@@ -38,14 +38,14 @@ def test_flags_left_off_are_accepted_as_gui_config_files_write_them(tmp_path, ca
     path = tmp_path / "gui.toml"
     path.write_text('masked_loss = false\nscale_weight_norms = 0\nhuggingface_repo_id = ""\nfp8_base = false\n'
                     'base_weights = []\nlowram = false\nmax_train_steps = 5\n', encoding="utf-8")
-    args = cf.parse_args_with_config(setup_parser(), ["--config_file", str(path), "--save_n_epoch_ratio",
+    args = cf.parse_args_with_config(setup_parser(), ["--config_file", str(path), "--token_warmup_step",
                                                       "0.0", "--huggingface_token", ""])
     assert args.max_train_steps == 5 and no_effect_notes(args) == [] and not args.scale_weight_norms
     with pytest.raises(SystemExit):
-        cf.parse_args_with_config(setup_parser(), ["--config_file", str(path), "--save_n_epoch_ratio", "0.1"])
-    assert "argument --save_n_epoch_ratio: is an sd-scripts flag" in capsys.readouterr().err
-    path.write_text("save_n_epoch_ratio = 0.1\n", encoding="utf-8")
-    with pytest.raises(TrainingSetupError, match="save_n_epoch_ratio is an sd-scripts flag"):
+        cf.parse_args_with_config(setup_parser(), ["--config_file", str(path), "--token_warmup_step", "0.1"])
+    assert "argument --token_warmup_step: is an sd-scripts flag" in capsys.readouterr().err
+    path.write_text("token_warmup_step = 0.1\n", encoding="utf-8")
+    with pytest.raises(TrainingSetupError, match="token_warmup_step is an sd-scripts flag"):
         cf.parse_args_with_config(setup_parser(), ["--config_file", str(path)])
 
 
@@ -167,3 +167,13 @@ def test_modelspec_metadata_flags_reach_the_file(tiny_world, tmp_path, capsys):
     assert meta["modelspec.thumbnail"].startswith("data:image/png;base64,")
     rc = train_apt_lora.main(base + ["--output_dir", str(tmp_path / "bad"), "--metadata_thumbnail", "nope.png"])
     assert rc == 2 and "--metadata_thumbnail nope.png: no such image file" in capsys.readouterr().err
+
+
+def test_save_n_epoch_ratio_spreads_the_saves(tiny_world, tmp_path):
+    import train_apt_lora
+
+    # 3 images, batch 1: 3 steps an epoch, 12 steps = 4 epochs; ratio 2 -> a LoRA every 2 epochs (epoch 4 is the end)
+    assert train_apt_lora.main(["--pretrained_model_name_or_path", tiny_world.model("sd1"), "--dataset_config",
+                                tiny_world.dataset, "--output_dir", str(tmp_path), "--output_name", "lora",
+                                "--max_train_steps", "12", "--save_n_epoch_ratio", "2"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["lora-000002.safetensors", "lora.safetensors"]
