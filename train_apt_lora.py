@@ -528,7 +528,15 @@ def train(args):
 
         sample_prompts = parse_prompt_file(args.sample_prompts, default_size=1024 if model.is_sdxl else 512)
     data = dataset_lib.build_dataset_group(blueprints, is_sdxl=model.is_sdxl, seed=args.seed,
-                                           prior_loss_weight=args.prior_loss_weight)
+                                           prior_loss_weight=args.prior_loss_weight, split="train")
+    val_data = None  # held-out images (validation_split): a validation loss, not trained on
+    if any(bp.validation_split for bp in blueprints):
+        val_data = dataset_lib.build_dataset_group(blueprints, is_sdxl=model.is_sdxl, seed=args.seed,
+                                                   split="validation")
+        if val_data is None:
+            raise train_util.TrainingSetupError(
+                "validation_split holds out no image: each subset keeps ceil((1 - split) x its images) for training, "
+                "so with n images the split must be above 1/n; raise it, or leave it out")
 
     steps_per_epoch = math.ceil(len(data) / accelerator.num_processes / args.gradient_accumulation_steps)
     if args.max_train_epochs:
@@ -551,8 +559,9 @@ def train(args):
     model.vae.to(device, vae_dtype)
     if args.cache_latents:  # disk caches: the main process writes them, the others then read them
         with torch.no_grad(), accelerator.main_process_first() if args.cache_latents_to_disk else contextlib.nullcontext():
-            data.cache_latents(model.vae, model.latent_scale, vae_batch_size=args.vae_batch_size,
-                               to_disk=args.cache_latents_to_disk, device=device)
+            for group in (data, val_data) if val_data is not None else (data,):
+                group.cache_latents(model.vae, model.latent_scale, vae_batch_size=args.vae_batch_size,
+                                    to_disk=args.cache_latents_to_disk, device=device)
         model.vae.to("cpu")  # only sampling needs it again
     model.unet.to(device, weight_dtype)
     train_util.set_unet_layout(model.unet, args)
@@ -654,6 +663,30 @@ def train(args):
         """--save_last_n_*: delete the save that the one just written pushed out of the kept window."""
         for path in train_util.remove_old_save(args.output_dir, *names):
             accelerator.print(f"removed {path} (--save_last_n_*)")
+
+    val_loader = None
+    if val_data is not None:
+        val_data.set_current_epoch(1)  # one arrangement of the held-out batches, the same in every run
+        val_loader = torch.utils.data.DataLoader(val_data, batch_size=1, shuffle=False,
+                                                 collate_fn=dataset_lib.collate_batch)
+        accelerator.print(f"validation: {val_data.num_train_images} held-out images, {len(val_data)} batches")
+
+    last_validation = {}  # step -> loss: a step that ends an epoch too is validated once
+
+    def validate(step, at_epoch_end=False):
+        """The validation loss (library/validation.py) at this step, on every process (they stay in step), logged
+        by the main one."""
+        from library.validation import validation_loss
+
+        if step not in last_validation:
+            seed = args.validation_seed if args.validation_seed is not None else args.seed
+            last_validation.clear()
+            last_validation[step] = validation_loss(args, ctx, val_loader, seed, args.max_validation_steps)
+            if is_main:
+                progress.write(f"validation loss {last_validation[step]:.4f} at step {step}")
+        if is_main and args.log_with:
+            tag = "loss/validation/epoch_average" if at_epoch_end else "loss/validation/step_current"
+            accelerator.log({tag: last_validation[step]}, step=step)
 
     def maybe_sample(step, epoch, at_epoch_end=False):
         if not sample_prompts or not is_main:
@@ -760,6 +793,8 @@ def train(args):
                     save(train_util.ckpt_name(args.output_name, step=step), step, epoch, batches_done)
                     forget(train_util.rotated_out(args, step=step))
                 maybe_sample(step, epoch)
+                if val_loader is not None and args.validate_every_n_steps and step % args.validate_every_n_steps == 0:
+                    validate(step)
                 if step >= args.max_train_steps:
                     break
             if interrupted:
@@ -768,6 +803,9 @@ def train(args):
                 save(train_util.ckpt_name(args.output_name, epoch=epoch), step, epoch + 1, 0)
                 forget(train_util.rotated_out(args, epoch=epoch))
             maybe_sample(step, epoch, at_epoch_end=True)
+            if val_loader is not None and (args.validate_every_n_epochs is None
+                                           or epoch % args.validate_every_n_epochs == 0):
+                validate(step, at_epoch_end=True)
             if step >= args.max_train_steps:
                 break
         if pending is not None:

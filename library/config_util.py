@@ -619,9 +619,6 @@ def _check_dataset_values(bp: DatasetBlueprint, v: dict, w: dict) -> None:
                              "per-dataset LoRA multipliers; --network_multiplier sets one for the whole run")
     if not 0.0 <= bp.validation_split <= 1.0:
         raise ConfigError(f"{w['validation_split']} = {bp.validation_split}: must be between 0 and 1.")
-    if bp.validation_split > 0:
-        raise _not_supported(f"{w['validation_split']} = {bp.validation_split}", "validation_split",
-                             "validation datasets")
     if bp.resize_interpolation is not None and bp.resize_interpolation not in RESIZE_INTERPOLATIONS:
         raise ConfigError(f"{w['resize_interpolation']} = {bp.resize_interpolation!r}: unknown interpolation; use one "
                           f"of {', '.join(RESIZE_INTERPOLATIONS)}.")

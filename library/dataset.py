@@ -169,9 +169,11 @@ def _dir_error(subset: SubsetBlueprint, image_dir: str, problem: str, fix: str) 
 class _Dataset:
     """One [[datasets]] entry: its images, buckets and per-epoch batch order."""
 
-    def __init__(self, bp: DatasetBlueprint, index: int, debug: bool):
+    def __init__(self, bp: DatasetBlueprint, index: int, debug: bool, split: str | None = None, seed: int = 0):
         self.bp = bp
         self.index = index
+        self.split = split  # None, "train" or "validation" (`build_dataset_group`)
+        self.split_seed = bp.validation_seed if bp.validation_seed is not None else seed
         self.images: dict[str, ImageInfo] = {}
         self.subset_counts: list[tuple[SubsetBlueprint, int]] = []  # (subset, images found)
         self.tag_frequency: dict[str, dict[str, int]] = {}
@@ -182,7 +184,7 @@ class _Dataset:
             self._load_dreambooth()
         else:
             self._load_finetuning()
-        if not self.images:
+        if not self.images and split != "validation":
             raise ConfigError(f"{bp.where}: no usable training image (see the warnings above).")
         if self.transparent:
             more = f" and {len(self.transparent) - 1} more images have" if len(self.transparent) > 1 else " has"
@@ -220,7 +222,12 @@ class _Dataset:
     def _load_dreambooth(self) -> None:
         reg: list[ImageInfo] = []
         for subset in self.bp.subsets:
+            if subset.is_reg and self.split == "validation":
+                continue  # reg images only regularise training
             found = self._images_of(subset)
+            found = found if subset.is_reg else self._take(found)
+            if not found:
+                continue  # nothing of this subset on this side of the split
             captions, caption_errors = [], []
             for p, _ in found:
                 try:
@@ -241,7 +248,7 @@ class _Dataset:
                     f"caption_extension, now {subset.caption_extension!r}).")
             captions = [subset.class_tokens if c is None else c for c in captions]
             for (path, size), caption in zip(found, captions):
-                info = ImageInfo(path, path, subset, caption, subset.is_reg, subset.num_repeats, size,
+                info = ImageInfo(path, path, subset, caption, subset.is_reg, self._repeats(subset), size,
                                  max_pixels=self.bp.max_image_pixels)
                 if subset.is_reg:
                     reg.append(info)  # registered below, with repeats matched to the train images
@@ -252,9 +259,25 @@ class _Dataset:
             if subset.is_reg:
                 self.num_reg_images += subset.num_repeats * len(found)
             else:
-                self.num_train_images += subset.num_repeats * len(found)
+                self.num_train_images += self._repeats(subset) * len(found)
             self.subset_counts.append((subset, len(found)))
         self._register_reg_images(reg)
+
+    def _take(self, items: list) -> list:
+        """This side of the subset's split (sd-scripts' `split_train_val`): the items shuffled by the split seed,
+        the first ceil((1 - validation_split) · n) for training, the rest for validation (disjoint, unlike
+        sd-scripts' rounding, which can give an image to both). All of them without a split."""
+        fraction = self.bp.validation_split
+        if self.split is None or fraction <= 0:
+            return [] if self.split == "validation" else list(items)
+        items = list(items)
+        random.Random(f"apt-lora/split/{self.split_seed}").shuffle(items)
+        cut = math.ceil(len(items) * (1 - fraction))
+        return items[:cut] if self.split == "train" else items[cut:]
+
+    def _repeats(self, subset: SubsetBlueprint) -> int:
+        """num_repeats balances subsets in training; a held-out image is validated once."""
+        return 1 if self.split == "validation" else subset.num_repeats
 
     def _register_reg_images(self, reg: list[ImageInfo]) -> None:
         """sd-scripts: reg images are repeated (round-robin, +1 repeat each) or cut off so that their count with
@@ -297,7 +320,10 @@ class _Dataset:
                 raise ConfigError(f"{md_path}: the metadata file must be a non-empty JSON object "
                                   f'{{"image key": {{"caption": "...", "tags": "..."}}, ...}} ({key}).')
             tags_list, count = [], 0
-            for image_key, md in metadata.items():
+            items = self._take(list(metadata.items()))
+            if not items:
+                continue  # nothing of this subset on this side of the split
+            for image_key, md in items:
                 path = self._find_ft_image(subset, image_key)
                 if path is None:
                     logger.warning(f"skipping {image_key!r} of {md_path}: image not found (looked for it as given "
@@ -332,13 +358,13 @@ class _Dataset:
                 elif tags:
                     caption = f"{caption}{sep} {tags}"
                     tags_list.append(tags)
-                self.images[image_key] = ImageInfo(image_key, path, subset, caption, False, subset.num_repeats, size,
-                                                   max_pixels=self.bp.max_image_pixels)
+                self.images[image_key] = ImageInfo(image_key, path, subset, caption, False, self._repeats(subset),
+                                                   size, max_pixels=self.bp.max_image_pixels)
                 count += 1
             if count == 0:
                 raise ConfigError(f"{key}: none of the {len(metadata)} images listed in {md_path} could be used "
                                   f"(see the warnings above). Check image_dir.")
-            self.num_train_images += count * subset.num_repeats
+            self.num_train_images += count * self._repeats(subset)
             tag_frequency(tags_list, self.tag_frequency.setdefault(os.path.basename(md_path), {}))
             self.subset_counts.append((subset, count))
 
@@ -793,18 +819,27 @@ def loader_advice(args, device_type: str) -> str | None:
 
 
 def build_dataset_group(blueprints: list[DatasetBlueprint], *, is_sdxl: bool, seed: int | None,
-                        prior_loss_weight: float = 1.0, debug: bool = False) -> DatasetGroup:
+                        prior_loss_weight: float = 1.0, debug: bool = False,
+                        split: str | None = None) -> DatasetGroup | None:
     """Read images and captions of every blueprint, assign buckets, and return the DatasetGroup.
 
     `seed` drives the batch order and every per-sample random choice (with the epoch); None picks one at random.
-    `debug` logs each image's size, bucket and caption."""
+    `debug` logs each image's size, bucket and caption. `split`: "train" or "validation" side of each dataset's
+    `validation_split` (`_Dataset._take`, shuffled by its `validation_seed`, else by `seed`); the validation group
+    holds the datasets with a split, no reg images and no repeats, and is None when that leaves no image."""
     check_bucket_reso_steps(blueprints, is_sdxl)
     if seed is None:
         seed = random.randrange(2**31)
         logger.info(f"no seed given: the dataset uses seed {seed}")
-    datasets = [_Dataset(bp, i, debug) for i, bp in enumerate(blueprints)]
+    datasets = [_Dataset(bp, i, debug, split, seed) for i, bp in enumerate(blueprints)
+                if split != "validation" or bp.validation_split > 0]
+    if split == "validation":
+        datasets = [d for d in datasets if d.images]
+        if not datasets:
+            return None
     group = DatasetGroup(datasets, is_sdxl=is_sdxl, seed=seed, prior_loss_weight=prior_loss_weight)
+    kind = "validation" if split == "validation" else "train"
     for d in datasets:
-        logger.info(f"{d.bp.where}: {d.num_train_images} train images and {d.num_reg_images} reg images with repeats, "
-                    f"{d.num_batches} batches of up to {d.bp.batch_size}")
+        logger.info(f"{d.bp.where}: {d.num_train_images} {kind} images and {d.num_reg_images} reg images with "
+                    f"repeats, {d.num_batches} batches of up to {d.bp.batch_size}")
     return group

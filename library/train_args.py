@@ -89,6 +89,16 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resize_interpolation", type=str, default=None, choices=list(RESIZE_INTERPOLATIONS),
                    help="resampling filter for resizing images (default: area when shrinking, lanczos when enlarging)")
     g.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularization images")
+    g.add_argument("--validation_split", type=float, default=None,
+                   help="hold out this fraction of each subset's images (not reg images) for a validation loss "
+                        "(also a dataset key); docs/usage.md, 'Validation'")
+    g.add_argument("--validation_seed", type=int, default=None,
+                   help="seed of the split and of the validation noise (default: --seed)")
+    g.add_argument("--validate_every_n_steps", type=int, default=None, help="validate after every N optimizer steps")
+    g.add_argument("--validate_every_n_epochs", type=int, default=None,
+                   help="validate after every N epochs (default: every epoch, when there is a validation split)")
+    g.add_argument("--max_validation_steps", type=int, default=None,
+                   help="validate on at most N held-out batches (default: all)")
     g.add_argument("--max_image_pixels", type=int, default=None,
                    help="refuse images with more pixels than this (decompression bombs; default 178956970)")
     g.add_argument("--max_data_loader_n_workers", type=int, default=None,

@@ -65,3 +65,18 @@ def tiny_world(tmp_path_factory):
         return str(root / arch)
 
     return SimpleWorld(root, model)
+
+
+@pytest.fixture
+def tb_scalars():
+    """read(log_root) -> {tag: [(step, value)]}: the scalars a trainer run logged under --logging_dir (accelerate's
+    tracker folder <time>/network_train; its hparams sit below)."""
+    def read(log_root):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        (run,) = log_root.glob("*/network_train")
+        acc = EventAccumulator(str(run))
+        acc.Reload()
+        return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+    return read

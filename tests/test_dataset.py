@@ -403,6 +403,39 @@ def test_alpha_masks_are_cached_with_the_latents(tmp_path, vae, to_disk):
         assert load_file(str(cache))["alpha_mask"].shape == (64, 64)
 
 
+def test_validation_split_holds_out_images_disjointly(tmp_path):
+    """validation_split: per subset, the images shuffled by the seed (validation_seed, else the dataset seed),
+    ceil(0.7 n) trained on and the rest held out (disjoint, together all); reg images and repeats stay in
+    training; another seed gives another split; too small a split holds out nothing (None)."""
+    for i in range(10):
+        img(tmp_path / "t" / f"{i}.png", seed=i)
+    for i in range(3):
+        img(tmp_path / "r" / f"{i}.png", seed=20 + i)
+    subsets = [{"image_dir": str(tmp_path / "t"), "class_tokens": "x", "num_repeats": 3},
+               {"image_dir": str(tmp_path / "r"), "class_tokens": "y", "is_reg": True}]
+
+    def keys(g):
+        return {k for d in g.datasets for k in d.images}
+
+    def split(seed=0, **dataset):
+        cfg = {"general": {"resolution": 64}, "datasets": [{"validation_split": 0.3, **dataset, "subsets": subsets}]}
+        bps = generate_blueprint(cfg, argparse.Namespace(), config_path="test.toml")
+        return [build_dataset_group(bps, is_sdxl=False, seed=seed, split=s) for s in ("train", "validation")]
+
+    train, val = split()
+    subject = {str(tmp_path / "t" / f"{i}.png") for i in range(10)}
+    reg = {str(tmp_path / "r" / f"{i}.png") for i in range(3)}
+    assert len(keys(val)) == 3 and keys(val) <= subject and not keys(val) & keys(train)
+    assert keys(train) == (subject - keys(val)) | reg  # the reg images all train
+    assert train.num_train_images == 7 * 3 and val.num_train_images == 3 and val.num_reg_images == 0
+    assert keys(split()[1]) == keys(val)  # the same seed: the same split
+    assert keys(split(seed=1)[1]) != keys(val) and keys(split(seed=1, validation_seed=0)[1]) == keys(val)
+    assert split(validation_split=0.05)[1] is None  # ceil(0.95 * 10) = 10: none held out
+    everything = build_dataset_group(generate_blueprint({"general": {"resolution": 64}, "datasets": [
+        {"subsets": subsets}]}, argparse.Namespace(), config_path="t.toml"), is_sdxl=False, seed=0, split="train")
+    assert keys(everything) == subject | reg
+
+
 def test_cache_latents_refuses_random_crop(tmp_path, vae):
     img(tmp_path / "t" / "a.png", 80, 64)
     g = group([{"image_dir": str(tmp_path / "t"), "class_tokens": "x", "random_crop": True}])

@@ -137,16 +137,6 @@ def test_which_runs_defer():
         defer_step_read(args("on"), foreach, "cpu")
 
 
-def _tb_scalars(log_root):
-    """The scalars the trainer logged: tag -> [(step, value)] (accelerate's tracker folder; its hparams sit below)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    (run,) = log_root.glob("*/network_train")
-    acc = EventAccumulator(str(run))
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
 def _train(world, out, *extra):
     return train_apt_lora.main(["--pretrained_model_name_or_path", world.model("sd1"), "--dataset_config",
                                 world.dataset, "--output_dir", str(out), "--output_name", "lora",
@@ -155,7 +145,7 @@ def _train(world, out, *extra):
 
 
 @pytest.mark.parametrize("accumulation", ["1", "2"])
-def test_trainer_logs_each_step_under_its_own_number_and_trains_the_same(tiny_world, tmp_path, accumulation):
+def test_trainer_logs_each_step_under_its_own_number_and_trains_the_same(tb_scalars, tiny_world, tmp_path, accumulation):
     """APT with --log_with tensorboard: read one step later, every step is logged under its own number with the
     same loss, γ, per-bin indicator logs and lr as when read at once, and the LoRA is the same bit for bit (also
     when a step accumulates two micro-batches)."""
@@ -167,7 +157,7 @@ def test_trainer_logs_each_step_under_its_own_number_and_trains_the_same(tiny_wo
         assert _train(tiny_world, out, "--apt", "--log_with", "tensorboard", "--logging_dir", str(out / "logs"),
                       "--defer_step_read", mode, "--lr_scheduler", "linear",
                       "--gradient_accumulation_steps", accumulation) == 0
-        runs[mode] = (_tb_scalars(out / "logs"), load_file(str(out / "lora.safetensors")))
+        runs[mode] = (tb_scalars(out / "logs"), load_file(str(out / "lora.safetensors")))
     (logs_off, lora_off), (logs_on, lora_on) = runs["off"], runs["on"]
     assert logs_on == logs_off
     assert [s for s, _ in logs_on["loss/current"]] == [1, 2, 3]
@@ -176,7 +166,7 @@ def test_trainer_logs_each_step_under_its_own_number_and_trains_the_same(tiny_wo
     assert lora_on.keys() == lora_off.keys() and all(torch.equal(lora_on[k], lora_off[k]) for k in lora_on)
 
 
-def test_scale_weight_norms_in_both_modes(tiny_world, tmp_path, capsys):
+def test_scale_weight_norms_in_both_modes(tb_scalars, tiny_world, tmp_path, capsys):
     """--scale_weight_norms caps every saved LoRA's ΔW norm, its counts are logged (max_norm/*, and on the progress
     bar) under each step's number, and a deferred run equals one read at once."""
     from safetensors.torch import load_file
@@ -186,7 +176,7 @@ def test_scale_weight_norms_in_both_modes(tiny_world, tmp_path, capsys):
         out = tmp_path / mode
         assert _train(tiny_world, out, "--scale_weight_norms", "0.02", "--log_with", "tensorboard",
                       "--logging_dir", str(out / "logs"), "--defer_step_read", mode) == 0
-        runs[mode] = (_tb_scalars(out / "logs"), load_file(str(out / "lora.safetensors")))
+        runs[mode] = (tb_scalars(out / "logs"), load_file(str(out / "lora.safetensors")))
         assert "keys_scaled=" in capsys.readouterr().err
     (logs_off, lora_off), (logs_on, lora_on) = runs["off"], runs["on"]
     assert logs_on == logs_off and all(torch.equal(lora_on[k], lora_off[k]) for k in lora_on)

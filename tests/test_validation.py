@@ -1,0 +1,99 @@
+"""Validation on held-out images (validation_split): the loss against a reference computed with diffusers'
+primitives, its determinism, and the trainer's schedule of validations and their logs."""
+import pytest
+import torch
+from accelerate import Accelerator
+
+import train_apt_lora
+from library.tiny_models import build_tiny_model
+from library.train_args import setup_parser
+from library.validation import validation_loss, validation_timesteps
+from networks.lora import LoRANetwork
+
+
+def _batches():
+    g = torch.Generator().manual_seed(4)
+    return [{"images": None, "latents": torch.randn(2, 4, 8, 8, generator=g), "captions": ["sks dog", "a sks dog"],
+             "class_tokens": ["sks dog"] * 2, "prior_class_tokens": ["dog"] * 2,
+             "is_reg": torch.zeros(2, dtype=torch.bool), "loss_weights": torch.ones(2),
+             "original_sizes_hw": torch.tensor([[64, 64]] * 2), "crop_top_lefts": torch.zeros(2, 2, dtype=torch.long),
+             "target_sizes_hw": torch.tensor([[64, 64]] * 2), "image_keys": [f"k{i}" for i in range(2)]}
+            for _ in range(2)]
+
+
+def test_timesteps_as_sd_scripts_picks_them():
+    sched = build_tiny_model("sd1").noise_scheduler
+    assert validation_timesteps(setup_parser().parse_args([]), sched) == [200, 400, 600, 800]
+    args = setup_parser().parse_args(["--min_timestep", "100", "--max_timestep", "500"])
+    assert validation_timesteps(args, sched) == [180, 260, 340, 420]
+
+
+def test_validation_loss_equals_the_reference_and_leaves_training_as_it_was():
+    args = setup_parser().parse_args(["--network_dropout", "0.5", "--cache_latents"])
+    model = build_tiny_model("sd1")
+    network = LoRANetwork(model, lora_dim=4, alpha=4.0, dropout=0.5)
+    network.apply_to()
+    with torch.no_grad():  # a LoRA that changes the output
+        for lora in network.loras:
+            lora.lora_up.weight.normal_(0, 0.05)
+    network.train()
+    ctx = train_apt_lora.TrainContext(args, Accelerator(cpu=True), model, network, torch.float32, torch.float32, None)
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+
+    torch.manual_seed(99)
+    value = validation_loss(args, ctx, _batches(), seed=7)
+    after_rng = torch.rand(3)
+    torch.manual_seed(99)
+    assert torch.equal(after_rng, torch.rand(3))  # the training's random stream is untouched
+    assert network.training and all(torch.equal(v, before[k]) for k, v in network.state_dict().items())
+    assert validation_loss(args, ctx, _batches(), seed=7) == value  # the same noise every run
+
+    # reference: diffusers' add_noise and UNet, dropout off, ε target, MSE averaged over samples and 4 timesteps
+    network.eval()
+    torch.manual_seed(7)
+    losses = []
+    with torch.no_grad():
+        for batch in _batches():
+            context = ctx.encode_text(batch["captions"]).context
+            for t in (200, 400, 600, 800):
+                ts = torch.full((2,), t)
+                noise = torch.randn_like(batch["latents"])
+                noisy = model.noise_scheduler.add_noise(batch["latents"], noise, ts)
+                pred = model.unet(noisy, ts, encoder_hidden_states=context).sample
+                losses.append(((pred - noise) ** 2).mean(dim=(1, 2, 3)))
+    assert value == pytest.approx(float(torch.cat(losses).mean()), rel=1e-5)
+    assert validation_loss(args, ctx, _batches(), seed=7, max_batches=1) != value  # one batch only
+
+
+def test_trainer_validates_on_schedule_and_logs(tiny_world, tmp_path, capsys, tb_scalars):
+    """6 images, 30% held out: ceil(0.7 · 6) = 5 trained on (5 steps an epoch at batch 1), 1 validated every 3
+    steps and at each epoch's end, once per step; the LoRA's metadata counts the training images only."""
+    import numpy as np
+    from PIL import Image
+    from safetensors import safe_open
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(6):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    toml = tmp_path / "ds.toml"
+    toml.write_text(f'[[datasets]]\nresolution = 64\nbatch_size = 1\nvalidation_split = 0.3\n  [[datasets.subsets]]\n'
+                    f'  image_dir = "{d.as_posix()}"\n  class_tokens = "sks dog"\n')
+    out = tmp_path / "out"
+    assert train_apt_lora.main(["--pretrained_model_name_or_path", tiny_world.model("sd1"), "--dataset_config",
+                                str(toml), "--output_dir", str(out), "--output_name", "lora", "--max_train_steps", "6",
+                                "--validate_every_n_steps", "3", "--logging_dir", str(out / "logs"), "--apt"]) == 0
+    printed = capsys.readouterr().out
+    assert [line.split(" at step ")[1] for line in printed.splitlines() if line.startswith("validation loss")] == \
+        ["3", "5", "6"]  # step 3, the end of epoch 1 (step 5), step 6 (which also ends the run)
+    steps = {tag: [step for step, _ in values] for tag, values in tb_scalars(out / "logs").items()
+             if "validation" in tag}
+    assert steps == {"loss/validation/step_current": [3, 6], "loss/validation/epoch_average": [5, 6]}
+    with safe_open(str(out / "lora.safetensors"), "pt") as f:
+        assert f.metadata()["ss_num_train_images"] == "5"
+
+
+def test_a_split_that_holds_out_nothing_is_refused(tiny_world, tmp_path, capsys):
+    rc = train_apt_lora.main(["--pretrained_model_name_or_path", tiny_world.model("sd1"), "--dataset_config",
+                              tiny_world.dataset, "--output_dir", str(tmp_path), "--validation_split", "0.2"])
+    assert rc == 2 and "validation_split holds out no image" in capsys.readouterr().err  # 3 images: ceil(2.4) = 3
