@@ -334,6 +334,10 @@ def verify_args(args):
         raise TrainingSetupError(f"--metadata_thumbnail {thumb}: no such image file (give an image, or a data: URL)")
     if args.ddp_timeout is not None and args.ddp_timeout < 1:
         raise TrainingSetupError(f"--ddp_timeout is in minutes and must be at least 1, got {args.ddp_timeout}")
+    if (args.fp8_base or args.fp8_base_unet) and args.mixed_precision not in ("fp16", "bf16"):
+        flag = "--fp8_base" if args.fp8_base else "--fp8_base_unet"
+        raise TrainingSetupError(f"{flag} computes each layer in the --mixed_precision dtype: add --mixed_precision "
+                                 f"bf16 (or fp16); it is {args.mixed_precision!r}")
     if args.network_module != "networks.lora":
         raise TrainingSetupError(f"--network_module {args.network_module}: only networks.lora is supported")
     if args.use_8bit_adam:
@@ -567,6 +571,10 @@ def train(args):
     train_util.set_unet_layout(model.unet, args)
     for te in model.text_encoders:
         te.to(device, weight_dtype)
+    from library.fp8_base import apply_fp8_flags
+
+    for line in apply_fp8_flags(model, args, weight_dtype):  # after every .to(dtype), before the LoRA wraps layers
+        accelerator.print(line)
     if args.xformers:
         model.unet.enable_xformers_memory_efficient_attention()
     if args.gradient_checkpointing:

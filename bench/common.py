@@ -183,6 +183,9 @@ def build_step_fn(model, args, device="cpu", batch: dict | None = None, step=Non
     weight_dtype = train_util.weight_dtype(args.mixed_precision)
     accelerator = make_accelerator(device, args.mixed_precision)
     train_util.set_unet_layout(model.unet, args)
+    from library.fp8_base import apply_fp8_flags
+
+    apply_fp8_flags(model, args, weight_dtype)
     network = lora_lib.create_network(model, args)
     network.apply_to()
     network.set_multiplier(args.network_multiplier)

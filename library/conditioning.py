@@ -30,6 +30,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from library.fp8_base import compute_dtype
 from library.transfer import to_device
 
 logger = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ def _first_eos_pool(text_encoder_2, last_hidden_state: torch.Tensor, ids: torch.
     index = torch.argmax((ids == eos_id).int(), dim=1).to(last_hidden_state.device)
     pooled = last_hidden_state[torch.arange(last_hidden_state.shape[0], device=last_hidden_state.device), index]
     proj = text_encoder_2.text_projection
-    return proj(pooled.to(proj.weight.dtype)).to(last_hidden_state.dtype)
+    return proj(pooled.to(compute_dtype(proj))).to(last_hidden_state.dtype)
 
 
 def encode_prompts(model, captions: Union[str, Sequence[str]], *, clip_skip: Optional[int] = None,
@@ -250,7 +251,7 @@ def unet_forward(model, noisy_latents: torch.Tensor, timesteps, cond: TextCondit
     """The UNet's prediction. The conditioning is cast to the UNet's dtype and the latents' device; SDXL adds
     `added_cond_kwargs` (pooled text embeds + time ids, which are required)."""
     unet = model.unet
-    dtype, dev = unet.dtype, noisy_latents.device
+    dtype, dev = compute_dtype(unet), noisy_latents.device
     context = cond.context.to(device=dev, dtype=dtype)
     kwargs = {}
     if model.is_sdxl:

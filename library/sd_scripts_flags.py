@@ -15,8 +15,6 @@ NOT_IMPLEMENTED = {  # flag -> what it does in sd-scripts; what to do here
     "fused_backward_pass": "Adafactor's optimizer step fused into the backward (full fine-tuning); leave it out",
     "full_fp16": "fp16 LoRA weights and gradients; use --mixed_precision fp16 (fp32 LoRA weights)",
     "full_bf16": "bf16 LoRA weights and gradients; use --mixed_precision bf16 (fp32 LoRA weights)",
-    "fp8_base": "base weights stored in fp8; use --mixed_precision bf16 (bf16 base weights)",
-    "fp8_base_unet": "UNet weights stored in fp8; use --mixed_precision bf16 (bf16 base weights)",
     "cpu_offload_checkpointing": "checkpointed activations kept on the CPU; use --gradient_checkpointing",
     "deepspeed": "DeepSpeed training; train with accelerate launch (data parallel)",
     "color_aug": "colour augmentation; leave it out",

@@ -122,6 +122,12 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
     g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32 under mixed precision")
+    g.add_argument("--fp8_base", action="store_true",
+                   help="store the frozen UNet's and text encoders' Linear/Conv2d weights in float8_e4m3fn (half the "
+                        "memory of bf16 weights; each layer computes in --mixed_precision, which must be fp16 or bf16; "
+                        "slower: one cast per layer per pass)")
+    g.add_argument("--fp8_base_unet", action="store_true",
+                   help="as --fp8_base for the UNet only; the text encoders keep --mixed_precision weights")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--ddp_timeout", type=int, default=None,
                    help="minutes the processes of `accelerate launch` wait for each other (default: torch's, 30 for NCCL)")

@@ -13,7 +13,7 @@ from library.train_util import TrainingSetupError, accelerator_handlers
 
 
 @pytest.mark.parametrize("argv", [["--color_aug"], ["--weighted_captions"], ["--full_bf16"],
-                                  ["--huggingface_repo_id", "me/lora"], ["--fp8_base"]])
+                                  ["--huggingface_repo_id", "me/lora"], ["--deepspeed"]])
 def test_a_flag_not_implemented_is_an_error_saying_what_to_do(argv, capsys):
     with pytest.raises(SystemExit) as e:
         cf.parse_args_with_config(setup_parser(), ["--output_dir", "out", *argv])
@@ -26,11 +26,12 @@ def test_a_flag_not_implemented_is_an_error_saying_what_to_do(argv, capsys):
 
 def test_a_flag_not_implemented_in_a_config_file_names_the_file_and_key(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text('[training_arguments]\nmax_train_steps = 10\n[saving_arguments]\nfp8_base = true\n', encoding="utf-8")
+    path.write_text('[training_arguments]\nmax_train_steps = 10\n[saving_arguments]\ncpu_offload_checkpointing = true\n', encoding="utf-8")
     with pytest.raises(TrainingSetupError) as e:
         cf.parse_args_with_config(setup_parser(), ["--config_file", str(path)])
-    assert str(path) in str(e.value) and "fp8_base" in str(e.value)
-    assert "does not implement (base weights stored in fp8): use --mixed_precision bf16" in str(e.value)
+    assert str(path) in str(e.value) and "cpu_offload_checkpointing" in str(e.value)
+    assert ("does not implement (checkpointed activations kept on the CPU): use --gradient_checkpointing"
+            in str(e.value))
 
 
 def test_flags_left_off_are_accepted_as_gui_config_files_write_them(tmp_path, capsys):

@@ -186,9 +186,10 @@ def test_config_file_of_arguments(tiny, images, tmp_path):
     assert md["ss_steps"] == "2" and md["ss_network_dim"] == "2"
 
 
-def test_gradient_accumulation_and_text_encoder_cache(tiny, images, tmp_path):
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_gradient_accumulation_and_text_encoder_cache(arch, tiny, images, tmp_path):
     out = tmp_path / "out"
-    rc = _train(tiny["sd1"], _dataset(tmp_path, images), out, "--gradient_accumulation_steps", "2",
+    rc = _train(tiny[arch], _dataset(tmp_path, images), out, "--gradient_accumulation_steps", "2",
                 "--network_train_unet_only", "--cache_text_encoder_outputs", "--cache_latents", "--min_snr_gamma", "5",
                 "--noise_offset", "0.05", "--lr_scheduler", "cosine", "--lr_warmup_steps", "1")
     assert rc == 0
