@@ -44,6 +44,10 @@ NETWORK_ARGS = {  # --network_args keys we accept -> parser
     "loraplus_lr_ratio": float,  # LoRA+ (Hayou et al. 2024): the up weights learn at lr x ratio
     "loraplus_unet_lr_ratio": float,
     "loraplus_text_encoder_lr_ratio": float,
+    # block-wise ranks, alphas and lr weights (networks/lora_blocks.py): comma lists or presets, parsed there
+    "block_dims": str, "block_alphas": str, "conv_block_dims": str, "conv_block_alphas": str,
+    "down_lr_weight": str, "mid_lr_weight": str, "up_lr_weight": str,
+    "block_lr_zero_threshold": float,
 }
 
 # A text-encoder Linear we adapt: encoder layer i, q/k/v/out projections of self-attention and the two MLP layers.
@@ -345,7 +349,7 @@ class LoRANetwork(nn.Module):
     def __init__(self, model, *, multiplier: float = 1.0, lora_dim: int = 4, alpha: float | None = 1.0,
                  dropout: float | None = None, conv_lora_dim: int | None = None, conv_alpha: float | None = None,
                  rank_dropout: float | None = None, module_dropout: float | None = None, train_unet: bool = True,
-                 train_text_encoder: bool = True):
+                 train_text_encoder: bool = True, block_plan=None):
         super().__init__()
         if lora_dim is None or int(lora_dim) < 1:
             raise LoRAWeightsError(f"--network_dim must be a positive integer, got {lora_dim!r}")
@@ -380,9 +384,16 @@ class LoRANetwork(nn.Module):
             for t in _text_encoder_targets(model):
                 self.text_encoder_loras.append(make(t))
                 self._te_index[t.lora_name] = t.te_index
+        self.block_plan = block_plan  # networks.lora_blocks.BlockPlan: a rank, alpha and lr weight per UNet block
         self.unet_loras: list[LoRAModule] = []
-        if train_unet:
+        if train_unet and block_plan is None:
             self.unet_loras = [make(t) for t in _unet_targets(model, conv=self.conv_lora_dim is not None)]
+        elif train_unet:
+            for t in _unet_targets(model, conv=block_plan.conv_dims is not None):
+                rank, a = block_plan.rank_alpha(t.lora_name, self.arch, t.uses_conv_dim)
+                if rank:
+                    self.unet_loras.append(LoRAModule(t.lora_name, t.module, multiplier, rank, a, dropout,
+                                                      rank_dropout, module_dropout))
         for lora in self.text_encoder_loras + self.unet_loras:
             self.add_module(lora.lora_name, lora)
         logger.info("LoRA network: %d text-encoder modules, %d UNet modules (rank %d, alpha %s%s)",
@@ -440,7 +451,7 @@ class LoRANetwork(nn.Module):
     def loraplus_ratio(self, group_name: str) -> float | None:
         """LoRA+'s lr ratio of the up weights for the "unet" or a "textencoder..." group (sd-scripts: the specific
         ratio, else `loraplus_lr_ratio`, else None: no LoRA+)."""
-        specific = self.loraplus.get("unet" if group_name == "unet" else "text_encoder")
+        specific = self.loraplus.get("unet" if group_name.startswith("unet") else "text_encoder")
         return specific if specific is not None else self.loraplus.get("all")
 
     def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr) -> list[dict]:
@@ -490,7 +501,18 @@ class LoRANetwork(nn.Module):
                         lr)
         else:
             add("textencoder", self.text_encoder_loras, text_encoder_lr)
-        add("unet", self.unet_loras, unet_lr)
+        weights = self.block_plan.lr_weight if self.block_plan is not None else None
+        if weights is None:
+            add("unet", self.unet_loras, unet_lr)
+            return groups
+        from networks.lora_blocks import block_index
+
+        by_block: dict[int, list] = {}  # sd-scripts: a group per UNet block at lr x its weight, "unet_block<i>"
+        for lora in self.unet_loras:
+            by_block.setdefault(block_index(lora.lora_name, self.arch), []).append(lora)
+        for i, loras in by_block.items():
+            lr = default_lr if unet_lr is None else unet_lr
+            add(f"unet_block{i}", loras, None if lr is None else lr * weights[i])
         return groups
 
     # -- save / load ---------------------------------------------------------------------------------------------
@@ -796,6 +818,9 @@ def parse_network_args(network_args) -> dict:
         if value.lower() == "none":
             out[key] = None
             continue
+        if NETWORK_ARGS[key] is str:
+            out[key] = value
+            continue
         try:
             out[key] = NETWORK_ARGS[key](float(value)) if NETWORK_ARGS[key] is int else float(value)
             if NETWORK_ARGS[key] is int and float(value) != int(float(value)):
@@ -810,7 +835,8 @@ def parse_network_args(network_args) -> dict:
 def create_network(model, args) -> LoRANetwork:
     """Build the network from trainer args (argparse Namespace): network_dim (None → 4), network_alpha (None → 1.0),
     network_dropout, network_args ("k=v" list: conv_dim, conv_alpha (1.0 when conv_dim is set), rank_dropout,
-    module_dropout, the LoRA+ ratios loraplus_lr_ratio / loraplus_unet_lr_ratio / loraplus_text_encoder_lr_ratio),
+    module_dropout, the LoRA+ ratios loraplus_lr_ratio / loraplus_unet_lr_ratio / loraplus_text_encoder_lr_ratio,
+    the block-wise keys of networks/lora_blocks.py),
     network_train_unet_only, network_train_text_encoder_only. Does not apply it (call apply_to())."""
     dim = getattr(args, "network_dim", None)
     dim = 4 if dim is None else dim
@@ -828,6 +854,12 @@ def create_network(model, args) -> LoRANetwork:
     te_only = bool(getattr(args, "network_train_text_encoder_only", False))
     if unet_only and te_only:
         raise LoRAWeightsError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
+    from networks.lora_blocks import BlockArgsError, parse_block_args
+
+    try:
+        plan = parse_block_args(kw, model.arch, int(dim), alpha, conv_dim, conv_alpha)
+    except BlockArgsError as e:
+        raise LoRAWeightsError(str(e)) from None
     network = LoRANetwork(
         model,
         multiplier=1.0,
@@ -840,6 +872,7 @@ def create_network(model, args) -> LoRANetwork:
         module_dropout=kw.get("module_dropout"),
         train_unet=not te_only,
         train_text_encoder=not unet_only,
+        block_plan=plan,
     )
     network.set_fused(not getattr(args, "no_fused_lora", False))
     network.loraplus = {"all": kw.get("loraplus_lr_ratio"), "unet": kw.get("loraplus_unet_lr_ratio"),
