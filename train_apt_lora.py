@@ -506,6 +506,11 @@ def train(args):
     model = load_model(args.pretrained_model_name_or_path, v2=args.v2, v_parameterization=args.v_parameterization,
                        sdxl=args.sdxl, tokenizer_path=args.tokenizer_path, vae_path=args.vae,
                        allow_pickle=args.allow_pickle_checkpoint)
+    if args.base_weights or args.base_weights_multiplier:  # before any cast: in the precision the model loaded in
+        from networks.merge import merge_base_weights
+
+        for line in merge_base_weights(model, args.base_weights, args.base_weights_multiplier):
+            accelerator.print(line)
     check_noise_and_loss_args(args, model.v_parameterization)
     if args.zero_terminal_snr:
         fix_noise_scheduler_betas_for_zero_terminal_snr(model.noise_scheduler)

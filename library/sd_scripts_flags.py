@@ -11,7 +11,6 @@ import argparse
 
 NOT_IMPLEMENTED = {  # flag -> what it does in sd-scripts; what to do here
     "weighted_captions": "prompt weighting such as (word:1.2) in captions; write plain captions",
-    "base_weights": "LoRAs merged into the model before training; merge them into the checkpoint first",
     "fused_backward_pass": "Adafactor's optimizer step fused into the backward (full fine-tuning); leave it out",
     "full_fp16": "fp16 LoRA weights and gradients; use --mixed_precision fp16 (fp32 LoRA weights)",
     "full_bf16": "bf16 LoRA weights and gradients; use --mixed_precision bf16 (fp32 LoRA weights)",
@@ -46,7 +45,6 @@ NO_EFFECT = {  # flag -> (takes a value, why it does nothing here)
     "disable_mmap_load_safetensors": (False, "checkpoints are read with safetensors' own (memory-mapped) loader"),
     "cache_info": (False, "the dataset's image sizes are read when it is built; nothing is cached for them"),
     "skip_cache_check": (False, "a cached latent file is checked for its bucket's size when it is read (its header only)"),
-    "base_weights_multiplier": (True, "only used with --base_weights, which APT-LoRA does not implement"),
     "zero_stage": (True, "only used with --deepspeed, which APT-LoRA does not implement"),
     "token_warmup_min": (True, "only used with --token_warmup_step, which APT-LoRA does not implement"),
     "huggingface_repo_type": (True, "only used with --huggingface_repo_id, which APT-LoRA does not implement"),

@@ -41,6 +41,11 @@ def _network_args(p: argparse.ArgumentParser) -> None:
                         'loraplus_lr_ratio (e.g. 16: the up weights learn 16x faster), loraplus_unet_lr_ratio, '
                         'loraplus_text_encoder_lr_ratio')
     g.add_argument("--network_weights", type=str, default=None, help="continue training from this LoRA .safetensors")
+    g.add_argument("--base_weights", type=str, nargs="*", default=None,
+                   help="LoRA .safetensors files merged into the base model before training (the new LoRA learns on "
+                        "top of them; use it together with them)")
+    g.add_argument("--base_weights_multiplier", type=float, nargs="*", default=None,
+                   help="one multiplier per --base_weights file (default 1.0)")
     g.add_argument("--dim_from_weights", action="store_true",
                    help="take --network_dim/--network_alpha (and conv_dim/conv_alpha) from the --network_weights file")
     g.add_argument("--network_train_unet_only", action="store_true", help="train the UNet LoRA only (no text encoder LoRA)")

@@ -682,18 +682,18 @@ def _unet_names(model, conv: bool) -> list[str]:
     return [t.lora_name for t in _unet_targets(model, conv)]
 
 
-def _read_lora_file(path: str) -> dict[str, torch.Tensor]:
+def _read_lora_file(path: str, flag: str = "--network_weights") -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
-        raise LoRAWeightsError(f"--network_weights {path}: file not found")
+        raise LoRAWeightsError(f"{flag} {path}: file not found")
     if not path.endswith(".safetensors"):
-        raise LoRAWeightsError(f"--network_weights {path}: only .safetensors LoRA files are supported (pickled "
+        raise LoRAWeightsError(f"{flag} {path}: only .safetensors LoRA files are supported (pickled "
                                ".ckpt/.pt files are not loaded); convert it to .safetensors first")
     from safetensors.torch import load_file
 
     try:
         return load_file(path, device="cpu")
     except Exception as e:  # noqa: BLE001 - report any parse failure as a user-facing error
-        raise LoRAWeightsError(f"--network_weights {path}: cannot read it as safetensors ({e})") from e
+        raise LoRAWeightsError(f"{flag} {path}: cannot read it as safetensors ({e})") from e
 
 
 _SUFFIXES = {".lora_down.weight": "lora_down", ".lora_up.weight": "lora_up", ".alpha": "alpha"}
