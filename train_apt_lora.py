@@ -311,11 +311,18 @@ def verify_args(args):
 
     if not args.pretrained_model_name_or_path:
         raise TrainingSetupError("--pretrained_model_name_or_path is required: a diffusers folder or a .safetensors checkpoint")
-    if not args.output_dir:
-        raise TrainingSetupError("--output_dir is required: the folder the LoRA is written to")
     if args.dataset_config is None and args.train_data_dir is None:
         raise TrainingSetupError("no training data: pass --dataset_config data.toml (or --train_data_dir)")
-    check_output_location(args)  # before the model loads: a bad --output_name/--output_dir fails at once
+    if args.debug_dataset_dir and not args.debug_dataset:
+        raise TrainingSetupError("--debug_dataset_dir is where --debug_dataset writes the images: add --debug_dataset")
+    if args.debug_dataset_dir and os.path.isdir(args.debug_dataset_dir) and os.listdir(args.debug_dataset_dir) \
+            and not args.overwrite:
+        raise TrainingSetupError(f"--debug_dataset_dir {args.debug_dataset_dir} is not empty: choose a new folder, "
+                                 "or pass --overwrite to write over the images there")
+    if not args.output_dir and not args.debug_dataset:  # --debug_dataset writes nothing there
+        raise TrainingSetupError("--output_dir is required: the folder the LoRA is written to")
+    if args.output_dir:
+        check_output_location(args)  # before the model loads: a bad --output_name/--output_dir fails at once
     from library.sd_scripts_flags import no_effect_notes
 
     for note in no_effect_notes(args):
@@ -547,6 +554,11 @@ def train(args):
                 "validation_split holds out no image: each subset keeps ceil((1 - split) x its images) for training, "
                 "so with n images the split must be above 1/n; raise it, or leave it out")
 
+    if args.debug_dataset:
+        from library.debug_dataset import debug_dataset
+
+        debug_dataset(data, apt=apt_enabled(args), image_dir=args.debug_dataset_dir)
+        return
     steps_per_epoch = math.ceil(len(data) / accelerator.num_processes / args.gradient_accumulation_steps)
     if args.max_train_epochs:
         args.max_train_steps = args.max_train_epochs * steps_per_epoch

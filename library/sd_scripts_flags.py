@@ -18,7 +18,6 @@ NOT_IMPLEMENTED = {  # flag -> what it does in sd-scripts; what to do here
     "deepspeed": "DeepSpeed training; train with accelerate launch (data parallel)",
     "color_aug": "colour augmentation; leave it out",
     "face_crop_aug_range": "face-centred crops; leave it out",
-    "debug_dataset": "a viewer of the dataset's batches; leave it out",
     "token_warmup_step": "caption-token warm-up; leave it out",
     "initial_epoch": "training started at a later epoch's schedule; use --save_state and --resume",
     "initial_step": "training started at a later step's schedule; use --save_state and --resume",

@@ -126,6 +126,12 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max_train_epochs", type=int, default=None, help="overrides --max_train_steps")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
+    g.add_argument("--debug_dataset", action="store_true",
+                   help="print every batch of the first epoch (bucket, crop, processed caption and, with --apt, the "
+                        "class prompt c) and exit without training; --output_dir is not needed")
+    g.add_argument("--debug_dataset_dir", type=str, default=None,
+                   help="with --debug_dataset: also write each image as the trainer gets it (resized, cropped, "
+                        "flipped) as PNG files into this new (or empty) folder")
     g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32 under mixed precision")
     g.add_argument("--fp8_base", action="store_true",
                    help="store the frozen UNet's and text encoders' Linear/Conv2d weights in float8_e4m3fn (half the "
