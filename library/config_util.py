@@ -638,8 +638,6 @@ def _check_subset_values(s: SubsetBlueprint, w: dict, is_db: bool) -> None:
     if s.resize_interpolation is not None and s.resize_interpolation not in RESIZE_INTERPOLATIONS:
         raise ConfigError(f"{w['resize_interpolation']} = {s.resize_interpolation!r}: unknown interpolation; use one "
                           f"of {', '.join(RESIZE_INTERPOLATIONS)}.")
-    if s.color_aug:
-        raise _not_supported(f"{w['color_aug']} = true", "color_aug", "colour augmentation")
     if s.face_crop_aug_range is not None:
         raise _not_supported(f"{w['face_crop_aug_range']}", "face_crop_aug_range", "face-centred crops")
     if s.token_warmup_step:

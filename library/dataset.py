@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from library.buckets import BucketManager, get_crop_ltrb, resize_and_crop
 from library.captions import process_caption, read_caption_file, tag_frequency
+from library.image_aug import color_aug
 from library.safe_io import atomic_save_safetensors
 from library.config_util import (DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, ConfigError, DatasetBlueprint,
                                  SubsetBlueprint, check_bucket_reso_steps)
@@ -570,6 +571,8 @@ class DatasetGroup(torch.utils.data.Dataset):
         interpolation = info.subset.resize_interpolation
         img, offset = resize_and_crop(img, info.bucket_reso, info.resized_size, random_crop=info.subset.random_crop,
                                       rng=rng, interpolation=interpolation)
+        if info.subset.color_aug and rng is not None:
+            img = color_aug(img, rng)
         if alpha is not None:
             alpha, _ = resize_and_crop(alpha, info.bucket_reso, info.resized_size, interpolation=interpolation,
                                        offset=offset)

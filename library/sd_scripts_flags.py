@@ -16,7 +16,6 @@ NOT_IMPLEMENTED = {  # flag -> what it does in sd-scripts; what to do here
     "full_bf16": "bf16 LoRA weights and gradients; use --mixed_precision bf16 (fp32 LoRA weights)",
     "cpu_offload_checkpointing": "checkpointed activations kept on the CPU; use --gradient_checkpointing",
     "deepspeed": "DeepSpeed training; train with accelerate launch (data parallel)",
-    "color_aug": "colour augmentation; leave it out",
     "face_crop_aug_range": "face-centred crops; leave it out",
     "token_warmup_step": "caption-token warm-up; leave it out",
     "initial_epoch": "training started at a later epoch's schedule; use --save_state and --resume",

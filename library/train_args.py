@@ -88,6 +88,8 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--caption_suffix", type=str, default=None, help="text put after every caption")
     g.add_argument("--flip_aug", action="store_true")
     g.add_argument("--random_crop", action="store_true")
+    g.add_argument("--color_aug", action="store_true",
+                   help="a small random hue or gamma change of a third of the images each step (not with --cache_latents)")
     g.add_argument("--alpha_mask", action="store_true",
                    help="weight the loss by each image's alpha channel (transparent pixels out of the loss); the "
                         "subset key alpha_mask, for every subset")

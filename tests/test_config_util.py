@@ -238,7 +238,6 @@ def test_bad_cli_value_names_the_flag():
 # -- values ------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("extra, needle", [
-    ({"color_aug": True}, "`color_aug` is not supported yet"),
     ({"face_crop_aug_range": [2.0, 4.0]}, "`face_crop_aug_range` is not supported yet"),
     ({"token_warmup_step": 10}, "`token_warmup_step` is not supported yet"),
     ({"conditioning_data_dir": "/c"}, "`conditioning_data_dir` is not supported yet"),
@@ -260,8 +259,9 @@ def test_unimplemented_dataset_options_raise():
 
 
 def test_unimplemented_option_from_cli_names_the_flag():
-    with pytest.raises(ConfigError, match="--color_aug"):
-        generate_blueprint({"datasets": [{"subsets": [{"image_dir": "/a"}]}]}, ns(resolution=64, color_aug=True))
+    with pytest.raises(ConfigError, match="--face_crop_aug_range"):
+        generate_blueprint({"datasets": [{"subsets": [{"image_dir": "/a"}]}]},
+                           ns(resolution=64, face_crop_aug_range="2,4"))
 
 
 def test_cli_network_multiplier_is_not_a_dataset_value():

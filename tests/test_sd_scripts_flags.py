@@ -12,7 +12,7 @@ from library.train_args import markdown_reference, setup_parser
 from library.train_util import TrainingSetupError, accelerator_handlers
 
 
-@pytest.mark.parametrize("argv", [["--color_aug"], ["--weighted_captions"], ["--full_bf16"],
+@pytest.mark.parametrize("argv", [["--face_crop_aug_range", "2,4"], ["--weighted_captions"], ["--full_bf16"],
                                   ["--huggingface_repo_id", "me/lora"], ["--deepspeed"]])
 def test_a_flag_not_implemented_is_an_error_saying_what_to_do(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -72,7 +72,7 @@ def test_the_trainer_logs_the_flags_without_effect(tmp_path, caplog):
 
 def test_the_reference_lists_the_flags_not_implemented():
     text = markdown_reference()
-    assert "## sd-scripts flags not implemented" in text and "| `--color_aug` |" in text
+    assert "## sd-scripts flags not implemented" in text and "| `--face_crop_aug_range` |" in text
     assert "SUPPRESS" not in text
     assert "| `--lowram` (flag) |" in text  # the accepted ones are in their own group
 
