@@ -421,6 +421,10 @@ def verify_args(args):
         args.output_name = "last"
     if args.logging_dir and args.log_with is None:
         args.log_with = "tensorboard"
+    if args.log_tracker_config:  # a bad file fails now, not after the model has loaded
+        from library.run_log import tracker_init_kwargs
+
+        tracker_init_kwargs(args)
     if args.log_with in ("wandb", "all"):
         import importlib.util
 
@@ -732,10 +736,10 @@ def train(args):
                 model.vae.to("cpu")
 
     if args.log_with:
-        accelerator.init_trackers(args.log_tracker_name or "network_train",
-                                  init_kwargs={"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {},
-                                  config={k: v for k, v in vars(args).items()
-                                                                                   if isinstance(v, (int, float, str, bool))})
+        from library.run_log import tracker_init_kwargs
+
+        accelerator.init_trackers(args.log_tracker_name or "network_train", init_kwargs=tracker_init_kwargs(args),
+                                  config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
     accelerator.print(f"{data.num_train_images} train images, {data.num_reg_images} reg images, {len(data)} batches per epoch, "
                       f"{num_epochs} epochs, {args.max_train_steps} optimizer steps, {optimizer_name}")
 
@@ -908,7 +912,10 @@ def main(argv=None) -> int:
             write_config_file(args, parser, args.config_file, overwrite=args.overwrite)
             print(f"wrote {args.config_file}")
             return 0
-        train(args)
+        from library.run_log import console_log
+
+        with console_log(args):
+            train(args)
     except (ConfigError, ModelLoadError, LoRAWeightsError, TrainingSetupError, SamplingError, PromptError, StateError,
             FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -28,10 +28,6 @@ NOT_IMPLEMENTED = {  # flag -> what it does in sd-scripts; what to do here
     "async_upload": "uploads to the Hugging Face hub; nothing here goes online",
     "wandb_api_key": "a wandb login from the command line; run `wandb login` once instead (a key in a config file "
                      "leaks with it)",
-    "log_tracker_config": "a tracker's settings file; leave it out",
-    "console_log_level": "the console's log level; leave it out",
-    "console_log_file": "a log file; redirect the output to a file instead",
-    "console_log_simple": "a plainer console log; leave it out",
 }
 
 NO_EFFECT = {  # flag -> (takes a value, why it does nothing here)
@@ -51,6 +47,7 @@ NO_EFFECT = {  # flag -> (takes a value, why it does nothing here)
     "log_config": (False, "the arguments are always logged to the tracker (--log_with)"),
     "ddp_gradient_as_bucket_view": (False, "this trainer all-reduces the LoRA's gradients itself, without a DDP "
                                            "wrapper"),
+    "console_log_simple": (False, "the console log is plain text already"),
     "ddp_static_graph": (False, "this trainer all-reduces the LoRA's gradients itself, without a DDP wrapper"),
 }
 

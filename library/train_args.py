@@ -273,6 +273,13 @@ def _logging_args(p: argparse.ArgumentParser) -> None:
                    help="tensorboard (default with --logging_dir), wandb (needs the wandb package and a login), or all")
     g.add_argument("--log_tracker_name", type=str, default=None, help='the project name (default "network_train")')
     g.add_argument("--wandb_run_name", type=str, default=None, help="the wandb run's name (default: wandb picks one)")
+    g.add_argument("--log_tracker_config", type=str, default=None,
+                   help="a TOML file of tracker settings passed to the trackers' init, one table per tracker "
+                        "(e.g. [wandb] entity = \"me\" tags = [\"apt\"])")
+    g.add_argument("--console_log_level", type=str.upper, default=None,
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], help="the log level (default INFO)")
+    g.add_argument("--console_log_file", type=str, default=None,
+                   help="also write the log to this file (appended to, never replaced)")
     g.add_argument("--sample_prompts", type=str, default=None, help="sd-scripts prompt file (.txt/.toml/.json)")
     g.add_argument("--sample_every_n_steps", type=int, default=None)
     g.add_argument("--sample_every_n_epochs", type=int, default=None)

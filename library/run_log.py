@@ -1,0 +1,57 @@
+"""The run's log and tracker settings from sd-scripts' flags: `--console_log_level`, `--console_log_file` (the log
+also appended to a file: a file someone made is never replaced, unlike sd-scripts' mode "w") and
+`--log_tracker_config` (a TOML of per-tracker init settings, as sd-scripts passes it to accelerate)."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+from library.train_util import TrainingSetupError
+
+
+@contextlib.contextmanager
+def console_log(args):
+    """Set the root log level (default INFO) and add the log file for the duration of the run; both undone on
+    exit."""
+    root = logging.getLogger()
+    level, handler = root.level, None
+    root.setLevel(getattr(logging, getattr(args, "console_log_level", None) or "INFO"))
+    if getattr(args, "console_log_file", None):
+        try:
+            handler = logging.FileHandler(args.console_log_file, mode="a", encoding="utf-8")
+        except OSError as e:
+            raise TrainingSetupError(f"--console_log_file {args.console_log_file}: cannot open it for writing "
+                                     f"({e.strerror}); give a writable path") from None
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        if handler is not None:
+            root.removeHandler(handler)
+            handler.close()
+
+
+def tracker_init_kwargs(args) -> dict:
+    """accelerate's `init_trackers(init_kwargs=...)`: the --log_tracker_config tables, and --wandb_run_name as
+    wandb's run name (merged into the [wandb] table; sd-scripts replaces the table with it)."""
+    kwargs: dict = {}
+    path = getattr(args, "log_tracker_config", None)
+    if path:
+        import toml
+
+        if not os.path.isfile(path):
+            raise TrainingSetupError(f"--log_tracker_config {path}: file not found")
+        try:
+            kwargs = toml.load(path)
+        except (toml.TomlDecodeError, UnicodeDecodeError) as e:
+            raise TrainingSetupError(f"--log_tracker_config {path}: not a valid TOML file ({e})") from None
+        bad = [k for k, v in kwargs.items() if not isinstance(v, dict)]
+        if bad:
+            raise TrainingSetupError(f"--log_tracker_config {path}: {bad[0]!r} must be a table of one tracker's "
+                                     "settings, e.g. [wandb] with entity = \"me\"")
+    if getattr(args, "wandb_run_name", None):
+        kwargs.setdefault("wandb", {})["name"] = args.wandb_run_name
+    return kwargs

@@ -1,0 +1,56 @@
+"""--console_log_level / --console_log_file / --log_tracker_config (library/run_log.py)."""
+import logging
+from argparse import Namespace
+
+import pytest
+
+import train_apt_lora
+from library.run_log import tracker_init_kwargs
+from library.train_util import TrainingSetupError
+from tests.test_train_e2e import _dataset, _train, images, tiny  # noqa: F401
+
+
+def test_log_file_is_appended_to_at_the_level_asked(tiny, images, tmp_path):  # noqa: F811
+    log = tmp_path / "run.log"
+    log.write_text("my notes\n")
+    assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "a", "--console_log_file", str(log)) == 0
+    text = log.read_text()
+    assert text.startswith("my notes\n") and " INFO networks.lora: LoRA network: " in text
+    assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "b", "--console_log_file", str(log),
+                  "--console_log_level", "warning") == 0
+    assert log.read_text() == text  # nothing at WARNING or above in a clean run
+    assert not [h for h in logging.getLogger().handlers  # removed after the run
+                if getattr(h, "baseFilename", None) == str(log)]
+
+
+def test_tracker_config_tables_reach_the_tracker(tiny, images, tmp_path):  # noqa: F811
+    cfg = tmp_path / "trackers.toml"
+    cfg.write_text('[tensorboard]\nfilename_suffix = ".apt"\n[wandb]\ntags = ["apt"]\n')
+    assert tracker_init_kwargs(Namespace(log_tracker_config=str(cfg), wandb_run_name="r1")) == {
+        "tensorboard": {"filename_suffix": ".apt"}, "wandb": {"tags": ["apt"], "name": "r1"}}
+    assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "out", "--logging_dir", str(tmp_path / "logs"),
+                  "--log_tracker_config", str(cfg)) == 0
+    (run,) = (tmp_path / "logs").glob("*/network_train")
+    (events,) = run.glob("events.out.tfevents.*")  # the scalars' writer (the hparams below have their own)
+    assert events.name.endswith(".apt")
+
+
+@pytest.mark.parametrize("text, message", [
+    (None, "file not found"),
+    ("[wandb\n", "not a valid TOML file"),
+    ('entity = "me"\n', "'entity' must be a table of one tracker's settings"),
+])
+def test_bad_tracker_config_is_named(tmp_path, text, message):
+    path = tmp_path / "t.toml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(TrainingSetupError, match=f"--log_tracker_config {path}: {message}"):
+        tracker_init_kwargs(Namespace(log_tracker_config=str(path)))
+
+
+def test_unwritable_log_file_is_an_error(tiny, images, tmp_path, capsys):  # noqa: F811
+    bad = tmp_path / "no" / "such" / "dir" / "run.log"
+    rc = train_apt_lora.main(["--pretrained_model_name_or_path", tiny["sd1"], "--dataset_config",
+                              _dataset(tmp_path, images), "--output_dir", str(tmp_path / "o"), "--console_log_file",
+                              str(bad)])
+    assert rc == 2 and f"--console_log_file {bad}: cannot open it for writing" in capsys.readouterr().err
