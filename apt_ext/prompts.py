@@ -203,7 +203,8 @@ def num_token_columns(tokenizer, max_token_length: int | None = None) -> int:
     return max_token_length + 2
 
 
-def stitched_token_ids(tokenizer, captions: Sequence[str], max_token_length: int | None = None) -> torch.LongTensor:
+def stitched_token_ids(tokenizer, captions: Sequence[str], max_token_length: int | None = None,
+                       weighted: bool = False) -> torch.LongTensor:
     """(B, N) token ids in the order of the UNet's token axis (N from `num_token_columns`).
 
     Equal to sd-scripts' re-stitched view of its chunked ids: the first chunk's BOS, the 75 middle ids of every
@@ -212,9 +213,9 @@ def stitched_token_ids(tokenizer, captions: Sequence[str], max_token_length: int
     second), sd-scripts feeds an all-padding chunk to the text encoder as <BOS> <EOS> <PAD>...; that column keeps
     its PAD id here, so that both SDXL tokenizers give the same π (it is a padding column either way).
     """
-    n = num_token_columns(tokenizer, max_token_length)
-    return tokenizer(list(captions), padding="max_length", truncation=True, max_length=n,
-                     return_tensors="pt").input_ids
+    from library.conditioning import flat_ids
+
+    return flat_ids(tokenizer, captions, num_token_columns(tokenizer, max_token_length), weighted)
 
 
 def _word_ids(tokenizer, words: str | None) -> list[int] | None:
@@ -226,8 +227,10 @@ def _word_ids(tokenizer, words: str | None) -> list[int] | None:
 def alignment_for_batch(tokenizers: Sequence, captions_ft: Sequence[str], captions_prior: Sequence[str],
                         mode: str = "class", max_token_length: int | None = None,
                         class_tokens: Sequence[str | None] | None = None,
-                        prior_class_tokens: Sequence[str | None] | None = None) -> list[torch.LongTensor]:
-    """One π (B, N) per tokenizer, on the token ids as the model sees them (see `stitched_token_ids`).
+                        prior_class_tokens: Sequence[str | None] | None = None,
+                        weighted: bool = False) -> list[torch.LongTensor]:
+    """One π (B, N) per tokenizer, on the token ids as the model sees them (see `stitched_token_ids`; `weighted`:
+    the captions' --weighted_captions segments tokenized as the text encoders get them).
 
     `class_tokens` / `prior_class_tokens` (the batch's per-sample lists) are optional: with them the identifier
     (the first word of class_tokens that is not a word of the prior class tokens) and the class tokens (the
@@ -246,8 +249,8 @@ def alignment_for_batch(tokenizers: Sequence, captions_ft: Sequence[str], captio
     pct = list(prior_class_tokens) if prior_class_tokens is not None else [None] * bsz
     out = []
     for tok in tokenizers:
-        ids_ft = stitched_token_ids(tok, captions_ft, max_token_length)
-        ids_pr = stitched_token_ids(tok, captions_prior, max_token_length)
+        ids_ft = stitched_token_ids(tok, captions_ft, max_token_length, weighted)
+        ids_pr = stitched_token_ids(tok, captions_prior, max_token_length, weighted)
         rows = []
         for i in range(bsz):
             ident_ids, cls_ids = _identifier_and_class_ids(tok, ct[i], pct[i])

@@ -173,7 +173,8 @@ class APT:
                 if len(self._pi_rows) >= self.PI_MEMO_SIZE:  # shuffled or dropped-out captions: keep it bounded
                     self._pi_rows.clear()
                 (pi,) = alignment_for_batch(model.tokenizers[:1], [c], [p], self.args.apt_identifier_align,
-                                            self.args.max_token_length, [ct], [pct])
+                                            self.args.max_token_length, [ct], [pct],
+                                            weighted=bool(getattr(self.args, "weighted_captions", False)))
                 row = self._pi_rows[key] = to_device(pi[0], device)
             rows.append(row)
         return torch.stack(rows)

@@ -108,13 +108,39 @@ def _as_list(captions: Union[str, Sequence[str]]) -> list[str]:
     return [captions] if isinstance(captions, str) else list(captions)
 
 
-def tokenize_with(tokenizer, captions: Union[str, Sequence[str]], max_token_length: Optional[int] = None) -> torch.Tensor:
+def flat_ids(tokenizer, captions: Sequence[str], length: int, weighted: bool = False) -> torch.Tensor:
+    """(B, length) ids: BOS, the caption's tokens, EOS, padding (the tokenizer's own layout). `weighted`
+    (--weighted_captions): A1111 attention syntax read and each weighted segment tokenized on its own
+    (library/prompt_weights.py)."""
+    if weighted:
+        from library.prompt_weights import weighted_ids
+
+        return weighted_ids(tokenizer, list(captions), length)[0]
+    return tokenizer(list(captions), padding="max_length", truncation=True, max_length=length,
+                     return_tensors="pt").input_ids.to(torch.long)
+
+
+def token_weights(model, captions: Union[str, Sequence[str]], max_token_length: Optional[int] = None) -> torch.Tensor:
+    """(B, N) --weighted_captions weights of the context's token positions (N = `context_length`): the flat layout
+    is the stitched one, and both SDXL tokenizers split a caption alike, so tokenizer 1's weights serve both."""
+    from library.prompt_weights import weighted_ids
+
+    return weighted_ids(model.tokenizers[0], _as_list(captions), context_length(max_token_length))[1]
+
+
+def apply_token_weights(cond: "TextConditioning", weights: torch.Tensor) -> "TextConditioning":
+    """The context scaled per token position (sd-scripts: no renormalisation; the pooled output is left alone)."""
+    w = weights.to(device=cond.context.device, dtype=cond.context.dtype)
+    return TextConditioning(cond.context * w.unsqueeze(-1), cond.pooled)
+
+
+def tokenize_with(tokenizer, captions: Union[str, Sequence[str]], max_token_length: Optional[int] = None,
+                  weighted: bool = False) -> torch.Tensor:
     """Token ids of one tokenizer, (B, n_chunks * 77) int64, chunked as sd-scripts does (module docstring)."""
     captions = _as_list(captions)
     n = num_chunks(max_token_length)
     total = CHUNK_LEN if n == 1 else 75 * n + 2
-    ids = tokenizer(captions, padding="max_length", truncation=True, max_length=total, return_tensors="pt").input_ids
-    ids = ids.to(torch.long)
+    ids = flat_ids(tokenizer, captions, total, weighted)
     if n == 1:
         return ids
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -131,9 +157,10 @@ def tokenize_with(tokenizer, captions: Union[str, Sequence[str]], max_token_leng
     return torch.cat(chunks, dim=1)
 
 
-def tokenize(model, captions: Union[str, Sequence[str]], max_token_length: Optional[int] = None) -> list[torch.Tensor]:
+def tokenize(model, captions: Union[str, Sequence[str]], max_token_length: Optional[int] = None,
+             weighted: bool = False) -> list[torch.Tensor]:
     """One LongTensor (B, n_chunks * 77) per tokenizer of `model` (flattened; chunk k is [:, 77k : 77k + 77])."""
-    return [tokenize_with(tok, captions, max_token_length) for tok in model.tokenizers]
+    return [tokenize_with(tok, captions, max_token_length, weighted) for tok in model.tokenizers]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -174,8 +201,9 @@ def _first_eos_pool(text_encoder_2, last_hidden_state: torch.Tensor, ids: torch.
 
 
 def encode_prompts(model, captions: Union[str, Sequence[str]], *, clip_skip: Optional[int] = None,
-                   max_token_length: Optional[int] = None, device=None) -> TextConditioning:
-    """Encode captions with the model's (live, possibly LoRA-patched) text encoders: `tokenize`, then `encode_ids`.
+                   max_token_length: Optional[int] = None, device=None, weighted: bool = False) -> TextConditioning:
+    """Encode captions with the model's (live, possibly LoRA-patched) text encoders: `tokenize`, then `encode_ids`
+    (then, with `weighted`, `apply_token_weights`).
 
     Token ids go to each text encoder's device; the result stays there (and in the encoder's dtype) unless
     `device` is given. Runs under the caller's grad mode: wrap in `torch.no_grad()` for frozen encoders.
@@ -183,9 +211,11 @@ def encode_prompts(model, captions: Union[str, Sequence[str]], *, clip_skip: Opt
     captions = _as_list(captions)
     if not captions:
         raise ValueError("encode_prompts: no captions given")
-    ids_list = [to_device(ids, _module_device(te)) for ids, te in zip(tokenize(model, captions, max_token_length),
-                                                                     model.text_encoders)]  # no stream sync
+    ids_list = [to_device(ids, _module_device(te)) for ids, te in zip(tokenize(model, captions, max_token_length,
+                                                                               weighted), model.text_encoders)]
     cond = encode_ids(model, ids_list, clip_skip=clip_skip, max_token_length=max_token_length)
+    if weighted:
+        cond = apply_token_weights(cond, token_weights(model, captions, max_token_length))
     return cond.to(device=device) if device is not None else cond
 
 
@@ -280,9 +310,10 @@ class TextEncoderCache:
     """
 
     def __init__(self, model, clip_skip: Optional[int] = None, max_token_length: Optional[int] = None,
-                 to_disk_dir: Optional[str] = None, batch_size: int = 16):
+                 to_disk_dir: Optional[str] = None, batch_size: int = 16, weighted: bool = False):
         num_chunks(max_token_length)  # validate early
         self.model = model
+        self.weighted = weighted  # --weighted_captions
         self.clip_skip = clip_skip
         self.max_token_length = max_token_length
         self.to_disk_dir = to_disk_dir
@@ -301,7 +332,8 @@ class TextEncoderCache:
     # disk ---------------------------------------------------------------------------------------------
     def _settings(self, caption: str) -> dict:
         return {"caption": caption, "arch": self.model.arch, "clip_skip": self.clip_skip,
-                "max_token_length": self.max_token_length, "source": os.path.abspath(self.model.source) if self.model.source else ""}
+                "max_token_length": self.max_token_length, "source": os.path.abspath(self.model.source) if self.model.source else "",
+                **({"weighted": True} if self.weighted else {})}
 
     def _disk_path(self, caption: str) -> str:
         key = json.dumps(self._settings(caption), sort_keys=True, ensure_ascii=False)
@@ -352,7 +384,8 @@ class TextEncoderCache:
         for start in range(0, len(missing), self.batch_size):
             part = missing[start : start + self.batch_size]
             with torch.no_grad():
-                cond = encode_prompts(self.model, part, clip_skip=self.clip_skip, max_token_length=self.max_token_length)
+                cond = encode_prompts(self.model, part, clip_skip=self.clip_skip, max_token_length=self.max_token_length,
+                                      weighted=self.weighted)
             self.num_encoded += len(part)
             for i, c in enumerate(part):
                 context = cond.context[i].detach().to("cpu").clone()

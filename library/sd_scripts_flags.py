@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 
 NOT_IMPLEMENTED = {  # flag -> what it does in sd-scripts; what to do here
-    "weighted_captions": "prompt weighting such as (word:1.2) in captions; write plain captions",
     "fused_backward_pass": "Adafactor's optimizer step fused into the backward (full fine-tuning); leave it out",
     "full_fp16": "fp16 LoRA weights and gradients; use --mixed_precision fp16 (fp32 LoRA weights)",
     "full_bf16": "bf16 LoRA weights and gradients; use --mixed_precision bf16 (fp32 LoRA weights)",

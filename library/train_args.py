@@ -128,6 +128,9 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max_train_epochs", type=int, default=None, help="overrides --max_train_steps")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
+    g.add_argument("--weighted_captions", action="store_true",
+                   help="read A1111 attention in captions: (word) x1.1, [word] /1.1, (word:1.3); the text encoders' "
+                        "output at those tokens is scaled, as in sd-scripts (\\( for a literal bracket)")
     g.add_argument("--debug_dataset", action="store_true",
                    help="print every batch of the first epoch (bucket, crop, processed caption and, with --apt, the "
                         "class prompt c) and exit without training; --output_dir is not needed")

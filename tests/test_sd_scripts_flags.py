@@ -12,7 +12,7 @@ from library.train_args import markdown_reference, setup_parser
 from library.train_util import TrainingSetupError, accelerator_handlers
 
 
-@pytest.mark.parametrize("argv", [["--face_crop_aug_range", "2,4"], ["--weighted_captions"], ["--full_bf16"],
+@pytest.mark.parametrize("argv", [["--face_crop_aug_range", "2,4"], ["--initial_epoch", "2"], ["--full_bf16"],
                                   ["--huggingface_repo_id", "me/lora"], ["--deepspeed"]])
 def test_a_flag_not_implemented_is_an_error_saying_what_to_do(argv, capsys):
     with pytest.raises(SystemExit) as e:
