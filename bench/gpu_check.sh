@@ -33,6 +33,8 @@
 #      $OUT/compile_check-gpu.md and $OUT/compile_time-gpu.md. Not timed on a GPU yet: budget several minutes.
 #   3d. Only with RUN_OVERLAP=1: `python -m bench.stream_overlap --configs $CONFIGS > $OUT/stream_overlap-gpu.md`:
 #      how much of an extra prior pass hides behind the fast APT step on a second CUDA stream (about 2 minutes).
+#   3e. Only with RUN_FP8=1: `bench.step_time --grad_ckpt off` on $CONFIGS twice, bf16 base weights and
+#      --fp8_base, into $OUT/fp8_step_time-bf16-gpu.md and $OUT/fp8_step_time-fp8-gpu.md (docs/speed.md, step 6).
 #   4. Runs `python -m bench.step_time --configs sd15,sdxl --out $OUT/step_time-gpu.md`, each config and
 #      gradient-checkpointing setting in its own process with a timeout (STEP_TIMEOUT seconds, default 240).
 #      SKIP_STEP_TIME=1 skips it.
@@ -54,7 +56,7 @@
 # Environment: OUT (output folder), STEPS (timed steps, default 10), WARMUP (default 3), STEP_TIMEOUT,
 # CONFIGS (default sd15,sdxl), BATCH_SIZES (apt_overhead's, default 1,4), APT_GRAD_CKPT (apt_overhead's gradient
 # checkpointing settings, default off: the setting the issue's targets and reference figures are for; off,on for
-# both), APT_EXTRA (default empty), APT_UNET_ONLY (default 0), GRAPH_VARIANTS (prior_graph_check's, default eager,prior,unet,both), SKIP_STEP_TIME, SKIP_APT, SKIP_GRAPH_CHECK, SKIP_SMOKE, SKIP_SYNC_CHECK, RUN_OVERLAP, RUN_COMPILE, COMPILE_CONFIGS, COMPILE_ARCHS, PYTHON (default python3, else python).
+# both), APT_EXTRA (default empty), APT_UNET_ONLY (default 0), GRAPH_VARIANTS (prior_graph_check's, default eager,prior,unet,both), SKIP_STEP_TIME, SKIP_APT, SKIP_GRAPH_CHECK, SKIP_SMOKE, SKIP_SYNC_CHECK, RUN_OVERLAP, RUN_COMPILE, RUN_FP8, COMPILE_CONFIGS, COMPILE_ARCHS, PYTHON (default python3, else python).
 # Exit code: 0 when every config produced a row, 1 when one failed or timed out (the table still says which).
 set -uo pipefail
 
@@ -233,6 +235,22 @@ if [ "${RUN_COMPILE:-0}" = 1 ]; then
     2> >(tee "$LOGS/compile_time.log" >&2)
   compile_status=$?
   [ "$compile_status" != 0 ] && status=$compile_status
+fi
+# 3e. only with RUN_FP8=1: --fp8_base's memory and time against bf16 base weights, one table each, same card
+if [ "${RUN_FP8:-0}" = 1 ]; then
+  FP8_CONFIGS=$([ "$DRY_RUN" = 1 ] && echo tiny-sd1 || echo "$CONFIGS")
+  FP8_DTYPE=()
+  [ "$DRY_RUN" = 1 ] && FP8_DTYPE=(--dtype bf16)  # the tiny configs run in fp32, where fp8 has no compute dtype
+  for variant in bf16 fp8; do
+    FP8_FLAGS=$([ "$variant" = fp8 ] && echo "--fp8_base" || echo "")
+    FP8_RESULT="$OUT/fp8_step_time-$variant-$([ "$DRY_RUN" = 1 ] && echo dryrun || echo gpu).md"
+    echo "python -m bench.step_time --configs $FP8_CONFIGS --grad_ckpt off --train_args=\"$FP8_FLAGS\" --out $FP8_RESULT"
+    "$PYTHON" -m bench.step_time --configs "$FP8_CONFIGS" --grad_ckpt off --steps "$STEPS" --warmup "$WARMUP" \
+      --timeout "$STEP_TIMEOUT" ${EXTRA[@]+"${EXTRA[@]}"} ${FP8_DTYPE[@]+"${FP8_DTYPE[@]}"} \
+      --train_args="$FP8_FLAGS" --out "$FP8_RESULT" 2> >(tee "$LOGS/fp8_step_time-$variant.log" >&2)
+    fp8_status=$?
+    [ "$fp8_status" != 0 ] && status=$fp8_status
+  done
 fi
 # 4. the step time with and without gradient checkpointing
 if [ "${SKIP_STEP_TIME:-0}" = 0 ]; then
