@@ -80,3 +80,31 @@ def tb_scalars():
         return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
     return read
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Three random 72x80 RGB photos (the end-to-end trainer tests' dataset)."""
+    import numpy as np
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (80, 72, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Tiny SD1 and SDXL models as diffusers folders, and SD1 as a single .safetensors file."""
+    from library.tiny_models import write_tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for arch in ("sd1", "sdxl"):
+        out[arch] = str(root / arch)
+        write_tiny_model(arch, out[arch])
+    out["sd1_single"] = str(root / "sd1.safetensors")
+    write_tiny_model("sd1", out["sd1_single"], single_file=True)
+    return out

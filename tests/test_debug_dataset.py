@@ -4,10 +4,10 @@ import numpy as np
 from PIL import Image
 
 import train_apt_lora
-from tests.test_train_e2e import _dataset, images, tiny  # noqa: F401
+from tests.test_train_e2e import _dataset
 
 
-def test_debug_dataset_prints_batches_and_writes_images(tiny, images, tmp_path, capsys):  # noqa: F811
+def test_debug_dataset_prints_batches_and_writes_images(tiny, images, tmp_path, capsys):
     ds = _dataset(tmp_path, images, flip_aug=True)
     png = tmp_path / "png"
     argv = ["--pretrained_model_name_or_path", tiny["sd1"], "--dataset_config", ds, "--debug_dataset", "--apt",

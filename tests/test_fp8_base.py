@@ -11,7 +11,7 @@ from safetensors import safe_open
 from library.fp8_base import FP8, compute_dtype, store_in_fp8
 from library.tiny_models import build_tiny_model
 from networks.lora import LoRANetwork
-from tests.test_train_e2e import _dataset, _train, images, tiny  # noqa: F401 (fixtures)
+from tests.test_train_e2e import _dataset, _train
 
 BF16 = torch.bfloat16
 
@@ -123,7 +123,7 @@ def test_weights_beyond_the_fp8_range_are_refused_naming_the_layer():
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
-def test_training_with_fp8_base(arch, tiny, images, tmp_path, capsys):  # noqa: F811
+def test_training_with_fp8_base(arch, tiny, images, tmp_path, capsys):
     """APT with --fp8_base trains, samples and saves; --fp8_base_unet leaves the text encoders alone; without
     mixed precision the flag is refused, naming what to add."""
     prompts = tmp_path / "prompts.txt"

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from library.tiny_models import build_tiny_model
 from networks.lora import LoRAWeightsError, create_network
 from networks.lora_blocks import _lr_list, block_index, parse_block_args
-from tests.test_train_e2e import _count_peft_lora_modules, _dataset, _train, images, tiny  # noqa: F401
+from tests.test_train_e2e import _count_peft_lora_modules, _dataset, _train
 
 SD1_BLOCKS = {  # lora name -> block, worked out by hand from sd-scripts' get_block_index
     "lora_unet_down_blocks_0_attentions_0_proj_in": 1,
@@ -119,7 +119,7 @@ def test_bad_block_args_name_the_key(network_args, message):
     assert message in str(e.value)
 
 
-def test_block_wise_lora_trains_and_loads_in_diffusers(tiny, images, tmp_path):  # noqa: F811
+def test_block_wise_lora_trains_and_loads_in_diffusers(tiny, images, tmp_path):
     """The real consumer: a LoRA with per-block ranks and block learning rates loads into diffusers module for
     module (every rank as written), and the UNet gives what this trainer's network gives."""
     from diffusers import StableDiffusionPipeline

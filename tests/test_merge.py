@@ -9,7 +9,7 @@ from library.conditioning import encode_prompts, unet_forward
 from library.tiny_models import build_tiny_model
 from networks.lora import LoRANetwork, LoRAWeightsError
 from networks.merge import merge_base_weights
-from tests.test_train_e2e import _dataset, _train, images, tiny  # noqa: F401
+from tests.test_train_e2e import _dataset, _train
 
 
 def _random_lora(model, path, seed, **kw):
@@ -65,7 +65,7 @@ def test_a_lora_for_another_model_or_format_is_refused(tmp_path):
         merge_base_weights(build_tiny_model("sd1"), [str(sdxl_lora)], [1.0, 0.5])
 
 
-def test_training_on_top_of_base_weights(tiny, images, tmp_path, capsys):  # noqa: F811
+def test_training_on_top_of_base_weights(tiny, images, tmp_path, capsys):
     from library.model_util import load_model
 
     lora = tmp_path / "style.safetensors"

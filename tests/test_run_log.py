@@ -7,10 +7,10 @@ import pytest
 import train_apt_lora
 from library.run_log import tracker_init_kwargs
 from library.train_util import TrainingSetupError
-from tests.test_train_e2e import _dataset, _train, images, tiny  # noqa: F401
+from tests.test_train_e2e import _dataset, _train
 
 
-def test_log_file_is_appended_to_at_the_level_asked(tiny, images, tmp_path):  # noqa: F811
+def test_log_file_is_appended_to_at_the_level_asked(tiny, images, tmp_path):
     log = tmp_path / "run.log"
     log.write_text("my notes\n")
     assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "a", "--console_log_file", str(log)) == 0
@@ -23,7 +23,7 @@ def test_log_file_is_appended_to_at_the_level_asked(tiny, images, tmp_path):  # 
                 if getattr(h, "baseFilename", None) == str(log)]
 
 
-def test_tracker_config_tables_reach_the_tracker(tiny, images, tmp_path):  # noqa: F811
+def test_tracker_config_tables_reach_the_tracker(tiny, images, tmp_path):
     cfg = tmp_path / "trackers.toml"
     cfg.write_text('[tensorboard]\nfilename_suffix = ".apt"\n[wandb]\ntags = ["apt"]\n')
     assert tracker_init_kwargs(Namespace(log_tracker_config=str(cfg), wandb_run_name="r1")) == {
@@ -48,7 +48,7 @@ def test_bad_tracker_config_is_named(tmp_path, text, message):
         tracker_init_kwargs(Namespace(log_tracker_config=str(path)))
 
 
-def test_unwritable_log_file_is_an_error(tiny, images, tmp_path, capsys):  # noqa: F811
+def test_unwritable_log_file_is_an_error(tiny, images, tmp_path, capsys):
     bad = tmp_path / "no" / "such" / "dir" / "run.log"
     rc = train_apt_lora.main(["--pretrained_model_name_or_path", tiny["sd1"], "--dataset_config",
                               _dataset(tmp_path, images), "--output_dir", str(tmp_path / "o"), "--console_log_file",

@@ -12,27 +12,6 @@ import train_apt_lora
 from library.tiny_models import write_tiny_model
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    d = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (80, 72, 3), dtype=np.uint8)).save(d / f"{i}.png")
-    return str(d)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    out = {}
-    for arch in ("sd1", "sdxl"):
-        out[arch] = str(root / arch)
-        write_tiny_model(arch, out[arch])
-    out["sd1_single"] = str(root / "sd1.safetensors")
-    write_tiny_model("sd1", out["sd1_single"], single_file=True)
-    return out
-
-
 def _dataset(tmp_path, images, **subset):
     lines = ["[[datasets]]", "resolution = 64", "batch_size = 1", "", "  [[datasets.subsets]]",
              f'  image_dir = "{images}"', '  class_tokens = "sks dog"']

@@ -9,7 +9,7 @@ from apt_ext.prompts import alignment_for_batch
 from library.conditioning import encode_prompts, tokenize
 from library.prompt_weights import parse_weights, weighted_ids
 from library.tiny_models import build_tiny_model
-from tests.test_train_e2e import _dataset, _train, images, tiny  # noqa: F401
+from tests.test_train_e2e import _dataset, _train
 
 R = 1.1
 
@@ -89,7 +89,7 @@ def _captioned(tmp_path, images, captions):
     return str(d)
 
 
-def test_training_with_weighted_captions(tiny, images, tmp_path):  # noqa: F811
+def test_training_with_weighted_captions(tiny, images, tmp_path):
     """Plain captions: --weighted_captions gives the same LoRA bit for bit. Weighted ones train with APT (text
     encoder LoRA) and with the text-encoder cache."""
     plain = _dataset(tmp_path, _captioned(tmp_path, images, ["sks dog, on grass", "sks dog"]), caption_extension=".txt")
@@ -109,7 +109,7 @@ def test_training_with_weighted_captions(tiny, images, tmp_path):  # noqa: F811
                   "--network_train_unet_only", "--cache_text_encoder_outputs") == 0
 
 
-def test_the_trainer_scales_the_fine_tuned_and_the_class_prompts(tiny, images, tmp_path, monkeypatch):  # noqa: F811
+def test_the_trainer_scales_the_fine_tuned_and_the_class_prompts(tiny, images, tmp_path, monkeypatch):
     """The training step's text path (TrainContext.encode_text, used for c* and, through the base-text memo, for
     APT's c) applies the caption's weights: 1.3 on "sks dog" in c*, on "dog" in c."""
     import library.conditioning as cond_lib
