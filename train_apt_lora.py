@@ -265,22 +265,22 @@ class TrainContext:
         token ids (replayed from `te_graph` when the text-encoder LoRA trains and --text_encoder_cuda_graph is on)."""
         import torch
 
-        from library.conditioning import TextConditioning, apply_token_weights, token_weights, tokenize
+        from library.conditioning import TextConditioning, apply_token_weights, tokenize, tokenize_weighted
 
         if self.te_cache is not None:
             cached = self.te_cache.get(captions)
             return TextConditioning(*(None if t is None else self.to_device(t, self.weight_dtype)
                                       for t in (cached.context, cached.pooled)))
         train_te = not self.args.network_train_unet_only and torch.is_grad_enabled()  # the APT prior pass: no grad
-        weighted = self.args.weighted_captions
-        ids = [self.to_device(t) for t in tokenize(self.model, captions, self.args.max_token_length, weighted)]
+        max_len = self.args.max_token_length
+        ids, weights = (tokenize_weighted(self.model, captions, max_len) if self.args.weighted_captions
+                        else (tokenize(self.model, captions, max_len), None))
         run = self.te_graph if train_te and self.te_graph is not None else self.text_fn()
         with torch.set_grad_enabled(train_te):
-            context, *pooled = run(*ids)
+            context, *pooled = run(*(self.to_device(t) for t in ids))
             cond = TextConditioning(context, pooled[0] if pooled else None)
-            if weighted:
-                cond = apply_token_weights(cond, self.to_device(token_weights(self.model, captions,
-                                                                              self.args.max_token_length)))
+            if weights is not None:
+                cond = apply_token_weights(cond, self.to_device(weights))
         return cond
 
     BASE_TEXT_MEMO = 256  # captions kept by encode_base_text (SDXL: ~0.3 MB each)

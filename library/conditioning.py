@@ -120,29 +120,23 @@ def flat_ids(tokenizer, captions: Sequence[str], length: int, weighted: bool = F
                      return_tensors="pt").input_ids.to(torch.long)
 
 
-def token_weights(model, captions: Union[str, Sequence[str]], max_token_length: Optional[int] = None) -> torch.Tensor:
-    """(B, N) --weighted_captions weights of the context's token positions (N = `context_length`): the flat layout
-    is the stitched one, and both SDXL tokenizers split a caption alike, so tokenizer 1's weights serve both."""
-    from library.prompt_weights import weighted_ids
-
-    return weighted_ids(model.tokenizers[0], _as_list(captions), context_length(max_token_length))[1]
-
-
 def apply_token_weights(cond: "TextConditioning", weights: torch.Tensor) -> "TextConditioning":
     """The context scaled per token position (sd-scripts: no renormalisation; the pooled output is left alone)."""
     w = weights.to(device=cond.context.device, dtype=cond.context.dtype)
     return TextConditioning(cond.context * w.unsqueeze(-1), cond.pooled)
 
 
-def tokenize_with(tokenizer, captions: Union[str, Sequence[str]], max_token_length: Optional[int] = None,
-                  weighted: bool = False) -> torch.Tensor:
-    """Token ids of one tokenizer, (B, n_chunks * 77) int64, chunked as sd-scripts does (module docstring)."""
-    captions = _as_list(captions)
+def _flat_length(max_token_length: Optional[int]) -> int:
+    """77, or 75n + 2 for n chunks: the tokenizer's flat layout, which is also the stitched context's length."""
     n = num_chunks(max_token_length)
-    total = CHUNK_LEN if n == 1 else 75 * n + 2
-    ids = flat_ids(tokenizer, captions, total, weighted)
+    return CHUNK_LEN if n == 1 else 75 * n + 2
+
+
+def _chunked(tokenizer, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Flat (B, 75n + 2) ids -> (B, n * 77): each chunk <BOS> 75 ids <EOS>, as sd-scripts feeds the encoders."""
     if n == 1:
         return ids
+    total = ids.shape[1]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     chunks = []
     for i in range(1, total - CHUNK_LEN + 2, CHUNK_LEN - 2):  # 1, 76, 151, ...
@@ -157,10 +151,29 @@ def tokenize_with(tokenizer, captions: Union[str, Sequence[str]], max_token_leng
     return torch.cat(chunks, dim=1)
 
 
+def tokenize_with(tokenizer, captions: Union[str, Sequence[str]], max_token_length: Optional[int] = None,
+                  weighted: bool = False) -> torch.Tensor:
+    """Token ids of one tokenizer, (B, n_chunks * 77) int64, chunked as sd-scripts does (module docstring)."""
+    ids = flat_ids(tokenizer, _as_list(captions), _flat_length(max_token_length), weighted)
+    return _chunked(tokenizer, ids, num_chunks(max_token_length))
+
+
 def tokenize(model, captions: Union[str, Sequence[str]], max_token_length: Optional[int] = None,
              weighted: bool = False) -> list[torch.Tensor]:
     """One LongTensor (B, n_chunks * 77) per tokenizer of `model` (flattened; chunk k is [:, 77k : 77k + 77])."""
     return [tokenize_with(tok, captions, max_token_length, weighted) for tok in model.tokenizers]
+
+
+def tokenize_weighted(model, captions: Union[str, Sequence[str]],
+                      max_token_length: Optional[int] = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """--weighted_captions: `tokenize`'s ids and the (B, N) weights of the context's token positions, each caption
+    read once per tokenizer. The flat layout is the stitched one, and both SDXL tokenizers split a caption alike,
+    so tokenizer 1's weights serve the whole context."""
+    from library.prompt_weights import weighted_ids
+
+    captions, n, length = _as_list(captions), num_chunks(max_token_length), _flat_length(max_token_length)
+    per_tok = [weighted_ids(tok, captions, length) for tok in model.tokenizers]
+    return [_chunked(tok, ids, n) for tok, (ids, _) in zip(model.tokenizers, per_tok)], per_tok[0][1]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -211,11 +224,12 @@ def encode_prompts(model, captions: Union[str, Sequence[str]], *, clip_skip: Opt
     captions = _as_list(captions)
     if not captions:
         raise ValueError("encode_prompts: no captions given")
-    ids_list = [to_device(ids, _module_device(te)) for ids, te in zip(tokenize(model, captions, max_token_length,
-                                                                               weighted), model.text_encoders)]
+    ids, weights = tokenize_weighted(model, captions, max_token_length) if weighted else \
+        (tokenize(model, captions, max_token_length), None)
+    ids_list = [to_device(t, _module_device(te)) for t, te in zip(ids, model.text_encoders)]  # no stream sync
     cond = encode_ids(model, ids_list, clip_skip=clip_skip, max_token_length=max_token_length)
-    if weighted:
-        cond = apply_token_weights(cond, token_weights(model, captions, max_token_length))
+    if weights is not None:
+        cond = apply_token_weights(cond, weights)
     return cond.to(device=device) if device is not None else cond
 
 
@@ -281,7 +295,7 @@ def unet_forward(model, noisy_latents: torch.Tensor, timesteps, cond: TextCondit
     """The UNet's prediction. The conditioning is cast to the UNet's dtype and the latents' device; SDXL adds
     `added_cond_kwargs` (pooled text embeds + time ids, which are required)."""
     unet = model.unet
-    dtype, dev = compute_dtype(unet), noisy_latents.device
+    dtype, dev = unet.dtype, noisy_latents.device
     context = cond.context.to(device=dev, dtype=dtype)
     kwargs = {}
     if model.is_sdxl:
@@ -331,9 +345,10 @@ class TextEncoderCache:
 
     # disk ---------------------------------------------------------------------------------------------
     def _settings(self, caption: str) -> dict:
+        source = os.path.abspath(self.model.source) if self.model.source else ""
         return {"caption": caption, "arch": self.model.arch, "clip_skip": self.clip_skip,
-                "max_token_length": self.max_token_length, "source": os.path.abspath(self.model.source) if self.model.source else "",
-                **({"weighted": True} if self.weighted else {})}
+                "max_token_length": self.max_token_length, "source": source,
+                **({"weighted": True} if self.weighted else {})}  # unweighted keys as before: old caches stay valid
 
     def _disk_path(self, caption: str) -> str:
         key = json.dumps(self._settings(caption), sort_keys=True, ensure_ascii=False)
@@ -384,8 +399,8 @@ class TextEncoderCache:
         for start in range(0, len(missing), self.batch_size):
             part = missing[start : start + self.batch_size]
             with torch.no_grad():
-                cond = encode_prompts(self.model, part, clip_skip=self.clip_skip, max_token_length=self.max_token_length,
-                                      weighted=self.weighted)
+                cond = encode_prompts(self.model, part, clip_skip=self.clip_skip,
+                                      max_token_length=self.max_token_length, weighted=self.weighted)
             self.num_encoded += len(part)
             for i, c in enumerate(part):
                 context = cond.context[i].detach().to("cpu").clone()

@@ -26,7 +26,6 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 
 from library.conditioning import encode_prompts
-from library.fp8_base import compute_dtype
 from library.rng import preserved_rng_state
 
 logger = logging.getLogger(__name__)
@@ -369,7 +368,7 @@ def generate_images(model, prompts: Sequence[SamplePrompt], *, device=None, clip
     for p in prompts:  # fail before touching any state
         make_sampler(p.sampler or sampler, v)
     autocast = (torch.autocast(device_type=dev.type, dtype=dtype)
-                if dtype in (torch.float16, torch.bfloat16) and dtype != compute_dtype(unet) else contextlib.nullcontext())
+                if dtype in (torch.float16, torch.bfloat16) and dtype != unet.dtype else contextlib.nullcontext())
     vae = model.vae
     vae_device = _module_device(vae)
     results = []
@@ -386,7 +385,7 @@ def generate_images(model, prompts: Sequence[SamplePrompt], *, device=None, clip
                 pos = encode_prompts(model, [p.prompt], clip_skip=clip_skip, max_token_length=max_token_length)
                 neg = encode_prompts(model, [p.negative_prompt or ""], clip_skip=clip_skip,
                                      max_token_length=max_token_length)
-                pos, neg = pos.to(dev, compute_dtype(unet)), neg.to(dev, compute_dtype(unet))
+                pos, neg = pos.to(dev, unet.dtype), neg.to(dev, unet.dtype)
                 kwargs = dict(prompt_embeds=pos.context, negative_prompt_embeds=neg.context)
                 if model.is_sdxl:
                     kwargs.update(pooled_prompt_embeds=pos.pooled, negative_pooled_prompt_embeds=neg.pooled)

@@ -374,9 +374,14 @@ class LoRANetwork(nn.Module):
         self.network_args: dict[str, str] = {}
         self.loraplus: dict[str, float | None] = {}  # LoRA+ ratios: "all", "unet", "text_encoder" (create_network)
 
+        def rank_alpha(t: _Target) -> tuple:
+            """(rank, alpha) of a target; rank 0: no module (a block left out by `block_plan`)."""
+            if block_plan is not None and t.te_index is None:
+                return block_plan.rank_alpha(t.lora_name, self.arch, t.uses_conv_dim)
+            return (self.conv_lora_dim, self.conv_alpha) if t.uses_conv_dim else (self.lora_dim, alpha)
+
         def make(t: _Target) -> LoRAModule:
-            dim, a = (self.conv_lora_dim, self.conv_alpha) if t.uses_conv_dim else (self.lora_dim, alpha)
-            return LoRAModule(t.lora_name, t.module, multiplier, dim, a, dropout, rank_dropout, module_dropout)
+            return LoRAModule(t.lora_name, t.module, multiplier, *rank_alpha(t), dropout, rank_dropout, module_dropout)
 
         self.text_encoder_loras: list[LoRAModule] = []
         self._te_index: dict[str, int] = {}
@@ -386,14 +391,9 @@ class LoRANetwork(nn.Module):
                 self._te_index[t.lora_name] = t.te_index
         self.block_plan = block_plan  # networks.lora_blocks.BlockPlan: a rank, alpha and lr weight per UNet block
         self.unet_loras: list[LoRAModule] = []
-        if train_unet and block_plan is None:
-            self.unet_loras = [make(t) for t in _unet_targets(model, conv=self.conv_lora_dim is not None)]
-        elif train_unet:
-            for t in _unet_targets(model, conv=block_plan.conv_dims is not None):
-                rank, a = block_plan.rank_alpha(t.lora_name, self.arch, t.uses_conv_dim)
-                if rank:
-                    self.unet_loras.append(LoRAModule(t.lora_name, t.module, multiplier, rank, a, dropout,
-                                                      rank_dropout, module_dropout))
+        if train_unet:
+            conv = (block_plan.conv_dims if block_plan is not None else self.conv_lora_dim) is not None
+            self.unet_loras = [make(t) for t in _unet_targets(model, conv=conv) if rank_alpha(t)[0]]
         for lora in self.text_encoder_loras + self.unet_loras:
             self.add_module(lora.lora_name, lora)
         logger.info("LoRA network: %d text-encoder modules, %d UNet modules (rank %d, alpha %s%s)",
@@ -597,9 +597,6 @@ class LoRANetwork(nn.Module):
         file_names -= unknown
 
         # shapes: first anything that is not just the rank (another base model), then the rank
-        def fits(t, want):
-            return tuple(t.shape) == tuple(want) or _squeezable(t.shape, want)
-
         def rank_only(t, want, part):
             t, want = tuple(t.shape), tuple(want)
             if len(t) != len(want):
@@ -607,7 +604,7 @@ class LoRANetwork(nn.Module):
             return t[1:] == want[1:] if part == "lora_down" else (t[0] == want[0] and t[2:] == want[2:])
 
         bad = [(n, part) for n in sorted(file_names) for part in ("lora_down", "lora_up")
-               if not fits(modules[n][part], getattr(ours[n], part).weight.shape)]
+               if not _fits(modules[n][part], getattr(ours[n], part).weight.shape)]
         for name, part in bad:
             want = getattr(ours[name], part).weight.shape
             if not rank_only(modules[name][part], want, part):
@@ -668,6 +665,11 @@ class LoRANetwork(nn.Module):
                            "used (as in sd-scripts)", path, pairs)
         logger.info("%s: loaded %d LoRA modules", path, len(file_names))
         return {"loaded": sorted(file_names), "missing": missing, "ignored": ignored}
+
+
+def _fits(t: torch.Tensor, want) -> bool:
+    """A file's tensor fits a LoRA weight of shape `want`: the same shape, or 2D vs 4D [o, i, 1, 1]."""
+    return tuple(t.shape) == tuple(want) or _squeezable(t.shape, want)
 
 
 def _squeezable(a, b) -> bool:

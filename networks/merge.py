@@ -11,8 +11,8 @@ import os
 
 import torch
 
-from networks.lora import (LoRAModule, LoRAWeightsError, _describe_file, _group_kohya_keys, _read_lora_file,
-                           _squeezable, _text_encoder_targets, _unet_targets)
+from networks.lora import (LoRAModule, LoRAWeightsError, _describe_file, _fits, _group_kohya_keys, _read_lora_file,
+                           _text_encoder_targets, _unet_targets)
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def merge_lora_file(model, path, multiplier: float = 1.0) -> int:
             lora = LoRAModule(name, module, multiplier, rank, alpha)
             for part, t in (("lora_down", down), ("lora_up", up)):
                 p = getattr(lora, part).weight
-                if tuple(t.shape) != tuple(p.shape) and not _squeezable(t.shape, p.shape):
+                if not _fits(t, p.shape):
                     raise LoRAWeightsError(f"--base_weights {path}: {name}.{part}.weight is {list(t.shape)}, this "
                                            f"model needs {list(p.shape)}. {_describe_file(sd, modules)}")
                 p.copy_(t.reshape(p.shape).float())
