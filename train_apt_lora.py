@@ -365,13 +365,21 @@ def verify_args(args):
                                      "--network_weights FILE")
         from networks.lora import dims_from_weights
 
+        given = [a.split("=", 1)[0].strip() for a in args.network_args or []]
+        clash = [k for k in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas") if k in given]
+        if clash:
+            raise TrainingSetupError(f"--dim_from_weights takes every module's rank and alpha from the file: drop "
+                                     f"{', '.join(clash)} from --network_args")
         dims = dims_from_weights(args.network_weights)
         if "network_dim" in dims:
             args.network_dim, args.network_alpha = dims["network_dim"], dims["network_alpha"]
         if "conv_dim" in dims:
             args.network_args = [a for a in args.network_args or [] if not a.startswith(("conv_dim=", "conv_alpha="))]
             args.network_args += [f"conv_dim={dims['conv_dim']}", f"conv_alpha={dims['conv_alpha']:g}"]
-        logger.info("--dim_from_weights: %s", ", ".join(f"{k} {v:g}" for k, v in dims.items()))
+        ranks = sorted({r for r, _ in dims["modules"].values()})
+        logger.info("--dim_from_weights: %s; each of its %d modules keeps its own rank (ranks in the file: %s)",
+                    ", ".join(f"{k} {v:g}" for k, v in dims.items() if k != "modules"), len(dims["modules"]),
+                    ", ".join(map(str, ranks)))
     if args.cache_latents_to_disk:
         args.cache_latents = True
     if args.cache_text_encoder_outputs_to_disk:
@@ -617,7 +625,8 @@ def train(args):
                                     weighted=args.weighted_captions)
 
     # --- LoRA network, optimizer, schedule --------------------------------------------------------
-    network = lora_lib.create_network(model, args)
+    module_dims = lora_lib.dims_from_weights(args.network_weights)["modules"] if args.dim_from_weights else None
+    network = lora_lib.create_network(model, args, module_dims)
     network.apply_to()
     if args.network_weights:
         network.load_weights(args.network_weights)

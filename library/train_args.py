@@ -47,7 +47,7 @@ def _network_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--base_weights_multiplier", type=float, nargs="*", default=None,
                    help="one multiplier per --base_weights file (default 1.0)")
     g.add_argument("--dim_from_weights", action="store_true",
-                   help="take --network_dim/--network_alpha (and conv_dim/conv_alpha) from the --network_weights file")
+                   help="build each LoRA module at the rank and alpha it has in the --network_weights file (per-module ranks kept)")
     g.add_argument("--network_train_unet_only", action="store_true", help="train the UNet LoRA only (no text encoder LoRA)")
     g.add_argument("--network_train_text_encoder_only", action="store_true",
                    help="train the text encoders' LoRA only (no UNet LoRA)")

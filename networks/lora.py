@@ -349,7 +349,7 @@ class LoRANetwork(nn.Module):
     def __init__(self, model, *, multiplier: float = 1.0, lora_dim: int = 4, alpha: float | None = 1.0,
                  dropout: float | None = None, conv_lora_dim: int | None = None, conv_alpha: float | None = None,
                  rank_dropout: float | None = None, module_dropout: float | None = None, train_unet: bool = True,
-                 train_text_encoder: bool = True, block_plan=None):
+                 train_text_encoder: bool = True, block_plan=None, module_dims: dict | None = None):
         super().__init__()
         if lora_dim is None or int(lora_dim) < 1:
             raise LoRAWeightsError(f"--network_dim must be a positive integer, got {lora_dim!r}")
@@ -375,10 +375,13 @@ class LoRANetwork(nn.Module):
         self.loraplus: dict[str, float | None] = {}  # LoRA+ ratios: "all", "unet", "text_encoder" (create_network)
 
         def rank_alpha(t: _Target) -> tuple:
-            """(rank, alpha) of a target; rank 0: no module (a block left out by `block_plan`)."""
+            """(rank, alpha) of a target; rank 0: no module (a block left out by `block_plan`). `module_dims`
+            (--dim_from_weights: name -> (rank, alpha)) gives a module the file's own rank."""
             if block_plan is not None and t.te_index is None:
-                return block_plan.rank_alpha(t.lora_name, self.arch, t.uses_conv_dim)
-            return (self.conv_lora_dim, self.conv_alpha) if t.uses_conv_dim else (self.lora_dim, alpha)
+                rank, a = block_plan.rank_alpha(t.lora_name, self.arch, t.uses_conv_dim)
+            else:
+                rank, a = (self.conv_lora_dim, self.conv_alpha) if t.uses_conv_dim else (self.lora_dim, alpha)
+            return module_dims[t.lora_name] if rank and module_dims and t.lora_name in module_dims else (rank, a)
 
         def make(t: _Target) -> LoRAModule:
             return LoRAModule(t.lora_name, t.module, multiplier, *rank_alpha(t), dropout, rank_dropout, module_dropout)
@@ -721,28 +724,25 @@ def _group_kohya_keys(sd: dict) -> tuple[dict[str, dict], list[str]]:
 
 
 def dims_from_weights(path) -> dict:
-    """--dim_from_weights: the rank and alpha of a kohya LoRA file, for a network that continues it: `network_dim` /
-    `network_alpha` of its Linear and 1x1 modules, `conv_dim` / `conv_alpha` of its 3x3 convs (C3Lier), each of
-    which must be one value for all its modules (a file with per-module ranks, such as a resized LoRA, does not fit
-    networks.lora's one rank). A missing alpha means alpha = rank."""
+    """--dim_from_weights: the ranks and alphas of a kohya LoRA file, for a network that continues it. "modules" maps
+    each module name to its (rank, alpha), as sd-scripts' `create_network_from_weights` reads them, so a file with
+    per-module ranks (a resized LoRA, a block-wise one) is continued module for module; `network_dim` /
+    `network_alpha` (Linear and 1x1 modules) and `conv_dim` / `conv_alpha` (3x3 convs, C3Lier) are the most common
+    values of each kind, for the metadata and for modules the file lacks. A missing alpha means alpha = rank."""
     path = os.fspath(path)
     modules, extra = _group_kohya_keys(_read_lora_file(path))
     if extra or not modules:
         raise LoRAWeightsError(f"--dim_from_weights: {path} is not a plain kohya LoRA (networks.lora)")
     found: dict[str, Counter] = {"network": Counter(), "conv": Counter()}
-    for e in modules.values():
+    out: dict = {"modules": {}}
+    for name, e in modules.items():
         d = e["lora_down"]
-        alpha = float(e["alpha"].float().item()) if "alpha" in e else float(d.shape[0])
-        found["conv" if d.dim() == 4 and tuple(d.shape[2:]) != (1, 1) else "network"][(int(d.shape[0]), alpha)] += 1
-    out = {}
+        rank_alpha = (int(d.shape[0]), float(e["alpha"].float().item()) if "alpha" in e else float(d.shape[0]))
+        found["conv" if d.dim() == 4 and tuple(d.shape[2:]) != (1, 1) else "network"][rank_alpha] += 1
+        out["modules"][name] = rank_alpha
     for kind, counts in found.items():
-        if len(counts) > 1:
-            seen = ", ".join(f"rank {r} alpha {a:g} ({n} modules)" for (r, a), n in counts.most_common(4))
-            raise LoRAWeightsError(f"--dim_from_weights: the {'3x3 conv' if kind == 'conv' else 'Linear'} modules of "
-                                   f"{path} differ ({seen}); networks.lora trains one rank per kind, so this file "
-                                   "cannot be continued (a resized LoRA?)")
         if counts:
-            ((rank, alpha),) = counts
+            (rank, alpha), _ = counts.most_common(1)[0]
             out.update({f"{kind}_dim": rank, f"{kind}_alpha": alpha})
     return out
 
@@ -834,12 +834,13 @@ def parse_network_args(network_args) -> dict:
     return out
 
 
-def create_network(model, args) -> LoRANetwork:
+def create_network(model, args, module_dims: dict | None = None) -> LoRANetwork:
     """Build the network from trainer args (argparse Namespace): network_dim (None → 4), network_alpha (None → 1.0),
     network_dropout, network_args ("k=v" list: conv_dim, conv_alpha (1.0 when conv_dim is set), rank_dropout,
     module_dropout, the LoRA+ ratios loraplus_lr_ratio / loraplus_unet_lr_ratio / loraplus_text_encoder_lr_ratio,
     the block-wise keys of networks/lora_blocks.py),
-    network_train_unet_only, network_train_text_encoder_only. Does not apply it (call apply_to())."""
+    network_train_unet_only, network_train_text_encoder_only. `module_dims`: a (rank, alpha) per module name, from
+    `dims_from_weights` (--dim_from_weights). Does not apply it (call apply_to())."""
     dim = getattr(args, "network_dim", None)
     dim = 4 if dim is None else dim
     alpha = getattr(args, "network_alpha", None)
@@ -875,6 +876,7 @@ def create_network(model, args) -> LoRANetwork:
         train_unet=not te_only,
         train_text_encoder=not unet_only,
         block_plan=plan,
+        module_dims=module_dims,
     )
     network.set_fused(not getattr(args, "no_fused_lora", False))
     network.loraplus = {"all": kw.get("loraplus_lr_ratio"), "unet": kw.get("loraplus_unet_lr_ratio"),

@@ -427,21 +427,55 @@ def _save(net, path, **kw):
 def test_dims_from_weights_reads_rank_and_alpha_per_kind(sd1, tmp_path):
     from networks.lora import dims_from_weights
 
+    def kinds(path):
+        return {k: v for k, v in dims_from_weights(path).items() if k != "modules"}
+
     net = create_network(sd1, args(network_dim=3, network_alpha=1.5, network_args=["conv_dim=2", "conv_alpha=0.5"]))
     path = _save(net, tmp_path / "c3lier.safetensors")
-    assert dims_from_weights(path) == {"network_dim": 3, "network_alpha": 1.5, "conv_dim": 2, "conv_alpha": 0.5}
+    assert kinds(path) == {"network_dim": 3, "network_alpha": 1.5, "conv_dim": 2, "conv_alpha": 0.5}
+    assert dims_from_weights(path)["modules"] == {m.lora_name: (2, 0.5) if m.is_conv3x3 else (3, 1.5)
+                                                  for m in net.loras}
     lierla = _save(create_network(sd1, args(network_dim=5, network_alpha=2)), tmp_path / "lierla.safetensors")
-    assert dims_from_weights(lierla) == {"network_dim": 5, "network_alpha": 2.0}
+    assert kinds(lierla) == {"network_dim": 5, "network_alpha": 2.0}
     sd = safetensors.torch.load_file(lierla)
     no_alpha = {k: v for k, v in sd.items() if not k.endswith(".alpha")}
     safetensors.torch.save_file(no_alpha, str(tmp_path / "no_alpha.safetensors"))
-    assert dims_from_weights(str(tmp_path / "no_alpha.safetensors")) == {"network_dim": 5, "network_alpha": 5.0}
-    name = next(k for k in sd if k.endswith("lora_down.weight"))
-    sd[name] = sd[name][:2]  # one module of rank 2 (a resized LoRA)
-    sd[name.replace("lora_down", "lora_up")] = sd[name.replace("lora_down", "lora_up")][:, :2].contiguous()
-    safetensors.torch.save_file(sd, str(tmp_path / "mixed.safetensors"))
-    with pytest.raises(LoRAWeightsError, match=r"Linear modules of .*mixed.safetensors differ \(rank 5 alpha 2 "):
-        dims_from_weights(str(tmp_path / "mixed.safetensors"))
+    assert kinds(str(tmp_path / "no_alpha.safetensors")) == {"network_dim": 5, "network_alpha": 5.0}
+
+
+def test_a_file_with_per_module_ranks_is_continued_module_for_module(sd1, tmp_path):
+    """A resized LoRA (ranks differ per module): --dim_from_weights builds each module at the file's rank and alpha,
+    so the file loads and the network computes what the file does; a network of one rank cannot load it."""
+    from networks.lora import dims_from_weights
+
+    net = create_network(sd1, args(network_dim=5, network_alpha=2))
+    with torch.no_grad():
+        for m in net.loras:
+            m.lora_up.weight.normal_()
+    sd = net.kohya_state_dict()
+    resized = {}
+    for i, m in enumerate(net.loras):  # ranks 1..5 and alphas r/2 in turn, as a dynamic resize leaves them
+        r, n = 1 + i % 5, m.lora_name
+        resized[f"{n}.lora_down.weight"] = sd[f"{n}.lora_down.weight"][:r].contiguous()
+        resized[f"{n}.lora_up.weight"] = sd[f"{n}.lora_up.weight"][:, :r].contiguous()
+        resized[f"{n}.alpha"] = torch.tensor(r / 2)
+    path = str(tmp_path / "resized.safetensors")
+    safetensors.torch.save_file(resized, path)
+    dims = dims_from_weights(path)
+    assert dims["network_dim"] in range(1, 6) and len(dims["modules"]) == len(net.loras)
+    with pytest.raises(LoRAWeightsError, match="rank mismatch"):
+        create_network(sd1, args(network_dim=dims["network_dim"], network_alpha=dims["network_alpha"])).load_weights(path)
+    cont = create_network(sd1, args(network_dim=dims["network_dim"], network_alpha=dims["network_alpha"]),
+                          dims["modules"])
+    assert cont.load_weights(path)["missing"] == []
+    for i, m in enumerate(cont.loras):
+        r = 1 + i % 5
+        assert (m.lora_dim, float(m.alpha)) == (r, r / 2)
+        up, down = (resized[f"{m.lora_name}.lora_{p}.weight"].float().flatten(1) for p in ("up", "down"))
+        want = up @ down
+        torch.testing.assert_close(m.delta_weight().reshape(want.shape), want * (r / 2) / r)
+    saved = cont.kohya_state_dict()
+    assert {k: tuple(v.shape) for k, v in saved.items()} == {k: tuple(v.shape) for k, v in resized.items()}
 
 
 def test_load_sdxl_lora_into_sd1_network(sd1, tmp_path):

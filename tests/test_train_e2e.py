@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import train_apt_lora
 from library.tiny_models import write_tiny_model
@@ -227,6 +228,20 @@ def test_dim_from_weights_continues_a_lora_of_another_rank(tiny, images, tmp_pat
     assert shapes == {3, 2} and meta["ss_network_dim"] == "3" and meta["ss_network_alpha"] == "1.5"
     assert _train(tiny["sd1"], dataset, tmp_path / "bad", "--dim_from_weights") == 2
     assert "--dim_from_weights reads the rank from the LoRA being continued" in capsys.readouterr().err
+
+    sd = load_file(weights)  # resized: one Linear module cut to rank 1, and the file keeps its per-module ranks
+    name = sorted(k for k in sd if k.endswith("lora_down.weight") and sd[k].dim() == 2)[0]
+    up = name.replace("lora_down", "lora_up")
+    sd[name], sd[up] = sd[name][:1].contiguous(), sd[up][:, :1].contiguous()
+    save_file(sd, str(tmp_path / "resized.safetensors"))
+    resized = str(tmp_path / "resized.safetensors")
+    assert _train(tiny["sd1"], dataset, tmp_path / "res", "--network_weights", resized, "--dim_from_weights") == 0
+    out = load_file(str(tmp_path / "res" / "lora.safetensors"))
+    assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in sd.items()}
+    assert _train(tiny["sd1"], dataset, tmp_path / "clash", "--network_weights", resized, "--dim_from_weights",
+                  "--network_args", "block_dims=" + ",".join(["2"] * 25)) == 2
+    assert "--dim_from_weights takes every module's rank and alpha from the file: drop block_dims" in \
+        capsys.readouterr().err
 
 
 def test_nan_steps_are_skipped_then_the_run_stops_with_the_likely_cause(tiny, images, tmp_path, capsys, nan_steps):
