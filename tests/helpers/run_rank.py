@@ -46,8 +46,8 @@ def main(argv=None) -> int:
 
     create_network = lora_lib.create_network
 
-    def create_and_snapshot(model, args):  # the weights every rank starts from
-        network = create_network(model, args)
+    def create_and_snapshot(model, args, module_dims=None):  # the weights every rank starts from
+        network = create_network(model, args, module_dims)
         _save(network.state_dict(), os.path.join(ours.rank_out, f"rank{rank}_init.safetensors"))
         return network
 
