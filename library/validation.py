@@ -23,28 +23,37 @@ def validation_timesteps(args, noise_scheduler) -> list[int]:
     return [int(t) for t in np.linspace(lo, hi, NUM_TIMESTEPS + 2, dtype=int)[1:-1]]
 
 
+def batch_seed(seed: int, index: int) -> int:
+    """The seed of held-out batch `index`: its noise (and VAE sample) do not depend on which process validates it."""
+    return (seed * 1_000_003 + index) % 2**63
+
+
 @torch.no_grad()
 def validation_loss(args, ctx, loader, seed: int, max_batches: int | None = None) -> float:
     """The mean loss over the held-out batches of `loader` and `validation_timesteps`, with the LoRA as it is
-    (eval mode: no dropout). One read of the device at the end."""
+    (eval mode: no dropout). With several processes each validates every N-th batch and one all-reduce sums their
+    losses, so the value is the same for any number of processes (every batch is seeded by `batch_seed`); every
+    process must call it. One read of the device at the end."""
     from library.conditioning import sdxl_time_ids
     from library.losses import get_huber_c, per_sample_loss
     from library.noise import add_noise, get_target
     from library.unet_graph import unet_outputs
 
-    model, device = ctx.model, ctx.accelerator.device
+    model, device, acc = ctx.model, ctx.accelerator.device, ctx.accelerator
     unet = unet_outputs(model, ctx.weight_dtype, device.type)  # eager, no capture: APT's hooks stay unarmed
     loss_type = "l2" if args.loss_type == "dco" else args.loss_type
     timesteps = validation_timesteps(args, model.noise_scheduler)
     was_training = ctx.network.training
     ctx.network.eval()
-    total, count = torch.zeros((), device=device), 0
+    sums = torch.zeros(2, device=device)  # loss sum, samples
     try:
         with preserved_rng_state():
-            torch.manual_seed(seed)  # the same noise (and VAE samples) in every validation run
             for i, batch in enumerate(loader):
                 if max_batches is not None and i >= max_batches:
                     break
+                if i % acc.num_processes != acc.process_index:
+                    continue
+                torch.manual_seed(batch_seed(seed, i))  # the same noise in every validation run
                 batch = ctx.batch_to_device(batch)
                 latents = ctx.encode_latents(batch)
                 cond = ctx.encode_text(batch["captions"])
@@ -61,8 +70,11 @@ def validation_loss(args, ctx, loader, seed: int, max_batches: int | None = None
                     target = get_target(model.noise_scheduler, latents, noise, t)
                     loss = per_sample_loss(pred, target, loss_type, get_huber_c(args, t, model.noise_scheduler),
                                            mask=batch.get("alpha_masks"))
-                    total += loss.sum()
-                    count += bsz
+                    sums[0] += loss.sum()
+                    sums[1] += bsz
     finally:
         ctx.network.train(was_training)
-    return float(total) / max(count, 1)
+    if acc.num_processes > 1:
+        torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)
+    total, count = sums.tolist()
+    return total / max(count, 1)

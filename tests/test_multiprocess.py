@@ -209,3 +209,26 @@ def test_ranks_with_unequal_batches_update_the_indicator_alike(setup):
         states.append(a)
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert int(states[0]["indicator.bin_updates"].sum()) >= 2  # the 3 samples, in 2 or 3 bins
+
+
+def test_two_ranks_share_the_validation_and_report_the_one_process_value(setup, tmp_path, capsys):
+    """validation_split 0.5 of 4 images: 2 held-out batches, one validated by each rank and summed by one
+    all-reduce. At a learning rate of 1e-30 the LoRA stays at its start (up = 0) to the printed precision, so the
+    loss must equal a one-process run's on the same images: the split, the per-batch noise and the reduction agree."""
+    import re
+
+    import train_apt_lora
+
+    dataset = tmp_path / "val.toml"
+    dataset.write_text(open(setup["dataset"]).read().replace("batch_size = 1\n", "batch_size = 1\nvalidation_split = 0.5\n"))
+    assert "validation_split" in dataset.read_text()
+    run = _launch(dict(setup, dataset=str(dataset)), "validation", "--seed", "1", "--learning_rate", "1e-30",
+                  "--max_train_steps", "1")
+    assert run["proc"].returncode == 0, _log(run)
+    found = re.findall(r"validation loss (\S+) at step 1", run["proc"].stdout + run["proc"].stderr)
+    assert "2 held-out images, 2 batches" in run["proc"].stdout and len(found) == 1, _log(run)
+    assert train_apt_lora.main(["--pretrained_model_name_or_path", setup["model"], "--dataset_config", str(dataset),
+                                "--output_dir", str(tmp_path / "one"), "--network_dim", "4", "--network_alpha", "4",
+                                "--seed", "1", "--learning_rate", "1e-30", "--max_train_steps", "1"]) == 0
+    out = capsys.readouterr()
+    assert re.findall(r"validation loss (\S+) at step 1", out.out + out.err) == found

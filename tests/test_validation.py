@@ -7,7 +7,7 @@ from accelerate import Accelerator
 import train_apt_lora
 from library.tiny_models import build_tiny_model
 from library.train_args import setup_parser
-from library.validation import validation_loss, validation_timesteps
+from library.validation import batch_seed, validation_loss, validation_timesteps
 from networks.lora import LoRANetwork
 
 
@@ -28,7 +28,7 @@ def test_timesteps_as_sd_scripts_picks_them():
     assert validation_timesteps(args, sched) == [180, 260, 340, 420]
 
 
-def test_validation_loss_equals_the_reference_and_leaves_training_as_it_was():
+def test_validation_loss_equals_the_reference_and_leaves_training_as_it_was(monkeypatch):
     args = setup_parser().parse_args(["--network_dropout", "0.5", "--cache_latents"])
     model = build_tiny_model("sd1")
     network = LoRANetwork(model, lora_dim=4, alpha=4.0, dropout=0.5)
@@ -50,10 +50,10 @@ def test_validation_loss_equals_the_reference_and_leaves_training_as_it_was():
 
     # reference: diffusers' add_noise and UNet, dropout off, ε target, MSE averaged over samples and 4 timesteps
     network.eval()
-    torch.manual_seed(7)
     losses = []
     with torch.no_grad():
-        for batch in _batches():
+        for i, batch in enumerate(_batches()):
+            torch.manual_seed(batch_seed(7, i))
             context = ctx.encode_text(batch["captions"]).context
             for t in (200, 400, 600, 800):
                 ts = torch.full((2,), t)
@@ -63,6 +63,22 @@ def test_validation_loss_equals_the_reference_and_leaves_training_as_it_was():
                 losses.append(((pred - noise) ** 2).mean(dim=(1, 2, 3)))
     assert value == pytest.approx(float(torch.cat(losses).mean()), rel=1e-5)
     assert validation_loss(args, ctx, _batches(), seed=7, max_batches=1) != value  # one batch only
+
+    # two processes: each validates every other batch (here its one batch; all_reduce stubbed out, so each returns
+    # its own mean), with the noise of that batch, so the halves make up the one-process value
+    class Rank:
+        def __init__(self, i):
+            self.device, self.process_index, self.num_processes = torch.device("cpu"), i, 2
+
+    halves = []
+    for r in (0, 1):
+        calls = []
+        monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op=None: calls.append(t.clone()))
+        ctx.accelerator = Rank(r)
+        halves.append(validation_loss(args, ctx, _batches(), seed=7))
+        assert len(calls) == 1 and calls[0][1] == 8  # one reduce, of this rank's 2 samples at 4 timesteps
+    assert halves[0] == pytest.approx(float(torch.cat(losses[:4]).mean()), rel=1e-5)
+    assert (halves[0] + halves[1]) / 2 == pytest.approx(value, rel=1e-6) and halves[0] != halves[1]
 
 
 def test_trainer_validates_on_schedule_and_logs(tiny_world, tmp_path, capsys, tb_scalars):
