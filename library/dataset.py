@@ -199,6 +199,9 @@ class _Dataset:
 
     # -- loading ---------------------------------------------------------------------------------------------------
     def _images_of(self, subset: SubsetBlueprint) -> list[tuple[str, tuple[int, int]]]:
+        """(path, size) of the readable images of this side of the subset's split. The split is taken over the
+        folder's files before any is opened, so the train and validation groups each open (and warn about) only
+        their own images."""
         image_dir = subset.image_dir
         if not os.path.isdir(image_dir):
             problem = "not a folder" if os.path.exists(image_dir) else "folder not found"
@@ -208,15 +211,17 @@ class _Dataset:
         if not paths:
             raise _dir_error(subset, image_dir, "no images (png, jpg, jpeg, webp, bmp) directly in this folder",
                              "Put the images in it (subfolders are not searched), or remove this subset.")
+        chosen = paths if subset.is_reg else self._take(paths)
+        side = f" for {self.split}" if self.split and self.bp.validation_split > 0 and not subset.is_reg else ""
         found = []
-        for p in paths:
+        for p in chosen:
             probed = _probe_image(p, self.bp.max_image_pixels)
             if probed is not None:
                 found.append((p, probed[0]))
                 if probed[1] and not subset.alpha_mask:
                     self.transparent.append(p)
-        if not found:
-            raise _dir_error(subset, image_dir, f"none of its {len(paths)} images can be read",
+        if chosen and not found:
+            raise _dir_error(subset, image_dir, f"none of its {len(chosen)} images{side} can be read",
                              "See the warnings above; re-save the images.")
         return found
 
@@ -226,7 +231,6 @@ class _Dataset:
             if subset.is_reg and self.split == "validation":
                 continue  # reg images only regularise training
             found = self._images_of(subset)
-            found = found if subset.is_reg else self._take(found)
             if not found:
                 continue  # nothing of this subset on this side of the split
             captions, caption_errors = [], []

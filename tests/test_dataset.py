@@ -436,6 +436,32 @@ def test_validation_split_holds_out_images_disjointly(tmp_path):
     assert keys(everything) == subject | reg
 
 
+def test_the_split_opens_each_image_once(tmp_path, monkeypatch, caplog):
+    """The train and validation groups each open only their side of the split (an image is opened once, and a
+    transparent one is reported once); an unreadable image costs only its side one image."""
+    import library.dataset as dataset_lib
+
+    for i in range(5):
+        img(tmp_path / "t" / f"{i}.png", seed=i)
+    Image.fromarray(np.zeros((64, 64, 4), np.uint8)).save(tmp_path / "t" / "5.png")  # transparent
+    (tmp_path / "t" / "6.png").write_bytes(b"not a png")
+    opened = []
+    probe = dataset_lib._probe_image
+    monkeypatch.setattr(dataset_lib, "_probe_image", lambda p, m: opened.append(p) or probe(p, m))
+    cfg = {"general": {"resolution": 64}, "datasets": [{"validation_split": 0.3, "subsets": [
+        {"image_dir": str(tmp_path / "t"), "class_tokens": "x"}]}]}
+    bps = generate_blueprint(cfg, argparse.Namespace(), config_path="test.toml")
+    with caplog.at_level(logging.WARNING):
+        train, val = (build_dataset_group(bps, is_sdxl=False, seed=0, split=s) for s in ("train", "validation"))
+    assert sorted(opened) == sorted(str(tmp_path / "t" / f"{i}.png") for i in range(7))
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("transparent pixels" in m for m in messages) == 1
+    assert sum("6.png" in m for m in messages) == 1
+    held = {k for d in val.datasets for k in d.images}
+    assert len(held) + sum(len(d.images) for d in train.datasets) == 6  # 7 files, one unreadable
+    assert len(held) in (1, 2)  # ceil(0.7 * 7) = 5 train files: 2 held out, less the unreadable one if it is here
+
+
 def test_cache_latents_refuses_random_crop(tmp_path, vae):
     img(tmp_path / "t" / "a.png", 80, 64)
     g = group([{"image_dir": str(tmp_path / "t"), "class_tokens": "x", "random_crop": True}])
