@@ -493,7 +493,7 @@ def train(args):
     from library.interrupt import GracefulInterrupt
     from library.safe_io import remove_stale_temp_files
     from library.train_state import load_state, read_state_info, save_state
-    from library.model_util import load_model
+    from library.model_util import load_model, probe_model
     from networks import lora as lora_lib
 
     verify_args(args)
@@ -526,20 +526,16 @@ def train(args):
     weight_dtype = train_util.weight_dtype(args.mixed_precision)
     vae_dtype = torch.float32 if args.no_half_vae else weight_dtype
 
-    # --- model and data ---------------------------------------------------------------------------
-    model = load_model(args.pretrained_model_name_or_path, v2=args.v2, v_parameterization=args.v_parameterization,
-                       sdxl=args.sdxl, tokenizer_path=args.tokenizer_path, vae_path=args.vae,
-                       allow_pickle=args.allow_pickle_checkpoint)
-    if args.base_weights or args.base_weights_multiplier:  # before any cast: in the precision the model loaded in
-        from networks.merge import merge_base_weights
-
-        for line in merge_base_weights(model, args.base_weights, args.base_weights_multiplier):
-            accelerator.print(line)
-    check_noise_and_loss_args(args, model.v_parameterization)
-    if args.zero_terminal_snr:
-        fix_noise_scheduler_betas_for_zero_terminal_snr(model.noise_scheduler)
+    # --- data, then the model ------------------------------------------------------------------------
+    # The model's kind comes from its header or configs alone, so a dataset mistake (or --debug_dataset) costs
+    # seconds, not the multi-GB load, as in sd-scripts where the dataset is built before the model is loaded.
+    arch, v_param = probe_model(args.pretrained_model_name_or_path, v2=args.v2,
+                                v_parameterization=args.v_parameterization, sdxl=args.sdxl,
+                                allow_pickle=args.allow_pickle_checkpoint)
+    is_sdxl = arch == "sdxl"
+    check_noise_and_loss_args(args, v_param)
     user_config = config_util.load_dataset_config(args.dataset_config) if args.dataset_config else None
-    blueprints = config_util.generate_blueprint(user_config, args, config_path=args.dataset_config, is_sdxl=model.is_sdxl)
+    blueprints = config_util.generate_blueprint(user_config, args, config_path=args.dataset_config, is_sdxl=is_sdxl)
     if args.masked_loss and not any(sub.alpha_mask for bp in blueprints for sub in bp.subsets):
         raise train_util.TrainingSetupError(
             "--masked_loss weights the loss by masks, and here they come from the images' alpha channel: set "
@@ -559,12 +555,12 @@ def train(args):
     if args.sample_prompts:  # parse now: a bad prompt file should fail before training, not at the first sample
         from library.sampling import parse_prompt_file
 
-        sample_prompts = parse_prompt_file(args.sample_prompts, default_size=1024 if model.is_sdxl else 512)
-    data = dataset_lib.build_dataset_group(blueprints, is_sdxl=model.is_sdxl, seed=args.seed,
+        sample_prompts = parse_prompt_file(args.sample_prompts, default_size=1024 if is_sdxl else 512)
+    data = dataset_lib.build_dataset_group(blueprints, is_sdxl=is_sdxl, seed=args.seed,
                                            prior_loss_weight=args.prior_loss_weight, split="train")
     val_data = None  # held-out images (validation_split): a validation loss, not trained on
     if any(bp.validation_split for bp in blueprints):
-        val_data = dataset_lib.build_dataset_group(blueprints, is_sdxl=model.is_sdxl, seed=args.seed,
+        val_data = dataset_lib.build_dataset_group(blueprints, is_sdxl=is_sdxl, seed=args.seed,
                                                    split="validation")
         if val_data is None:
             raise train_util.TrainingSetupError(
@@ -576,6 +572,16 @@ def train(args):
 
         debug_dataset(data, apt=apt_enabled(args), image_dir=args.debug_dataset_dir)
         return
+    model = load_model(args.pretrained_model_name_or_path, v2=arch == "sd2", v_parameterization=v_param,
+                       sdxl=is_sdxl, tokenizer_path=args.tokenizer_path, vae_path=args.vae,
+                       allow_pickle=args.allow_pickle_checkpoint)
+    if args.base_weights or args.base_weights_multiplier:  # before any cast: in the precision the model loaded in
+        from networks.merge import merge_base_weights
+
+        for line in merge_base_weights(model, args.base_weights, args.base_weights_multiplier):
+            accelerator.print(line)
+    if args.zero_terminal_snr:
+        fix_noise_scheduler_betas_for_zero_terminal_snr(model.noise_scheduler)
     steps_per_epoch = math.ceil(len(data) / accelerator.num_processes / args.gradient_accumulation_steps)
     if args.max_train_epochs:
         args.max_train_steps = args.max_train_epochs * steps_per_epoch

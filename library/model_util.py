@@ -116,12 +116,13 @@ def _error_with_keys(name: str, keys, why: str) -> ModelLoadError:
     return ModelLoadError(f"{name}: {why}. Supported: {SUPPORTED}. First keys in the file: {sample}")
 
 
-def detect_arch(state_dict: dict, path: str | None = None) -> str:
+def detect_arch(shapes: dict, path: str | None = None) -> str:
     """Return "sd1" | "sd2" | "sdxl" from a single-file checkpoint's keys (and shapes where keys are not enough).
 
-    Anything else (SDXL refiner, inpainting, SD3, Flux, a LoRA, an unrelated file) raises ModelLoadError."""
+    `shapes` maps each key to its tensor's shape: the header alone is enough, no weight needs reading. Anything
+    else (SDXL refiner, inpainting, SD3, Flux, a LoRA, an unrelated file) raises ModelLoadError."""
     name = path or "the checkpoint"
-    keys = list(state_dict.keys())
+    keys = list(shapes.keys())
 
     def has(prefix):
         return any(k.startswith(prefix) for k in keys)
@@ -140,9 +141,9 @@ def detect_arch(state_dict: dict, path: str | None = None) -> str:
             raise _error_with_keys(name, keys, "this is a single diffusers component (e.g. a unet/ weights file); "
                                                "pass the whole diffusers model folder instead")
         raise _error_with_keys(name, keys, "no Stable Diffusion UNet (model.diffusion_model.input_blocks.*) found")
-    conv_in = state_dict.get(ldm_convert.UNET_PREFIX + "input_blocks.0.0.weight")
-    if conv_in is not None and conv_in.shape[1] != 4:
-        raise _error_with_keys(name, keys, f"the UNet takes {conv_in.shape[1]} input channels (inpainting, "
+    conv_in = shapes.get(ldm_convert.UNET_PREFIX + "input_blocks.0.0.weight")
+    if conv_in is not None and conv_in[1] != 4:
+        raise _error_with_keys(name, keys, f"the UNet takes {conv_in[1]} input channels (inpainting, "
                                            "instruct-pix2pix or upscaler model); only 4-channel base models are supported")
     if has("conditioner.embedders.1.model."):
         return "sdxl"
@@ -157,7 +158,7 @@ def detect_arch(state_dict: dict, path: str | None = None) -> str:
     # no text encoder in the file: fall back to the UNet's shapes
     if has(ldm_convert.UNET_PREFIX + "label_emb."):
         return "sdxl"
-    ctx = {v.shape[-1] for k, v in state_dict.items() if k.endswith("attn2.to_k.weight")}
+    ctx = {shape[-1] for k, shape in shapes.items() if k.endswith("attn2.to_k.weight")}
     for dim, arch in ((768, "sd1"), (1024, "sd2"), (2048, "sdxl")):
         if ctx == {dim}:
             return arch
@@ -178,13 +179,29 @@ def _check_flags(arch: str, v2, sdxl, path: str, how: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ file reading
-def read_state_dict(path: str, allow_pickle: bool = False, what: str = "model") -> tuple[dict, dict]:
-    """(tensors, safetensors header metadata) of a checkpoint file. Pickles only with `allow_pickle`."""
+def _checked_ext(path: str, allow_pickle: bool, what: str) -> str:
+    """The checkpoint's extension, once the file is known to exist and to be of a type that may be read."""
     if not os.path.exists(path):
         raise ModelLoadError(f"{what} not found: {path}. Loading is offline: give a local diffusers folder or a "
                              ".safetensors file (hub model ids are not downloaded).")
     ext = os.path.splitext(path)[1].lower()
-    if ext == ".safetensors":
+    if ext in PICKLE_EXTS and not allow_pickle:
+        raise ModelLoadError(f"{path} is a pickle checkpoint ({ext}). Pickle files can run code when loaded, so "
+                             "they are refused: convert it to .safetensors, or pass --allow_pickle_checkpoint to "
+                             "load it with torch.load(weights_only=True).")
+    if ext != ".safetensors" and ext not in PICKLE_EXTS:
+        raise ModelLoadError(f"{path}: unsupported model file type {ext!r}. Supported: {SUPPORTED}.")
+    return ext
+
+
+def _unreadable(what: str, path: str, e: Exception) -> ModelLoadError:
+    return ModelLoadError(f"cannot read {what} {path} as safetensors ({e}). The file is truncated, corrupt or not a "
+                          "safetensors file: download or convert it again.")
+
+
+def read_state_dict(path: str, allow_pickle: bool = False, what: str = "model") -> tuple[dict, dict]:
+    """(tensors, safetensors header metadata) of a checkpoint file. Pickles only with `allow_pickle`."""
+    if _checked_ext(path, allow_pickle, what) == ".safetensors":
         from safetensors import safe_open
         from safetensors.torch import load_file
 
@@ -193,24 +210,43 @@ def read_state_dict(path: str, allow_pickle: bool = False, what: str = "model") 
                 metadata = f.metadata() or {}
             return load_file(path, device="cpu"), metadata
         except Exception as e:  # SafetensorError, OSError: truncated or not a safetensors file
-            raise ModelLoadError(f"cannot read {what} {path} as safetensors ({e}). The file is truncated, corrupt "
-                                 "or not a safetensors file: download or convert it again.") from e
-    if ext in PICKLE_EXTS:
-        if not allow_pickle:
-            raise ModelLoadError(f"{path} is a pickle checkpoint ({ext}). Pickle files can run code when loaded, so "
-                                 "they are refused: convert it to .safetensors, or pass --allow_pickle_checkpoint to "
-                                 "load it with torch.load(weights_only=True).")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ModelLoadError(f"cannot load {path} with torch.load(weights_only=True) ({e}). The file is corrupt "
-                                 "or holds non-tensor objects: convert it to .safetensors with a tool you trust.") from e
-        while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict):
-            raise ModelLoadError(f"{path} does not hold a state dict (got {type(obj).__name__}).")
-        return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, {}
-    raise ModelLoadError(f"{path}: unsupported model file type {ext!r}. Supported: {SUPPORTED}.")
+            raise _unreadable(what, path, e) from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load {path} with torch.load(weights_only=True) ({e}). The file is corrupt "
+                             "or holds non-tensor objects: convert it to .safetensors with a tool you trust.") from e
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ModelLoadError(f"{path} does not hold a state dict (got {type(obj).__name__}).")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, {}
+
+
+def _read_shapes(path: str, allow_pickle: bool) -> tuple[dict, dict]:
+    """({key: shape}, header metadata) of a checkpoint, from the safetensors header alone (a pickle is loaded)."""
+    if _checked_ext(path, allow_pickle, "model") != ".safetensors":
+        sd, metadata = read_state_dict(path, allow_pickle)
+        return {k: tuple(v.shape) for k, v in sd.items()}, metadata
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata() or {}
+    except Exception as e:
+        raise _unreadable("model", path, e) from e
+
+
+def _file_arch(shapes: dict, metadata: dict, path: str, v2, v_param, sdxl) -> tuple[str, bool]:
+    """(arch, v-prediction) of a single-file checkpoint; --v2/--sdxl checked against what the keys say."""
+    arch = detect_arch(shapes, path)
+    _check_flags(arch, v2, sdxl, path, "detected from the checkpoint's keys")
+    if v_param is None:
+        v_param = (metadata.get(PREDICTION_KEY) or metadata.get("modelspec.prediction_type")) == "v"
+        if arch == "sd2" and not v_param:
+            logger.warning("%s: SD2 single files do not say whether they are v-prediction (768-v) models; using "
+                           "epsilon. Pass --v_parameterization for 768-v models.", path)
+    return arch, bool(v_param)
 
 
 def _finish(module):
@@ -295,16 +331,20 @@ def load_model(path, *, v2=None, v_parameterization=None, sdxl=None, tokenizer_p
     return model
 
 
+def probe_model(path, *, v2=None, v_parameterization=None, sdxl=None, allow_pickle=False) -> tuple[str, bool]:
+    """(arch, v-prediction) of the model `load_model` would load, from the file's header or the folder's configs:
+    no weights are read, so a run can check its dataset (and --debug_dataset can run) before the multi-GB load.
+    Raises the same ModelLoadError as load_model for a missing, refused or unsupported model."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return _folder_arch(path, v2, v_parameterization, sdxl)
+    return _file_arch(*_read_shapes(path, allow_pickle), path, v2, v_parameterization, sdxl)
+
+
 def _load_single_file(path, v2, v_param, sdxl, tokenizer_path, external_vae, allow_pickle) -> StableDiffusionModel:
     sd, metadata = read_state_dict(path, allow_pickle)
-    arch = detect_arch(sd, path)
-    _check_flags(arch, v2, sdxl, path, "detected from the checkpoint's keys")
+    arch, v_param = _file_arch({k: tuple(v.shape) for k, v in sd.items()}, metadata, path, v2, v_param, sdxl)
     configs = _configs_from_header(metadata, arch, path) or arch_config(arch)
-    if v_param is None:
-        v_param = (metadata.get(PREDICTION_KEY) or metadata.get("modelspec.prediction_type")) == "v"
-        if arch == "sd2" and not v_param:
-            logger.warning("%s: SD2 single files do not say whether they are v-prediction (768-v) models; using "
-                           "epsilon. Pass --v_parameterization for 768-v models.", path)
     model = _empty_model(configs, v_param)
     model.unet = _assign(model.unet, ldm_convert.unet_to_diffusers(sd, configs["unet"]), "UNet", path)
     if not external_vae:
@@ -358,7 +398,8 @@ def _read_json(path: str) -> dict:
         raise ModelLoadError(f"cannot read {path}: {e}") from e
 
 
-def _load_folder(path, v2, v_param, sdxl, tokenizer_path, allow_pickle) -> StableDiffusionModel:
+def _folder_arch(path, v2, v_param, sdxl) -> tuple[str, bool]:
+    """(arch, v-prediction) of a diffusers folder, from its configs; --v2/--sdxl checked against them."""
     if not os.path.isfile(os.path.join(path, "unet", "config.json")):
         raise ModelLoadError(f"{path} is not a diffusers model folder (no unet/config.json). Give the folder that "
                              "holds model_index.json, unet/, vae/ and text_encoder/, or a single-file checkpoint.")
@@ -381,6 +422,11 @@ def _load_folder(path, v2, v_param, sdxl, tokenizer_path, allow_pickle) -> Stabl
     if v_param is None:
         sched = os.path.join(path, "scheduler", "scheduler_config.json")
         v_param = os.path.isfile(sched) and _read_json(sched).get("prediction_type") == "v_prediction"
+    return arch, bool(v_param)
+
+
+def _load_folder(path, v2, v_param, sdxl, tokenizer_path, allow_pickle) -> StableDiffusionModel:
+    arch, v_param = _folder_arch(path, v2, v_param, sdxl)
     te_classes = [CLIPTextModel] + ([CLIPTextModelWithProjection] if arch == "sdxl" else [])
     model = StableDiffusionModel(
         arch=arch,

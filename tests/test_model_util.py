@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from library import ldm_convert, model_util
-from library.model_util import ModelLoadError, arch_config, build_from_config, detect_arch, load_model
+from library.model_util import ModelLoadError, arch_config, build_from_config, detect_arch, load_model, probe_model
 from library.tiny_models import build_tiny_model, tiny_config
 
 ARCHS = ["sd1", "sd2", "sdxl"]
@@ -134,21 +134,48 @@ def test_v_prediction_from_scheduler_config_and_flag(tiny, tmp_path):
     ("sdxl", {"sdxl": False}, "--sdxl"),
 ])
 @pytest.mark.parametrize("form", ["file", "folder"])
-def test_contradicting_flags(tiny, arch, kwargs, flag, form):
+@pytest.mark.parametrize("loader", [load_model, probe_model])
+def test_contradicting_flags(tiny, arch, kwargs, flag, form, loader):
     path = tiny[arch][form]
     with pytest.raises(ModelLoadError) as e:
-        load_model(path, **kwargs)
+        loader(path, **kwargs)
     msg = str(e.value)
     assert flag in msg and path in msg and model_util.ARCH_NAMES[arch] in msg
+
+
+def test_probe_tells_what_load_would_load_without_reading_weights(tiny, tmp_path, monkeypatch):
+    """probe_model reads headers and configs only: with every weight reader broken it still answers, and its
+    answer is what load_model gives (arch and v-prediction, from the file, the folder or the flag)."""
+    from library.tiny_models import write_tiny_model
+
+    v_folder = write_tiny_model("sd1", tmp_path / "v", v_parameterization=True)
+    cases = [(tiny[a][form], {}) for a in ARCHS for form in ("file", "folder")]
+    cases += [(v_folder, {}), (v_folder, {"v_parameterization": False}), (tiny["sd1"]["file"], {"v_parameterization": True})]
+    expected = [(m.arch, m.v_parameterization) for m in (load_model(p, **kw) for p, kw in cases)]
+    assert expected[:6] == [(a, False) for a in ARCHS for _ in range(2)] and expected[6:] == [("sd1", True), ("sd1", False), ("sd1", True)]
+
+    def no_reading(*a, **k):
+        raise AssertionError("weights were read")
+
+    import safetensors.torch
+    from diffusers import ModelMixin
+    from transformers import PreTrainedModel
+
+    monkeypatch.setattr(safetensors.torch, "load_file", no_reading)
+    monkeypatch.setattr(ModelMixin, "from_pretrained", no_reading)
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", no_reading)
+    assert [probe_model(p, **kw) for p, kw in cases] == expected
 
 
 def test_pickle_refused_unless_allowed(tiny, tmp_path, monkeypatch):
     sd = load_file(tiny["sd1"]["file"])
     path = str(tmp_path / "model.ckpt")
     torch.save({"global_step": 1, "state_dict": sd}, path)
-    with pytest.raises(ModelLoadError) as e:
-        load_model(path)
-    assert path in str(e.value) and "--allow_pickle_checkpoint" in str(e.value) and "safetensors" in str(e.value)
+    for loader in (load_model, probe_model):
+        with pytest.raises(ModelLoadError) as e:
+            loader(path)
+        assert path in str(e.value) and "--allow_pickle_checkpoint" in str(e.value) and "safetensors" in str(e.value)
+    assert probe_model(path, allow_pickle=True) == ("sd1", False)
     monkeypatch.setattr(model_util, "arch_config", tiny_config)  # no header in a pickle: tiny sizes via the config
     m = load_model(path, allow_pickle=True)
     assert m.arch == "sd1"
@@ -187,14 +214,16 @@ def test_unknown_layouts(tmp_path, sd, words):
 
 def test_detect_arch_from_keys_and_shapes():
     u = "model.diffusion_model."
-    base = {u + "input_blocks.0.0.weight": torch.empty(320, 4, 3, 3, device="meta")}
-    assert detect_arch({**base, "cond_stage_model.transformer.text_model.x": torch.empty(1)}) == "sd1"
-    assert detect_arch({**base, "cond_stage_model.model.token_embedding.weight": torch.empty(1)}) == "sd2"
-    assert detect_arch({**base, "conditioner.embedders.1.model.ln_final.weight": torch.empty(1)}) == "sdxl"
+    base = {u + "input_blocks.0.0.weight": (320, 4, 3, 3)}
+    assert detect_arch({**base, "cond_stage_model.transformer.text_model.x": (1,)}) == "sd1"
+    assert detect_arch({**base, "cond_stage_model.model.token_embedding.weight": (1,)}) == "sd2"
+    assert detect_arch({**base, "conditioner.embedders.1.model.ln_final.weight": (1,)}) == "sdxl"
     # no text encoder: UNet context size decides
     for dim, arch in [(768, "sd1"), (1024, "sd2"), (2048, "sdxl")]:
         k = u + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
-        assert detect_arch({**base, k: torch.empty(640, dim, device="meta")}) == arch
+        assert detect_arch({**base, k: (640, dim)}) == arch
+    with pytest.raises(ModelLoadError, match="9 input channels"):
+        detect_arch({u + "input_blocks.0.0.weight": (320, 9, 3, 3), "cond_stage_model.transformer.x": (1,)})
 
 
 def test_missing_corrupt_and_wrong_paths(tmp_path):
@@ -226,6 +255,10 @@ def test_missing_corrupt_and_wrong_paths(tmp_path):
         load_model(str(tmp_path / "refiner"))
     with pytest.raises(ModelLoadError, match="--tokenizer_path"):
         load_model(str(corrupt), tokenizer_path=str(tmp_path / "no_such_dir"))
+    for path, words in [(missing, "offline"), (str(corrupt), "corrupt"), (str(txt), "unsupported model file type"),
+                        (str(tmp_path), "not a diffusers model folder"), (str(tmp_path / "refiner"), "inpainting")]:
+        with pytest.raises(ModelLoadError, match=words):  # the cheap probe refuses what the load refuses
+            probe_model(path)
 
 
 def test_truncated_checkpoint_names_the_part(tiny, tmp_path):
@@ -333,7 +366,7 @@ def test_full_size_configs_on_meta(arch, n_params, model_type):
     if arch == "sd2":  # real files: 24 OpenCLIP layers, the model keeps 23
         assert "cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight" in ldm
         assert m.text_encoders[0].config.num_hidden_layers == 23
-    assert detect_arch(ldm) == arch
+    assert detect_arch({k: v.shape for k, v in ldm.items()}) == arch
     checks = [(m.unet, ldm_convert.unet_to_diffusers(ldm, cfg["unet"])),
               (m.vae, ldm_convert.vae_to_diffusers(ldm, cfg["vae"]))]
     for (prefix, kind), te in zip(ldm_convert.TE_PREFIXES[arch], m.text_encoders):
