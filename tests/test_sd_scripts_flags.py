@@ -13,7 +13,8 @@ from library.train_util import TrainingSetupError, accelerator_handlers
 
 
 @pytest.mark.parametrize("argv", [["--face_crop_aug_range", "2,4"], ["--initial_epoch", "2"], ["--full_bf16"],
-                                  ["--huggingface_repo_id", "me/lora"], ["--deepspeed"]])
+                                  ["--huggingface_repo_id", "me/lora"], ["--deepspeed"],
+                                  ["--dataset_class", "mine.data.Dataset"], ["--conditioning_data_dir", "masks"]])
 def test_a_flag_not_implemented_is_an_error_saying_what_to_do(argv, capsys):
     with pytest.raises(SystemExit) as e:
         cf.parse_args_with_config(setup_parser(), ["--output_dir", "out", *argv])
@@ -58,6 +59,21 @@ def test_flags_without_effect_are_accepted_and_reported(tmp_path):
     assert [n.split(" ")[0] for n in notes] == ["--lowram", "--highvram", "--mem_eff_attn", "--tokenizer_cache_dir"]
     assert notes[0] == f"--lowram has no effect here: {NO_EFFECT['lowram'][1]}"
     assert no_effect_notes(setup_parser().parse_args([])) == []  # not given: nothing said
+
+
+def test_deepspeed_companion_flags_are_accepted_as_sd_scripts_configs_carry_them(tmp_path):
+    """sd-scripts' add_deepspeed_arguments registers these beside --deepspeed; a config with them set (and
+    --deepspeed off) trains, saying they do nothing."""
+    path = tmp_path / "run.toml"
+    path.write_text('deepspeed = false\nzero_stage = 2\noffload_optimizer_device = "cpu"\nzero3_init_flag = true\n',
+                    encoding="utf-8")
+    args = cf.parse_args_with_config(setup_parser(), [
+        "--config_file", str(path), "--offload_param_device", "nvme", "--offload_param_nvme_path", "/nvme",
+        "--offload_optimizer_nvme_path", "/nvme", "--zero3_save_16bit_model", "--fp16_master_weights_and_gradients"])
+    said = {n.split(" ")[0] for n in no_effect_notes(args)}
+    assert said == {f"--{f}" for f in ("zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path",
+                                       "offload_param_device", "offload_param_nvme_path", "zero3_init_flag",
+                                       "zero3_save_16bit_model", "fp16_master_weights_and_gradients")}
 
 
 def test_the_trainer_logs_the_flags_without_effect(tmp_path, caplog):
