@@ -56,6 +56,7 @@ DATASET_KEYS = {  # [general] and [[datasets]] only
     "validation_split": "float",
     "validation_seed": "int",
     "max_image_pixels": "int",  # APT-LoRA: decompression-bomb guard (docs/reliability.md)
+    "skip_image_resolution": "reso",  # images whose original area is at most this one's are left out
 }
 SUBSET_KEYS = {  # all three levels; the subset's value wins
     "num_repeats": "int",
@@ -118,6 +119,7 @@ DATASET_DEFAULTS: dict[str, Any] = {
     "batch_size": 1, "resolution": None, "enable_bucket": False, "min_bucket_reso": 256, "max_bucket_reso": 1024,
     "bucket_reso_steps": 64, "bucket_no_upscale": False, "network_multiplier": 1.0, "validation_split": 0.0,
     "validation_seed": None, "resize_interpolation": None, "max_image_pixels": DEFAULT_MAX_IMAGE_PIXELS,
+    "skip_image_resolution": None,
 }
 
 
@@ -173,6 +175,7 @@ class DatasetBlueprint:
     validation_seed: int | None = None
     resize_interpolation: str | None = None
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    skip_image_resolution: tuple[int, int] | None = None  # (width, height): smaller or equal areas are left out
     from_user_config: bool = True  # False in CLI-only mode (changes the ss_* metadata layout, like sd-scripts)
     where: str = ""
     key_path: str = ""
@@ -534,8 +537,10 @@ def generate_blueprint(user_config, args, *, config_path=None, is_sdxl: bool | N
         bp = DatasetBlueprint(is_dreambooth=is_db, from_user_config=from_config,
                               where=f"{dp}{src}" if from_config else "the command-line dataset",
                               key_path=dp if from_config else "", bucket_reso_steps_from=dwhere["bucket_reso_steps"],
-                              **{k: v for k, v in dvals.items() if k != "resolution"})
+                              **{k: v for k, v in dvals.items() if k not in ("resolution", "skip_image_resolution")})
         bp.resolution = _resolution(dvals["resolution"], bp, from_config)
+        if dvals["skip_image_resolution"] is not None:
+            bp.skip_image_resolution = _pair(dvals["skip_image_resolution"])
         _check_dataset_values(bp, dvals, dwhere)
 
         seen: dict[str, str] = {}
@@ -587,6 +592,11 @@ def _resolution(value, bp: DatasetBlueprint, from_config: bool) -> tuple[int, in
                  "--resolution" if from_config else "pass --resolution 512 (or WIDTH,HEIGHT)")
         kind = "DreamBooth" if bp.is_dreambooth else "fine-tuning"
         raise ConfigError(f"{bp.where}: resolution is required for {kind} datasets: {where}.")
+    return _pair(value)
+
+
+def _pair(value) -> tuple[int, int]:
+    """A "reso" value (checked already) as (width, height)."""
     if isinstance(value, int):
         return (value, value)
     return (int(value[0]), int(value[1]))

@@ -181,12 +181,13 @@ class _Dataset:
         self.num_train_images = 0
         self.num_reg_images = 0
         self.transparent: list[str] = []  # transparent images outside alpha_mask subsets (alpha dropped; said once)
+        self.too_small = 0  # images left out by skip_image_resolution
         if bp.is_dreambooth:
             self._load_dreambooth()
         else:
             self._load_finetuning()
         if not self.images and split != "validation":
-            raise ConfigError(f"{bp.where}: no usable training image (see the warnings above).")
+            raise ConfigError(f"{bp.where}: no usable training image (see the warnings above).{self._skip_hint()}")
         if self.transparent:
             more = f" and {len(self.transparent) - 1} more images have" if len(self.transparent) > 1 else " has"
             logger.warning(f"{bp.where}: {self.transparent[0]}{more} transparent pixels. The alpha channel is "
@@ -213,17 +214,42 @@ class _Dataset:
                              "Put the images in it (subfolders are not searched), or remove this subset.")
         chosen = paths if subset.is_reg else self._take(paths)
         side = f" for {self.split}" if self.split and self.bp.validation_split > 0 and not subset.is_reg else ""
-        found = []
+        found, readable = [], 0
         for p in chosen:
             probed = _probe_image(p, self.bp.max_image_pixels)
-            if probed is not None:
-                found.append((p, probed[0]))
-                if probed[1] and not subset.alpha_mask:
-                    self.transparent.append(p)
-        if chosen and not found:
+            if probed is None:
+                continue
+            readable += 1
+            if self._too_small(probed[0]):
+                continue
+            found.append((p, probed[0]))
+            if probed[1] and not subset.alpha_mask:
+                self.transparent.append(p)
+        if chosen and not readable:
             raise _dir_error(subset, image_dir, f"none of its {len(chosen)} images{side} can be read",
                              "See the warnings above; re-save the images.")
+        if len(found) < readable:
+            w, h = self.bp.skip_image_resolution
+            logger.info(f"{subset.where}: {readable - len(found)} of its {readable} images{side} left out by "
+                        f"skip_image_resolution {w}x{h} (an original area of at most {w * h} pixels)")
         return found
+
+    def _too_small(self, size: tuple[int, int]) -> bool:
+        """skip_image_resolution (sd-scripts): an image whose original area is at most the key's is left out, so
+        that datasets of several resolutions can share a folder and the high-resolution ones skip its small
+        sources."""
+        skip = self.bp.skip_image_resolution
+        if skip is None or size[0] * size[1] > skip[0] * skip[1]:
+            return False
+        self.too_small += 1
+        return True
+
+    def _skip_hint(self) -> str:
+        if not self.too_small:
+            return ""
+        w, h = self.bp.skip_image_resolution
+        return (f" {self.too_small} images were left out by skip_image_resolution {w}x{h} (original area at most "
+                f"{w * h} pixels): lower it or remove it.")
 
     def _load_dreambooth(self) -> None:
         reg: list[ImageInfo] = []
@@ -290,7 +316,8 @@ class _Dataset:
         if not reg:
             return
         if self.num_train_images == 0:
-            raise ConfigError(f"{self.bp.where}: only regularisation subsets (is_reg = true); add a training subset.")
+            raise ConfigError(f"{self.bp.where}: only regularisation subsets (is_reg = true); add a training subset."
+                              f"{self._skip_hint()}")
         if self.num_train_images < self.num_reg_images:
             logger.warning(f"{self.bp.where}: more regularisation images ({self.num_reg_images} with repeats) than "
                            f"training images ({self.num_train_images}); some reg images are not used.")
@@ -324,7 +351,7 @@ class _Dataset:
             if not isinstance(metadata, dict) or not metadata:
                 raise ConfigError(f"{md_path}: the metadata file must be a non-empty JSON object "
                                   f'{{"image key": {{"caption": "...", "tags": "..."}}, ...}} ({key}).')
-            tags_list, count = [], 0
+            tags_list, count, skipped = [], 0, 0
             items = self._take(list(metadata.items()))
             if not items:
                 continue  # nothing of this subset on this side of the split
@@ -338,6 +365,9 @@ class _Dataset:
                 if probed is None:
                     continue
                 size = probed[0]
+                if self._too_small(size):
+                    skipped += 1
+                    continue
                 if probed[1] and not subset.alpha_mask:
                     self.transparent.append(path)
                 md = md if isinstance(md, dict) else {}
@@ -366,6 +396,12 @@ class _Dataset:
                 self.images[image_key] = ImageInfo(image_key, path, subset, caption, False, self._repeats(subset),
                                                    size, max_pixels=self.bp.max_image_pixels)
                 count += 1
+            if skipped:
+                w, h = self.bp.skip_image_resolution
+                logger.info(f"{subset.where}: {skipped} of its images left out by skip_image_resolution {w}x{h} "
+                            f"(an original area of at most {w * h} pixels)")
+            if count == 0 and skipped:
+                continue  # every image is a small one: the subset adds nothing (the dataset check says so if empty)
             if count == 0:
                 raise ConfigError(f"{key}: none of the {len(metadata)} images listed in {md_path} could be used "
                                   f"(see the warnings above). Check image_dir.")
@@ -715,7 +751,9 @@ class DatasetGroup(torch.utils.data.Dataset):
                     "min_bucket_reso": bp.min_bucket_reso if bp.enable_bucket else None,
                     "max_bucket_reso": bp.max_bucket_reso if bp.enable_bucket else None,
                     "tag_frequency": d.tag_frequency, "bucket_info": d.bucket_info,
-                    "resize_interpolation": bp.resize_interpolation, "subsets": subsets_md})
+                    "resize_interpolation": bp.resize_interpolation,
+                    "skip_image_resolution": list(bp.skip_image_resolution) if bp.skip_image_resolution else None,
+                    "subsets": subsets_md})
                 for name, freq in d.tag_frequency.items():
                     tag_freq.setdefault(name, freq)
             md.update(ss_datasets=json.dumps(datasets_md), ss_tag_frequency=json.dumps(tag_freq),

@@ -15,6 +15,8 @@ NOT_IMPLEMENTED = {  # flag -> what it does in sd-scripts; what to do here
     "full_bf16": "bf16 LoRA weights and gradients; use --mixed_precision bf16 (fp32 LoRA weights)",
     "cpu_offload_checkpointing": "checkpointed activations kept on the CPU; use --gradient_checkpointing",
     "deepspeed": "DeepSpeed training; train with accelerate launch (data parallel)",
+    "train_inpainting": "inpainting training (random masks, a 9-channel UNet); inpainting models are not supported: "
+                        "train on a base model",
     "dataset_class": "a user's own dataset class (package.module.Class); describe the data in a dataset TOML "
                      "(--dataset_config, docs/dataset_config.md)",
     "conditioning_data_dir": "mask images from a folder for --masked_loss, as a ControlNet-style dataset; put each "

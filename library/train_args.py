@@ -64,6 +64,10 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reg_data_dir", type=str, default=None, help="regularization images, same layout")
     g.add_argument("--in_json", type=str, default=None, help="fine-tuning metadata (ignored with --dataset_config)")
     g.add_argument("--resolution", type=str, default=None, help='"512" or "768,512" (width,height)')
+    g.add_argument("--skip_image_resolution", type=str, default=None,
+                   help='"512" or "768,512": leave out images whose original area (width x height) is at most this '
+                        "one's, e.g. the low-resolution sources of a folder shared by datasets of several "
+                        "resolutions (the `skip_image_resolution` dataset key sets it per dataset)")
     g.add_argument("--train_batch_size", type=int, default=1)
     g.add_argument("--dataset_repeats", type=int, default=1)
     g.add_argument("--enable_bucket", action="store_true")

@@ -133,6 +133,53 @@ def test_finetuning_metadata(tmp_path):
         group([{"image_dir": str(d), "metadata_file": str(tmp_path / "bad.json")}])
 
 
+def test_skip_image_resolution_leaves_out_small_originals(tmp_path, caplog):
+    """sd-scripts' skip_image_resolution: an image whose original area is at most w*h is left out (reg images too);
+    from the dataset table, [general] or --skip_image_resolution; everything left out is an error that names it."""
+    d, r = tmp_path / "train", tmp_path / "reg"
+    for name, (w, h) in {"big": (80, 72), "square": (64, 64), "small": (48, 48), "wide": (96, 40)}.items():
+        img(d / f"{name}.png", w, h)  # areas 5760, 4096 (= 64 x 64: left out), 2304, 3840
+    img(r / "r1.png", 64, 64), img(r / "r2.png", 72, 72, seed=3)
+    subsets = [{"image_dir": str(d), "class_tokens": "sks dog"},
+               {"image_dir": str(r), "class_tokens": "dog", "is_reg": True}]
+    enlarge = {"resolution": 64, "enable_bucket": True, "min_bucket_reso": 32, "max_bucket_reso": 128}
+
+    def names(g):
+        return sorted(os.path.basename(k) for ds in g.datasets for k in ds.images)
+
+    assert names(group(subsets, general=enlarge)) == ["big.png", "r1.png", "r2.png", "small.png", "square.png",
+                                                      "wide.png"]
+    with caplog.at_level(logging.INFO):
+        g = group(subsets, general=enlarge, dataset={"skip_image_resolution": 64})
+    assert names(g) == ["big.png", "r2.png"]
+    assert "datasets[0].subsets[0] in test.toml: 3 of its 4 images left out by skip_image_resolution 64x64" in caplog.text
+    assert json.loads(g.metadata()["ss_datasets"])[0]["skip_image_resolution"] == [64, 64]
+    wide_only = group(subsets, general={**enlarge, "skip_image_resolution": [96, 40]})  # 3840: equal is left out
+    assert names(wide_only) == ["big.png", "r1.png", "r2.png", "square.png"]
+    cli = argparse.Namespace(skip_image_resolution="50,50")  # the flag: 2500 pixels
+    assert names(group(subsets, general=enlarge, args=cli)) == ["big.png", "r1.png", "r2.png", "square.png", "wide.png"]
+    assert json.loads(group(subsets, general=enlarge).metadata()["ss_datasets"])[0]["skip_image_resolution"] is None
+    with pytest.raises(ConfigError) as e:
+        group(subsets, general=enlarge, dataset={"skip_image_resolution": 100})
+    assert "6 images were left out by skip_image_resolution 100x100" in str(e.value) and "lower it" in str(e.value)
+    with pytest.raises(ConfigError, match="skip_image_resolution.*a positive integer or \\[width, height\\]"):
+        group(subsets, dataset={"skip_image_resolution": "big"})
+    with pytest.raises(ConfigError, match="skip_image_resolution"):
+        group([{**subsets[0], "skip_image_resolution": 64}])  # a dataset key, as in sd-scripts
+
+
+def test_skip_image_resolution_in_finetuning_datasets(tmp_path):
+    d = tmp_path / "ft"
+    img(d / "one.png", 80, 80), img(d / "two.png", 40, 40, seed=2)
+    (tmp_path / "md.json").write_text(json.dumps({"one": {"caption": "a"}, "two": {"caption": "b"}}))
+    sub = {"image_dir": str(d), "metadata_file": str(tmp_path / "md.json")}
+    g = group([sub], general={"resolution": 64, "enable_bucket": True, "min_bucket_reso": 32},
+              dataset={"skip_image_resolution": 40})
+    assert sorted(k for ds in g.datasets for k in ds.images) == ["one"]
+    with pytest.raises(ConfigError, match="2 images were left out by skip_image_resolution 80x80"):
+        group([sub], dataset={"skip_image_resolution": 80})
+
+
 # -- batches -----------------------------------------------------------------------------------------------------------
 
 def test_batches_within_buckets_and_epoch_shuffle(tmp_path):
