@@ -548,7 +548,8 @@ def generate_blueprint(user_config, args, *, config_path=None, is_sdxl: bool | N
             sp = f"{dp}.subsets[{j}]"
             if "conditioning_data_dir" in sub:
                 raise _not_supported(f"`{sp}.conditioning_data_dir`{src}", "conditioning_data_dir",
-                                     "ControlNet datasets")
+                                     "loss masks from a folder for masked_loss, a ControlNet-style subset; put each "
+                                     "mask in its image's alpha channel and set alpha_mask = true instead")
             s_layers = _Layers([(sub, sp), (ds, dp), (general, "general")] if from_config else [(sub, sub["_where"])],
                                args, src)
             svals, swhere = {}, {}
