@@ -685,12 +685,16 @@ def train(args):
         raise train_util.TrainingSetupError(str(e)) from None
     metadata = metadata_lib.build_training_metadata(
         args, model=model, network=network, optimizer_name=optimizer_name, dataset_group=data,
-        num_batches_per_epoch=len(data), num_epochs=num_epochs, max_train_steps=args.max_train_steps)
+        num_batches_per_epoch=len(loader), num_epochs=num_epochs, max_train_steps=args.max_train_steps,
+        num_validation_images=val_data.num_train_images if val_data is not None else 0,
+        num_processes=accelerator.num_processes)
     save_dtype = train_util.save_dtype(args)
 
-    def save(name, step, epoch, batches_done, with_state=False):
+    def save(name, step, epoch, batches_done, with_state=False, epochs_done=None):
+        """`epoch`/`batches_done`: where a resume starts (epoch is 1-based). ss_epoch is the epochs completed, as
+        sd-scripts writes it: `epoch - 1` (mid-epoch, or an epoch end whose resume starts the next), unless given."""
         path = os.path.join(args.output_dir, name)
-        md = metadata_lib.update_on_save(metadata, steps=step, epoch=epoch)
+        md = metadata_lib.update_on_save(metadata, steps=step, epoch=epoch - 1 if epochs_done is None else epochs_done)
         md = metadata_lib.minimal(md) if args.no_metadata else md
         md.update(metadata_lib.modelspec(args, model))
         if apt is not None:
@@ -875,7 +879,8 @@ def train(args):
 
     accelerator.wait_for_everyone()
     if is_main:
-        save(train_util.ckpt_name(args.output_name), step, epoch, batches_done, with_state=args.save_state_on_train_end)
+        save(train_util.ckpt_name(args.output_name), step, epoch, batches_done, with_state=args.save_state_on_train_end,
+             epochs_done=num_epochs)  # sd-scripts: the final file says num_train_epochs
         if args.sample_prior_grid and sample_prompts:
             import io
 

@@ -76,7 +76,6 @@ _ARGS_KEYS = (
     ("ss_clip_skip", "clip_skip"),
     ("ss_max_token_length", "max_token_length"),
     ("ss_seed", "seed"),
-    ("ss_lowram", "lowram"),
     ("ss_noise_offset", "noise_offset"),
     ("ss_multires_noise_iterations", "multires_noise_iterations"),
     ("ss_multires_noise_discount", "multires_noise_discount"),
@@ -107,6 +106,7 @@ _ARGS_KEYS = (
 )
 # ss_* keys sd-scripts writes as bool(args.x)
 _BOOL_ARGS_KEYS = (
+    ("ss_lowram", "lowram"),
     ("ss_full_fp16", "full_fp16"),
     ("ss_cache_latents", "cache_latents"),
     ("ss_debiased_estimation", "debiased_estimation_loss"),
@@ -266,6 +266,8 @@ def build_training_metadata(
     }
     for key, attr in _ARGS_KEYS:
         md[key] = getattr(args, attr, None)
+    if md.get("ss_validation_split") is None:  # sd-scripts' flag defaults to 0.0 (here None: the TOML decides)
+        md["ss_validation_split"] = 0.0
     for key, attr in _BOOL_ARGS_KEYS:
         md[key] = bool(getattr(args, attr, False))
     if getattr(args, "full_bf16", False):
@@ -296,6 +298,8 @@ def build_training_metadata(
 
     net_kwargs = _network_args_dict(network_args)
     if net_kwargs:
+        if not getattr(args, "dim_from_weights", False):  # sd-scripts' LyCORIS workaround puts it in the kwargs
+            net_kwargs.setdefault("dropout", getattr(args, "network_dropout", None))
         md["ss_network_args"] = json.dumps(net_kwargs)
 
     md.update(_file_identity("sd_model", getattr(args, "pretrained_model_name_or_path", None) or model.source, hash_model))
@@ -311,6 +315,8 @@ def _file_identity(kind: str, path: Optional[str], hash_model: bool) -> dict:
     if not path:
         return {}
     out = {f"ss_{kind}_name": os.path.basename(os.path.normpath(path)) if os.path.exists(path) else path}
+    if hash_model and os.path.isdir(path):  # a diffusers folder: sd-scripts' hash functions answer this
+        out[f"ss_{kind}_hash"] = out[f"ss_new_{kind}_hash"] = "IsADirectory"
     if hash_model and os.path.isfile(path):
         from library.safe_io import model_hashes  # lazy: hashing lives with the other file I/O
 

@@ -85,6 +85,9 @@ def test_required_keys_present_and_strings():
     assert meta["ss_optimizer"] == "torch.optim.adamw.AdamW"
     assert meta["ss_sd_scripts_commit_hash"]
     assert "ss_network_args" not in meta and "ss_sd_model_name" not in meta
+    # sd-scripts' typed defaults where our flag has none: --lowram (no effect here), --validation_split (TOML's)
+    assert meta["ss_lowram"] == "False" and meta["ss_validation_split"] == "0.0"
+    assert build(make_args(lowram=True, validation_split=0.25))["ss_validation_split"] == "0.25"
 
 
 @pytest.mark.parametrize(
@@ -123,7 +126,12 @@ def test_network_and_dataset_from_objects():
     assert meta["ss_num_batches_per_epoch"] == "4" and meta["ss_num_epochs"] == "2"
     assert json.loads(meta["ss_tag_frequency"]) == {"5_sks dog": {"sks dog": 5}}
     assert json.loads(meta["ss_datasets"]) == [{"a": 1}]  # containers become JSON, not Python repr
-    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "1.5"}
+    # sd-scripts adds the dropout (its LyCORIS workaround), null when --network_dropout is not given
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "1.5", "dropout": None}
+    meta = md.build_training_metadata(make_args(network_args=["conv_dim=4"], network_dropout=0.1), model("sd1"))
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "dropout": 0.1}
+    meta = md.build_training_metadata(make_args(network_args=["conv_dim=4"], dim_from_weights=True), model("sd1"))
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4"}
 
 
 def test_model_name_and_hashes(tmp_path, monkeypatch):
@@ -135,9 +143,10 @@ def test_model_name_and_hashes(tmp_path, monkeypatch):
     meta = build(make_args(pretrained_model_name_or_path=str(ckpt)))
     assert meta["ss_sd_model_name"] == "base.safetensors"
     assert meta["ss_sd_model_hash"] == "abcd1234" and meta["ss_new_sd_model_hash"] == "f" * 64
-    # a diffusers folder: name only; a hub id: as given
+    # a diffusers folder: its name, and the value sd-scripts' hash functions give a folder; a hub id: as given
     meta = build(make_args(pretrained_model_name_or_path=str(tmp_path) + "/"))
-    assert meta["ss_sd_model_name"] == tmp_path.name and "ss_sd_model_hash" not in meta
+    assert meta["ss_sd_model_name"] == tmp_path.name
+    assert meta["ss_sd_model_hash"] == meta["ss_new_sd_model_hash"] == "IsADirectory"
     meta = build(make_args(pretrained_model_name_or_path="runwayml/stable-diffusion-v1-5"))
     assert meta["ss_sd_model_name"] == "runwayml/stable-diffusion-v1-5"
     # the model's source is used when the flag is absent; --vae gets its own keys

@@ -83,7 +83,8 @@ def test_validation_loss_equals_the_reference_and_leaves_training_as_it_was(monk
 
 def test_trainer_validates_on_schedule_and_logs(tiny_world, tmp_path, capsys, tb_scalars):
     """6 images, 30% held out: ceil(0.7 · 6) = 5 trained on (5 steps an epoch at batch 1), 1 validated every 3
-    steps and at each epoch's end, once per step; the LoRA's metadata counts the training images only."""
+    steps and at each epoch's end, once per step; the LoRA's metadata counts the training images and the held-out
+    one apart, and each save's ss_epoch is the epochs completed, as sd-scripts writes it."""
     import numpy as np
     from PIL import Image
     from safetensors import safe_open
@@ -98,7 +99,8 @@ def test_trainer_validates_on_schedule_and_logs(tiny_world, tmp_path, capsys, tb
     out = tmp_path / "out"
     assert train_apt_lora.main(["--pretrained_model_name_or_path", tiny_world.model("sd1"), "--dataset_config",
                                 str(toml), "--output_dir", str(out), "--output_name", "lora", "--max_train_steps", "6",
-                                "--validate_every_n_steps", "3", "--logging_dir", str(out / "logs"), "--apt"]) == 0
+                                "--validate_every_n_steps", "3", "--logging_dir", str(out / "logs"), "--apt",
+                                "--save_every_n_steps", "4", "--save_every_n_epochs", "1"]) == 0
     printed = capsys.readouterr().out
     assert [line.split(" at step ")[1] for line in printed.splitlines() if line.startswith("validation loss")] == \
         ["3", "5", "6"]  # step 3, the end of epoch 1 (step 5), step 6 (which also ends the run)
@@ -106,7 +108,12 @@ def test_trainer_validates_on_schedule_and_logs(tiny_world, tmp_path, capsys, tb
              if "validation" in tag}
     assert steps == {"loss/validation/step_current": [3, 6], "loss/validation/epoch_average": [5, 6]}
     with safe_open(str(out / "lora.safetensors"), "pt") as f:
-        assert f.metadata()["ss_num_train_images"] == "5"
+        assert f.metadata()["ss_num_train_images"] == "5" and f.metadata()["ss_num_validation_images"] == "1"
+    epochs = {}
+    for name in ("lora-step00000004", "lora-000001", "lora"):  # step 4 of epoch 1; epoch 1's end; the end (2 epochs)
+        with safe_open(str(out / f"{name}.safetensors"), "pt") as f:
+            epochs[name] = (f.metadata()["ss_steps"], f.metadata()["ss_epoch"])
+    assert epochs == {"lora-step00000004": ("4", "0"), "lora-000001": ("5", "1"), "lora": ("6", "2")}
 
 
 def test_a_split_that_holds_out_nothing_is_refused(tiny_world, tmp_path, capsys):
