@@ -427,6 +427,17 @@ def verify_args(args):
             raise TrainingSetupError("--torch_compile cannot be combined with --gradient_checkpointing yet (the "
                                      "backward's recomputation can run another compiled graph than the forward): "
                                      "leave one of them out")
+    if args.sample_prompts:  # a sampler typo fails now, not at the first sample hours into the run
+        from library.sampling import SamplingError, make_sampler
+
+        try:
+            make_sampler(args.sample_sampler)
+        except SamplingError as e:
+            raise TrainingSetupError(f"--sample_sampler: {e}") from None
+    for flag in ("sample_every_n_steps", "sample_every_n_epochs"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:  # sd-scripts: a warning, then off
+            logger.warning("--%s %d is not positive: sampling at intervals is off", flag, getattr(args, flag))
+            setattr(args, flag, None)
     if args.sample_prior_grid and not args.sample_prompts:
         raise TrainingSetupError("--sample_prior_grid needs --sample_prompts FILE: the grid shows those prompts "
                                  "with the LoRA off and on")
@@ -743,6 +754,7 @@ def train(args):
             accelerator.log({tag: last_validation[step]}, step=step)
 
     def maybe_sample(step, epoch, at_epoch_end=False):
+        nonlocal sample_prompts
         if not sample_prompts or not is_main:
             return
         due = (step == 0 and args.sample_at_first) or (
@@ -750,13 +762,17 @@ def train(args):
             or (not args.sample_every_n_epochs and args.sample_every_n_steps and not at_epoch_end
                 and step > 0 and step % args.sample_every_n_steps == 0))
         if due:
-            from library.sampling import sample_images
+            from library.sampling import SamplingError, parse_prompt_file, sample_images
 
+            try:  # read again at each sampling, as sd-scripts does, so that the prompts can be edited during a run
+                sample_prompts = parse_prompt_file(args.sample_prompts, default_size=1024 if is_sdxl else 512)
+            except SamplingError as e:
+                logger.warning("%s; sampling with the prompts read before", e)
             model.vae.to(device, vae_dtype)
             sample_images(model, sample_prompts, output_dir=args.output_dir, extra_modules=[network],
                           output_name=args.output_name, epoch=epoch if at_epoch_end else None,
                           step=None if at_epoch_end else step, device=device, clip_skip=args.clip_skip,
-                          max_token_length=args.max_token_length, sampler=args.sample_sampler, dtype=weight_dtype)
+                          sampler=args.sample_sampler, dtype=weight_dtype)
             if args.cache_latents:
                 model.vae.to("cpu")
 
@@ -889,8 +905,7 @@ def train(args):
 
             model.vae.to(device, vae_dtype)
             grid = prior_vs_lora_grid(model, network, sample_prompts, seed=args.seed, upscale_to=128, device=device,
-                                      clip_skip=args.clip_skip, max_token_length=args.max_token_length,
-                                      sampler=args.sample_sampler, dtype=weight_dtype)
+                                      clip_skip=args.clip_skip, sampler=args.sample_sampler, dtype=weight_dtype)
             path = os.path.join(args.output_dir, f"{args.output_name}_grid.png")
             buf = io.BytesIO()
             grid.save(buf, format="PNG")

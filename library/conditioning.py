@@ -120,10 +120,19 @@ def flat_ids(tokenizer, captions: Sequence[str], length: int, weighted: bool = F
                      return_tensors="pt").input_ids.to(torch.long)
 
 
-def apply_token_weights(cond: "TextConditioning", weights: torch.Tensor) -> "TextConditioning":
-    """The context scaled per token position (sd-scripts: no renormalisation; the pooled output is left alone)."""
+def apply_token_weights(cond: "TextConditioning", weights: torch.Tensor, keep_mean: bool = False) -> "TextConditioning":
+    """The context scaled per token position; the pooled output is left alone. Training (sd-scripts'
+    --weighted_captions) does not renormalise; `keep_mean` rescales each sample so that its mean over tokens and
+    channels is what it was, as sd-scripts' sampling pipelines (lpw_stable_diffusion) do."""
     w = weights.to(device=cond.context.device, dtype=cond.context.dtype)
-    return TextConditioning(cond.context * w.unsqueeze(-1), cond.pooled)
+    context = cond.context * w.unsqueeze(-1)
+    if keep_mean:
+        before = cond.context.float().mean(dim=(-2, -1), keepdim=True).to(context.dtype)
+        after = context.float().mean(dim=(-2, -1), keepdim=True).to(context.dtype)
+        scale = context.float().abs().mean(dim=(-2, -1), keepdim=True).to(context.dtype)
+        # a mean at rounding level (LayerNorm outputs without bias, as in untrained tiny models): left as weighted
+        context = context * torch.where(after.abs() > 1e-4 * scale, before / after, 1.0)
+    return TextConditioning(context, cond.pooled)
 
 
 def _flat_length(max_token_length: Optional[int]) -> int:
@@ -214,9 +223,10 @@ def _first_eos_pool(text_encoder_2, last_hidden_state: torch.Tensor, ids: torch.
 
 
 def encode_prompts(model, captions: Union[str, Sequence[str]], *, clip_skip: Optional[int] = None,
-                   max_token_length: Optional[int] = None, device=None, weighted: bool = False) -> TextConditioning:
+                   max_token_length: Optional[int] = None, device=None, weighted: bool = False,
+                   keep_mean: bool = False) -> TextConditioning:
     """Encode captions with the model's (live, possibly LoRA-patched) text encoders: `tokenize`, then `encode_ids`
-    (then, with `weighted`, `apply_token_weights`).
+    (then, with `weighted`, `apply_token_weights`, `keep_mean` passed on).
 
     Token ids go to each text encoder's device; the result stays there (and in the encoder's dtype) unless
     `device` is given. Runs under the caller's grad mode: wrap in `torch.no_grad()` for frozen encoders.
@@ -229,7 +239,7 @@ def encode_prompts(model, captions: Union[str, Sequence[str]], *, clip_skip: Opt
     ids_list = [to_device(t, _module_device(te)) for t, te in zip(ids, model.text_encoders)]  # no stream sync
     cond = encode_ids(model, ids_list, clip_skip=clip_skip, max_token_length=max_token_length)
     if weights is not None:
-        cond = apply_token_weights(cond, weights)
+        cond = apply_token_weights(cond, weights, keep_mean)
     return cond.to(device=device) if device is not None else cond
 
 

@@ -84,3 +84,8 @@ def weighted_ids(tokenizer, captions: Sequence[str], length: int) -> tuple[torch
         ids[row, 1 + len(toks)] = tokenizer.eos_token_id
         weights[row, 1 : 1 + len(ws)] = torch.tensor(ws, dtype=torch.float32)
     return ids, weights
+
+
+def token_count(tokenizer, caption: str) -> int:
+    """How many tokens the caption's text takes once its attention syntax is read (BOS/EOS not counted)."""
+    return sum(len(tokenizer(text, add_special_tokens=False).input_ids) for text, _ in parse_weights(caption) if text)

@@ -4,7 +4,8 @@
   (`[prompt]` defaults + `[[prompt.subset]]`), .json (a list of dicts or strings).
 * `make_sampler(name, v_parameterization)`: the diffusers scheduler for an sd-scripts sampler name.
 * `sample_images(model, prompts, ...)`: runs a diffusers pipeline around the live (LoRA-patched) UNet and VAE,
-  with prompt embeddings from our own `encode_prompts` (clip_skip and long prompts as in training), and writes
+  with prompt embeddings from our own `encode_prompts` (clip_skip as in training; attention weights and up to
+  225 tokens, as sd-scripts' sampling pipelines read prompts), and writes
   `{output_dir}/sample/{output_name}_{e%06d|%06d}_{idx:02d}_{YYYYmmddHHMMSS}[_{seed}].png`.
   Training randomness is unaffected (RNG states saved and restored), and train/eval modes are restored.
 * `fixed_seed_grid(rows, labels)`: a labelled grid image (rows = models, columns = seeds).
@@ -352,8 +353,29 @@ def _decode(vae, latents: torch.Tensor):
     return [Image.fromarray((im * 255).round().astype("uint8")) for im in image]
 
 
+SAMPLE_MAX_CHUNKS = 3  # sd-scripts' sampling pipelines: max_embeddings_multiples=3, prompts of up to 225 tokens
+
+
+def prompt_chunks(model, texts: Sequence[str]) -> int:
+    """The 75-token chunks a sample's prompt and negative prompt are encoded in: as many as the longer one needs,
+    1 to 3 (sd-scripts' lpw pipelines; the run's --max_token_length does not apply to samples there either)."""
+    from library.prompt_weights import token_count
+
+    longest = max(token_count(model.tokenizers[0], t) for t in texts)
+    return max(1, min(SAMPLE_MAX_CHUNKS, -(-longest // 75)))
+
+
+def encode_sample_prompts(model, prompt: str, negative_prompt: str, clip_skip: Optional[int] = None):
+    """(positive, negative) conditioning of one sample, read as sd-scripts' sampling pipelines read it: A1111
+    attention weights (`(word:1.3)`, `[word]`) with the context's mean kept, both in the chunks the longer needs."""
+    n = prompt_chunks(model, [prompt, negative_prompt])
+    length = None if n == 1 else 75 * n
+    return tuple(encode_prompts(model, [text], clip_skip=clip_skip, max_token_length=length, weighted=True,
+                                keep_mean=True) for text in (prompt, negative_prompt))
+
+
 def generate_images(model, prompts: Sequence[SamplePrompt], *, device=None, clip_skip: Optional[int] = None,
-                    max_token_length: Optional[int] = None, sampler: str = "ddim",
+                    sampler: str = "ddim",
                     v_parameterization: Optional[bool] = None, dtype: Optional[torch.dtype] = None,
                     extra_modules: Sequence[torch.nn.Module] = (), clip_sample: bool = False):
     """Generate one image per prompt; returns a list of (PIL image, seed used). See `sample_images`."""
@@ -382,9 +404,7 @@ def generate_images(model, prompts: Sequence[SamplePrompt], *, device=None, clip
                 seed = p.seed if p.seed is not None else secrets.randbelow(2**31)
                 logger.info("sample: %r (negative %r, %dx%d, seed %d, %d steps, scale %s, %s)", p.prompt,
                             p.negative_prompt, p.width, p.height, seed, p.steps, p.scale, p.sampler or sampler)
-                pos = encode_prompts(model, [p.prompt], clip_skip=clip_skip, max_token_length=max_token_length)
-                neg = encode_prompts(model, [p.negative_prompt or ""], clip_skip=clip_skip,
-                                     max_token_length=max_token_length)
+                pos, neg = encode_sample_prompts(model, p.prompt, p.negative_prompt or "", clip_skip)
                 pos, neg = pos.to(dev, unet.dtype), neg.to(dev, unet.dtype)
                 kwargs = dict(prompt_embeds=pos.context, negative_prompt_embeds=neg.context)
                 if model.is_sdxl:
@@ -414,7 +434,7 @@ def sample_image_path(output_dir: str, output_name: Optional[str], index: int, *
 
 def sample_images(model, prompts: Union[Sequence[SamplePrompt], str, os.PathLike], *, output_dir: str,
                   output_name: Optional[str], epoch: Optional[int] = None, step: Optional[int] = None, device=None,
-                  clip_skip: Optional[int] = None, max_token_length: Optional[int] = None, sampler: str = "ddim",
+                  clip_skip: Optional[int] = None, sampler: str = "ddim",
                   v_parameterization: Optional[bool] = None, dtype: Optional[torch.dtype] = None,
                   extra_modules: Sequence[torch.nn.Module] = (), clip_sample: bool = False) -> list[str]:
     """Sample one image per prompt with the live model and save PNGs; returns their paths.
@@ -431,8 +451,7 @@ def sample_images(model, prompts: Union[Sequence[SamplePrompt], str, os.PathLike
     prompts = list(prompts)
     if not prompts:
         return []
-    images = generate_images(model, prompts, device=device, clip_skip=clip_skip, max_token_length=max_token_length,
-                             sampler=sampler, v_parameterization=v_parameterization, dtype=dtype,
+    images = generate_images(model, prompts, device=device, clip_skip=clip_skip, sampler=sampler, v_parameterization=v_parameterization, dtype=dtype,
                              extra_modules=extra_modules, clip_sample=clip_sample)
     os.makedirs(os.path.join(output_dir, "sample"), exist_ok=True)
     paths = []

@@ -202,7 +202,7 @@ def test_sample_images_sd1(sd1, tmp_path, monkeypatch):
     dropout = torch.nn.Dropout(0.5).train()
     rng_before = torch.get_rng_state()
     paths = sample_images(sd1, prompts, output_dir=str(tmp_path), output_name="mylora", step=250, clip_skip=2,
-                          max_token_length=150, extra_modules=[dropout])
+                          extra_modules=[dropout])
     assert torch.equal(torch.get_rng_state(), rng_before)
     # modes: eval during sampling, restored after (per child)
     assert [c["_unet_training"] for c in calls] == [False, False] and not calls[0]["_te_training"]
@@ -214,12 +214,12 @@ def test_sample_images_sd1(sd1, tmp_path, monkeypatch):
     assert re.fullmatch(NAME_RE.format(name="mylora", num="000250", idx=0, seed="_123"), os.path.basename(paths[0]))
     assert re.fullmatch(NAME_RE.format(name="mylora", num="000250", idx=1, seed=""), os.path.basename(paths[1]))
     assert [Image.open(p).size for p in paths] == [(64, 64), (72, 64)]
-    # the pipeline got our encoder's embeddings (clip_skip, 150 tokens) and the prompt's settings
+    # the pipeline got our encoder's embeddings (clip_skip; short prompts: one chunk) and the prompt's settings
     with torch.no_grad():
-        pos = encode_prompts(sd1, ["a photo of sks dog"], clip_skip=2, max_token_length=150).context
-        neg = encode_prompts(sd1, ["blurry"], clip_skip=2, max_token_length=150).context
-        neg_empty = encode_prompts(sd1, [""], clip_skip=2, max_token_length=150).context
-    assert calls[0]["prompt_embeds"].shape == (1, 152, 32)
+        pos = encode_prompts(sd1, ["a photo of sks dog"], clip_skip=2).context
+        neg = encode_prompts(sd1, ["blurry"], clip_skip=2).context
+        neg_empty = encode_prompts(sd1, [""], clip_skip=2).context
+    assert calls[0]["prompt_embeds"].shape == (1, 77, 32)
     torch.testing.assert_close(calls[0]["prompt_embeds"], pos)
     torch.testing.assert_close(calls[0]["negative_prompt_embeds"], neg)
     torch.testing.assert_close(calls[1]["negative_prompt_embeds"], neg_empty)
@@ -227,12 +227,42 @@ def test_sample_images_sd1(sd1, tmp_path, monkeypatch):
     assert calls[0]["_scheduler"] == "DDIMScheduler" and calls[1]["_scheduler"] == "EulerAncestralDiscreteScheduler"
     # the same seed gives the same image again (PNG is lossless)
     monkeypatch.undo()
-    (again, seed), = generate_images(sd1, [prompts[0]], clip_skip=2, max_token_length=150)
+    (again, seed), = generate_images(sd1, [prompts[0]], clip_skip=2)
     assert seed == 123
     assert np.array_equal(np.asarray(again), np.asarray(Image.open(paths[0])))
     (other, _), = generate_images(sd1, [SamplePrompt("a photo of sks dog", "blurry", 64, 64, seed=124, steps=2)],
-                                  clip_skip=2, max_token_length=150)
+                                  clip_skip=2)
     assert not np.array_equal(np.asarray(other), np.asarray(again))
+
+
+def test_sample_prompts_are_read_as_sd_scripts_sampling_reads_them():
+    """Attention weights are applied with each sample's mean kept (sd-scripts' lpw pipelines), and a prompt takes
+    the chunks the longer of it and its negative needs, up to 3 (225 tokens), whatever the run's max_token_length."""
+    from library.conditioning import encode_ids, final_layer_norm, tokenize_weighted
+    from library.sampling import encode_sample_prompts, prompt_chunks
+
+    sd1 = build_tiny_model("sd1")
+    with torch.no_grad():
+        final_layer_norm(sd1.text_encoders[0]).bias.fill_(0.2)  # a context mean away from 0, as real CLIP's
+        zero_mean = build_tiny_model("sd1")  # untrained LayerNorm: the mean is 0 up to rounding and stays as is
+        z, _ = encode_sample_prompts(zero_mean, "a (dog:1.5)", "", clip_skip=2)
+        assert torch.isfinite(z.context).all()
+        pos, neg = encode_sample_prompts(sd1, "a photo of (sks:1.5) [dog]", "blurry", clip_skip=2)
+        ids, weights = tokenize_weighted(sd1, ["a photo of (sks:1.5) [dog]"])
+        plain = encode_ids(sd1, ids, clip_skip=2).context
+    assert weights[0, 1:6].tolist() == pytest.approx([1, 1, 1, 1.5, 1 / 1.1])  # a photo of sks dog
+    by_hand = plain * weights[..., None]
+    by_hand = by_hand * plain.mean() / by_hand.mean()
+    torch.testing.assert_close(pos.context, by_hand)
+    torch.testing.assert_close(pos.context.mean(), plain.mean())  # the mean is kept ...
+    ratio = pos.context[0, :, 0] / plain[0, :, 0]
+    torch.testing.assert_close(ratio[4] / ratio[1], torch.tensor(1.5))  # ... and the weights' proportions
+    torch.testing.assert_close(neg.context, encode_prompts(sd1, ["blurry"], clip_skip=2).context)  # none: unchanged
+    long = " ".join(["dog"] * 80)
+    assert [prompt_chunks(sd1, t) for t in (["a dog", ""], [long, ""], ["", long], [long * 4, "a"])] == [1, 2, 2, 3]
+    with torch.no_grad():
+        pos, neg = encode_sample_prompts(sd1, "a dog", long)
+    assert pos.context.shape == neg.context.shape == (1, 152, 32)  # 2 + 75 * 2: stitched as in training
 
 
 def test_sample_images_epoch_name_and_prompt_file(sd1, tmp_path):

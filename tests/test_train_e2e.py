@@ -1,5 +1,6 @@
 """End to end: train_apt_lora.py on tiny models, and the LoRA it writes loaded back by diffusers."""
 import json
+import logging
 import os
 
 import numpy as np
@@ -322,6 +323,38 @@ def test_sd2_v_prediction_with_the_usual_options(images, tmp_path):
     samples = os.listdir(out / "sample")
     assert len(samples) == 2 and all(s.startswith("v_e00000") and s.endswith("_3.png") for s in samples)
     assert any(f.startswith("events.out.tfevents") for _, _, fs in os.walk(tmp_path / "logs") for f in fs)
+
+
+def test_sample_prompts_are_read_again_at_each_sampling(tiny, images, tmp_path, monkeypatch, caplog, capsys):
+    """As in sd-scripts: the prompt file is read at every sampling (edits during a run apply; a file broken mid-run
+    keeps the last good prompts, with a warning); a sampler typo fails before training; a non-positive interval
+    turns interval sampling off with a warning."""
+    import library.sampling as sampling
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("first --w 64 --h 64 --s 1\n")
+    seen = []
+
+    def record(model, sample_prompts, **kw):
+        seen.append([p.prompt for p in sample_prompts])
+        prompts.write_text("second --w 64 --h 64 --s 1\n" if len(seen) == 1 else "broken --w abc\n")
+        return []
+
+    monkeypatch.setattr(sampling, "sample_images", record)
+    with caplog.at_level(logging.WARNING):
+        assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "out", "--sample_prompts", str(prompts),
+                      "--sample_every_n_steps", "1") == 0
+    assert seen == [["first"], ["second"], ["second"]]
+    assert "--w expects an integer" in caplog.text and "sampling with the prompts read before" in caplog.text
+    prompts.write_text("first --w 64 --h 64 --s 1\n")
+    assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "o2", "--sample_prompts", str(prompts),
+                  "--sample_sampler", "eulr_a") == 2
+    assert "--sample_sampler" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+    seen.clear()
+    with caplog.at_level(logging.WARNING):
+        assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "o3", "--sample_prompts", str(prompts),
+                      "--sample_every_n_steps", "0") == 0
+    assert seen == [] and "--sample_every_n_steps 0 is not positive: sampling at intervals is off" in caplog.text
 
 
 def test_sample_prior_grid_shows_prior_and_lora_at_the_same_seeds(tiny, images, tmp_path):
