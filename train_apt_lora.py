@@ -497,7 +497,7 @@ def train(args):
     from library import config_util, dataset as dataset_lib, metadata as metadata_lib, train_util
     from library.losses import check_noise_and_loss_args
     from library.noise import fix_noise_scheduler_betas_for_zero_terminal_snr
-    from library.optimizers import defer_step_read, get_lr_scheduler, get_optimizer
+    from library.optimizers import defer_step_read, evaluation_weights, get_lr_scheduler, get_optimizer, is_schedule_free
     from library.conditioning import TextEncoderCache
     from library.step_read import LookAhead
     from library.transfer import HostCopy
@@ -684,6 +684,8 @@ def train(args):
         info = load_state(args.resume, network=network, optimizer=optimizer, lr_scheduler=lr_scheduler, apt=apt)
         step, start_epoch, skip_batches = info["step"], info["epoch"], info["batches_done"]
         accelerator.print(f"resumed from {args.resume}: step {step}, epoch {start_epoch}")
+    if is_schedule_free(optimizer):  # it starts on (and a state is saved with) the weights it evaluates
+        getattr(optimizer, "optimizer", optimizer).train()
 
     ctx = TrainContext(args, accelerator, model, network, weight_dtype, vae_dtype, te_cache, apt)
     ctx.defer_read = defer_step_read(args, optimizer, device.type)
@@ -714,15 +716,16 @@ def train(args):
                 from apt_ext.heatmap import save_gamma_heatmap
 
                 save_gamma_heatmap(apt.history, os.path.splitext(path)[0] + "_gamma.png")
-        network.save_weights(path, save_dtype, md, overwrite=args.overwrite)
-        accelerator.print(f"saved {path}")
-        if args.save_state or with_state:
-            if apt is not None and apt.ahead is not None:
-                apt.ahead.rewind()  # the generators as if the next step had not been prepared yet
-            state_dir = os.path.join(args.output_dir, os.path.splitext(name)[0] + "-state")
-            save_state(state_dir, network=network, optimizer=optimizer, lr_scheduler=lr_scheduler, step=step,
-                       epoch=epoch, batches_done=batches_done, seed=args.seed,
-                       apt_state=apt.state_dict() if apt is not None else None, overwrite=args.overwrite)
+        with evaluation_weights(optimizer):  # a schedule-free optimizer's evaluated weights (its state, too)
+            network.save_weights(path, save_dtype, md, overwrite=args.overwrite)
+            accelerator.print(f"saved {path}")
+            if args.save_state or with_state:
+                if apt is not None and apt.ahead is not None:
+                    apt.ahead.rewind()  # the generators as if the next step had not been prepared yet
+                state_dir = os.path.join(args.output_dir, os.path.splitext(name)[0] + "-state")
+                save_state(state_dir, network=network, optimizer=optimizer, lr_scheduler=lr_scheduler, step=step,
+                           epoch=epoch, batches_done=batches_done, seed=args.seed,
+                           apt_state=apt.state_dict() if apt is not None else None, overwrite=args.overwrite)
 
     def forget(names):
         """--save_last_n_*: delete the save that the one just written pushed out of the kept window."""
@@ -746,7 +749,8 @@ def train(args):
         if step not in last_validation:
             seed = args.validation_seed if args.validation_seed is not None else args.seed
             last_validation.clear()
-            last_validation[step] = validation_loss(args, ctx, val_loader, seed, args.max_validation_steps)
+            with evaluation_weights(optimizer):
+                last_validation[step] = validation_loss(args, ctx, val_loader, seed, args.max_validation_steps)
             if is_main:
                 progress.write(f"validation loss {last_validation[step]:.4f} at step {step}")
         if is_main and args.log_with:
@@ -769,10 +773,11 @@ def train(args):
             except SamplingError as e:
                 logger.warning("%s; sampling with the prompts read before", e)
             model.vae.to(device, vae_dtype)
-            sample_images(model, sample_prompts, output_dir=args.output_dir, extra_modules=[network],
-                          output_name=args.output_name, epoch=epoch if at_epoch_end else None,
-                          step=None if at_epoch_end else step, device=device, clip_skip=args.clip_skip,
-                          sampler=args.sample_sampler, dtype=weight_dtype)
+            with evaluation_weights(optimizer):
+                sample_images(model, sample_prompts, output_dir=args.output_dir, extra_modules=[network],
+                              output_name=args.output_name, epoch=epoch if at_epoch_end else None,
+                              step=None if at_epoch_end else step, device=device, clip_skip=args.clip_skip,
+                              sampler=args.sample_sampler, dtype=weight_dtype)
             if args.cache_latents:
                 model.vae.to("cpu")
 
@@ -823,6 +828,9 @@ def train(args):
                 logs.update(apt.indicator.logs(indicator.tolist()))
             accelerator.log({"loss/current": values["loss"], "loss/average": loss_sum / loss_count, "loss/bad_steps": bad_steps,
                              **{f"lr/{g.get('name', i)}": lr for i, (g, lr) in enumerate(zip(optimizer.param_groups, lrs))},
+                             # D-Adaptation / Prodigy: the step size they use, d x lr (sd-scripts' lr/d*lr)
+                             **{f"lr/d*lr/{g.get('name', i)}": float(g["d"]) * lr
+                                for i, (g, lr) in enumerate(zip(optimizer.param_groups, lrs)) if "d" in g},
                              **logs}, step=at_step)
 
     with GracefulInterrupt() as stop:
@@ -904,8 +912,10 @@ def train(args):
             from library.sampling import prior_vs_lora_grid
 
             model.vae.to(device, vae_dtype)
-            grid = prior_vs_lora_grid(model, network, sample_prompts, seed=args.seed, upscale_to=128, device=device,
-                                      clip_skip=args.clip_skip, sampler=args.sample_sampler, dtype=weight_dtype)
+            with evaluation_weights(optimizer):
+                grid = prior_vs_lora_grid(model, network, sample_prompts, seed=args.seed, upscale_to=128,
+                                          device=device, clip_skip=args.clip_skip, sampler=args.sample_sampler,
+                                          dtype=weight_dtype)
             path = os.path.join(args.output_dir, f"{args.output_name}_grid.png")
             buf = io.BytesIO()
             grid.save(buf, format="PNG")

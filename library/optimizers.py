@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import difflib
 import importlib
 import logging
@@ -23,26 +24,30 @@ logger = logging.getLogger(__name__)
 
 OPTIMIZER_CHOICES = ("AdamW", "AdamW8bit", "SGDNesterov", "Adafactor")
 BNB_HINT = "a GPU extra: pip install -r requirements-gpu.txt, or use --optimizer_type AdamW"
-# sd-scripts optimizer names we do not build in, and the module path that gives the same class
-_SD_SCRIPTS_ONLY = {
-    "lion": ("lion_pytorch.Lion", "pip install lion-pytorch"),
-    "prodigy": ("prodigyopt.Prodigy", "pip install prodigyopt"),
-    "dadaptation": ("dadaptation.DAdaptAdamPreprint", "pip install dadaptation"),
-    "dadaptadam": ("dadaptation.DAdaptAdam", "pip install dadaptation"),
-    "dadaptadagrad": ("dadaptation.DAdaptAdaGrad", "pip install dadaptation"),
-    "dadaptadan": ("dadaptation.DAdaptAdan", "pip install dadaptation"),
-    "dadaptadanip": ("dadaptation.experimental.DAdaptAdanIP", "pip install dadaptation"),
-    "dadaptlion": ("dadaptation.DAdaptLion", "pip install dadaptation"),
-    "dadaptsgd": ("dadaptation.DAdaptSGD", "pip install dadaptation"),
-    "lion8bit": ("bitsandbytes.optim.Lion8bit", BNB_HINT),
-    "pagedlion8bit": ("bitsandbytes.optim.PagedLion8bit", BNB_HINT),
-    "pagedadamw": ("bitsandbytes.optim.PagedAdamW", BNB_HINT),
-    "pagedadamw8bit": ("bitsandbytes.optim.PagedAdamW8bit", BNB_HINT),
-    "pagedadamw32bit": ("bitsandbytes.optim.PagedAdamW32bit", BNB_HINT),
-    "sgdnesterov8bit": ("bitsandbytes.optim.SGD8bit --optimizer_args momentum=0.9 nesterov=True", BNB_HINT),
-    "radamschedulefree": ("schedulefree.RAdamScheduleFree", "pip install schedulefree"),
-    "adamwschedulefree": ("schedulefree.AdamWScheduleFree", "pip install schedulefree"),
-    "sgdschedulefree": ("schedulefree.SGDScheduleFree", "pip install schedulefree"),
+# sd-scripts' other --optimizer_type names: (class path, how to install it, constructor arguments they imply).
+# The packages are optional: a name works once its package is installed, and says how to install it otherwise.
+_DADAPT = "pip install dadaptation"
+_SF = "pip install schedulefree"
+NAMED_OPTIMIZERS = {
+    "lion": ("lion_pytorch.Lion", "pip install lion-pytorch", {}),
+    "prodigy": ("prodigyopt.Prodigy", "pip install prodigyopt", {}),
+    "dadaptation": ("dadaptation.experimental.DAdaptAdamPreprint", _DADAPT, {}),
+    "dadaptadampreprint": ("dadaptation.experimental.DAdaptAdamPreprint", _DADAPT, {}),
+    "dadaptadam": ("dadaptation.DAdaptAdam", _DADAPT, {}),
+    "dadaptadagrad": ("dadaptation.DAdaptAdaGrad", _DADAPT, {}),
+    "dadaptadan": ("dadaptation.DAdaptAdan", _DADAPT, {}),
+    "dadaptadanip": ("dadaptation.experimental.DAdaptAdanIP", _DADAPT, {}),
+    "dadaptlion": ("dadaptation.DAdaptLion", _DADAPT, {}),
+    "dadaptsgd": ("dadaptation.DAdaptSGD", _DADAPT, {}),
+    "lion8bit": ("bitsandbytes.optim.Lion8bit", BNB_HINT, {}),
+    "pagedlion8bit": ("bitsandbytes.optim.PagedLion8bit", BNB_HINT, {}),
+    "pagedadamw": ("bitsandbytes.optim.PagedAdamW", BNB_HINT, {}),
+    "pagedadamw8bit": ("bitsandbytes.optim.PagedAdamW8bit", BNB_HINT, {}),
+    "pagedadamw32bit": ("bitsandbytes.optim.PagedAdamW32bit", BNB_HINT, {}),
+    "sgdnesterov8bit": ("bitsandbytes.optim.SGD8bit", BNB_HINT, {"nesterov": True}),
+    "radamschedulefree": ("schedulefree.RAdamScheduleFree", _SF, {}),
+    "adamwschedulefree": ("schedulefree.AdamWScheduleFree", _SF, {}),
+    "sgdschedulefree": ("schedulefree.SGDScheduleFree", _SF, {}),
 }
 
 
@@ -85,10 +90,48 @@ def _import_optimizer_class(path: str):
     except ImportError as e:
         hint = BNB_HINT if module_name.split(".")[0] == "bitsandbytes" else f"install the package that provides {module_name}"
         raise TrainingSetupError(f"--optimizer_type {path} needs the module {module_name} ({e}): {hint}") from None
+    return _class_of(module, module_name, class_name, path)
+
+
+def _class_of(module, module_name: str, class_name: str, flag_value: str):
     cls = getattr(module, class_name, None)
     if cls is None:
-        raise TrainingSetupError(f"--optimizer_type {path}: the module {module_name} has no class {class_name}")
+        raise TrainingSetupError(f"--optimizer_type {flag_value}: the module {module_name} has no class {class_name}")
     return cls
+
+
+def _named_optimizer_class(optimizer_type: str):
+    """The class of one of sd-scripts' optional-package names (NAMED_OPTIMIZERS), or an error saying what to install."""
+    path, hint, _ = NAMED_OPTIMIZERS[optimizer_type.lower()]
+    module_name, class_name = path.rsplit(".", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise TrainingSetupError(f"--optimizer_type {optimizer_type} uses {path}, whose package is not installed "
+                                 f"({e}): {hint}, or choose one of {', '.join(OPTIMIZER_CHOICES)}") from None
+    return _class_of(module, module_name, class_name, optimizer_type)
+
+
+def is_schedule_free(optimizer) -> bool:
+    """A schedule-free optimizer (Defazio et al. 2024; sd-scripts' *ScheduleFree names): it steps one set of
+    weights and evaluates another, switched by its .train()/.eval(), and schedules the learning rate itself."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # under accelerate's AcceleratedOptimizer
+    return type(inner).__name__.lower().endswith("schedulefree") and callable(getattr(inner, "eval", None))
+
+
+@contextlib.contextmanager
+def evaluation_weights(optimizer):
+    """Within: the weights a schedule-free optimizer evaluates (its .eval()), for saving, sampling and validation,
+    as sd-scripts does; back to the ones it steps (.train()) after. Any other optimizer: nothing happens."""
+    if not is_schedule_free(optimizer):
+        yield
+        return
+    inner = getattr(optimizer, "optimizer", optimizer)
+    inner.eval()
+    try:
+        yield
+    finally:
+        inner.train()
 
 
 def _all_on_cuda(params) -> bool:
@@ -192,14 +235,23 @@ def get_optimizer(args, trainable_params) -> tuple[str, torch.optim.Optimizer]:
                     had_group_lr = (group.pop("lr", None) is not None) or had_group_lr
                 if had_group_lr:
                     logger.warning("Adafactor with relative_step ignores --unet_lr and --text_encoder_lr")
+                    args.unet_lr = args.text_encoder_lr = None  # as sd-scripts: the metadata says they were unused
             args.lr_scheduler = f"adafactor:{lr}"
-            lr = None
-    elif kind in _SD_SCRIPTS_ONLY:
-        path, hint = _SD_SCRIPTS_ONLY[kind]
-        raise TrainingSetupError(
-            f"--optimizer_type {optimizer_type} is an sd-scripts optimizer APT-LoRA does not build in; "
-            f"use --optimizer_type {path} ({hint}), or one of {', '.join(OPTIMIZER_CHOICES)}"
-        )
+            args.learning_rate = lr = None
+    elif kind in NAMED_OPTIMIZERS:
+        optimizer_class = _named_optimizer_class(optimizer_type)
+        implied = NAMED_OPTIMIZERS[kind][2]
+        if kind == "sgdnesterov8bit":
+            kwargs.setdefault("momentum", 0.9)
+        extra.update({k: v for k, v in implied.items() if k not in kwargs})
+        if kind.startswith("dadapt") or kind == "prodigy":  # sd-scripts' advice for learning-rate-free methods
+            if lr is not None and lr <= 0.1:
+                logger.warning(f"--optimizer_type {optimizer_type} estimates the step size itself and expects "
+                               f"--learning_rate around 1.0 (got {lr})")
+            group_lrs = {g.get("lr", lr) for g in trainable_params if isinstance(g, dict)}
+            if len(group_lrs) > 1:
+                logger.warning(f"--optimizer_type {optimizer_type}: several learning rates ({sorted(group_lrs)}) "
+                               "share one step-size estimate; the first group's drives it (sd-scripts warns alike)")
     else:
         optimizer_class = _import_optimizer_class(optimizer_type)
 
@@ -253,6 +305,10 @@ def _transformers_schedule(name, args, optimizer, warmup: int, total: int, num_p
         timescale = None if timescale is None else int(timescale) * num_processes
         return tro.get_inverse_sqrt_schedule(optimizer, num_warmup_steps=warmup, timescale=timescale, **kwargs)
     if name == "cosine_with_min_lr":
+        if min_ratio is None and ("min_lr" in kwargs or "min_lr_rate" in kwargs):  # sd-scripts passes them on
+            return tro.get_cosine_with_min_lr_schedule_with_warmup(optimizer, num_warmup_steps=warmup,
+                                                                   num_training_steps=total, num_cycles=cycles,
+                                                                   **kwargs)
         if min_ratio is None:
             raise TrainingSetupError("--lr_scheduler cosine_with_min_lr needs --lr_scheduler_min_lr_ratio (the floor "
                                      "as a fraction of the learning rate, e.g. 0.1)")
@@ -260,10 +316,10 @@ def _transformers_schedule(name, args, optimizer, warmup: int, total: int, num_p
                                                                num_training_steps=total, num_cycles=cycles,
                                                                min_lr_rate=min_ratio, **kwargs)
     decay = _schedule_steps(getattr(args, "lr_decay_steps", None), total, num_processes, "--lr_decay_steps")
-    if not decay or warmup + decay > total:
-        raise TrainingSetupError(f"--lr_scheduler warmup_stable_decay needs --lr_decay_steps (steps, a ratio or N%) "
-                                 f"that fit with the warmup in the {total // num_processes} steps (got warmup "
-                                 f"{warmup // num_processes}, decay {decay // num_processes})")
+    if warmup + decay > total:  # no --lr_decay_steps: 0, the rate stays up to the end (sd-scripts' default)
+        raise TrainingSetupError(f"--lr_scheduler warmup_stable_decay: the warmup and --lr_decay_steps must fit in "
+                                 f"the {total // num_processes} steps (got warmup {warmup // num_processes}, decay "
+                                 f"{decay // num_processes})")
     return tro.get_wsd_schedule(optimizer, num_warmup_steps=warmup, num_stable_steps=total - warmup - decay,
                                 num_decay_steps=decay, num_cycles=cycles, min_lr_ratio=min_ratio or 0.0, **kwargs)
 
@@ -347,8 +403,18 @@ def get_lr_scheduler(args, optimizer, num_training_steps: int, num_processes: in
         logger.warning(f"--lr_warmup_steps ({warmup_arg}) is longer than the training ({num_training_steps} steps)")
     sched_kwargs = parse_kv_args(getattr(args, "lr_scheduler_args", None), "--lr_scheduler_args")
 
+    if is_schedule_free(optimizer):  # sd-scripts: a do-nothing schedule; the optimizer has its own warmup
+        if name != "constant" or warmup_arg or getattr(args, "lr_scheduler_type", None):
+            logger.warning("a schedule-free optimizer sets its learning rate itself: --lr_scheduler, "
+                           "--lr_scheduler_type and --lr_warmup_steps are not used (its warmup: --optimizer_args "
+                           "warmup_steps=N)")
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     custom = getattr(args, "lr_scheduler_type", None)
     if custom:
+        if warmup:  # sd-scripts refuses this too: the class gets --lr_scheduler_args only
+            raise TrainingSetupError(f"--lr_scheduler_type {custom} is built from --lr_scheduler_args alone, so "
+                                     f"--lr_warmup_steps ({warmup_arg}) would not be used: drop it, or give the "
+                                     "schedule its own warmup argument")
         if "." in custom:
             module_name, class_name = custom.rsplit(".", 1)
             try:

@@ -221,7 +221,9 @@ def _training_args(p: argparse.ArgumentParser) -> None:
 
 def _optimizer_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimizer and schedule")
-    g.add_argument("--optimizer_type", type=str, default="AdamW", help="AdamW, AdamW8bit (bitsandbytes), SGDNesterov, Adafactor, or module.Class")
+    g.add_argument("--optimizer_type", type=str, default="AdamW", help="AdamW, AdamW8bit (bitsandbytes), SGDNesterov, Adafactor; sd-scripts' Lion, Prodigy, "
+                        "DAdapt*, Paged*, *ScheduleFree when their package is installed; a torch.optim name or "
+                        "module.Class")
     g.add_argument("--optimizer_args", type=str, default=None, nargs="*", help='"key=value" optimizer options')
     g.add_argument("--use_8bit_adam", action="store_true", help="legacy alias of --optimizer_type AdamW8bit")
     g.add_argument("--use_lion_optimizer", action="store_true", help="legacy alias of --optimizer_type Lion")

@@ -357,6 +357,45 @@ def test_sample_prompts_are_read_again_at_each_sampling(tiny, images, tmp_path, 
     assert seen == [] and "--sample_every_n_steps 0 is not positive: sampling at intervals is off" in caplog.text
 
 
+def test_schedule_free_optimizer_steps_in_train_mode_and_saves_and_samples_in_eval(tiny, images, tmp_path,
+                                                                                    monkeypatch, caplog):
+    """A schedule-free optimizer (here a stand-in, `--optimizer_type module.ClassScheduleFree`) is put in train mode
+    before the first step, and every save, sampling and validation sees its eval weights (sd-scripts'
+    optimizer_eval_fn / optimizer_train_fn); its learning rate is not scheduled."""
+    from networks.lora import LoRANetwork
+    import library.sampling as sampling
+
+    (tmp_path / "fake_sf.py").write_text(
+        "import torch\n"
+        "MODES = []\n"
+        "class FakeScheduleFree(torch.optim.SGD):\n"
+        "    mode = 'eval'\n"
+        "    def train(self):\n"
+        "        self.mode = 'train'; MODES.append('train')\n"
+        "    def eval(self):\n"
+        "        self.mode = 'eval'; MODES.append('eval')\n"
+        "    def step(self, closure=None):\n"
+        "        assert self.mode == 'train', 'stepped in eval mode'\n"
+        "        return super().step(closure)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import fake_sf
+
+    seen = []
+    save = LoRANetwork.save_weights
+    monkeypatch.setattr(LoRANetwork, "save_weights",
+                        lambda self, *a, **k: (seen.append(("save", fake_sf.MODES[-1])), save(self, *a, **k))[1])
+    monkeypatch.setattr(sampling, "sample_images", lambda *a, **k: seen.append(("sample", fake_sf.MODES[-1])) or [])
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a dog --w 64 --h 64 --s 1\n")
+    with caplog.at_level(logging.WARNING):
+        assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "out", "--optimizer_type",
+                      "fake_sf.FakeScheduleFree", "--lr_scheduler", "cosine", "--save_every_n_steps", "2",
+                      "--sample_prompts", str(prompts), "--sample_every_n_steps", "1") == 0
+    assert seen == [("sample", "eval"), ("save", "eval"), ("sample", "eval"), ("sample", "eval"), ("save", "eval")]
+    assert fake_sf.MODES[0] == "train" and fake_sf.MODES[-1] == "train"  # trained in train mode, left in it
+    assert "sets its learning rate itself" in caplog.text
+
+
 def test_sample_prior_grid_shows_prior_and_lora_at_the_same_seeds(tiny, images, tmp_path):
     """--sample_prior_grid: row 1 is the base model (LoRA off), row 2 the trained LoRA, same seed per column;
     the prior row equals a sample of the untouched base model; an existing grid needs --overwrite."""

@@ -318,6 +318,82 @@ def test_adafactor_relative_step_switches_schedule():
     name, opt = optim_lib.get_optimizer(args, params())
     assert name == "transformers.optimization.Adafactor(relative_step=False,scale_parameter=False)"
     assert opt.param_groups[0]["lr"] == 1e-3 and args.lr_scheduler == "constant_with_warmup"
+    # relative_step: the metadata says the learning rates were not used (sd-scripts sets them to None)
+    args = ns(optimizer_type="Adafactor", learning_rate=1e-3, unet_lr=1e-4, text_encoder_lr=5e-5)
+    optim_lib.get_optimizer(args, [{"params": params(), "lr": 1e-4}])
+    assert args.learning_rate is None and args.unet_lr is None and args.text_encoder_lr is None
+
+
+def _fake_package(monkeypatch, module_name: str, class_name: str, base=torch.optim.SGD):
+    """An optional optimizer package that is not installed here, stood in by a subclass of a torch optimizer."""
+    import types
+
+    module = types.ModuleType(module_name)
+    cls = type(class_name, (base,), {"__module__": module_name})
+    setattr(module, class_name, cls)
+    parts = module_name.split(".")
+    for i in range(1, len(parts)):  # parents too, so that import_module finds the dotted name
+        monkeypatch.setitem(sys.modules, ".".join(parts[:i]), sys.modules.get(".".join(parts[:i]),
+                                                                                types.ModuleType(".".join(parts[:i]))))
+    monkeypatch.setitem(sys.modules, module_name, module)
+    return cls
+
+
+@pytest.mark.parametrize("name, module, cls_name", [
+    ("Prodigy", "prodigyopt", "Prodigy"), ("DAdaptation", "dadaptation.experimental", "DAdaptAdamPreprint"),
+    ("DAdaptAdam", "dadaptation", "DAdaptAdam"), ("Lion", "lion_pytorch", "Lion"),
+    ("PagedAdamW8bit", "bitsandbytes.optim", "PagedAdamW8bit"), ("AdamWScheduleFree", "schedulefree", "AdamWScheduleFree"),
+])
+def test_sd_scripts_optimizer_names_build_the_installed_package(monkeypatch, caplog, name, module, cls_name):
+    """sd-scripts' names for optimizers of optional packages build that package's class when it is installed
+    (`ss_optimizer` names it as sd-scripts does), and say what to install when it is not."""
+    cls = _fake_package(monkeypatch, module, cls_name, base=torch.optim.Adam)
+    described, opt = optim_lib.get_optimizer(ns(optimizer_type=name, learning_rate=1.0,
+                                                optimizer_args=["weight_decay=0.01"]), params())
+    assert type(opt) is cls and described == f"{module}.{cls_name}(weight_decay=0.01)"
+    monkeypatch.setitem(sys.modules, module, None)  # not installed: import fails
+    with pytest.raises(TrainingSetupError, match=f"--optimizer_type {name} uses {module}.{cls_name}, whose package "
+                                                 "is not installed"):
+        optim_lib.get_optimizer(ns(optimizer_type=name, learning_rate=1.0), params())
+
+
+def test_learning_rate_free_optimizers_warn_as_sd_scripts_does(monkeypatch, caplog):
+    _fake_package(monkeypatch, "prodigyopt", "Prodigy")
+    with caplog.at_level("WARNING"):
+        optim_lib.get_optimizer(ns(optimizer_type="Prodigy", learning_rate=1e-4), params())
+        optim_lib.get_optimizer(ns(optimizer_type="Prodigy", learning_rate=1.0),
+                                [{"params": params(), "lr": 1.0}, {"params": params(), "lr": 0.5}])
+    assert "expects --learning_rate around 1.0 (got 0.0001)" in caplog.text
+    assert "several learning rates ([0.5, 1.0]) share one step-size estimate" in caplog.text
+    _fake_package(monkeypatch, "bitsandbytes.optim", "SGD8bit")
+    _, opt = optim_lib.get_optimizer(ns(optimizer_type="SGDNesterov8bit", learning_rate=0.1), params())
+    assert opt.param_groups[0]["nesterov"] is True and opt.param_groups[0]["momentum"] == 0.9
+
+
+def test_schedule_free_optimizers_schedule_themselves_and_switch_weights(monkeypatch, caplog):
+    """A schedule-free optimizer gets a do-nothing schedule (a warning if one was asked for), and
+    `evaluation_weights` switches it to the weights it evaluates and back; other optimizers are left alone."""
+    modes = []
+
+    class FakeScheduleFree(torch.optim.SGD):
+        def train(self):
+            modes.append("train")
+
+        def eval(self):
+            modes.append("eval")
+
+    opt = FakeScheduleFree(params(), lr=0.5)
+    assert optim_lib.is_schedule_free(opt) and not optim_lib.is_schedule_free(torch.optim.SGD(params(), lr=1))
+    with caplog.at_level("WARNING"):
+        sched = optim_lib.get_lr_scheduler(ns(lr_scheduler="cosine", lr_warmup_steps=5), opt, 10)
+    assert "sets its learning rate itself" in caplog.text
+    assert _lrs(sched, [0, 5, 9]) == [0.5, 0.5, 0.5]
+    with optim_lib.evaluation_weights(opt):
+        assert modes == ["eval"]
+    assert modes == ["eval", "train"]
+    with optim_lib.evaluation_weights(torch.optim.SGD(params(), lr=1)):
+        pass
+    assert modes == ["eval", "train"]
 
 
 def test_torch_and_module_path_optimizers():
@@ -346,8 +422,8 @@ def test_optimizer_errors():
         optim_lib.get_optimizer(ns(optimizer_type="AdamX", learning_rate=1e-4), params())
     with pytest.raises(TrainingSetupError, match="did you mean RAdam"):
         optim_lib.get_optimizer(ns(optimizer_type="radam", learning_rate=1e-4), params())
-    with pytest.raises(TrainingSetupError, match="prodigyopt.Prodigy"):
-        optim_lib.get_optimizer(ns(optimizer_type="Prodigy", learning_rate=1.0), params())
+    with pytest.raises(TrainingSetupError, match="prodigyopt.Prodigy.*pip install prodigyopt"):
+        optim_lib.get_optimizer(ns(optimizer_type="Prodigy", learning_rate=1.0), params())  # not installed here
     with pytest.raises(TrainingSetupError, match="no_such_pkg"):
         optim_lib.get_optimizer(ns(optimizer_type="no_such_pkg.Opt", learning_rate=1.0), params())
     with pytest.raises(TrainingSetupError, match="key=value"):
@@ -453,10 +529,20 @@ def test_custom_scheduler_class_and_schedule_errors():
     sched = optim_lib.get_lr_scheduler(ns(lr_scheduler_type="LinearLR",
                                           lr_scheduler_args=["start_factor=0.5", "total_iters=2"]), opt, 10)
     assert _lrs(sched, [0, 1, 2, 5]) == pytest.approx([0.5, 0.75, 1.0, 1.0])
+    # as sd-scripts: no --lr_decay_steps is a decay of 0 (warmup, then the full rate to the end) ...
+    _, opt = optim_lib.get_optimizer(ns(learning_rate=1.0), params())
+    sched = optim_lib.get_lr_scheduler(ns(lr_scheduler="warmup_stable_decay", lr_warmup_steps=2), opt, 10)
+    assert _lrs(sched, [0, 1, 2, 9]) == pytest.approx([0.0, 0.5, 1.0, 1.0])
+    # ... and cosine_with_min_lr takes transformers' min_lr from --lr_scheduler_args
+    _, opt = optim_lib.get_optimizer(ns(learning_rate=1.0), params())
+    sched = optim_lib.get_lr_scheduler(ns(lr_scheduler="cosine_with_min_lr", lr_warmup_steps=0,
+                                          lr_scheduler_args=["min_lr=0.1"]), opt, 10)
+    assert _lrs(sched, [0, 5, 9]) == pytest.approx([1.0, 0.55, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.9))])
     for kw, message in (({"lr_scheduler": "cosine_with_min_lr"}, "needs --lr_scheduler_min_lr_ratio"),
-                        ({"lr_scheduler": "warmup_stable_decay"}, "needs --lr_decay_steps"),
                         ({"lr_scheduler": "warmup_stable_decay", "lr_warmup_steps": 6, "lr_decay_steps": 5},
                          "got warmup 6, decay 5"),
+                        ({"lr_scheduler_type": "LinearLR", "lr_warmup_steps": 3},
+                         "would not be used: drop it"),
                         ({"lr_scheduler_type": "NoSuchLR"}, "not a torch.optim.lr_scheduler class")):
         _, opt = optim_lib.get_optimizer(ns(learning_rate=1.0), params())
         with pytest.raises(TrainingSetupError, match=message):
