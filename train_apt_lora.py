@@ -547,6 +547,15 @@ def train(args):
     check_noise_and_loss_args(args, v_param)
     user_config = config_util.load_dataset_config(args.dataset_config) if args.dataset_config else None
     blueprints = config_util.generate_blueprint(user_config, args, config_path=args.dataset_config, is_sdxl=is_sdxl)
+    if args.cache_text_encoder_outputs:  # one stored output per caption string: varying captions never repeat
+        for sub in (sub for bp in blueprints for sub in bp.subsets):
+            varying = [k for k, on in (("shuffle_caption", sub.shuffle_caption),
+                                       ("caption_tag_dropout_rate", sub.caption_tag_dropout_rate > 0)) if on]
+            if varying:
+                raise train_util.TrainingSetupError(
+                    f"{sub.where}: {varying[0]} makes a new caption at almost every step, and "
+                    "--cache_text_encoder_outputs keeps one encoding per caption, so the cache would only grow (as "
+                    "sd-scripts, this is refused): turn it off for this subset, or drop the cache")
     if args.masked_loss and not any(sub.alpha_mask for bp in blueprints for sub in bp.subsets):
         raise train_util.TrainingSetupError(
             "--masked_loss weights the loss by masks, and here they come from the images' alpha channel: set "

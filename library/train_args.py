@@ -120,7 +120,9 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache_latents_to_disk", action="store_true", help="cache latents in <image>_<W>x<H>_sd.safetensors files beside the images")
     g.add_argument("--vae_batch_size", type=int, default=1)
     g.add_argument("--cache_text_encoder_outputs", action="store_true",
-                   help="encode each caption once (needs --network_train_unet_only and fixed captions)")
+                   help="encode each caption once, as processed (prefix, suffix, wildcard pick, dropout); needs "
+                        "--network_train_unet_only, and refuses shuffle_caption and caption_tag_dropout_rate, "
+                        "whose captions rarely repeat")
     g.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true",
                    help="sd-scripts' disk cache of them: implies --cache_text_encoder_outputs, kept in memory here "
                         "(a dataset's captions take little)")

@@ -441,6 +441,22 @@ def test_trainer_bad_data_gives_one_clear_error(tiny_sd1, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_text_encoder_cache_refuses_captions_that_change_every_step(tiny_sd1, tmp_path, capsys):
+    """--cache_text_encoder_outputs keeps one encoding per caption string: shuffled or tag-dropped captions would
+    make it grow without bound, so (as sd-scripts) the run is refused before the model loads, naming the subset."""
+    d = tmp_path / "imgs"
+    rgb(d / "a.png")
+    cache = ("--network_train_unet_only", "--cache_text_encoder_outputs")
+    rc, err = _main(capsys, tiny_sd1, _toml(tmp_path, d, caption_tag_dropout_rate=0.1), tmp_path / "out", *cache)
+    assert rc == 2 and "datasets[0].subsets[0]" in err and "caption_tag_dropout_rate makes a new caption" in err
+    toml = _toml(tmp_path, d)
+    with open(toml, "a", encoding="utf-8") as f:
+        f.write("  shuffle_caption = true\n")
+    rc, err = _main(capsys, tiny_sd1, toml, tmp_path / "out", *cache)
+    assert rc == 2 and "shuffle_caption makes a new caption" in err and not (tmp_path / "out").exists()
+    assert _main(capsys, tiny_sd1, toml, tmp_path / "out")[0] == 0  # without the cache it trains
+
+
 def test_trainer_foreign_network_weights(tiny_sd1, tmp_path, capsys):
     import safetensors.torch
 
