@@ -55,7 +55,7 @@ def plain_step(args, ctx, batch):
     cond = ctx.encode_text(batch["captions"])
     time_ids = None
     if model.is_sdxl:
-        time_ids = sdxl_time_ids(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]).to(device, weight_dtype)
+        time_ids = sdxl_time_ids(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]).to(device)
 
     pred, _ = ctx.unet_pass(noisy_latents.to(weight_dtype), timesteps, cond, time_ids)
     target = get_target(model.noise_scheduler, latents, noise, timesteps)

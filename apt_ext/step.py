@@ -292,7 +292,7 @@ def prepare_step(args, ctx, batch, apt: APT) -> StepInputs:
     target = get_target(model.noise_scheduler, latents, noise, timesteps).float()
     time_ids = None
     if model.is_sdxl:  # size conditioning is left unchanged by the augmentation (§2.2)
-        time_ids = sdxl_time_ids(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]).to(device, weight_dtype)
+        time_ids = sdxl_time_ids(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]).to(device)
 
     prior_captions = class_prompts(batch["captions"], batch["class_tokens"], batch["prior_class_tokens"])
     # prior pass: the base model (LoRA multiplier 0 on UNet and text encoders), class prompt c, no grad

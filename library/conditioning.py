@@ -315,7 +315,8 @@ def unet_forward(model, noisy_latents: torch.Tensor, timesteps, cond: TextCondit
             raise ValueError("SDXL needs time_ids: build them with sdxl_time_ids(original_sizes_hw, crop_top_lefts, target_sizes_hw)")
         kwargs["added_cond_kwargs"] = {
             "text_embeds": cond.pooled.to(device=dev, dtype=dtype),
-            "time_ids": time_ids.to(device=dev, dtype=dtype),
+            # float32, as sd-scripts embeds them: bf16 would round the sizes (1500 -> 1504) before the sinusoid
+            "time_ids": time_ids.to(device=dev, dtype=torch.float32),
         }
     return unet(noisy_latents, timesteps, encoder_hidden_states=context, **kwargs).sample
 

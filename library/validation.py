@@ -60,7 +60,7 @@ def validation_loss(args, ctx, loader, seed: int, max_batches: int | None = None
                 time_ids = None
                 if model.is_sdxl:
                     time_ids = sdxl_time_ids(batch["original_sizes_hw"], batch["crop_top_lefts"],
-                                             batch["target_sizes_hw"]).to(device, ctx.weight_dtype)
+                                             batch["target_sizes_hw"]).to(device)
                 bsz = latents.shape[0]
                 for t in timesteps:
                     t = torch.full((bsz,), t, dtype=torch.long, device=device)

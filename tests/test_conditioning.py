@@ -272,3 +272,18 @@ def test_unet_forward(models, arch):
         out16 = unet_forward(m, x, t, cond.to(dtype=torch.float64), ids_a if arch == "sdxl" else None)
     assert out.shape == x.shape and torch.isfinite(out).all()
     torch.testing.assert_close(out16, out)
+
+
+def test_sdxl_sizes_reach_the_unet_in_float32_under_bf16():
+    """sd-scripts embeds the size conditioning from exact float32 values; a bf16 cast first would round them
+    (1500 -> 1504, 1195 -> 1192) and change the sinusoids. The UNet's time projection sees the exact sizes."""
+    m = build_tiny_model("sdxl")
+    m.unet.to(torch.bfloat16)
+    seen = []
+    m.unet.add_time_proj.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    ids = sdxl_time_ids([[1500, 1195]], [[10, 0]], [[1216, 832]])
+    assert torch.tensor(1500.0, dtype=torch.bfloat16).item() == 1504  # what a bf16 cast would have given
+    with torch.no_grad():
+        cond = encode_prompts(m, ["a dog"])
+        unet_forward(m, torch.randn(1, 4, 8, 8, dtype=torch.bfloat16), torch.tensor([10]), cond, ids)
+    assert seen[0].dtype == torch.float32 and seen[0].tolist() == [1500, 1195, 10, 0, 1216, 832]
