@@ -613,6 +613,7 @@ def _check_dataset_values(bp: DatasetBlueprint, v: dict, w: dict) -> None:
         if v[name] < 1:
             raise ConfigError(f"{w[name]} = {v[name]}: must be at least 1.")
     if bp.enable_bucket:
+        _snap_bucket_limits(bp, w)
         if bp.bucket_reso_steps > min(bp.resolution):
             raise ConfigError(f"{bp.where}: bucket_reso_steps ({bp.bucket_reso_steps}, {w['bucket_reso_steps']}) is "
                               f"larger than the resolution's smaller side ({min(bp.resolution)}), so no bucket fits. "
@@ -633,6 +634,23 @@ def _check_dataset_values(bp: DatasetBlueprint, v: dict, w: dict) -> None:
     if bp.resize_interpolation is not None and bp.resize_interpolation not in RESIZE_INTERPOLATIONS:
         raise ConfigError(f"{w['resize_interpolation']} = {bp.resize_interpolation!r}: unknown interpolation; use one "
                           f"of {', '.join(RESIZE_INTERPOLATIONS)}.")
+
+
+def _snap_bucket_limits(bp: DatasetBlueprint, w: dict) -> None:
+    """sd-scripts' adjust_min_max_bucket_reso_by_steps: min_bucket_reso rounded down and max_bucket_reso up to a
+    multiple of bucket_reso_steps, with a warning, so that every bucket side is one (300 would give 300-wide
+    buckets, which latents cannot have)."""
+    steps = bp.bucket_reso_steps
+    if bp.min_bucket_reso % steps:
+        snapped = max(steps, bp.min_bucket_reso - bp.min_bucket_reso % steps)
+        logger.warning(f"{w['min_bucket_reso']} = {bp.min_bucket_reso} is not a multiple of bucket_reso_steps "
+                       f"({steps}): using {snapped}, as sd-scripts does.")
+        bp.min_bucket_reso = snapped
+    if bp.max_bucket_reso % steps:
+        snapped = bp.max_bucket_reso + steps - bp.max_bucket_reso % steps
+        logger.warning(f"{w['max_bucket_reso']} = {bp.max_bucket_reso} is not a multiple of bucket_reso_steps "
+                       f"({steps}): using {snapped}, as sd-scripts does.")
+        bp.max_bucket_reso = snapped
 
 
 def _check_subset_values(s: SubsetBlueprint, w: dict, is_db: bool) -> None:

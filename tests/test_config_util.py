@@ -285,6 +285,23 @@ def test_ignored_keys_are_accepted(caplog):
     assert bp.subsets[0].cache_info
 
 
+def test_bucket_limits_snap_to_the_step_as_sd_scripts(caplog):
+    """min_bucket_reso is rounded down and max_bucket_reso up to a multiple of bucket_reso_steps (with a warning),
+    so every bucket side is one; the snapped min may then fit a resolution the raw value did not (520 at 512)."""
+    cfg = {"general": {"resolution": 512, "enable_bucket": True, "min_bucket_reso": 520, "max_bucket_reso": 1000},
+           "datasets": [{"subsets": [{"image_dir": "/a"}]}]}
+    with caplog.at_level(logging.WARNING):
+        (bp,) = generate_blueprint(cfg, ns(), config_path="d.toml")
+    assert (bp.min_bucket_reso, bp.max_bucket_reso) == (512, 1024)
+    assert "`general.min_bucket_reso` in d.toml = 520 is not a multiple of bucket_reso_steps (64): using 512" in caplog.text
+    from library.buckets import make_bucket_resolutions
+
+    cfg["general"].update(min_bucket_reso=300)
+    (bp,) = generate_blueprint(cfg, ns())
+    assert bp.min_bucket_reso == 256
+    assert all(w % 64 == 0 and h % 64 == 0 for w, h in make_bucket_resolutions((512, 512), 256, 1024, 64))
+
+
 @pytest.mark.parametrize("general, needle", [
     ({"enable_bucket": True, "min_bucket_reso": 1024}, "min_bucket_reso"),
     ({"enable_bucket": True, "max_bucket_reso": 256}, "max_bucket_reso"),

@@ -184,14 +184,15 @@ def test_skip_image_resolution_in_finetuning_datasets(tmp_path):
 
 def test_batches_within_buckets_and_epoch_shuffle(tmp_path):
     d = tmp_path / "train"
-    sizes = [(128, 64), (130, 60), (64, 128), (64, 64), (70, 66)]
+    sizes = [(256, 128), (260, 120), (128, 256), (128, 128), (140, 132)]
     for i, (w, h) in enumerate(sizes):
         img(d / f"{i}.png", w, h, seed=i)
-    kw = dict(general={"resolution": 64, "enable_bucket": True, "min_bucket_reso": 32, "max_bucket_reso": 128,
+    kw = dict(general={"resolution": 128, "enable_bucket": True, "min_bucket_reso": 64, "max_bucket_reso": 256,
                        "bucket_reso_steps": 64, "batch_size": 2, "num_repeats": 3})
     g = group([{"image_dir": str(d), "class_tokens": "x"}], **kw)
-    # area 64*64, widths 32 and 96 (step 64) -> buckets (32, 128), (64, 64), (128, 32); 64x128 goes to (32, 128)
-    assert g.datasets[0].resos == [(32, 128), (64, 64)]
+    # area 128*128, sides 64..256 in steps of 64 -> (64, 192), (64, 256), (128, 128), (192, 64), (256, 64);
+    # by aspect ratio 128x256 goes to (64, 192), the wide pair splits between (192, 64) and (128, 128)
+    assert g.datasets[0].resos == [(64, 192), (128, 128), (192, 64)]
     assert len(g) == sum(-(-n // 2) for n in [len(b) for b in g.datasets[0].buckets])
     seen = []
     for i in range(len(g)):
