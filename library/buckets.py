@@ -17,7 +17,9 @@ _PIL_FILTERS = {
     "linear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
     "cubic": Image.Resampling.BICUBIC,
-    "area": Image.Resampling.BOX,  # PIL's BOX resize is the exact pixel-area average, like cv2.INTER_AREA
+    # PIL's BOX resize is a pixel-area average as cv2.INTER_AREA (sd-scripts' default down) is; at non-integer
+    # ratios they differ by a few levels (PIL rounds between its two passes): no OpenCV dependency for that
+    "area": Image.Resampling.BOX,
     "box": Image.Resampling.BOX,
 }
 
