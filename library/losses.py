@@ -87,9 +87,11 @@ def per_sample_loss(pred, target, loss_type: str = "l2", huber_c=0.1, mask=None)
 
 
 def snr_of(noise_scheduler, timesteps) -> torch.Tensor:
-    """SNR(t) = ᾱ_t / (1 − ᾱ_t) (float32, on the timesteps' device), computed as sd-scripts' `all_snr` = (√ᾱ/√(1−ᾱ))²."""
+    """SNR(t) = ᾱ_t / (1 − ᾱ_t) (float32, on the timesteps' device), computed as sd-scripts' `all_snr` = (√ᾱ/√(1−ᾱ))²,
+    with --zero_terminal_snr from the schedule before its rescale, as that table is (`snr_alphas_cumprod`)."""
     t = torch.as_tensor(timesteps).long()
-    ac = alphas_cumprod_on(noise_scheduler, t.device)[t]
+    attr = "snr_alphas_cumprod" if getattr(noise_scheduler, "snr_alphas_cumprod", None) is not None else "alphas_cumprod"
+    ac = alphas_cumprod_on(noise_scheduler, t.device, attr)[t]
     return (torch.sqrt(ac) / torch.sqrt(1.0 - ac)) ** 2
 
 

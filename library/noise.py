@@ -17,18 +17,19 @@ from library.train_util import TrainingSetupError, _arg
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def alphas_cumprod_on(noise_scheduler, device) -> torch.Tensor:
+def alphas_cumprod_on(noise_scheduler, device, attr: str = "alphas_cumprod") -> torch.Tensor:
     """ᾱ (float32) on `device`, copied there once and kept beside the scheduler (rebuilt if its ᾱ is replaced, as
     --zero_terminal_snr does). The step indexes it with device timesteps: diffusers' add_noise moves ᾱ to the
-    latents' device on every call and sd-scripts moves it back, two copies that each make the host wait (issue 6)."""
+    latents' device on every call and sd-scripts moves it back, two copies that each make the host wait (issue 6).
+    `attr="snr_alphas_cumprod"`: the ᾱ the SNR loss weights use (`snr_alphas_cumprod`)."""
     from library.transfer import to_device
 
     device = torch.device(device)
-    ac = noise_scheduler.alphas_cumprod
-    source, copies = getattr(noise_scheduler, "_apt_alphas_cumprod", (None, {}))
+    ac = getattr(noise_scheduler, attr)
+    source, copies = getattr(noise_scheduler, f"_apt_{attr}", (None, {}))
     if source is not ac:
         source, copies = ac, {}
-        noise_scheduler._apt_alphas_cumprod = (source, copies)
+        setattr(noise_scheduler, f"_apt_{attr}", (source, copies))
     if device not in copies:
         copies[device] = to_device(ac.detach(), device, torch.float32)
     return copies[device]
@@ -171,7 +172,13 @@ def get_target(noise_scheduler, latents, noise, timesteps) -> torch.Tensor:
 
 
 def fix_noise_scheduler_betas_for_zero_terminal_snr(noise_scheduler) -> None:
-    """`--zero_terminal_snr` (arXiv 2305.08891): rescale betas so that ᾱ_T = 0, as sd-scripts does in place."""
+    """`--zero_terminal_snr` (arXiv 2305.08891): rescale betas so that ᾱ_T = 0, as sd-scripts does in place.
+
+    The SNR loss weights (min-SNR, debiased, v-pred-like, scale-v) keep the schedule's ᾱ from before the rescale
+    (`snr_alphas_cumprod`), as in sd-scripts, whose `all_snr` table is made before it: the weights users tuned
+    there, and finite at t = T where the rescaled SNR is 0 (1/√SNR would be infinite)."""
+    if getattr(noise_scheduler, "snr_alphas_cumprod", None) is None:
+        noise_scheduler.snr_alphas_cumprod = noise_scheduler.alphas_cumprod.clone()
     betas = noise_scheduler.betas
     alphas_bar_sqrt = (1 - betas).cumprod(0).sqrt()
     a0 = alphas_bar_sqrt[0].clone()

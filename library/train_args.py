@@ -218,7 +218,10 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--huber_schedule", type=str, default="snr", choices=["constant", "exponential", "snr"])
     g.add_argument("--huber_c", type=float, default=0.1)
     g.add_argument("--huber_scale", type=float, default=1.0)
-    g.add_argument("--zero_terminal_snr", action="store_true", help="rescale the noise schedule to zero terminal SNR")
+    g.add_argument("--zero_terminal_snr", action="store_true",
+                   help="rescale the noise schedule to zero terminal SNR (for v-prediction); as in sd-scripts, the "
+                        "SNR loss weights (--min_snr_gamma, --debiased_estimation_loss, ...) keep the schedule from "
+                        "before the rescale")
 
 
 def _optimizer_args(p: argparse.ArgumentParser) -> None:

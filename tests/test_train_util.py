@@ -723,3 +723,11 @@ def test_zero_terminal_snr():
     assert float(sched.alphas_cumprod[0]) == pytest.approx(first, rel=1e-5)
     w = loss_lib.apply_snr_weight(torch.ones(2), torch.tensor([0, 999]), sched, 5.0, v_prediction=False)
     assert torch.isfinite(w).all() and float(w[1]) == 1.0
+    # the SNR weights keep the schedule from before the rescale, as sd-scripts' all_snr table (made before it) does;
+    # by hand from the SD schedule: SNR(900) = 0.014354, SNR(999) = 0.004682 (rescaled: 0.002969 and 0)
+    t = torch.tensor([900, 999])
+    assert loss_lib.snr_of(sched, t).tolist() == pytest.approx([0.014354, 0.004682], rel=1e-3)
+    v = loss_lib.apply_snr_weight(torch.ones(2), t, sched, 5.0, v_prediction=True)
+    assert v.tolist() == pytest.approx([0.014354 / 1.014354, 0.004682 / 1.004682], rel=1e-3)
+    debiased = loss_lib.apply_debiased_estimation(torch.ones(2), t, sched, v_prediction=False)
+    assert debiased.tolist() == pytest.approx([0.014354 ** -0.5, 0.004682 ** -0.5], rel=1e-3)  # finite at t = T
