@@ -775,12 +775,18 @@ def train(args):
             or (not args.sample_every_n_epochs and args.sample_every_n_steps and not at_epoch_end
                 and step > 0 and step % args.sample_every_n_steps == 0))
         if due:
-            from library.sampling import SamplingError, parse_prompt_file, sample_images
+            from library.sampling import parse_prompt_file, sample_images
 
             try:  # read again at each sampling, as sd-scripts does, so that the prompts can be edited during a run
-                sample_prompts = parse_prompt_file(args.sample_prompts, default_size=1024 if is_sdxl else 512)
-            except SamplingError as e:
-                logger.warning("%s; sampling with the prompts read before", e)
+                fresh = parse_prompt_file(args.sample_prompts, default_size=1024 if is_sdxl else 512)
+            except (ValueError, OSError) as e:  # SamplingError, a file that is not UTF-8, or one being rewritten
+                logger.warning("%s: %s; sampling with the prompts read before", args.sample_prompts, e)
+            else:
+                if fresh:
+                    sample_prompts = fresh
+                else:  # an editor that truncates before it writes, or every line commented out for now
+                    logger.warning("%s holds no prompt now; sampling with the prompts read before",
+                                   args.sample_prompts)
             model.vae.to(device, vae_dtype)
             with evaluation_weights(optimizer):
                 sample_images(model, sample_prompts, output_dir=args.output_dir, extra_modules=[network],

@@ -202,7 +202,8 @@ class _Dataset:
     def _images_of(self, subset: SubsetBlueprint) -> list[tuple[str, tuple[int, int]]]:
         """(path, size) of the readable images of this side of the subset's split. The split is taken over the
         folder's files before any is opened, so the train and validation groups each open (and warn about) only
-        their own images."""
+        their own images; with skip_image_resolution every file is opened first, so that the small ones leave
+        before the split (as in sd-scripts) and the split's fraction is of the images kept."""
         image_dir = subset.image_dir
         if not os.path.isdir(image_dir):
             problem = "not a folder" if os.path.exists(image_dir) else "folder not found"
@@ -212,27 +213,28 @@ class _Dataset:
         if not paths:
             raise _dir_error(subset, image_dir, "no images (png, jpg, jpeg, webp, bmp) directly in this folder",
                              "Put the images in it (subfolders are not searched), or remove this subset.")
-        chosen = paths if subset.is_reg else self._take(paths)
         side = f" for {self.split}" if self.split and self.bp.validation_split > 0 and not subset.is_reg else ""
-        found, readable = [], 0
-        for p in chosen:
-            probed = _probe_image(p, self.bp.max_image_pixels)
-            if probed is None:
-                continue
-            readable += 1
-            if self._too_small(probed[0]):
-                continue
-            found.append((p, probed[0]))
-            if probed[1] and not subset.alpha_mask:
-                self.transparent.append(p)
-        if chosen and not readable:
-            raise _dir_error(subset, image_dir, f"none of its {len(chosen)} images{side} can be read",
+        take = (lambda items: items) if subset.is_reg else self._take
+        if self.bp.skip_image_resolution is None:  # only this side's files are opened
+            chosen = take(paths)
+            probed = [(p, pr) for p in chosen if (pr := _probe_image(p, self.bp.max_image_pixels)) is not None]
+            opened, kept = len(chosen), probed
+        else:  # small images leave before the split, as in sd-scripts, so the split's fraction holds
+            probed = [(p, pr) for p in paths if (pr := _probe_image(p, self.bp.max_image_pixels)) is not None]
+            opened, kept = len(paths), [(p, pr) for p, pr in probed if not self._too_small(pr[0])]
+            if len(kept) < len(probed):
+                w, h = self.bp.skip_image_resolution
+                logger.info(f"{subset.where}: {len(probed) - len(kept)} of its {len(probed)} images left out by "
+                            f"skip_image_resolution {w}x{h} (an original area of at most {w * h} pixels)")
+            kept = take(kept)
+        if opened and not probed:
+            side = side if self.bp.skip_image_resolution is None else ""
+            raise _dir_error(subset, image_dir, f"none of its {opened} images{side} can be read",
                              "See the warnings above; re-save the images.")
-        if len(found) < readable:
-            w, h = self.bp.skip_image_resolution
-            logger.info(f"{subset.where}: {readable - len(found)} of its {readable} images{side} left out by "
-                        f"skip_image_resolution {w}x{h} (an original area of at most {w * h} pixels)")
-        return found
+        for p, (_, transparent) in kept:
+            if transparent and not subset.alpha_mask:
+                self.transparent.append(p)
+        return [(p, size) for p, (size, _) in kept]
 
     def _too_small(self, size: tuple[int, int]) -> bool:
         """skip_image_resolution (sd-scripts): an image whose original area is at most the key's is left out, so

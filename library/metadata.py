@@ -225,6 +225,7 @@ def build_training_metadata(
             network_alpha = getattr(args, "network_alpha", None)
     if network_args is None:
         network_args = getattr(args, "network_args", None)
+    batches_given = num_batches_per_epoch is not None  # the caller's (per process) wins over the dataset's total
     if dataset_group is not None:
         if num_train_images is None:
             num_train_images = getattr(dataset_group, "num_train_images", None)
@@ -294,7 +295,7 @@ def build_training_metadata(
             }
         )
     if dataset_metadata:
-        md.update(dataset_metadata)
+        md.update({k: v for k, v in dataset_metadata.items() if not (batches_given and k == "ss_num_batches_per_epoch")})
 
     net_kwargs = _network_args_dict(network_args)
     if net_kwargs:

@@ -333,7 +333,8 @@ def load_model(path, *, v2=None, v_parameterization=None, sdxl=None, tokenizer_p
 
 def probe_model(path, *, v2=None, v_parameterization=None, sdxl=None, allow_pickle=False) -> tuple[str, bool]:
     """(arch, v-prediction) of the model `load_model` would load, from the file's header or the folder's configs:
-    no weights are read, so a run can check its dataset (and --debug_dataset can run) before the multi-GB load.
+    no weights are read (but for a pickle checkpoint, which has no header and is loaded whole), so a run can check
+    its dataset (and --debug_dataset can run) before the multi-GB load.
     Raises the same ModelLoadError as load_model for a missing, refused or unsupported model."""
     path = os.fspath(path)
     if os.path.isdir(path):

@@ -245,13 +245,15 @@ def get_optimizer(args, trainable_params) -> tuple[str, torch.optim.Optimizer]:
             kwargs.setdefault("momentum", 0.9)
         extra.update({k: v for k, v in implied.items() if k not in kwargs})
         if kind.startswith("dadapt") or kind == "prodigy":  # sd-scripts' advice for learning-rate-free methods
-            if lr is not None and lr <= 0.1:
-                logger.warning(f"--optimizer_type {optimizer_type} estimates the step size itself and expects "
-                               f"--learning_rate around 1.0 (got {lr})")
-            group_lrs = {g.get("lr", lr) for g in trainable_params if isinstance(g, dict)}
-            if len(group_lrs) > 1:
-                logger.warning(f"--optimizer_type {optimizer_type}: several learning rates ({sorted(group_lrs)}) "
-                               "share one step-size estimate; the first group's drives it (sd-scripts warns alike)")
+            group_lrs = [g.get("lr", lr) for g in trainable_params if isinstance(g, dict)] or [lr]
+            first = group_lrs[0]  # the rate that drives the estimate, as sd-scripts checks it
+            if first is not None and first <= 0.1:
+                logger.warning(f"--optimizer_type {optimizer_type} estimates the step size itself and expects a "
+                               f"learning rate around 1.0 (got {first})")
+            distinct = sorted({r for r in group_lrs if r is not None})
+            if len(distinct) > 1:
+                logger.warning(f"--optimizer_type {optimizer_type}: several learning rates ({distinct}) share one "
+                               "step-size estimate; the first group's drives it (sd-scripts warns alike)")
     else:
         optimizer_class = _import_optimizer_class(optimizer_type)
 

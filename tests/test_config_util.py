@@ -299,7 +299,10 @@ def test_bucket_limits_snap_to_the_step_as_sd_scripts(caplog):
     cfg["general"].update(min_bucket_reso=300)
     (bp,) = generate_blueprint(cfg, ns())
     assert bp.min_bucket_reso == 256
-    assert all(w % 64 == 0 and h % 64 == 0 for w, h in make_bucket_resolutions((512, 512), 256, 1024, 64))
+    sides = lambda resos: {s for wh in resos for s in wh}  # noqa: E731
+    assert 300 in sides(make_bucket_resolutions((512, 512), 300, 1024, 64))  # what the raw value would give
+    assert all(s % 64 == 0 for s in sides(make_bucket_resolutions((512, 512), bp.min_bucket_reso,
+                                                                  bp.max_bucket_reso, 64)))
 
 
 @pytest.mark.parametrize("general, needle", [

@@ -168,6 +168,24 @@ def test_skip_image_resolution_leaves_out_small_originals(tmp_path, caplog):
         group([{**subsets[0], "skip_image_resolution": 64}])  # a dataset key, as in sd-scripts
 
 
+def test_skip_image_resolution_applies_before_the_validation_split(tmp_path):
+    """Small images leave before the split (sd-scripts' order), so the held-out fraction is of the images kept:
+    10 files, 5 small, split 0.2 -> 4 trained and 1 held out, a large one, for every seed."""
+    d = tmp_path / "t"
+    for i in range(10):
+        img(d / f"{i}.png", *((80, 80) if i % 2 else (48, 48)), seed=i)
+    for seed in range(6):
+        cfg = {"general": {"resolution": 64, "enable_bucket": True, "min_bucket_reso": 64, "max_bucket_reso": 128},
+               "datasets": [{"validation_split": 0.2, "skip_image_resolution": 64,
+                             "subsets": [{"image_dir": str(d), "class_tokens": "x"}]}]}
+        bps = generate_blueprint(cfg, argparse.Namespace(), config_path="test.toml")
+        train, val = (build_dataset_group(bps, is_sdxl=False, seed=seed, split=s) for s in ("train", "validation"))
+        held = [k for ds in val.datasets for k in ds.images]
+        kept = [k for ds in train.datasets for k in ds.images]
+        assert (len(kept), len(held)) == (4, 1), seed
+        assert all(int(os.path.basename(k)[0]) % 2 for k in kept + held)  # only the 80x80 ones
+
+
 def test_skip_image_resolution_in_finetuning_datasets(tmp_path):
     d = tmp_path / "ft"
     img(d / "one.png", 80, 80), img(d / "two.png", 40, 40, seed=2)

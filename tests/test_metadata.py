@@ -126,6 +126,10 @@ def test_network_and_dataset_from_objects():
     assert meta["ss_num_batches_per_epoch"] == "4" and meta["ss_num_epochs"] == "2"
     assert json.loads(meta["ss_tag_frequency"]) == {"5_sks dog": {"sks dog": 5}}
     assert json.loads(meta["ss_datasets"]) == [{"a": 1}]  # containers become JSON, not Python repr
+    # the trainer's per-process count wins over the dataset's own total (several GPUs, as sd-scripts writes it)
+    Group.metadata = lambda self: {"ss_num_batches_per_epoch": "4"}
+    per_process = md.build_training_metadata(make_args(), model("sd1"), network, Group(), num_batches_per_epoch=2)
+    assert per_process["ss_num_batches_per_epoch"] == "2"
     # sd-scripts adds the dropout (its LyCORIS workaround), null when --network_dropout is not given
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "1.5", "dropout": None}
     meta = md.build_training_metadata(make_args(network_args=["conv_dim=4"], network_dropout=0.1), model("sd1"))

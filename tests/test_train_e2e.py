@@ -335,17 +335,21 @@ def test_sample_prompts_are_read_again_at_each_sampling(tiny, images, tmp_path, 
     prompts.write_text("first --w 64 --h 64 --s 1\n")
     seen = []
 
+    edits = [b"second --w 64 --h 64 --s 1\n", b"broken --w abc\n", b"caf\xe9 --w 64\n", b"# all commented out\n"]
+
     def record(model, sample_prompts, **kw):
         seen.append([p.prompt for p in sample_prompts])
-        prompts.write_text("second --w 64 --h 64 --s 1\n" if len(seen) == 1 else "broken --w abc\n")
+        if edits:
+            prompts.write_bytes(edits.pop(0))  # an edit, a mistake, a non-UTF-8 save, an empty file
         return []
 
     monkeypatch.setattr(sampling, "sample_images", record)
     with caplog.at_level(logging.WARNING):
         assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "out", "--sample_prompts", str(prompts),
-                      "--sample_every_n_steps", "1") == 0
-    assert seen == [["first"], ["second"], ["second"]]
-    assert "--w expects an integer" in caplog.text and "sampling with the prompts read before" in caplog.text
+                      "--sample_every_n_steps", "1", "--max_train_steps", "5") == 0
+    assert seen == [["first"], ["second"], ["second"], ["second"], ["second"]]
+    assert "--w expects an integer" in caplog.text and "holds no prompt now" in caplog.text
+    assert caplog.text.count("sampling with the prompts read before") == 3
     prompts.write_text("first --w 64 --h 64 --s 1\n")
     assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "o2", "--sample_prompts", str(prompts),
                   "--sample_sampler", "eulr_a") == 2
@@ -385,13 +389,17 @@ def test_schedule_free_optimizer_steps_in_train_mode_and_saves_and_samples_in_ev
     monkeypatch.setattr(LoRANetwork, "save_weights",
                         lambda self, *a, **k: (seen.append(("save", fake_sf.MODES[-1])), save(self, *a, **k))[1])
     monkeypatch.setattr(sampling, "sample_images", lambda *a, **k: seen.append(("sample", fake_sf.MODES[-1])) or [])
+    import library.validation as validation
+
+    monkeypatch.setattr(validation, "validation_loss", lambda *a, **k: seen.append(("validate", fake_sf.MODES[-1])) or 0.0)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a dog --w 64 --h 64 --s 1\n")
-    with caplog.at_level(logging.WARNING):
-        assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "out", "--optimizer_type",
-                      "fake_sf.FakeScheduleFree", "--lr_scheduler", "cosine", "--save_every_n_steps", "2",
-                      "--sample_prompts", str(prompts), "--sample_every_n_steps", "1") == 0
-    assert seen == [("sample", "eval"), ("save", "eval"), ("sample", "eval"), ("sample", "eval"), ("save", "eval")]
+    with caplog.at_level(logging.WARNING):  # 3 images, 1 held out: 2 steps an epoch, validated at each epoch's end
+        assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "out", "--validation_split", "0.4",
+                      "--optimizer_type", "fake_sf.FakeScheduleFree", "--lr_scheduler", "cosine",
+                      "--save_every_n_steps", "2", "--sample_prompts", str(prompts), "--sample_every_n_steps", "1") == 0
+    assert seen == [("sample", "eval"), ("save", "eval"), ("sample", "eval"), ("validate", "eval"),
+                    ("sample", "eval"), ("validate", "eval"), ("save", "eval")]
     assert fake_sf.MODES[0] == "train" and fake_sf.MODES[-1] == "train"  # trained in train mode, left in it
     assert "sets its learning rate itself" in caplog.text
 

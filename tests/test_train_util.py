@@ -363,8 +363,12 @@ def test_learning_rate_free_optimizers_warn_as_sd_scripts_does(monkeypatch, capl
         optim_lib.get_optimizer(ns(optimizer_type="Prodigy", learning_rate=1e-4), params())
         optim_lib.get_optimizer(ns(optimizer_type="Prodigy", learning_rate=1.0),
                                 [{"params": params(), "lr": 1.0}, {"params": params(), "lr": 0.5}])
-    assert "expects --learning_rate around 1.0 (got 0.0001)" in caplog.text
+    assert "expects a learning rate around 1.0 (got 0.0001)" in caplog.text
     assert "several learning rates ([0.5, 1.0]) share one step-size estimate" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # the groups' rate counts, not --learning_rate (--unet_lr 1 --text_encoder_lr 1)
+        optim_lib.get_optimizer(ns(optimizer_type="Prodigy", learning_rate=1e-4), [{"params": params(), "lr": 1.0}])
+    assert "expects a learning rate" not in caplog.text
     _fake_package(monkeypatch, "bitsandbytes.optim", "SGD8bit")
     _, opt = optim_lib.get_optimizer(ns(optimizer_type="SGDNesterov8bit", learning_rate=0.1), params())
     assert opt.param_groups[0]["nesterov"] is True and opt.param_groups[0]["momentum"] == 0.9
@@ -394,6 +398,9 @@ def test_schedule_free_optimizers_schedule_themselves_and_switch_weights(monkeyp
     with optim_lib.evaluation_weights(torch.optim.SGD(params(), lr=1)):
         pass
     assert modes == ["eval", "train"]
+    with pytest.raises(RuntimeError), optim_lib.evaluation_weights(opt):  # a failed save still switches back
+        raise RuntimeError("disk full")
+    assert modes == ["eval", "train", "eval", "train"]
 
 
 def test_torch_and_module_path_optimizers():
