@@ -94,6 +94,7 @@ def micro_batch(args, ctx, batch, optimizer, lr_scheduler, trainable, step_fn=No
     import torch
 
     from library.distributed import all_reduce_gradients, every_rank
+    from library.optimizers import inner_optimizer
     from library.step_read import WindowRead
 
     accelerator = ctx.accelerator
@@ -116,7 +117,7 @@ def micro_batch(args, ctx, batch, optimizer, lr_scheduler, trainable, step_fn=No
                 ok_everywhere = every_rank(ok, accelerator)
                 window = WindowRead(finite, ok, loss, shown, ctx.window_keys, ok_everywhere)
                 if accelerator.scaler is None:
-                    getattr(optimizer, "optimizer", optimizer).found_inf = (~ok_everywhere).float()  # the fused skip
+                    inner_optimizer(optimizer).found_inf = (~ok_everywhere).float()  # the fused skip
                 else:  # fp16: GradScaler finds overflowing gradients as it unscales, and hands the fused optimizer
                     # its found_inf itself; a non-finite loss anywhere makes every gradient NaN, so it skips that too
                     grads = [p.grad for p in trainable if p.grad is not None]
@@ -497,7 +498,8 @@ def train(args):
     from library import config_util, dataset as dataset_lib, metadata as metadata_lib, train_util
     from library.losses import check_noise_and_loss_args
     from library.noise import fix_noise_scheduler_betas_for_zero_terminal_snr
-    from library.optimizers import defer_step_read, evaluation_weights, get_lr_scheduler, get_optimizer, is_schedule_free
+    from library.optimizers import (defer_step_read, evaluation_weights, get_lr_scheduler, get_optimizer,
+                                    inner_optimizer, is_schedule_free)
     from library.conditioning import TextEncoderCache
     from library.step_read import LookAhead
     from library.transfer import HostCopy
@@ -572,10 +574,11 @@ def train(args):
                 except PromptError as e:
                     raise PromptError(f"{sub.where}: {e}") from None
     sample_prompts = None
+    prompt_size = 1024 if is_sdxl else 512  # a sample prompt's default width and height
     if args.sample_prompts:  # parse now: a bad prompt file should fail before training, not at the first sample
         from library.sampling import parse_prompt_file
 
-        sample_prompts = parse_prompt_file(args.sample_prompts, default_size=1024 if is_sdxl else 512)
+        sample_prompts = parse_prompt_file(args.sample_prompts, default_size=prompt_size)
     data = dataset_lib.build_dataset_group(blueprints, is_sdxl=is_sdxl, seed=args.seed,
                                            prior_loss_weight=args.prior_loss_weight, split="train")
     val_data = None  # held-out images (validation_split): a validation loss, not trained on
@@ -694,7 +697,7 @@ def train(args):
         step, start_epoch, skip_batches = info["step"], info["epoch"], info["batches_done"]
         accelerator.print(f"resumed from {args.resume}: step {step}, epoch {start_epoch}")
     if is_schedule_free(optimizer):  # it starts on (and a state is saved with) the weights it evaluates
-        getattr(optimizer, "optimizer", optimizer).train()
+        inner_optimizer(optimizer).train()
 
     ctx = TrainContext(args, accelerator, model, network, weight_dtype, vae_dtype, te_cache, apt)
     ctx.defer_read = defer_step_read(args, optimizer, device.type)
@@ -778,7 +781,7 @@ def train(args):
             from library.sampling import parse_prompt_file, sample_images
 
             try:  # read again at each sampling, as sd-scripts does, so that the prompts can be edited during a run
-                fresh = parse_prompt_file(args.sample_prompts, default_size=1024 if is_sdxl else 512)
+                fresh = parse_prompt_file(args.sample_prompts, default_size=prompt_size)
             except (ValueError, OSError) as e:  # SamplingError, a file that is not UTF-8, or one being rewritten
                 logger.warning("%s: %s; sampling with the prompts read before", args.sample_prompts, e)
             else:

@@ -222,10 +222,7 @@ class _Dataset:
         else:  # small images leave before the split, as in sd-scripts, so the split's fraction holds
             probed = [(p, pr) for p in paths if (pr := _probe_image(p, self.bp.max_image_pixels)) is not None]
             opened, kept = len(paths), [(p, pr) for p, pr in probed if not self._too_small(pr[0])]
-            if len(kept) < len(probed):
-                w, h = self.bp.skip_image_resolution
-                logger.info(f"{subset.where}: {len(probed) - len(kept)} of its {len(probed)} images left out by "
-                            f"skip_image_resolution {w}x{h} (an original area of at most {w * h} pixels)")
+            self._note_skipped(subset, len(probed) - len(kept), len(probed))
             kept = take(kept)
         if opened and not probed:
             side = side if self.bp.skip_image_resolution is None else ""
@@ -246,12 +243,16 @@ class _Dataset:
         self.too_small += 1
         return True
 
-    def _skip_hint(self) -> str:
-        if not self.too_small:
-            return ""
+    def _skipped_text(self, how_many: str) -> str:
         w, h = self.bp.skip_image_resolution
-        return (f" {self.too_small} images were left out by skip_image_resolution {w}x{h} (original area at most "
-                f"{w * h} pixels): lower it or remove it.")
+        return f"{how_many} left out by skip_image_resolution {w}x{h} (an original area of at most {w * h} pixels)"
+
+    def _note_skipped(self, subset: SubsetBlueprint, n: int, total: int) -> None:
+        if n:
+            logger.info(f"{subset.where}: {self._skipped_text(f'{n} of its {total} images')}")
+
+    def _skip_hint(self) -> str:
+        return f" {self._skipped_text(f'{self.too_small} images were')}: lower it or remove it." if self.too_small else ""
 
     def _load_dreambooth(self) -> None:
         reg: list[ImageInfo] = []
@@ -353,8 +354,13 @@ class _Dataset:
             if not isinstance(metadata, dict) or not metadata:
                 raise ConfigError(f"{md_path}: the metadata file must be a non-empty JSON object "
                                   f'{{"image key": {{"caption": "...", "tags": "..."}}, ...}} ({key}).')
-            tags_list, count, skipped = [], 0, 0
-            items = self._take(list(metadata.items()))
+            tags_list, count = [], 0
+            items = list(metadata.items())
+            if self.bp.skip_image_resolution is not None:  # small images leave before the split, as in DreamBooth
+                kept = [(k, m) for k, m in items if not self._too_small_ft(subset, k)]
+                self._note_skipped(subset, len(items) - len(kept), len(items))
+                items = kept
+            items = self._take(items)
             if not items:
                 continue  # nothing of this subset on this side of the split
             for image_key, md in items:
@@ -367,9 +373,6 @@ class _Dataset:
                 if probed is None:
                     continue
                 size = probed[0]
-                if self._too_small(size):
-                    skipped += 1
-                    continue
                 if probed[1] and not subset.alpha_mask:
                     self.transparent.append(path)
                 md = md if isinstance(md, dict) else {}
@@ -398,18 +401,19 @@ class _Dataset:
                 self.images[image_key] = ImageInfo(image_key, path, subset, caption, False, self._repeats(subset),
                                                    size, max_pixels=self.bp.max_image_pixels)
                 count += 1
-            if skipped:
-                w, h = self.bp.skip_image_resolution
-                logger.info(f"{subset.where}: {skipped} of its images left out by skip_image_resolution {w}x{h} "
-                            f"(an original area of at most {w * h} pixels)")
-            if count == 0 and skipped:
-                continue  # every image is a small one: the subset adds nothing (the dataset check says so if empty)
             if count == 0:
                 raise ConfigError(f"{key}: none of the {len(metadata)} images listed in {md_path} could be used "
                                   f"(see the warnings above). Check image_dir.")
             self.num_train_images += count * self._repeats(subset)
             tag_frequency(tags_list, self.tag_frequency.setdefault(os.path.basename(md_path), {}))
             self.subset_counts.append((subset, count))
+
+    def _too_small_ft(self, subset: SubsetBlueprint, image_key: str) -> bool:
+        """Whether a fine-tuning entry's image is left out by skip_image_resolution (a missing or unreadable one is
+        kept here, to be reported where it is loaded)."""
+        path = self._find_ft_image(subset, image_key)
+        probed = _probe_image(path, self.bp.max_image_pixels) if path is not None else None
+        return probed is not None and self._too_small(probed[0])
 
     @staticmethod
     def _find_ft_image(subset: SubsetBlueprint, image_key: str) -> str | None:

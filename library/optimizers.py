@@ -84,16 +84,18 @@ def _import_optimizer_class(path: str):
             f"--optimizer_type {path!r} is not known{hint}; choose one of {', '.join(OPTIMIZER_CHOICES)}, "
             "a torch.optim class name (e.g. RAdam), or a module path such as mypackage.MyOptimizer"
         )
+    hint = BNB_HINT if path.split(".")[0] == "bitsandbytes" else f"install the package that provides {path.rsplit('.', 1)[0]}"
+    return _import_class(path, path, lambda module_name, e: f"--optimizer_type {path} needs the module "
+                                                            f"{module_name} ({e}): {hint}")
+
+
+def _import_class(path: str, flag_value: str, missing):
+    """The class at `module.ClassName`; `missing(module_name, error)` words the error when the module is not there."""
     module_name, class_name = path.rsplit(".", 1)
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        hint = BNB_HINT if module_name.split(".")[0] == "bitsandbytes" else f"install the package that provides {module_name}"
-        raise TrainingSetupError(f"--optimizer_type {path} needs the module {module_name} ({e}): {hint}") from None
-    return _class_of(module, module_name, class_name, path)
-
-
-def _class_of(module, module_name: str, class_name: str, flag_value: str):
+        raise TrainingSetupError(missing(module_name, e)) from None
     cls = getattr(module, class_name, None)
     if cls is None:
         raise TrainingSetupError(f"--optimizer_type {flag_value}: the module {module_name} has no class {class_name}")
@@ -103,19 +105,20 @@ def _class_of(module, module_name: str, class_name: str, flag_value: str):
 def _named_optimizer_class(optimizer_type: str):
     """The class of one of sd-scripts' optional-package names (NAMED_OPTIMIZERS), or an error saying what to install."""
     path, hint, _ = NAMED_OPTIMIZERS[optimizer_type.lower()]
-    module_name, class_name = path.rsplit(".", 1)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise TrainingSetupError(f"--optimizer_type {optimizer_type} uses {path}, whose package is not installed "
-                                 f"({e}): {hint}, or choose one of {', '.join(OPTIMIZER_CHOICES)}") from None
-    return _class_of(module, module_name, class_name, optimizer_type)
+    return _import_class(path, optimizer_type, lambda module_name, e: (
+        f"--optimizer_type {optimizer_type} uses {path}, whose package is not installed ({e}): {hint}, or choose "
+        f"one of {', '.join(OPTIMIZER_CHOICES)}"))
+
+
+def inner_optimizer(optimizer):
+    """The torch optimizer itself, under accelerate's AcceleratedOptimizer wrapper if there is one."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def is_schedule_free(optimizer) -> bool:
     """A schedule-free optimizer (Defazio et al. 2024; sd-scripts' *ScheduleFree names): it steps one set of
     weights and evaluates another, switched by its .train()/.eval(), and schedules the learning rate itself."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # under accelerate's AcceleratedOptimizer
+    inner = inner_optimizer(optimizer)
     return type(inner).__name__.lower().endswith("schedulefree") and callable(getattr(inner, "eval", None))
 
 
@@ -126,7 +129,7 @@ def evaluation_weights(optimizer):
     if not is_schedule_free(optimizer):
         yield
         return
-    inner = getattr(optimizer, "optimizer", optimizer)
+    inner = inner_optimizer(optimizer)
     inner.eval()
     try:
         yield
@@ -153,7 +156,7 @@ def defer_step_read(args, optimizer, device_type: str) -> bool:
     mode = getattr(args, "defer_step_read", "off")
     if mode == "off":
         return False
-    inner = getattr(optimizer, "optimizer", optimizer)  # under accelerate's AcceleratedOptimizer
+    inner = inner_optimizer(optimizer)
     why = None
     if not getattr(inner, "_step_supports_amp_scaling", False):
         why = (f"{type(inner).__name__} cannot skip an update on the device (AdamW with fused=True can: the default "

@@ -451,8 +451,9 @@ def sample_images(model, prompts: Union[Sequence[SamplePrompt], str, os.PathLike
     prompts = list(prompts)
     if not prompts:
         return []
-    images = generate_images(model, prompts, device=device, clip_skip=clip_skip, sampler=sampler, v_parameterization=v_parameterization, dtype=dtype,
-                             extra_modules=extra_modules, clip_sample=clip_sample)
+    images = generate_images(model, prompts, device=device, clip_skip=clip_skip, sampler=sampler,
+                             v_parameterization=v_parameterization, dtype=dtype, extra_modules=extra_modules,
+                             clip_sample=clip_sample)
     os.makedirs(os.path.join(output_dir, "sample"), exist_ok=True)
     paths = []
     for index, (p, (image, _seed)) in enumerate(zip(prompts, images)):
