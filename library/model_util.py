@@ -380,11 +380,22 @@ def _weights_kwargs(folder: str, allow_pickle: bool) -> dict:
     raise ModelLoadError(f"{folder} holds no model weights (*.safetensors).")
 
 
+def _dtype_keyword(cls) -> str:
+    """from_pretrained's dtype keyword: `torch_dtype` in diffusers and in transformers before 4.56, which knows no
+    `dtype`; `dtype` in later transformers, which warn on the old name."""
+    if issubclass(cls, (UNet2DConditionModel, AutoencoderKL)):
+        return "torch_dtype"
+    import transformers
+
+    major, minor = (int(re.match(r"\d+", p).group()) for p in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
 def _from_pretrained(cls, folder: str, allow_pickle: bool):
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise ModelLoadError(f"{folder}/config.json is missing: the diffusers model folder is incomplete.")
     kwargs = _weights_kwargs(folder, allow_pickle)
-    kwargs["torch_dtype" if issubclass(cls, (UNet2DConditionModel, AutoencoderKL)) else "dtype"] = torch.float32
+    kwargs[_dtype_keyword(cls)] = torch.float32
     try:
         return _finish(cls.from_pretrained(folder, local_files_only=True, **kwargs))
     except Exception as e:
