@@ -1,6 +1,7 @@
 """Block-wise --network_args (networks/lora_blocks.py): sd-scripts' block numbering, lr-weight presets, per-block
 ranks and learning rates, and the file they give loaded back by diffusers."""
 import math
+import os
 from argparse import Namespace
 
 import pytest
@@ -144,7 +145,7 @@ def test_block_wise_lora_trains_and_loads_in_diffusers(tiny, images, tmp_path):
     network.apply_to()
     network.load_weights(path)
     pipe = StableDiffusionPipeline.from_pretrained(tiny["sd1"], local_files_only=True)
-    pipe.load_lora_weights(path)
+    pipe.load_lora_weights(os.path.dirname(path), weight_name=os.path.basename(path))
     assert _count_peft_lora_modules(pipe.unet) == len(ranks)
     x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
     with torch.no_grad():

@@ -1,7 +1,8 @@
 """Real consumers of the LoRA files we write.
 
 * diffusers end to end: tiny SD1 / SD2 / SDXL models, LoRA with random nonzero weights (UNet and text encoders), saved,
-  loaded with `pipe.load_lora_weights(path)` into a diffusers pipeline built from an identical tiny model: nothing is
+  loaded with `pipe.load_lora_weights(folder, weight_name=file)` (the form every diffusers version takes) into a
+  diffusers pipeline built from an identical tiny model: nothing is
   left unloaded, and the pipeline's UNet / text encoders give the same outputs as our patched model (multiplier 1).
 * diffusers on full-size key sets (weightless): its kohya converter maps every module to a module of the right type
   and shape in a meta UNet / text encoder (KOHYA_COMPAT §3.3 offline check).
@@ -10,6 +11,7 @@
 """
 import logging
 import math
+import os
 import warnings
 
 import pytest
@@ -93,7 +95,7 @@ def test_diffusers_pipeline_loads_our_lora(arch, conv_dim, tmp_path):
     try:
         with warnings.catch_warnings(record=True) as py_warnings:
             warnings.simplefilter("always")
-            pipe.load_lora_weights(path)
+            pipe.load_lora_weights(os.path.dirname(path), weight_name=os.path.basename(path))
     finally:
         _remove(handler)
     messages = [r.getMessage() for r in handler.records] + [str(w.message) for w in py_warnings]
@@ -284,7 +286,7 @@ def comfy_key_map(arch) -> dict:
                 for p in ("lora_te", "lora_te1"):
                     key_map[f"{p}_text_model_encoder_layers_{b}_{cc}"] = ("te0", f"encoder.layers.{b}.{c}")
             if b < clip.get("g", 0) and "l" in clip:
-                key_map[f"lora_te2_text_model_encoder_layers_{b}_{cc}"] = ("te1", f"text_model.encoder.layers.{b}.{c}")
+                key_map[f"lora_te2_text_model_encoder_layers_{b}_{cc}"] = ("te1", f"encoder.layers.{b}.{c}")
     return key_map
 
 
@@ -304,7 +306,8 @@ def test_comfyui_key_map_matches_every_module(arch, variant):
 
     mods = {"unet": dict(model.unet.named_modules())}
     for i, te in enumerate(model.text_encoders):
-        mods[f"te{i}"] = dict(te.named_modules())
+        # module paths without `text_model.`, which transformers 4 (and 5's WithProjection class) put in front
+        mods[f"te{i}"] = {n.removeprefix("text_model."): m for n, m in te.named_modules()}
     for name, (down, up) in names.items():
         comp, path = key_map[name]
         w = mods[comp][path].weight

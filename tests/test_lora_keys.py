@@ -105,7 +105,8 @@ def test_text_encoder_names_do_not_depend_on_the_transformers_module_tree(arch):
     cfgs = [model.configs["text_encoder"]] + ([model.configs["text_encoder_2"]] if arch == "sdxl" else [])
     cfgs = [CLIPTextConfig(**{k: v for k, v in c.items() if k != "architectures"}) for c in cfgs]
     with torch.device("meta"):
-        plain = [CLIPTextModel(c) for c in cfgs]
+        # transformers 4's CLIPTextModel keeps the flat tree one level down, in `.text_model`
+        plain = [getattr(m, "text_model", m) for m in (CLIPTextModel(c) for c in cfgs)]
         wrapped = [CLIPTextModelWithProjection(c) for c in cfgs]
         assert not any(n.startswith("text_model.") for n, _ in plain[0].named_modules())
         assert any(n.startswith("text_model.") for n, _ in wrapped[0].named_modules())

@@ -84,7 +84,9 @@ def test_single_file_layout_is_what_diffusers_expects(tiny):
     from safetensors import safe_open
 
     sds = {a: load_file(tiny[a]["file"]) for a in ARCHS}
-    assert sfu.is_clip_model(sds["sd1"]) and sfu.CHECKPOINT_KEY_NAMES["v1"] in sds["sd1"]
+    # diffusers' SD1 marker key (named "v1" from 0.33 on; 0.32 infers SD1 when no other marker matches)
+    v1 = sfu.CHECKPOINT_KEY_NAMES.get("v1", "model.diffusion_model.output_blocks.11.0.skip_connection.weight")
+    assert sfu.is_clip_model(sds["sd1"]) and v1 in sds["sd1"]
     assert sfu.is_open_clip_model(sds["sd2"]) and not sfu.is_clip_model(sds["sd2"])
     assert sfu.is_clip_sdxl_model(sds["sdxl"]) and sfu.is_open_clip_sdxl_model(sds["sdxl"])
     # SD2: one more (identity) OpenCLIP layer than the model keeps, as in real 24-layer files
@@ -335,6 +337,20 @@ def test_weights_format_policy(tmp_path):
     assert model_util._weights_kwargs(str(d), allow_pickle=True) == {"use_safetensors": False, "variant": None}
     (d / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"")
     assert model_util._weights_kwargs(str(d), allow_pickle=False) == {"use_safetensors": True, "variant": "fp16"}
+
+
+@pytest.mark.parametrize("version,expected", [("4.48.0", "torch_dtype"), ("4.55.4", "torch_dtype"),
+                                              ("4.56.0", "dtype"), ("5.0.0rc1", "dtype"), ("5.25.0", "dtype")])
+def test_dtype_keyword_follows_the_transformers_version(monkeypatch, version, expected):
+    """transformers before 4.56 has no `dtype` keyword (passing it failed the load: found by a run at the
+    requirements' lowest versions); later ones warn on `torch_dtype`. Diffusers models always take torch_dtype."""
+    import transformers
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    monkeypatch.setattr(transformers, "__version__", version)
+    assert model_util._dtype_keyword(CLIPTextModel) == expected
+    assert model_util._dtype_keyword(UNet2DConditionModel) == "torch_dtype"
 
 
 def test_diffusers_pipeline_reads_saved_folder(tiny):

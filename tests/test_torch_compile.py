@@ -36,7 +36,10 @@ def test_compiled_apt_steps_equal_eager_and_stop_compiling(monkeypatch):
     weights = diff.pop("lora weights")
     # γ = 1 − exp(−T·(EMA_prior − EMA_ft)) with T = 1000 here: a last-bit change of the EMAs (~1e-7) moves γ by ~1e-4
     gamma = {k: diff.pop(k) for k in ("gamma", "apt/gamma_seen_mean", "apt/gamma_mean_batch")}
-    assert all(v <= 2e-5 for v in diff.values()) and weights <= 2e-4, str(diff) + f" weights {weights}"  # fp32 rounding
+    # the loss is weighted by (1 − γ), so it inherits γ's sensitivity (4.1e-5 measured with diffusers 0.32)
+    loss = diff.pop("loss")
+    assert all(v <= 2e-5 for v in diff.values()) and max(weights, loss) <= 2e-4, \
+        str(diff) + f" weights {weights} loss {loss}"  # fp32 rounding
     assert all(v <= 1e-3 for v in gamma.values()), gamma
     assert eager[0][0][1]["apt/L_attn"] > 0
     assert seen[1] > 0  # the first step compiled

@@ -75,7 +75,7 @@ def test_trained_lora_loads_in_diffusers_with_same_output(arch, tiny, images, tm
 
     cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
     pipe = cls.from_pretrained(tiny[arch], local_files_only=True)
-    pipe.load_lora_weights(path)
+    pipe.load_lora_weights(os.path.dirname(path), weight_name=os.path.basename(path))
     with safe_open(path, "pt") as f:
         n_unet = len({k.split(".")[0] for k in f.keys() if k.startswith("lora_unet_")})
         n_te = len({k.split(".")[0] for k in f.keys() if k.startswith("lora_te")})
