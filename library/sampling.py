@@ -121,6 +121,8 @@ def _set_field(fields: dict, field_name: str, value, what: str, where: str) -> N
         name = value.strip().lower()
         if name not in SAMPLERS:
             raise SamplingError(f"{where}: unknown sampler {value!r}; choose one of {', '.join(SAMPLERS)}")
+        if missing_sampler_package(name):
+            raise SamplingError(f"{where}: {missing_sampler_package(name)}")
         fields["sampler"] = name
     else:  # pragma: no cover - internal
         raise KeyError(field_name)
@@ -241,6 +243,21 @@ SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a
             "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a")
 
 
+# samplers whose diffusers scheduler needs a package requirements.txt does not install
+SAMPLER_PACKAGES = {"lms": "scipy", "k_lms": "scipy"}
+
+
+def missing_sampler_package(name: str) -> Optional[str]:
+    """Why sampler `name` cannot run here (its package is not installed, with the pip command), or None."""
+    import importlib.util
+
+    package = SAMPLER_PACKAGES.get(name)
+    if package is None or importlib.util.find_spec(package) is not None:
+        return None
+    return (f"the {name} sampler (diffusers' LMSDiscreteScheduler) needs {package}, which is not installed: "
+            f"pip install {package}, or choose another sampler (euler_a and ddim need nothing more)")
+
+
 def _scheduler_class(name: str):
     import diffusers as d
 
@@ -268,6 +285,8 @@ def make_sampler(name: str, v_parameterization: bool = False, *, clip_sample: bo
     key = (name or "ddim").strip().lower()
     if key not in SAMPLERS:
         raise SamplingError(f"unknown sampler {name!r} (--sample_sampler / --ss); choose one of {', '.join(SAMPLERS)}")
+    if missing_sampler_package(key):
+        raise SamplingError(missing_sampler_package(key))
     cls = _scheduler_class(key)
     config = dict(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

@@ -147,7 +147,7 @@ def test_loss_mask_moves_with_the_content():
     expected = apply_pixel_aug(alpha[:, None] * 2 - 1, m, scales, angles)[:, 0] / 2 + 0.5  # as an image, black border
     assert torch.allclose(a_aug, expected, atol=1e-6)
     s = float(scales[0])
-    assert a_aug[0].sum() == pytest.approx(alpha[0].sum() / s**2, rel=0.1)  # zoomed out by s: area / s²
+    assert float(a_aug[0].sum()) == pytest.approx(float(alpha[0].sum()) / s**2, rel=0.1)  # zoomed out by s: area / s²
     assert a_aug[0, 0, 0] == 0 and a_aug[0, 32, 32] == pytest.approx(1.0)  # border out of the loss, centre in
 
 

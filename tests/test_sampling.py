@@ -143,8 +143,38 @@ def test_json_errors(tmp_path):
 # ---------------------------------------------------------------------------------------------- samplers
 
 
+def test_lms_without_scipy_fails_before_training_naming_the_fix(monkeypatch, tmp_path):
+    """requirements.txt does not install scipy, which diffusers' LMS scheduler needs: the flag, a prompt's --ss and
+    make_sampler say so (found by a run in a fresh virtual environment, where k_lms failed at the first sample)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else real(name, *a))
+    with pytest.raises(SamplingError, match="the k_lms sampler .* needs scipy, which is not installed: pip install scipy"):
+        make_sampler("k_lms")
+    assert S.missing_sampler_package("euler_a") is None and make_sampler("euler_a") is not None
+    f = tmp_path / "prompts.txt"
+    f.write_text("a photo --ss lms\n", encoding="utf-8")
+    with pytest.raises(SamplingError, match=r"prompts.txt.*1.*the lms sampler .* pip install scipy"):
+        S.parse_prompt_file(str(f))
+    import train_apt_lora
+    from library.train_args import setup_parser
+
+    args = setup_parser().parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--output_dir",
+                                      str(tmp_path), "--sample_prompts", str(f), "--sample_sampler", "k_lms"])
+    from library.train_util import TrainingSetupError
+
+    with pytest.raises(TrainingSetupError, match="--sample_sampler: the k_lms sampler .* pip install scipy"):
+        train_apt_lora.verify_args(args)
+
+
+
 @pytest.mark.parametrize("name", SAMPLERS)
 def test_make_sampler_runs(name):
+    if S.missing_sampler_package(name):  # LMS without scipy (a fresh install): the error says what to do
+        with pytest.raises(SamplingError, match="needs scipy, which is not installed: pip install scipy"):
+            make_sampler(name)
+        return
     sched = make_sampler(name, v_parameterization=False)
     cfg = sched.config
     assert (cfg.beta_start, cfg.beta_end, cfg.beta_schedule, cfg.num_train_timesteps) == (0.00085, 0.012, "scaled_linear", 1000)
