@@ -121,8 +121,9 @@ def _set_field(fields: dict, field_name: str, value, what: str, where: str) -> N
         name = value.strip().lower()
         if name not in SAMPLERS:
             raise SamplingError(f"{where}: unknown sampler {value!r}; choose one of {', '.join(SAMPLERS)}")
-        if missing_sampler_package(name):
-            raise SamplingError(f"{where}: {missing_sampler_package(name)}")
+        problem = missing_sampler_package(name)
+        if problem:
+            raise SamplingError(f"{where}: {problem}")
         fields["sampler"] = name
     else:  # pragma: no cover - internal
         raise KeyError(field_name)
@@ -254,7 +255,7 @@ def missing_sampler_package(name: str) -> Optional[str]:
     package = SAMPLER_PACKAGES.get(name)
     if package is None or importlib.util.find_spec(package) is not None:
         return None
-    return (f"the {name} sampler (diffusers' LMSDiscreteScheduler) needs {package}, which is not installed: "
+    return (f"the {name} sampler (diffusers' {_scheduler_class(name).__name__}) needs {package}, which is not installed: "
             f"pip install {package}, or choose another sampler (euler_a and ddim need nothing more)")
 
 
@@ -285,8 +286,9 @@ def make_sampler(name: str, v_parameterization: bool = False, *, clip_sample: bo
     key = (name or "ddim").strip().lower()
     if key not in SAMPLERS:
         raise SamplingError(f"unknown sampler {name!r} (--sample_sampler / --ss); choose one of {', '.join(SAMPLERS)}")
-    if missing_sampler_package(key):
-        raise SamplingError(missing_sampler_package(key))
+    problem = missing_sampler_package(key)
+    if problem:
+        raise SamplingError(problem)
     cls = _scheduler_class(key)
     config = dict(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

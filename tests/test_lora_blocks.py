@@ -1,7 +1,6 @@
 """Block-wise --network_args (networks/lora_blocks.py): sd-scripts' block numbering, lr-weight presets, per-block
 ranks and learning rates, and the file they give loaded back by diffusers."""
 import math
-import os
 from argparse import Namespace
 
 import pytest
@@ -11,7 +10,7 @@ from safetensors import safe_open
 from library.tiny_models import build_tiny_model
 from networks.lora import LoRAWeightsError, create_network
 from networks.lora_blocks import _lr_list, block_index, parse_block_args
-from tests.test_train_e2e import _count_peft_lora_modules, _dataset, _train
+from tests.test_train_e2e import _count_peft_lora_modules, _dataset, _train, load_in_diffusers
 
 SD1_BLOCKS = {  # lora name -> block, worked out by hand from sd-scripts' get_block_index
     "lora_unet_down_blocks_0_attentions_0_proj_in": 1,
@@ -145,7 +144,7 @@ def test_block_wise_lora_trains_and_loads_in_diffusers(tiny, images, tmp_path):
     network.apply_to()
     network.load_weights(path)
     pipe = StableDiffusionPipeline.from_pretrained(tiny["sd1"], local_files_only=True)
-    pipe.load_lora_weights(os.path.dirname(path), weight_name=os.path.basename(path))
+    load_in_diffusers(pipe, path)
     assert _count_peft_lora_modules(pipe.unet) == len(ranks)
     x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
     with torch.no_grad():

@@ -11,7 +11,6 @@
 """
 import logging
 import math
-import os
 import warnings
 
 import pytest
@@ -21,6 +20,7 @@ from peft.tuners.lora import LoraLayer
 from library.model_util import arch_config, build_from_config
 from library.tiny_models import build_tiny_model
 from networks.lora import LoRANetwork, kohya_module_names
+from tests.test_train_e2e import load_in_diffusers
 
 ATOL = 1e-5  # outputs of our patched model vs the diffusers/PEFT-loaded pipeline (fp32, CPU); observed: 0.0
 
@@ -95,7 +95,7 @@ def test_diffusers_pipeline_loads_our_lora(arch, conv_dim, tmp_path):
     try:
         with warnings.catch_warnings(record=True) as py_warnings:
             warnings.simplefilter("always")
-            pipe.load_lora_weights(os.path.dirname(path), weight_name=os.path.basename(path))
+            load_in_diffusers(pipe, path)
     finally:
         _remove(handler)
     messages = [r.getMessage() for r in handler.records] + [str(w.message) for w in py_warnings]

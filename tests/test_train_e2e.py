@@ -50,6 +50,12 @@ def test_train_sd1_single_file_writes_kohya_lora(tiny, images, tmp_path, capsys)
     assert md["modelspec.architecture"] == "stable-diffusion-v1/lora" and len(md["sshs_model_hash"]) == 64
 
 
+def load_in_diffusers(pipe, path) -> None:
+    """`pipe.load_lora_weights` as users should call it: folder + weight_name, the form every diffusers version
+    takes (offline diffusers 0.33 refuses a bare file path)."""
+    pipe.load_lora_weights(os.path.dirname(path), weight_name=os.path.basename(path))
+
+
 def _count_peft_lora_modules(module):
     return sum(1 for _, m in module.named_modules() if hasattr(m, "lora_A") and len(getattr(m, "lora_A")) > 0)
 
@@ -75,7 +81,7 @@ def test_trained_lora_loads_in_diffusers_with_same_output(arch, tiny, images, tm
 
     cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
     pipe = cls.from_pretrained(tiny[arch], local_files_only=True)
-    pipe.load_lora_weights(os.path.dirname(path), weight_name=os.path.basename(path))
+    load_in_diffusers(pipe, path)
     with safe_open(path, "pt") as f:
         n_unet = len({k.split(".")[0] for k in f.keys() if k.startswith("lora_unet_")})
         n_te = len({k.split(".")[0] for k in f.keys() if k.startswith("lora_te")})
