@@ -13,7 +13,8 @@ from bench.toyworld import pretrain as P
 
 def _cfg(**kw):
     base = dict(image_size=32, vae_steps=2, vae_batch_size=4, vae_channels=(16, 16, 16), n_images=8, steps=2,
-                batch_size=4, warmup_steps=1, unet_channels=(32, 32, 32, 32), te_hidden=32, te_layers=1)
+                batch_size=4, warmup_steps=1, unet_channels=(32, 32, 32, 32), te_hidden=32, te_layers=1,
+                text_pretrain_steps=0)
     return P.PretrainConfig(**{**base, **kw})
 
 
@@ -101,11 +102,21 @@ def test_cli_reduced_run(tmp_path, capsys):
     out, work = str(tmp_path / "cli"), str(tmp_path / "cliwork")
     args = ["--steps", "2", "--vae_steps", "1", "--n_images", "4", "--batch_size", "2", "--image_size", "32",
             "--unet_channels", "32,32,32,32", "--te_hidden", "32", "--vae_check", "0", "--out", out,
-            "--work_dir", work]
+            "--work_dir", work, "--text_pretrain_steps", "2"]
     assert P.main(args) == 0
     assert "wrote" in capsys.readouterr().out and os.path.isfile(os.path.join(out, "model_index.json"))
     assert P.main(args) == 2  # exists
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_cli_text_pretrain_default_is_off_when_continuing(monkeypatch):
+    """--text_pretrain_steps defaults to the config's 300 from scratch and to 0 with --init_from (whose text encoder
+    is already trained; pretraining a fresh one there is an error); given, it is used as given."""
+    got = []
+    monkeypatch.setattr(P, "pretrain", lambda cfg, *a, **k: got.append(cfg))
+    for args in ([], ["--init_from", "m"], ["--text_pretrain_steps", "7"], ["--init_vae_from", "m"]):
+        assert P.main(args) == 0
+    assert [c.text_pretrain_steps for c in got] == [300, 0, 7, 300]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
@@ -199,7 +210,8 @@ def test_diffusion_loss_weights_min_snr_and_the_snr_floor(monkeypatch, floor):
 
 
 def test_later_fields_unset_keep_earlier_checkpoint_keys():
-    """Fields added later (snr_floor, freeze_text_encoder, init_vae_from, te_lr_scale, te_freeze_steps), at their
+    """Fields added later (snr_floor, freeze_text_encoder, init_vae_from, te_lr_scale, te_freeze_steps,
+    text_pretrain_steps), at their
     neutral values, must not change the key of the configs written before they existed; set, they do."""
     import hashlib
 
@@ -210,7 +222,7 @@ def test_later_fields_unset_keep_earlier_checkpoint_keys():
     d = {k: v for k, v in asdict(cfg).items() if k in early}
     assert cfg.key() == hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
     for k, v in dict(snr_floor=0.5, freeze_text_encoder=True, init_vae_from="x", te_lr_scale=0.1,
-                     te_freeze_steps=10).items():
+                     te_freeze_steps=10, text_pretrain_steps=300).items():
         assert _cfg(**{k: v}).key() != cfg.key(), k
 
 
@@ -266,3 +278,91 @@ def test_probe_model_word_response_by_hand(monkeypatch):
     with torch.no_grad():
         e = [model.unet(x, torch.full((2,), 900), c[i : i + 1].expand(2, -1, -1)).sample for i in range(2)]
     assert out["colour"][0] == pytest.approx(float(((e[1] - e[0]) ** 2).mean()), rel=1e-5) and out["colour"][0] > 0
+
+
+def test_text_pretrain_targets_by_hand():
+    """bench/toyworld/text_pretrain.py: each caption's answer per head, index 0 for an attribute it does not name."""
+    from bench.toyworld import text_pretrain as T
+
+    assert list(T.HEADS) == ["cls", "colour", "position", "size", "background", "context"]
+    got = T.targets(["a large red kite at the top left on snow with a person", "a boat", ""]).tolist()
+    assert got[0] == [1 + P.W.CLASSES.index("kite"), 1 + P.W.COLOUR_NAMES.index("red"),
+                      1 + P.W.POSITIONS.index("top left"), 1 + P.W.SIZES.index("large"),
+                      1 + P.W.BACKGROUNDS.index("snow"), 1]
+    assert got[1] == [1 + P.W.CLASSES.index("boat"), 0, 0, 0, 0, 0]
+    assert got[2] == [0] * 6
+
+
+def test_text_pretrain_loss_reads_the_tokens_from_eos_on():
+    """The read-out's loss and accuracy count only the tokens from the first EOS on: hidden states before it do
+    not change them; the loss equals the hand-computed cross-entropy over those tokens."""
+    import torch.nn.functional as F
+
+    from bench.toyworld import text_pretrain as T
+
+    torch.manual_seed(0)
+    heads = T.AttributeHeads(8)
+    ids = torch.tensor([[1, 5, 6, 9, 9, 9], [1, 9, 9, 9, 9, 9]])  # EOS (9) at 3 and at 1
+    tgt = T.targets(["a red ball", ""])
+    h = torch.randn(2, 6, 8)
+    loss, acc = heads.loss(h, ids, tgt, eos_id=9)
+    h2 = h.clone()
+    h2[0, :3] = torch.randn(3, 8)
+    assert torch.equal(heads.loss(h2, ids, tgt, eos_id=9)[0], loss)
+    keep = [(0, j) for j in range(3, 6)] + [(1, j) for j in range(1, 6)]
+    ref = torch.stack([torch.stack([F.cross_entropy(head(h[b, j])[None], tgt[b, i, None]) for b, j in keep]).mean()
+                       for i, head in enumerate(heads.heads)]).mean()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert acc.shape == (6,) and ((acc >= 0) & (acc <= 1)).all()
+
+
+def test_text_pretrain_steps_then_frozen_encoder(tmp_path):
+    """--text_pretrain_steps: the text encoder is trained on the captions first (its held-out accuracy lands in
+    toyworld.json), then kept fixed through the diffusion phase: the written encoder is the pretrained one, unlike
+    the random initialisation, and an interrupted run resumes to the same weights."""
+    quiet = dict(log_every=100, vae_check_n=0, workers=0)
+    cfg = _cfg(steps=3, text_pretrain_steps=2)
+    assert cfg.key() != _cfg(steps=3).key()
+    out = P.pretrain(cfg, str(tmp_path / "a"), str(tmp_path / "w1"), **quiet)
+    info = json.load(open(os.path.join(out, "toyworld.json")))
+    assert set(info["text_pretrain"]["accuracy"]) == {"cls", "colour", "position", "size", "background", "context"}
+    assert "text" in info["seconds"]
+    model = P.build_model(cfg)
+    from bench.toyworld.text_pretrain import pretrain_text_encoder
+    pretrain_text_encoder(model, 2, cfg.seed, log=lambda m: None)
+    w = _weights(out)
+    te = {k: v.half() for k, v in model.text_encoders[0].state_dict().items()}
+    assert all(torch.equal(te[k], w[f"text_encoder.{k}"]) for k in te)
+    fresh = P.build_model(cfg).text_encoders[0].state_dict()
+    assert not all(torch.equal(fresh[k].half(), te[k]) for k in te)
+    with pytest.raises(P.Interrupted):
+        P.pretrain(cfg, str(tmp_path / "b"), str(tmp_path / "w2"), stop_after=1, **quiet)
+    res = P.pretrain(cfg, str(tmp_path / "b"), str(tmp_path / "w2"), resume=True, **quiet)
+    b = _weights(res)
+    assert all(torch.equal(w[k], b[k]) for k in w)
+    with pytest.raises(ValueError, match="--text_pretrain_steps"):
+        P.pretrain(_cfg(text_pretrain_steps=2, init_from=out), str(tmp_path / "c"), str(tmp_path / "w3"), **quiet)
+
+
+def test_probe_model_reads_a_running_checkpoint(tmp_path):
+    """probe_model on a --work_dir: the last checkpoint's EMA weights (what the run would export), the VAE and the
+    latent scale of that run; before the first diffusion step it says so."""
+    from bench.toyworld import probe_model as PM
+
+    cfg = _cfg(steps=3)
+    quiet = dict(log_every=100, vae_check_n=0, workers=0)
+    with pytest.raises(P.Interrupted):
+        P.pretrain(cfg, str(tmp_path / "out"), str(tmp_path / "w"), stop_after=2, **quiet)
+    state = torch.load(tmp_path / "w" / "checkpoint.pt", weights_only=False)
+    model = PM.load_checkpoint(str(tmp_path / "w"))
+    params = [p for m in (model.unet, model.text_encoders[0]) for p in m.parameters()]
+    assert len(params) == len(state["ema"]["shadow"])
+    assert all(torch.equal(p, s) for p, s in zip(params, state["ema"]["shadow"]))
+    assert not all(torch.equal(v, state["unet"][k]) for k, v in model.unet.state_dict().items())  # not the raw weights
+    assert all(torch.equal(v, state["vae"][k]) for k, v in model.vae.state_dict().items())
+    lat = torch.load(tmp_path / "w" / "latents.pt", weights_only=False)
+    assert model.vae.config.scaling_factor == lat["scaling_factor"]
+    (tmp_path / "w2").mkdir()
+    torch.save({"phase": "latents", "config": asdict(cfg)}, tmp_path / "w2" / "checkpoint.pt")
+    with pytest.raises(ValueError, match="before any diffusion step"):
+        PM.load_checkpoint(str(tmp_path / "w2"))

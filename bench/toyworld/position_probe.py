@@ -4,7 +4,7 @@ right column, captions "a red ball at the {left, right} on grass", the pretraini
 scratch, its loss (min-SNR-5) and AdamW; every 100 steps the mean squared change of the eps prediction when "left"
 becomes "right", at t = 900 / 700 / 500.
 
-    python -m bench.toyworld.position_probe --text_encoder trained|frozen|none [--steps 300] [--no_clip]
+    python -m bench.toyworld.position_probe --text_encoder trained|frozen|pretrained|none [--steps 300] [--no_clip]
 
 "none" replaces the text encoder by one learned vector per word at token 1 (the UNet alone). Measured (2 cores):
 trained stays at ~3e-6, frozen and none reach 1e-3..1e-1 within 300 steps.
@@ -41,6 +41,10 @@ def run(text_encoder: str = "trained", steps: int = 300, clip: bool = True, batc
     unet, te = model.unet, model.text_encoders[0]
     ac = model.noise_scheduler.alphas_cumprod
     unet.train().requires_grad_(True)
+    if text_encoder == "pretrained":  # the attribute read-out first (bench.toyworld.text_pretrain), then frozen
+        from bench.toyworld.text_pretrain import pretrain_text_encoder
+
+        log(f"pretrained text encoder: {pretrain_text_encoder(model, 250, seed=0, log=log)}")
     te.train().requires_grad_(text_encoder == "trained")
     emb = torch.nn.Parameter(torch.randn(2, te.config.hidden_size))
 
@@ -87,7 +91,7 @@ def run(text_encoder: str = "trained", steps: int = 300, clip: bool = True, batc
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.toyworld.position_probe", description=__doc__.split("\n")[0])
-    p.add_argument("--text_encoder", choices=["trained", "frozen", "none"], default="trained")
+    p.add_argument("--text_encoder", choices=["trained", "frozen", "pretrained", "none"], default="trained")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--no_clip", action="store_true", help="no gradient clipping (the pretraining clips at 1.0)")
     a = p.parse_args(argv)

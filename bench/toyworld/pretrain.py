@@ -1,21 +1,23 @@
 """Pretrain a tiny SD1-architecture text-to-image model from scratch on the toy world.
 
-    python -m bench.toyworld.pretrain                      # full run: examples/models/toyworld-sd1
+    python -m bench.toyworld.pretrain                      # full run (the bundled model: docs/toyworld.md)
     python -m bench.toyworld.pretrain --resume             # continue an interrupted run from its checkpoint
     python -m bench.toyworld.pretrain --steps 200 --out /tmp/tw-test --work_dir /tmp/tw-work   # a short run
 
-Three phases, each checkpointed in --work_dir (resume picks up where it stopped, with the same result as
+Four phases, each checkpointed in --work_dir (resume picks up where it stopped, with the same result as
 an uninterrupted run: every batch, caption and noise draw is seeded by (seed, step)):
 1. VAE: an AutoencoderKL (SD1 block types, 3 levels: 4x downsampling, 4 latent channels) trained briefly
    on generator images (L1 + MSE + a small KL). It is a generic codec, so it sees all patterns and priors
    off; the diffusion model never sees a pattern. Its scaling_factor is set to 1/std of the latents.
 2. Latents: `--n_images` pretraining images (world priors: people with kites and backpacks, boats on water;
    plain objects) encoded once (mean and std of the latent distribution).
-3. Diffusion: CLIPTextModel (small, real CLIP tokenizer) + UNet2DConditionModel (SD1 block layout: 3
-   CrossAttn down blocks + 1 plain, 2 layers per block, cross-attention mid block) trained jointly from
-   scratch, epsilon prediction on the SD noise schedule (`make_noise_scheduler`), captions re-drawn every
-   step (random attribute subsets), 10% dropped to "" (classifier-free guidance), min-SNR-5 weighting,
-   AdamW, EMA of the weights.
+3. Text encoder: CLIPTextModel (small, real CLIP tokenizer) trained alone on the captions to state every
+   attribute they name (`text_pretrain.py`), then frozen, as SD keeps a pretrained CLIP: trained jointly with
+   the UNet from scratch it merged the position words (docs/toyworld.md).
+4. Diffusion: UNet2DConditionModel (SD1 block layout: 3 CrossAttn down blocks + 1 plain, 2 layers per
+   block, cross-attention mid block) trained from scratch, epsilon prediction on the SD noise schedule
+   (`make_noise_scheduler`), captions re-drawn every step (random attribute subsets), 10% dropped to ""
+   (classifier-free guidance), min-SNR-5 weighting, AdamW, EMA of the weights.
 
 The EMA weights are written as fp16 safetensors in a diffusers folder (`save_diffusers`) that
 `train_apt_lora.py` and `library.model_util.load_model` load like any SD1 checkpoint. See docs/toyworld.md.
@@ -76,6 +78,10 @@ class PretrainConfig:
     # learns to read the random encoder first; the encoder's own warm-up starts when it is released)
     te_lr_scale: float = 1.0
     te_freeze_steps: int = 0
+    # or pretrain it first on the captions alone (`text_pretrain.py`: it learns to state every named attribute),
+    # then keep it frozen while the UNet trains, as SD keeps a pretrained CLIP (docs/toyworld.md, "Position: a
+    # pretrained text encoder")
+    text_pretrain_steps: int = 300
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
     # layout emphasis: the eps-loss weight is clamp(snr, snr_floor, min_snr_gamma) / snr, so the high-noise
@@ -112,7 +118,7 @@ class PretrainConfig:
 
 # fields added after models and checkpoints were written, with the value that means "as before"
 LATER_FIELDS = {"snr_floor": None, "freeze_text_encoder": False, "init_vae_from": None, "te_lr_scale": 1.0,
-                "te_freeze_steps": 0}
+                "te_freeze_steps": 0, "text_pretrain_steps": 0}
 
 
 def model_configs(cfg: PretrainConfig) -> dict:
@@ -400,10 +406,11 @@ def train_diffusion(model, data: dict, cfg: PretrainConfig, state: dict, save_ck
     mods = [unet, te]
     for m in mods:
         m.train().requires_grad_(True)
-    if cfg.freeze_text_encoder:
+    frozen = cfg.freeze_text_encoder or cfg.text_pretrain_steps > 0
+    if frozen:
         te.eval().requires_grad_(False)
     groups = [{"params": list(unet.parameters()), "scale": 1.0, "start": 0}]
-    if not cfg.freeze_text_encoder:
+    if not frozen:
         groups.append({"params": list(te.parameters()), "scale": cfg.te_lr_scale, "start": cfg.te_freeze_steps})
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99), fused=True)
@@ -496,6 +503,9 @@ def pretrain(cfg: PretrainConfig, out: str = DEFAULT_OUT, work_dir: str = DEFAUL
     model = build_model(cfg)
     if cfg.init_from and cfg.init_vae_from:
         raise ValueError("--init_from and --init_vae_from exclude each other: --init_from already takes the VAE")
+    if cfg.init_from and cfg.text_pretrain_steps:
+        raise ValueError("--text_pretrain_steps trains a fresh text encoder and --init_from continues a trained one: "
+                         "use --init_vae_from to keep only the VAE")
     if cfg.init_from and state["phase"] == "vae":
         state.update(init_weights(model, cfg.init_from), phase="latents")
     elif cfg.init_vae_from and state["phase"] == "vae":
@@ -533,12 +543,23 @@ def pretrain(cfg: PretrainConfig, out: str = DEFAULT_OUT, work_dir: str = DEFAUL
     if "unet" in state:
         model.unet.load_state_dict(state["unet"])
         model.text_encoders[0].load_state_dict(state["te"])
+    elif cfg.text_pretrain_steps and state["phase"] == "diffusion":
+        if "te_pretrained" not in state:
+            from bench.toyworld.text_pretrain import pretrain_text_encoder
+
+            t0 = time.time()
+            state["text_pretrain"] = pretrain_text_encoder(model, cfg.text_pretrain_steps, cfg.seed, log=_log)
+            _log(f"[text] held-out accuracy per attribute: {state['text_pretrain']['accuracy']}")
+            secs["text"] = time.time() - t0
+            state["te_pretrained"] = model.text_encoders[0].state_dict()
+            save_ckpt(state)
+        model.text_encoders[0].load_state_dict(state["te_pretrained"])
     t0 = time.time()
     if state["phase"] == "diffusion":
         ema = train_diffusion(model, data, cfg, state, save_ckpt, save_every, log_every, stop_after)
         secs["diffusion"] = secs.get("diffusion", 0) + time.time() - t0
         ema.copy_to([model.unet, model.text_encoders[0]])
-        state = {k: v for k, v in state.items() if k not in ("opt", "ema")}
+        state = {k: v for k, v in state.items() if k not in ("opt", "ema", "te_pretrained")}
         state.update(phase="done", step=cfg.steps, unet=model.unet.state_dict(),
                      te=model.text_encoders[0].state_dict())
         save_ckpt(state)
@@ -552,6 +573,8 @@ def pretrain(cfg: PretrainConfig, out: str = DEFAULT_OUT, work_dir: str = DEFAUL
         info["init"] = state["init"]  # how the starting model was made (its toyworld.json)
     if cfg.init_vae_from:
         info["vae_from"] = state["vae_from"]
+    if cfg.text_pretrain_steps:
+        info["text_pretrain"] = state["text_pretrain"]
     path = export(model, cfg, out, info, overwrite=True)
     _log(f"wrote {path} ({folder_megabytes(path):.1f} MB); phases: {info['seconds']} s; "
          f"this session {time.time() - t_all:.0f}s")
@@ -648,12 +671,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="weight the high-noise steps as if their SNR were at least this (eps-loss weight "
                         "clamp(snr, floor, 5) / snr): the steps that decide the layout (default: min-SNR-5 only)")
     p.add_argument("--freeze_text_encoder", action="store_true",
-                   help="keep the randomly initialised text encoder fixed (as SD keeps CLIP): trained jointly, it "
-                        "merges the position words before the UNet learns them (docs/toyworld.md)")
+                   help="keep the text encoder fixed (as SD keeps CLIP): the random one, or the --init_from one. "
+                        "Trained jointly from scratch, it merges the position words before the UNet learns them "
+                        "(docs/toyworld.md)")
     p.add_argument("--te_lr_scale", type=float, default=d.te_lr_scale,
                    help="the text encoder's learning rate as a multiple of --lr (without --freeze_text_encoder)")
     p.add_argument("--te_freeze_steps", type=int, default=d.te_freeze_steps,
                    help="keep the text encoder fixed for the first N diffusion steps, then train it (its own warm-up)")
+    p.add_argument("--text_pretrain_steps", type=int, default=None,
+                   help="first train the text encoder alone for N steps to state each caption's attributes "
+                        "(bench/toyworld/text_pretrain.py), then keep it frozen while the UNet trains, as SD keeps "
+                        f"CLIP (default {d.text_pretrain_steps}, and 0 with --init_from, whose encoder is trained; "
+                        "0: train it jointly with the UNet, or see --freeze_text_encoder)")
     p.add_argument("--image_size", type=int, default=d.image_size, choices=[32, 64])
     p.add_argument("--unet_channels", type=str, default=",".join(map(str, d.unet_channels)),
                    help="UNet block_out_channels (4 values; SD1 layout)")
@@ -688,11 +717,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     unet_ch = tuple(int(x) for x in args.unet_channels.split(","))
     if len(unet_ch) != 4:
         p.error("--unet_channels needs 4 comma-separated values (the SD1 layout has 4 blocks)")
+    text_steps = args.text_pretrain_steps
+    if text_steps is None:
+        text_steps = 0 if args.init_from else d.text_pretrain_steps
     cfg = PretrainConfig(image_size=args.image_size, seed=args.seed, vae_steps=args.vae_steps,
                          n_images=args.n_images, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          warmup_steps=args.warmup_steps, snr_floor=args.snr_floor,
                          freeze_text_encoder=args.freeze_text_encoder, te_lr_scale=args.te_lr_scale,
-                         te_freeze_steps=args.te_freeze_steps,
+                         te_freeze_steps=args.te_freeze_steps, text_pretrain_steps=text_steps,
                          unet_channels=unet_ch, te_hidden=args.te_hidden, bf16=args.bf16, device=args.device,
                          init_from=args.init_from, init_vae_from=args.init_vae_from,
                          vae_channels=tuple(int(x) for x in args.vae_channels.split(",")) if args.vae_channels

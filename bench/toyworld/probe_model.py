@@ -3,6 +3,7 @@ judged share of named attributes on a few pretraining-style prompts. The full me
 `bench.toyworld.evaluate`'s model quality (320 prompts, ~4 min); this takes ~1 min on 2 cores.
 
     python -m bench.toyworld.probe_model FOLDER [--prompts 96] [--positions]
+    python -m bench.toyworld.probe_model WORK_DIR       # a running pretraining's last checkpoint (EMA weights)
 
 Δε: the mean squared change of the ε prediction, for 8 fixed noise draws at t = 900 / 700 / 500, when one word of
 "a red ball at the left on grass" changes (position "right", colour "blue", background "snow"): the probe of
@@ -66,17 +67,48 @@ def position_share(model, judge, steps: int = 20, guidance: float = 4.0) -> floa
     return sum(a == b for a, b in zip(got, wanted)) / len(wanted)
 
 
+def load_checkpoint(work_dir: str):
+    """The model of a pretraining's last checkpoint (`pretrain.py --work_dir`) with the EMA weights it would export,
+    in float32 and eval mode: a look at a run while it trains."""
+    import os
+
+    from bench.toyworld import pretrain as P
+
+    state = torch.load(os.path.join(work_dir, "checkpoint.pt"), map_location="cpu", weights_only=False)
+    if "unet" not in state:
+        raise ValueError(f"{work_dir}: the checkpoint is in phase {state['phase']!r}, before any diffusion step")
+    cfg = P.PretrainConfig(**{**state["config"], "init_from": None, "init_vae_from": None})
+    model = P.build_model(cfg)
+    model.vae.load_state_dict(state["vae"])
+    model.unet.load_state_dict(state["unet"])
+    model.text_encoders[0].load_state_dict(state["te"])
+    if "ema" in state:
+        mods = [model.unet, model.text_encoders[0]]
+        ema = P.EMA(mods, cfg.ema_decay)
+        ema.load_state_dict(state["ema"])
+        ema.copy_to(mods)
+    scale = torch.load(os.path.join(work_dir, "latents.pt"), map_location="cpu", weights_only=False)["scaling_factor"]
+    model.vae.register_to_config(scaling_factor=scale)
+    for m in (model.unet, model.vae, *model.text_encoders):
+        m.float().eval().requires_grad_(False)
+    print(f"{work_dir}: diffusion step {state.get('step')} of {cfg.steps}")
+    return model
+
+
 def main(argv=None) -> int:
     from bench.toyworld import judge as J
     from bench.toyworld.evaluate import load
 
     p = argparse.ArgumentParser(prog="python -m bench.toyworld.probe_model", description=__doc__.split("\n")[0])
-    p.add_argument("model", help="a model folder written by bench.toyworld.pretrain")
+    p.add_argument("model", help="a model folder written by bench.toyworld.pretrain, or its --work_dir while it runs")
     p.add_argument("--prompts", type=int, default=96, help="quality prompts to sample and judge (0: none)")
     p.add_argument("--positions", action="store_true", help="also the 72-image position test")
     p.add_argument("--judge", default=J.DEFAULT_PATH)
     a = p.parse_args(argv)
-    t0, model = time.time(), load(a.model)
+    import os
+
+    t0 = time.time()
+    model = load_checkpoint(a.model) if os.path.exists(os.path.join(a.model, "checkpoint.pt")) else load(a.model)
     for k, v in word_response(model).items():
         print(f"Δε {k:<10} t = 900 / 700 / 500: " + " / ".join(f"{x:.1e}" for x in v))
     judge = J.load(a.judge)
