@@ -476,7 +476,7 @@ def folder_megabytes(path: str) -> float:
 def pretrain(cfg: PretrainConfig, out: str = DEFAULT_OUT, work_dir: str = DEFAULT_WORK, resume: bool = False,
              overwrite: bool = False, save_every: int = 500, log_every: int = 50,
              stop_after: Optional[int] = None, workers: int = 1, vae_check_n: int = 400) -> str:
-    """Run (or resume) all three phases and write the model folder `out`. Returns its path.
+    """Run (or resume) every phase and write the model folder `out`. Returns its path.
     `stop_after`: raise `Interrupted` after that diffusion step, its checkpoint written (resume tests).
     `workers`: processes rendering the VAE phase's batches (0: in the main process). `vae_check_n`: images
     for the judge check of the VAE (`vae_judge_check`; 0 skips it)."""

@@ -14,6 +14,7 @@ at the {each position} on grass", the judged position (chance 1/9).
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -70,8 +71,6 @@ def position_share(model, judge, steps: int = 20, guidance: float = 4.0) -> floa
 def load_checkpoint(work_dir: str):
     """The model of a pretraining's last checkpoint (`pretrain.py --work_dir`) with the EMA weights it would export,
     in float32 and eval mode: a look at a run while it trains."""
-    import os
-
     from bench.toyworld import pretrain as P
 
     state = torch.load(os.path.join(work_dir, "checkpoint.pt"), map_location="cpu", weights_only=False)
@@ -100,13 +99,12 @@ def main(argv=None) -> int:
     from bench.toyworld.evaluate import load
 
     p = argparse.ArgumentParser(prog="python -m bench.toyworld.probe_model", description=__doc__.split("\n")[0])
-    p.add_argument("model", help="a model folder written by bench.toyworld.pretrain, or its --work_dir while it runs")
+    p.add_argument("model", help="a model folder written by bench.toyworld.pretrain, or its --work_dir while it "
+                   "runs")
     p.add_argument("--prompts", type=int, default=96, help="quality prompts to sample and judge (0: none)")
     p.add_argument("--positions", action="store_true", help="also the 72-image position test")
     p.add_argument("--judge", default=J.DEFAULT_PATH)
     a = p.parse_args(argv)
-    import os
-
     t0 = time.time()
     model = load_checkpoint(a.model) if os.path.exists(os.path.join(a.model, "checkpoint.pt")) else load(a.model)
     for k, v in word_response(model).items():

@@ -52,7 +52,8 @@ class AttributeHeads(torch.nn.Module):
         super().__init__()
         self.heads = torch.nn.ModuleList(torch.nn.Linear(hidden, len(a)) for a in HEADS.values())
 
-    def loss(self, hidden: torch.Tensor, ids: torch.Tensor, tgt: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, hidden: torch.Tensor, ids: torch.Tensor, tgt: torch.Tensor,
+             eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy over heads and over the tokens from the first EOS on; and the per-head accuracy there."""
         eos = (ids == eos_id).int().argmax(dim=1, keepdim=True)
         mask = (torch.arange(ids.shape[1], device=ids.device)[None] >= eos).float()  # (B, L)
@@ -96,8 +97,8 @@ def pretrain_text_encoder(model, steps: int, seed: int, batch_size: int = 256, l
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            log(f"[text] step {step + 1}/{steps}  loss {float(loss.detach()):.4f}  min head accuracy {float(acc.min()):.3f} "
-                f"({time.time() - t0:.0f}s)")
+            log(f"[text] step {step + 1}/{steps}  loss {float(loss.detach()):.4f}  "
+                f"min head accuracy {float(acc.min()):.3f} ({time.time() - t0:.0f}s)")
     te.eval().requires_grad_(False)
     with torch.no_grad():
         _, acc = run(caption_batch(np.random.default_rng([seed, 0x7E57]), 1024))
