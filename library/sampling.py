@@ -255,8 +255,8 @@ def missing_sampler_package(name: str) -> Optional[str]:
     package = SAMPLER_PACKAGES.get(name)
     if package is None or importlib.util.find_spec(package) is not None:
         return None
-    return (f"the {name} sampler (diffusers' {_scheduler_class(name).__name__}) needs {package}, which is not installed: "
-            f"pip install {package}, or choose another sampler (euler_a and ddim need nothing more)")
+    return (f"the {name} sampler (diffusers' {_scheduler_class(name).__name__}) needs {package}, which is not "
+            f"installed: pip install {package}, or choose another sampler (euler_a and ddim need nothing more)")
 
 
 def _scheduler_class(name: str):

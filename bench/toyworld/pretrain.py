@@ -542,24 +542,23 @@ def pretrain(cfg: PretrainConfig, out: str = DEFAULT_OUT, work_dir: str = DEFAUL
     model.vae.register_to_config(scaling_factor=data["scaling_factor"])
     if "unet" in state:
         model.unet.load_state_dict(state["unet"])
+    if "te" in state:  # trained, or pretrained on the captions (below) before the first diffusion step
         model.text_encoders[0].load_state_dict(state["te"])
     elif cfg.text_pretrain_steps and state["phase"] == "diffusion":
-        if "te_pretrained" not in state:
-            from bench.toyworld.text_pretrain import pretrain_text_encoder
+        from bench.toyworld.text_pretrain import pretrain_text_encoder
 
-            t0 = time.time()
-            state["text_pretrain"] = pretrain_text_encoder(model, cfg.text_pretrain_steps, cfg.seed, log=_log)
-            _log(f"[text] held-out accuracy per attribute: {state['text_pretrain']['accuracy']}")
-            secs["text"] = time.time() - t0
-            state["te_pretrained"] = model.text_encoders[0].state_dict()
-            save_ckpt(state)
-        model.text_encoders[0].load_state_dict(state["te_pretrained"])
+        t0 = time.time()
+        state["text_pretrain"] = pretrain_text_encoder(model, cfg.text_pretrain_steps, cfg.seed, log=_log)
+        _log(f"[text] held-out accuracy per attribute: {state['text_pretrain']['accuracy']}")
+        secs["text"] = time.time() - t0
+        state["te"] = model.text_encoders[0].state_dict()
+        save_ckpt(state)
     t0 = time.time()
     if state["phase"] == "diffusion":
         ema = train_diffusion(model, data, cfg, state, save_ckpt, save_every, log_every, stop_after)
         secs["diffusion"] = secs.get("diffusion", 0) + time.time() - t0
         ema.copy_to([model.unet, model.text_encoders[0]])
-        state = {k: v for k, v in state.items() if k not in ("opt", "ema", "te_pretrained")}
+        state = {k: v for k, v in state.items() if k not in ("opt", "ema")}
         state.update(phase="done", step=cfg.steps, unet=model.unet.state_dict(),
                      te=model.text_encoders[0].state_dict())
         save_ckpt(state)
