@@ -769,11 +769,13 @@ def train(args):
             tag = "loss/validation/epoch_average" if at_epoch_end else "loss/validation/step_current"
             accelerator.log({tag: last_validation[step]}, step=step)
 
-    def maybe_sample(step, epoch, at_epoch_end=False):
+    def maybe_sample(step, epoch, at_epoch_end=False, first=False):
+        """`first`: before this run's first step (step 0, or the resumed step: --sample_at_first shows what the
+        run starts from)."""
         nonlocal sample_prompts
         if not sample_prompts or not is_main:
             return
-        due = (step == 0 and args.sample_at_first) or (
+        due = args.sample_at_first if first else (
             (args.sample_every_n_epochs and at_epoch_end and epoch % args.sample_every_n_epochs == 0)
             or (not args.sample_every_n_epochs and args.sample_every_n_steps and not at_epoch_end
                 and step > 0 and step % args.sample_every_n_steps == 0))
@@ -810,8 +812,7 @@ def train(args):
     # --- the loop ---------------------------------------------------------------------------------
     loss_sum, loss_count, bad_steps = 0.0, 0, 0
     progress = tqdm(total=args.max_train_steps, initial=step, desc="steps", disable=not is_main, smoothing=0.1)
-    if step == 0:
-        maybe_sample(0, 0)
+    maybe_sample(step, start_epoch, first=True)
     epoch, batches_done, interrupted = start_epoch, skip_batches, False
     read = True if args.log_with else ("apt/gamma_seen_mean",)  # logs read back at each step's end (one read)
     pending = None  # --defer_step_read: the last step's (window read, step, lrs, indicator copy), shown a step later

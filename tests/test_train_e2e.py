@@ -367,6 +367,29 @@ def test_sample_prompts_are_read_again_at_each_sampling(tiny, images, tmp_path, 
     assert seen == [] and "--sample_every_n_steps 0 is not positive: sampling at intervals is off" in caplog.text
 
 
+def test_sample_at_first_samples_before_the_first_step_of_each_run_resumed_too(tiny, images, tmp_path, monkeypatch):
+    """--sample_at_first samples before step 1, and on --resume before the first resumed step (named by the step it
+    resumes from); the interval sampling of the resumed step is not repeated (the first run made it)."""
+    import library.sampling as sampling
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a dog --w 64 --h 64 --s 1\n")
+    seen = []
+    monkeypatch.setattr(sampling, "sample_images", lambda *a, step=None, epoch=None, **k: seen.append(step) or [])
+    common = ("--sample_prompts", str(prompts), "--sample_every_n_steps", "2", "--sample_at_first")
+    out = tmp_path / "out"
+    assert _train(tiny["sd1"], _dataset(tmp_path, images), out, "--save_state", "--save_every_n_steps", "2",
+                  *common) == 0
+    assert seen == [0, 2]
+    seen.clear()
+    assert _train(tiny["sd1"], _dataset(tmp_path, images), out, "--max_train_steps", "5", "--overwrite",
+                  "--resume", str(out / "lora-step00000002-state"), *common) == 0
+    assert seen == [2, 4]
+    seen.clear()
+    assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "o2", *common[:-1]) == 0
+    assert seen == [2]  # without the flag: the intervals only
+
+
 def test_schedule_free_optimizer_steps_in_train_mode_and_saves_and_samples_in_eval(tiny, images, tmp_path,
                                                                                     monkeypatch, caplog):
     """A schedule-free optimizer (here a stand-in, `--optimizer_type module.ClassScheduleFree`) is put in train mode
