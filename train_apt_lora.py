@@ -137,7 +137,8 @@ def micro_batch(args, ctx, batch, optimizer, lr_scheduler, trainable, step_fn=No
                     accelerator.clip_grad_norm_(trainable, args.max_grad_norm or float("inf"))  # unscales
                 if not bad:
                     optimizer.step()
-                    lr_scheduler.step()
+                    if not getattr(optimizer, "step_was_skipped", False):  # fp16, an optimizer without found_inf:
+                        lr_scheduler.step()  # GradScaler skipped it on the host; the schedule waits (accelerate's)
                     scale_weight_norms(args, ctx, window)
                 status = "skipped" if bad else "stepped"
             ctx.window_losses, ctx.window_keys = [], []

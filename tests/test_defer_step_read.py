@@ -15,7 +15,7 @@ from library.optimizers import defer_step_read
 from library.train_util import TrainingSetupError
 
 
-def _ctx(defer, fp16=False):
+def _ctx(defer, fp16=False, fused=True):
     """A one-layer network under a CPU accelerator. `fp16`: accelerate gives no GradScaler on a CPU, so torch's CPU
     GradScaler takes its place (as accelerate's own on CUDA: loss scaled in backward, unscaled by clipping, the step
     through it)."""
@@ -28,7 +28,7 @@ def _ctx(defer, fp16=False):
         accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
     ctx = SimpleNamespace(accelerator=accelerator, network=net, window_losses=[], window_keys=[],
                           keep_grads=False, defer_read=defer)
-    opt = ctx.accelerator.prepare(torch.optim.AdamW(net.parameters(), lr=0.1, fused=True))
+    opt = ctx.accelerator.prepare(torch.optim.AdamW(net.parameters(), lr=0.1, fused=fused))
     if fp16:
         accelerator.unscale_gradients = lambda optimizer=None: accelerator.scaler.unscale_(opt.optimizer)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -59,8 +59,8 @@ def _step(kind):
 KINDS = ["good", "nan_loss", "good", "inf_grad", "good"]
 
 
-def _run(defer, fp16=False, kinds=KINDS):
-    ctx, net, opt, sched = _ctx(defer, fp16)
+def _run(defer, fp16=False, kinds=KINDS, fused=True):
+    ctx, net, opt, sched = _ctx(defer, fp16, fused)
     results = [train_apt_lora.micro_batch(SimpleNamespace(max_grad_norm=1.0), ctx, {"image_keys": [f"img{i}"]}, opt,
                                           sched, list(net.parameters()), _step(kind), read=("double",))
                for i, kind in enumerate(kinds)]
@@ -105,6 +105,21 @@ def test_fp16_deferred_updates_equal_the_read_at_once_path():
         assert torch.equal(s_e["exp_avg"], s_d["exp_avg"]) and torch.equal(s_e["exp_avg_sq"], s_d["exp_avg_sq"])
     assert sched_e.last_epoch == 5 and sched_d.last_epoch == 7
     assert scaler_e.get_scale() == 8.0 and scaler_d.get_scale() == 2.0
+
+
+def test_fp16_overflow_skipped_by_the_scaler_on_the_host_does_not_advance_the_schedule():
+    """Read at once with an optimizer that takes no found_inf (here AdamW with foreach), GradScaler decides on the
+    host and does not call the step: the learning-rate schedule waits, as accelerate's scheduler does in
+    sd-scripts. With a fused optimizer the step is called with found_inf (no read) and the schedule advances."""
+    kinds = ["good", "inf_grad", "good"]
+    foreach, net_f, opt_f, sched_f, scaler_f = _run(False, True, kinds, fused=False)
+    assert [r.status for r in foreach] == ["stepped"] * 3
+    assert all(float(opt_f.state[p]["step"]) == 2 for p in net_f.parameters())
+    assert sched_f.last_epoch == 2 and scaler_f.get_scale() == 8.0
+    fused, net_u, opt_u, sched_u, _ = _run(False, True, kinds, fused=True)
+    assert all(float(opt_u.state[p]["step"]) == 2 for p in net_u.parameters())
+    assert sched_u.last_epoch == 3
+    assert torch.allclose(net_f.weight, net_u.weight, atol=1e-6)  # the same updates either way
 
 
 @pytest.mark.parametrize("fp16", [False, True])
