@@ -141,23 +141,29 @@ def _flat_length(max_token_length: Optional[int]) -> int:
     return CHUNK_LEN if n == 1 else 75 * n + 2
 
 
+def cut_chunks(flat: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, 75n + 2, ...) in the flat (stitched) layout -> (B, n * 77, ...): each chunk the flat first position,
+    its 75 middle positions and the flat last position. For ids see `_chunked`; for token weights this is the
+    lpw pipelines' layout (every chunk's BOS and EOS weighted as the flat ends, 1.0)."""
+    if n == 1:
+        return flat
+    starts = range(1, flat.shape[1] - CHUNK_LEN + 2, CHUNK_LEN - 2)  # 1, 76, 151, ...
+    assert len(starts) == n, (flat.shape, n)
+    return torch.cat([torch.cat([flat[:, :1], flat[:, i : i + CHUNK_LEN - 2], flat[:, -1:]], dim=1)
+                      for i in starts], dim=1)
+
+
 def _chunked(tokenizer, ids: torch.Tensor, n: int) -> torch.Tensor:
     """Flat (B, 75n + 2) ids -> (B, n * 77): each chunk <BOS> 75 ids <EOS>, as sd-scripts feeds the encoders."""
-    if n == 1:
-        return ids
-    total = ids.shape[1]
+    chunked = cut_chunks(ids, n)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    chunks = []
-    for i in range(1, total - CHUNK_LEN + 2, CHUNK_LEN - 2):  # 1, 76, 151, ...
-        chunk = torch.cat([ids[:, :1], ids[:, i : i + CHUNK_LEN - 2], ids[:, -1:]], dim=1)
-        if pad != eos:
+    if n > 1 and pad != eos:
+        for chunk in chunked.split(CHUNK_LEN, dim=1):  # views of `chunked`: fixed in place
             runs_on = (chunk[:, -2] != eos) & (chunk[:, -2] != pad)
             chunk[runs_on, -1] = eos
             empty = chunk[:, 1] == pad
             chunk[empty, 1] = eos
-        chunks.append(chunk)
-    assert len(chunks) == n
-    return torch.cat(chunks, dim=1)
+    return chunked
 
 
 def tokenize_with(tokenizer, captions: Union[str, Sequence[str]], max_token_length: Optional[int] = None,
@@ -224,9 +230,9 @@ def _first_eos_pool(text_encoder_2, last_hidden_state: torch.Tensor, ids: torch.
 
 def encode_prompts(model, captions: Union[str, Sequence[str]], *, clip_skip: Optional[int] = None,
                    max_token_length: Optional[int] = None, device=None, weighted: bool = False,
-                   keep_mean: bool = False) -> TextConditioning:
+                   keep_mean: bool = False, keep_chunk_ends: bool = False) -> TextConditioning:
     """Encode captions with the model's (live, possibly LoRA-patched) text encoders: `tokenize`, then `encode_ids`
-    (then, with `weighted`, `apply_token_weights`, `keep_mean` passed on).
+    (then, with `weighted`, `apply_token_weights`, `keep_mean` passed on). `keep_chunk_ends`: see `encode_ids`.
 
     Token ids go to each text encoder's device; the result stays there (and in the encoder's dtype) unless
     `device` is given. Runs under the caller's grad mode: wrap in `torch.no_grad()` for frozen encoders.
@@ -237,16 +243,21 @@ def encode_prompts(model, captions: Union[str, Sequence[str]], *, clip_skip: Opt
     ids, weights = tokenize_weighted(model, captions, max_token_length) if weighted else \
         (tokenize(model, captions, max_token_length), None)
     ids_list = [to_device(t, _module_device(te)) for t, te in zip(ids, model.text_encoders)]  # no stream sync
-    cond = encode_ids(model, ids_list, clip_skip=clip_skip, max_token_length=max_token_length)
+    cond = encode_ids(model, ids_list, clip_skip=clip_skip, max_token_length=max_token_length,
+                      keep_chunk_ends=keep_chunk_ends)
     if weights is not None:
+        if keep_chunk_ends:
+            weights = cut_chunks(weights, num_chunks(max_token_length))
         cond = apply_token_weights(cond, weights, keep_mean)
     return cond.to(device=device) if device is not None else cond
 
 
 def encode_ids(model, ids_list: Sequence[torch.Tensor], *, clip_skip: Optional[int] = None,
-               max_token_length: Optional[int] = None) -> TextConditioning:
+               max_token_length: Optional[int] = None, keep_chunk_ends: bool = False) -> TextConditioning:
     """The text encoders on token ids (`tokenize`'s, one (B, n_chunks * 77) tensor per encoder, on its device):
-    tensor work only, no host synchronisation, so `--text_encoder_cuda_graph` can record it.
+    tensor work only, no host synchronisation, so `--text_encoder_cuda_graph` can record it. The chunks are
+    stitched (2 + 75n states, as training in sd-scripts), or with `keep_chunk_ends` simply concatenated (77n
+    states, every chunk's BOS and EOS kept: sd-scripts' lpw sampling pipelines, A1111 and ComfyUI).
 
     SD1/SD2: last_hidden_state (clip_skip None or 1), else final_layer_norm(hidden_states[-clip_skip]).
     SDXL: context = cat(TE1 hidden_states[-2], TE2 hidden_states[-2]) (no final LN; [-2] is sd-scripts'
@@ -255,6 +266,7 @@ def encode_ids(model, ids_list: Sequence[torch.Tensor], *, clip_skip: Optional[i
     """
     global _warned_sdxl_clip_skip
     n = num_chunks(max_token_length)
+    stitched = 1 if keep_chunk_ends else n  # stitch_chunks leaves 1 chunk as it is
     b = ids_list[0].shape[0]
     if model.is_sdxl:
         if clip_skip not in (None, 1) and not _warned_sdxl_clip_skip:
@@ -267,8 +279,8 @@ def encode_ids(model, ids_list: Sequence[torch.Tensor], *, clip_skip: Optional[i
         out2 = te2(ids2, output_hidden_states=True, return_dict=True)
         h2 = out2.hidden_states[-2]
         pooled = _first_eos_pool(te2, out2.last_hidden_state, ids2, model.tokenizers[1].eos_token_id)
-        h1 = stitch_chunks(h1.reshape(b, -1, h1.shape[-1]), n)
-        h2 = stitch_chunks(h2.reshape(b, -1, h2.shape[-1]), n)
+        h1 = stitch_chunks(h1.reshape(b, -1, h1.shape[-1]), stitched)
+        h2 = stitch_chunks(h2.reshape(b, -1, h2.shape[-1]), stitched)
         pooled = pooled[::n]
         context = torch.cat([h1, h2.to(device=h1.device, dtype=h1.dtype)], dim=-1)
         return TextConditioning(context, pooled.to(device=context.device))
@@ -284,7 +296,7 @@ def encode_ids(model, ids_list: Sequence[torch.Tensor], *, clip_skip: Optional[i
             raise ValueError(f"clip_skip={clip_skip} is larger than the text encoder's "
                              f"{len(out.hidden_states) - 1} layers")
         hidden = final_layer_norm(te)(out.hidden_states[-clip_skip])
-    return TextConditioning(stitch_chunks(hidden.reshape(b, -1, hidden.shape[-1]), n), None)
+    return TextConditioning(stitch_chunks(hidden.reshape(b, -1, hidden.shape[-1]), stitched), None)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -388,11 +388,12 @@ def prompt_chunks(model, texts: Sequence[str]) -> int:
 
 def encode_sample_prompts(model, prompt: str, negative_prompt: str, clip_skip: Optional[int] = None):
     """(positive, negative) conditioning of one sample, read as sd-scripts' sampling pipelines read it: A1111
-    attention weights (`(word:1.3)`, `[word]`) with the context's mean kept, both in the chunks the longer needs."""
+    attention weights (`(word:1.3)`, `[word]`) with the context's mean kept, both in the chunks the longer needs,
+    every chunk with its own BOS and EOS (77 states a chunk, as A1111 and ComfyUI read a long prompt too)."""
     n = prompt_chunks(model, [prompt, negative_prompt])
     length = None if n == 1 else 75 * n
     return tuple(encode_prompts(model, [text], clip_skip=clip_skip, max_token_length=length, weighted=True,
-                                keep_mean=True) for text in (prompt, negative_prompt))
+                                keep_mean=True, keep_chunk_ends=True) for text in (prompt, negative_prompt))
 
 
 def generate_images(model, prompts: Sequence[SamplePrompt], *, device=None, clip_skip: Optional[int] = None,

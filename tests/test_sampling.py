@@ -292,7 +292,41 @@ def test_sample_prompts_are_read_as_sd_scripts_sampling_reads_them():
     assert [prompt_chunks(sd1, t) for t in (["a dog", ""], [long, ""], ["", long], [long * 4, "a"])] == [1, 2, 2, 3]
     with torch.no_grad():
         pos, neg = encode_sample_prompts(sd1, "a dog", long)
-    assert pos.context.shape == neg.context.shape == (1, 152, 32)  # 2 + 75 * 2: stitched as in training
+    assert pos.context.shape == neg.context.shape == (1, 154, 32)  # 77 * 2: every chunk's BOS and EOS kept
+
+
+def test_long_sample_prompts_keep_every_chunk_bos_and_eos_as_the_lpw_pipelines():
+    """A 2-chunk sample prompt is encoded as sd-scripts' lpw pipelines (and A1111, ComfyUI) encode it: each chunk
+    <BOS> 75 ids <EOS> through the encoder, the 77-state outputs concatenated, the weights at the chunks'
+    positions, the mean kept. Built here by hand from the tokenizer and the encoder."""
+    from library.conditioning import final_layer_norm
+    from library.sampling import encode_sample_prompts
+
+    sd1 = build_tiny_model("sd1")
+    tok, te = sd1.tokenizers[0], sd1.text_encoders[0]
+    assert tok.pad_token_id == tok.eos_token_id  # SD1: padded with EOS
+    with torch.no_grad():
+        final_layer_norm(te).bias.fill_(0.2)  # a context mean away from 0
+        words = tok(" ".join(["dog"] * 79) + " cat dog", add_special_tokens=False).input_ids
+        assert len(words) == 81
+        flat = [tok.bos_token_id] + words + [tok.eos_token_id] * (152 - 1 - len(words))
+        chunks = torch.tensor([[tok.bos_token_id] + flat[1 + 75 * k: 76 + 75 * k] + [tok.eos_token_id]
+                               for k in (0, 1)])
+        plain = te(chunks).last_hidden_state.reshape(1, 154, -1)
+        weights = torch.ones(1, 154)
+        weights[0, 77 + 1 + (79 - 75)] = 1.5  # "cat", word 79: chunk 1, position 1 + 4 after its BOS
+        by_hand = plain * weights[..., None]
+        by_hand = by_hand * plain.mean() / by_hand.mean()
+        pos, neg = encode_sample_prompts(sd1, " ".join(["dog"] * 79) + " (cat:1.5) dog", "")
+        blank = te(torch.tensor([[tok.bos_token_id] + [tok.eos_token_id] * 76] * 2)).last_hidden_state
+    torch.testing.assert_close(pos.context, by_hand)
+    torch.testing.assert_close(neg.context, blank.reshape(1, 154, -1))  # the negative in as many chunks
+    sdxl = build_tiny_model("sdxl")
+    with torch.no_grad():
+        pos, _ = encode_sample_prompts(sdxl, " ".join(["dog"] * 79) + " (cat:1.5) dog", "")
+        first = encode_sample_prompts(sdxl, " ".join(["dog"] * 75), "")[0]  # the first chunk alone: its pooled
+    assert pos.context.shape[:2] == (1, 154)
+    torch.testing.assert_close(pos.pooled, first.pooled)  # SDXL's pooled output: the first chunk's
 
 
 def test_sample_images_epoch_name_and_prompt_file(sd1, tmp_path):
