@@ -489,10 +489,26 @@ def sample_images(model, prompts: Union[Sequence[SamplePrompt], str, os.PathLike
 # Grid
 
 
+LABEL_FONTS = ("DejaVuSans.ttf", "arial.ttf", "Arial.ttf")  # with Greek and accents, which Pillow's default lacks
+
+
+def label_font(size: int = 11):
+    """A TrueType font from the system (Pillow looks in its font folders) that draws more than ASCII (τ, é), else
+    Pillow's default, which draws those as boxes."""
+    from PIL import ImageFont
+
+    for name in LABEL_FONTS:
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    return ImageFont.load_default()
+
+
 def fixed_seed_grid(images_rows, labels: Sequence[str], col_labels: Optional[Sequence[str]] = None, pad: int = 6):
     """A white grid image: one row per model (`labels` drawn on the left), one column per seed (optional
     `col_labels` on top). Cells are the size of the largest image; smaller images are centred."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     rows = [list(r) for r in images_rows]
     if len(labels) != len(rows):
@@ -504,7 +520,7 @@ def fixed_seed_grid(images_rows, labels: Sequence[str], col_labels: Optional[Seq
         raise ValueError(f"fixed_seed_grid: {ncols} columns but {len(col_labels)} column labels")
     cw = max(im.width for r in rows for im in r)
     ch = max(im.height for r in rows for im in r)
-    font = ImageFont.load_default()
+    font = label_font()
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
     def size(text):

@@ -382,3 +382,28 @@ def test_fixed_seed_grid():
     assert grid.getpixel((w_labels + 64 + 16, header + 32 + 16)) == (0, 0, 255)
     with pytest.raises(ValueError, match="labels"):
         fixed_seed_grid([[red]], ["a", "b"])
+
+
+def test_grid_labels_draw_greek_where_the_system_has_a_font_for_it():
+    """"APT, τ = 10": the label font draws τ as a glyph, not as the missing-glyph box (Pillow's default font)."""
+    from PIL import ImageFont
+
+    from library.sampling import LABEL_FONTS, label_font
+
+    def loads(name):
+        try:
+            return ImageFont.truetype(name, 11)
+        except OSError:
+            return None
+
+    if not any(loads(name) for name in LABEL_FONTS):
+        pytest.skip(f"none of {LABEL_FONTS} on this system")
+    font = label_font()
+
+    def mask(ch):
+        return bytes(font.getmask(ch))
+
+    assert mask("τ") != mask("\uffff")  # a real glyph, not .notdef
+    default = ImageFont.load_default()
+    assert bytes(default.getmask("τ")) == bytes(default.getmask("\uffff"))  # what it replaces: a box
+
