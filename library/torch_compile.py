@@ -68,17 +68,41 @@ def backend_problem(backend: str, cuda: bool) -> str | None:
     return None
 
 
+def fresh_backend_per_graph(backend: str):
+    """An aot_autograd backend by name ("aot_eager", ...) as a callable that builds it anew for each graph. The
+    object older torch registers (2.4 here) wraps its own backward compiler again at every graph it compiles
+    (pytorch#93935), so the wrappers nest with every recompilation; with a LoRA'd UNet's ~60 graphs the nesting
+    passed Python's recursion limit on torch 2.4 (RecursionError in `_wrapped_bw_compiler`). Newer torch (2.13)
+    registers a function that builds one per graph already, and inductor builds its own each time: those are
+    returned as they are."""
+    from torch._dynamo import lookup_backend
+    from torch._dynamo.backends.common import AotAutograd
+
+    registered = lookup_backend(backend)
+    if not isinstance(registered, AotAutograd):
+        return backend
+    kwargs = dict(registered.kwargs)
+
+    def build_and_compile(gm, example_inputs, **kw):
+        return AotAutograd(**kwargs)(gm, example_inputs, **kw)
+
+    return build_and_compile
+
+
 def compile_unet_blocks(unet: torch.nn.Module, backend: str = "inductor") -> int:
     """Compile every repeated block of `unet` in place (`nn.Module.compile`: the module object, its parameters,
     hooks and attention processors stay as they are). Returns how many blocks were compiled."""
     import torch._dynamo
 
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
-                                                           16 * RECOMPILE_LIMIT)
+    config = torch._dynamo.config
+    # torch < 2.6 names them cache_size_limit and accumulated_cache_size_limit
+    for name, limit in (("recompile_limit", RECOMPILE_LIMIT), ("accumulated_recompile_limit", 16 * RECOMPILE_LIMIT)):
+        name = name if hasattr(config, name) else name.replace("recompile", "cache_size")
+        setattr(config, name, max(getattr(config, name), limit))
     blocks = [m for m in unet.modules() if isinstance(m, compiled_block_types())]
+    compile_with = fresh_backend_per_graph(backend)
     for m in blocks:
-        m.compile(backend=backend)
+        m.compile(backend=compile_with)
     return len(blocks)
 
 
