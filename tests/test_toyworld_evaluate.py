@@ -115,6 +115,25 @@ def test_two_step_pipeline_writes_the_report(small_model, tmp_path):
     assert E.model_fingerprint(other) != fp
 
 
+def test_text_encoder_lora_is_trained_and_applied_when_asked(small_model, tmp_path, caplog):
+    """--train_text_encoder: the runs train a text-encoder LoRA too, and the evaluation applies it (it was once
+    loaded into a UNet-only network, which drops those weights with a warning)."""
+    import logging
+
+    from safetensors import safe_open
+
+    s = E.Settings(model=small_model, methods=("dreambooth",), seeds=(0,), steps=2, n_per_prompt=1, sample_steps=2,
+                   quality_n=4, context_n=2, judge_n=8, noise_draws=1, text_encoder=True)
+    assert "--network_train_unet_only" not in s.trainer_args()
+    assert "--network_train_unet_only" in E.Settings().trainer_args()
+    work = str(tmp_path / "work")
+    with caplog.at_level(logging.WARNING):
+        E.evaluate(s, work, str(tmp_path / "res"), "te", log=lambda *_: None)
+    with safe_open(os.path.join(work, "runs", "dreambooth-s0", "lora.safetensors"), "pt") as f:
+        assert any(k.startswith("lora_te_") for k in f.keys())
+    assert "they are ignored" not in caplog.text
+
+
 BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "models", "toyworld-sd1")
 
 

@@ -73,12 +73,13 @@ class Settings:
     context_n: int = 64  # model quality: images of each context prompt
     judge_n: int = 1000  # judge held-out accuracy
     subject: W.SubjectSpec = field(default_factory=W.SubjectSpec)
+    text_encoder: bool = False  # a text-encoder LoRA too (sd-scripts' SD1 default); the benchmark's is UNet only
 
     def trainer_args(self) -> list[str]:
         return ["--network_dim", str(self.rank), "--network_alpha", str(self.rank), "--learning_rate",
                 str(self.learning_rate), "--optimizer_type", "AdamW", "--lr_scheduler", "constant",
-                "--max_train_steps", str(self.steps), "--network_train_unet_only", "--cache_latents",
-                "--save_state", "--overwrite"]
+                "--max_train_steps", str(self.steps), *([] if self.text_encoder else ["--network_train_unet_only"]),
+                "--cache_latents", "--save_state", "--overwrite"]
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -523,7 +524,7 @@ def evaluate(s: Settings, work: str = DEFAULT_WORK, results_dir: str = DEFAULT_R
     with torch.no_grad():
         x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1 for im in refs])
         ref_lat = model.vae.encode(x).latent_dist.mean * model.latent_scale
-    network = LoRANetwork(model, lora_dim=s.rank, alpha=float(s.rank), train_text_encoder=False)
+    network = LoRANetwork(model, lora_dim=s.rank, alpha=float(s.rank), train_text_encoder=s.text_encoder)
     network.apply_to()
     network.requires_grad_(False)
     results, dnoise, gammas, sets0 = {}, {}, {}, {"prior": prior}
@@ -601,6 +602,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--context_n", type=int, default=d.context_n)
     p.add_argument("--judge_n", type=int, default=d.judge_n)
     p.add_argument("--noise_draws", type=int, default=d.noise_draws)
+    p.add_argument("--train_text_encoder", action="store_true",
+                   help="train a text-encoder LoRA too (default: UNet only, --network_train_unet_only)")
     p.add_argument("--subject", default=None, help='the subject as "class,colour,pattern" (default backpack,blue,checker)')
     p.add_argument("--work_dir", default=DEFAULT_WORK)
     p.add_argument("--results_dir", default=DEFAULT_RESULTS)
@@ -626,7 +629,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  steps=a.steps, learning_rate=a.learning_rate, rank=a.rank, batch_size=a.batch_size,
                  n_per_prompt=a.n_per_prompt, sample_steps=a.sample_steps, guidance=a.guidance, n_reg=a.n_reg,
                  quality_n=a.quality_n, context_n=a.context_n, judge_n=a.judge_n, noise_draws=a.noise_draws,
-                 subject=subject)
+                 subject=subject, text_encoder=a.train_text_encoder)
     os.environ.setdefault("TQDM_DISABLE", "1")
     evaluate(s, a.work_dir, a.results_dir, a.name, train_only=a.train_only)
     return 0
