@@ -87,7 +87,11 @@ def load(path: str):
     """The model in float32, eval mode, no grad (what the trainer reads is `path` itself)."""
     from library.model_util import load_model
 
-    model = load_model(path)
+    return for_inference(load_model(path))
+
+
+def for_inference(model):
+    """`model` with every module in float32, eval mode, no grad; returned for chaining."""
     for m in (model.unet, model.vae, *model.text_encoders):
         m.float().eval().requires_grad_(False)
     return model

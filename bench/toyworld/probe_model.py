@@ -72,6 +72,7 @@ def load_checkpoint(work_dir: str):
     """The model of a pretraining's last checkpoint (`pretrain.py --work_dir`) with the EMA weights it would export,
     in float32 and eval mode: a look at a run while it trains."""
     from bench.toyworld import pretrain as P
+    from bench.toyworld.evaluate import for_inference
 
     state = torch.load(os.path.join(work_dir, "checkpoint.pt"), map_location="cpu", weights_only=False)
     if "unet" not in state:
@@ -88,8 +89,7 @@ def load_checkpoint(work_dir: str):
         ema.copy_to(mods)
     scale = torch.load(os.path.join(work_dir, "latents.pt"), map_location="cpu", weights_only=False)["scaling_factor"]
     model.vae.register_to_config(scaling_factor=scale)
-    for m in (model.unet, model.vae, *model.text_encoders):
-        m.float().eval().requires_grad_(False)
+    for_inference(model)
     print(f"{work_dir}: diffusion step {state.get('step')} of {cfg.steps}")
     return model
 
