@@ -330,7 +330,7 @@ def verify_args(args):
         raise TrainingSetupError("--output_dir is required: the folder the LoRA is written to")
     if args.output_dir:
         check_output_location(args)  # before the model loads: a bad --output_name/--output_dir fails at once
-    from library.sd_scripts_flags import no_effect_notes
+    from library.sd_scripts_flags import network_module_error, no_effect_notes
 
     for note in no_effect_notes(args):
         logger.info(note)
@@ -353,7 +353,7 @@ def verify_args(args):
         raise TrainingSetupError(f"{flag} computes each layer in the --mixed_precision dtype: add --mixed_precision "
                                  f"bf16 (or fp16); it is {args.mixed_precision!r}")
     if args.network_module != "networks.lora":
-        raise TrainingSetupError(f"--network_module {args.network_module}: only networks.lora is supported")
+        raise TrainingSetupError(network_module_error(args.network_module))
     if args.use_8bit_adam:
         args.optimizer_type = "AdamW8bit"
     if args.caption_extention is not None:  # sd-scripts: the misspelled flag, when given, wins

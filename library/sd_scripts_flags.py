@@ -64,6 +64,26 @@ NO_EFFECT = {  # flag -> (takes a value, why it does nothing here)
 }
 
 
+OTHER_NETWORK_MODULES = {  # --network_module -> what it trains; what to do here
+    "lycoris.kohya": "LyCORIS (LoCon, LoHa, LoKr, ...); its LoCon is this LoRA with 3x3 convs: --network_module "
+                     "networks.lora --network_args conv_dim=N conv_alpha=A (the others are not implemented)",
+    "networks.dylora": "DyLoRA (every rank up to --network_dim in one file); train the one rank you want with "
+                       "networks.lora --network_dim N",
+    "networks.lora_fa": "LoRA-FA (the down weights frozen); use networks.lora",
+    "networks.oft": "OFT (orthogonal fine-tuning); use networks.lora",
+    "networks.lora_interrogator": "not a trainer's network; use networks.lora",
+}
+
+
+def network_module_error(module: str) -> str:
+    """The error for a --network_module other than networks.lora: what it is and what to do instead."""
+    if module in OTHER_NETWORK_MODULES:
+        what, todo = OTHER_NETWORK_MODULES[module].split("; ", 1)
+        return f"--network_module {module}: APT-LoRA trains kohya's networks.lora only, not {what}: {todo}"
+    return (f"--network_module {module}: APT-LoRA trains kohya's networks.lora only (SD1.x, SD2.x, SDXL): leave "
+            f"--network_module out, or set it to networks.lora")
+
+
 _OFF_TEXT = ("", "0", "0.0", "false", "none")
 
 

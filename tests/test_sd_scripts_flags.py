@@ -2,6 +2,7 @@
 nothing to do are accepted and reported, and the dataset flags sd-scripts has on its command line reach the dataset."""
 import datetime
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -194,3 +195,41 @@ def test_save_n_epoch_ratio_spreads_the_saves(tiny_world, tmp_path):
                                 tiny_world.dataset, "--output_dir", str(tmp_path), "--output_name", "lora",
                                 "--max_train_steps", "12", "--save_n_epoch_ratio", "2"]) == 0
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["lora-000002.safetensors", "lora.safetensors"]
+
+
+def _listed(name: str) -> list[str]:
+    path = Path(__file__).parent / "data" / name
+    return [line.split("\t")[0] for line in path.read_text(encoding="utf-8").splitlines()
+            if line and not line.startswith("#")]
+
+
+def test_every_sd_scripts_lora_flag_is_handled():
+    """Each flag of sd-scripts' train_network.py / sdxl_train_network.py parsers is implemented, accepted without
+    effect or refused with advice: none fails as argparse's bare "unrecognized arguments"."""
+    flags = _listed("sd_scripts_flags.txt")
+    ours = {o[2:] for a in setup_parser()._actions for o in a.option_strings if o.startswith("--")}
+    assert len(flags) == 198 and [f for f in flags if f not in ours] == []
+
+
+def test_every_sd_scripts_dataset_key_is_known():
+    from library.config_util import ALL_KEYS
+
+    keys = _listed("sd_scripts_dataset_keys.txt")
+    assert len(keys) == 39 and [k for k in keys if k not in ALL_KEYS] == []
+
+
+@pytest.mark.parametrize("module, says", [
+    ("lycoris.kohya", "not LyCORIS (LoCon, LoHa, LoKr, ...): its LoCon is this LoRA with 3x3 convs: --network_module "
+                      "networks.lora --network_args conv_dim=N conv_alpha=A"),
+    ("networks.dylora", "not DyLoRA (every rank up to --network_dim in one file): train the one rank you want"),
+    ("my.network", "only (SD1.x, SD2.x, SDXL): leave --network_module out, or set it to networks.lora"),
+])
+def test_another_network_module_is_an_error_saying_what_to_use(tmp_path, module, says):
+    import train_apt_lora
+
+    args = setup_parser().parse_args(["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "o"),
+                                      "--train_data_dir", str(tmp_path), "--network_module", module])
+    with pytest.raises(TrainingSetupError) as e:
+        train_apt_lora.verify_args(args)
+    assert str(e.value).startswith(f"--network_module {module}: APT-LoRA trains kohya's networks.lora ")
+    assert says in str(e.value)
