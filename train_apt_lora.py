@@ -352,6 +352,9 @@ def verify_args(args):
         flag = "--fp8_base" if args.fp8_base else "--fp8_base_unet"
         raise TrainingSetupError(f"{flag} computes each layer in the --mixed_precision dtype: add --mixed_precision "
                                  f"bf16 (or fp16); it is {args.mixed_precision!r}")
+    if args.full_bf16 and args.mixed_precision != "bf16":  # sd-scripts asserts the same
+        raise TrainingSetupError(f"--full_bf16 keeps the LoRA in bf16 and needs --mixed_precision bf16; it is "
+                                 f"{args.mixed_precision!r}")
     if args.network_module != "networks.lora":
         raise TrainingSetupError(network_module_error(args.network_module))
     if args.use_8bit_adam:
@@ -662,6 +665,8 @@ def train(args):
         network.load_weights(args.network_weights)
     network.set_multiplier(args.network_multiplier)
     network.to(device)
+    if args.full_bf16:  # the optimizer's states follow the weights' dtype
+        network.cast_weights(torch.bfloat16)
     network.train()
     if args.cuda_graphs == "auto":  # before APT, which records its prior pass when args.apt_cuda_graph is set
         from library.unet_graph import auto_cuda_graphs

@@ -11,8 +11,8 @@ import argparse
 
 NOT_IMPLEMENTED = {  # flag -> what it does in sd-scripts; what to do here
     "fused_backward_pass": "Adafactor's optimizer step fused into the backward (full fine-tuning); leave it out",
-    "full_fp16": "fp16 LoRA weights and gradients; use --mixed_precision fp16 (fp32 LoRA weights)",
-    "full_bf16": "bf16 LoRA weights and gradients; use --mixed_precision bf16 (fp32 LoRA weights)",
+    "full_fp16": "fp16 LoRA weights, gradients and optimizer states; use --mixed_precision fp16 (fp32 LoRA weights), "
+                 "or --mixed_precision bf16 --full_bf16 for the memory saving (AdamW's fp16 states underflow)",
     "cpu_offload_checkpointing": "checkpointed activations kept on the CPU; use --gradient_checkpointing",
     "deepspeed": "DeepSpeed training; train with accelerate launch (data parallel)",
     "train_inpainting": "inpainting training (random masks, a 9-channel UNet); inpainting models are not supported: "

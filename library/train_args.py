@@ -150,6 +150,9 @@ def _training_args(p: argparse.ArgumentParser) -> None:
                         "slower: one cast per layer per pass)")
     g.add_argument("--fp8_base_unet", action="store_true",
                    help="as --fp8_base for the UNet only; the text encoders keep --mixed_precision weights")
+    g.add_argument("--full_bf16", action="store_true",
+                   help="keep the LoRA weights, gradients and optimizer states in bf16 too (sd-scripts' flag; needs "
+                        "--mixed_precision bf16): half their memory, but updates smaller than bf16 can resolve are lost")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--ddp_timeout", type=int, default=None,
                    help="minutes the processes of `accelerate launch` wait for each other (default: torch's, 30 for NCCL)")

@@ -426,6 +426,13 @@ class LoRANetwork(nn.Module):
     def is_applied(self) -> bool:
         return any(lora.is_applied for lora in self.loras)
 
+    def cast_weights(self, dtype) -> None:
+        """`--full_bf16`: every up/down weight in `dtype`, and so its gradient and optimizer states. Each `alpha`
+        stays float32: training scales by the alpha given, and a file saved as float keeps it exactly."""
+        for lora in self.loras:
+            lora.lora_down.to(dtype)
+            lora.lora_up.to(dtype)
+
     def set_fused(self, fused: bool) -> None:
         """Linear LoRA branches as down + one addmm (True, the default) or as separate ops (`--no_fused_lora`)."""
         for lora in self.loras:

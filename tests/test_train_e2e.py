@@ -145,6 +145,36 @@ def test_bad_inputs_give_one_clear_message(tiny, images, tmp_path, capsys):
         assert rc == 2 and "xformers" in err and "requirements-gpu.txt" in err
 
 
+def test_full_bf16_trains_and_keeps_the_lora_in_bf16_as_sd_scripts(tiny, images, tmp_path, capsys):
+    """--full_bf16: LoRA weights and AdamW's states in bf16 (the state saved shows them), the file in bf16 unless
+    --save_precision says otherwise, and alpha kept float32 in training, so a float file has the alpha given."""
+    ds = _dataset(tmp_path, images)
+    rc, err = _run_err(capsys, ["--pretrained_model_name_or_path", tiny["sd1"], "--dataset_config", ds,
+                                "--output_dir", str(tmp_path / "o"), "--full_bf16"])
+    assert rc == 2 and "--full_bf16 keeps the LoRA in bf16 and needs --mixed_precision bf16; it is 'no'" in err
+
+    out = tmp_path / "bf16"
+    assert _train(tiny["sd1"], ds, out, "--apt", "--full_bf16", "--mixed_precision", "bf16", "--save_state",
+                  "--network_alpha", "0.3") == 0
+    lora = load_file(str(out / "lora.safetensors"))
+    assert {t.dtype for t in lora.values()} == {torch.bfloat16}  # sd-scripts keeps the training dtype
+    up = lora["lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight"]
+    assert up.abs().sum() > 0
+    state = torch.load(str(out / "lora-state" / "optimizer.pt"), weights_only=True)["state"]
+    assert {s["exp_avg"].dtype for s in state.values()} == {torch.bfloat16}
+    with safe_open(str(out / "lora.safetensors"), "pt") as f:
+        assert f.metadata()["ss_full_bf16"] == "True"
+
+    out = tmp_path / "float"
+    assert _train(tiny["sd1"], ds, out, "--full_bf16", "--mixed_precision", "bf16", "--save_precision", "float",
+                  "--network_alpha", "0.3") == 0
+    lora = load_file(str(out / "lora.safetensors"))
+    alpha = lora["lora_unet_down_blocks_0_attentions_0_proj_in.alpha"]
+    assert alpha.dtype == torch.float32 and alpha.item() == pytest.approx(0.3, abs=1e-7)  # bf16 would give 0.30078
+    w = lora["lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight"]
+    assert w.dtype == torch.float32 and torch.equal(w, w.bfloat16().float())  # trained in bf16
+
+
 def test_existing_output_is_never_overwritten(tiny, images, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
