@@ -189,6 +189,9 @@ class DatasetBlueprint:
 _TOML_POS = re.compile(r"\(at line (\d+), column (\d+)\)")
 
 
+_BACKSLASH_IN_QUOTES = re.compile(r'"[^"]*\\')  # "C:\Users...": the usual TOML mistake on Windows
+
+
 def load_toml(path, what: str = "dataset config") -> dict:
     """Parse a TOML file; a syntax error becomes a ConfigError with the file, line and column."""
     path = Path(path)
@@ -201,16 +204,20 @@ def load_toml(path, what: str = "dataset config") -> dict:
     except tomllib.TOMLDecodeError as e:
         msg = str(e)
         m = _TOML_POS.search(msg)
+        lines = text.splitlines() or [""]
         if m is not None:
             line, col = int(m.group(1)), int(m.group(2))
         else:  # "(at end of document)": point after the last character
-            lines = text.splitlines() or [""]
             line, col = len(lines), len(lines[-1]) + 1
         reason = re.sub(r"\s*\(at [^)]*\)", "", msg).strip()
         tables = ", tables are [general], [[datasets]], [[datasets.subsets]]" if what == "dataset config" else ""
+        bad = lines[line - 1] if 1 <= line <= len(lines) else ""
+        fix = ('A backslash inside "double quotes" starts an escape in TOML (\\n, \\t, \\U...): write a Windows '
+               "path in single quotes, 'C:\\Users\\me\\photos', or with forward slashes, \"C:/Users/me/photos\"."
+               if _BACKSLASH_IN_QUOTES.search(bad) else
+               f"Fix the syntax there (strings need quotes, lists need brackets{tables}).")
         raise ConfigError(f"{path}:{line}:{col}: TOML syntax error in the {what} (line {line}, column {col}): "
-                          f"{reason}.{_show_line(text, line, col)}\nFix the syntax there (strings need quotes, "
-                          f"lists need brackets{tables}).") from None
+                          f"{reason}.{_show_line(text, line, col)}\n{fix}") from None
 
 
 def _read_text(path: Path, what: str) -> str:

@@ -34,6 +34,20 @@ def test_toml_syntax_error_has_file_line_and_column(tmp_path):
     assert "keep_tokens = = 1" in msg  # the offending line is shown
 
 
+@pytest.mark.parametrize("path", [r"C:\Users\me\imgs", "C:\\photos\\"])
+def test_a_windows_path_in_double_quotes_is_explained(tmp_path, path):
+    r""""C:\Users..." fails as an escape (\U wants hex digits; a trailing backslash escapes the quote): the message
+    says how to write the path."""
+    p = write(tmp_path, f'[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "{path}"\n')
+    with pytest.raises(ConfigError) as e:
+        load_dataset_config(p)
+    assert f"{p}:3:" in str(e.value) and str(e.value).endswith(
+        'A backslash inside "double quotes" starts an escape in TOML (\\n, \\t, \\U...): write a Windows path in '
+        "single quotes, 'C:\\Users\\me\\photos', or with forward slashes, \"C:/Users/me/photos\".")
+    p.write_text(f"[[datasets]]\n  [[datasets.subsets]]\n  image_dir = '{path.rstrip(chr(92))}'\n")
+    assert load_dataset_config(p)["datasets"][0]["subsets"][0]["image_dir"] == path.rstrip(chr(92))  # as advised
+
+
 def test_load_dataset_config_syntax_error_and_missing_file(tmp_path):
     p = write(tmp_path, '[[datasets]]\nresolution = 512\n  [[datasets.subsets]]\n  image_dir = "/x\n')
     with pytest.raises(ConfigError, match=r"line 4, column"):
