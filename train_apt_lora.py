@@ -594,6 +594,11 @@ def train(args):
                 "validation_split holds out no image: each subset keeps ceil((1 - split) x its images) for training, "
                 "so with n images the split must be above 1/n; raise it, or leave it out")
 
+    if apt_enabled(args):
+        from apt_ext.prompts import captions_without_class_tokens
+
+        for line in captions_without_class_tokens(info for ds in data.datasets for info in ds.images.values()):
+            logger.warning(line)
     if args.debug_dataset:
         from library.debug_dataset import debug_dataset
 

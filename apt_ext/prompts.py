@@ -77,6 +77,35 @@ def class_prompt(caption: str, class_tokens: str | None, prior_class_tokens: str
     return _class_pattern(class_tokens).sub(lambda _m: prior, caption)
 
 
+def captions_without_class_tokens(images) -> list[str]:
+    """One warning per subset whose captions do not all contain its `class_tokens` (images: objects with `key`,
+    `caption`, `is_reg` and `subset`, as the dataset's ImageInfo). For such a caption `class_prompt` changes nothing:
+    c = c*, so the prior pass reads the identifier too, and APT's stabilisation and attention losses hold the LoRA
+    to the base model's output for the subject's own prompt. Tag captions ("sks, dog, red") are the usual case."""
+    by_subset: dict[int, list] = {}
+    for info in images:
+        sub = info.subset
+        if info.is_reg or not (sub.class_tokens and sub.class_tokens.strip()):
+            continue
+        text = " ".join(t for t in (sub.caption_prefix, info.caption, sub.caption_suffix) if t)
+        entry = by_subset.setdefault(id(sub), [sub, 0, []])
+        entry[1] += 1
+        if _class_pattern(sub.class_tokens).search(text) is None:
+            entry[2].append(info)
+    lines = []
+    for sub, total, missing in by_subset.values():
+        if not missing:
+            continue
+        ct, first = sub.class_tokens.strip(), missing[0]
+        lines.append(
+            f"{sub.where}: {len(missing)} of {total} captions do not contain class_tokens {ct!r} as one phrase (e.g. "
+            f"{first.key}: {first.caption[:80]!r}). APT's class prompt c replaces the class tokens in the caption, so "
+            f"for these c = c*: the prior pass reads the identifier too, and APT holds the LoRA to the base model's "
+            f"output for that prompt. Write {ct!r} in those captions (tag captions: as one tag, first with "
+            f"keep_tokens = 1), or set caption_prefix = \"{ct},\" for the subset.")
+    return lines
+
+
 def class_prompts(captions: Sequence[str], class_tokens: Sequence[str | None],
                   prior_class_tokens: Sequence[str | None] | None = None) -> list[str]:
     """`class_prompt` over a batch (the dataset batch's `captions`, `class_tokens`, `prior_class_tokens`)."""

@@ -165,3 +165,48 @@ def test_alignment_long_prompt_150(tok, tok2):
     assert pi_short[:6].tolist() == [0, 1, 2, 3, 4, 4] and pi_short[-1].item() == 150
     with pytest.raises(ValueError, match="multiple"):
         num_token_columns(tok, 100)
+
+
+def test_captions_without_the_class_tokens_are_reported_per_subset():
+    """Tag captions ("sks, dog") hold no "sks dog": c = c* there, and the warning says so, per subset, with what to
+    do; a prefix that brings the class tokens, reg images and subsets without class tokens are not reported."""
+    from types import SimpleNamespace as NS
+
+    from apt_ext.prompts import captions_without_class_tokens
+
+    tags = NS(where="datasets[0].subsets[0] in d.toml", class_tokens="sks dog", caption_prefix=None,
+              caption_suffix=None)
+    prefixed = NS(where="datasets[0].subsets[1] in d.toml", class_tokens="sks dog", caption_prefix="sks dog,",
+                  caption_suffix=None)
+    no_class = NS(where="datasets[0].subsets[2] in d.toml", class_tokens=None, caption_prefix=None, caption_suffix=None)
+    images = [NS(key="a.png", caption="sks, dog, red", is_reg=False, subset=tags),
+              NS(key="b.png", caption="a photo of SKS  Dog", is_reg=False, subset=tags),  # found: case, spaces
+              NS(key="c.png", caption="sks dogs", is_reg=False, subset=tags),  # whole words only
+              NS(key="d.png", caption="red, grass", is_reg=False, subset=prefixed),
+              NS(key="e.png", caption="a dog", is_reg=True, subset=tags),
+              NS(key="f.png", caption="a dog", is_reg=False, subset=no_class)]
+    assert captions_without_class_tokens(images) == [
+        "datasets[0].subsets[0] in d.toml: 2 of 3 captions do not contain class_tokens 'sks dog' as one phrase (e.g. "
+        "a.png: 'sks, dog, red'). APT's class prompt c replaces the class tokens in the caption, so for these c = c*: "
+        "the prior pass reads the identifier too, and APT holds the LoRA to the base model's output for that prompt. "
+        "Write 'sks dog' in those captions (tag captions: as one tag, first with keep_tokens = 1), or set "
+        "caption_prefix = \"sks dog,\" for the subset."]
+    assert captions_without_class_tokens(images[1:2] + images[3:]) == []
+
+
+def test_the_trainer_warns_of_captions_without_the_class_tokens_before_training(tiny, images, tmp_path, caplog):
+    import shutil
+
+    import train_apt_lora
+    from tests.test_train_e2e import _dataset
+
+    photos = tmp_path / "photos"
+    shutil.copytree(images, photos)
+    for p in photos.glob("*.png"):
+        p.with_suffix(".txt").write_text("sks, dog, outdoors")
+    argv = ["--pretrained_model_name_or_path", tiny["sd1"], "--dataset_config",
+            _dataset(tmp_path, photos.as_posix(), caption_extension=".txt"), "--debug_dataset"]
+    assert train_apt_lora.main(argv) == 0
+    assert "3 of 3 captions do not contain class_tokens 'sks dog'" not in caplog.text  # APT off: c is not used
+    assert train_apt_lora.main(argv + ["--apt"]) == 0
+    assert "3 of 3 captions do not contain class_tokens 'sks dog' as one phrase" in caplog.text
