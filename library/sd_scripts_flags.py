@@ -65,8 +65,8 @@ NO_EFFECT = {  # flag -> (takes a value, why it does nothing here)
 
 
 OTHER_NETWORK_MODULES = {  # --network_module -> what it trains; what to do here
-    "lycoris.kohya": "LyCORIS (LoCon, LoHa, LoKr, ...); its LoCon is this LoRA with 3x3 convs: --network_module "
-                     "networks.lora --network_args conv_dim=N conv_alpha=A (the others are not implemented)",
+    "lycoris.kohya": "LyCORIS (LoCon, LoHa, LoKr, ...); the nearest to its LoCon is this LoRA with 3x3 convs: "
+                     "--network_module networks.lora --network_args conv_dim=N conv_alpha=A (the others are not implemented)",
     "networks.dylora": "DyLoRA (every rank up to --network_dim in one file); train the one rank you want with "
                        "networks.lora --network_dim N",
     "networks.lora_fa": "LoRA-FA (the down weights frozen); use networks.lora",

@@ -32,7 +32,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _network_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("LoRA network")
-    g.add_argument("--network_module", type=str, default="networks.lora", help="networks.lora only (LoCon-style 3x3 convs: --network_args conv_dim=N); lycoris.kohya, networks.dylora and the like are errors that say what to do instead")
+    g.add_argument("--network_module", type=str, default="networks.lora",
+                   help="networks.lora only (LoCon-style 3x3 convs: --network_args conv_dim=N); lycoris.kohya, "
+                        "networks.dylora and the like are errors that say what to do instead")
     g.add_argument("--network_dim", type=int, default=None, help="LoRA rank (default 4)")
     g.add_argument("--network_alpha", type=float, default=1.0, help="LoRA alpha; scale = alpha / rank (default 1)")
     g.add_argument("--network_dropout", type=float, default=None, help="dropout on the LoRA down output (training only)")

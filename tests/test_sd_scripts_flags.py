@@ -219,8 +219,8 @@ def test_every_sd_scripts_dataset_key_is_known():
 
 
 @pytest.mark.parametrize("module, says", [
-    ("lycoris.kohya", "not LyCORIS (LoCon, LoHa, LoKr, ...): its LoCon is this LoRA with 3x3 convs: --network_module "
-                      "networks.lora --network_args conv_dim=N conv_alpha=A"),
+    ("lycoris.kohya", "not LyCORIS (LoCon, LoHa, LoKr, ...): the nearest to its LoCon is this LoRA with 3x3 convs: "
+                      "--network_module networks.lora --network_args conv_dim=N conv_alpha=A"),
     ("networks.dylora", "not DyLoRA (every rank up to --network_dim in one file): train the one rank you want"),
     ("my.network", "only (SD1.x, SD2.x, SDXL): leave --network_module out, or set it to networks.lora"),
 ])
