@@ -61,6 +61,25 @@ def _class_pattern(class_tokens: str) -> re.Pattern:
     return re.compile(r"(?<!\w)" + r"\s+".join(re.escape(w) for w in words) + r"(?!\w)", re.IGNORECASE)
 
 
+def identifier_word(class_tokens: str, prior: str) -> str | None:
+    """The identifier: the first word of `class_tokens` that is not a word of the prior class tokens `prior`
+    ("sks dog" / "dog" -> sks; "ohwx man" / "person" -> ohwx; "sks" / "dog" -> sks)."""
+    prior_words = {w.lower() for w in prior.split()}
+    return next((w for w in class_tokens.split() if w.lower() not in prior_words), None)
+
+
+def _drop_word(caption: str, word: str) -> str:
+    """`caption` without the whole word `word`, and without the empty tag it leaves: "sks, dog, red" -> "dog, red",
+    "red, sks, dog" -> "red, dog". Whitespace runs become one space (CLIP's tokens do not change)."""
+    out = re.sub(r"(?<!\w)" + re.escape(word) + r"(?!\w)", "", caption, flags=re.IGNORECASE)
+    if out == caption:
+        return caption
+    out = re.sub(r"\(\s*(?::\s*-?[\d.]+\s*)?\)|\[\s*\]", "", out)  # an emptied "(sks:1.2)" of --weighted_captions
+    out = re.sub(r",\s*(?=,)", "", out)  # an emptied tag between two others
+    out = re.sub(r"^\s*,|,\s*$", "", out.strip())  # an emptied first or last tag
+    return re.sub(r"\s+", " ", out).strip()
+
+
 def class_prompt(caption: str, class_tokens: str | None, prior_class_tokens: str | None = None) -> str:
     """c from c*: every whole-word occurrence of `class_tokens` in `caption` replaced by the prior class tokens.
 
@@ -69,19 +88,25 @@ def class_prompt(caption: str, class_tokens: str | None, prior_class_tokens: str
       ("sks dog" -> "dog"; "sks teddy bear" -> "teddy bear").
     - not given and a single word: `PromptError` (set prior_class_tokens in the dataset TOML subset).
     - `class_tokens` None or empty (fine-tuning / caption-file images): c = c* unchanged (π is then the identity).
-    A caption that does not contain the class tokens (e.g. caption dropout to "") is returned unchanged.
+    - **[ours]** a caption without the class tokens but with the identifier as a word of its own (tag captions,
+      "sks, dog, red" for "sks dog"): the identifier is dropped, with the tag it was ("dog, red").
+    A caption with neither (e.g. caption dropout to "") is returned unchanged.
     """
     prior = resolve_prior_class_tokens(class_tokens, prior_class_tokens)
     if prior is None:
         return caption
-    return _class_pattern(class_tokens).sub(lambda _m: prior, caption)
+    pattern = _class_pattern(class_tokens)
+    if pattern.search(caption) is not None:
+        return pattern.sub(lambda _m: prior, caption)
+    ident = identifier_word(class_tokens, prior)
+    return caption if ident is None else _drop_word(caption, ident)
 
 
 def captions_without_class_tokens(images) -> list[str]:
-    """One warning per subset whose captions do not all contain its `class_tokens` (images: objects with `key`,
-    `caption`, `is_reg` and `subset`, as the dataset's ImageInfo). For such a caption `class_prompt` changes nothing:
-    c = c*, so the prior pass reads the identifier too, and APT's stabilisation and attention losses hold the LoRA
-    to the base model's output for the subject's own prompt. Tag captions ("sks, dog, red") are the usual case."""
+    """One warning per subset with captions that name neither its `class_tokens` nor its identifier (images:
+    objects with `key`, `caption`, `is_reg` and `subset`, as the dataset's ImageInfo). For such a caption
+    `class_prompt` changes nothing: c = c*, the prior and fine-tuned passes read the same prompt, and APT's
+    stabilisation and attention losses hold the LoRA to what the base model makes of the subject's own captions."""
     by_subset: dict[int, list] = {}
     for info in images:
         sub = info.subset
@@ -90,18 +115,19 @@ def captions_without_class_tokens(images) -> list[str]:
         text = " ".join(t for t in (sub.caption_prefix, info.caption, sub.caption_suffix) if t)
         entry = by_subset.setdefault(id(sub), [sub, 0, []])
         entry[1] += 1
-        if _class_pattern(sub.class_tokens).search(text) is None:
+        if class_prompt(text, sub.class_tokens, sub.prior_class_tokens) == text:
             entry[2].append(info)
     lines = []
     for sub, total, missing in by_subset.values():
         if not missing:
             continue
         ct, first = sub.class_tokens.strip(), missing[0]
+        ident = identifier_word(ct, resolve_prior_class_tokens(ct, sub.prior_class_tokens))
         lines.append(
-            f"{sub.where}: {len(missing)} of {total} captions do not contain class_tokens {ct!r} as one phrase (e.g. "
-            f"{first.key}: {first.caption[:80]!r}). APT's class prompt c replaces the class tokens in the caption, so "
-            f"for these c = c*: the prior pass reads the identifier too, and APT holds the LoRA to the base model's "
-            f"output for that prompt. Write {ct!r} in those captions (tag captions: as one tag, first with "
+            f"{sub.where}: {len(missing)} of {total} captions name neither class_tokens {ct!r} nor the identifier "
+            f"{ident!r} (e.g. {first.key}: {first.caption[:80]!r}). For these APT's class prompt c is the caption "
+            f"itself, so the prior and fine-tuned passes read the same prompt and APT holds the LoRA to what the "
+            f"base model makes of it. Write {ct!r} in those captions (tag captions: as one tag, first with "
             f"keep_tokens = 1), or set caption_prefix = \"{ct},\" for the subset.")
     return lines
 
@@ -292,10 +318,5 @@ def _identifier_and_class_ids(tok, class_tokens: str | None, prior_class_tokens:
     if class_tokens is None or not class_tokens.strip():
         return None, None
     prior = resolve_prior_class_tokens(class_tokens, prior_class_tokens)
-    # the identifier: the first word of class_tokens that is not a word of the prior class tokens
-    # ("sks dog" / "dog" -> sks; "ohwx man" / "person" -> ohwx; "sks" / "dog" -> sks)
-    prior_words = {w.lower() for w in prior.split()}
-    words = class_tokens.split()
-    ident = next((w for w in words if w.lower() not in prior_words), None)
-    return _word_ids(tok, ident), _word_ids(tok, prior)
+    return _word_ids(tok, identifier_word(class_tokens, prior)), _word_ids(tok, prior)
 

@@ -168,30 +168,44 @@ def test_alignment_long_prompt_150(tok, tok2):
 
 
 def test_captions_without_the_class_tokens_are_reported_per_subset():
-    """Tag captions ("sks, dog") hold no "sks dog": c = c* there, and the warning says so, per subset, with what to
-    do; a prefix that brings the class tokens, reg images and subsets without class tokens are not reported."""
+    """Captions naming neither "sks dog" nor "sks" keep c = c*: the warning says so, per subset, with what to do;
+    tag captions with the identifier, a prefix that brings the class tokens, reg images and subsets without class
+    tokens are not reported."""
     from types import SimpleNamespace as NS
 
     from apt_ext.prompts import captions_without_class_tokens
 
-    tags = NS(where="datasets[0].subsets[0] in d.toml", class_tokens="sks dog", caption_prefix=None,
-              caption_suffix=None)
-    prefixed = NS(where="datasets[0].subsets[1] in d.toml", class_tokens="sks dog", caption_prefix="sks dog,",
-                  caption_suffix=None)
-    no_class = NS(where="datasets[0].subsets[2] in d.toml", class_tokens=None, caption_prefix=None, caption_suffix=None)
-    images = [NS(key="a.png", caption="sks, dog, red", is_reg=False, subset=tags),
+    tags = NS(where="datasets[0].subsets[0] in d.toml", class_tokens="sks dog", prior_class_tokens=None,
+              caption_prefix=None, caption_suffix=None)
+    prefixed = NS(where="datasets[0].subsets[1] in d.toml", class_tokens="sks dog", prior_class_tokens=None,
+                  caption_prefix="sks dog,", caption_suffix=None)
+    no_class = NS(where="datasets[0].subsets[2] in d.toml", class_tokens=None, prior_class_tokens=None,
+                  caption_prefix=None, caption_suffix=None)
+    images = [NS(key="a.png", caption="red, outdoors", is_reg=False, subset=tags),
               NS(key="b.png", caption="a photo of SKS  Dog", is_reg=False, subset=tags),  # found: case, spaces
-              NS(key="c.png", caption="sks dogs", is_reg=False, subset=tags),  # whole words only
-              NS(key="d.png", caption="red, grass", is_reg=False, subset=prefixed),
-              NS(key="e.png", caption="a dog", is_reg=True, subset=tags),
-              NS(key="f.png", caption="a dog", is_reg=False, subset=no_class)]
+              NS(key="c.png", caption="sks, dog", is_reg=False, subset=tags),  # the identifier: dropped
+              NS(key="d.png", caption="xsks dogs", is_reg=False, subset=tags),  # whole words only
+              NS(key="e.png", caption="red, grass", is_reg=False, subset=prefixed),
+              NS(key="f.png", caption="a dog", is_reg=True, subset=tags),
+              NS(key="g.png", caption="a dog", is_reg=False, subset=no_class)]
     assert captions_without_class_tokens(images) == [
-        "datasets[0].subsets[0] in d.toml: 2 of 3 captions do not contain class_tokens 'sks dog' as one phrase (e.g. "
-        "a.png: 'sks, dog, red'). APT's class prompt c replaces the class tokens in the caption, so for these c = c*: "
-        "the prior pass reads the identifier too, and APT holds the LoRA to the base model's output for that prompt. "
-        "Write 'sks dog' in those captions (tag captions: as one tag, first with keep_tokens = 1), or set "
+        "datasets[0].subsets[0] in d.toml: 2 of 4 captions name neither class_tokens 'sks dog' nor the identifier "
+        "'sks' (e.g. a.png: 'red, outdoors'). For these APT's class prompt c is the caption itself, so the prior and "
+        "fine-tuned passes read the same prompt and APT holds the LoRA to what the base model makes of it. Write "
+        "'sks dog' in those captions (tag captions: as one tag, first with keep_tokens = 1), or set "
         "caption_prefix = \"sks dog,\" for the subset."]
-    assert captions_without_class_tokens(images[1:2] + images[3:]) == []
+    assert captions_without_class_tokens(images[1:3] + images[4:]) == []
+
+
+@pytest.mark.parametrize("caption, c", [
+    ("sks, dog, red", "dog, red"), ("red, sks, dog", "red, dog"), ("red, dog, SKS", "red, dog"),
+    ("(sks:1.2), dog", "dog"), ("a photo of sks on grass", "a photo of on grass"), ("sksy, dog", "sksy, dog")])
+def test_tag_captions_without_the_class_tokens_drop_the_identifier_tag(caption, c):
+    """[ours] "sks, dog" holds no "sks dog": c = c* would show the prior pass the identifier; the identifier is
+    dropped with its tag instead. Where the class tokens occur they are replaced as before."""
+    assert class_prompt(caption, "sks dog") == c
+    assert class_prompt("ohwx, smiling", "ohwx man", "person") == "smiling"
+    assert class_prompt("sks dog, sks", "sks dog") == "dog, sks"  # the class tokens found: replaced, nothing else
 
 
 def test_the_trainer_warns_of_captions_without_the_class_tokens_before_training(tiny, images, tmp_path, caplog):
@@ -203,10 +217,24 @@ def test_the_trainer_warns_of_captions_without_the_class_tokens_before_training(
     photos = tmp_path / "photos"
     shutil.copytree(images, photos)
     for p in photos.glob("*.png"):
-        p.with_suffix(".txt").write_text("sks, dog, outdoors")
+        p.with_suffix(".txt").write_text("a dog, outdoors")
     argv = ["--pretrained_model_name_or_path", tiny["sd1"], "--dataset_config",
             _dataset(tmp_path, photos.as_posix(), caption_extension=".txt"), "--debug_dataset"]
     assert train_apt_lora.main(argv) == 0
-    assert "3 of 3 captions do not contain class_tokens 'sks dog'" not in caplog.text  # APT off: c is not used
+    assert "3 of 3 captions name neither class_tokens 'sks dog'" not in caplog.text  # APT off: c is not used
     assert train_apt_lora.main(argv + ["--apt"]) == 0
-    assert "3 of 3 captions do not contain class_tokens 'sks dog' as one phrase" in caplog.text
+    assert "3 of 3 captions name neither class_tokens 'sks dog' nor the identifier 'sks'" in caplog.text
+
+
+def test_the_dropped_identifier_tag_aligns_with_the_class_column():
+    """"sks, dog, red" vs "dog, red": the identifier's column maps onto "dog" (mode class) or is left out (drop);
+    its comma onto the column before; the rest in order."""
+    tok = bundled_clip_tokenizer()
+    ft = ["sks, dog, red"]
+    pr = class_prompts(ft, ["sks dog"])
+    assert pr == ["dog, red"]
+    # c* columns: BOS sks , dog , red EOS pad...; c columns: BOS dog , red EOS pad...
+    (pi,) = alignment_for_batch([tok], ft, pr, mode="class", class_tokens=["sks dog"], prior_class_tokens=[None])
+    assert pi[0, :8].tolist() == [0, 1, 1, 1, 2, 3, 4, 5]
+    (pi,) = alignment_for_batch([tok], ft, pr, mode="drop", class_tokens=["sks dog"], prior_class_tokens=[None])
+    assert pi[0, :8].tolist() == [0, DROPPED, 0, 1, 2, 3, 4, 5]
