@@ -103,14 +103,15 @@ def class_prompt(caption: str, class_tokens: str | None, prior_class_tokens: str
 
 
 def captions_without_class_tokens(images) -> list[str]:
-    """One warning per subset with captions that name neither its `class_tokens` nor its identifier (images:
+    """One warning per subset with captions that name neither its `class_tokens` nor its identifier, or without
+    class tokens at all (images:
     objects with `key`, `caption`, `is_reg` and `subset`, as the dataset's ImageInfo). For such a caption
     `class_prompt` changes nothing: c = c*, the prior and fine-tuned passes read the same prompt, and APT's
     stabilisation and attention losses hold the LoRA to what the base model makes of the subject's own captions."""
     by_subset: dict[int, list] = {}
     for info in images:
         sub = info.subset
-        if info.is_reg or not (sub.class_tokens and sub.class_tokens.strip()):
+        if info.is_reg:
             continue
         text = " ".join(t for t in (sub.caption_prefix, info.caption, sub.caption_suffix) if t)
         entry = by_subset.setdefault(id(sub), [sub, 0, []])
@@ -120,6 +121,15 @@ def captions_without_class_tokens(images) -> list[str]:
     lines = []
     for sub, total, missing in by_subset.values():
         if not missing:
+            continue
+        if not (sub.class_tokens and sub.class_tokens.strip()):
+            fix = ("put its images in a DreamBooth subset (image_dir with caption files) that sets them"
+                   if getattr(sub, "metadata_file", None) else "set them for the subset")
+            lines.append(
+                f"{sub.where}: no class_tokens, so APT cannot tell the subject's identifier in its {total} captions: "
+                f"its class prompt c is each caption itself, the prior and fine-tuned passes read the same prompt, "
+                f"and APT holds the LoRA to what the base model makes of it. APT needs class_tokens and "
+                f"prior_class_tokens (e.g. \"sks dog\" and \"dog\"): {fix}.")
             continue
         ct, first = sub.class_tokens.strip(), missing[0]
         ident = identifier_word(ct, resolve_prior_class_tokens(ct, sub.prior_class_tokens))

@@ -168,33 +168,41 @@ def test_alignment_long_prompt_150(tok, tok2):
 
 
 def test_captions_without_the_class_tokens_are_reported_per_subset():
-    """Captions naming neither "sks dog" nor "sks" keep c = c*: the warning says so, per subset, with what to do;
-    tag captions with the identifier, a prefix that brings the class tokens, reg images and subsets without class
-    tokens are not reported."""
+    """Captions naming neither "sks dog" nor "sks", and subsets without class tokens (a fine-tuning subset cannot
+    set them), keep c = c*: the warning says so, per subset, with what to do. Tag captions with the identifier, a
+    prefix that brings the class tokens, and reg images are not reported."""
     from types import SimpleNamespace as NS
 
     from apt_ext.prompts import captions_without_class_tokens
 
-    tags = NS(where="datasets[0].subsets[0] in d.toml", class_tokens="sks dog", prior_class_tokens=None,
-              caption_prefix=None, caption_suffix=None)
-    prefixed = NS(where="datasets[0].subsets[1] in d.toml", class_tokens="sks dog", prior_class_tokens=None,
-                  caption_prefix="sks dog,", caption_suffix=None)
-    no_class = NS(where="datasets[0].subsets[2] in d.toml", class_tokens=None, prior_class_tokens=None,
-                  caption_prefix=None, caption_suffix=None)
+    def subset(i, class_tokens="sks dog", prefix=None, metadata_file=None):
+        return NS(where=f"datasets[0].subsets[{i}] in d.toml", class_tokens=class_tokens, prior_class_tokens=None,
+                  caption_prefix=prefix, caption_suffix=None, metadata_file=metadata_file)
+
+    tags, prefixed = subset(0), subset(1, prefix="sks dog,")
+    no_class, ft = subset(2, None), subset(3, None, metadata_file="m.json")
     images = [NS(key="a.png", caption="red, outdoors", is_reg=False, subset=tags),
               NS(key="b.png", caption="a photo of SKS  Dog", is_reg=False, subset=tags),  # found: case, spaces
               NS(key="c.png", caption="sks, dog", is_reg=False, subset=tags),  # the identifier: dropped
               NS(key="d.png", caption="xsks dogs", is_reg=False, subset=tags),  # whole words only
               NS(key="e.png", caption="red, grass", is_reg=False, subset=prefixed),
               NS(key="f.png", caption="a dog", is_reg=True, subset=tags),
-              NS(key="g.png", caption="a dog", is_reg=False, subset=no_class)]
+              NS(key="g.png", caption="a dog", is_reg=False, subset=no_class),
+              NS(key="h.png", caption="sks dog", is_reg=False, subset=ft)]
+    why = ("its class prompt c is each caption itself, the prior and fine-tuned passes read the same prompt, and APT "
+           "holds the LoRA to what the base model makes of it. APT needs class_tokens and prior_class_tokens (e.g. "
+           "\"sks dog\" and \"dog\"): ")
     assert captions_without_class_tokens(images) == [
         "datasets[0].subsets[0] in d.toml: 2 of 4 captions name neither class_tokens 'sks dog' nor the identifier "
         "'sks' (e.g. a.png: 'red, outdoors'). For these APT's class prompt c is the caption itself, so the prior and "
         "fine-tuned passes read the same prompt and APT holds the LoRA to what the base model makes of it. Write "
         "'sks dog' in those captions (tag captions: as one tag, first with keep_tokens = 1), or set "
-        "caption_prefix = \"sks dog,\" for the subset."]
-    assert captions_without_class_tokens(images[1:3] + images[4:]) == []
+        "caption_prefix = \"sks dog,\" for the subset.",
+        "datasets[0].subsets[2] in d.toml: no class_tokens, so APT cannot tell the subject's identifier in its 1 "
+        "captions: " + why + "set them for the subset.",
+        "datasets[0].subsets[3] in d.toml: no class_tokens, so APT cannot tell the subject's identifier in its 1 "
+        "captions: " + why + "put its images in a DreamBooth subset (image_dir with caption files) that sets them."]
+    assert captions_without_class_tokens(images[1:3] + images[4:6]) == []
 
 
 @pytest.mark.parametrize("caption, c", [
