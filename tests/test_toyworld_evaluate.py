@@ -134,6 +134,25 @@ def test_text_encoder_lora_is_trained_and_applied_when_asked(small_model, tmp_pa
     assert "they are ignored" not in caplog.text
 
 
+def test_tag_captions_are_written_and_trained_apart_from_the_prompt_captions(small_model, tmp_path):
+    """--reference_captions tags: the references say "sks, backpack", and a LoRA trained on "a sks backpack" is
+    not served from the cache for them (the captions are in the run's key, not only the dataset TOML)."""
+    from dataclasses import replace
+
+    s = E.Settings(model=small_model, methods=("apt",), seeds=(0,), steps=1, n_per_prompt=1, sample_steps=2,
+                   quality_n=4, context_n=2, judge_n=8, noise_draws=1)
+    work, res = str(tmp_path / "work"), str(tmp_path / "res")
+    caption = os.path.join(work, "refs", "ref_0.txt")
+    E.evaluate(s, work, res, "p", log=lambda *_: None, train_only=True)
+    assert open(caption, encoding="utf-8").read() == "a sks backpack\n"
+    logs = []
+    E.evaluate(replace(s, reference_captions="tags"), work, res, "t", log=logs.append, train_only=True)
+    assert open(caption, encoding="utf-8").read() == "sks, backpack\n"
+    assert not any("cached" in line for line in logs) and any("[train] apt seed 0" in line for line in logs)
+    with pytest.raises(ValueError, match="'tag'.*'prompt' or 'tags'"):
+        E.write_references(s.subject, 32, str(tmp_path / "x"), captions="tag")
+
+
 BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "models", "toyworld-sd1")
 
 

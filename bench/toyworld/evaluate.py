@@ -74,6 +74,7 @@ class Settings:
     judge_n: int = 1000  # judge held-out accuracy
     subject: W.SubjectSpec = field(default_factory=W.SubjectSpec)
     text_encoder: bool = False  # a text-encoder LoRA too (sd-scripts' SD1 default); the benchmark's is UNet only
+    reference_captions: str = "prompt"  # "prompt": "a sks backpack"; "tags": "sks, backpack" (booru-style captions)
 
     def trainer_args(self) -> list[str]:
         return ["--network_dim", str(self.rank), "--network_alpha", str(self.rank), "--learning_rate",
@@ -165,10 +166,18 @@ def delta_noise(model, network, ref_latents: torch.Tensor, instance: str, cls_pr
 
 
 # ------------------------------------------------------------------------------------------------ data
-def write_references(subject: W.SubjectSpec, size: int, folder: str, seed: int = 0) -> list[Image.Image]:
-    """The reference photos at the model's size (box-downsampled like the pretraining data) + caption files."""
+def write_references(subject: W.SubjectSpec, size: int, folder: str, seed: int = 0,
+                     captions: str = "prompt") -> list[Image.Image]:
+    """The reference photos at the model's size (box-downsampled like the pretraining data) + caption files:
+    the instance prompt, or with `captions="tags"` the same words as tags ("sks, backpack"), which do not hold
+    the subset's class_tokens "sks backpack" as one phrase (APT's class prompt c then drops the identifier tag)."""
     os.makedirs(folder, exist_ok=True)
-    images, captions = W.reference_set(subject, seed)
+    images, prompts = W.reference_set(subject, seed)
+    if captions == "tags":
+        prompts = [f"{subject.identifier}, {subject.cls}"] * len(prompts)
+    elif captions != "prompt":
+        raise ValueError(f"reference captions {captions!r}: use 'prompt' or 'tags'")
+    captions = prompts
     out = []
     for i, (im, cap) in enumerate(zip(images, captions)):
         im = im.resize((size, size), Image.BOX) if size != W.SIZE else im
@@ -236,7 +245,8 @@ def train_run(s: Settings, method: str, seed: int, work: str, log=print) -> str:
     if uses_reg:
         argv += ["--prior_loss_weight", str(s.prior_loss_weight)]
     with open(argv[argv.index("--dataset_config") + 1], encoding="utf-8") as f:
-        key = {"argv": argv, "dataset": f.read(), "model": model_fingerprint(s.model)}  # another dataset or model: again
+        key = {"argv": argv, "dataset": f.read(), "model": model_fingerprint(s.model),
+               "captions": s.reference_captions}  # another dataset, captions or model: again
     stamp = os.path.join(run, "argv.json")
     if os.path.isfile(os.path.join(run, "lora.safetensors")) and os.path.isfile(stamp):
         with open(stamp, encoding="utf-8") as f:
@@ -270,7 +280,7 @@ def prepare_and_train(s: Settings, model, size: int, work: str, log=print):
     """Reference photos, reg images and dataset TOMLs in `work`, then every (method, seed) run.
     Returns (reference images, {(method, seed): run folder})."""
     os.makedirs(work, exist_ok=True)
-    refs = write_references(s.subject, size, os.path.join(work, "refs"))
+    refs = write_references(s.subject, size, os.path.join(work, "refs"), captions=s.reference_captions)
     reg = None
     if any(METHODS[m][2] for m in s.methods):
         reg = os.path.join(work, "reg")
@@ -425,7 +435,9 @@ def report(s: Settings, results: dict, prior_row: dict, quality: dict, judge_acc
              "each number means and what it shows.", "", "## Settings", "",
              f"- model `{s.model}`, judge `{os.path.relpath(s.judge)}`; subject: {s.subject.colour} {s.subject.cls} with "
              f"the {s.subject.pattern} pattern, identifier `{s.subject.identifier}`, {s.subject.n_refs} references "
-             f"({s.subject.ref_size}, centred, {s.subject.ref_background} background, no person)",
+             f"({s.subject.ref_size}, centred, {s.subject.ref_background} background, no person), captioned "
+             + (f'"{s.subject.identifier}, {s.subject.cls}" (tags)' if s.reference_captions == "tags"
+                else f'"{s.subject.instance_prompt}"'),
              f"- every method: {s.steps} steps, batch {s.batch_size}, AdamW lr {s.learning_rate:g} constant, LoRA rank "
              f"{s.rank} / alpha {s.rank} on the UNet, cached latents, seeds {', '.join(map(str, s.seeds))}; APT and DCO "
              "at their defaults (no tuning); prior preservation: "
@@ -609,6 +621,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--train_text_encoder", action="store_true",
                    help="train a text-encoder LoRA too (default: UNet only, --network_train_unet_only)")
     p.add_argument("--subject", default=None, help='the subject as "class,colour,pattern" (default backpack,blue,checker)')
+    p.add_argument("--reference_captions", choices=("prompt", "tags"), default=d.reference_captions,
+                   help='the references\' captions: the instance prompt "a sks backpack" (default) or tags '
+                        '"sks, backpack"')
     p.add_argument("--work_dir", default=DEFAULT_WORK)
     p.add_argument("--results_dir", default=DEFAULT_RESULTS)
     p.add_argument("--name", default="toyworld", help="report name: RESULTS_DIR/NAME.md and RESULTS_DIR/NAME/*.png")
@@ -633,7 +648,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  steps=a.steps, learning_rate=a.learning_rate, rank=a.rank, batch_size=a.batch_size,
                  n_per_prompt=a.n_per_prompt, sample_steps=a.sample_steps, guidance=a.guidance, n_reg=a.n_reg,
                  quality_n=a.quality_n, context_n=a.context_n, judge_n=a.judge_n, noise_draws=a.noise_draws,
-                 subject=subject, text_encoder=a.train_text_encoder)
+                 subject=subject, text_encoder=a.train_text_encoder, reference_captions=a.reference_captions)
     os.environ.setdefault("TQDM_DISABLE", "1")
     evaluate(s, a.work_dir, a.results_dir, a.name, train_only=a.train_only)
     return 0
