@@ -175,6 +175,8 @@ def test_gpu_check_dry_run_runs_the_graph_check_first(tmp_path):
     assert {"none (eager again: the noise floor)", "prior pass", "UNet fwd+bwd",
             "prior pass + UNet fwd+bwd"} == {ln.split("|")[2].strip() for ln in rows}
     assert "| tiny-sd1 |" in (tmp_path / "stream_overlap-dryrun.md").read_text()  # RUN_OVERLAP=1
+    for mode in ("latents", "images", "full_bf16"):  # the trainer itself, as the GPU runs it (3a)
+        assert f"trainer smoke ({mode}): exit code 0" in r.stdout, r.stdout[-3000:]
 
 
 def test_sync_check_counts_the_debug_mode_warnings_per_place(monkeypatch, capsys):
