@@ -595,9 +595,12 @@ def train(args):
                 "so with n images the split must be above 1/n; raise it, or leave it out")
 
     if apt_enabled(args):
-        from apt_ext.prompts import captions_without_class_tokens
+        from apt_ext.prompts import captions_without_class_tokens, class_prompt_examples
 
-        for line in captions_without_class_tokens(info for ds in data.datasets for info in ds.images.values()):
+        images = [info for ds in data.datasets for info in ds.images.values()]
+        for line in class_prompt_examples(images):
+            logger.info(line)
+        for line in captions_without_class_tokens(images):
             logger.warning(line)
     if args.debug_dataset:
         from library.debug_dataset import debug_dataset

@@ -142,6 +142,27 @@ def captions_without_class_tokens(images) -> list[str]:
     return lines
 
 
+def class_prompt_examples(images) -> list[str]:
+    """One line per training subset with class tokens: what its c* -> c replacement is, where the prior class
+    tokens come from, and its first caption before and after (the start-of-run log; a wrong guess, e.g.
+    class_tokens "dog sks" read as identifier "dog", shows there before any step). `images` as for
+    `captions_without_class_tokens`."""
+    seen, lines = set(), []
+    for info in images:
+        sub = info.subset
+        if info.is_reg or id(sub) in seen or not (sub.class_tokens and sub.class_tokens.strip()):
+            continue
+        seen.add(id(sub))
+        ct = sub.class_tokens.strip()
+        prior = resolve_prior_class_tokens(ct, sub.prior_class_tokens)
+        origin = ("prior_class_tokens" if sub.prior_class_tokens is not None else
+                  f"the words after the identifier {identifier_word(ct, prior)!r}; set prior_class_tokens if not")
+        text = " ".join(t for t in (sub.caption_prefix, info.caption, sub.caption_suffix) if t)
+        lines.append(f"APT: {sub.where}: class prompt c replaces {ct!r} by {prior!r} ({origin}), e.g. "
+                     f"{text[:80]!r} -> {class_prompt(text, ct, sub.prior_class_tokens)[:80]!r}")
+    return lines
+
+
 def class_prompts(captions: Sequence[str], class_tokens: Sequence[str | None],
                   prior_class_tokens: Sequence[str | None] | None = None) -> list[str]:
     """`class_prompt` over a batch (the dataset batch's `captions`, `class_tokens`, `prior_class_tokens`)."""

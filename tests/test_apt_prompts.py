@@ -230,8 +230,36 @@ def test_the_trainer_warns_of_captions_without_the_class_tokens_before_training(
             _dataset(tmp_path, photos.as_posix(), caption_extension=".txt"), "--debug_dataset"]
     assert train_apt_lora.main(argv) == 0
     assert "3 of 3 captions name neither class_tokens 'sks dog'" not in caplog.text  # APT off: c is not used
+    assert "class prompt c replaces" not in caplog.text
     assert train_apt_lora.main(argv + ["--apt"]) == 0
     assert "3 of 3 captions name neither class_tokens 'sks dog' nor the identifier 'sks'" in caplog.text
+    assert ("class prompt c replaces 'sks dog' by 'dog' (the words after the identifier 'sks'; set "
+            "prior_class_tokens if not), e.g. 'a dog, outdoors' -> 'a dog, outdoors'") in caplog.text
+
+
+def test_the_class_prompt_of_each_subset_is_shown_once_with_an_example():
+    """The start-of-run line per training subset: the replacement, where the prior class tokens come from (a
+    guess from the word order is named as such: "dog sks" would make "dog" the identifier), one caption before
+    and after. Reg subsets and subsets without class tokens get none."""
+    from types import SimpleNamespace as NS
+
+    from apt_ext.prompts import class_prompt_examples
+
+    def subset(i, class_tokens, prior=None, prefix=None):
+        return NS(where=f"subsets[{i}]", class_tokens=class_tokens, prior_class_tokens=prior, caption_prefix=prefix,
+                  caption_suffix=None)
+
+    guessed, given, none = subset(0, "dog sks"), subset(1, "ohwx man", "person", prefix="photo,"), subset(2, None)
+    images = [NS(caption="a dog sks on grass", is_reg=False, subset=guessed),
+              NS(caption="another", is_reg=False, subset=guessed),
+              NS(caption="ohwx man smiling", is_reg=False, subset=given),
+              NS(caption="a man", is_reg=True, subset=subset(3, "man")),
+              NS(caption="a cat", is_reg=False, subset=none)]
+    assert class_prompt_examples(images) == [
+        "APT: subsets[0]: class prompt c replaces 'dog sks' by 'sks' (the words after the identifier 'dog'; set "
+        "prior_class_tokens if not), e.g. 'a dog sks on grass' -> 'a sks on grass'",
+        "APT: subsets[1]: class prompt c replaces 'ohwx man' by 'person' (prior_class_tokens), e.g. "
+        "'photo, ohwx man smiling' -> 'photo, person smiling'"]
 
 
 def test_the_dropped_identifier_tag_aligns_with_the_class_column():
