@@ -562,10 +562,17 @@ def train(args):
                     f"{sub.where}: {varying[0]} makes a new caption at almost every step, and "
                     "--cache_text_encoder_outputs keeps one encoding per caption, so the cache would only grow (as "
                     "sd-scripts, this is refused): turn it off for this subset, or drop the cache")
-    if args.masked_loss and not any(sub.alpha_mask for bp in blueprints for sub in bp.subsets):
+    if args.masked_loss and not any(sub.alpha_mask or sub.conditioning_data_dir
+                                    for bp in blueprints for sub in bp.subsets):
         raise train_util.TrainingSetupError(
-            "--masked_loss weights the loss by masks, and here they come from the images' alpha channel: set "
-            "alpha_mask = true in the subsets whose images have one (or pass --alpha_mask for all)")
+            "--masked_loss weights the loss by masks: set alpha_mask = true in the subsets whose images have an alpha "
+            "channel (or pass --alpha_mask for all), or conditioning_data_dir = \"<folder of mask images>\" in a "
+            "subset (docs/dataset_config.md, 'Loss masks')")
+    mask_dirs = [sub for bp in blueprints for sub in bp.subsets if sub.conditioning_data_dir]
+    if mask_dirs and not args.masked_loss:
+        raise train_util.TrainingSetupError(
+            f"{mask_dirs[0].where}: conditioning_data_dir holds loss masks, which weight the loss only with "
+            f"--masked_loss (as in sd-scripts): pass --masked_loss, or remove the key")
     if apt_enabled(args):  # fail now, not at the first step, when c cannot be derived from c*
         from apt_ext.prompts import PromptError, resolve_prior_class_tokens
 

@@ -86,10 +86,10 @@ DB_KEYS = {  # all three levels, DreamBooth datasets only
     "cache_info": "bool",
     "prior_class_tokens": "str",  # APT (DESIGN.md 2.6)
 }
-DB_SUBSET_ONLY = {"image_dir": "str", "is_reg": "bool", "alpha_mask": "bool"}
+DB_SUBSET_ONLY = {"image_dir": "str", "is_reg": "bool", "alpha_mask": "bool",
+                  "conditioning_data_dir": "str"}  # loss masks for --masked_loss (library/loss_masks.py)
 FT_SUBSET_ONLY = {"metadata_file": "str", "image_dir": "str", "alpha_mask": "bool"}
-CN_SUBSET_ONLY = {"conditioning_data_dir": "str"}  # ControlNet datasets: recognised, not supported
-SUBSET_ONLY = {**DB_SUBSET_ONLY, **FT_SUBSET_ONLY, **CN_SUBSET_ONLY}
+SUBSET_ONLY = {**DB_SUBSET_ONLY, **FT_SUBSET_ONLY}
 CLI_ONLY = {"prior_loss_weight": "--prior_loss_weight", "debug_dataset": "--debug_dataset",
             "max_token_length": "--max_token_length"}
 ALL_KEYS = {**DATASET_KEYS, **SUBSET_KEYS, **DB_KEYS, **SUBSET_ONLY}
@@ -114,6 +114,7 @@ SUBSET_DEFAULTS: dict[str, Any] = {
     "resize_interpolation": None, "caption_dropout_rate": 0.0, "caption_dropout_every_n_epochs": 0,
     "caption_tag_dropout_rate": 0.0, "class_tokens": None, "caption_extension": ".caption", "cache_info": False,
     "prior_class_tokens": None, "image_dir": None, "is_reg": False, "alpha_mask": False, "metadata_file": None,
+    "conditioning_data_dir": None,
 }
 DATASET_DEFAULTS: dict[str, Any] = {
     "batch_size": 1, "resolution": None, "enable_bucket": False, "min_bucket_reso": 256, "max_bucket_reso": 1024,
@@ -151,6 +152,7 @@ class SubsetBlueprint:
     token_warmup_min: int = 1
     token_warmup_step: float = 0
     alpha_mask: bool = False
+    conditioning_data_dir: str | None = None  # mask images for --masked_loss (library/loss_masks.py)
     cache_info: bool = False
     resize_interpolation: str | None = None
     custom_attributes: dict | None = None
@@ -324,7 +326,7 @@ def validate_dataset_config(cfg: dict, path=None) -> None:
             allowed = {**DATASET_KEYS, **SUBSET_KEYS, **(DB_KEYS if kind != "ft" else {})}
         else:
             allowed = {**SUBSET_KEYS, **(DB_KEYS if kind != "ft" else {}),
-                       **(FT_SUBSET_ONLY if kind == "ft" else DB_SUBSET_ONLY), **CN_SUBSET_ONLY}
+                       **(FT_SUBSET_ONLY if kind == "ft" else DB_SUBSET_ONLY)}
         for key, value in table.items():
             if level == "dataset" and key == "subsets":
                 continue
@@ -395,7 +397,7 @@ def validate_dataset_config(cfg: dict, path=None) -> None:
             sp = f"{dp}.subsets[{j}]"
             check_keys(sub, sp, "subset", "ft" if kind == "ft" else "db")
             misspelt = any(difflib.get_close_matches(k, ["image_dir"], cutoff=0.6) for k in sub if k != "image_dir")
-            if kind == "db" and "image_dir" not in sub and "conditioning_data_dir" not in sub and not misspelt:
+            if kind == "db" and "image_dir" not in sub and not misspelt:
                 errors.append(f"`{sp}`{src}: required key `image_dir` is missing. Add image_dir = \"/path/to/"
                               f"images\" (or metadata_file = \"...\" for a fine-tuning subset).")
     if errors:
@@ -553,10 +555,6 @@ def generate_blueprint(user_config, args, *, config_path=None, is_sdxl: bool | N
         seen: dict[str, str] = {}
         for j, sub in enumerate(subsets_cfg):
             sp = f"{dp}.subsets[{j}]"
-            if "conditioning_data_dir" in sub:
-                raise _not_supported(f"`{sp}.conditioning_data_dir`{src}", "conditioning_data_dir",
-                                     "loss masks from a folder for masked_loss, a ControlNet-style subset; put each "
-                                     "mask in its image's alpha channel and set alpha_mask = true instead")
             s_layers = _Layers([(sub, sp), (ds, dp), (general, "general")] if from_config else [(sub, sub["_where"])],
                                args, src)
             svals, swhere = {}, {}
@@ -685,6 +683,13 @@ def _check_subset_values(s: SubsetBlueprint, w: dict, is_db: bool) -> None:
     if is_db:
         if not s.image_dir:
             raise ConfigError(f"{w['image_dir']}: image_dir is empty. Give the folder that holds the images.")
+        if s.conditioning_data_dir is not None:
+            if not s.conditioning_data_dir:
+                raise ConfigError(f"{w['conditioning_data_dir']}: conditioning_data_dir is empty. Give the folder "
+                                  f"that holds the masks, or remove the key.")
+            if s.alpha_mask:
+                raise ConfigError(f"{s.where}: both alpha_mask ({w['alpha_mask']}) and conditioning_data_dir: a "
+                                  f"subset's loss masks come from one place. Keep one.")
         if s.prior_class_tokens is not None and not s.class_tokens:
             raise ConfigError(f"{w['prior_class_tokens']} = {s.prior_class_tokens!r}: prior_class_tokens needs "
                               f"class_tokens in the same subset (the identifier phrase it replaces, e.g. class_tokens "

@@ -11,19 +11,20 @@ import logging
 import math
 import os
 import random
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from PIL import ExifTags, Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
 from library.buckets import BucketManager, get_crop_ltrb, resize_and_crop
 from library.captions import process_caption, read_caption_file, tag_frequency
 from library.image_aug import color_aug
+from library.image_io import _describe_failure, _probe_image, load_image_rgb
+from library.loss_masks import find_masks, load_mask
 from library.safe_io import atomic_save_safetensors
 from library.config_util import (DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, ConfigError, DatasetBlueprint,
                                  SubsetBlueprint, check_bucket_reso_steps)
@@ -49,111 +50,14 @@ class ImageInfo:
     latents_cache: str | None = None  # disk cache (loaded per sample)
     cached_original_size: tuple[int, int] | None = None
     cached_crop_ltrb: tuple[float, float, float, float] | None = None
-    alpha_mask: torch.Tensor | None = None  # (H, W) uint8 of the bucket, cached with the latents (alpha_mask subsets)
+    alpha_mask: torch.Tensor | None = None  # (H, W) uint8 of the bucket, cached with the latents (alpha or file mask)
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    mask_path: str | None = None  # its loss mask in the subset's conditioning_data_dir (library/loss_masks.py)
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Image decoding: one function for the probe at build time and for every load in training (docs/reliability.md)
-# ---------------------------------------------------------------------------------------------------------------
-
-class ImageRefused(Exception):
-    """An image that cannot be used; the message says why (without the path, which the caller adds)."""
-
-
-_PIL_GUARD_LOCK = threading.Lock()
-_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
-
-
-def _open_checked(path: str, max_pixels: int) -> Image.Image:
-    """`Image.open` (reads the header only) with PIL's own decompression-bomb guard replaced by `max_pixels`, so
-    that the limit is ours, configurable, and refused before anything is decoded."""
-    with _PIL_GUARD_LOCK:
-        saved = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None
-        try:
-            im = Image.open(path)
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved
-    w, h = im.size
-    if w * h > max_pixels:
-        im.close()
-        raise ImageRefused(f"{w}x{h} = {w * h} pixels is above the limit of {max_pixels} pixels (a guard against "
-                           f"decompression bombs). Shrink the image, or raise the limit with max_image_pixels = "
-                           f"{w * h} in [general] of the dataset config if the image is genuine")
-    return im
-
-
-def _upright(im: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation (phone photos are often stored sideways with an orientation tag)."""
-    try:
-        orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
-    except Exception:  # noqa: BLE001 - malformed EXIF: use the pixels as stored
-        return im
-    if orientation in (2, 3, 4, 5, 6, 7, 8):
-        return ImageOps.exif_transpose(im)
-    return im
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """8-bit RGB. 16-bit greyscale (PNG "I;16", "I") is scaled by 1/257 (PIL's convert would clip it to white);
-    alpha is dropped like sd-scripts (the colour stored under transparent pixels is kept); CMYK, palette and
-    greyscale images use PIL's conversion."""
-    if im.mode in _SIXTEEN_BIT_MODES:
-        arr = np.clip(np.asarray(im), 0, 65535).astype(np.uint32)
-        return Image.fromarray(((arr + 128) // 257).astype(np.uint8), "L").convert("RGB")  # rounded x / 257
-    return im if im.mode == "RGB" else im.convert("RGB")
-
-
-def _has_transparency(im: Image.Image) -> bool:
-    if "A" not in im.getbands() and "transparency" not in im.info:
-        return False
-    alpha = im.convert("RGBA").getchannel("A")
-    return alpha.getextrema()[0] < 255
-
-
-def _describe_failure(path: str, e: Exception) -> str:
-    if isinstance(e, ImageRefused):
-        return str(e)
-    try:
-        if os.path.getsize(path) == 0:
-            return "the file is empty (0 bytes)"
-    except OSError:
-        pass
-    if isinstance(e, Image.UnidentifiedImageError):
-        return (f"not an image PIL can read (its content does not match the {os.path.splitext(path)[1]} "
-                f"extension, or the format is not supported). Re-save or remove it")
-    return f"cannot be read ({type(e).__name__}: {e}). Re-save or remove it"
-
-
-def load_image_rgb(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, *, probe: bool = False,
-                   with_alpha: bool = False):
-    """Decode an image fully: pixel limit, EXIF orientation applied, 8-bit RGB. Returns the PIL RGB image, or with
-    `probe` (size (w, h) of the upright image, has transparency), or `with_alpha` (RGB image, its alpha channel as
-    an "L" image: 255 everywhere for an image without one). Raises ImageRefused or PIL/OS errors."""
-    with _open_checked(path, max_pixels) as im:
-        im.load()
-        up = _upright(im)
-        if probe:
-            transparent = _has_transparency(up)
-            return _to_rgb(up).size, transparent
-        rgb = _to_rgb(up)
-        if rgb is im:
-            rgb = im.copy()  # the file is closed on leaving the with block
-        if with_alpha:
-            has_alpha = "A" in up.getbands() or "transparency" in up.info
-            return rgb, (up.convert("RGBA").getchannel("A") if has_alpha else Image.new("L", rgb.size, 255))
-        return rgb
-
-
-def _probe_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[tuple[int, int], bool] | None:
-    """Fully decode the image once, so unreadable and truncated files are found now, not mid-training.
-    -> ((width, height) upright, has transparency), or None (skipped, with a warning naming the file)."""
-    try:
-        return load_image_rgb(path, max_pixels, probe=True)
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
-        logger.warning(f"skipping image {path}: {_describe_failure(path, e)}.")
-        return None
+    @property
+    def masked(self) -> bool:
+        """Whether a loss mask comes with it: its alpha channel (alpha_mask) or a mask image."""
+        return self.subset.alpha_mask or self.mask_path is not None
 
 
 def _list_images(image_dir: str) -> list[str]:
@@ -229,7 +133,7 @@ class _Dataset:
             raise _dir_error(subset, image_dir, f"none of its {opened} images{side} can be read",
                              "See the warnings above; re-save the images.")
         for p, (_, transparent) in kept:
-            if transparent and not subset.alpha_mask:
+            if transparent and not (subset.alpha_mask or subset.conditioning_data_dir):
                 self.transparent.append(p)
         return [(p, size) for p, (size, _) in kept]
 
@@ -281,9 +185,14 @@ class _Dataset:
                     f"class_tokens = \"sks dog\") for the subset, or write a caption file for every image (check "
                     f"caption_extension, now {subset.caption_extension!r}).")
             captions = [subset.class_tokens if c is None else c for c in captions]
+            masks = {}
+            if subset.conditioning_data_dir:
+                masks = find_masks(subset.conditioning_data_dir, [p for p, _ in found], subset.where)
+                for path, size in found:  # read each once now: a bad mask fails here, not mid-training
+                    load_mask(masks[path], size, self.bp.max_image_pixels, path)
             for (path, size), caption in zip(found, captions):
                 info = ImageInfo(path, path, subset, caption, subset.is_reg, self._repeats(subset), size,
-                                 max_pixels=self.bp.max_image_pixels)
+                                 max_pixels=self.bp.max_image_pixels, mask_path=masks.get(path))
                 if subset.is_reg:
                     reg.append(info)  # registered below, with repeats matched to the train images
                 else:
@@ -603,14 +512,17 @@ class DatasetGroup(torch.utils.data.Dataset):
         }
 
     def _load_image(self, info: ImageInfo, rng: random.Random | None):
-        """Resized and cropped to the bucket -> (PIL image, original size (w, h), sd-scripts crop_ltrb, alpha mask):
-        with the subset's `alpha_mask`, the alpha channel resized and cropped as the image, (H, W) uint8; else None."""
+        """Resized and cropped to the bucket -> (PIL image, original size (w, h), sd-scripts crop_ltrb, loss mask):
+        with the subset's `alpha_mask` the alpha channel, with a mask image its R channel, resized and cropped as
+        the image, (H, W) uint8; else None."""
         try:
             img = load_image_rgb(info.path, info.max_pixels, with_alpha=info.subset.alpha_mask)
         except Exception as e:  # noqa: BLE001 - it was readable when the dataset was built
             raise ConfigError(f"image {info.path} cannot be read any more ({_describe_failure(info.path, e)}); it was "
                               f"readable when the dataset was built. Do not change the dataset while training.") from None
         img, alpha = img if info.subset.alpha_mask else (img, None)
+        if info.mask_path is not None:
+            alpha = load_mask(info.mask_path, info.size, info.max_pixels, info.path)
         if img.size != info.size:
             raise ConfigError(f"image {info.path} changed size during training ({info.size} -> {img.size}). "
                               f"Do not edit the images while training.")
@@ -636,7 +548,7 @@ class DatasetGroup(torch.utils.data.Dataset):
             size, crop = tuple(t["original_size"].tolist()), tuple(t["crop_ltrb"].tolist())
         if alpha is not None and flipped:
             alpha = alpha.flip(-1)
-        return lat, size, crop, (alpha if info.subset.alpha_mask else None)
+        return lat, size, crop, (alpha if info.masked else None)
 
     # -- latent caching --------------------------------------------------------------------------------------------
     def cache_latents(self, vae, latent_scale: float, *, vae_batch_size: int = 1, to_disk: bool = False,
@@ -664,7 +576,8 @@ class DatasetGroup(torch.utils.data.Dataset):
             if to_disk:
                 w, h = info.size
                 info.latents_cache = f"{os.path.splitext(info.path)[0]}_{w:04d}x{h:04d}{suffix}"
-                if _cache_valid(info.latents_cache, info.bucket_reso, info.subset.flip_aug, info.subset.alpha_mask):
+                if _cache_valid(info.latents_cache, info.bucket_reso, info.subset.flip_aug, info.masked,
+                                sources=(info.path, info.mask_path)):
                     continue
             todo.append(info)
         batches, batch = [], []
@@ -784,10 +697,18 @@ class DatasetGroup(torch.utils.data.Dataset):
         return {k: str(v) for k, v in md.items()}
 
 
-def _cache_valid(path: str, bucket_reso: tuple[int, int], flip_aug: bool, alpha_mask: bool = False) -> bool:
+def _cache_valid(path: str, bucket_reso: tuple[int, int], flip_aug: bool, alpha_mask: bool = False,
+                 sources: tuple = ()) -> bool:
     """sd-scripts' check: the file has latents / original_size / crop_ltrb of the bucket's latent size (and the
-    flipped latents with flip_aug, the bucket-sized alpha mask with alpha_mask). An unreadable file is recomputed."""
+    flipped latents with flip_aug, the bucket-sized loss mask with `alpha_mask`). An unreadable file is recomputed.
+    **[ours]** So is a file older than one of its `sources` (the image, its mask image): an image or mask edited
+    in place, at the same size, would otherwise train from its old latents or mask."""
     if not os.path.isfile(path):
+        return False
+    cached_at = os.path.getmtime(path)
+    stale = [src for src in sources if src and os.path.getmtime(src) > cached_at]
+    if stale:
+        logger.info(f"latent cache {path} is older than {stale[0]}: recomputed.")
         return False
     expected = (bucket_reso[1] // LATENT_STRIDE, bucket_reso[0] // LATENT_STRIDE)
     try:

@@ -19,8 +19,8 @@ NOT_IMPLEMENTED = {  # flag -> what it does in sd-scripts; what to do here
                         "train on a base model",
     "dataset_class": "a user's own dataset class (package.module.Class); describe the data in a dataset TOML "
                      "(--dataset_config, docs/dataset_config.md)",
-    "conditioning_data_dir": "mask images from a folder for --masked_loss, as a ControlNet-style dataset; put each "
-                             "mask in its image's alpha channel and set alpha_mask = true (or pass --alpha_mask)",
+    "conditioning_data_dir": "a folder of mask images for a command-line dataset (ControlNet-style subfolders); set "
+                             "conditioning_data_dir in each subset of a dataset TOML (--dataset_config) instead",
     "face_crop_aug_range": "face-centred crops; leave it out",
     "token_warmup_step": "caption-token warm-up; leave it out",
     "initial_epoch": "training started at a later epoch's schedule; use --save_state and --resume",

@@ -218,8 +218,9 @@ def _training_args(p: argparse.ArgumentParser) -> None:
                    help="dco: the DCO baseline (Lee et al. 2024), reference = LoRA off with the class prompt")
     g.add_argument("--dco_beta", type=float, default=1000.0, help="β of the DCO loss")
     g.add_argument("--masked_loss", action="store_true",
-                   help="weight the loss by masks: the alpha masks of alpha_mask subsets, which weight it whenever "
-                        "set (as in sd-scripts); this flag checks that some subset has them")
+                   help="weight the loss by masks: the mask images of conditioning_data_dir subsets (read only with "
+                        "this flag), and the alpha masks of alpha_mask subsets (which weight it whenever set, as in "
+                        "sd-scripts); this flag checks that some subset has one")
     g.add_argument("--huber_schedule", type=str, default="snr", choices=["constant", "exponential", "snr"])
     g.add_argument("--huber_c", type=float, default=0.1)
     g.add_argument("--huber_scale", type=float, default=1.0)

@@ -254,8 +254,6 @@ def test_bad_cli_value_names_the_flag():
 @pytest.mark.parametrize("extra, needle", [
     ({"face_crop_aug_range": [2.0, 4.0]}, "`face_crop_aug_range` is not supported yet"),
     ({"token_warmup_step": 10}, "`token_warmup_step` is not supported yet"),
-    ({"conditioning_data_dir": "/c"}, "`conditioning_data_dir` is not supported yet by APT-LoRA (loss masks from a folder"),
-    ({"conditioning_data_dir": "/c"}, "set alpha_mask = true instead"),
 ])
 def test_unimplemented_training_options_raise(extra, needle):
     cfg = {"general": {"resolution": 64}, "datasets": [{"subsets": [{"image_dir": "/a", **extra}]}]}

@@ -469,6 +469,108 @@ def test_alpha_masks_are_cached_with_the_latents(tmp_path, vae, to_disk):
         assert load_file(str(cache))["alpha_mask"].shape == (64, 64)
 
 
+def test_mask_images_weigh_the_loss_exactly_as_alpha_masks(tmp_path):
+    """conditioning_data_dir (sd-scripts' mask folders for --masked_loss): the mask of the image's file name and
+    size; its R channel (not G, B or its alpha) becomes the loss weights, resized and cropped with the image as an
+    alpha mask is: the same tensors as the same mask in the image's alpha channel. A greyscale mask reads the same;
+    with flip_aug a mask flips with its image."""
+    alpha = np.zeros((200, 300), np.uint8)
+    alpha[:, :150] = 255
+    alpha[50:100, 200:250] = 127  # grey: half weight
+    p = _rgba(tmp_path / "rgba" / "wide.png", 300, 200, alpha)
+    rgb = tmp_path / "rgb" / "wide.png"
+    rgb.parent.mkdir()
+    Image.open(p).convert("RGB").save(rgb)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    noise = np.random.default_rng(2).integers(0, 256, (200, 300, 2), dtype=np.uint8)
+    Image.fromarray(np.dstack([alpha, noise, np.zeros_like(alpha)]), "RGBA").save(masks / "wide.png")  # alpha 0
+    sub = {"class_tokens": "x", "num_repeats": 3}
+    by_alpha = group([{**sub, "image_dir": str(p.parent), "alpha_mask": True}], general={"resolution": 128})
+
+    def by_file(**extra):
+        return group([{**sub, "image_dir": str(rgb.parent), "conditioning_data_dir": str(masks), **extra}],
+                     general={"resolution": 128})
+
+    g = by_file()
+    for i in range(len(g)):
+        a, f = by_alpha[i], g[i]
+        assert torch.equal(a["images"], f["images"]) and torch.equal(a["alpha_masks"], f["alpha_masks"])
+    weights = set(torch.unique(g[0]["alpha_masks"]).tolist())
+    assert {0.0, 1.0} <= weights and any(abs(w - 127 / 255) < 1e-6 for w in weights)
+    Image.fromarray(alpha, "L").save(masks / "wide.png")  # greyscale
+    assert torch.equal(by_file()[0]["alpha_masks"], g[0]["alpha_masks"])
+    flips = by_file(flip_aug=True, num_repeats=40)
+    ref, seen = g[0]["alpha_masks"], set()
+    for i in range(len(flips)):
+        m = flips[i]["alpha_masks"]
+        flipped = torch.equal(m, ref.flip(-1))
+        assert flipped or torch.equal(m, ref)
+        seen.add(flipped)
+    assert seen == {True, False}
+
+
+def test_mask_folder_errors_name_the_image_and_what_to_do(tmp_path):
+    img(tmp_path / "i" / "a.png", 64, 48)
+    img(tmp_path / "i" / "b.png")
+    masks = tmp_path / "m"
+    masks.mkdir()
+    Image.new("L", (64, 48), 255).save(masks / "a.png")
+    sub = {"image_dir": str(tmp_path / "i"), "class_tokens": "x", "conditioning_data_dir": str(masks)}
+
+    def error(**extra):
+        with pytest.raises(ConfigError) as e:
+            group([{**sub, **extra}])
+        return str(e.value)
+
+    msg = error()
+    assert "datasets[0].subsets[0] in test.toml: 1 of 2 images have no mask in conditioning_data_dir" in msg
+    assert f"(e.g. {tmp_path / 'i' / 'b.png'}: no b.png, .jpg, .webp ... there)" in msg
+    Image.new("L", (32, 32)).save(masks / "b.jpg")
+    assert (f"mask {masks / 'b.jpg'} is 32x32 but its image {tmp_path / 'i' / 'b.png'} is 64x64: a mask must have "
+            "its image's size") in error()
+    Image.new("L", (64, 64)).save(masks / "b.png")
+    assert "has 2 masks in conditioning_data_dir (b.jpg, b.png); keep one." in error()
+    os.remove(masks / "b.jpg")
+    assert len(group([sub])) == 2
+    assert "conditioning_data_dir " + str(tmp_path / "nope") + ": folder not found" in error(
+        conditioning_data_dir=str(tmp_path / "nope"))
+    assert "both alpha_mask" in error(alpha_mask=True) and "Keep one" in error(alpha_mask=True)
+    assert "conditioning_data_dir is empty" in error(conditioning_data_dir="")
+    ft = {"metadata_file": "m.json", "conditioning_data_dir": str(masks)}
+    with pytest.raises(ConfigError, match="`conditioning_data_dir` is for DreamBooth datasets"):
+        group([ft])
+
+
+def test_latent_cache_is_recomputed_when_its_image_or_mask_is_newer(tmp_path, vae):
+    """[ours] A cache file older than its image or mask image (edited in place, same size) is recomputed; an
+    untouched one is reused, not rewritten."""
+    p = img(tmp_path / "t" / "a.png", seed=1)
+    masks = tmp_path / "m"
+    masks.mkdir()
+    Image.new("L", (64, 64), 255).save(masks / "a.png")
+    sub = {"image_dir": str(p.parent), "class_tokens": "x", "conditioning_data_dir": str(masks)}
+    scale = vae.config.scaling_factor
+    group([sub]).cache_latents(vae, scale, to_disk=True)
+    cache = tmp_path / "t" / "a_0064x0064_sd.safetensors"
+    first = load_file(str(cache))
+    assert float(first["alpha_mask"].min()) == 255
+    Image.new("L", (64, 64), 0).save(masks / "a.png")  # the mask edited after the cache was written
+    old = os.path.getmtime(masks / "a.png") - 10
+    os.utime(cache, (old, old))
+    g = group([sub])
+    g.cache_latents(vae, scale, to_disk=True)
+    assert float(load_file(str(cache))["alpha_mask"].max()) == 0 and float(g[0]["alpha_masks"].max()) == 0
+    stamp = os.path.getmtime(cache)
+    group([sub]).cache_latents(vae, scale, to_disk=True)
+    assert os.path.getmtime(cache) == stamp  # nothing newer: reused
+    img(p, seed=2)  # the image edited
+    old = os.path.getmtime(p) - 10
+    os.utime(cache, (old, old))
+    group([sub]).cache_latents(vae, scale, to_disk=True)
+    assert not torch.equal(load_file(str(cache))["latents"], first["latents"])
+
+
 def test_validation_split_holds_out_images_disjointly(tmp_path):
     """validation_split: per subset, the images shuffled by the seed (validation_seed, else the dataset seed),
     ceil(0.7 n) trained on and the rest held out (disjoint, together all); reg images and repeats stay in

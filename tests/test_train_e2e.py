@@ -248,6 +248,15 @@ def test_alpha_masked_runs_and_masked_loss_without_masks(tiny, images, tmp_path,
             assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
     assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "bad", "--masked_loss") == 2
     assert "--masked_loss weights the loss by masks" in capsys.readouterr().err
+    masks = tmp_path / "masks"  # sd-scripts' other source: a folder of mask images (conditioning_data_dir)
+    masks.mkdir()
+    for f in sorted(os.listdir(images)):
+        Image.new("L", Image.open(os.path.join(images, f)).size, 255).save(masks / f)
+    dataset = _dataset(tmp_path, images, conditioning_data_dir=str(masks))
+    assert _train(tiny["sd1"], dataset, tmp_path / "files", "--apt", "--cache_latents", "--masked_loss") == 0
+    assert _train(tiny["sd1"], dataset, tmp_path / "unread", "--apt") == 2
+    assert "conditioning_data_dir holds loss masks, which weight the loss only with --masked_loss" in \
+        capsys.readouterr().err
 
 
 def test_dim_from_weights_continues_a_lora_of_another_rank(tiny, images, tmp_path, capsys):

@@ -1,0 +1,117 @@
+"""Image decoding: one function for the probe at build time and for every load in training (docs/reliability.md).
+
+The pixel limit is checked from the header before anything is decoded, the EXIF orientation is applied, and every
+mode (16-bit greyscale, CMYK, palette, alpha) becomes 8-bit RGB the same way at build time and in training, so an
+image that passed the probe decodes the same later. Training images and loss-mask images both go through it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import numpy as np
+from PIL import ExifTags, Image, ImageOps
+
+from library.config_util import DEFAULT_MAX_IMAGE_PIXELS
+
+logger = logging.getLogger(__name__)
+
+
+class ImageRefused(Exception):
+    """An image that cannot be used; the message says why (without the path, which the caller adds)."""
+
+
+_PIL_GUARD_LOCK = threading.Lock()
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _open_checked(path: str, max_pixels: int) -> Image.Image:
+    """`Image.open` (reads the header only) with PIL's own decompression-bomb guard replaced by `max_pixels`, so
+    that the limit is ours, configurable, and refused before anything is decoded."""
+    with _PIL_GUARD_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            im = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    w, h = im.size
+    if w * h > max_pixels:
+        im.close()
+        raise ImageRefused(f"{w}x{h} = {w * h} pixels is above the limit of {max_pixels} pixels (a guard against "
+                           f"decompression bombs). Shrink the image, or raise the limit with max_image_pixels = "
+                           f"{w * h} in [general] of the dataset config if the image is genuine")
+    return im
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation (phone photos are often stored sideways with an orientation tag)."""
+    try:
+        orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # noqa: BLE001 - malformed EXIF: use the pixels as stored
+        return im
+    if orientation in (2, 3, 4, 5, 6, 7, 8):
+        return ImageOps.exif_transpose(im)
+    return im
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB. 16-bit greyscale (PNG "I;16", "I") is scaled by 1/257 (PIL's convert would clip it to white);
+    alpha is dropped like sd-scripts (the colour stored under transparent pixels is kept); CMYK, palette and
+    greyscale images use PIL's conversion."""
+    if im.mode in _SIXTEEN_BIT_MODES:
+        arr = np.clip(np.asarray(im), 0, 65535).astype(np.uint32)
+        return Image.fromarray(((arr + 128) // 257).astype(np.uint8), "L").convert("RGB")  # rounded x / 257
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def _has_transparency(im: Image.Image) -> bool:
+    if "A" not in im.getbands() and "transparency" not in im.info:
+        return False
+    alpha = im.convert("RGBA").getchannel("A")
+    return alpha.getextrema()[0] < 255
+
+
+def _describe_failure(path: str, e: Exception) -> str:
+    if isinstance(e, ImageRefused):
+        return str(e)
+    try:
+        if os.path.getsize(path) == 0:
+            return "the file is empty (0 bytes)"
+    except OSError:
+        pass
+    if isinstance(e, Image.UnidentifiedImageError):
+        return (f"not an image PIL can read (its content does not match the {os.path.splitext(path)[1]} "
+                f"extension, or the format is not supported). Re-save or remove it")
+    return f"cannot be read ({type(e).__name__}: {e}). Re-save or remove it"
+
+
+def load_image_rgb(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, *, probe: bool = False,
+                   with_alpha: bool = False):
+    """Decode an image fully: pixel limit, EXIF orientation applied, 8-bit RGB. Returns the PIL RGB image, or with
+    `probe` (size (w, h) of the upright image, has transparency), or `with_alpha` (RGB image, its alpha channel as
+    an "L" image: 255 everywhere for an image without one). Raises ImageRefused or PIL/OS errors."""
+    with _open_checked(path, max_pixels) as im:
+        im.load()
+        up = _upright(im)
+        if probe:
+            transparent = _has_transparency(up)
+            return _to_rgb(up).size, transparent
+        rgb = _to_rgb(up)
+        if rgb is im:
+            rgb = im.copy()  # the file is closed on leaving the with block
+        if with_alpha:
+            has_alpha = "A" in up.getbands() or "transparency" in up.info
+            return rgb, (up.convert("RGBA").getchannel("A") if has_alpha else Image.new("L", rgb.size, 255))
+        return rgb
+
+
+def _probe_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[tuple[int, int], bool] | None:
+    """Fully decode the image once, so unreadable and truncated files are found now, not mid-training.
+    -> ((width, height) upright, has transparency), or None (skipped, with a warning naming the file)."""
+    try:
+        return load_image_rgb(path, max_pixels, probe=True)
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
+        logger.warning(f"skipping image {path}: {_describe_failure(path, e)}.")
+        return None
