@@ -23,7 +23,7 @@ from tqdm import tqdm
 from library.buckets import BucketManager, get_crop_ltrb, resize_and_crop
 from library.captions import process_caption, read_caption_file, tag_frequency
 from library.image_aug import color_aug
-from library.image_io import _describe_failure, _probe_image, load_image_rgb
+from library.image_io import describe_failure, _probe_image, load_image_rgb
 from library.loss_masks import find_masks, load_mask
 from library.safe_io import atomic_save_safetensors
 from library.config_util import (DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, ConfigError, DatasetBlueprint,
@@ -518,7 +518,7 @@ class DatasetGroup(torch.utils.data.Dataset):
         try:
             img = load_image_rgb(info.path, info.max_pixels, with_alpha=info.subset.alpha_mask)
         except Exception as e:  # noqa: BLE001 - it was readable when the dataset was built
-            raise ConfigError(f"image {info.path} cannot be read any more ({_describe_failure(info.path, e)}); it was "
+            raise ConfigError(f"image {info.path} cannot be read any more ({describe_failure(info.path, e)}); it was "
                               f"readable when the dataset was built. Do not change the dataset while training.") from None
         img, alpha = img if info.subset.alpha_mask else (img, None)
         if info.mask_path is not None:

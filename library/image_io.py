@@ -73,7 +73,8 @@ def _has_transparency(im: Image.Image) -> bool:
     return alpha.getextrema()[0] < 255
 
 
-def _describe_failure(path: str, e: Exception) -> str:
+def describe_failure(path: str, e: Exception) -> str:
+    """Why `path` could not be used, for a message that names the file (empty, not an image, over the limit...)."""
     if isinstance(e, ImageRefused):
         return str(e)
     try:
@@ -113,5 +114,5 @@ def _probe_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple
     try:
         return load_image_rgb(path, max_pixels, probe=True)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
-        logger.warning(f"skipping image {path}: {_describe_failure(path, e)}.")
+        logger.warning(f"skipping image {path}: {describe_failure(path, e)}.")
         return None

@@ -13,7 +13,7 @@ import os
 from PIL import Image
 
 from library.config_util import IMAGE_EXTENSIONS, ConfigError
-from library.image_io import _describe_failure, load_image_rgb
+from library.image_io import describe_failure, load_image_rgb
 
 
 def find_masks(mask_dir: str, image_paths: list[str], where: str) -> dict[str, str]:
@@ -53,7 +53,7 @@ def load_mask(path: str, image_size: tuple[int, int], max_pixels: int, image: st
     try:
         rgb = load_image_rgb(path, max_pixels)
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError ...
-        raise ConfigError(f"mask {path} (of image {image}): {_describe_failure(path, e)}.") from None
+        raise ConfigError(f"mask {path} (of image {image}): {describe_failure(path, e)}.") from None
     if rgb.size != tuple(image_size):
         raise ConfigError(f"mask {path} is {rgb.size[0]}x{rgb.size[1]} but its image {image} is "
                           f"{image_size[0]}x{image_size[1]}: a mask must have its image's size (sd-scripts requires "

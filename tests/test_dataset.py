@@ -533,6 +533,9 @@ def test_mask_folder_errors_name_the_image_and_what_to_do(tmp_path):
     assert "has 2 masks in conditioning_data_dir (b.jpg, b.png); keep one." in error()
     os.remove(masks / "b.jpg")
     assert len(group([sub])) == 2
+    (masks / "b.png").write_bytes(b"not a png")
+    assert f"mask {masks / 'b.png'} (of image {tmp_path / 'i' / 'b.png'}): not an image PIL can read" in error()
+    Image.new("L", (64, 64)).save(masks / "b.png")
     assert "conditioning_data_dir " + str(tmp_path / "nope") + ": folder not found" in error(
         conditioning_data_dir=str(tmp_path / "nope"))
     assert "both alpha_mask" in error(alpha_mask=True) and "Keep one" in error(alpha_mask=True)
