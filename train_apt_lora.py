@@ -177,6 +177,14 @@ class TrainContext:
         self.next_batch = None  # --apt_prior_ahead: gives the loop's next batch (None at its epoch's end)
         self._unet_fn = self._text_fn = None  # the passes' functions (`unet_fn`, `text_fn`), eager or recorded
         self._base_text = {}  # caption -> its encoding by the base text encoders (`encode_base_text`)
+        self.batch_multipliers = False  # the datasets' network_multiplier values differ: set per batch
+
+    def set_batch_multiplier(self, batch):
+        """The LoRA at --network_multiplier x the batch's dataset's `network_multiplier` (sd-scripts' dataset key;
+        a batch comes from one dataset), when the datasets' values differ. One shared value is set once, at the
+        start; samples use --network_multiplier alone, the strength a user loads the file at."""
+        if self.batch_multipliers:
+            self.network.set_multiplier(self.args.network_multiplier * batch["network_multiplier"])
 
     def unet_fn(self):
         """The fine-tuned UNet pass as one function (`library.unet_graph.unet_outputs`, APT's capture included):
@@ -352,6 +360,9 @@ def verify_args(args):
         flag = "--fp8_base" if args.fp8_base else "--fp8_base_unet"
         raise TrainingSetupError(f"{flag} computes each layer in the --mixed_precision dtype: add --mixed_precision "
                                  f"bf16 (or fp16); it is {args.mixed_precision!r}")
+    if args.network_multiplier == 0:
+        raise TrainingSetupError("--network_multiplier 0 turns the LoRA off, so nothing would train: give it a non-zero "
+                                 "value (1.0, the default, is the usual)")
     if args.full_bf16 and args.mixed_precision != "bf16":  # sd-scripts asserts the same
         raise TrainingSetupError(f"--full_bf16 keeps the LoRA in bf16 and needs --mixed_precision bf16; it is "
                                  f"{args.mixed_precision!r}")
@@ -568,6 +579,12 @@ def train(args):
             "--masked_loss weights the loss by masks: set alpha_mask = true in the subsets whose images have an alpha "
             "channel (or pass --alpha_mask for all), or conditioning_data_dir = \"<folder of mask images>\" in a "
             "subset (docs/dataset_config.md, 'Loss masks')")
+    varying_multiplier = len({bp.network_multiplier for bp in blueprints}) > 1  # set per batch (TrainContext)
+    for flag in ("unet_cuda_graph", "text_encoder_cuda_graph"):
+        if varying_multiplier and getattr(args, flag):
+            from library.unet_graph import blocker_message
+
+            raise train_util.TrainingSetupError(blocker_message(flag, "per-dataset network_multiplier"))
     mask_dirs = [sub for bp in blueprints for sub in bp.subsets if sub.conditioning_data_dir]
     if mask_dirs and not args.masked_loss:
         raise train_util.TrainingSetupError(
@@ -678,7 +695,8 @@ def train(args):
     network.apply_to()
     if args.network_weights:
         network.load_weights(args.network_weights)
-    network.set_multiplier(args.network_multiplier)
+    # --network_multiplier x the datasets' network_multiplier: set once when they agree, else per batch
+    network.set_multiplier(args.network_multiplier * (1.0 if varying_multiplier else blueprints[0].network_multiplier))
     network.to(device)
     if args.full_bf16:  # the optimizer's states follow the weights' dtype
         network.cast_weights(torch.bfloat16)
@@ -687,7 +705,7 @@ def train(args):
         from library.unet_graph import auto_cuda_graphs
 
         why = auto_cuda_graphs(args, device.type, any(lora.has_dropout for lora in network.loras),
-                               bool(network.text_encoder_loras), apt_enabled(args))
+                               bool(network.text_encoder_loras), apt_enabled(args), varying_multiplier)
         on = [f"--{f}" for f, w in why.items() if not w]
         off = [f"--{f} ({w})" for f, w in why.items() if w]
         accelerator.print(f"--cuda_graphs auto: on: {', '.join(on) or 'none'}; off: {', '.join(off) or 'none'}")
@@ -721,6 +739,7 @@ def train(args):
         inner_optimizer(optimizer).train()
 
     ctx = TrainContext(args, accelerator, model, network, weight_dtype, vae_dtype, te_cache, apt)
+    ctx.batch_multipliers = varying_multiplier
     ctx.defer_read = defer_step_read(args, optimizer, device.type)
     try:
         if args.unet_cuda_graph:
@@ -814,7 +833,7 @@ def train(args):
                     logger.warning("%s holds no prompt now; sampling with the prompts read before",
                                    args.sample_prompts)
             model.vae.to(device, vae_dtype)
-            with evaluation_weights(optimizer):
+            with evaluation_weights(optimizer), network.multiplier_override(args.network_multiplier):
                 sample_images(model, sample_prompts, output_dir=args.output_dir, extra_modules=[network],
                               output_name=args.output_name, epoch=epoch if at_epoch_end else None,
                               step=None if at_epoch_end else step, device=device, clip_skip=args.clip_skip,
@@ -886,6 +905,7 @@ def train(args):
                 ctx.next_batch = batches.peek
             for batch in batches:
                 batches_done += 1
+                ctx.set_batch_multiplier(batch)
                 res = micro_batch(args, ctx, batch, optimizer, lr_scheduler, trainable, read=read)
                 if res.status == "accumulating":
                     continue
@@ -952,7 +972,7 @@ def train(args):
             from library.sampling import prior_vs_lora_grid
 
             model.vae.to(device, vae_dtype)
-            with evaluation_weights(optimizer):
+            with evaluation_weights(optimizer), network.multiplier_override(args.network_multiplier):
                 grid = prior_vs_lora_grid(model, network, sample_prompts, seed=args.seed, upscale_to=128,
                                           device=device, clip_skip=args.clip_skip, sampler=args.sample_sampler,
                                           dtype=weight_dtype)

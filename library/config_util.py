@@ -631,9 +631,10 @@ def _check_dataset_values(bp: DatasetBlueprint, v: dict, w: dict) -> None:
             raise ConfigError(f"{bp.where}: max_bucket_reso ({bp.max_bucket_reso}, {w['max_bucket_reso']}) is smaller "
                               f"than the resolution's larger side ({max(bp.resolution)}). Raise max_bucket_reso or "
                               f"lower resolution.")
-    if bp.network_multiplier != 1.0:
-        raise _not_supported(f"{w['network_multiplier']} = {bp.network_multiplier}", "network_multiplier",
-                             "per-dataset LoRA multipliers; --network_multiplier sets one for the whole run")
+    if bp.network_multiplier == 0:
+        raise ConfigError(f"{w['network_multiplier']} = 0: the LoRA would be off for this dataset's batches, so they "
+                          f"would train nothing. Give it a non-zero value (the LoRA's strength on its batches: 1.0, "
+                          f"or -1.0 to train away from it), or remove the dataset.")
     if not 0.0 <= bp.validation_split <= 1.0:
         raise ConfigError(f"{w['validation_split']} = {bp.validation_split}: must be between 0 and 1.")
     if bp.resize_interpolation is not None and bp.resize_interpolation not in RESIZE_INTERPOLATIONS:

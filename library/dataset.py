@@ -509,6 +509,7 @@ class DatasetGroup(torch.utils.data.Dataset):
             "target_sizes_hw": torch.tensor(target_hw, dtype=torch.long),
             "image_keys": keys,
             "alpha_masks": _loss_masks(alphas, target_hw),
+            "network_multiplier": float(ds.bp.network_multiplier),  # the dataset key: one value per batch
         }
 
     def _load_image(self, info: ImageInfo, rng: random.Random | None):

@@ -54,6 +54,7 @@ def validation_loss(args, ctx, loader, seed: int, max_batches: int | None = None
                 if i % acc.num_processes != acc.process_index:
                     continue
                 torch.manual_seed(batch_seed(seed, i))  # the same noise in every validation run
+                ctx.set_batch_multiplier(batch)
                 batch = ctx.batch_to_device(batch)
                 latents = ctx.encode_latents(batch)
                 cond = ctx.encode_text(batch["captions"])

@@ -262,9 +262,12 @@ def test_unimplemented_training_options_raise(extra, needle):
     assert needle in str(e.value) and "datasets[0].subsets[0]" in str(e.value)
 
 
-def test_unimplemented_dataset_options_raise():
-    cfg = {"general": {"resolution": 64}, "datasets": [{"network_multiplier": 0.5, "subsets": [{"image_dir": "/a"}]}]}
-    with pytest.raises(ConfigError, match="`network_multiplier` is not supported yet"):
+def test_dataset_values_are_checked():
+    cfg = {"general": {"resolution": 64}, "datasets": [{"network_multiplier": -0.5, "subsets": [{"image_dir": "/a"}]}]}
+    assert generate_blueprint(cfg, ns())[0].network_multiplier == -0.5  # per-dataset LoRA strength (sd-scripts)
+    cfg["datasets"][0]["network_multiplier"] = 0
+    with pytest.raises(ConfigError, match=r"`datasets\[0\].network_multiplier` = 0: the LoRA would be off for this "
+                                          "dataset's batches"):
         generate_blueprint(cfg, ns())
     cfg = {"general": {"resolution": 64}, "datasets": [{"validation_split": 1.5, "subsets": [{"image_dir": "/a"}]}]}
     with pytest.raises(ConfigError, match="validation_split` = 1.5: must be between 0 and 1"):

@@ -259,6 +259,31 @@ def test_alpha_masked_runs_and_masked_loss_without_masks(tiny, images, tmp_path,
         capsys.readouterr().err
 
 
+def test_per_dataset_network_multiplier_sets_the_lora_strength_per_batch(tiny, images, tmp_path, capsys,
+                                                                          monkeypatch):
+    """network_multiplier per [[datasets]] (sd-scripts' key): each batch trains the LoRA at --network_multiplier x
+    its dataset's value; the recorded UNet and text-encoder passes hold the multiplier as a constant, so
+    --cuda_graphs auto names that; --network_multiplier 0 (nothing would train) is refused."""
+    from networks.lora import LoRANetwork
+
+    seen = []
+    real = LoRANetwork.set_multiplier
+    monkeypatch.setattr(LoRANetwork, "set_multiplier", lambda self, m: (seen.append(m), real(self, m))[1])
+    toml = tmp_path / "two.toml"
+    toml.write_text(f'[general]\nresolution = 64\nclass_tokens = "sks dog"\n\n'
+                    f'[[datasets]]\nnetwork_multiplier = 0.5\n  [[datasets.subsets]]\n  image_dir = "{images}"\n\n'
+                    f'[[datasets]]\nnetwork_multiplier = -1.0\n  [[datasets.subsets]]\n  image_dir = "{images}"\n')
+    assert _train(tiny["sd1"], str(toml), tmp_path / "out", "--apt", "--network_multiplier", "2",
+                  "--max_train_steps", "6", "--cuda_graphs", "auto") == 0
+    assert seen[0] == 2.0 and seen.count(1.0) >= 1 and seen.count(-2.0) >= 1  # 2 x 0.5 and 2 x -1.0, per batch
+    assert set(seen) <= {2.0, 1.0, -2.0, 0.0}  # 0.0: APT's prior pass (the LoRA off)
+    out = capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert "--unet_cuda_graph (no CUDA device, per-dataset network_multiplier)" in out
+    assert _train(tiny["sd1"], str(toml), tmp_path / "off", "--network_multiplier", "0") == 2
+    assert "--network_multiplier 0 turns the LoRA off, so nothing would train" in capsys.readouterr().err
+
+
 def test_dim_from_weights_continues_a_lora_of_another_rank(tiny, images, tmp_path, capsys):
     dataset = _dataset(tmp_path, images)
     first = tmp_path / "first"
