@@ -342,6 +342,16 @@ def verify_args(args):
 
     for note in no_effect_notes(args):
         logger.info(note)
+    for flag, low in (("gradient_accumulation_steps", 1), ("clip_skip", 1), ("max_data_loader_n_workers", 0)):
+        value = getattr(args, flag)
+        if value is not None and value < low:  # each a raw exception deep in the run before
+            raise TrainingSetupError(f"--{flag} must be at least {low}, got {value}")
+    if args.max_train_steps is not None and args.max_train_steps < 1 and not args.max_train_epochs:
+        raise TrainingSetupError(f"--max_train_steps {args.max_train_steps}: nothing would train; give at least 1 "
+                                 f"(or --max_train_epochs)")
+    if args.seed is not None and not 0 <= args.seed < 2 ** 32:
+        raise TrainingSetupError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}; leave it out for a random "
+                                 f"seed (it is logged and saved in the LoRA's metadata)")
     for kind in ("epochs", "steps"):
         for flag in (f"save_last_n_{kind}", f"save_last_n_{kind}_state"):
             if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -634,6 +644,11 @@ def train(args):
     model = load_model(args.pretrained_model_name_or_path, v2=arch == "sd2", v_parameterization=v_param,
                        sdxl=is_sdxl, tokenizer_path=args.tokenizer_path, vae_path=args.vae,
                        allow_pickle=args.allow_pickle_checkpoint)
+    layers = model.text_encoders[0].config.num_hidden_layers
+    if args.clip_skip and not is_sdxl and args.clip_skip > layers:  # SDXL reads its fixed layers (sd-scripts)
+        raise train_util.TrainingSetupError(f"--clip_skip {args.clip_skip} is more than the text encoder's {layers} "
+                                            f"layers: use 1 (the last layer) to {layers}; 2 is the usual for "
+                                            f"anime-style SD1 models")
     if args.base_weights or args.base_weights_multiplier:  # before any cast: in the precision the model loaded in
         from networks.merge import merge_base_weights
 

@@ -284,6 +284,21 @@ def test_per_dataset_network_multiplier_sets_the_lora_strength_per_batch(tiny, i
     assert "--network_multiplier 0 turns the LoRA off, so nothing would train" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1, got 0"),
+    (["--clip_skip", "0"], "--clip_skip must be at least 1, got 0"),
+    (["--clip_skip", "13"], "--clip_skip 13 is more than the text encoder's 3 layers: use 1 (the last layer) to 3"),
+    (["--max_data_loader_n_workers", "-1"], "--max_data_loader_n_workers must be at least 0, got -1"),
+    (["--max_train_steps", "0"], "--max_train_steps 0: nothing would train"),
+    (["--seed", "-1"], "--seed must be between 0 and 2**32 - 1, got -1; leave it out for a random seed"),
+])
+def test_out_of_range_values_are_errors_naming_the_flag(tiny, images, tmp_path, capsys, extra, message):
+    """Each of these was a raw exception (ZeroDivisionError, ValueError from numpy or the DataLoader, or the
+    encoder's own) somewhere in the run; now an error before training (exit code 2) that says what to give."""
+    assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "out", *extra) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_dim_from_weights_continues_a_lora_of_another_rank(tiny, images, tmp_path, capsys):
     dataset = _dataset(tmp_path, images)
     first = tmp_path / "first"
