@@ -342,10 +342,18 @@ def verify_args(args):
 
     for note in no_effect_notes(args):
         logger.info(note)
-    for flag, low in (("gradient_accumulation_steps", 1), ("clip_skip", 1), ("max_data_loader_n_workers", 0)):
+    # each of these was a raw exception deep in the run, or did something else than asked (a negative
+    # --max_grad_norm flips the gradients' sign, --save_every_n_steps -1 saves at every step)
+    off = " (0 turns it off)"
+    bounds = {"gradient_accumulation_steps": (1, ""), "clip_skip": (1, ""), "max_data_loader_n_workers": (0, ""),
+              "validate_every_n_epochs": (1, ""), "max_validation_steps": (1, ""),
+              "save_every_n_steps": (0, off), "save_every_n_epochs": (0, off), "sample_every_n_steps": (0, off),
+              "sample_every_n_epochs": (0, off), "validate_every_n_steps": (0, off), "max_grad_norm": (0, off),
+              "max_train_epochs": (0, " (0: --max_train_steps counts)"), "max_bad_steps": (0, "")}
+    for flag, (low, hint) in bounds.items():
         value = getattr(args, flag)
-        if value is not None and value < low:  # each a raw exception deep in the run before
-            raise TrainingSetupError(f"--{flag} must be at least {low}, got {value}")
+        if value is not None and value < low:
+            raise TrainingSetupError(f"--{flag} must be at least {low}{hint}, got {value}")
     if args.max_train_steps is not None and args.max_train_steps < 1 and not args.max_train_epochs:
         raise TrainingSetupError(f"--max_train_steps {args.max_train_steps}: nothing would train; give at least 1 "
                                  f"(or --max_train_epochs)")

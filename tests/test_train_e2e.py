@@ -291,10 +291,15 @@ def test_per_dataset_network_multiplier_sets_the_lora_strength_per_batch(tiny, i
     (["--max_data_loader_n_workers", "-1"], "--max_data_loader_n_workers must be at least 0, got -1"),
     (["--max_train_steps", "0"], "--max_train_steps 0: nothing would train"),
     (["--seed", "-1"], "--seed must be between 0 and 2**32 - 1, got -1; leave it out for a random seed"),
+    (["--validate_every_n_epochs", "0"], "--validate_every_n_epochs must be at least 1, got 0"),
+    (["--max_grad_norm", "-1"], "--max_grad_norm must be at least 0 (0 turns it off), got -1.0"),
+    (["--save_every_n_steps", "-1"], "--save_every_n_steps must be at least 0 (0 turns it off), got -1"),
 ])
 def test_out_of_range_values_are_errors_naming_the_flag(tiny, images, tmp_path, capsys, extra, message):
     """Each of these was a raw exception (ZeroDivisionError, ValueError from numpy or the DataLoader, or the
-    encoder's own) somewhere in the run; now an error before training (exit code 2) that says what to give."""
+    encoder's own) somewhere in the run, or did something else (a negative --max_grad_norm flips the gradients,
+    --save_every_n_steps -1 saves at every step); now an error before training (exit code 2) that says what to
+    give."""
     assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "out", *extra) == 2
     assert message in capsys.readouterr().err
 
