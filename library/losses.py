@@ -200,3 +200,6 @@ def check_noise_and_loss_args(args, v_prediction: bool, num_train_timesteps: int
             raise TrainingSetupError(
                 f"--huber_schedule {schedule!r} is not known; choose one of {', '.join(HUBER_SCHEDULES)}"
             )
+        if not float(_arg(args, "huber_c", 0.1)) > 0:  # exponential: log(c); constant: a huber loss of 0
+            raise TrainingSetupError(f"--huber_c must be above 0 for --loss_type {loss_type}, got "
+                                     f"{_arg(args, 'huber_c', 0.1)} (0.1 is the default)")

@@ -212,6 +212,9 @@ def test_check_noise_and_loss_args():
         loss_lib.check_noise_and_loss_args(ns(min_timestep=500, max_timestep=100), v_prediction=False)
     with pytest.raises(TrainingSetupError, match="--loss_type"):
         loss_lib.check_noise_and_loss_args(ns(loss_type="l3"), v_prediction=False)
+    with pytest.raises(TrainingSetupError, match=r"--huber_c must be above 0 for --loss_type huber, got 0.0"):
+        loss_lib.check_noise_and_loss_args(ns(loss_type="huber", huber_schedule="exponential", huber_c=0.0),
+                                           v_prediction=False)  # math domain error in log(0) before
 
 
 # ---------------------------------------------------------------------------------------------------------------
