@@ -343,13 +343,14 @@ def verify_args(args):
     for note in no_effect_notes(args):
         logger.info(note)
     # each of these was a raw exception deep in the run, or did something else than asked (a negative
-    # --max_grad_norm flips the gradients' sign, --save_every_n_steps -1 saves at every step)
+    # --max_grad_norm or --min_snr_gamma flips the gradients' sign, --save_every_n_steps -1 saves at every step)
     off = " (0 turns it off)"
     bounds = {"gradient_accumulation_steps": (1, ""), "clip_skip": (1, ""), "max_data_loader_n_workers": (0, ""),
               "validate_every_n_epochs": (1, ""), "max_validation_steps": (1, ""),
               "save_every_n_steps": (0, off), "save_every_n_epochs": (0, off), "sample_every_n_steps": (0, off),
               "sample_every_n_epochs": (0, off), "validate_every_n_steps": (0, off), "max_grad_norm": (0, off),
-              "max_train_epochs": (0, " (0: --max_train_steps counts)"), "max_bad_steps": (0, "")}
+              "max_train_epochs": (0, " (0: --max_train_steps counts)"), "max_bad_steps": (0, ""),
+              "min_snr_gamma": (0, off), "lr_scheduler_power": (0, ""), "lr_scheduler_timescale": (1, "")}
     for flag, (low, hint) in bounds.items():
         value = getattr(args, flag)
         if value is not None and value < low:

@@ -838,6 +838,9 @@ def parse_network_args(network_args) -> dict:
             raise LoRAWeightsError(
                 f"--network_args {key}={value!r}: expected {'an integer' if NETWORK_ARGS[key] is int else 'a number'}"
             ) from None
+        if key.startswith("loraplus") and not out[key] > 0:  # 0: the up weights, and so the LoRA, never train
+            raise LoRAWeightsError(f"--network_args {key}={value}: must be above 0 (the up weights learn at lr x "
+                                   f"ratio; 16 is LoRA+'s usual value), or leave it out")
     return out
 
 

@@ -294,6 +294,9 @@ def test_per_dataset_network_multiplier_sets_the_lora_strength_per_batch(tiny, i
     (["--validate_every_n_epochs", "0"], "--validate_every_n_epochs must be at least 1, got 0"),
     (["--max_grad_norm", "-1"], "--max_grad_norm must be at least 0 (0 turns it off), got -1.0"),
     (["--save_every_n_steps", "-1"], "--save_every_n_steps must be at least 0 (0 turns it off), got -1"),
+    (["--min_snr_gamma", "-5"], "--min_snr_gamma must be at least 0 (0 turns it off), got -5.0"),
+    (["--lr_scheduler", "inverse_sqrt", "--lr_scheduler_timescale", "0"], "--lr_scheduler_timescale must be at least 1"),
+    (["--network_args", "loraplus_lr_ratio=0"], "--network_args loraplus_lr_ratio=0: must be above 0"),
 ])
 def test_out_of_range_values_are_errors_naming_the_flag(tiny, images, tmp_path, capsys, extra, message):
     """Each of these was a raw exception (ZeroDivisionError, ValueError from numpy or the DataLoader, or the
