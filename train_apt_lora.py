@@ -184,7 +184,9 @@ class TrainContext:
         a batch comes from one dataset), when the datasets' values differ. One shared value is set once, at the
         start; samples use --network_multiplier alone, the strength a user loads the file at."""
         if self.batch_multipliers:
-            self.network.set_multiplier(self.args.network_multiplier * batch["network_multiplier"])
+            m = self.args.network_multiplier * batch["network_multiplier"]
+            if m != self.network.multiplier:  # a run of batches from one dataset: set once
+                self.network.set_multiplier(m)
 
     def unet_fn(self):
         """The fine-tuned UNet pass as one function (`library.unet_graph.unet_outputs`, APT's capture included):
@@ -350,7 +352,9 @@ def verify_args(args):
               "save_every_n_steps": (0, off), "save_every_n_epochs": (0, off), "sample_every_n_steps": (0, off),
               "sample_every_n_epochs": (0, off), "validate_every_n_steps": (0, off), "max_grad_norm": (0, off),
               "max_train_epochs": (0, " (0: --max_train_steps counts)"), "max_bad_steps": (0, ""),
-              "min_snr_gamma": (0, off), "lr_scheduler_power": (0, ""), "lr_scheduler_timescale": (1, "")}
+              "min_snr_gamma": (0, off), "lr_scheduler_power": (0, ""), "lr_scheduler_timescale": (1, ""),
+              "unet_cuda_graph_max": (1, ""), **{f"save_last_n_{kind}{state}": (1, "") for kind in ("epochs", "steps")
+                                                 for state in ("", "_state")}}
     for flag, (low, hint) in bounds.items():
         value = getattr(args, flag)
         if value is not None and value < low:
@@ -363,8 +367,6 @@ def verify_args(args):
                                  f"seed (it is logged and saved in the LoRA's metadata)")
     for kind in ("epochs", "steps"):
         for flag in (f"save_last_n_{kind}", f"save_last_n_{kind}_state"):
-            if getattr(args, flag) is not None and getattr(args, flag) < 1:
-                raise TrainingSetupError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
             if getattr(args, flag) and not getattr(args, f"save_every_n_{kind}"):
                 raise TrainingSetupError(f"--{flag} keeps the last of the saves that --save_every_n_{kind} makes: "
                                          f"add --save_every_n_{kind}")
@@ -427,8 +429,6 @@ def verify_args(args):
         except ImportError:
             raise TrainingSetupError("--xformers needs the xformers package (CUDA only): pip install -r requirements-gpu.txt, "
                                      "or leave the flag out to use PyTorch SDPA attention") from None
-    if args.unet_cuda_graph_max < 1:
-        raise TrainingSetupError(f"--unet_cuda_graph_max must be at least 1, got {args.unet_cuda_graph_max}")
     from library.unet_graph import GRAPH_FLAGS, blocker_message, graph_blockers
 
     graph_flags = [f for f in GRAPH_FLAGS if getattr(args, f)]  # LoRA dropout is checked once the network is built

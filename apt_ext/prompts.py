@@ -16,6 +16,8 @@ from typing import Sequence
 
 import torch
 
+from library.captions import with_prefix_suffix
+
 #: π value of a c* column that takes no part in the attention loss (identifier columns in mode "drop").
 DROPPED = -1
 
@@ -113,7 +115,7 @@ def captions_without_class_tokens(images) -> list[str]:
         sub = info.subset
         if info.is_reg:
             continue
-        text = " ".join(t for t in (sub.caption_prefix, info.caption, sub.caption_suffix) if t)
+        text = with_prefix_suffix(sub, info.caption)
         entry = by_subset.setdefault(id(sub), [sub, 0, []])
         entry[1] += 1
         if class_prompt(text, sub.class_tokens, sub.prior_class_tokens) == text:
@@ -157,7 +159,7 @@ def class_prompt_examples(images) -> list[str]:
         prior = resolve_prior_class_tokens(ct, sub.prior_class_tokens)
         origin = ("prior_class_tokens" if sub.prior_class_tokens is not None else
                   f"the words after the identifier {identifier_word(ct, prior)!r}; set prior_class_tokens if not")
-        text = " ".join(t for t in (sub.caption_prefix, info.caption, sub.caption_suffix) if t)
+        text = with_prefix_suffix(sub, info.caption)
         lines.append(f"APT: {sub.where}: class prompt c replaces {ct!r} by {prior!r} ({origin}), e.g. "
                      f"{text[:80]!r} -> {class_prompt(text, ct, sub.prior_class_tokens)[:80]!r}")
     return lines

@@ -76,16 +76,22 @@ def _replace_wildcards(caption: str, rng: random.Random) -> str:
     return caption.replace(open_, "{").replace(close, "}")
 
 
+def with_prefix_suffix(subset: SubsetBlueprint, caption: str) -> str:
+    """The caption with the subset's caption_prefix and caption_suffix, space-joined (sd-scripts)."""
+    if subset.caption_prefix:
+        caption = subset.caption_prefix + " " + caption
+    if subset.caption_suffix:
+        caption = caption + " " + subset.caption_suffix
+    return caption
+
+
 def process_caption(subset: SubsetBlueprint, caption: str, *, rng: random.Random, epoch: int) -> str:
     """The final training caption c* of one sample: prefix/suffix, caption dropout, wildcards, shuffle with
     keep_tokens / keep_tokens_separator, tag dropout, secondary separator (in that order, like sd-scripts).
 
     `epoch` counts from 1 (sd-scripts): with caption_dropout_every_n_epochs = n, epochs n, 2n, ... drop captions.
     """
-    if subset.caption_prefix:
-        caption = subset.caption_prefix + " " + caption
-    if subset.caption_suffix:
-        caption = caption + " " + subset.caption_suffix
+    caption = with_prefix_suffix(subset, caption)
 
     drop = subset.caption_dropout_rate > 0 and rng.random() < subset.caption_dropout_rate
     n = subset.caption_dropout_every_n_epochs

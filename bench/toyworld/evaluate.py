@@ -172,14 +172,13 @@ def write_references(subject: W.SubjectSpec, size: int, folder: str, seed: int =
     the instance prompt, or with `captions="tags"` the same words as tags ("sks, backpack"), which do not hold
     the subset's class_tokens "sks backpack" as one phrase (APT's class prompt c then drops the identifier tag)."""
     os.makedirs(folder, exist_ok=True)
-    images, prompts = W.reference_set(subject, seed)
-    if captions == "tags":
-        prompts = [f"{subject.identifier}, {subject.cls}"] * len(prompts)
-    elif captions != "prompt":
+    if captions not in ("prompt", "tags"):
         raise ValueError(f"reference captions {captions!r}: use 'prompt' or 'tags'")
-    captions = prompts
+    images, texts = W.reference_set(subject, seed)
+    if captions == "tags":
+        texts = [f"{subject.identifier}, {subject.cls}"] * len(texts)
     out = []
-    for i, (im, cap) in enumerate(zip(images, captions)):
+    for i, (im, cap) in enumerate(zip(images, texts)):
         im = im.resize((size, size), Image.BOX) if size != W.SIZE else im
         im.save(os.path.join(folder, f"ref_{i}.png"))
         with open(os.path.join(folder, f"ref_{i}.txt"), "w", encoding="utf-8") as f:
