@@ -353,12 +353,16 @@ def verify_args(args):
               "sample_every_n_epochs": (0, off), "validate_every_n_steps": (0, off), "max_grad_norm": (0, off),
               "max_train_epochs": (0, " (0: --max_train_steps counts)"), "max_bad_steps": (0, ""),
               "min_snr_gamma": (0, off), "lr_scheduler_power": (0, ""), "lr_scheduler_timescale": (1, ""),
+              "lr_scheduler_num_cycles": (1, ""), "lr_scheduler_min_lr_ratio": (0, ""),
               "unet_cuda_graph_max": (1, ""), **{f"save_last_n_{kind}{state}": (1, "") for kind in ("epochs", "steps")
                                                  for state in ("", "_state")}}
     for flag, (low, hint) in bounds.items():
         value = getattr(args, flag)
         if value is not None and value < low:
             raise TrainingSetupError(f"--{flag} must be at least {low}{hint}, got {value}")
+    if args.lr_scheduler_min_lr_ratio is not None and args.lr_scheduler_min_lr_ratio > 1:
+        raise TrainingSetupError(f"--lr_scheduler_min_lr_ratio is the lowest learning rate as a fraction of "
+                                 f"--learning_rate: give 0 to 1, got {args.lr_scheduler_min_lr_ratio}")
     if args.max_train_steps is not None and args.max_train_steps < 1 and not args.max_train_epochs:
         raise TrainingSetupError(f"--max_train_steps {args.max_train_steps}: nothing would train; give at least 1 "
                                  f"(or --max_train_epochs)")

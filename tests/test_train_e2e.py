@@ -297,6 +297,12 @@ def test_per_dataset_network_multiplier_sets_the_lora_strength_per_batch(tiny, i
     (["--min_snr_gamma", "-5"], "--min_snr_gamma must be at least 0 (0 turns it off), got -5.0"),
     (["--lr_scheduler", "inverse_sqrt", "--lr_scheduler_timescale", "0"], "--lr_scheduler_timescale must be at least 1"),
     (["--network_args", "loraplus_lr_ratio=0"], "--network_args loraplus_lr_ratio=0: must be above 0"),
+    (["--lr_scheduler", "cosine_with_restarts", "--lr_scheduler_num_cycles", "0"],
+     "--lr_scheduler_num_cycles must be at least 1, got 0"),
+    (["--lr_scheduler", "cosine_with_min_lr", "--lr_scheduler_min_lr_ratio", "1.5"],
+     "--lr_scheduler_min_lr_ratio is the lowest learning rate as a fraction of --learning_rate: give 0 to 1, got 1.5"),
+    (["--lr_scheduler", "cosine_with_min_lr", "--lr_scheduler_min_lr_ratio", "-0.1"],
+     "--lr_scheduler_min_lr_ratio must be at least 0, got -0.1"),
 ])
 def test_out_of_range_values_are_errors_naming_the_flag(tiny, images, tmp_path, capsys, extra, message):
     """Each of these was a raw exception (ZeroDivisionError, ValueError from numpy or the DataLoader, or the
