@@ -354,8 +354,8 @@ def verify_args(args):
               "max_train_epochs": (0, " (0: --max_train_steps counts)"), "max_bad_steps": (0, ""),
               "min_snr_gamma": (0, off), "lr_scheduler_power": (0, ""), "lr_scheduler_timescale": (1, ""),
               "lr_scheduler_num_cycles": (1, ""), "lr_scheduler_min_lr_ratio": (0, ""),
-              "unet_cuda_graph_max": (1, ""), **{f"save_last_n_{kind}{state}": (1, "") for kind in ("epochs", "steps")
-                                                 for state in ("", "_state")}}
+              "unet_cuda_graph_max": (1, ""), "initial_epoch": (1, " (1 is the first)"), "initial_step": (0, ""),
+              **{f"save_last_n_{kind}{state}": (1, "") for kind in ("epochs", "steps") for state in ("", "_state")}}
     for flag, (low, hint) in bounds.items():
         value = getattr(args, flag)
         if value is not None and value < low:
@@ -494,6 +494,9 @@ def verify_args(args):
         if importlib.util.find_spec("wandb") is None:
             raise TrainingSetupError(f"--log_with {args.log_with} needs the wandb package: pip install wandb, then "
                                      "`wandb login` (or set WANDB_MODE=offline); or use --log_with tensorboard")
+    if args.resume and (args.initial_step is not None or args.initial_epoch is not None):
+        raise TrainingSetupError("--resume continues at the step its state was saved at: drop --initial_step/"
+                                 "--initial_epoch (they start a run without a state, e.g. from --network_weights)")
     if args.resume == "latest":
         from library.interrupt import find_latest_state
 
@@ -502,19 +505,28 @@ def verify_args(args):
             raise TrainingSetupError(f"--resume latest: no saved state (<name>-state folder) in {args.output_dir}")
         logger.info("--resume latest: %s", latest)
         args.resume = latest
+    if args.skip_until_initial_step and args.resume:
+        logger.info("--skip_until_initial_step: --resume always continues the data where its state stopped")
+    elif args.skip_until_initial_step and args.initial_step is None and args.initial_epoch is None:
+        logger.warning("--skip_until_initial_step has no effect without --initial_step or --initial_epoch")
+    if (args.initial_step or (args.initial_epoch or 1) > 1) and not args.network_weights:
+        logger.warning("--initial_step/--initial_epoch start a new LoRA part-way through the run: to continue one, "
+                       "pass it with --network_weights (or continue a saved state with --resume)")
     if args.resume and not os.path.isdir(args.resume):
         raise TrainingSetupError(f"--resume {args.resume}: no such folder (pass a <name>-step<N>-state folder written by --save_state)")
 
 
-def planned_outputs(args, max_train_steps, num_epochs, start_step=0):
-    """Every LoRA file this run will write (after `start_step` when resuming), so that existing files are
-    found before training starts rather than after hours of it."""
+def planned_outputs(args, max_train_steps, num_epochs, start_step=0, start_epoch=1):
+    """Every LoRA file this run will write (after `start_step` and from the end of `start_epoch` on, when resuming or
+    starting at --initial_step), so that existing files are found before training starts rather than after hours
+    of it."""
     from library.train_util import ckpt_name
 
     every = args.save_every_n_steps
     names = [ckpt_name(args.output_name)]
     if args.save_every_n_epochs:
-        names += [ckpt_name(args.output_name, epoch=e) for e in range(args.save_every_n_epochs, num_epochs, args.save_every_n_epochs)]
+        names += [ckpt_name(args.output_name, epoch=e) for e in range(args.save_every_n_epochs, num_epochs, args.save_every_n_epochs)
+                  if e >= start_epoch]
     if every:
         first = (start_step // every + 1) * every
         names += [ckpt_name(args.output_name, step=s) for s in range(first, max_train_steps, every)]
@@ -543,7 +555,7 @@ def train(args):
     from library.transfer import HostCopy
     from library.interrupt import GracefulInterrupt
     from library.safe_io import remove_stale_temp_files
-    from library.train_state import load_state, read_state_info, save_state
+    from library.train_state import advance_schedule, initial_position, load_state, read_state_info, save_state
     from library.model_util import load_model, probe_model
     from networks import lora as lora_lib
 
@@ -676,8 +688,17 @@ def train(args):
     if args.save_n_epoch_ratio:  # sd-scripts: about this many saves over the run
         args.save_every_n_epochs = math.floor(num_epochs / args.save_n_epoch_ratio) or 1
         logger.info("--save_n_epoch_ratio %g: a LoRA every %d epochs", args.save_n_epoch_ratio, args.save_every_n_epochs)
-    resume_step = read_state_info(args.resume)["step"] if args.resume else 0
-    existing = [p for p in planned_outputs(args, args.max_train_steps, num_epochs, resume_step) if os.path.exists(p)]
+    if args.resume:
+        info = read_state_info(args.resume)
+        start = info["step"], info["epoch"], info["batches_done"]
+    else:
+        start = initial_position(args, steps_per_epoch)
+    if start[0] >= args.max_train_steps:
+        given = f"--resume {args.resume} is at" if args.resume else "--initial_step/--initial_epoch start at"
+        raise train_util.TrainingSetupError(
+            f"{given} step {start[0]}, and the run ends at step {args.max_train_steps} (--max_train_steps/"
+            f"--max_train_epochs count the earlier steps too): nothing is left to train; raise them")
+    existing = [p for p in planned_outputs(args, args.max_train_steps, num_epochs, *start[:2]) if os.path.exists(p)]
     if existing and not args.overwrite:
         raise train_util.TrainingSetupError(f"output file exists: {existing[0]} ({len(existing)} in all). "
                                             "Choose another --output_name or --output_dir, or pass --overwrite to replace them")
@@ -758,11 +779,15 @@ def train(args):
         logger.warning(advice)
     optimizer, loader = accelerator.prepare(optimizer, loader)
     trainable = [p for p in network.parameters() if p.requires_grad]
-    step, start_epoch, skip_batches = 0, 1, 0
+    step, start_epoch, skip_batches = start
     if args.resume:
-        info = load_state(args.resume, network=network, optimizer=optimizer, lr_scheduler=lr_scheduler, apt=apt)
-        step, start_epoch, skip_batches = info["step"], info["epoch"], info["batches_done"]
+        load_state(args.resume, network=network, optimizer=optimizer, lr_scheduler=lr_scheduler, apt=apt)
         accelerator.print(f"resumed from {args.resume}: step {step}, epoch {start_epoch}")
+    elif step:  # --initial_step/--initial_epoch: the count and the schedule go on; the optimizer starts afresh
+        advance_schedule(lr_scheduler, step)
+        accelerator.print(f"starting at step {step}, epoch {start_epoch}"
+                          + (f", after the epoch's first {skip_batches} batches" if skip_batches else "")
+                          + f" (learning rate {lr_scheduler.get_last_lr()[0]:.3g})")
     if is_schedule_free(optimizer):  # it starts on (and a state is saved with) the weights it evaluates
         inner_optimizer(optimizer).train()
 

@@ -368,6 +368,15 @@ def _state_args(p: argparse.ArgumentParser) -> None:
                    help="keep the states of the saves of the last N steps (default: --save_last_n_steps)")
     g.add_argument("--resume", type=str, default=None,
                    help='continue exactly from a saved state folder; "latest": the newest one in --output_dir')
+    g.add_argument("--initial_epoch", type=int, default=None,
+                   help="without a saved state, start counting at this epoch (1 = the first): continue a LoRA given "
+                        "by --network_weights in the same numbering and learning-rate schedule (sd-scripts)")
+    g.add_argument("--initial_step", type=int, default=None,
+                   help="the same at this optimizer step (0 = the first); wins over --initial_epoch")
+    g.add_argument("--skip_until_initial_step", action="store_true",
+                   help="with --initial_step/--initial_epoch: skip the batches the earlier run trained on, so the "
+                        "run sees the data it would have seen uninterrupted (otherwise the epoch starts at its first "
+                        "batch)")
 
 
 def setup_parser() -> argparse.ArgumentParser:

@@ -76,6 +76,33 @@ def save_state(folder: str, *, network, optimizer, lr_scheduler, step: int, epoc
     return folder
 
 
+def initial_position(args, steps_per_epoch: int) -> tuple[int, int, int]:
+    """Where a run without a state starts: (optimizer steps done, epoch (1-based), micro-batches of that epoch to
+    skip). sd-scripts' `--initial_step`, or `--initial_epoch` as that epoch's first step; `(0, 1, 0)` without them.
+    The epoch's batches are skipped only with `--skip_until_initial_step` (each epoch's batch order is a function of
+    (seed, epoch), so the run then sees the batches of the uninterrupted run); without it the epoch starts at its
+    first batch, as in sd-scripts."""
+    if args.initial_step is not None:
+        step = args.initial_step
+    elif args.initial_epoch is not None:
+        step = (args.initial_epoch - 1) * steps_per_epoch
+    else:
+        return 0, 1, 0
+    skip = (step % steps_per_epoch) * args.gradient_accumulation_steps if args.skip_until_initial_step else 0
+    return step, step // steps_per_epoch + 1, skip
+
+
+def advance_schedule(lr_scheduler, steps: int) -> None:
+    """Step the learning-rate schedule `steps` times before training, so a run started at `--initial_step` gets the
+    learning rate of that step (torch warns about a schedule stepped before its optimizer: expected here)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(steps):
+            lr_scheduler.step()
+
+
 def read_state_info(folder: str) -> dict:
     """train_state.json of a state folder (step, epoch, batches_done, seed)."""
     info_path = os.path.join(folder, "train_state.json")

@@ -13,7 +13,7 @@ from library.train_args import markdown_reference, setup_parser
 from library.train_util import TrainingSetupError, accelerator_handlers
 
 
-@pytest.mark.parametrize("argv", [["--face_crop_aug_range", "2,4"], ["--initial_epoch", "2"], ["--full_fp16"],
+@pytest.mark.parametrize("argv", [["--face_crop_aug_range", "2,4"], ["--cpu_offload_checkpointing"], ["--full_fp16"],
                                   ["--huggingface_repo_id", "me/lora"], ["--deepspeed"],
                                   ["--dataset_class", "mine.data.Dataset"], ["--conditioning_data_dir", "masks"]])
 def test_a_flag_not_implemented_is_an_error_saying_what_to_do(argv, capsys):

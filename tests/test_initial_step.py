@@ -1,0 +1,115 @@
+"""sd-scripts' --initial_step / --initial_epoch / --skip_until_initial_step: a run without a saved state that goes
+on from step N of a longer run (its step count, epoch numbering, learning rate and, with the skip, its batches),
+and resuming in the folder of an interrupted run that saved per-epoch files."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors import safe_open
+
+import train_apt_lora
+from library.tiny_models import write_tiny_model
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("initial")
+    model = str(root / "sd1")
+    write_tiny_model("sd1", model)
+    imgs = root / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):  # batch 1: 3 optimizer steps per epoch
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(imgs / f"{i}.png")
+    ds = root / "ds.toml"
+    ds.write_text(f'[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = "{imgs}"\n'
+                  f'  class_tokens = "sks dog"\n')
+    return {"model": model, "dataset": str(ds)}
+
+
+def _run(world, out, *extra):
+    return train_apt_lora.main(["--pretrained_model_name_or_path", world["model"], "--dataset_config", world["dataset"],
+                                "--output_dir", str(out), "--output_name", "lora", "--network_dim", "4",
+                                "--network_alpha", "4", "--learning_rate", "1e-3", "--seed", "7",
+                                "--lr_scheduler", "cosine", *extra])
+
+
+@pytest.fixture
+def seen(monkeypatch):
+    """(image keys, learning rate) of every micro-batch the trainer trains on."""
+    record = []
+    real = train_apt_lora.micro_batch
+
+    def spy(args, ctx, batch, optimizer, *rest, **kw):
+        record.append((tuple(batch["image_keys"]), optimizer.param_groups[0]["lr"]))
+        return real(args, ctx, batch, optimizer, *rest, **kw)
+
+    monkeypatch.setattr(train_apt_lora, "micro_batch", spy)
+    return record
+
+
+def test_initial_step_goes_on_with_the_count_the_schedule_and_with_the_skip_the_batches(world, tmp_path, seen):
+    assert _run(world, tmp_path / "straight", "--max_train_steps", "6", "--save_every_n_steps", "4") == 0
+    straight = list(seen)
+    assert len(straight) == 6 and len({lr for _, lr in straight}) == 6  # cosine: a new rate at each step
+    part = str(tmp_path / "straight" / "lora-step00000004.safetensors")
+
+    seen.clear()  # steps 5 and 6 of the same run: the same batches and learning rates
+    assert _run(world, tmp_path / "skip", "--max_train_steps", "6", "--network_weights", part, "--initial_step", "4",
+                "--skip_until_initial_step", "--save_every_n_steps", "5") == 0
+    assert seen == straight[4:6]
+    assert not (tmp_path / "skip" / "lora-step00000004.safetensors").exists()  # step 4 was not trained here
+    with safe_open(str(tmp_path / "skip" / "lora-step00000005.safetensors"), "pt") as f:
+        assert f.metadata()["ss_steps"] == "5"
+    with safe_open(str(tmp_path / "skip" / "lora.safetensors"), "pt") as f:
+        assert f.metadata()["ss_steps"] == "6"
+
+    seen.clear()  # without the skip: epoch 2 from its first batch (sd-scripts), at the rates of steps 5 and 6
+    assert _run(world, tmp_path / "noskip", "--max_train_steps", "6", "--network_weights", part,
+                "--initial_step", "4") == 0
+    assert [k for k, _ in seen] == [k for k, _ in straight[3:5]]
+    assert [lr for _, lr in seen] == [lr for _, lr in straight[4:6]]
+
+
+def test_initial_epoch_starts_at_that_epochs_first_step_and_numbers_the_epoch_saves(world, tmp_path, seen):
+    assert _run(world, tmp_path / "straight", "--max_train_epochs", "3") == 0
+    straight = list(seen)
+    seen.clear()
+    out = tmp_path / "epoch2"
+    assert _run(world, out, "--max_train_epochs", "3", "--initial_epoch", "2", "--save_every_n_epochs", "1") == 0
+    assert seen == straight[3:9]
+    assert sorted(p for p in os.listdir(out) if p.endswith(".safetensors")) == ["lora-000002.safetensors",
+                                                                                 "lora.safetensors"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--initial_step", "6"], "--initial_step/--initial_epoch start at step 6, and the run ends at step 6"),
+    (["--initial_epoch", "3"], "--initial_step/--initial_epoch start at step 6, and the run ends at step 6"),
+    (["--initial_epoch", "0"], "--initial_epoch must be at least 1 (1 is the first), got 0"),
+    (["--initial_step", "-1"], "--initial_step must be at least 0, got -1"),
+    (["--initial_step", "2", "--resume", "latest"], "--resume continues at the step its state was saved at: drop "
+                                                    "--initial_step/--initial_epoch"),
+])
+def test_initial_step_errors(world, tmp_path, capsys, extra, message):
+    (tmp_path / "out").mkdir()
+    assert _run(world, tmp_path / "out", "--max_train_steps", "6", *extra) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_resume_in_the_folder_of_a_run_with_epoch_saves(world, tmp_path, capsys):
+    """The interrupted run's own epoch file is not "a file this run would overwrite" (it was refused before)."""
+    out = tmp_path / "out"
+    assert _run(world, out, "--max_train_epochs", "3", "--save_every_n_epochs", "1", "--save_state") == 0
+    for name in ("lora.safetensors", "lora-state", "lora-000002.safetensors", "lora-000002-state"):  # stopped in epoch 2
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert _run(world, out, "--max_train_epochs", "3", "--save_every_n_epochs", "1", "--save_state",
+                "--resume", str(out / "lora-000001-state")) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert (out / "lora-000002.safetensors").exists() and (out / "lora.safetensors").exists()
+    # a state at or past the run's end: refused (it trained one step more before)
+    assert _run(world, out, "--max_train_epochs", "1", "--resume", str(out / "lora-000002-state"),
+                "--output_name", "other") == 2
+    assert f"--resume {out / 'lora-000002-state'} is at step 6, and the run ends at step 3" in capsys.readouterr().err
