@@ -952,6 +952,9 @@ def train(args):
             data.set_current_epoch(epoch)
             loader.set_epoch(epoch)  # the batch order of an epoch depends on (seed, epoch) only: resumable
             batches = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
+            if data.has_token_warmup:  # captions final at their step before anything (LookAhead too) reads them
+                batches = dataset_lib.captions_at_steps(batches, args, epoch_start=(epoch - 1) * steps_per_epoch,
+                                                        position=skip_batches)
             batches_done, skip_batches = skip_batches, 0
             if args.apt_prior_ahead:  # the step peeks at the next batch to queue its prior pass
                 batches = LookAhead(batches)

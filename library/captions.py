@@ -1,9 +1,11 @@
 """Caption files and per-sample caption processing with sd-scripts semantics (`BaseDataset.process_caption`)."""
 from __future__ import annotations
 
+import math
 import os
 import random
 import re
+from dataclasses import dataclass
 
 from library.config_util import ConfigError, SubsetBlueprint
 
@@ -85,11 +87,38 @@ def with_prefix_suffix(subset: SubsetBlueprint, caption: str) -> str:
     return caption
 
 
-def process_caption(subset: SubsetBlueprint, caption: str, *, rng: random.Random, epoch: int) -> str:
-    """The final training caption c* of one sample: prefix/suffix, caption dropout, wildcards, shuffle with
-    keep_tokens / keep_tokens_separator, tag dropout, secondary separator (in that order, like sd-scripts).
+def token_warmup_steps(subset: SubsetBlueprint, max_train_steps: int | None) -> float:
+    """The subset's token warm-up in optimizer steps: `token_warmup_step`, or below 1 that fraction of the run
+    (floored, as sd-scripts); 0 is off."""
+    n = subset.token_warmup_step
+    if 0 < n < 1:
+        if max_train_steps is None:
+            raise ValueError(f"{subset.where}: token_warmup_step = {n} is a fraction of the run: its length in steps "
+                             f"needs max_train_steps")
+        return math.floor(n * max_train_steps)
+    return n
+
+
+def _warm_up(flex: list[str], subset: SubsetBlueprint, step: int | None, max_train_steps: int | None) -> list[str]:
+    """sd-scripts' caption token warm-up: before the warm-up's end only the first flex tokens, in caption order,
+    from token_warmup_min at step 0 growing linearly to all (the same float expression as sd-scripts, so the same
+    lengths). `step` None: after the warm-up."""
+    n = token_warmup_steps(subset, max_train_steps) if step is not None else 0
+    if n and step < n:
+        tokens_len = math.floor(step * ((len(flex) - subset.token_warmup_min) / n)) + subset.token_warmup_min
+        return flex[:tokens_len]
+    return flex
+
+
+def process_caption(subset: SubsetBlueprint, caption: str, *, rng: random.Random, epoch: int,
+                    step: int | None = None, max_train_steps: int | None = None) -> str:
+    """The final training caption c* of one sample: prefix/suffix, caption dropout, wildcards, token warm-up,
+    shuffle with keep_tokens / keep_tokens_separator, tag dropout, secondary separator (in that order, like
+    sd-scripts).
 
     `epoch` counts from 1 (sd-scripts): with caption_dropout_every_n_epochs = n, epochs n, 2n, ... drop captions.
+    `step`: the optimizer step (0-based) the sample trains at, for token_warmup_step; None is after the warm-up
+    (full captions). `max_train_steps`: the run's length, for a token_warmup_step below 1 (a fraction of it).
     """
     caption = with_prefix_suffix(subset, caption)
 
@@ -106,9 +135,10 @@ def process_caption(subset: SubsetBlueprint, caption: str, *, rng: random.Random
     sep = subset.caption_separator
     kts = subset.keep_tokens_separator
     has_kts = bool(kts) and kts in caption
-    # sd-scripts only re-joins when shuffling or dropping tags; we also do it when keep_tokens_separator occurs, so
-    # the separator ("|||") never reaches the text encoder (the order is unchanged without shuffle).
-    if subset.shuffle_caption or subset.caption_tag_dropout_rate > 0 or has_kts:
+    # sd-scripts only re-joins when shuffling, dropping tags or warming up tokens; we also do it when
+    # keep_tokens_separator occurs, so the separator ("|||") never reaches the text encoder (the order is unchanged
+    # without shuffle).
+    if subset.shuffle_caption or subset.caption_tag_dropout_rate > 0 or has_kts or subset.token_warmup_step > 0:
         fixed, flex, fixed_suffix = [], [], []
         if has_kts:
             fixed_part, flex_part = caption.split(kts, 1)
@@ -119,6 +149,7 @@ def process_caption(subset: SubsetBlueprint, caption: str, *, rng: random.Random
         else:
             tokens = [t.strip() for t in caption.strip().split(sep)]
             fixed, flex = tokens[: subset.keep_tokens], tokens[subset.keep_tokens:]
+        flex = _warm_up(flex, subset, step, max_train_steps)  # before shuffle and tag dropout, as sd-scripts
         if subset.shuffle_caption:
             rng.shuffle(flex)
         if subset.caption_tag_dropout_rate > 0:
@@ -128,3 +159,28 @@ def process_caption(subset: SubsetBlueprint, caption: str, *, rng: random.Random
     if subset.secondary_separator:
         caption = caption.replace(subset.secondary_separator, subset.caption_separator)
     return caption
+
+
+@dataclass(frozen=True)
+class DeferredCaption:
+    """A caption of a subset with token warm-up, left unprocessed by the dataset: its length depends on the optimizer
+    step its batch trains at, which a DataLoader worker cannot know exactly (docs/dataset_config.md, 'Token
+    warm-up'). `finish_captions` processes it in the main process. Its randomness (shuffle, dropout, wildcards)
+    comes from its own `random.Random(seed)`, so the caption is the same whichever process finishes it."""
+    subset: SubsetBlueprint
+    caption: str  # raw (before per-sample processing)
+    epoch: int
+    seed: str
+
+    def finish(self, step: int | None, max_train_steps: int | None = None) -> str:
+        """c* at optimizer `step` (None: after the warm-up)."""
+        return process_caption(self.subset, self.caption, rng=random.Random(self.seed), epoch=self.epoch, step=step,
+                               max_train_steps=max_train_steps)
+
+
+def finish_captions(batch: dict, step: int | None = None, max_train_steps: int | None = None) -> dict:
+    """The batch with its `DeferredCaption`s processed at optimizer `step` (0-based; None: after the token warm-up,
+    for validation and --debug_dataset), in place; other captions are final already. Returns the batch."""
+    batch["captions"] = [c.finish(step, max_train_steps) if isinstance(c, DeferredCaption) else c
+                         for c in batch["captions"]]
+    return batch

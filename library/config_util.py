@@ -675,9 +675,12 @@ def _check_subset_values(s: SubsetBlueprint, w: dict, is_db: bool) -> None:
                           f"of {', '.join(RESIZE_INTERPOLATIONS)}.")
     if s.face_crop_aug_range is not None:
         raise _not_supported(f"{w['face_crop_aug_range']}", "face_crop_aug_range", "face-centred crops")
-    if s.token_warmup_step:
-        raise _not_supported(f"{w['token_warmup_step']} = {s.token_warmup_step}", "token_warmup_step",
-                             "caption token warm-up")
+    if s.token_warmup_step < 0:
+        raise ConfigError(f"{w['token_warmup_step']} = {s.token_warmup_step}: must be 0 (off) or more: the caption "
+                          f"token warm-up's length in optimizer steps, or below 1 a fraction of the run.")
+    if s.token_warmup_min < 0:
+        raise ConfigError(f"{w['token_warmup_min']} = {s.token_warmup_min}: must be 0 or more (the caption tokens "
+                          f"kept at the first step of the token warm-up).")
     if s.custom_attributes:
         logger.warning(f"{w['custom_attributes']}: custom_attributes are ignored (sd-scripts' LoRA trainer for SD "
                        f"does not use them either).")

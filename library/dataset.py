@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from library.buckets import BucketManager, get_crop_ltrb, resize_and_crop
-from library.captions import process_caption, read_caption_file, tag_frequency
+from library.captions import DeferredCaption, finish_captions, process_caption, read_caption_file, tag_frequency
 from library.image_aug import color_aug
 from library.image_io import describe_failure, _probe_image, load_image_rgb
 from library.loss_masks import find_masks, load_mask
@@ -437,10 +437,17 @@ class DatasetGroup(torch.utils.data.Dataset):
         return sum(d.num_reg_images for d in self.datasets)
 
     def is_text_encoder_output_cacheable(self) -> bool:
-        """False when a caption can change between steps (shuffle, dropout, wildcards), as in sd-scripts."""
+        """False when a caption can change between steps (shuffle, dropout, wildcards, token warm-up), as in
+        sd-scripts."""
         return not any(s.shuffle_caption or s.caption_dropout_rate > 0 or s.caption_dropout_every_n_epochs > 0
-                       or s.caption_tag_dropout_rate > 0 or s.enable_wildcard
+                       or s.caption_tag_dropout_rate > 0 or s.enable_wildcard or s.token_warmup_step > 0
                        for d in self.datasets for s in d.bp.subsets)
+
+    @property
+    def has_token_warmup(self) -> bool:
+        """Whether some subset has token_warmup_step: its captions come as `DeferredCaption`s, which the trainer
+        finishes at each batch's optimizer step (`captions_at_steps`)."""
+        return any(s.token_warmup_step > 0 for d in self.datasets for s in d.bp.subsets)
 
     @property
     def current_epoch(self) -> int:
@@ -487,7 +494,11 @@ class DatasetGroup(torch.utils.data.Dataset):
             original_hw.append((int(original_size[1]), int(original_size[0])))
             crop_tl.append((int(crop_ltrb[1]), int(left)))
             target_hw.append((int(target[1]), int(target[0])))
-            captions.append(process_caption(sub, info.caption, rng=rng, epoch=epoch))
+            if sub.token_warmup_step > 0:  # its length depends on the step: finished in the main process
+                seed = f"apt-lora/{self.seed}/{epoch}/{ds.index}/{local}/caption/{len(captions)}"
+                captions.append(DeferredCaption(sub, info.caption, epoch, seed))
+            else:
+                captions.append(process_caption(sub, info.caption, rng=rng, epoch=epoch))
             classes.append(sub.class_tokens)
             # a reg image's caption is already the class prompt (no identifier): c = c* unless told otherwise
             priors.append(sub.class_tokens if info.is_reg and sub.prior_class_tokens is None else sub.prior_class_tokens)
@@ -750,6 +761,16 @@ def collate_batch(items: list[dict]) -> dict:
     if len(items) != 1:
         raise ValueError(f"DatasetGroup items are whole batches: use DataLoader(batch_size=1), not {len(items)}.")
     return items[0]
+
+
+def captions_at_steps(batches, args, *, epoch_start: int, position: int):
+    """The epoch's `batches` with their token warm-up captions finished (`finish_captions`) at the optimizer step
+    each trains in: `epoch_start + p // args.gradient_accumulation_steps` for the batch at micro-batch position p of
+    the epoch on this process (`position`: the first one's, after the batches a resume skips). The step comes from
+    the batch's place in the run, not from a counter read when a worker loads it (sd-scripts), so it is exact with
+    loader workers, with --apt_prior_ahead (which reads the next batch a step early) and on --resume."""
+    for p, batch in enumerate(batches, position):
+        yield finish_captions(batch, epoch_start + p // args.gradient_accumulation_steps, args.max_train_steps)
 
 
 AUTO_WORKERS = 4  # worker processes by default where images are decoded during training on CUDA

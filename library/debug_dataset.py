@@ -18,10 +18,12 @@ def _png(tensor, path: str) -> None:
 def debug_dataset(data, *, epochs: int = 1, apt: bool = False, image_dir: str | None = None, out=print) -> int:
     """Print every batch of `epochs` epochs (in index order; training shuffles the batch order): bucket, and per
     image its key, original size, crop, reg flag and loss weight, the caption as processed this epoch (shuffle,
-    dropout, wildcards) and, with `apt`, the class prompt c APT derives from it. With `image_dir`, each image as
-    the UNet's VAE would get it (resized, cropped, flipped) is written there as `e<epoch>-b<batch>-<i>.png`.
+    dropout, wildcards; as after the token warm-up) and, with `apt`, the class prompt c APT derives from it. With
+    `image_dir`, each image as the UNet's VAE would get it (resized, cropped, flipped) is written there as
+    `e<epoch>-b<batch>-<i>.png`.
     Returns the number of batches shown."""
     from apt_ext.prompts import class_prompt
+    from library.captions import finish_captions
 
     if image_dir:
         os.makedirs(image_dir, exist_ok=True)
@@ -29,7 +31,7 @@ def debug_dataset(data, *, epochs: int = 1, apt: bool = False, image_dir: str | 
     for epoch in range(1, epochs + 1):
         data.set_current_epoch(epoch)
         for b in range(len(data)):
-            batch = data[b]
+            batch = finish_captions(data[b])  # token warm-up: the captions after it
             h, w = (int(v) for v in batch["target_sizes_hw"][0])
             out(f"epoch {epoch}, batch {b + 1}/{len(data)}: bucket {w}x{h} (w x h), {len(batch['captions'])} image(s)")
             for i, key in enumerate(batch["image_keys"]):

@@ -22,7 +22,6 @@ NOT_IMPLEMENTED = {  # flag -> what it does in sd-scripts; what to do here
     "conditioning_data_dir": "a folder of mask images for a command-line dataset (ControlNet-style subfolders); set "
                              "conditioning_data_dir in each subset of a dataset TOML (--dataset_config) instead",
     "face_crop_aug_range": "face-centred crops; leave it out",
-    "token_warmup_step": "caption-token warm-up; leave it out",
     "huggingface_repo_id": "uploads to the Hugging Face hub; nothing here goes online: upload the output yourself",
     "huggingface_token": "uploads to the Hugging Face hub; nothing here goes online",
     "save_state_to_huggingface": "uploads to the Hugging Face hub; nothing here goes online",
@@ -49,7 +48,6 @@ NO_EFFECT = {  # flag -> (takes a value, why it does nothing here)
     "zero3_init_flag": (False, "only used with --deepspeed, which APT-LoRA does not implement"),
     "zero3_save_16bit_model": (False, "only used with --deepspeed, which APT-LoRA does not implement"),
     "fp16_master_weights_and_gradients": (False, "only used with --deepspeed, which APT-LoRA does not implement"),
-    "token_warmup_min": (True, "only used with --token_warmup_step, which APT-LoRA does not implement"),
     "huggingface_repo_type": (True, "only used with --huggingface_repo_id, which APT-LoRA does not implement"),
     "huggingface_path_in_repo": (True, "only used with --huggingface_repo_id, which APT-LoRA does not implement"),
     "huggingface_repo_visibility": (True, "only used with --huggingface_repo_id, which APT-LoRA does not implement"),

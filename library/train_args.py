@@ -84,6 +84,11 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--caption_dropout_rate", type=float, default=0.0)
     g.add_argument("--caption_dropout_every_n_epochs", type=int, default=0)
     g.add_argument("--caption_tag_dropout_rate", type=float, default=0.0)
+    g.add_argument("--token_warmup_step", type=float, default=0,
+                   help="caption token warm-up: over this many optimizer steps (below 1: this fraction of the run) "
+                        "the captions grow from --token_warmup_min tags to all, in caption order; 0 is off")
+    g.add_argument("--token_warmup_min", type=int, default=1,
+                   help="tags (after --keep_tokens) of each caption at the first step of the token warm-up")
     g.add_argument("--caption_separator", type=str, default=None, help='separator of caption tags (default ",")')
     g.add_argument("--keep_tokens_separator", type=str, default=None,
                    help="tags before this separator are never shuffled or dropped (instead of --keep_tokens)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from library.captions import finish_captions
 from library.rng import preserved_rng_state
 
 NUM_TIMESTEPS = 4
@@ -54,6 +55,7 @@ def validation_loss(args, ctx, loader, seed: int, max_batches: int | None = None
                 if i % acc.num_processes != acc.process_index:
                     continue
                 torch.manual_seed(batch_seed(seed, i))  # the same noise in every validation run
+                finish_captions(batch)  # token warm-up: validated on the full captions
                 ctx.set_batch_multiplier(batch)
                 batch = ctx.batch_to_device(batch)
                 latents = ctx.encode_latents(batch)

@@ -98,3 +98,70 @@ def test_read_caption_file(tmp_path):
 
 def test_tag_frequency():
     assert tag_frequency(["Sks dog, grass", "sks dog,  ", "grass"]) == {"sks dog": 2, "grass": 2}
+
+
+# -- token warm-up (sd-scripts token_warmup_step / token_warmup_min) ---------------------------------------------------
+
+WARM = "a, b, c, d, e"
+
+
+def warm(step, caption=WARM, seed=0, max_train_steps=None, **kw):
+    kw = {"keep_tokens": 1, "token_warmup_min": 1, "token_warmup_step": 4, **kw}
+    return process_caption(SubsetBlueprint(**kw), caption, rng=random.Random(seed), epoch=1, step=step,
+                           max_train_steps=max_train_steps)
+
+
+def test_token_warmup_grows_the_flex_tokens_in_caption_order():
+    # flex = b, c, d, e (4); kept = floor(step * (4 - 1) / 4) + 1 before step 4: 1, 1, 2, 3; then all
+    assert [warm(s) for s in range(6)] == ["a, b", "a, b", "a, b, c", "a, b, c, d", WARM, WARM]
+    assert warm(None) == WARM  # after the warm-up (validation, --debug_dataset)
+    # token_warmup_min 0: floor(step * 4 / 4) + 0 = step flex tokens
+    assert [warm(s, token_warmup_min=0) for s in (0, 1, 2, 3)] == ["a", "a, b", "a, b, c", "a, b, c, d"]
+    # keep_tokens_separator: the fixed head and tail stay; flex = b, c, d, kept floor(step * 2 / 3) + 1
+    cap = "x ||| b, c, d ||| z"
+    assert [warm(s, cap, keep_tokens=0, keep_tokens_separator="|||", token_warmup_step=3) for s in range(4)] == \
+        ["x, b, z", "x, b, z", "x, b, c, z", "x, b, c, d, z"]
+
+
+def test_token_warmup_below_one_is_a_fraction_of_the_run():
+    # 0.5 of 8 steps = 4 steps, as token_warmup_step = 4; 0.3 of 10 = 3: floor(step * 3 / 3) + 1
+    assert [warm(s, token_warmup_step=0.5, max_train_steps=8) for s in range(5)] == [warm(s) for s in range(5)]
+    assert [warm(s, token_warmup_step=0.3, max_train_steps=10) for s in range(4)] == \
+        ["a, b", "a, b, c", "a, b, c, d", WARM]
+    assert warm(0, token_warmup_step=0.05, max_train_steps=10) == WARM  # floor(0.5) = 0 steps: no warm-up
+    with pytest.raises(ValueError, match="token_warmup_step = 0.5 is a fraction of the run"):
+        warm(0, token_warmup_step=0.5)
+
+
+def test_shuffle_and_tag_dropout_draw_only_from_the_kept_tokens():
+    for seed in range(20):
+        flex = ["b", "c"]  # step 2 keeps two: the shuffle is of those alone
+        random.Random(seed).shuffle(flex)
+        assert warm(2, seed=seed, shuffle_caption=True) == "a, " + ", ".join(flex)
+        rng = random.Random(seed)
+        kept = [t for t in ["b", "c", "d"] if rng.random() >= 0.5]  # step 3 keeps three
+        assert warm(3, seed=seed, caption_tag_dropout_rate=0.5) == ", ".join(["a"] + kept)
+    assert {warm(2, seed=s, shuffle_caption=True) for s in range(20)} == {"a, b, c", "a, c, b"}
+
+
+def test_without_token_warmup_the_step_changes_nothing():
+    for kw in ({}, {"shuffle_caption": True, "keep_tokens": 1}, {"caption_tag_dropout_rate": 0.3},
+               {"enable_wildcard": True, "caption_dropout_rate": 0.2}):
+        for seed in range(10):
+            plain = proc("a, {b|c}, d, e", seed=seed, **kw)
+            at_step = process_caption(SubsetBlueprint(**kw), "a, {b|c}, d, e", rng=random.Random(seed), epoch=1,
+                                      step=0, max_train_steps=5)
+            assert at_step == plain
+
+
+def test_deferred_captions_are_finished_with_their_own_seed():
+    from library.captions import DeferredCaption, finish_captions
+
+    sub = SubsetBlueprint(keep_tokens=1, token_warmup_step=4, shuffle_caption=True)
+    deferred = DeferredCaption(sub, WARM, 1, "seed/0")
+    batch = {"captions": [deferred, "done already"]}
+    assert finish_captions(batch, 2)["captions"] == [
+        process_caption(sub, WARM, rng=random.Random("seed/0"), epoch=1, step=2), "done already"]
+    assert len(batch["captions"][0].split(", ")) == 3
+    assert finish_captions({"captions": [deferred]})["captions"][0].split(", ")[0] == "a"  # None: all five
+    assert len(finish_captions({"captions": [deferred]})["captions"][0].split(", ")) == 5

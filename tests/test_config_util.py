@@ -253,13 +253,26 @@ def test_bad_cli_value_names_the_flag():
 
 @pytest.mark.parametrize("extra, needle", [
     ({"face_crop_aug_range": [2.0, 4.0]}, "`face_crop_aug_range` is not supported yet"),
-    ({"token_warmup_step": 10}, "`token_warmup_step` is not supported yet"),
 ])
 def test_unimplemented_training_options_raise(extra, needle):
     cfg = {"general": {"resolution": 64}, "datasets": [{"subsets": [{"image_dir": "/a", **extra}]}]}
     with pytest.raises(ConfigError) as e:
         generate_blueprint(cfg, ns(), config_path="d.toml")
     assert needle in str(e.value) and "datasets[0].subsets[0]" in str(e.value)
+
+
+def test_token_warmup_keys_are_checked():
+    cfg = {"general": {"resolution": 64, "token_warmup_min": 2},
+           "datasets": [{"subsets": [{"image_dir": "/a", "token_warmup_step": 0.25}]}]}
+    (sub,) = generate_blueprint(cfg, ns(), config_path="d.toml")[0].subsets
+    assert (sub.token_warmup_step, sub.token_warmup_min) == (0.25, 2)
+    for key, value, needle in (("token_warmup_step", -1, "must be 0 (off) or more"),
+                               ("token_warmup_min", -2, "must be 0 or more")):
+        cfg["datasets"][0]["subsets"][0][key] = value
+        with pytest.raises(ConfigError) as e:
+            generate_blueprint(cfg, ns(), config_path="d.toml")
+        assert str(e.value).startswith(f"`datasets[0].subsets[0].{key}` in d.toml = {value}: {needle}")
+        del cfg["datasets"][0]["subsets"][0][key]
 
 
 def test_dataset_values_are_checked():
@@ -292,7 +305,7 @@ def test_messages_name_args_dataset_config_when_no_path_is_given():
 
 
 def test_ignored_keys_are_accepted(caplog):
-    cfg = {"general": {"resolution": 64, "cache_info": True, "validation_seed": 3, "token_warmup_min": 2},
+    cfg = {"general": {"resolution": 64, "cache_info": True, "validation_seed": 3},
            "datasets": [{"subsets": [{"image_dir": "/a", "custom_attributes": {"x": 1}}]}]}
     with caplog.at_level(logging.WARNING):
         (bp,) = generate_blueprint(cfg, ns())

@@ -693,3 +693,76 @@ def test_workers_by_default_only_where_a_cuda_step_would_wait_for_images(monkeyp
     assert loader_advice(a(False, None), "cuda") is None
     assert loader_advice(a(True, 0), "cuda") is None and loader_advice(a(False, 2), "cuda") is None
     assert loader_advice(a(False, 0), "cpu") is None
+
+
+# -- token warm-up -----------------------------------------------------------------------------------------------------
+
+def _warmup_group(tmp_path, n=4, **subset):
+    """n images whose caption is "t0, t1, ..., t99": with token_warmup_step 100 and token_warmup_min 0 a caption
+    finished at step s has s tags (floor(s * 100 / 100) + 0)."""
+    d = tmp_path / "warm"
+    for i in range(n):
+        img(d / f"{i}.png", seed=i)
+        (d / f"{i}.caption").write_text(", ".join(f"t{j}" for j in range(100)))
+    return group([{"image_dir": str(d), "token_warmup_step": 100, "token_warmup_min": 0, **subset}],
+                 general={"resolution": 64, "batch_size": 2})
+
+
+def _tags(caption):
+    return len(caption.split(", ")) if caption else 0
+
+
+def test_token_warmup_captions_are_deferred_to_the_main_process(tmp_path):
+    from library.captions import DeferredCaption, finish_captions
+
+    warm, plain = img(tmp_path / "warm" / "w.png"), img(tmp_path / "plain" / "p.png", seed=1)
+    (tmp_path / "warm" / "w.caption").write_text("a, b, c, d, e")
+    g = group([{"image_dir": str(warm.parent), "keep_tokens": 1, "token_warmup_step": 4},
+               {"image_dir": str(plain.parent), "class_tokens": "x, y", "shuffle_caption": True}])
+    assert g.has_token_warmup and not g.is_text_encoder_output_cacheable()
+    batches = {b["image_keys"][0]: b for b in (g[i] for i in range(len(g)))}
+    assert batches[str(plain)]["captions"] in (["x, y"], ["y, x"])  # no warm-up: processed as before
+    batch = batches[str(warm)]
+    assert isinstance(batch["captions"][0], DeferredCaption)
+    assert finish_captions(dict(batch), 0)["captions"] == ["a, b"]  # floor(0 * 3 / 4) + 1 flex tags
+    assert finish_captions(dict(batch), 2)["captions"] == ["a, b, c"]  # floor(2 * 3 / 4) + 1
+    assert finish_captions(dict(batch))["captions"] == ["a, b, c, d, e"]  # None: after the warm-up
+    no_warmup = group([{"image_dir": str(plain.parent), "class_tokens": "x"}])
+    assert not no_warmup.has_token_warmup and no_warmup.is_text_encoder_output_cacheable()
+
+
+def test_captions_at_steps_finish_each_batch_at_its_optimizer_step(tmp_path):
+    """Step of the batch at micro-batch position p of epoch e: (e - 1) x steps_per_epoch + p // accumulation; a
+    resumed epoch starts at the position its state saved (the skipped batches come before it)."""
+    from types import SimpleNamespace
+
+    from library.dataset import captions_at_steps
+
+    g = _warmup_group(tmp_path, n=10)
+    g.set_current_epoch(2)
+    batches = [g[i] for i in range(len(g))]  # 5 batches of 2
+    args = SimpleNamespace(gradient_accumulation_steps=2, max_train_steps=1000)
+    # epoch 2 of a run with 3 optimizer steps an epoch, resumed after 3 micro-batches: positions 3, 4 of 5
+    it = captions_at_steps(batches[3:], args, epoch_start=3, position=3)
+    assert not hasattr(it, "__len__")  # lazy: one batch at a time, as the loop (and LookAhead) asks
+    assert [[_tags(c) for c in b["captions"]] for b in it] == [[4, 4], [5, 5]]  # steps 3 + 3 // 2, 3 + 4 // 2
+    args.gradient_accumulation_steps = 1
+    steps = [[_tags(c) for c in b["captions"]] for b in captions_at_steps(
+        [g[i] for i in range(len(g))], args, epoch_start=10, position=0)]
+    assert steps == [[10, 10], [11, 11], [12, 12], [13, 13], [14, 14]]
+
+
+def test_token_warmup_captions_are_the_same_with_loader_workers(tmp_path):
+    """Deferred captions carry their own seed: finished in the main process they do not depend on which process
+    loaded the batch (0 or 1 workers), and they equal the dataset's own items finished alike."""
+    from library.captions import finish_captions
+
+    g = _warmup_group(tmp_path, n=6, shuffle_caption=True, caption_tag_dropout_rate=0.2)
+    runs = []
+    for workers in (0, 1):
+        loader = torch.utils.data.DataLoader(g, batch_size=1, collate_fn=collate_batch, num_workers=workers)
+        g.set_current_epoch(1)
+        runs.append([tuple(finish_captions(b, 30)["captions"]) for b in loader])
+    direct = [tuple(finish_captions(g[i], 30)["captions"]) for i in range(len(g))]
+    assert runs[0] == runs[1] == direct and len(direct) == 3
+    assert all(_tags(c) <= 30 for b in direct for c in b) and len({c for b in direct for c in b}) == 6

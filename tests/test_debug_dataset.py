@@ -36,3 +36,12 @@ def test_debug_dataset_prints_batches_and_writes_images(tiny, images, tmp_path, 
     assert train_apt_lora.main(argv[:4] + ["--debug_dataset_dir", str(tmp_path / "new")]) == 2
     assert "--debug_dataset_dir is where --debug_dataset writes the images: add --debug_dataset" in \
         capsys.readouterr().err
+
+
+def test_debug_dataset_shows_captions_as_after_the_token_warmup(tiny, images, tmp_path, capsys):
+    ds = _dataset(tmp_path, images, caption_suffix=", a, b, c", keep_tokens=1, token_warmup_step=100)
+    argv = ["--pretrained_model_name_or_path", tiny["sd1"], "--dataset_config", ds, "--debug_dataset", "--apt"]
+    assert train_apt_lora.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("      caption: 'sks dog, a, b, c'") == 3  # whole (re-joined), not the step-0 'sks dog, a'
+    assert out.count("      APT class prompt c: 'dog, a, b, c'") == 3

@@ -282,12 +282,15 @@ caption_options = st.fixed_dictionaries({}, optional={
     "caption_dropout_rate": st.one_of(st.sampled_from([0, 0.0, 0.5, 1, 1.0]), st.floats(-1, 2)),
     "caption_tag_dropout_rate": st.one_of(st.sampled_from([0, 0.3, 1.0]), st.floats(allow_nan=True)),
     "caption_dropout_every_n_epochs": st.integers(-1, 4),
+    "token_warmup_step": st.one_of(st.sampled_from([0, 0.5, 3]), st.floats(-1, 12)),
+    "token_warmup_min": st.integers(-1, 6),
 })
 
 
 @fuzz_settings(400)
-@given(caption=caption_text, options=caption_options, seed=st.integers(0, 2**32), epoch=st.integers(1, 10))
-def test_any_caption_and_options_give_a_string_or_a_config_error(caption, options, seed, epoch):
+@given(caption=caption_text, options=caption_options, seed=st.integers(0, 2**32), epoch=st.integers(1, 10),
+       step=st.one_of(st.none(), st.integers(0, 15)))
+def test_any_caption_and_options_give_a_string_or_a_config_error(caption, options, seed, epoch, step):
     cfg = {"datasets": [{"resolution": 64, "subsets": [{"image_dir": "/data/a", **options}]}]}
     try:
         sub = generate_blueprint(cfg, argparse.Namespace(), config_path="fuzz.toml")[0].subsets[0]
@@ -296,12 +299,13 @@ def test_any_caption_and_options_give_a_string_or_a_config_error(caption, option
         event("ConfigError")
         return
     event("caption processed")
-    out = process_caption(sub, caption, rng=random.Random(seed), epoch=epoch)
+    out = process_caption(sub, caption, rng=random.Random(seed), epoch=epoch, step=step, max_train_steps=10)
     assert isinstance(out, str)
-    assert out == process_caption(sub, caption, rng=random.Random(seed), epoch=epoch)  # a function of the seed
+    assert out == process_caption(sub, caption, rng=random.Random(seed), epoch=epoch, step=step,
+                                  max_train_steps=10)  # a function of the seed and the step
     plain = not (sub.shuffle_caption or sub.caption_tag_dropout_rate or sub.caption_dropout_rate
                  or sub.caption_dropout_every_n_epochs or sub.enable_wildcard or sub.keep_tokens_separator
-                 or sub.secondary_separator or sub.caption_prefix or sub.caption_suffix)
+                 or sub.secondary_separator or sub.caption_prefix or sub.caption_suffix or sub.token_warmup_step)
     if plain:
         assert out == caption.split("\n")[0]
     if sub.caption_dropout_rate == 1 or (sub.caption_dropout_every_n_epochs and

@@ -41,14 +41,14 @@ def test_flags_left_off_are_accepted_as_gui_config_files_write_them(tmp_path, ca
     path = tmp_path / "gui.toml"
     path.write_text('masked_loss = false\nscale_weight_norms = 0\nhuggingface_repo_id = ""\nfp8_base = false\n'
                     'base_weights = []\nlowram = false\nmax_train_steps = 5\n', encoding="utf-8")
-    args = cf.parse_args_with_config(setup_parser(), ["--config_file", str(path), "--token_warmup_step",
+    args = cf.parse_args_with_config(setup_parser(), ["--config_file", str(path), "--face_crop_aug_range",
                                                       "0.0", "--huggingface_token", ""])
     assert args.max_train_steps == 5 and no_effect_notes(args) == [] and not args.scale_weight_norms
     with pytest.raises(SystemExit):
-        cf.parse_args_with_config(setup_parser(), ["--config_file", str(path), "--token_warmup_step", "0.1"])
-    assert "argument --token_warmup_step: is an sd-scripts flag" in capsys.readouterr().err
-    path.write_text("token_warmup_step = 0.1\n", encoding="utf-8")
-    with pytest.raises(TrainingSetupError, match="token_warmup_step is an sd-scripts flag"):
+        cf.parse_args_with_config(setup_parser(), ["--config_file", str(path), "--face_crop_aug_range", "2,4"])
+    assert "argument --face_crop_aug_range: is an sd-scripts flag" in capsys.readouterr().err
+    path.write_text("face_crop_aug_range = [2.0, 4.0]\n", encoding="utf-8")
+    with pytest.raises(TrainingSetupError, match="face_crop_aug_range is an sd-scripts flag"):
         cf.parse_args_with_config(setup_parser(), ["--config_file", str(path)])
 
 
@@ -111,16 +111,22 @@ def test_sd_scripts_caption_flags_reach_the_subsets(tmp_path):
     base = ["--train_data_dir", str(tmp_path / "train"), "--resolution", "64"]
     ((plain,),) = [bp.subsets for bp in generate_blueprint(None, setup_parser().parse_args(base))]
     for key in ("caption_separator", "keep_tokens_separator", "secondary_separator", "enable_wildcard",
-                "caption_prefix", "caption_suffix", "resize_interpolation"):
+                "caption_prefix", "caption_suffix", "resize_interpolation", "token_warmup_step", "token_warmup_min"):
         assert getattr(plain, key) == SUBSET_DEFAULTS[key], key  # flags left out: the TOML defaults
     args = setup_parser().parse_args(base + [
         "--caption_separator", ";", "--keep_tokens_separator", "|||", "--secondary_separator", ";;;",
         "--enable_wildcard", "--caption_prefix", "photo, ", "--caption_suffix", ", 4k", "--resize_interpolation",
-        "bicubic"])
+        "bicubic", "--token_warmup_step", "0.5", "--token_warmup_min", "3"])
     ((sub,),) = [bp.subsets for bp in generate_blueprint(None, args)]
     assert (sub.caption_separator, sub.keep_tokens_separator, sub.secondary_separator, sub.enable_wildcard,
-            sub.caption_prefix, sub.caption_suffix, sub.resize_interpolation) == \
-        (";", "|||", ";;;", True, "photo, ", ", 4k", "bicubic")
+            sub.caption_prefix, sub.caption_suffix, sub.resize_interpolation, sub.token_warmup_step,
+            sub.token_warmup_min) == (";", "|||", ";;;", True, "photo, ", ", 4k", "bicubic", 0.5, 3)
+    # a dataset TOML's subsets without the keys take the flags as defaults; the TOML's own values win
+    cfg = {"general": {"resolution": 64}, "datasets": [{"subsets": [
+        {"image_dir": str(tmp_path / "train" / "5_sks dog")},
+        {"image_dir": str(tmp_path / "train"), "token_warmup_step": 10}]}]}
+    ((a, b),) = [bp.subsets for bp in generate_blueprint(cfg, args)]
+    assert (a.token_warmup_step, a.token_warmup_min, b.token_warmup_step, b.token_warmup_min) == (0.5, 3, 10, 3)
 
 
 def test_text_encoder_disk_cache_means_the_memory_cache(tmp_path):

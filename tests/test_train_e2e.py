@@ -552,3 +552,69 @@ def test_sample_prior_grid_shows_prior_and_lora_at_the_same_seeds(tiny, images, 
     assert _train(tiny["sd1"], _dataset(tmp_path, images), out, "--sample_prompts", str(prompts),
                   "--sample_prior_grid") == 2  # lora.safetensors and the grid exist: refused without --overwrite
     assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "o2", "--sample_prior_grid") == 2
+
+
+@pytest.mark.parametrize("extra, shuffle", [((), True), (("--apt", "--apt_prior_ahead"), True),
+                                            (("--network_train_unet_only", "--cache_text_encoder_outputs"), False),
+                                            (("--max_data_loader_n_workers", "1", "--persistent_data_loader_workers"),
+                                             True)],
+                         ids=["plain", "apt-prior-ahead", "text-encoder-cache", "loader-worker"])
+def test_token_warmup_captions_follow_the_optimizer_step(tiny, images, tmp_path, monkeypatch, extra, shuffle):
+    """token_warmup_step = 4, token_warmup_min = 1, keep_tokens = 1 on "sks dog , a, b, c, d": the caption the text
+    encoder reads at step s keeps floor(s * 3 / 4) + 1 of a, b, c, d (in caption order, shuffled after): 1, 1, 2, 3,
+    then all. With --apt_prior_ahead the next batch's class prompt c is made a step early, from its final caption."""
+    from apt_ext.prompts import class_prompts
+
+    seen, priors = [], []
+    real_text, real_base = train_apt_lora.TrainContext.encode_text, train_apt_lora.TrainContext.encode_base_text
+
+    def encode_text(self, captions):
+        if torch.is_grad_enabled():  # c*: the plain or fine-tuned pass (the prior pass runs without grad)
+            seen.append(list(captions))
+        return real_text(self, captions)
+
+    def encode_base_text(self, captions):
+        priors.append(list(captions))
+        return real_base(self, captions)
+
+    monkeypatch.setattr(train_apt_lora.TrainContext, "encode_text", encode_text)
+    monkeypatch.setattr(train_apt_lora.TrainContext, "encode_base_text", encode_base_text)
+    dataset = _dataset(tmp_path, images, caption_suffix=", a, b, c, d", keep_tokens=1, token_warmup_step=4,
+                       shuffle_caption=shuffle)
+    assert _train(tiny["sd1"], dataset, tmp_path / "out", "--max_train_steps", "5", *extra) == 0
+    assert len(seen) == 5 and all(len(c) == 1 for c in seen)
+    tags = [c[0].split(", ") for c in seen]
+    assert all(t[0] == "sks dog" for t in tags)
+    assert [sorted(t[1:]) for t in tags] == [["a"], ["a"], ["a", "b"], ["a", "b", "c"], ["a", "b", "c", "d"]]
+    if not shuffle:
+        assert [c[0] for c in seen] == ["sks dog, a", "sks dog, a", "sks dog, a, b", "sks dog, a, b, c",
+                                        "sks dog, a, b, c, d"]
+    if "--apt" in extra:  # c of each step from that step's c* ("sks dog" -> "dog"), c of steps 1-5 made a step early
+        assert priors[:5] == [class_prompts(c, ["sks dog"]) for c in seen]
+        assert priors[0] == [seen[0][0].replace("sks dog", "dog")]
+        (peeked,) = priors[5]  # step 5's batch, prepared at step 4 (the last), never trained: all its tags
+        assert sorted(peeked.split(", ")) == ["a", "b", "c", "d", "dog"]
+
+
+def test_token_warmup_steps_count_accumulation_and_resume_exactly(tiny, images, tmp_path, monkeypatch):
+    """--gradient_accumulation_steps 2 over 3 batches an epoch: 2 optimizer steps an epoch, micro-batches at steps
+    0 0 1 | 2 2 3 | 4 4, so their flex tags (floor(s * 3 / 4) + 1, all from step 4) are 1 1 1 | 2 2 3 | 4 4; a run
+    resumed from the state saved at step 3 (mid-epoch: after 2 micro-batches of epoch 2) sees the same captions as
+    the uninterrupted run from there on."""
+    seen = []
+    real = train_apt_lora.TrainContext.encode_text
+
+    def encode_text(self, captions):
+        seen.append(captions[0])
+        return real(self, captions)
+
+    monkeypatch.setattr(train_apt_lora.TrainContext, "encode_text", encode_text)
+    dataset = _dataset(tmp_path, images, caption_suffix=", a, b, c, d", keep_tokens=1, token_warmup_step=4,
+                       shuffle_caption=True)
+    common = ("--max_train_steps", "5", "--gradient_accumulation_steps", "2")
+    assert _train(tiny["sd1"], dataset, tmp_path / "out", *common, "--save_every_n_steps", "3", "--save_state") == 0
+    straight, seen[:] = list(seen), []
+    assert [len(c.split(", ")) - 1 for c in straight] == [1, 1, 1, 2, 2, 3, 4, 4]
+    assert _train(tiny["sd1"], dataset, tmp_path / "resumed", *common, "--resume",
+                  str(tmp_path / "out" / "lora-step00000003-state")) == 0
+    assert seen == straight[5:]

@@ -5,6 +5,8 @@ import torch
 from accelerate import Accelerator
 
 import train_apt_lora
+from library.captions import DeferredCaption
+from library.config_util import SubsetBlueprint
 from library.tiny_models import build_tiny_model
 from library.train_args import setup_parser
 from library.validation import batch_seed, validation_loss, validation_timesteps
@@ -47,6 +49,10 @@ def test_validation_loss_equals_the_reference_and_leaves_training_as_it_was(monk
     assert torch.equal(after_rng, torch.rand(3))  # the training's random stream is untouched
     assert network.training and all(torch.equal(v, before[k]) for k, v in network.state_dict().items())
     assert validation_loss(args, ctx, _batches(), seed=7) == value  # the same noise every run
+    warm, deferred = SubsetBlueprint(token_warmup_step=5, token_warmup_min=0), _batches()
+    for b in deferred:  # at step 0 they would be "": validated as after the token warm-up, whole
+        b["captions"] = [DeferredCaption(warm, c, 1, "seed") for c in b["captions"]]
+    assert validation_loss(args, ctx, deferred, seed=7) == value
 
     # reference: diffusers' add_noise and UNet, dropout off, ε target, MSE averaged over samples and 4 timesteps
     network.eval()
