@@ -5,6 +5,7 @@ Sizes are (width, height) everywhere in this module, like sd-scripts.
 from __future__ import annotations
 
 import math
+import os
 import random
 
 import numpy as np
@@ -131,3 +132,49 @@ def resize_and_crop(image: Image.Image, bucket_reso: tuple[int, int], resized_si
     if (w, h) != tuple(bucket_reso):
         image = image.crop((left, top, left + bucket_reso[0], top + bucket_reso[1]))
     return image, (left, top)
+
+
+def face_from_filename(path: str) -> tuple[int, int, int, int] | None:
+    """The face box sd-scripts' tools/detect_face_rotate.py writes into the file name, `<name>_<cx>_<cy>_<w>_<h>.png`
+    (centre and size in pixels): (cx, cy, w, h), or None when the name does not end with four integers or cx <= 0
+    (sd-scripts' "no face information")."""
+    tokens = os.path.splitext(os.path.basename(path))[0].split("_")
+    if len(tokens) < 5:
+        return None
+    try:
+        cx, cy, w, h = (int(t) for t in tokens[-4:])
+    except ValueError:
+        return None
+    return (cx, cy, w, h) if cx > 0 else None
+
+
+def face_crop(size: tuple[int, int], face: tuple[int, int, int, int], target: tuple[int, int],
+              aug_range: tuple[float, float], random_crop: bool, rng: random.Random) -> tuple[tuple[int, int], tuple[int, int]]:
+    """sd-scripts' face_crop_aug_range (`BaseDataset.crop_target`): the (resized size, (left, top) crop offset) that
+    scales the image so the face's larger side is between 1/aug_range[1] and 1/aug_range[0] of the target's shorter
+    side (drawn uniformly, never below covering the target, never above 1 unless covering needs it), and crops the
+    target around the face: with `random_crop` shifted by up to the longer distance from the face to an edge
+    (a triangular draw, so the face stays near the centre more often); with a range (min != max) and a face above
+    a tenth of the side and 40 px, by up to 1/20 of the face. Returns the size unchanged when it is the target."""
+    (w, h), (tw, th) = size, target
+    if (w, h) == (tw, th):
+        return size, (0, 0)
+    face_size = max(face[2], face[3])
+    side = min(tw, th)
+    cover = max(th / h, tw / w)
+    cap = max(1.0, cover)  # sd-scripts caps at 1 and asserts the image is larger than the target
+    lo = min(cap, max(cover, side / (face_size * aug_range[1])))
+    hi = min(cap, max(lo, side / (face_size * aug_range[0])))
+    scale = lo if lo >= hi else rng.uniform(lo, hi)
+    nw, nh = max(tw, int(w * scale + 0.5)), max(th, int(h * scale + 0.5))
+    offsets = []
+    for target_len, length, face_p in ((th, nh, int(face[1] * scale + 0.5)), (tw, nw, int(face[0] * scale + 0.5))):
+        p = face_p - target_len // 2  # the face in the middle
+        if random_crop:
+            reach = max(length - face_p, face_p)
+            p += rng.randint(0, reach) + rng.randint(0, reach) - reach
+        elif aug_range[0] != aug_range[1] and face_size > side // 10 and face_size >= 40:
+            p += rng.randint(-face_size // 20, face_size // 20)
+        offsets.append(max(0, min(p, length - target_len)))
+    top, left = offsets
+    return (nw, nh), (left, top)

@@ -608,11 +608,6 @@ def _pair(value) -> tuple[int, int]:
     return (int(value[0]), int(value[1]))
 
 
-def _not_supported(where_value: str, name: str, why: str) -> ConfigError:
-    return ConfigError(f"{where_value}: `{name}` is not supported yet by APT-LoRA ({why}). Remove it or set it to "
-                       f"its default; see docs/dataset_config.md, 'Not supported'.")
-
-
 def _check_dataset_values(bp: DatasetBlueprint, v: dict, w: dict) -> None:
     for name in ("batch_size", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "max_image_pixels"):
         if v[name] < 1:
@@ -673,8 +668,10 @@ def _check_subset_values(s: SubsetBlueprint, w: dict, is_db: bool) -> None:
     if s.resize_interpolation is not None and s.resize_interpolation not in RESIZE_INTERPOLATIONS:
         raise ConfigError(f"{w['resize_interpolation']} = {s.resize_interpolation!r}: unknown interpolation; use one "
                           f"of {', '.join(RESIZE_INTERPOLATIONS)}.")
-    if s.face_crop_aug_range is not None:
-        raise _not_supported(f"{w['face_crop_aug_range']}", "face_crop_aug_range", "face-centred crops")
+    if s.face_crop_aug_range is not None and not 0 < s.face_crop_aug_range[0] <= s.face_crop_aug_range[1]:
+        raise ConfigError(f"{w['face_crop_aug_range']} = {list(s.face_crop_aug_range)}: give [min, max] with "
+                          f"0 < min <= max: the crop's side as a multiple of the face's size, e.g. [2.0, 4.0] (the "
+                          f"face takes a quarter to a half of the side).")
     if s.token_warmup_step < 0:
         raise ConfigError(f"{w['token_warmup_step']} = {s.token_warmup_step}: must be 0 (off) or more: the caption "
                           f"token warm-up's length in optimizer steps, or below 1 a fraction of the run.")

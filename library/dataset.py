@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from PIL import Image
 from tqdm import tqdm
 
-from library.buckets import BucketManager, get_crop_ltrb, resize_and_crop
+from library.buckets import BucketManager, face_crop, face_from_filename, get_crop_ltrb, resize_and_crop
 from library.captions import DeferredCaption, finish_captions, process_caption, read_caption_file, tag_frequency
 from library.image_aug import color_aug
 from library.image_io import describe_failure, _probe_image, load_image_rgb
@@ -53,6 +53,7 @@ class ImageInfo:
     alpha_mask: torch.Tensor | None = None  # (H, W) uint8 of the bucket, cached with the latents (alpha or file mask)
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     mask_path: str | None = None  # its loss mask in the subset's conditioning_data_dir (library/loss_masks.py)
+    face: tuple[int, int, int, int] | None = None  # face_crop_aug_range: (cx, cy, w, h) from the file name
 
     @property
     def masked(self) -> bool:
@@ -348,6 +349,7 @@ class _Dataset:
             logger.warning(f"{bp.where}: bucket_no_upscale has no effect without enable_bucket; every image is "
                            f"resized to cover the resolution {bp.resolution[0]}x{bp.resolution[1]}.")
         ar_errors, upscaled = [], []
+        self._find_faces()
         for info in self.images.values():
             info.bucket_reso, info.resized_size, err = manager.select_bucket(*info.size)
             if min(info.bucket_reso) < 1:
@@ -388,6 +390,28 @@ class _Dataset:
         for i, (r, b) in enumerate(zip(self.resos, self.buckets)):
             logger.info(f"{bp.where}: bucket {i}: resolution {r}, {len(b)} images with repeats")
         self.num_batches = sum(math.ceil(len(b) / bp.batch_size) for b in self.buckets)
+
+    def _find_faces(self) -> None:
+        """face_crop_aug_range: each image's face box from its file name (sd-scripts' tools/detect_face_rotate.py
+        names). As in sd-scripts it applies without enable_bucket only; an image without a box is resized and
+        cropped as any other."""
+        subsets = {id(i.subset): i.subset for i in self.images.values() if i.subset.face_crop_aug_range is not None}
+        if not subsets:
+            return
+        if self.bp.enable_bucket:
+            logger.warning(f"{self.bp.where}: face_crop_aug_range has no effect with enable_bucket (as in sd-scripts): "
+                           f"turn enable_bucket off to crop around the faces.")
+            return
+        for sub in subsets.values():
+            infos = [i for i in self.images.values() if i.subset is sub]
+            for info in infos:
+                info.face = face_from_filename(info.path)
+            without = [i for i in infos if i.face is None]
+            if without:
+                logger.warning(f"{sub.where}: face_crop_aug_range: {len(without)} of {len(infos)} images have no face "
+                               f"box in their file name (<name>_<cx>_<cy>_<w>_<h>, e.g. from sd-scripts' "
+                               f"tools/detect_face_rotate.py), e.g. {without[0].path}: they are resized and cropped "
+                               f"as usual.")
 
     def arrange(self, seed: int, epoch: int) -> None:
         """The batch order of one epoch: a pure function of (seed, epoch), so a resumed run sees the same batches."""
@@ -539,15 +563,20 @@ class DatasetGroup(torch.utils.data.Dataset):
             raise ConfigError(f"image {info.path} changed size during training ({info.size} -> {img.size}). "
                               f"Do not edit the images while training.")
         interpolation = info.subset.resize_interpolation
-        img, offset = resize_and_crop(img, info.bucket_reso, info.resized_size, random_crop=info.subset.random_crop,
-                                      rng=rng, interpolation=interpolation)
+        resized, offset = info.resized_size, None
+        original, crop_ltrb = info.size, get_crop_ltrb(info.bucket_reso, info.size)
+        if info.face is not None:  # sd-scripts: the crop is the whole picture the UNet is told about
+            resized, offset = face_crop(info.size, info.face, info.bucket_reso, info.subset.face_crop_aug_range,
+                                        info.subset.random_crop, rng)
+            original, crop_ltrb = info.bucket_reso, (0, 0, *info.bucket_reso)
+        img, offset = resize_and_crop(img, info.bucket_reso, resized, random_crop=info.subset.random_crop,
+                                      rng=rng, interpolation=interpolation, offset=offset)
         if info.subset.color_aug and rng is not None:
             img = color_aug(img, rng)
         if alpha is not None:
-            alpha, _ = resize_and_crop(alpha, info.bucket_reso, info.resized_size, interpolation=interpolation,
-                                       offset=offset)
+            alpha, _ = resize_and_crop(alpha, info.bucket_reso, resized, interpolation=interpolation, offset=offset)
             alpha = torch.from_numpy(np.asarray(alpha, dtype=np.uint8).copy())
-        return img, info.size, get_crop_ltrb(info.bucket_reso, info.size), alpha
+        return img, original, crop_ltrb, alpha
 
     def _cached(self, info: ImageInfo, flipped: bool):
         """-> (latents, original size, crop_ltrb, alpha mask or None), flipped when asked."""
@@ -574,10 +603,12 @@ class DatasetGroup(torch.utils.data.Dataset):
         `latents` (x latent_scale) and `images` None. The VAE must already be on `device`."""
         for d in self.datasets:
             for sub in d.bp.subsets:
-                for name in ("random_crop", "color_aug"):
+                for name in ("random_crop", "color_aug", "face_crop_aug_range"):
                     if getattr(sub, name):
+                        theirs = ("sd-scripts' cache ignores the key" if name == "face_crop_aug_range" else
+                                  "sd-scripts refuses it too")
                         raise ConfigError(f"{sub.where}: {name} changes the image every step, so latents cannot be "
-                                          f"cached (sd-scripts refuses it too). Turn {name} off or drop "
+                                          f"cached ({theirs}). Turn {name} off or drop "
                                           f"--cache_latents/--cache_latents_to_disk.")
         self.latent_scale = float(latent_scale)
         suffix = "_sdxl.safetensors" if self.is_sdxl else "_sd.safetensors"

@@ -21,7 +21,6 @@ NOT_IMPLEMENTED = {  # flag -> what it does in sd-scripts; what to do here
                      "(--dataset_config, docs/dataset_config.md)",
     "conditioning_data_dir": "a folder of mask images for a command-line dataset (ControlNet-style subfolders); set "
                              "conditioning_data_dir in each subset of a dataset TOML (--dataset_config) instead",
-    "face_crop_aug_range": "face-centred crops; leave it out",
     "huggingface_repo_id": "uploads to the Hugging Face hub; nothing here goes online: upload the output yourself",
     "huggingface_token": "uploads to the Hugging Face hub; nothing here goes online",
     "save_state_to_huggingface": "uploads to the Hugging Face hub; nothing here goes online",

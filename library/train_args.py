@@ -99,6 +99,10 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--caption_suffix", type=str, default=None, help="text put after every caption")
     g.add_argument("--flip_aug", action="store_true")
     g.add_argument("--random_crop", action="store_true")
+    g.add_argument("--face_crop_aug_range", type=str, default=None,
+                   help="MIN,MAX without bucketing: crop around the face named in the file name (<name>_<cx>_<cy>_<w>_"
+                        "<h>, sd-scripts' tools/detect_face_rotate.py) with the crop's side MIN to MAX times the "
+                        "face's size, e.g. 2.0,4.0")
     g.add_argument("--color_aug", action="store_true",
                    help="a small random hue or gamma change of a third of the images each step (not with --cache_latents)")
     g.add_argument("--alpha_mask", action="store_true",

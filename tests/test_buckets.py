@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from library.buckets import BucketManager, get_crop_ltrb, make_bucket_resolutions, resize_and_crop, resize_filter
+from library.buckets import (BucketManager, face_crop, face_from_filename, get_crop_ltrb, make_bucket_resolutions,
+                             resize_and_crop, resize_filter)
 
 
 def test_make_bucket_resolutions_512():
@@ -79,3 +80,41 @@ def test_resize_and_crop_centre_and_random():
     lefts = {resize_and_crop(img, (128, 128), (192, 128), random_crop=True, rng=random.Random(s))[1][0]
              for s in range(30)}
     assert len(lefts) > 5 and all(0 <= x <= 64 for x in lefts)
+
+
+def test_face_from_filename_reads_detect_face_rotate_names():
+    assert face_from_filename("/d/photo_120_80_40_60.png") == (120, 80, 40, 60)
+    assert face_from_filename("/d/my_photo_3_120_80_40_60.jpg") == (120, 80, 40, 60)
+    assert face_from_filename("/d/photo.png") is None
+    assert face_from_filename("/d/a_b_c_d_e.png") is None  # not integers: no face (sd-scripts' int() would raise)
+    assert face_from_filename("/d/photo_0_80_40_60.png") is None  # cx 0: sd-scripts' "no face information"
+
+
+def test_face_crop_against_hand_computed_values():
+    rng = random.Random(0)
+    # 400x300, face 40x40 at (200, 150), crop 64x64, range [2, 2]: scale = 64 / (40 * 2) = 0.8 (above covering,
+    # 64/300), so 320x240 with the face at (160, 120); the crop is centred on it: left 160 - 32, top 120 - 32
+    assert face_crop((400, 300), (200, 150, 40, 40), (64, 64), (2.0, 2.0), False, rng) == ((320, 240), (128, 88))
+    # a face in the corner: the crop stops at the edge
+    assert face_crop((400, 300), (10, 10, 40, 40), (64, 64), (2.0, 2.0), False, rng) == ((320, 240), (0, 0))
+    # a face larger than the range allows at scale 1: never upscaled (scale capped at 1)
+    assert face_crop((400, 300), (200, 150, 20, 20), (64, 64), (2.0, 2.0), False, rng) == ((400, 300), (168, 118))
+    # an image smaller than the crop: scaled to cover it (sd-scripts asserts instead)
+    assert face_crop((32, 32), (16, 16, 16, 16), (64, 64), (2.0, 2.0), False, rng) == ((64, 64), (0, 0))
+    assert face_crop((64, 64), (16, 16, 16, 16), (64, 64), (2.0, 4.0), False, rng) == ((64, 64), (0, 0))
+
+
+def test_face_crop_draws_the_scale_within_the_range_and_keeps_the_face_in_the_crop():
+    rng = random.Random(1)
+    scales = []
+    for _ in range(200):
+        (w, h), (left, top) = face_crop((400, 300), (200, 150, 40, 40), (64, 64), (2.0, 4.0), False, rng)
+        scale = w / 400
+        scales.append(scale)
+        assert 0.4 - 1e-3 <= scale <= 0.8 + 1e-3  # the face is 64/4 to 64/2 pixels: a quarter to a half of the side
+        cx, cy = 200 * scale, 150 * scale
+        assert abs(left + 32 - cx) <= 3 and abs(top + 32 - cy) <= 3  # centred, jittered by at most 40 // 20 px
+    assert min(scales) < 0.5 and max(scales) > 0.7
+    for _ in range(50):  # random_crop: shifted anywhere, inside the image
+        (w, h), (left, top) = face_crop((400, 300), (200, 150, 40, 40), (64, 64), (2.0, 2.0), True, rng)
+        assert (w, h) == (320, 240) and 0 <= left <= 256 and 0 <= top <= 176

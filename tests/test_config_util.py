@@ -252,9 +252,10 @@ def test_bad_cli_value_names_the_flag():
 # -- values ------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("extra, needle", [
-    ({"face_crop_aug_range": [2.0, 4.0]}, "`face_crop_aug_range` is not supported yet"),
+    ({"face_crop_aug_range": [4.0, 2.0]}, "= [4.0, 2.0]: give [min, max] with 0 < min <= max"),
+    ({"face_crop_aug_range": [0, 2.0]}, "= [0.0, 2.0]: give [min, max] with 0 < min <= max"),
 ])
-def test_unimplemented_training_options_raise(extra, needle):
+def test_out_of_range_face_crop_aug_range_raises(extra, needle):
     cfg = {"general": {"resolution": 64}, "datasets": [{"subsets": [{"image_dir": "/a", **extra}]}]}
     with pytest.raises(ConfigError) as e:
         generate_blueprint(cfg, ns(), config_path="d.toml")
@@ -287,10 +288,12 @@ def test_dataset_values_are_checked():
         generate_blueprint(cfg, ns())
 
 
-def test_unimplemented_option_from_cli_names_the_flag():
-    with pytest.raises(ConfigError, match="--face_crop_aug_range"):
-        generate_blueprint({"datasets": [{"subsets": [{"image_dir": "/a"}]}]},
-                           ns(resolution=64, face_crop_aug_range="2,4"))
+def test_face_crop_aug_range_from_the_cli_is_two_numbers():
+    (bp,) = generate_blueprint({"datasets": [{"subsets": [{"image_dir": "/a"}]}]},
+                               ns(resolution=64, face_crop_aug_range="2,4"))
+    assert bp.subsets[0].face_crop_aug_range == (2.0, 4.0)
+    with pytest.raises(ConfigError, match="--face_crop_aug_range: expected two numbers"):
+        generate_blueprint({"datasets": [{"subsets": [{"image_dir": "/a"}]}]}, ns(resolution=64, face_crop_aug_range="x"))
 
 
 def test_cli_network_multiplier_is_not_a_dataset_value():

@@ -766,3 +766,42 @@ def test_token_warmup_captions_are_the_same_with_loader_workers(tmp_path):
     direct = [tuple(finish_captions(g[i], 30)["captions"]) for i in range(len(g))]
     assert runs[0] == runs[1] == direct and len(direct) == 3
     assert all(_tags(c) <= 30 for b in direct for c in b) and len({c for b in direct for c in b}) == 6
+
+
+def test_face_crop_aug_range_crops_around_the_face_in_the_file_name(tmp_path, caplog):
+    """sd-scripts' face_crop_aug_range without buckets: 400x300, face 40x40 at (200, 150), range [2, 2] -> scaled
+    by 0.8 to 320x240 and cropped at (128, 88) (tests/test_buckets.py); the UNet is told the crop is the whole
+    picture (original size = the crop, top-left 0, as sd-scripts). An image without a face box is cropped as usual."""
+    d = tmp_path / "t"
+    face = img(d / "p_200_150_40_40.png", 400, 300)
+    plain = img(d / "q.png", 400, 300, seed=1)
+    with caplog.at_level(logging.WARNING):
+        g = group([{"image_dir": str(d), "class_tokens": "x", "face_crop_aug_range": [2.0, 2.0]}],
+                  dataset={"enable_bucket": False}, is_sdxl=True)
+    assert "1 of 2 images have no face box in their file name" in caplog.text and str(plain) in caplog.text
+    from library.buckets import resize_filter
+
+    want = Image.open(face).resize((320, 240), resize_filter((400, 300), (320, 240), None)).crop((128, 88, 192, 152))
+    want = torch.from_numpy(np.asarray(want, np.float32) / 127.5 - 1).permute(2, 0, 1)
+    batches = {b["image_keys"][0]: b for b in (g[i] for i in range(len(g)))}
+    b = batches[str(face)]
+    torch.testing.assert_close(b["images"][0], want, rtol=0, atol=1e-6)
+    assert b["original_sizes_hw"].tolist() == [[64, 64]] and b["crop_top_lefts"].tolist() == [[0, 0]]
+    assert batches[str(plain)]["original_sizes_hw"].tolist() == [[300, 400]]  # resized and centre-cropped as usual
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        g = group([{"image_dir": str(d), "class_tokens": "x", "face_crop_aug_range": [2.0, 4.0]}],
+                  dataset={"enable_bucket": True, "min_bucket_reso": 64})
+    assert "face_crop_aug_range has no effect with enable_bucket (as in sd-scripts)" in caplog.text
+    with pytest.raises(ConfigError, match=r"face_crop_aug_range` in test.toml = \[4.0, 2.0\]: give \[min, max\] with "
+                                          r"0 < min <= max"):
+        group([{"image_dir": str(d), "class_tokens": "x", "face_crop_aug_range": [4.0, 2.0]}])
+
+
+def test_cache_latents_refuses_face_crop_aug_range(tmp_path, vae):
+    img(tmp_path / "t" / "a_40_32_20_20.png", 80, 64)
+    g = group([{"image_dir": str(tmp_path / "t"), "class_tokens": "x", "face_crop_aug_range": [2.0, 2.0]}],
+              dataset={"enable_bucket": False})
+    with pytest.raises(ConfigError, match=r"face_crop_aug_range changes the image every step"):
+        g.cache_latents(vae, 0.18215)

@@ -13,7 +13,7 @@ from library.train_args import markdown_reference, setup_parser
 from library.train_util import TrainingSetupError, accelerator_handlers
 
 
-@pytest.mark.parametrize("argv", [["--face_crop_aug_range", "2,4"], ["--cpu_offload_checkpointing"], ["--full_fp16"],
+@pytest.mark.parametrize("argv", [["--train_inpainting"], ["--cpu_offload_checkpointing"], ["--full_fp16"],
                                   ["--huggingface_repo_id", "me/lora"], ["--deepspeed"],
                                   ["--dataset_class", "mine.data.Dataset"], ["--conditioning_data_dir", "masks"]])
 def test_a_flag_not_implemented_is_an_error_saying_what_to_do(argv, capsys):
@@ -41,14 +41,14 @@ def test_flags_left_off_are_accepted_as_gui_config_files_write_them(tmp_path, ca
     path = tmp_path / "gui.toml"
     path.write_text('masked_loss = false\nscale_weight_norms = 0\nhuggingface_repo_id = ""\nfp8_base = false\n'
                     'base_weights = []\nlowram = false\nmax_train_steps = 5\n', encoding="utf-8")
-    args = cf.parse_args_with_config(setup_parser(), ["--config_file", str(path), "--face_crop_aug_range",
-                                                      "0.0", "--huggingface_token", ""])
+    args = cf.parse_args_with_config(setup_parser(), ["--config_file", str(path), "--dataset_class",
+                                                      "", "--huggingface_token", ""])
     assert args.max_train_steps == 5 and no_effect_notes(args) == [] and not args.scale_weight_norms
     with pytest.raises(SystemExit):
-        cf.parse_args_with_config(setup_parser(), ["--config_file", str(path), "--face_crop_aug_range", "2,4"])
-    assert "argument --face_crop_aug_range: is an sd-scripts flag" in capsys.readouterr().err
-    path.write_text("face_crop_aug_range = [2.0, 4.0]\n", encoding="utf-8")
-    with pytest.raises(TrainingSetupError, match="face_crop_aug_range is an sd-scripts flag"):
+        cf.parse_args_with_config(setup_parser(), ["--config_file", str(path), "--dataset_class", "my.Data"])
+    assert "argument --dataset_class: is an sd-scripts flag" in capsys.readouterr().err
+    path.write_text('dataset_class = "my.Data"\n', encoding="utf-8")
+    with pytest.raises(TrainingSetupError, match="dataset_class is an sd-scripts flag"):
         cf.parse_args_with_config(setup_parser(), ["--config_file", str(path)])
 
 
@@ -89,7 +89,7 @@ def test_the_trainer_logs_the_flags_without_effect(tmp_path, caplog):
 
 def test_the_reference_lists_the_flags_not_implemented():
     text = markdown_reference()
-    assert "## sd-scripts flags not implemented" in text and "| `--face_crop_aug_range` |" in text
+    assert "## sd-scripts flags not implemented" in text and "| `--full_fp16` |" in text
     assert "SUPPRESS" not in text
     assert "| `--lowram` (flag) |" in text  # the accepted ones are in their own group
 
