@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from library import sampling as S
+from library.args_check import verify_args
 from library.conditioning import encode_prompts
 from library.sampling import (
     SAMPLERS,
@@ -157,7 +158,6 @@ def test_lms_without_scipy_fails_before_training_naming_the_fix(monkeypatch, tmp
     f.write_text("a photo --ss lms\n", encoding="utf-8")
     with pytest.raises(SamplingError, match=r"prompts.txt.*1.*the lms sampler .* pip install scipy"):
         S.parse_prompt_file(str(f))
-    import train_apt_lora
     from library.train_args import setup_parser
 
     args = setup_parser().parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--output_dir",
@@ -165,7 +165,7 @@ def test_lms_without_scipy_fails_before_training_naming_the_fix(monkeypatch, tmp
     from library.train_util import TrainingSetupError
 
     with pytest.raises(TrainingSetupError, match="--sample_sampler: the k_lms sampler .* pip install scipy"):
-        train_apt_lora.verify_args(args)
+        verify_args(args)
 
 
 

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
+import train_apt_lora
 from library import config_file as cf
+from library.args_check import verify_args
 from library.config_util import SUBSET_DEFAULTS, generate_blueprint
 from library.sd_scripts_flags import NO_EFFECT, NOT_IMPLEMENTED, no_effect_notes
 from library.train_args import markdown_reference, setup_parser
@@ -78,12 +80,10 @@ def test_deepspeed_companion_flags_are_accepted_as_sd_scripts_configs_carry_them
 
 
 def test_the_trainer_logs_the_flags_without_effect(tmp_path, caplog):
-    import train_apt_lora
-
     args = setup_parser().parse_args(["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "o"),
                                       "--train_data_dir", str(tmp_path), "--lowram", "--ddp_static_graph"])
     with caplog.at_level(logging.INFO):
-        train_apt_lora.verify_args(args)
+        verify_args(args)
     assert "--lowram has no effect here" in caplog.text and "--ddp_static_graph has no effect here" in caplog.text
 
 
@@ -95,15 +95,13 @@ def test_the_reference_lists_the_flags_not_implemented():
 
 
 def test_ddp_timeout_reaches_accelerate_and_is_checked(tmp_path):
-    import train_apt_lora
-
     (handler,) = accelerator_handlers(setup_parser().parse_args(["--ddp_timeout", "90"]))
     assert handler.timeout == datetime.timedelta(minutes=90)
     assert accelerator_handlers(setup_parser().parse_args([])) == []
     args = setup_parser().parse_args(["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "o"),
                                       "--train_data_dir", str(tmp_path), "--ddp_timeout", "0"])
     with pytest.raises(TrainingSetupError, match="--ddp_timeout is in minutes and must be at least 1, got 0"):
-        train_apt_lora.verify_args(args)
+        verify_args(args)
 
 
 def test_sd_scripts_caption_flags_reach_the_subsets(tmp_path):
@@ -130,21 +128,17 @@ def test_sd_scripts_caption_flags_reach_the_subsets(tmp_path):
 
 
 def test_text_encoder_disk_cache_means_the_memory_cache(tmp_path):
-    import train_apt_lora
-
     base = ["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "o"), "--train_data_dir",
             str(tmp_path), "--cache_text_encoder_outputs_to_disk"]
     args = setup_parser().parse_args(base + ["--network_train_unet_only"])
-    train_apt_lora.verify_args(args)
+    verify_args(args)
     assert args.cache_text_encoder_outputs
     with pytest.raises(TrainingSetupError, match="--cache_text_encoder_outputs needs --network_train_unet_only"):
-        train_apt_lora.verify_args(setup_parser().parse_args(base))
+        verify_args(setup_parser().parse_args(base))
 
 
 def test_wandb_logging_without_the_package_says_how(tmp_path, monkeypatch):
     import importlib.util
-
-    import train_apt_lora
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
@@ -153,29 +147,26 @@ def test_wandb_logging_without_the_package_says_how(tmp_path, monkeypatch):
                                           "--train_data_dir", str(tmp_path), "--log_with", choice,
                                           "--wandb_run_name", "run1"])
         with pytest.raises(TrainingSetupError, match=f"--log_with {choice} needs the wandb package: pip install wandb"):
-            train_apt_lora.verify_args(args)
+            verify_args(args)
 
 
 def test_old_spellings_and_text_encoder_lr_lists(tmp_path):
-    import train_apt_lora
-
     base = ["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "o"), "--train_data_dir",
             str(tmp_path)]
     args = setup_parser().parse_args(base + ["--caption_extention", ".txt", "--text_encoder_lr", "1e-5"])
-    train_apt_lora.verify_args(args)
+    verify_args(args)
     assert args.caption_extension == ".txt" and args.text_encoder_lr == 1e-5  # one value: every text encoder
     args = setup_parser().parse_args(base + ["--text_encoder_lr", "1e-5", "2e-5"])
-    train_apt_lora.verify_args(args)
+    verify_args(args)
     assert args.text_encoder_lr == [1e-5, 2e-5]  # SDXL: TE1, TE2 (networks/lora.py makes a group each)
     path = tmp_path / "run.toml"
     path.write_text("text_encoder_lr = 3e-6\nlr_scheduler_args = ['step_rules=\"1:2,0.1\"']\n", encoding="utf-8")
     args = cf.parse_args_with_config(setup_parser(), ["--config_file", str(path)] + base)
-    train_apt_lora.verify_args(args)
+    verify_args(args)
     assert args.text_encoder_lr == 3e-6 and args.lr_scheduler_args == ['step_rules="1:2,0.1"']
 
 
 def test_modelspec_metadata_flags_reach_the_file(tiny_world, tmp_path, capsys):
-    import train_apt_lora
     from safetensors import safe_open
 
     thumb = tmp_path / "thumb.png"
@@ -194,8 +185,6 @@ def test_modelspec_metadata_flags_reach_the_file(tiny_world, tmp_path, capsys):
 
 
 def test_save_n_epoch_ratio_spreads_the_saves(tiny_world, tmp_path):
-    import train_apt_lora
-
     # 3 images, batch 1: 3 steps an epoch, 12 steps = 4 epochs; ratio 2 -> a LoRA every 2 epochs (epoch 4 is the end)
     assert train_apt_lora.main(["--pretrained_model_name_or_path", tiny_world.model("sd1"), "--dataset_config",
                                 tiny_world.dataset, "--output_dir", str(tmp_path), "--output_name", "lora",
@@ -231,11 +220,9 @@ def test_every_sd_scripts_dataset_key_is_known():
     ("my.network", "only (SD1.x, SD2.x, SDXL): leave --network_module out, or set it to networks.lora"),
 ])
 def test_another_network_module_is_an_error_saying_what_to_use(tmp_path, module, says):
-    import train_apt_lora
-
     args = setup_parser().parse_args(["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "o"),
                                       "--train_data_dir", str(tmp_path), "--network_module", module])
     with pytest.raises(TrainingSetupError) as e:
-        train_apt_lora.verify_args(args)
+        verify_args(args)
     assert str(e.value).startswith(f"--network_module {module}: APT-LoRA trains kohya's networks.lora ")
     assert says in str(e.value)
