@@ -4,29 +4,16 @@ and resuming in the folder of an interrupted run that saved per-epoch files."""
 import os
 import shutil
 
-import numpy as np
 import pytest
-from PIL import Image
 from safetensors import safe_open
 
 import train_apt_lora
-from library.tiny_models import write_tiny_model
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("initial")
-    model = str(root / "sd1")
-    write_tiny_model("sd1", model)
-    imgs = root / "imgs"
-    imgs.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):  # batch 1: 3 optimizer steps per epoch
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(imgs / f"{i}.png")
-    ds = root / "ds.toml"
-    ds.write_text(f'[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = "{imgs}"\n'
-                  f'  class_tokens = "sks dog"\n')
-    return {"model": model, "dataset": str(ds)}
+@pytest.fixture
+def world(tiny_world):
+    """3 images, batch 1: 3 optimizer steps an epoch."""
+    return {"model": tiny_world.model("sd1"), "dataset": tiny_world.dataset}
 
 
 def _run(world, out, *extra):
