@@ -136,8 +136,8 @@ def resize_and_crop(image: Image.Image, bucket_reso: tuple[int, int], resized_si
 
 def face_from_filename(path: str) -> tuple[int, int, int, int] | None:
     """The face box sd-scripts' tools/detect_face_rotate.py writes into the file name, `<name>_<cx>_<cy>_<w>_<h>.png`
-    (centre and size in pixels): (cx, cy, w, h), or None when the name does not end with four integers or cx <= 0
-    (sd-scripts' "no face information")."""
+    (centre and size in pixels): (cx, cy, w, h), or None when the name does not end with four integers, cx <= 0
+    (sd-scripts' "no face information") or the box has no size."""
     tokens = os.path.splitext(os.path.basename(path))[0].split("_")
     if len(tokens) < 5:
         return None
@@ -145,11 +145,12 @@ def face_from_filename(path: str) -> tuple[int, int, int, int] | None:
         cx, cy, w, h = (int(t) for t in tokens[-4:])
     except ValueError:
         return None
-    return (cx, cy, w, h) if cx > 0 else None
+    return (cx, cy, w, h) if cx > 0 and max(w, h) > 0 else None  # a box of size 0 would divide by 0
 
 
 def face_crop(size: tuple[int, int], face: tuple[int, int, int, int], target: tuple[int, int],
-              aug_range: tuple[float, float], random_crop: bool, rng: random.Random) -> tuple[tuple[int, int], tuple[int, int]]:
+              aug_range: tuple[float, float], random_crop: bool,
+              rng: random.Random) -> tuple[tuple[int, int], tuple[int, int]]:
     """sd-scripts' face_crop_aug_range (`BaseDataset.crop_target`): the (resized size, (left, top) crop offset) that
     scales the image so the face's larger side is between 1/aug_range[1] and 1/aug_range[0] of the target's shorter
     side (drawn uniformly, never below covering the target, never above 1 unless covering needs it), and crops the

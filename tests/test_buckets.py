@@ -88,6 +88,7 @@ def test_face_from_filename_reads_detect_face_rotate_names():
     assert face_from_filename("/d/photo.png") is None
     assert face_from_filename("/d/a_b_c_d_e.png") is None  # not integers: no face (sd-scripts' int() would raise)
     assert face_from_filename("/d/photo_0_80_40_60.png") is None  # cx 0: sd-scripts' "no face information"
+    assert face_from_filename("/d/photo_120_80_0_0.png") is None  # no size: nothing to scale by
 
 
 def test_face_crop_against_hand_computed_values():
