@@ -473,12 +473,6 @@ def test_trainer_foreign_network_weights(tiny_sd1, tmp_path, capsys):
     assert rc == 2 and err.startswith("error: ") and "cannot read it as safetensors" in err
 
 
-def _wired():
-    import inspect
-    return "check_output_location" in inspect.getsource(train_apt_lora)
-
-
-@pytest.mark.skipif(not _wired(), reason="train_apt_lora.py does not call train_util.check_output_location yet")
 def test_trainer_refuses_bad_output_location_before_training(tiny_sd1, tmp_path, capsys):
     d = tmp_path / "imgs"
     rgb(d / "a.png")
