@@ -154,7 +154,7 @@ def test_state_dict_round_trip_torch_save():
 
 
 def test_state_dict_round_trip_safetensors(tmp_path):
-    st = pytest.importorskip("safetensors.torch")
+    import safetensors.torch as st
     ind = _filled()
     st.save_file(ind.state_dict(), str(tmp_path / "apt_indicator.safetensors"))
     new = OverfittingIndicator(temperature=10.0)
