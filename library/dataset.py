@@ -395,23 +395,21 @@ class _Dataset:
         """face_crop_aug_range: each image's face box from its file name (sd-scripts' tools/detect_face_rotate.py
         names). As in sd-scripts it applies without enable_bucket only; an image without a box is resized and
         cropped as any other."""
-        subsets = {id(i.subset): i.subset for i in self.images.values() if i.subset.face_crop_aug_range is not None}
-        if not subsets:
+        infos = [i for i in self.images.values() if i.subset.face_crop_aug_range is not None]
+        if not infos:
             return
         if self.bp.enable_bucket:
             logger.warning(f"{self.bp.where}: face_crop_aug_range has no effect with enable_bucket (as in sd-scripts): "
                            f"turn enable_bucket off to crop around the faces.")
             return
-        for sub in subsets.values():
-            infos = [i for i in self.images.values() if i.subset is sub]
-            for info in infos:
-                info.face = face_from_filename(info.path)
-            without = [i for i in infos if i.face is None]
-            if without:
-                logger.warning(f"{sub.where}: face_crop_aug_range: {len(without)} of {len(infos)} images have no face "
-                               f"box in their file name (<name>_<cx>_<cy>_<w>_<h>, e.g. from sd-scripts' "
-                               f"tools/detect_face_rotate.py), e.g. {without[0].path}: they are resized and cropped "
-                               f"as usual.")
+        for info in infos:
+            info.face = face_from_filename(info.path)
+        without = [i for i in infos if i.face is None]
+        if without:
+            logger.warning(f"{without[0].subset.where}: face_crop_aug_range: {len(without)} of {len(infos)} images "
+                           f"have no face box in their file name (<name>_<cx>_<cy>_<w>_<h>, e.g. from sd-scripts' "
+                           f"tools/detect_face_rotate.py), e.g. {without[0].path}: they are resized and cropped as "
+                           f"usual.")
 
     def arrange(self, seed: int, epoch: int) -> None:
         """The batch order of one epoch: a pure function of (seed, epoch), so a resumed run sees the same batches."""
@@ -459,13 +457,6 @@ class DatasetGroup(torch.utils.data.Dataset):
     @property
     def num_reg_images(self) -> int:
         return sum(d.num_reg_images for d in self.datasets)
-
-    def is_text_encoder_output_cacheable(self) -> bool:
-        """False when a caption can change between steps (shuffle, dropout, wildcards, token warm-up), as in
-        sd-scripts."""
-        return not any(s.shuffle_caption or s.caption_dropout_rate > 0 or s.caption_dropout_every_n_epochs > 0
-                       or s.caption_tag_dropout_rate > 0 or s.enable_wildcard or s.token_warmup_step > 0
-                       for d in self.datasets for s in d.bp.subsets)
 
     @property
     def has_token_warmup(self) -> bool:

@@ -284,9 +284,6 @@ def test_prior_class_tokens_pass_through(tmp_path):
                       zip(b["class_tokens"], b["prior_class_tokens"])))
     assert by_key == {"a": ("sks dog", "dog"), "b": ("ohwx cat", None)}
     assert b["is_reg"].dtype == torch.bool and b["loss_weights"].tolist() == [1.0, 1.0]
-    assert g.is_text_encoder_output_cacheable()
-    assert not group([{"image_dir": str(tmp_path / "a"), "class_tokens": "x", "shuffle_caption": True}]) \
-        .is_text_encoder_output_cacheable()
 
 
 def test_bucket_no_upscale_too_small_image(tmp_path):
@@ -719,7 +716,7 @@ def test_token_warmup_captions_are_deferred_to_the_main_process(tmp_path):
     (tmp_path / "warm" / "w.caption").write_text("a, b, c, d, e")
     g = group([{"image_dir": str(warm.parent), "keep_tokens": 1, "token_warmup_step": 4},
                {"image_dir": str(plain.parent), "class_tokens": "x, y", "shuffle_caption": True}])
-    assert g.has_token_warmup and not g.is_text_encoder_output_cacheable()
+    assert g.has_token_warmup
     batches = {b["image_keys"][0]: b for b in (g[i] for i in range(len(g)))}
     assert batches[str(plain)]["captions"] in (["x, y"], ["y, x"])  # no warm-up: processed as before
     batch = batches[str(warm)]
@@ -728,7 +725,7 @@ def test_token_warmup_captions_are_deferred_to_the_main_process(tmp_path):
     assert finish_captions(dict(batch), 2)["captions"] == ["a, b, c"]  # floor(2 * 3 / 4) + 1
     assert finish_captions(dict(batch))["captions"] == ["a, b, c, d, e"]  # None: after the warm-up
     no_warmup = group([{"image_dir": str(plain.parent), "class_tokens": "x"}])
-    assert not no_warmup.has_token_warmup and no_warmup.is_text_encoder_output_cacheable()
+    assert not no_warmup.has_token_warmup
 
 
 def test_captions_at_steps_finish_each_batch_at_its_optimizer_step(tmp_path):
