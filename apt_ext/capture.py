@@ -150,13 +150,15 @@ class ProbCaptureAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
-        if attention_mask is not None:
-            scores = scores + attention_mask.float()
-        probs = scores.softmax(dim=-1)  # (B, H, Nq, Nt) float32
-        if self.sink is not None:
-            self._emit(attn, probs)
-        hidden_states = torch.matmul(probs, value.float()).to(query.dtype)  # Nt is 77..227: a float32 V is tiny
+        # autocast off: under --mixed_precision it would run these matmuls in bf16/fp16 despite the .float()
+        with torch.autocast(query.device.type, enabled=False):
+            scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
+            if attention_mask is not None:
+                scores = scores + attention_mask.float()
+            probs = scores.softmax(dim=-1)  # (B, H, Nq, Nt) float32
+            if self.sink is not None:
+                self._emit(attn, probs)
+            hidden_states = torch.matmul(probs, value.float()).to(query.dtype)  # Nt is 77..227: V is tiny
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = attn.to_out[0](hidden_states)

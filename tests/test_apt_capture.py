@@ -80,6 +80,26 @@ def test_processor_matches_sdpa_standalone_with_mask():
     assert probs[1, ..., 5:].max() < 1e-6
 
 
+def test_processor_computes_in_float32_under_autocast():
+    """DESIGN §2.5: the probabilities are softmax(QKᵀ·scale) in float32 also under --mixed_precision, where
+    autocast would run the matmuls in bf16 despite the .float() casts (it did: up to 7% off, found by review).
+    Reference: the same bf16 Q, K, V (what to_q/to_k/to_v give under autocast) in float64."""
+    torch.manual_seed(0)
+    attn = Attention(query_dim=64, cross_attention_dim=32, heads=4, dim_head=16).eval()
+    h, enc = torch.randn(2, 256, 64), torch.randn(2, 77, 32)
+    seen = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ProbCaptureAttnProcessor(lambda i, a, p: seen.append(p), 0)(attn, h, enc)
+        q, k, v = attn.to_q(h), attn.to_k(enc), attn.to_v(enc)
+    (probs,) = seen
+    assert probs.dtype == torch.float32 and out.dtype == torch.bfloat16
+    split = lambda t: t.double().view(2, -1, 4, 16).transpose(1, 2)  # noqa: E731
+    want = (split(q) @ split(k).transpose(-1, -2) * attn.scale).softmax(-1)
+    assert (probs.double() - want).abs().max() < 1e-6
+    hidden = (want @ split(v)).transpose(1, 2).reshape(2, -1, 64)
+    torch.testing.assert_close(out.float(), attn.to_out[0](hidden.float()), atol=2e-2, rtol=2e-2)  # bf16 output
+
+
 def test_capture_matches_sdpa_shapes_and_only_when_asked(sd1):
     unet, args, kw, ref = sd1
     cap = APTCapture(unet, select_layers(unet, "sd1")).install()
