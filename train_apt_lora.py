@@ -424,11 +424,6 @@ def train(args):
             "channel (or pass --alpha_mask for all), or conditioning_data_dir = \"<folder of mask images>\" in a "
             "subset (docs/dataset_config.md, 'Loss masks')")
     varying_multiplier = len({bp.network_multiplier for bp in blueprints}) > 1  # set per batch (TrainContext)
-    for flag in ("unet_cuda_graph", "text_encoder_cuda_graph"):
-        if varying_multiplier and getattr(args, flag):
-            from library.unet_graph import blocker_message
-
-            raise train_util.TrainingSetupError(blocker_message(flag, "per-dataset network_multiplier"))
     mask_dirs = [sub for bp in blueprints for sub in bp.subsets if sub.conditioning_data_dir]
     if mask_dirs and not args.masked_loss:
         raise train_util.TrainingSetupError(
@@ -556,6 +551,8 @@ def train(args):
     # --network_multiplier x the datasets' network_multiplier: set once when they agree, else per batch
     network.set_multiplier(args.network_multiplier * (1.0 if varying_multiplier else blueprints[0].network_multiplier))
     network.to(device)
+    if varying_multiplier:  # read from the device: graphs record it, compiled blocks take it, as an input
+        network.keep_multiplier_on_device(device)
     if args.full_bf16:  # the optimizer's states follow the weights' dtype
         network.cast_weights(torch.bfloat16)
     network.train()
@@ -563,7 +560,7 @@ def train(args):
         from library.unet_graph import auto_cuda_graphs
 
         why = auto_cuda_graphs(args, device.type, any(lora.has_dropout for lora in network.loras),
-                               bool(network.text_encoder_loras), apt_enabled(args), varying_multiplier)
+                               bool(network.text_encoder_loras), apt_enabled(args))
         on = [f"--{f}" for f, w in why.items() if not w]
         off = [f"--{f} ({w})" for f, w in why.items() if w]
         accelerator.print(f"--cuda_graphs auto: on: {', '.join(on) or 'none'}; off: {', '.join(off) or 'none'}")

@@ -59,9 +59,6 @@ _ADVICE = {  # what a blocker means for a user who asked for the flag
     "no CUDA device": " needs a CUDA device (this torch sees none): leave the flag out",
     "--torch_compile": " cannot be combined with --torch_compile yet (recording compiled blocks is untested): "
                        "leave one of them out",
-    "per-dataset network_multiplier": " records the LoRA multiplier into its graph, and the datasets' "
-                                      "network_multiplier values differ: give every dataset the same value, or "
-                                      "leave the flag out",
     "no text-encoder LoRA trains": ": no text-encoder LoRA trains (--network_train_unet_only), so there is no "
                                    "training pass to record: leave the flag out (frozen text encoders are encoded "
                                    "once per caption with --cache_text_encoder_outputs)",
@@ -69,16 +66,15 @@ _ADVICE = {  # what a blocker means for a user who asked for the flag
 
 
 def graph_blockers(flag: str, *, cuda: bool, apt_on: bool, gradient_checkpointing: bool, trains_text_encoder: bool,
-                   has_dropout: bool = False, torch_compile: bool = False,
-                   varying_multiplier: bool = False) -> list[str]:
+                   has_dropout: bool = False, torch_compile: bool = False) -> list[str]:
     """Why `flag`'s recording cannot be used in this run ([]: it can). The one list behind --cuda_graphs auto, the
     flag checks before the model loads and the LoRA checks once the network is built (dropout).
 
     The UNet's and the text encoders' recordings need CUDA, no LoRA dropout (drawn per call) and no gradient
-    checkpointing, and one LoRA multiplier for the whole run (it is recorded as a constant, so datasets with
-    different `network_multiplier` values rule them out); the text encoders' needs their LoRA to train; the prior
-    pass's needs CUDA and APT (it runs with the LoRA off and without grad, so dropout, checkpointing and the
-    multiplier do not touch it). None records compiled blocks (--torch_compile) yet."""
+    checkpointing (datasets with different `network_multiplier` values are fine: the LoRA then reads its
+    multiplier from a device tensor, `LoRANetwork.keep_multiplier_on_device`); the text encoders' needs their LoRA
+    to train; the prior pass's needs CUDA and APT (it runs with the LoRA off and without grad, so dropout and
+    checkpointing do not touch it). None records compiled blocks (--torch_compile) yet."""
     if flag not in GRAPH_FLAGS:
         raise ValueError(f"unknown graph flag {flag!r}; one of {GRAPH_FLAGS}")
     compiled = ["--torch_compile"] if torch_compile else []
@@ -87,7 +83,6 @@ def graph_blockers(flag: str, *, cuda: bool, apt_on: bool, gradient_checkpointin
     reasons = ["LoRA dropout"] if has_dropout else []
     reasons += ["--gradient_checkpointing"] if gradient_checkpointing else []
     reasons += [] if cuda else ["no CUDA device"]
-    reasons += ["per-dataset network_multiplier"] if varying_multiplier else []
     if flag == "text_encoder_cuda_graph" and not trains_text_encoder:
         reasons.append("no text-encoder LoRA trains")
     return reasons + compiled
@@ -98,8 +93,7 @@ def blocker_message(flag: str, reason: str, detail: str = "") -> str:
     return f"--{flag}" + _ADVICE[reason].format(detail=detail)
 
 
-def auto_cuda_graphs(args, device_type: str, has_dropout: bool, trains_text_encoder: bool, apt_on: bool,
-                     varying_multiplier: bool = False) -> dict:
+def auto_cuda_graphs(args, device_type: str, has_dropout: bool, trains_text_encoder: bool, apt_on: bool) -> dict:
     """--cuda_graphs auto: which of the graph flags this run can use (`graph_blockers`). Sets those on `args` and
     returns {flag: "" if turned on, else why not}; a flag the user set already stays set ("" too)."""
     why = {}
@@ -107,7 +101,7 @@ def auto_cuda_graphs(args, device_type: str, has_dropout: bool, trains_text_enco
         reasons = graph_blockers(flag, cuda=device_type == "cuda", apt_on=apt_on,
                                  gradient_checkpointing=args.gradient_checkpointing,
                                  trains_text_encoder=trains_text_encoder, has_dropout=has_dropout,
-                                 torch_compile=args.torch_compile, varying_multiplier=varying_multiplier)
+                                 torch_compile=args.torch_compile)
         if getattr(args, flag):
             reasons = []
         elif not reasons:

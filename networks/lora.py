@@ -269,7 +269,7 @@ class LoRAModule(nn.Module):
 
     def forward(self, x, *args, **kwargs):
         org_out = self.org_forward(x, *args, **kwargs)
-        if self.multiplier == 0:
+        if isinstance(self.multiplier, (int, float)) and self.multiplier == 0:
             return org_out  # the branch is skipped entirely: bit-exact base output
         if self.fused and self.is_linear and not (self.training and self.has_dropout):
             out = self._fused_linear(x, org_out)
@@ -306,11 +306,12 @@ class LoRAModule(nn.Module):
         autocast = torch.is_autocast_enabled(x.device.type)
         if not autocast and not (x.dtype == down.dtype == org_out.dtype):
             return None
-        if not isinstance(self.multiplier, (int, float)):
-            return None
         h = self.lora_down(x)
+        m = self.multiplier
+        if isinstance(m, torch.Tensor):  # read on the device (`LoRANetwork.keep_multiplier_on_device`)
+            h, m = h * m, 1.0
         out = torch.addmm(org_out.reshape(-1, org_out.shape[-1]), h.reshape(-1, h.shape[-1]), up.t(),
-                          alpha=self.multiplier * self.scale)
+                          alpha=m * self.scale)
         return out.view(org_out.shape)
 
     def delta_weight(self) -> torch.Tensor:
@@ -362,6 +363,7 @@ class LoRANetwork(nn.Module):
         self.__dict__["_model"] = model  # not an nn.Module attribute: the base model stays out of state_dict()
         self.arch = model.arch
         self.multiplier = multiplier
+        self._device_multiplier, self._device_value = None, None  # see keep_multiplier_on_device
         self.lora_dim = int(lora_dim)
         self.alpha = alpha
         self.conv_lora_dim = int(conv_lora_dim) if conv_lora_dim else None
@@ -440,22 +442,37 @@ class LoRANetwork(nn.Module):
 
     # -- multiplier ----------------------------------------------------------------------------------------------
     def set_multiplier(self, multiplier: float) -> None:
+        """The LoRA's strength in every module. 0 skips the branches (the base model, bit-exact). After
+        `keep_multiplier_on_device` any other value is written into the device tensor the modules read."""
         self.multiplier = multiplier
+        value = multiplier
+        if self._device_multiplier is not None and multiplier != 0:
+            value = self._device_multiplier
+            if multiplier != self._device_value:  # unchanged: no write (a pending backward may hold the tensor)
+                value.fill_(multiplier)
+                self._device_value = multiplier
         for lora in self.loras:
-            lora.multiplier = multiplier
+            lora.multiplier = value
+
+    def keep_multiplier_on_device(self, device) -> None:
+        """Let the modules read a non-zero multiplier from one 0-dim tensor on `device`, which `set_multiplier`
+        fills in place, instead of a Python number. For runs whose datasets train at different `network_multiplier`
+        values (set per batch): a number is a constant to a recorded CUDA graph (--unet_cuda_graph) and a guard
+        to torch.compile (one graph per value); a tensor is an input to both. Costs one small multiply per Linear
+        LoRA module, so runs with one multiplier keep the number."""
+        self._device_multiplier = torch.tensor(float(self.multiplier or 1.0), device=device)
+        self._device_value = float(self.multiplier or 1.0)
+        self.set_multiplier(self.multiplier)
 
     @contextlib.contextmanager
     def multiplier_override(self, multiplier: float):
         """`with network.multiplier_override(0.0): ...` runs the base model (bit-exact); restores on exit."""
-        saved = [lora.multiplier for lora in self.loras]
-        saved_net = self.multiplier
+        saved = self.multiplier
         self.set_multiplier(multiplier)
         try:
             yield self
         finally:
-            self.multiplier = saved_net
-            for lora, m in zip(self.loras, saved):
-                lora.multiplier = m
+            self.set_multiplier(saved)
 
     # -- optimiser -----------------------------------------------------------------------------------------------
     def loraplus_ratio(self, group_name: str) -> float | None:

@@ -270,6 +270,83 @@ def test_fused_branch_whole_unet_step_equals_separate(arch):
     net.restore()
 
 
+def test_multiplier_on_the_device_equals_the_number(sd1):
+    """Datasets with different network_multiplier values (`keep_multiplier_on_device`): the LoRA reads a non-zero
+    multiplier from one device tensor that set_multiplier fills in place. Loss and LoRA gradients equal those with
+    the multiplier as a number (fused and separate branches); 0 still skips the branch; an override puts the value
+    back; setting the value the tensor holds writes nothing (a queued backward may still read it)."""
+    inputs, kw = unet_inputs(sd1)
+    net = create_network(sd1, args(network_dim=4, network_alpha=2.0, network_train_unet_only=True))
+    randomize(net, seed=5, std=0.05)
+    net.apply_to()
+
+    def loss_and_grads(m, fused):
+        net.set_multiplier(m)
+        for lora in net.loras:
+            lora.fused = fused
+        net.zero_grad(set_to_none=True)
+        loss = (sd1.unet(*inputs, **kw).sample ** 2).mean()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in net.parameters() if p.grad is not None]
+
+    try:
+        plain = {(m, f): loss_and_grads(m, f) for m in (1.0, -0.5) for f in (True, False)}
+        with torch.no_grad():
+            net.set_multiplier(0.0)
+            base = sd1.unet(*inputs, **kw).sample
+        net.set_multiplier(1.0)
+        net.keep_multiplier_on_device("cpu")
+        tensor = net.loras[0].multiplier
+        assert isinstance(tensor, torch.Tensor) and all(lora.multiplier is tensor for lora in net.loras)
+        for (m, fused), (loss, grads) in plain.items():
+            got_loss, got_grads = loss_and_grads(m, fused)
+            assert net.loras[-1].multiplier is tensor and tensor.item() == m
+            torch.testing.assert_close(got_loss, loss, atol=1e-7, rtol=1e-6)
+            assert len(got_grads) == len(grads) > 0
+            for a, b in zip(got_grads, grads):
+                torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
+        version = tensor._version
+        with net.multiplier_override(0.0), torch.no_grad():
+            assert all(lora.multiplier == 0.0 for lora in net.loras)  # a number: the branch is skipped
+            assert torch.equal(sd1.unet(*inputs, **kw).sample, base)
+        with net.multiplier_override(2.0):
+            assert tensor.item() == 2.0
+        assert net.multiplier == -0.5 and tensor.item() == -0.5 and net.loras[0].multiplier is tensor
+        net.set_multiplier(-0.5)
+        assert tensor._version == version + 2  # the 2.0 override and its restore only
+    finally:
+        net.restore()
+
+
+def test_multiplier_on_the_device_compiles_once():
+    """torch.compile specialises a graph on a multiplier that is a number (one graph per value, as datasets with
+    different network_multiplier values would compile), and takes the device tensor as an input: one graph for
+    every value."""
+    import torch._dynamo
+
+    from library.torch_compile import CompileReport
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer, x = nn.Linear(8, 8), torch.randn(2, 8)
+    lora = _patched(layer, lora_dim=2, alpha=2.0)
+    counts = {}
+    for kind in ("number", "tensor"):
+        compiled = torch.compile(lambda t: layer(t), backend="eager")
+        device_m = torch.tensor(1.0)
+        report = CompileReport()
+        for m in (1.0, -0.5, 2.0):
+            if kind == "tensor":
+                device_m.fill_(m)
+            lora.multiplier = device_m if kind == "tensor" else m
+            with torch.no_grad():
+                want = torch.nn.functional.linear(x, layer.weight, layer.bias) + m * lora.scale * (
+                    x @ lora.lora_down.weight.t() @ lora.lora_up.weight.t())
+                torch.testing.assert_close(compiled(x), want, atol=1e-6, rtol=1e-5)
+        counts[kind] = report.delta()["graphs"]
+    assert counts["tensor"] == 1 and counts["number"] > 1, counts
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # save / load
 

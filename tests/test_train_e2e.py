@@ -262,13 +262,19 @@ def test_alpha_masked_runs_and_masked_loss_without_masks(tiny, images, tmp_path,
 def test_per_dataset_network_multiplier_sets_the_lora_strength_per_batch(tiny, images, tmp_path, capsys,
                                                                           monkeypatch):
     """network_multiplier per [[datasets]] (sd-scripts' key): each batch trains the LoRA at --network_multiplier x
-    its dataset's value; the recorded UNet and text-encoder passes hold the multiplier as a constant, so
-    --cuda_graphs auto names that; --network_multiplier 0 (nothing would train) is refused."""
+    its dataset's value, read from a device tensor (so graphs and compiled blocks take it as an input, and
+    --cuda_graphs auto does not rule them out); --network_multiplier 0 (nothing would train) is refused."""
     from networks.lora import LoRANetwork
 
-    seen = []
+    seen, read = [], []
     real = LoRANetwork.set_multiplier
-    monkeypatch.setattr(LoRANetwork, "set_multiplier", lambda self, m: (seen.append(m), real(self, m))[1])
+
+    def spy(self, m):
+        seen.append(m)
+        real(self, m)
+        read.append((m, self.loras[0].multiplier))
+
+    monkeypatch.setattr(LoRANetwork, "set_multiplier", spy)
     toml = tmp_path / "two.toml"
     toml.write_text(f'[general]\nresolution = 64\nclass_tokens = "sks dog"\n\n'
                     f'[[datasets]]\nnetwork_multiplier = 0.5\n  [[datasets.subsets]]\n  image_dir = "{images}"\n\n'
@@ -277,9 +283,12 @@ def test_per_dataset_network_multiplier_sets_the_lora_strength_per_batch(tiny, i
                   "--max_train_steps", "6", "--cuda_graphs", "auto") == 0
     assert seen[0] == 2.0 and seen.count(1.0) >= 1 and seen.count(-2.0) >= 1  # 2 x 0.5 and 2 x -1.0, per batch
     assert set(seen) <= {2.0, 1.0, -2.0, 0.0}  # 0.0: APT's prior pass (the LoRA off)
+    tensors = {id(v) for m, v in read[1:] if m != 0}  # after the first (set before the network is on the device)
+    assert len(tensors) == 1 and all(isinstance(v, torch.Tensor) for m, v in read[1:] if m != 0)
+    assert all(v == 0.0 and not isinstance(v, torch.Tensor) for m, v in read if m == 0)
     out = capsys.readouterr().out
     if not torch.cuda.is_available():
-        assert "--unet_cuda_graph (no CUDA device, per-dataset network_multiplier)" in out
+        assert "--unet_cuda_graph (no CUDA device)" in out
     assert _train(tiny["sd1"], str(toml), tmp_path / "off", "--network_multiplier", "0") == 2
     assert "--network_multiplier 0 turns the LoRA off, so nothing would train" in capsys.readouterr().err
 

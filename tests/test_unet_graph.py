@@ -330,9 +330,6 @@ def test_cuda_graphs_auto_turns_on_what_the_run_can_use():
     ("apt_cuda_graph", {"apt_on": False, "cuda": False}, ["APT is off", "no CUDA device"]),
     ("apt_cuda_graph", {"torch_compile": True}, ["--torch_compile"]),
     ("text_encoder_cuda_graph", {"torch_compile": True, "cuda": False}, ["no CUDA device", "--torch_compile"]),
-    ("unet_cuda_graph", {"varying_multiplier": True}, ["per-dataset network_multiplier"]),  # a recorded constant
-    ("text_encoder_cuda_graph", {"varying_multiplier": True}, ["per-dataset network_multiplier"]),
-    ("apt_cuda_graph", {"varying_multiplier": True}, []),  # the prior pass runs with the LoRA off
 ])
 def test_graph_blockers_is_the_one_list(flag, kw, expected):
     """What --cuda_graphs auto reports, what the flag checks refuse and what the LoRA check refuses come from here."""
