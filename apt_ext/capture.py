@@ -22,7 +22,8 @@ The captured tensors keep their graph to the LoRA parameters through the checkpo
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -151,7 +152,9 @@ class ProbCaptureAttnProcessor:
             key = attn.norm_k(key)
 
         # autocast off: under --mixed_precision it would run these matmuls in bf16/fp16 despite the .float()
-        with torch.autocast(query.device.type, enabled=False):
+        device = query.device.type
+        autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
+        with torch.autocast(device, enabled=False) if autocast else nullcontext():
             scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
             if attention_mask is not None:
                 scores = scores + attention_mask.float()

@@ -88,7 +88,7 @@ class APT:
         self.fill_latent = None
         if "ata" in self.components and self.aug_space == "latent":
             with torch.no_grad():
-                self.fill_latent = black_latent(model.vae, model.latent_scale, (64, 64), device=device)
+                self.fill_latent = black_latent(model.vae, model.latent_scale, device=device)
         self.capture = None
         if self.components & {"rs", "aa"}:
             from apt_ext.capture import APTCapture, select_layers
