@@ -408,6 +408,8 @@ def train(args):
     check_noise_and_loss_args(args, v_param)
     user_config = config_util.load_dataset_config(args.dataset_config) if args.dataset_config else None
     blueprints = config_util.generate_blueprint(user_config, args, config_path=args.dataset_config, is_sdxl=is_sdxl)
+    if args.cache_latents:
+        dataset_lib.check_latents_cacheable(blueprints)
     if args.cache_text_encoder_outputs:  # one stored output per caption string: varying captions never repeat
         for sub in (sub for bp in blueprints for sub in bp.subsets):
             varying = [k for k, on in (("shuffle_caption", sub.shuffle_caption),
@@ -470,21 +472,7 @@ def train(args):
 
         debug_dataset(data, apt=apt_enabled(args), image_dir=args.debug_dataset_dir)
         return
-    model = load_model(args.pretrained_model_name_or_path, v2=arch == "sd2", v_parameterization=v_param,
-                       sdxl=is_sdxl, tokenizer_path=args.tokenizer_path, vae_path=args.vae,
-                       allow_pickle=args.allow_pickle_checkpoint)
-    layers = model.text_encoders[0].config.num_hidden_layers
-    if args.clip_skip and not is_sdxl and args.clip_skip > layers:  # SDXL reads its fixed layers (sd-scripts)
-        raise train_util.TrainingSetupError(f"--clip_skip {args.clip_skip} is more than the text encoder's {layers} "
-                                            f"layers: use 1 (the last layer) to {layers}; 2 is the usual for "
-                                            f"anime-style SD1 models")
-    if args.base_weights or args.base_weights_multiplier:  # before any cast: in the precision the model loaded in
-        from networks.merge import merge_base_weights
-
-        for line in merge_base_weights(model, args.base_weights, args.base_weights_multiplier):
-            accelerator.print(line)
-    if args.zero_terminal_snr:
-        fix_noise_scheduler_betas_for_zero_terminal_snr(model.noise_scheduler)
+    # the run's length, start and outputs: all known from the data, so a mistake costs no model load
     steps_per_epoch = math.ceil(len(data) / accelerator.num_processes / args.gradient_accumulation_steps)
     if args.max_train_epochs:
         args.max_train_steps = args.max_train_epochs * steps_per_epoch
@@ -506,6 +494,21 @@ def train(args):
     if existing and not args.overwrite:
         raise train_util.TrainingSetupError(f"output file exists: {existing[0]} ({len(existing)} in all). "
                                             "Choose another --output_name or --output_dir, or pass --overwrite to replace them")
+    model = load_model(args.pretrained_model_name_or_path, v2=arch == "sd2", v_parameterization=v_param,
+                       sdxl=is_sdxl, tokenizer_path=args.tokenizer_path, vae_path=args.vae,
+                       allow_pickle=args.allow_pickle_checkpoint)
+    layers = model.text_encoders[0].config.num_hidden_layers
+    if args.clip_skip and not is_sdxl and args.clip_skip > layers:  # SDXL reads its fixed layers (sd-scripts)
+        raise train_util.TrainingSetupError(f"--clip_skip {args.clip_skip} is more than the text encoder's {layers} "
+                                            f"layers: use 1 (the last layer) to {layers}; 2 is the usual for "
+                                            f"anime-style SD1 models")
+    if args.base_weights or args.base_weights_multiplier:  # before any cast: in the precision the model loaded in
+        from networks.merge import merge_base_weights
+
+        for line in merge_base_weights(model, args.base_weights, args.base_weights_multiplier):
+            accelerator.print(line)
+    if args.zero_terminal_snr:
+        fix_noise_scheduler_betas_for_zero_terminal_snr(model.noise_scheduler)
     os.makedirs(args.output_dir, exist_ok=True)
     if accelerator.is_main_process:
         for what in remove_stale_temp_files(args.output_dir):  # left by a run killed in the middle of a save

@@ -140,7 +140,9 @@ def _caches(args) -> None:
     if args.cache_text_encoder_outputs_to_disk:
         args.cache_text_encoder_outputs = True
     if args.cache_text_encoder_outputs and not args.network_train_unet_only:
-        raise TrainingSetupError("--cache_text_encoder_outputs needs --network_train_unet_only (a trained text encoder changes its outputs)")
+        given = "_to_disk" if args.cache_text_encoder_outputs_to_disk else ""
+        raise TrainingSetupError(f"--cache_text_encoder_outputs{given} needs --network_train_unet_only (a trained text "
+                                 "encoder changes its outputs)")
 
 
 def _fast_paths(args) -> None:
@@ -221,8 +223,10 @@ def _sampling(args) -> None:
 def _resume(args) -> None:
     """`--resume` (`latest` found now) and sd-scripts' `--initial_step`/`--initial_epoch`."""
     if args.resume and (args.initial_step is not None or args.initial_epoch is not None):
-        raise TrainingSetupError("--resume continues at the step its state was saved at: drop --initial_step/"
-                                 "--initial_epoch (they start a run without a state, e.g. from --network_weights)")
+        # the command an interrupted --initial_step run prints is its own plus --resume: the state knows its step
+        logger.warning("--resume continues at the step its state was saved at: --initial_step/--initial_epoch are "
+                       "ignored (they start a run without a state, e.g. from --network_weights)")
+        args.initial_step = args.initial_epoch = None
     if args.resume == "latest":
         from library.interrupt import find_latest_state
 

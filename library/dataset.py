@@ -404,12 +404,14 @@ class _Dataset:
             return
         for info in infos:
             info.face = face_from_filename(info.path)
-        without = [i for i in infos if i.face is None]
-        if without:
-            logger.warning(f"{without[0].subset.where}: face_crop_aug_range: {len(without)} of {len(infos)} images "
-                           f"have no face box in their file name (<name>_<cx>_<cy>_<w>_<h>, e.g. from sd-scripts' "
-                           f"tools/detect_face_rotate.py), e.g. {without[0].path}: they are resized and cropped as "
-                           f"usual.")
+        for sub in {id(i.subset): i.subset for i in infos}.values():
+            mine = [i for i in infos if i.subset is sub]
+            without = [i for i in mine if i.face is None]
+            if without:
+                logger.warning(f"{sub.where}: face_crop_aug_range: {len(without)} of {len(mine)} images have no "
+                               f"face box in their file name (<name>_<cx>_<cy>_<w>_<h>, e.g. from sd-scripts' "
+                               f"tools/detect_face_rotate.py), e.g. {without[0].path}: they are resized and cropped "
+                               f"as usual.")
 
     def arrange(self, seed: int, epoch: int) -> None:
         """The batch order of one epoch: a pure function of (seed, epoch), so a resumed run sees the same batches."""
@@ -422,6 +424,22 @@ class _Dataset:
     def batch_keys(self, i: int) -> list[str]:
         b, start = self.batches[i]
         return self.epoch_buckets[b][start:start + self.bp.batch_size]
+
+
+def check_latents_cacheable(blueprints) -> None:
+    """A ConfigError naming the subset and key when a subset changes its image every step (random_crop, color_aug,
+    face_crop_aug_range without buckets): a cached latent cannot follow. Called before the model loads."""
+    for bp in blueprints:
+        for sub in bp.subsets:
+            for name in ("random_crop", "color_aug", "face_crop_aug_range"):
+                if name == "face_crop_aug_range" and bp.enable_bucket:
+                    continue  # ignored under buckets (a warning says so), as in sd-scripts
+                if getattr(sub, name):
+                    theirs = ("sd-scripts' cache ignores the key" if name == "face_crop_aug_range" else
+                              "sd-scripts refuses it too")
+                    raise ConfigError(f"{sub.where}: {name} changes the image every step, so latents cannot be "
+                                      f"cached ({theirs}). Turn {name} off or drop "
+                                      f"--cache_latents/--cache_latents_to_disk.")
 
 
 class DatasetGroup(torch.utils.data.Dataset):
@@ -592,15 +610,7 @@ class DatasetGroup(torch.utils.data.Dataset):
         layout in safetensors, so a cache file can never carry a pickle; latents not scaled), written atomically.
         A valid existing file is reused; one with another latent size is recomputed. Batches then carry
         `latents` (x latent_scale) and `images` None. The VAE must already be on `device`."""
-        for d in self.datasets:
-            for sub in d.bp.subsets:
-                for name in ("random_crop", "color_aug", "face_crop_aug_range"):
-                    if getattr(sub, name):
-                        theirs = ("sd-scripts' cache ignores the key" if name == "face_crop_aug_range" else
-                                  "sd-scripts refuses it too")
-                        raise ConfigError(f"{sub.where}: {name} changes the image every step, so latents cannot be "
-                                          f"cached ({theirs}). Turn {name} off or drop "
-                                          f"--cache_latents/--cache_latents_to_disk.")
+        check_latents_cacheable([d.bp for d in self.datasets])
         self.latent_scale = float(latent_scale)
         suffix = "_sdxl.safetensors" if self.is_sdxl else "_sd.safetensors"
         todo: list[ImageInfo] = []

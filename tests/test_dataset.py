@@ -776,6 +776,15 @@ def test_face_crop_aug_range_crops_around_the_face_in_the_file_name(tmp_path, ca
         g = group([{"image_dir": str(d), "class_tokens": "x", "face_crop_aug_range": [2.0, 2.0]}],
                   dataset={"enable_bucket": False}, is_sdxl=True)
     assert "1 of 2 images have no face box in their file name" in caplog.text and str(plain) in caplog.text
+    caplog.clear()
+    other = tmp_path / "u"  # a second subset of boxed images only: the count is the named subset's own
+    img(other / "r_20_20_10_10.png", 400, 300, seed=2)
+    with caplog.at_level(logging.WARNING):
+        group([{"image_dir": str(other), "class_tokens": "x", "face_crop_aug_range": [2.0, 2.0]},
+               {"image_dir": str(d), "class_tokens": "x", "face_crop_aug_range": [2.0, 2.0]}],
+              dataset={"enable_bucket": False})
+    assert "subsets[1] in test.toml: face_crop_aug_range: 1 of 2 images have no face box" in caplog.text
+    assert "subsets[0]" not in caplog.text
     from library.buckets import resize_filter
 
     want = Image.open(face).resize((320, 240), resize_filter((400, 300), (320, 240), None)).crop((128, 88, 192, 152))
@@ -802,3 +811,8 @@ def test_cache_latents_refuses_face_crop_aug_range(tmp_path, vae):
               dataset={"enable_bucket": False})
     with pytest.raises(ConfigError, match=r"face_crop_aug_range changes the image every step"):
         g.cache_latents(vae, 0.18215)
+    # under buckets the key does nothing (a warning says so), so the latents can be cached, as in sd-scripts
+    g = group([{"image_dir": str(tmp_path / "t"), "class_tokens": "x", "face_crop_aug_range": [2.0, 2.0]}],
+              dataset={"enable_bucket": True, "min_bucket_reso": 64})
+    g.cache_latents(vae, 0.18215)
+    assert g[0]["latents"] is not None

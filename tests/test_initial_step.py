@@ -76,13 +76,35 @@ def test_initial_epoch_starts_at_that_epochs_first_step_and_numbers_the_epoch_sa
     (["--initial_epoch", "3"], "--initial_step/--initial_epoch start at step 6, and the run ends at step 6"),
     (["--initial_epoch", "0"], "--initial_epoch must be at least 1 (1 is the first), got 0"),
     (["--initial_step", "-1"], "--initial_step must be at least 0, got -1"),
-    (["--initial_step", "2", "--resume", "latest"], "--resume continues at the step its state was saved at: drop "
-                                                    "--initial_step/--initial_epoch"),
+    (["--max_train_epochs", "1", "--initial_epoch", "2"], "--initial_step/--initial_epoch start at step 3, and the "
+                                                          "run ends at step 3"),
 ])
-def test_initial_step_errors(world, tmp_path, capsys, extra, message):
+def test_initial_step_errors(world, tmp_path, capsys, monkeypatch, extra, message):
+    """Each an error before the model loads (a real SDXL checkpoint takes tens of seconds to load)."""
+    from library import model_util
+
+    monkeypatch.setattr(model_util, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     (tmp_path / "out").mkdir()
     assert _run(world, tmp_path / "out", "--max_train_steps", "6", *extra) == 2
     assert message in capsys.readouterr().err
+
+
+def test_resume_wins_over_initial_step(world, tmp_path, seen, caplog):
+    """An interrupted --initial_step run prints "the same command plus --resume STATE": that command continues at
+    the state's step, --initial_step ignored with a warning (it was refused)."""
+    assert _run(world, tmp_path / "straight", "--max_train_steps", "6", "--save_every_n_steps", "4") == 0
+    straight = list(seen)
+    command = ["--max_train_steps", "6", "--network_weights", str(tmp_path / "straight" / "lora-step00000004.safetensors"),
+               "--initial_step", "4", "--skip_until_initial_step", "--save_every_n_steps", "5", "--save_state"]
+    out = tmp_path / "part"
+    assert _run(world, out, *command) == 0
+    for name in ("lora.safetensors", "lora-state"):  # as if stopped after step 5
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    seen.clear()
+    assert _run(world, out, *command, "--resume", str(out / "lora-step00000005-state")) == 0
+    assert seen == straight[5:6]
+    assert "--initial_step/--initial_epoch are ignored" in caplog.text
 
 
 def test_resume_in_the_folder_of_a_run_with_epoch_saves(world, tmp_path, capsys):

@@ -133,7 +133,7 @@ def test_text_encoder_disk_cache_means_the_memory_cache(tmp_path):
     args = setup_parser().parse_args(base + ["--network_train_unet_only"])
     verify_args(args)
     assert args.cache_text_encoder_outputs
-    with pytest.raises(TrainingSetupError, match="--cache_text_encoder_outputs needs --network_train_unet_only"):
+    with pytest.raises(TrainingSetupError, match="--cache_text_encoder_outputs_to_disk needs --network_train_unet_only"):
         verify_args(setup_parser().parse_args(base))
 
 

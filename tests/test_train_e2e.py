@@ -259,6 +259,19 @@ def test_alpha_masked_runs_and_masked_loss_without_masks(tiny, images, tmp_path,
         capsys.readouterr().err
 
 
+def test_uncacheable_subset_is_refused_before_the_model_loads(tiny, images, tmp_path, capsys, monkeypatch):
+    """random_crop with --cache_latents: an error naming the subset and the key, before the model loads (it came
+    after the load, from the cache itself)."""
+    from library import model_util
+
+    monkeypatch.setattr(model_util, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    dataset = _dataset(tmp_path, images, random_crop=True)
+    assert _train(tiny["sd1"], dataset, tmp_path / "out", "--cache_latents") == 2
+    err = capsys.readouterr().err
+    assert f"datasets[0].subsets[0] in {dataset}: random_crop changes the image every step, so latents cannot be " \
+           "cached" in err
+
+
 def test_per_dataset_network_multiplier_sets_the_lora_strength_per_batch(tiny, images, tmp_path, capsys,
                                                                           monkeypatch):
     """network_multiplier per [[datasets]] (sd-scripts' key): each batch trains the LoRA at --network_multiplier x
