@@ -28,20 +28,37 @@ def decode_caption_bytes(data: bytes, path: str) -> str:
                           f"iconv -f cp1252 -t utf-8).") from None
 
 
+def caption_paths(image_path: str, caption_extension: str) -> list[str]:
+    """Where an image's caption may be: `<stem><ext>`, then for a face-box name `<name>_<cx>_<cy>_<w>_<h>` (sd-scripts'
+    tools/detect_face_rotate.py) the original's `<name><ext>`, as sd-scripts' `read_caption` looks (it takes any
+    name with four `_` parts at the end; here they must be integers)."""
+    stem = os.path.splitext(image_path)[0]
+    paths = [stem + caption_extension]
+    folder, name = os.path.split(stem)
+    parts = name.split("_")
+    if len(parts) >= 5 and all(p.lstrip("-").isdigit() for p in parts[-4:]):
+        paths.append(os.path.join(folder, "_".join(parts[:-4])) + caption_extension)
+    return paths
+
+
 def read_caption_file(image_path: str, caption_extension: str, enable_wildcard: bool) -> str | None:
-    """The caption of `<stem><caption_extension>` beside the image, or None when there is no such file.
+    """The caption of `<stem><caption_extension>` beside the image (or a face crop's original, `caption_paths`), or
+    None when there is no such file.
 
     The first non-empty line; with enable_wildcard every non-empty line, joined by newlines (one is picked per
-    sample). Encodings: see `decode_caption_bytes`. A file with no text is a ConfigError (docs/dataset_config.md)."""
-    path = os.path.splitext(image_path)[0] + caption_extension
-    if not os.path.isfile(path):
+    sample). Lines end at \\n, \\r\\n or \\r only, as Python's text mode reads them in sd-scripts (not at other Unicode
+    line separators, which CLIP's tokenizer reads as spaces). Encodings: see `decode_caption_bytes`. A file with no
+    text is a ConfigError (docs/dataset_config.md)."""
+    path = next((p for p in caption_paths(image_path, caption_extension) if os.path.isfile(p)), None)
+    if path is None:
         return None
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
         raise ConfigError(f"caption file {path}: cannot read it ({e.strerror}).") from None
-    lines = [line.strip() for line in decode_caption_bytes(data, path).splitlines()]
+    text = decode_caption_bytes(data, path).replace("\r\n", "\n").replace("\r", "\n")
+    lines = [line.strip() for line in text.split("\n")]
     lines = [line for line in lines if line]
     if not lines:
         raise ConfigError(f"caption file {path} is empty. Write the caption in it, or delete it to use the "

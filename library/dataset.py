@@ -208,14 +208,16 @@ class _Dataset:
         self._register_reg_images(reg)
 
     def _take(self, items: list) -> list:
-        """This side of the subset's split (sd-scripts' `split_train_val`): the items shuffled by the split seed,
-        the first ceil((1 - validation_split) · n) for training, the rest for validation (disjoint, unlike
-        sd-scripts' rounding, which can give an image to both). All of them without a split."""
+        """This side of the subset's split (sd-scripts' `split_train_val`): the items (sorted paths, as sd-scripts
+        lists them) shuffled as `random.seed(seed); random.shuffle(...)` does, so a `validation_seed` holds out the
+        images sd-scripts holds out; the first ceil((1 - validation_split) · n) for training, the rest for
+        validation (disjoint, unlike sd-scripts' rounding, which can give an image to both). All of them without a
+        split."""
         fraction = self.bp.validation_split
         if self.split is None or fraction <= 0:
             return [] if self.split == "validation" else list(items)
         items = list(items)
-        random.Random(f"apt-lora/split/{self.split_seed}").shuffle(items)
+        random.Random(self.split_seed).shuffle(items)
         cut = math.ceil(len(items) * (1 - fraction))
         return items[:cut] if self.split == "train" else items[cut:]
 
@@ -304,9 +306,9 @@ class _Dataset:
                 if subset.enable_wildcard:
                     if tags:
                         tags = tags.replace("\n", sep)
-                        caption = "\n".join(f"{line}{sep} {tags}" for line in caption.split("\n") if line.strip())
+                        caption = "\n".join(f"{line}{sep}{tags}" for line in caption.split("\n") if line.strip())
                 elif tags:
-                    caption = f"{caption}{sep} {tags}"
+                    caption = f"{caption}{sep}{tags}"
                     tags_list.append(tags)
                 self.images[image_key] = ImageInfo(image_key, path, subset, caption, False, self._repeats(subset),
                                                    size, max_pixels=self.bp.max_image_pixels)
@@ -327,11 +329,12 @@ class _Dataset:
 
     @staticmethod
     def _find_ft_image(subset: SubsetBlueprint, image_key: str) -> str | None:
+        """The key as a path, else `<image_dir>/<key>`, else the first in sorted order of `<image_dir>/<key><ext>`
+        over the image extensions in both cases (sd-scripts' `glob_images`: with a.jpg and a.png, a.jpg)."""
         candidates = [image_key]
         if subset.image_dir:
             base = os.path.join(subset.image_dir, image_key)
-            candidates += [base] + [base + ext for ext in IMAGE_EXTENSIONS] + [base + ext.upper()
-                                                                               for ext in IMAGE_EXTENSIONS]
+            candidates += [base] + sorted(base + e for ext in IMAGE_EXTENSIONS for e in (ext, ext.upper()))
         return next((c for c in candidates if os.path.isfile(c)), None)
 
     # -- buckets ---------------------------------------------------------------------------------------------------

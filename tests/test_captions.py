@@ -96,6 +96,21 @@ def test_read_caption_file(tmp_path):
         read_caption_file(str(img), ".bin", False)
 
 
+def test_caption_file_of_a_face_crop_and_line_ends(tmp_path):
+    """A face-box name (<name>_<cx>_<cy>_<w>_<h>, sd-scripts' detect_face_rotate.py) without its own caption file
+    reads the original's, as sd-scripts' read_caption; a name whose last four parts are not numbers does not.
+    Lines end only at \\n, \\r\\n and \\r, as Python's text mode (sd-scripts) reads them: U+2028 stays inside."""
+    (tmp_path / "girl.txt").write_text("sks girl, red dress")
+    assert read_caption_file(str(tmp_path / "girl_256_200_120_140.png"), ".txt", False) == "sks girl, red dress"
+    (tmp_path / "girl_256_200_120_140.txt").write_text("own caption")
+    assert read_caption_file(str(tmp_path / "girl_256_200_120_140.png"), ".txt", False) == "own caption"
+    (tmp_path / "my.txt").write_text("unrelated")
+    assert read_caption_file(str(tmp_path / "my_photo_of_a_dog.png"), ".txt", False) is None
+    (tmp_path / "u.txt").write_text("sks dog\u2028on a beach\x85sunset\r\nsecond\rthird", encoding="utf-8")
+    assert read_caption_file(str(tmp_path / "u.png"), ".txt", False) == "sks dog\u2028on a beach\x85sunset"
+    assert read_caption_file(str(tmp_path / "u.png"), ".txt", True).split("\n")[1:] == ["second", "third"]
+
+
 def test_tag_frequency():
     assert tag_frequency(["Sks dog, grass", "sks dog,  ", "grass"]) == {"sks dog": 2, "grass": 2}
 

@@ -1,6 +1,7 @@
 """DatasetGroup: images, captions, reg images, batches, size conditioning, latent caching, metadata."""
 import argparse
 import json
+import random
 import logging
 import os
 
@@ -125,7 +126,10 @@ def test_finetuning_metadata(tmp_path):
     (tmp_path / "md.json").write_text(json.dumps(md))
     g = group([{"image_dir": str(d), "metadata_file": str(tmp_path / "md.json")}])
     caps = dict((k, c) for k, c, *_ in all_samples(g))
-    assert caps == {"one": "a photo, red, car", str(d / "two.jpg"): "blue, bike"}
+    assert caps == {"one": "a photo,red, car", str(d / "two.jpg"): "blue, bike"}  # caption + "," + tags: sd-scripts
+    img(d / "one.jpg", seed=3)  # a key that names two files: the first in sorted order (sd-scripts' glob_images)
+    g = group([{"image_dir": str(d), "metadata_file": str(tmp_path / "md.json")}])
+    assert g.datasets[0].images["one"].path == str(d / "one.jpg")
     b = g[0]
     assert b["class_tokens"] == [None] and b["prior_class_tokens"] == [None]
     (tmp_path / "bad.json").write_text('{"one": {"caption": "x"},}')
@@ -599,6 +603,11 @@ def test_validation_split_holds_out_images_disjointly(tmp_path):
     assert keys(split()[1]) == keys(val)  # the same seed: the same split
     assert keys(split(seed=1)[1]) != keys(val) and keys(split(seed=1, validation_seed=0)[1]) == keys(val)
     assert split(validation_split=0.05)[1] is None  # ceil(0.95 * 10) = 10: none held out
+    # sd-scripts' split_train_val with validation_seed 42: random.seed(42); random.shuffle(sorted paths); the tail
+    paths = sorted(subject)
+    random.seed(42)
+    random.shuffle(paths)
+    assert keys(split(validation_seed=42)[1]) == set(paths[-3:])  # round(0.3 * 10) = 3 held out there too
     everything = build_dataset_group(generate_blueprint({"general": {"resolution": 64}, "datasets": [
         {"subsets": subsets}]}, argparse.Namespace(), config_path="t.toml"), is_sdxl=False, seed=0, split="train")
     assert keys(everything) == subject | reg
