@@ -350,8 +350,8 @@ def _integral_or_fail(number: float, text: str) -> int:
 
 
 def resolve_warmup_steps(value, num_training_steps: int, flag: str = "--lr_warmup_steps") -> int:
-    """`--lr_warmup_steps` (or `--lr_decay_steps`, `flag`) as steps: an int, a ratio in [0, 1) of the total, or
-    "N%"."""
+    """`--lr_warmup_steps` (or `--lr_decay_steps`, `flag`) as steps: an int, a ratio in [0, 1] of the total, or
+    "N%" (100% = the whole run, as sd-scripts: any float is a ratio there)."""
     if value is None:
         return 0
     if isinstance(value, str):
@@ -364,11 +364,11 @@ def resolve_warmup_steps(value, num_training_steps: int, flag: str = "--lr_warmu
     if value < 0:
         raise TrainingSetupError(f"{flag} must not be negative, got {value}")
     if isinstance(value, float):
-        if value < 1:
+        if value <= 1:
             return int(value * num_training_steps)
         if not value.is_integer():
             raise TrainingSetupError(
-                f"{flag} {value}: use a whole number of steps, a ratio below 1 (0.1) or a percentage (10%)"
+                f"{flag} {value}: use a whole number of steps, a ratio up to 1 (0.1) or a percentage up to 100% (10%)"
             )
     return int(value)
 
@@ -381,7 +381,7 @@ def _schedule_steps(value, total: int, num_processes: int, flag: str) -> int:
             value = int_or_float(value)
         except argparse.ArgumentTypeError as e:
             raise TrainingSetupError(f"{flag}: {e}") from None
-    if isinstance(value, float) and value < 1:
+    if isinstance(value, float) and value <= 1:
         return resolve_warmup_steps(value, total, flag)
     return resolve_warmup_steps(value, total, flag) * num_processes
 

@@ -13,7 +13,9 @@ from typing import Sequence
 
 import torch
 
-_ATTENTION = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
+# sd-scripts' re_attention (captions and sampling): `(word:1.5)` only; A1111 also reads `(word: 1.5 )`, which
+# sd-scripts trains as the text "word: 1.5" at x1.1, and so does this
+_ATTENTION = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:([+-]?[.\d]+)\)|\)|]|[^\\()\[\]:]+|:")
 ROUND, SQUARE = 1.1, 1 / 1.1
 
 

@@ -489,6 +489,10 @@ def test_warmup_forms():
         assert lr_at(args, 10, total=200) == pytest.approx(0.5), form  # 20 warmup steps of 200
     assert optim_lib.resolve_warmup_steps("10%", 200) == 20
     assert optim_lib.resolve_warmup_steps(0.1, 200) == 20
+    # 100% (or a TOML float 1.0) warms up over the whole run, as sd-scripts (it was 1 step)
+    assert optim_lib.resolve_warmup_steps("100%", 200) == optim_lib.resolve_warmup_steps(1.0, 200) == 200
+    assert lr_at(ns(lr_scheduler="linear", lr_warmup_steps="100%"), 100, total=200) == pytest.approx(0.5)
+    assert optim_lib.resolve_warmup_steps(1, 200) == 1  # an int is a step count
     assert optim_lib.int_or_float("10%") == 0.1 and optim_lib.int_or_float("100") == 100 and optim_lib.int_or_float("0.05") == 0.05
     with pytest.raises(TrainingSetupError, match="--lr_warmup_steps"):
         optim_lib.resolve_warmup_steps(1.5, 200)

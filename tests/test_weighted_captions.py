@@ -16,6 +16,7 @@ R = 1.1
 
 @pytest.mark.parametrize("text, expected", [
     ("a (b:1.5) [c]", [("a ", 1.0), ("b", 1.5), (" ", 1.0), ("c", 1 / R)]),
+    ("a (red: 1.5) dog", [("a ", 1.0), ("red: 1.5", R), (" dog", 1.0)]),  # sd-scripts: no space before the number
     ("((x)) y", [("x", R * R), (" y", 1.0)]),
     ("(a (b:2) c:0.5)", [("a ", 0.5), ("b", 1.0), (" c", 0.5)]),
     ("\\(lit\\) (open", [("(lit) ", 1.0), ("open", R)]),  # escapes are text; an unclosed bracket weighs the rest
