@@ -142,14 +142,45 @@ def _sdxl_sgm_path(path: str, layers_per_block: int, up_has_attn: dict) -> str:
     raise ValueError(f"no SGM name for UNet module {path}")
 
 
+def _sdxl_layout(unet) -> tuple[int, dict]:
+    """What `_sdxl_sgm_path` needs of an SDXL UNet: layers per block, and which up blocks have attention."""
+    lpb = unet.config.layers_per_block
+    if not isinstance(lpb, int):
+        raise ValueError(f"SDXL UNet with per-block layers_per_block={lpb} is not supported")
+    return lpb, {i: hasattr(b, "attentions") and len(b.attentions) > 0 for i, b in enumerate(unet.up_blocks)}
+
+
+_DIFFUSERS_BLOCK = re.compile(r"lora_unet_(?:(down_blocks|up_blocks)_(\d+)_(attentions|resnets|downsamplers|upsamplers)"
+                              r"|mid_block_(attentions|resnets))_(\d+)_(.+)$")
+
+
+def sgm_module_names(modules: dict, model) -> dict:
+    """An SDXL file's UNet module names written with diffusers' block names (`lora_unet_down_blocks_1_attentions_0_...`,
+    as some other trainers write them) renamed to the SGM names sd-scripts uses (`lora_unet_input_blocks_4_1_...`), as
+    sd-scripts' `convert_diffusers_to_sai_if_needed` does when it loads one; ComfyUI, A1111 and diffusers read both.
+    Other names, and any file for SD1/SD2 (whose kohya names are diffusers'), are left as they are."""
+    if model.arch != "sdxl" or not any(_DIFFUSERS_BLOCK.match(n) for n in modules):
+        return modules
+    lpb, up_has_attn = _sdxl_layout(model.unet)
+
+    def rename(name: str) -> str:
+        m = _DIFFUSERS_BLOCK.match(name)
+        if m is None:
+            return name
+        block = f"{m[1]}.{m[2]}.{m[3]}" if m[1] else f"mid_block.{m[4]}"
+        try:
+            return f"{LORA_PREFIX_UNET}.{_sdxl_sgm_path(f'{block}.{m[5]}.{m[6]}', lpb, up_has_attn)}".replace(".", "_")
+        except ValueError:
+            return name  # reported as a module this model does not have
+
+    return {rename(n): v for n, v in modules.items()}
+
+
 def _unet_targets(model, conv: bool) -> list[_Target]:
     unet = model.unet
     target_classes = UNET_TARGET_REPLACE_MODULE + (UNET_TARGET_REPLACE_MODULE_CONV2D_3X3 if conv else [])
     if model.arch == "sdxl":
-        lpb = unet.config.layers_per_block
-        if not isinstance(lpb, int):
-            raise ValueError(f"SDXL UNet with per-block layers_per_block={lpb} is not supported")
-        up_has_attn = {i: hasattr(b, "attentions") and len(b.attentions) > 0 for i, b in enumerate(unet.up_blocks)}
+        lpb, up_has_attn = _sdxl_layout(unet)
     targets, seen = [], set()
     for name, module in unet.named_modules():
         if type(module).__name__ not in target_classes:
@@ -366,24 +397,31 @@ class LoRANetwork(nn.Module):
         self._device_multiplier, self._device_value = None, None  # see keep_multiplier_on_device
         self.lora_dim = int(lora_dim)
         self.alpha = alpha
-        self.conv_lora_dim = int(conv_lora_dim) if conv_lora_dim else None
-        self.conv_alpha = (1.0 if conv_alpha is None else conv_alpha) if self.conv_lora_dim else None
+        # conv_dim given (0 too, as in sd-scripts): the ResNet/down/upsampler blocks are targeted, their Linear and
+        # 1x1 layers at network_dim and their 3x3 convs at conv_dim (0: none); None: LierLa, attention blocks only
+        self.conv_lora_dim = int(conv_lora_dim) if conv_lora_dim is not None else None
+        self.conv_alpha = (1.0 if conv_alpha is None else conv_alpha) if self.conv_lora_dim is not None else None
         self.dropout = dropout
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
         self.train_unet = train_unet
         self.train_text_encoder = train_text_encoder
         self.network_args: dict[str, str] = {}
+        if module_dims is not None:
+            module_dims = sgm_module_names(module_dims, model)
         self.loraplus: dict[str, float | None] = {}  # LoRA+ ratios: "all", "unet", "text_encoder" (create_network)
 
         def rank_alpha(t: _Target) -> tuple:
             """(rank, alpha) of a target; rank 0: no module (a block left out by `block_plan`). `module_dims`
-            (--dim_from_weights: name -> (rank, alpha)) gives a module the file's own rank."""
+            (--dim_from_weights: name -> (rank, alpha)) makes exactly the file's modules, each at its own rank, as
+            sd-scripts' `create_network_from_weights` (a block-wise or UNet-only file is continued as it is)."""
+            if module_dims is not None:
+                return module_dims.get(t.lora_name, (0, None))
             if block_plan is not None and t.te_index is None:
                 rank, a = block_plan.rank_alpha(t.lora_name, self.arch, t.uses_conv_dim)
             else:
                 rank, a = (self.conv_lora_dim, self.conv_alpha) if t.uses_conv_dim else (self.lora_dim, alpha)
-            return module_dims[t.lora_name] if rank and module_dims and t.lora_name in module_dims else (rank, a)
+            return rank, a
 
         def make(t: _Target) -> LoRAModule:
             return LoRAModule(t.lora_name, t.module, multiplier, *rank_alpha(t), dropout, rank_dropout, module_dropout)
@@ -392,12 +430,14 @@ class LoRANetwork(nn.Module):
         self._te_index: dict[str, int] = {}
         if train_text_encoder:
             for t in _text_encoder_targets(model):
-                self.text_encoder_loras.append(make(t))
-                self._te_index[t.lora_name] = t.te_index
+                if rank_alpha(t)[0]:
+                    self.text_encoder_loras.append(make(t))
+                    self._te_index[t.lora_name] = t.te_index
         self.block_plan = block_plan  # networks.lora_blocks.BlockPlan: a rank, alpha and lr weight per UNet block
         self.unet_loras: list[LoRAModule] = []
         if train_unet:
-            conv = (block_plan.conv_dims if block_plan is not None else self.conv_lora_dim) is not None
+            conv = module_dims is not None or (block_plan.conv_dims if block_plan is not None
+                                               else self.conv_lora_dim) is not None
             self.unet_loras = [make(t) for t in _unet_targets(model, conv=conv) if rank_alpha(t)[0]]
         for lora in self.text_encoder_loras + self.unet_loras:
             self.add_module(lora.lora_name, lora)
@@ -584,6 +624,7 @@ class LoRANetwork(nn.Module):
         path = os.fspath(path)
         sd = _read_lora_file(path)
         modules, extra = _group_kohya_keys(sd)
+        modules = sgm_module_names(modules, self.model)
         if extra:
             ex = ", ".join(sorted(extra)[:3])
             raise LoRAWeightsError(
@@ -619,8 +660,9 @@ class LoRANetwork(nn.Module):
             logger.warning("%s: has %d text-encoder LoRA modules but this network does not train the text encoder "
                            "(--network_train_unet_only); they are ignored", path, len(unknown & arch_te))
         if unknown - arch_te:
-            logger.warning("%s: has %d UNet LoRA modules but this network does not train the UNet; they are ignored",
-                           path, len(unknown - arch_te))
+            why = ("this network leaves them out (its block_dims, conv_dim or a block learning rate of 0)"
+                   if self.train_unet else "this network does not train the UNet")
+            logger.warning("%s: has %d UNet LoRA modules but %s; they are ignored", path, len(unknown - arch_te), why)
         file_names -= unknown
 
         # shapes: first anything that is not just the rank (another base model), then the rank
@@ -878,7 +920,7 @@ def create_network(model, args, module_dims: dict | None = None) -> LoRANetwork:
     kw = parse_network_args(raw)
     conv_dim = kw.get("conv_dim")
     conv_alpha = kw.get("conv_alpha")
-    if conv_dim and conv_alpha is None:
+    if conv_dim is not None and conv_alpha is None:
         conv_alpha = 1.0
     unet_only = bool(getattr(args, "network_train_unet_only", False))
     te_only = bool(getattr(args, "network_train_text_encoder_only", False))

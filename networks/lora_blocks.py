@@ -146,7 +146,7 @@ def parse_block_args(kw: dict, arch: str, dim: int, alpha: float, conv_dim: Opti
         conv_dims = _numbers("conv_block_dims", kw["conv_block_dims"], int, total)
         conv_alphas = (_numbers("conv_block_alphas", kw["conv_block_alphas"], float, total)
                        if kw.get("conv_block_alphas") is not None else [1.0 if conv_alpha is None else conv_alpha] * total)
-    elif conv_dim:
+    elif conv_dim is not None:  # 0 too: the conv blocks' Linear/1x1 layers are targeted, no 3x3 (sd-scripts)
         conv_dims, conv_alphas = [conv_dim] * total, [conv_alpha] * total
     else:
         if kw.get("conv_block_alphas") is not None:

@@ -12,7 +12,7 @@ import os
 import torch
 
 from networks.lora import (LoRAModule, LoRAWeightsError, _describe_file, _fits, _group_kohya_keys, _read_lora_file,
-                           _text_encoder_targets, _unet_targets)
+                           _text_encoder_targets, _unet_targets, sgm_module_names)
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +23,7 @@ def merge_lora_file(model, path, multiplier: float = 1.0) -> int:
     path = os.fspath(path)
     sd = _read_lora_file(path, flag="--base_weights")
     modules, extra = _group_kohya_keys(sd)
+    modules = sgm_module_names(modules, model)
     if extra or not modules:
         raise LoRAWeightsError(f"--base_weights {path}: not a plain kohya LoRA (networks.lora)"
                                + (f": unexpected keys such as {', '.join(sorted(extra)[:3])}" if extra else "")

@@ -555,6 +555,58 @@ def test_a_file_with_per_module_ranks_is_continued_module_for_module(sd1, tmp_pa
     assert {k: tuple(v.shape) for k, v in saved.items()} == {k: tuple(v.shape) for k, v in resized.items()}
 
 
+def test_sdxl_file_with_diffusers_block_names_loads_as_sgm(tmp_path):
+    """An SDXL kohya file whose UNet names use diffusers' blocks (lora_unet_down_blocks_1_attentions_0_..., as other
+    trainers write them): --network_weights, --dim_from_weights and --base_weights read it as the SGM-named file
+    (sd-scripts' convert_diffusers_to_sai_if_needed); it was refused as made for another model."""
+    from networks.lora import dims_from_weights
+    from networks.merge import merge_lora_file
+
+    model = build_tiny_model("sdxl")
+    net = create_network(model, args(network_dim=4, network_args=["conv_dim=2"]))
+    randomize(net, seed=3, std=0.1)
+    sgm_path = _save(net, tmp_path / "sgm.safetensors")
+    by_module = {id(lora.org_module): lora.lora_name for lora in net.unet_loras}
+    renamed = {by_module[id(m)]: "lora_unet_" + n.replace(".", "_") for n, m in model.unet.named_modules()
+               if id(m) in by_module}
+    assert len(renamed) == len(net.unet_loras) and any("down_blocks" in v for v in renamed.values())
+    sd = safetensors.torch.load_file(sgm_path)
+    diffusers_sd = {}
+    for k, v in sd.items():
+        name, _, part = k.partition(".")
+        diffusers_sd[f"{renamed.get(name, name)}.{part}"] = v
+    assert any("input_blocks" in k for k in sd) and not any("input_blocks" in k for k in diffusers_sd)
+    path = str(tmp_path / "diffusers_names.safetensors")
+    safetensors.torch.save_file(diffusers_sd, path)
+
+    fresh = create_network(model, args(network_dim=4, network_args=["conv_dim=2"]))
+    assert fresh.load_weights(path)["missing"] == []
+    assert {k: torch.equal(v, sd[k]) for k, v in fresh.kohya_state_dict().items()} == {k: True for k in sd}
+    dims = dims_from_weights(path)
+    built = create_network(model, args(network_dim=dims["network_dim"], network_alpha=dims["network_alpha"]),
+                           dims["modules"])
+    assert sorted(lora.lora_name for lora in built.loras) == sorted(lora.lora_name for lora in net.loras)
+    merged = {}
+    for p in (sgm_path, path):
+        m = build_tiny_model("sdxl")
+        assert merge_lora_file(m, p) == len(net.loras)
+        merged[p] = m.unet.state_dict()
+    assert all(torch.equal(merged[sgm_path][k], merged[path][k]) for k in merged[path])
+
+
+def test_conv_dim_0_file_loads_with_the_advice_given(sd1, tmp_path):
+    """A file with the conv blocks' Linear/1x1 modules and no 3x3 convs (sd-scripts' conv_dim=0): a LierLa network
+    refuses it naming conv_dim=0, and with that it loads (the advice did not work: conv_dim=0 meant LierLa here)."""
+    net = create_network(sd1, args(network_dim=4, network_args=["conv_dim=0"]))
+    assert not any(lora.is_conv3x3 for lora in net.loras)
+    assert any("time_emb_proj" in lora.lora_name for lora in net.loras)
+    path = _save(net, tmp_path / "c0.safetensors")
+    with pytest.raises(LoRAWeightsError, match="pass --network_args conv_dim=0 conv_alpha=1"):
+        create_network(sd1, args(network_dim=4)).load_weights(path)
+    assert create_network(sd1, args(network_dim=4, network_args=["conv_dim=0", "conv_alpha=1"])).load_weights(
+        path)["missing"] == []
+
+
 def test_load_sdxl_lora_into_sd1_network(sd1, tmp_path):
     xl = LoRANetwork(build_tiny_model("sdxl"), lora_dim=4)
     path = _save(xl, tmp_path / "xl.safetensors")

@@ -66,6 +66,18 @@ def test_network_names_and_shapes_match_sd_scripts(arch, variant, reference):
     assert len(keys) == 3 * len(expected)
 
 
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_conv_dim_0_adapts_the_conv_blocks_linear_and_1x1_layers(arch, reference):
+    """sd-scripts' conv_dim=0: the ResNet/down/upsampler blocks are targeted, their Linear and 1x1 layers at
+    network_dim, their 3x3 convs not at all: the C3Lier names less the 3x3 convs (it was the LierLa set here, and a
+    file made so could not be loaded)."""
+    with torch.device("meta"):
+        net = LoRANetwork(meta_model(arch), lora_dim=RANK, conv_lora_dim=0, train_text_encoder=True)
+    expected = {n: s for n, s in _expected(reference[f"{arch}_c3lier"], RANK, 0).items() if s[0][0] == RANK}
+    got = {m.lora_name: (tuple(m.lora_down.weight.shape), tuple(m.lora_up.weight.shape)) for m in net.loras}
+    assert got == expected and len(got) > len(reference[f"{arch}_lierla"])
+
+
 def test_totals():
     # KOHYA_COMPAT §1.5: SD1 LierLa 264 modules (792 tensors), SDXL LierLa 986 modules (2958 tensors)
     assert len(kohya_module_names(meta_model("sd1"), "lierla")) == 264

@@ -366,6 +366,25 @@ def test_dim_from_weights_continues_a_lora_of_another_rank(tiny, images, tmp_pat
         capsys.readouterr().err
 
 
+@pytest.mark.parametrize("first_args", [
+    ["--network_args", "block_dims=" + ",".join(["4"] * 12 + ["0"] + ["4"] * 12)],  # no mid-block modules
+    ["--network_train_unet_only"],
+], ids=["block-wise", "unet-only"])
+def test_dim_from_weights_continues_a_partial_lora_as_it_is(tiny, images, tmp_path, first_args):
+    """A file without some of the network's modules (a block-wise one, a UNet-only one): --dim_from_weights makes
+    exactly the file's modules, as sd-scripts' create_network_from_weights, and the saved file has its keys (it was
+    refused: "lacks 12 of the 192 UNet LoRA modules")."""
+    dataset = _dataset(tmp_path, images)
+    assert _train(tiny["sd1"], dataset, tmp_path / "first", *first_args) == 0
+    weights = load_file(str(tmp_path / "first" / "lora.safetensors"))
+    assert _train(tiny["sd1"], dataset, tmp_path / "cont", "--network_weights", str(tmp_path / "first" / "lora.safetensors"),
+                  "--dim_from_weights") == 0
+    cont = load_file(str(tmp_path / "cont" / "lora.safetensors"))
+    assert {k: v.shape for k, v in cont.items()} == {k: v.shape for k, v in weights.items()}
+    changed = [k for k in cont if k.endswith("lora_up.weight") and not torch.equal(cont[k], weights[k])]
+    assert changed  # it trained
+
+
 def test_nan_steps_are_skipped_then_the_run_stops_with_the_likely_cause(tiny, images, tmp_path, capsys, nan_steps):
     """A NaN loss skips the step (no weight update); after --max_bad_steps the run stops and names the causes."""
     nan_steps(lambda n: n % 2 == 0)
