@@ -401,7 +401,7 @@ def train(args):
     # --- data, then the model ------------------------------------------------------------------------
     # The model's kind comes from its header or configs alone, so a dataset mistake (or --debug_dataset) costs
     # seconds, not the multi-GB load, as in sd-scripts where the dataset is built before the model is loaded.
-    arch, v_param = probe_model(args.pretrained_model_name_or_path, v2=args.v2,
+    arch, v_param = probe_model(args.pretrained_model_name_or_path, v2=args.v2, zero_terminal_snr=args.zero_terminal_snr,
                                 v_parameterization=args.v_parameterization, sdxl=args.sdxl,
                                 allow_pickle=args.allow_pickle_checkpoint)
     is_sdxl = arch == "sdxl"

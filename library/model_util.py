@@ -237,12 +237,26 @@ def _read_shapes(path: str, allow_pickle: bool) -> tuple[dict, dict]:
         raise _unreadable("model", path, e) from e
 
 
+_EDM_KEYS = ("edm_mean", "edm_std", "edm_vpred.sigma_max")  # ComfyUI's markers: Playground v2.5, CosXL (EDM)
+
+
 def _file_arch(shapes: dict, metadata: dict, path: str, v2, v_param, sdxl) -> tuple[str, bool]:
-    """(arch, v-prediction) of a single-file checkpoint; --v2/--sdxl checked against what the keys say."""
+    """(arch, v-prediction) of a single-file checkpoint; --v2/--sdxl checked against what the keys say.
+
+    The prediction type, without --v_parameterization: our header key, `modelspec.prediction_type`, ComfyUI's
+    `modelspec.predict_key`, or ComfyUI's empty `v_pred` tensor (NoobAI-style v-prediction SDXL files and ComfyUI
+    saves carry it; ComfyUI reads it too). An EDM model (ComfyUI's `edm_*` keys) is refused: its noise schedule is not
+    the DDPM one trained here."""
     arch = detect_arch(shapes, path)
+    edm = [k for k in _EDM_KEYS if k in shapes]
+    if edm:
+        raise ModelLoadError(f"{path} is an EDM model ({edm[0]} key: Playground v2.5, CosXL or similar), whose noise "
+                             f"schedule is not the DDPM one this trainer uses; only DDPM (epsilon or v-prediction) "
+                             f"SD1.x/SD2.x/SDXL models are supported")
     _check_flags(arch, v2, sdxl, path, "detected from the checkpoint's keys")
     if v_param is None:
-        v_param = (metadata.get(PREDICTION_KEY) or metadata.get("modelspec.prediction_type")) == "v"
+        v_param = ("v_pred" in shapes or "v" in (metadata.get(PREDICTION_KEY), metadata.get("modelspec.prediction_type"),
+                                                metadata.get("modelspec.predict_key")))
         if arch == "sd2" and not v_param:
             logger.warning("%s: SD2 single files do not say whether they are v-prediction (768-v) models; using "
                            "epsilon. Pass --v_parameterization for 768-v models.", path)
@@ -331,15 +345,22 @@ def load_model(path, *, v2=None, v_parameterization=None, sdxl=None, tokenizer_p
     return model
 
 
-def probe_model(path, *, v2=None, v_parameterization=None, sdxl=None, allow_pickle=False) -> tuple[str, bool]:
+def probe_model(path, *, v2=None, v_parameterization=None, sdxl=None, allow_pickle=False,
+                zero_terminal_snr=False) -> tuple[str, bool]:
     """(arch, v-prediction) of the model `load_model` would load, from the file's header or the folder's configs:
     no weights are read (but for a pickle checkpoint, which has no header and is loaded whole), so a run can check
-    its dataset (and --debug_dataset can run) before the multi-GB load.
+    its dataset (and --debug_dataset can run) before the multi-GB load. A single file marked as trained with zero
+    terminal SNR (ComfyUI's `ztsnr` key) gets a warning naming --zero_terminal_snr unless it is given.
     Raises the same ModelLoadError as load_model for a missing, refused or unsupported model."""
     path = os.fspath(path)
     if os.path.isdir(path):
         return _folder_arch(path, v2, v_parameterization, sdxl)
-    return _file_arch(*_read_shapes(path, allow_pickle), path, v2, v_parameterization, sdxl)
+    shapes, metadata = _read_shapes(path, allow_pickle)
+    arch_v = _file_arch(shapes, metadata, path, v2, v_parameterization, sdxl)
+    if "ztsnr" in shapes and not zero_terminal_snr:
+        logger.warning("%s is marked as trained with zero terminal SNR (its ztsnr key): pass --zero_terminal_snr to "
+                       "train it the same way", path)
+    return arch_v
 
 
 def _load_single_file(path, v2, v_param, sdxl, tokenizer_path, external_vae, allow_pickle) -> StableDiffusionModel:
@@ -561,6 +582,8 @@ def save_single_file(model: StableDiffusionModel, path, dtype=None, overwrite: b
             v = v.clone()
         seen.add(v.untyped_storage().data_ptr())
         out[k] = v
+    if model.v_parameterization:  # ComfyUI's marker, which it reads (our header key is ours alone)
+        out["v_pred"] = torch.tensor([])
     metadata = {"format": "pt", CONFIGS_KEY: json.dumps(configs),
                 PREDICTION_KEY: "v" if model.v_parameterization else "epsilon"}
     atomic_save_safetensors(out, path, metadata, overwrite=overwrite)
@@ -609,7 +632,8 @@ def save_diffusers(model: StableDiffusionModel, folder, overwrite: bool = False)
             if backend is not None and not os.path.exists(os.path.join(tmp, sub, "vocab.json")):
                 backend.model.save(os.path.join(tmp, sub))
         # steps_offset=1 as in real SD folders (inference only; pipelines warn on 0)
-        type(model.noise_scheduler).from_config({**model.noise_scheduler.config, "steps_offset": 1}).save_pretrained(
+        # (a keyword: from_config drops a config's steps_offset as a default value)
+        type(model.noise_scheduler).from_config(dict(model.noise_scheduler.config), steps_offset=1).save_pretrained(
             os.path.join(tmp, "scheduler"))
         with open(os.path.join(tmp, "model_index.json"), "w", encoding="utf-8") as f:
             json.dump(_model_index(model), f, indent=2)

@@ -396,3 +396,44 @@ def test_full_size_configs_on_meta(arch, n_params, model_type):
 def test_agreeing_flags_load(tiny):
     assert load_model(tiny["sdxl"]["file"], sdxl=True, v2=False).arch == "sdxl"
     assert load_model(tiny["sd1"]["file"], v2=False, sdxl=False).arch == "sd1"
+
+
+def test_prediction_and_schedule_markers_of_other_tools(tiny, tmp_path, caplog):
+    """ComfyUI's markers in a single file: an empty `v_pred` tensor or `modelspec.predict_key: v` mean v-prediction
+    (NoobAI-style SDXL files; they trained as epsilon before, silently); `ztsnr` warns to pass --zero_terminal_snr;
+    an EDM model (Playground v2.5's edm_mean, CosXL's edm_vpred.sigma_max) is refused. A v-prediction model saved here
+    carries `v_pred` for ComfyUI; a saved diffusers folder has steps_offset 1 (from_config dropped it)."""
+    from safetensors import safe_open
+
+    sd = load_file(tiny["sdxl"]["file"])
+    with safe_open(tiny["sdxl"]["file"], "pt") as f:  # its configs (tiny sizes), less our prediction key
+        header = {k: v for k, v in f.metadata().items() if k != model_util.PREDICTION_KEY}
+
+    def write(name, extra=None, metadata=None):
+        path = str(tmp_path / f"{name}.safetensors")
+        save_file({**sd, **(extra or {})}, path, metadata={**header, **(metadata or {})})
+        return path
+
+    assert probe_model(write("plain")) == ("sdxl", False)
+    assert probe_model(write("vpred", {"v_pred": torch.tensor([])})) == ("sdxl", True)
+    assert load_model(write("vpred", {"v_pred": torch.tensor([])})).v_parameterization
+    assert probe_model(write("predict_key", metadata={"modelspec.predict_key": "v"})) == ("sdxl", True)
+    ztsnr = write("ztsnr", {"v_pred": torch.tensor([]), "ztsnr": torch.tensor([])})
+    with caplog.at_level("WARNING"):
+        assert probe_model(ztsnr, zero_terminal_snr=True) == ("sdxl", True)
+        assert "--zero_terminal_snr" not in caplog.text
+        probe_model(ztsnr)
+    assert "marked as trained with zero terminal SNR (its ztsnr key): pass --zero_terminal_snr" in caplog.text
+    for key in ("edm_mean", "edm_vpred.sigma_max"):
+        path = write(key, {key: torch.zeros(1)})
+        with pytest.raises(ModelLoadError, match=f"is an EDM model \\({key} key"):
+            probe_model(path)
+
+    v_model = build_tiny_model("sd1", seed=1)
+    v_model.v_parameterization = True
+    saved = model_util.save_single_file(v_model, tmp_path / "v.safetensors")
+    with safe_open(saved, "pt") as f:
+        assert "v_pred" in f.keys()
+    assert load_model(saved).v_parameterization
+    with open(os.path.join(tiny["sd1"]["folder"], "scheduler", "scheduler_config.json"), encoding="utf-8") as f:
+        assert json.load(f)["steps_offset"] == 1
