@@ -390,6 +390,13 @@ def train(args):
         raise train_util.TrainingSetupError(
             f"launched as {os.environ['WORLD_SIZE']} processes but accelerate set up {accelerator.num_processes}: "
             "on a machine without GPUs set ACCELERATE_USE_CPU=1 (accelerate launch --cpu), or launch with matching settings")
+    saved_seed = read_state_info(args.resume).get("seed") if args.resume else None
+    if saved_seed is not None and args.seed is not None and args.seed != saved_seed:
+        raise train_util.TrainingSetupError(
+            f"--resume {args.resume} was saved by a run with --seed {saved_seed}, and the seed decides the batch order, "
+            f"the validation split and every draw: leave --seed out (the state's is used) or pass --seed {saved_seed}")
+    if args.seed is None and saved_seed is not None:  # a run started without --seed continues with its own
+        args.seed = int(saved_seed)
     if args.seed is None:  # one seed for all ranks: the LoRA initialisation must be identical everywhere
         from accelerate.utils import broadcast_object_list
 

@@ -103,6 +103,9 @@ def advance_schedule(lr_scheduler, steps: int) -> None:
             lr_scheduler.step()
 
 
+_DAMAGED = "the state is damaged: resume from another state folder (an earlier <name>-step<N>-state)"
+
+
 def read_state_info(folder: str) -> dict:
     """train_state.json of a state folder (step, epoch, batches_done, seed)."""
     info_path = os.path.join(folder, "train_state.json")
@@ -110,25 +113,71 @@ def read_state_info(folder: str) -> dict:
         raise StateError(f"--resume {folder}: no such folder (pass a <name>-step<N>-state folder written by --save_state)")
     if not os.path.exists(info_path):
         raise StateError(f"--resume {folder}: train_state.json is missing; this is not a complete state folder")
-    with open(info_path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(info_path, encoding="utf-8") as f:
+            info = json.load(f)
+        for key in ("step", "epoch", "batches_done"):
+            int(info[key])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise StateError(f"--resume {folder}: train_state.json cannot be read ({type(e).__name__}: {e}); "
+                         f"{_DAMAGED}") from None
+    return info
+
+
+def _read(folder: str, name: str, loader):
+    """One file of the state; a missing or unreadable one is a StateError naming it."""
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise StateError(f"--resume {folder}: {name} is missing; {_DAMAGED}")
+    try:
+        return loader(path)
+    except Exception as e:  # noqa: BLE001 - safetensors, torch and pickle errors alike: the file is damaged
+        raise StateError(f"--resume {folder}: {name} cannot be read ({type(e).__name__}: {e}); {_DAMAGED}") from None
+
+
+def _load_into(folder: str, what: str, target, state, advice: str) -> None:
+    try:
+        target.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise StateError(f"--resume {folder}: the saved {what} does not fit this run ({type(e).__name__}: {e}); "
+                         f"{advice}") from None
 
 
 def load_state(folder: str, *, network, optimizer, lr_scheduler, apt=None) -> dict:
-    """Restore a state folder into the given objects (and the RNGs); returns train_state.json's dict."""
+    """Restore a state folder into the given objects (and the RNGs); returns train_state.json's dict. A damaged
+    folder, or one from a run with another LoRA shape, alpha, optimizer or schedule, is a StateError that says so."""
     info = read_state_info(folder)
-    sd = load_file(os.path.join(folder, "network.safetensors"))
-    missing, unexpected = network.load_state_dict(sd, strict=False)
+    sd = _read(folder, "network.safetensors", load_file)
+    ours = network.state_dict()
+    missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
+    same_run = "resume with the same --network_dim/--network_alpha/--network_args/model as the saved run"
     if missing or unexpected:
         raise StateError(f"--resume {folder}: the saved LoRA does not match this network ({len(missing)} missing, "
-                         f"{len(unexpected)} unexpected keys, e.g. {(missing or unexpected)[:2]}); "
-                         "resume with the same --network_dim/--network_args/model as the saved run")
-    optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True))
-    lr_scheduler.load_state_dict(torch.load(os.path.join(folder, "lr_scheduler.pt"), weights_only=True))
-    apt_path = os.path.join(folder, "apt.safetensors")
+                         f"{len(unexpected)} unexpected keys, e.g. {(missing or unexpected)[:2]}); {same_run}")
+    shape = [k for k in sd if tuple(sd[k].shape) != tuple(ours[k].shape)]
+    if shape:
+        raise StateError(f"--resume {folder}: the saved LoRA has another rank ({shape[0]} is {list(sd[shape[0]].shape)}, "
+                         f"this network's {list(ours[shape[0]].shape)}); {same_run}")
+    alpha = [k for k in sd if k.endswith(".alpha") and float(sd[k]) != float(ours[k])]
+    if alpha:  # the scale was alpha / rank: another alpha would train the rest at another strength
+        raise StateError(f"--resume {folder}: the saved LoRA has alpha {float(sd[alpha[0]]):g} where this network has "
+                         f"{float(ours[alpha[0]]):g} ({alpha[0]}); {same_run}")
+    network.load_state_dict(sd, strict=False)
+    load = lambda path: torch.load(path, weights_only=True)  # noqa: E731
+    same_optimizer = ("resume with the same --optimizer_type, --optimizer_args and learning rates (a part at learning "
+                      "rate 0 has no optimizer group) as the saved run")
+    needs = [set(g) for g in optimizer.param_groups]
+    _load_into(folder, "optimizer state", optimizer, _read(folder, "optimizer.pt", load), same_optimizer)
+    lacking = [sorted(n - set(g)) for n, g in zip(needs, optimizer.param_groups) if n - set(g)]
+    if lacking:  # torch takes the saved groups whole, with the defaults of its own newer keys only
+        raise StateError(f"--resume {folder}: the saved optimizer state does not fit this run (its groups lack "
+                         f"{', '.join(lacking[0])}: another optimizer's); {same_optimizer}")
+    _load_into(folder, "learning-rate schedule", lr_scheduler, _read(folder, "lr_scheduler.pt", load),
+               "resume with the same --lr_scheduler and its arguments as the saved run")
     if apt is not None:
-        if not os.path.exists(apt_path):
+        if not os.path.exists(os.path.join(folder, "apt.safetensors")):
             raise StateError(f"--resume {folder}: the state has no APT indicator (the run was not trained with APT)")
-        apt.load_state_dict(load_file(apt_path))
-    set_rng_state(torch.load(os.path.join(folder, "rng.pt"), weights_only=True))
+        _load_into(folder, "APT indicator", apt, _read(folder, "apt.safetensors", load_file),
+                   "resume with the same --apt settings as the saved run")
+    set_rng_state(_read(folder, "rng.pt", load))
     return info

@@ -1,0 +1,78 @@
+"""--resume with a state that does not fit: a damaged folder, another run's LoRA rank, alpha, optimizer or seed, and
+`--resume latest` among several runs' states. Each is an error line naming the folder and what to do (they were raw
+tracebacks, or for the alpha and the seed a silent continuation); a run started without --seed resumes with its
+own seed."""
+import json
+import os
+import shutil
+
+import pytest
+from safetensors.torch import load_file
+
+import train_apt_lora
+from library.interrupt import find_latest_state
+
+
+def _run(world, out, *extra):
+    return train_apt_lora.main(["--pretrained_model_name_or_path", world.model("sd1"), "--dataset_config",
+                                world.dataset, "--output_dir", str(out), "--output_name", "lora", "--network_dim", "4",
+                                "--network_alpha", "4", "--learning_rate", "1e-3", "--max_train_steps", "4", *extra])
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_world, tmp_path_factory):
+    """4 steps without --seed (a random one), a state saved at step 2."""
+    out = tmp_path_factory.mktemp("straight")
+    assert _run(tiny_world, out, "--save_every_n_steps", "2", "--save_state") == 0
+    return out
+
+
+def _state_copy(straight, tmp_path):
+    """A fresh folder holding only the step-2 state (as if the run stopped after it)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copytree(straight / "lora-step00000002-state", out / "lora-step00000002-state")
+    return out, out / "lora-step00000002-state"
+
+
+def test_a_run_without_seed_resumes_with_its_own(tiny_world, straight, tmp_path, capsys):
+    out, state = _state_copy(straight, tmp_path)
+    assert _run(tiny_world, out, "--resume", str(state)) == 0
+    a, b = load_file(str(straight / "lora.safetensors")), load_file(str(out / "lora.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # the uninterrupted run, bit for bit
+    seed = json.loads((state / "train_state.json").read_text())["seed"]
+    assert _run(tiny_world, tmp_path / "other", "--resume", str(state), "--seed", str(seed + 1)) == 2
+    assert (f"was saved by a run with --seed {seed}, and the seed decides the batch order, the validation split and "
+            f"every draw: leave --seed out (the state's is used) or pass --seed {seed}") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage, extra, message", [
+    ("optimizer.pt", [], "optimizer.pt is missing; the state is damaged: resume from another state folder"),
+    ("network.safetensors", [], "network.safetensors cannot be read"),
+    ("train_state.json", [], "train_state.json cannot be read"),
+    (None, ["--network_dim", "8", "--network_alpha", "8"], "the saved LoRA has another rank"),
+    (None, ["--network_alpha", "1"], "the saved LoRA has alpha 4 where this network has 1"),
+    (None, ["--optimizer_type", "SGDNesterov"], "the saved optimizer state does not fit this run"),
+], ids=["missing", "truncated", "bad-json", "rank", "alpha", "optimizer"])
+def test_a_state_that_does_not_fit_is_an_error(tiny_world, straight, tmp_path, capsys, damage, extra, message):
+    out, state = _state_copy(straight, tmp_path)
+    if damage == "optimizer.pt":
+        (state / damage).unlink()
+    elif damage == "network.safetensors":
+        data = (state / damage).read_bytes()
+        (state / damage).write_bytes(data[: len(data) // 2])
+    elif damage == "train_state.json":
+        (state / damage).write_text('{"step": 2, "epo')
+    assert _run(tiny_world, out, "--resume", str(state), *extra) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # (above it: the model's loading bar)
+    assert message in last and last.startswith("error: --resume ") and "Traceback" not in err, err
+
+
+def test_resume_latest_takes_this_runs_state_only(tmp_path):
+    for name, step in (("lora-step00000004-state", 4), ("lora_v2-step00000100-state", 100),
+                       ("lora-000002-state", 3), ("lora-state", 2)):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "train_state.json").write_text(json.dumps({"step": step}))
+    assert find_latest_state(str(tmp_path), "lora") == str(tmp_path / "lora-step00000004-state")
+    assert find_latest_state(str(tmp_path), "lora_v2") == str(tmp_path / "lora_v2-step00000100-state")
