@@ -703,9 +703,12 @@ def train(args):
                                    args.sample_prompts)
             model.vae.to(device, vae_dtype)
             with evaluation_weights(optimizer), network.multiplier_override(args.network_multiplier):
+                # a fresh run's first samples are "epoch 0" (sd-scripts' NAME_e000000_...); a resumed run's show
+                # the step it continues from
+                epoch_name = epoch if at_epoch_end else (0 if first and step == 0 else None)
                 sample_images(model, sample_prompts, output_dir=args.output_dir, extra_modules=[network],
-                              output_name=args.output_name, epoch=epoch if at_epoch_end else None,
-                              step=None if at_epoch_end else step, device=device, clip_skip=args.clip_skip,
+                              output_name=args.output_name, epoch=epoch_name,
+                              step=None if epoch_name is not None else step, device=device, clip_skip=args.clip_skip,
                               sampler=args.sample_sampler, dtype=weight_dtype)
             if args.cache_latents:
                 model.vae.to("cpu")
@@ -846,6 +849,7 @@ def train(args):
             model.vae.to(device, vae_dtype)
             with evaluation_weights(optimizer), network.multiplier_override(args.network_multiplier):
                 grid = prior_vs_lora_grid(model, network, sample_prompts, seed=args.seed, upscale_to=128,
+                                          multipliers=(0.0, args.network_multiplier),
                                           device=device, clip_skip=args.clip_skip, sampler=args.sample_sampler,
                                           dtype=weight_dtype)
             path = os.path.join(args.output_dir, f"{args.output_name}_grid.png")

@@ -502,19 +502,21 @@ def test_sample_prompts_are_read_again_at_each_sampling(tiny, images, tmp_path, 
 
 
 def test_sample_at_first_samples_before_the_first_step_of_each_run_resumed_too(tiny, images, tmp_path, monkeypatch):
-    """--sample_at_first samples before step 1, and on --resume before the first resumed step (named by the step it
-    resumes from); the interval sampling of the resumed step is not repeated (the first run made it)."""
+    """--sample_at_first samples before step 1 (named epoch 0: sd-scripts' NAME_e000000_...), and on --resume before
+    the first resumed step (named by the step it resumes from); the interval sampling of the resumed step is not
+    repeated (the first run made it)."""
     import library.sampling as sampling
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a dog --w 64 --h 64 --s 1\n")
     seen = []
-    monkeypatch.setattr(sampling, "sample_images", lambda *a, step=None, epoch=None, **k: seen.append(step) or [])
+    monkeypatch.setattr(sampling, "sample_images",
+                        lambda *a, step=None, epoch=None, **k: seen.append(step if epoch is None else f"e{epoch}") or [])
     common = ("--sample_prompts", str(prompts), "--sample_every_n_steps", "2", "--sample_at_first")
     out = tmp_path / "out"
     assert _train(tiny["sd1"], _dataset(tmp_path, images), out, "--save_state", "--save_every_n_steps", "2",
                   *common) == 0
-    assert seen == [0, 2]
+    assert seen == ["e0", 2]
     seen.clear()
     assert _train(tiny["sd1"], _dataset(tmp_path, images), out, "--max_train_steps", "5", "--overwrite",
                   "--resume", str(out / "lora-step00000002-state"), *common) == 0
@@ -593,6 +595,21 @@ def test_sample_prior_grid_shows_prior_and_lora_at_the_same_seeds(tiny, images, 
     assert _train(tiny["sd1"], _dataset(tmp_path, images), out, "--sample_prompts", str(prompts),
                   "--sample_prior_grid") == 2  # lora.safetensors and the grid exist: refused without --overwrite
     assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "o2", "--sample_prior_grid") == 2
+
+
+def test_prior_grid_shows_the_lora_at_the_network_multiplier(tiny, images, tmp_path, monkeypatch):
+    """The grid's LoRA row is at --network_multiplier, as the samples are (it was always x1)."""
+    import library.sampling as sampling
+
+    seen = []
+    real = sampling.prior_vs_lora_grid
+    monkeypatch.setattr(sampling, "prior_vs_lora_grid",
+                        lambda *a, multipliers=(0.0, 1.0), **k: (seen.append(multipliers), real(*a, multipliers=multipliers, **k))[1])
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("sks dog --w 64 --h 64 --s 1\n")
+    assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "out", "--sample_prompts", str(prompts),
+                  "--sample_prior_grid", "--network_multiplier", "0.5") == 0
+    assert seen == [(0.0, 0.5)]
 
 
 @pytest.mark.parametrize("extra, shuffle", [((), True), (("--apt", "--apt_prior_ahead"), True),
