@@ -64,7 +64,9 @@ def ckpt_name(output_name: Optional[str], ext: str = ".safetensors", epoch: Opti
               step: Optional[int] = None) -> str:
     """sd-scripts file names: `{name}.safetensors`, `{name}-{epoch:06d}...`, `{name}-step{step:08d}...`.
 
-    Without `--output_name` sd-scripts names them `last`, `epoch-000001` and `at-step00000100`; so do we.
+    `ckpt_name(None, ...)` gives sd-scripts' names without `--output_name` (`last`, `epoch-000001`,
+    `at-step00000100`); the trainer itself names every file of such a run `last...` (one stem for its files, states,
+    grid and `--resume latest`: library/args_check.py).
     """
     if epoch is not None and step is not None:
         raise ValueError("ckpt_name: give epoch or step, not both")
@@ -177,7 +179,7 @@ def check_output_location(args) -> None:
     if name is not None:
         if not str(name).strip():
             raise TrainingSetupError('--output_name is empty: give a file name stem such as "my_lora" (or leave the '
-                                     'flag out, which names the files "last", "epoch-000001", ...)')
+                                     'flag out, which names the files "last", "last-000001", ...)')
         seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
         if any(s in name for s in seps):
             raise TrainingSetupError(
