@@ -505,6 +505,9 @@ def train(args):
                        sdxl=is_sdxl, tokenizer_path=args.tokenizer_path, vae_path=args.vae,
                        allow_pickle=args.allow_pickle_checkpoint)
     layers = model.text_encoders[0].config.num_hidden_layers
+    if args.clip_skip and is_sdxl:
+        logger.warning("--clip_skip has no effect on SDXL: it reads its text encoders' fixed layers (sd-scripts warns "
+                       "the same)")
     if args.clip_skip and not is_sdxl and args.clip_skip > layers:  # SDXL reads its fixed layers (sd-scripts)
         raise train_util.TrainingSetupError(f"--clip_skip {args.clip_skip} is more than the text encoder's {layers} "
                                             f"layers: use 1 (the last layer) to {layers}; 2 is the usual for "
@@ -714,10 +717,10 @@ def train(args):
                 model.vae.to("cpu")
 
     if args.log_with:
-        from library.run_log import tracker_init_kwargs
+        from library.run_log import tracker_config, tracker_init_kwargs
 
         accelerator.init_trackers(args.log_tracker_name or "network_train", init_kwargs=tracker_init_kwargs(args),
-                                  config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+                                  config=tracker_config(args))
     accelerator.print(f"{data.num_train_images} train images, {data.num_reg_images} reg images, {len(data)} batches per epoch, "
                       f"{num_epochs} epochs, {args.max_train_steps} optimizer steps, {optimizer_name}")
 
@@ -896,8 +899,7 @@ def main(argv=None) -> int:
         if args.output_config:
             if not args.config_file:
                 raise TrainingSetupError("--output_config needs --config_file PATH to write to")
-            write_config_file(args, parser, args.config_file, overwrite=args.overwrite)
-            print(f"wrote {args.config_file}")
+            print(f"wrote {write_config_file(args, parser, args.config_file, overwrite=args.overwrite)}")
             return 0
         from library.run_log import console_log
 

@@ -21,7 +21,18 @@ from library.train_util import TrainingSetupError
 logger = logging.getLogger(__name__)
 
 
-_CONFIG_NEVER_WRITTEN = ("config_file", "output_config", "wandb_api_key", "huggingface_token")
+_CONFIG_NEVER_WRITTEN = ("config_file", "output_config", "wandb_api_key", "huggingface_token",
+                         "overwrite")  # a file that replaces outputs on every later run: a command-line decision
+
+# Keys the kohya_ss GUI writes into every LoRA config file that are no sd-scripts arguments (sd-scripts keeps unknown
+# keys silently): accepted here with a note, where any other unknown key is an error naming the closest argument.
+GUI_KEYS = {
+    "epoch": "the GUI's epoch count (its --max_train_epochs sets the run's length)",
+    "noise_offset_type": "the GUI's choice of noise offset or multires noise (the keys it writes with it apply)",
+    "stop_text_encoder_training": "a DreamBooth (train_db.py) option; a LoRA's text encoder trains the whole run "
+                                  "(--network_train_unet_only freezes it)",
+    "lowvram": "nothing is moved off the device to save memory here",
+}
 
 
 def config_file_path(name: str) -> str:
@@ -109,6 +120,8 @@ def _convert_scalar(action: argparse.Action, value, where: str, path: str):
 def _convert_toml_value(action: argparse.Action, value, where: str, path: str):
     if action.nargs == 0:  # store_true / store_false / store_const
         if isinstance(action.const, bool) or isinstance(action, argparse.BooleanOptionalAction):
+            if type(value) is int and value in (0, 1):  # the kohya_ss GUI writes some switches as int(...)
+                value = bool(value)
             if not isinstance(value, bool):
                 raise TrainingSetupError(
                     f"--config_file {path}: {where} is a switch and must be true or false, got {value!r}"
@@ -165,6 +178,9 @@ def read_config_file(args, parser: argparse.ArgumentParser, argv: Optional[Seque
         raise TrainingSetupError(f"--config_file {path}: {key} is set twice ({first} and {second}); keep one")
 
     actions = _dest_actions(parser)
+    for key in [k for k in flat if k in GUI_KEYS and k not in actions]:
+        logger.info(f"--config_file {path}: {key} has no effect here: {GUI_KEYS[key]}")
+        del flat[key]
     unknown = [k for k in flat if k not in actions]
     if unknown:
         lines = []
@@ -265,6 +281,10 @@ def write_config_file(args, parser: argparse.ArgumentParser, path: str, overwrit
             continue
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
+        action = _dest_actions(parser)[dest]
+        takes_list = action.nargs in ("*", "+") or isinstance(action.nargs, int) or isinstance(action, argparse._AppendAction)
+        if isinstance(value, (list, tuple)) and not takes_list:  # one value parsed from "A,B" (--apt_aug_scale 1,3)
+            value = ",".join(map(str, value))
         lines.append(f"{dest} = {_toml_value(value)}")
     text = "# written by --output_config; load with --config_file\n" + "\n".join(lines) + "\n"
     directory = os.path.dirname(os.path.abspath(path))

@@ -36,7 +36,7 @@ def console_log(args):
 
 def tracker_init_kwargs(args) -> dict:
     """accelerate's `init_trackers(init_kwargs=...)`: the --log_tracker_config tables, and --wandb_run_name as
-    wandb's run name (merged into the [wandb] table; sd-scripts replaces the table with it)."""
+    wandb's run name where the [wandb] table names none (sd-scripts: the file replaces it)."""
     kwargs: dict = {}
     path = getattr(args, "log_tracker_config", None)
     if path:
@@ -52,6 +52,23 @@ def tracker_init_kwargs(args) -> dict:
         if bad:
             raise TrainingSetupError(f"--log_tracker_config {path}: {bad[0]!r} must be a table of one tracker's "
                                      "settings, e.g. [wandb] with entity = \"me\"")
-    if getattr(args, "wandb_run_name", None):
-        kwargs.setdefault("wandb", {})["name"] = args.wandb_run_name
+    if getattr(args, "wandb_run_name", None):  # a name in the file's [wandb] table wins, as in sd-scripts
+        kwargs.setdefault("wandb", {}).setdefault("name", args.wandb_run_name)
     return kwargs
+
+
+# sd-scripts' get_sanitized_config_or_none leaves these out, and the paths this trainer adds
+_NOT_LOGGED = {"wandb_api_key", "huggingface_token", "pretrained_model_name_or_path", "vae", "tokenizer_cache_dir",
+               "train_data_dir", "conditioning_data_dir", "reg_data_dir", "output_dir", "logging_dir", "config_file",
+               "dataset_config", "sample_prompts", "network_weights", "base_weights", "resume", "in_json",
+               "log_tracker_config", "console_log_file", "debug_dataset_dir", "tokenizer_path"}
+
+
+def tracker_config(args) -> dict | None:
+    """The arguments logged to the trackers: with --log_config only, and never a path or a secret (sd-scripts'
+    rule; wandb uploads them). Lists become strings and unset ones are left out (TensorBoard's hparams take
+    scalars only)."""
+    if not getattr(args, "log_config", False):
+        return None
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+            for k, v in vars(args).items() if k not in _NOT_LOGGED and v is not None}

@@ -50,7 +50,6 @@ NO_EFFECT = {  # flag -> (takes a value, why it does nothing here)
     "huggingface_repo_type": (True, "only used with --huggingface_repo_id, which APT-LoRA does not implement"),
     "huggingface_path_in_repo": (True, "only used with --huggingface_repo_id, which APT-LoRA does not implement"),
     "huggingface_repo_visibility": (True, "only used with --huggingface_repo_id, which APT-LoRA does not implement"),
-    "log_config": (False, "the arguments are always logged to the tracker (--log_with)"),
     "ddp_gradient_as_bucket_view": (False, "this trainer all-reduces the LoRA's gradients itself, without a DDP "
                                            "wrapper"),
     "console_log_simple": (False, "the console log is plain text already"),

@@ -302,6 +302,9 @@ def _logging_args(p: argparse.ArgumentParser) -> None:
                    help="tensorboard (default with --logging_dir), wandb (needs the wandb package and a login), or all")
     g.add_argument("--log_tracker_name", type=str, default=None, help='the project name (default "network_train")')
     g.add_argument("--wandb_run_name", type=str, default=None, help="the wandb run's name (default: wandb picks one)")
+    g.add_argument("--log_config", action="store_true",
+                   help="also log the run's arguments to the trackers, without paths and secrets (as sd-scripts; "
+                        "wandb sends them to its servers)")
     g.add_argument("--log_tracker_config", type=str, default=None,
                    help="a TOML file of tracker settings passed to the trackers' init, one table per tracker "
                         "(e.g. [wandb] entity = \"me\" tags = [\"apt\"])")

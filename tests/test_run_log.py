@@ -28,11 +28,29 @@ def test_tracker_config_tables_reach_the_tracker(tiny, images, tmp_path):
     cfg.write_text('[tensorboard]\nfilename_suffix = ".apt"\n[wandb]\ntags = ["apt"]\n')
     assert tracker_init_kwargs(Namespace(log_tracker_config=str(cfg), wandb_run_name="r1")) == {
         "tensorboard": {"filename_suffix": ".apt"}, "wandb": {"tags": ["apt"], "name": "r1"}}
+    cfg.write_text('[wandb]\nname = "from-file"\n')  # the file's name wins (sd-scripts: the file replaces it)
+    assert tracker_init_kwargs(Namespace(log_tracker_config=str(cfg), wandb_run_name="r1")) == {
+        "wandb": {"name": "from-file"}}
+    cfg.write_text('[tensorboard]\nfilename_suffix = ".apt"\n')
     assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "out", "--logging_dir", str(tmp_path / "logs"),
                   "--log_tracker_config", str(cfg)) == 0
     (run,) = (tmp_path / "logs").glob("*/network_train")
     (events,) = run.glob("events.out.tfevents.*")  # the scalars' writer (the hparams below have their own)
     assert events.name.endswith(".apt")
+
+
+def test_arguments_reach_the_tracker_with_log_config_only_and_without_paths(tmp_path):
+    """The run's arguments go to the trackers (wandb uploads them) only with --log_config, and never a path or a
+    secret: sd-scripts' rule. They were always sent, the model, data and output paths included."""
+    from library import train_args
+    from library.run_log import tracker_config
+
+    argv = ["--pretrained_model_name_or_path", "/home/me/models/x.safetensors", "--output_dir", "/home/me/out",
+            "--train_data_dir", "/home/me/photos", "--network_args", "conv_dim=4", "--learning_rate", "2e-4"]
+    assert tracker_config(train_args.setup_parser().parse_args(argv)) is None
+    config = tracker_config(train_args.setup_parser().parse_args(argv + ["--log_config"]))
+    assert config["learning_rate"] == 2e-4 and config["network_args"] == "['conv_dim=4']"
+    assert not any("/home/me" in str(v) for v in config.values()) and None not in config.values()
 
 
 @pytest.mark.parametrize("text, message", [

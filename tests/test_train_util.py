@@ -1,6 +1,7 @@
 """library/noise.py (noise, timesteps, targets), library/losses.py (losses, weighting, flag checks),
 library/optimizers.py (optimizers, schedules), library/train_util.py (names, dtypes); library/config_file.py."""
 import argparse
+import logging
 import math
 import sys
 
@@ -710,6 +711,34 @@ def test_output_config_round_trip(tmp_path):
     assert back.wandb_api_key is None
     with pytest.raises(TrainingSetupError, match="already exists"):
         cf.write_config_file(args, parser, path)
+
+
+def test_kohya_ss_gui_config_keys(tmp_path, caplog):
+    """What the kohya_ss GUI writes in every LoRA TOML that sd-scripts silently ignores (epoch, noise_offset_type,
+    ...) is accepted with a note, and its int(...) switches are read as switches; they stopped the run before. Other
+    unknown keys stay errors. --output_config never writes overwrite (every later run would replace outputs), and a
+    value parsed from "A,B" round-trips."""
+    from library import train_args
+
+    parser = train_args.setup_parser()
+    path = tmp_path / "gui.toml"
+    path.write_text('pretrained_model_name_or_path = "m.safetensors"\noutput_dir = "o"\nepoch = 10\n'
+                    'noise_offset_type = "Original"\nstop_text_encoder_training = 3\nlowvram = true\n'
+                    'persistent_data_loader_workers = 1\ncache_latents = 0\n')
+    with caplog.at_level(logging.INFO):
+        args = cf.parse_args_with_config(parser, ["--config_file", str(path)])
+    assert args.persistent_data_loader_workers is True and args.cache_latents is False
+    assert "epoch has no effect here: the GUI's epoch count" in caplog.text
+    path.write_text('pretrained_model_name_or_path = "m.safetensors"\npersistent_data_loader_workers = 2\n')
+    with pytest.raises(TrainingSetupError, match="persistent_data_loader_workers is a switch"):
+        cf.parse_args_with_config(parser, ["--config_file", str(path)])
+    args = parser.parse_args(["--pretrained_model_name_or_path", "m", "--output_dir", "o", "--overwrite",
+                              "--apt_aug_scale", "1,2"])
+    out = cf.write_config_file(args, parser, str(tmp_path / "written"))
+    text = open(out, encoding="utf-8").read()
+    assert "overwrite" not in text and 'apt_aug_scale = "1.0,2.0"' in text
+    back = cf.parse_args_with_config(parser, ["--config_file", out])
+    assert back.apt_aug_scale == args.apt_aug_scale and back.overwrite is False
 
 
 def test_real_parser_sd_scripts_config(tmp_path):
