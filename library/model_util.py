@@ -279,8 +279,8 @@ def _assign(module, sd: dict, what: str, path: str):
         if k not in expected:
             continue
         want = expected[k].shape
-        if v.shape != want and v.numel() == expected[k].numel():  # Conv2d 1x1 <-> Linear (proj_in/out, VAE attention)
-            v = v.reshape(want)
+        if v.shape != want and [n for n in v.shape if n != 1] == [n for n in want if n != 1]:
+            v = v.reshape(want)  # Conv2d 1x1 <-> Linear (proj_in/out, VAE attention); never a transpose
         if v.shape != want:
             bad.append(f"{k}: file {tuple(v.shape)} vs model {tuple(want)}")
         fixed[k] = v.to(torch.float32).contiguous() if v.is_floating_point() else v

@@ -437,3 +437,13 @@ def test_prediction_and_schedule_markers_of_other_tools(tiny, tmp_path, caplog):
     assert load_model(saved).v_parameterization
     with open(os.path.join(tiny["sd1"]["folder"], "scheduler", "scheduler_config.json"), encoding="utf-8") as f:
         assert json.load(f)["steps_offset"] == 1
+
+
+def test_assign_reshapes_1x1_convs_but_refuses_a_transposed_tensor():
+    """A 1x1 conv's [o, i, 1, 1] fits a Linear's [o, i]; a transposed [i, o] of the same size is an error (it was
+    reshaped silently, scrambling the weight)."""
+    conv = torch.arange(6.0).reshape(2, 3, 1, 1)
+    loaded = model_util._assign(torch.nn.Linear(3, 2), {"weight": conv, "bias": torch.zeros(2)}, "UNet", "f")
+    assert torch.equal(loaded.weight, conv.reshape(2, 3))
+    with pytest.raises(ModelLoadError, match=r"1 of another shape \(e.g. \['weight: file \(3, 2\) vs model \(2, 3\)"):
+        model_util._assign(torch.nn.Linear(3, 2), {"weight": torch.zeros(3, 2), "bias": torch.zeros(2)}, "UNet", "f")
