@@ -13,11 +13,12 @@ from library.train_util import TrainingSetupError
 @contextlib.contextmanager
 def console_log(args):
     """Set the root log level (default INFO) and add the log file for the duration of the run; both undone on
-    exit."""
+    exit. With several processes only the first writes the file (the launcher's RANK, known before accelerate
+    starts), so each line is there once."""
     root = logging.getLogger()
     level, handler = root.level, None
     root.setLevel(getattr(logging, getattr(args, "console_log_level", None) or "INFO"))
-    if getattr(args, "console_log_file", None):
+    if getattr(args, "console_log_file", None) and os.environ.get("RANK", "0") in ("", "0"):
         try:
             handler = logging.FileHandler(args.console_log_file, mode="a", encoding="utf-8")
         except OSError as e:

@@ -66,6 +66,18 @@ def test_bad_tracker_config_is_named(tmp_path, text, message):
         tracker_init_kwargs(Namespace(log_tracker_config=str(path)))
 
 
+def test_only_the_first_process_writes_the_log_file(tmp_path, monkeypatch):
+    """With several processes every rank ran the same setup and each appended its lines to the file."""
+    from library.run_log import console_log
+
+    log = tmp_path / "run.log"
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        with console_log(Namespace(console_log_file=str(log), console_log_level=None)):
+            logging.getLogger("apt_lora").info("rank %s here", rank)
+    assert "rank 0 here" in log.read_text() and "rank 1" not in log.read_text()
+
+
 def test_unwritable_log_file_is_an_error(tiny, images, tmp_path, capsys):
     bad = tmp_path / "no" / "such" / "dir" / "run.log"
     rc = train_apt_lora.main(["--pretrained_model_name_or_path", tiny["sd1"], "--dataset_config",
