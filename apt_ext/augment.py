@@ -138,18 +138,28 @@ def black_latent(vae, latent_scale: float, size_hw: tuple[int, int] = (256, 256)
     """Per-channel latent (C,) of an all-black (−1) image: the mean over the central half of its latent map (each
     side), × latent_scale, in `dtype`.
 
-    Encoded once with the VAE as it is (its device and dtype), using latent_dist.mean (the mode: a sample would add
+    Encoded once with the VAE where it is (its device; on a CPU in float32, its half precision is slow there: minutes
+    for an fp16 VAE at 256²), using latent_dist.mean (the mode: a sample would add
     the posterior's noise to every fill). A constant per channel is what a fill at any position and bucket size
     needs. The map is constant only away from the image's edges, where the encoder's zero padding reaches in: at
     256² the central 16×16 of a 32×32 map is flat, while a 64² image (8×8 latents, the first version) has no
     position the edges leave alone (tests/test_apt_augment.py).
     """
     p = next(vae.parameters())
-    img = torch.full((1, 3, int(size_hw[0]), int(size_hw[1])), -1.0, device=p.device, dtype=p.dtype)
-    z = vae.encode(img).latent_dist.mean.float() * float(latent_scale)
+    vae_device, vae_dtype = p.device, p.dtype
+    upcast = vae_device.type == "cpu" and vae_dtype != torch.float32
+    if upcast:  # and back afterwards: fp16/bf16 -> fp32 -> fp16/bf16 is exact
+        vae.float()
+    try:
+        img = torch.full((1, 3, int(size_hw[0]), int(size_hw[1])), -1.0, device=vae_device,
+                         dtype=next(vae.parameters()).dtype)
+        z = vae.encode(img).latent_dist.mean.float() * float(latent_scale)
+    finally:
+        if upcast:
+            vae.to(vae_dtype)
     h, w = z.shape[-2:]
     fill = z[:, :, h // 4: h - h // 4, w // 4: w - w // 4].mean(dim=(0, 2, 3))
-    return fill.to(device if device is not None else p.device, dtype if dtype is not None else torch.float32)
+    return fill.to(device if device is not None else vae_device, dtype if dtype is not None else torch.float32)
 
 
 class AdaptiveAugment:

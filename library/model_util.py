@@ -255,8 +255,9 @@ def _file_arch(shapes: dict, metadata: dict, path: str, v2, v_param, sdxl) -> tu
                              f"SD1.x/SD2.x/SDXL models are supported")
     _check_flags(arch, v2, sdxl, path, "detected from the checkpoint's keys")
     if v_param is None:
-        v_param = ("v_pred" in shapes or "v" in (metadata.get(PREDICTION_KEY), metadata.get("modelspec.prediction_type"),
-                                                metadata.get("modelspec.predict_key")))
+        declared = next((metadata[k] for k in (PREDICTION_KEY, "modelspec.prediction_type", "modelspec.predict_key")
+                         if metadata.get(k)), None)  # the first that says, ours first
+        v_param = declared == "v" if declared is not None else "v_pred" in shapes
         if arch == "sd2" and not v_param:
             logger.warning("%s: SD2 single files do not say whether they are v-prediction (768-v) models; using "
                            "epsilon. Pass --v_parameterization for 768-v models.", path)

@@ -330,17 +330,19 @@ def _transformers_schedule(name, args, optimizer, warmup: int, total: int, num_p
 
 
 def int_or_float(value: str):
-    """argparse type of `--lr_warmup_steps` (sd-scripts): "N%" → N/100, "0.1" → 0.1 (a ratio), "100" → 100."""
+    """argparse type of `--lr_warmup_steps` (sd-scripts): "N%" → N/100, "0.1" or "1.0" → a ratio (1.0: the whole
+    run, as a TOML 1.0), "100" → 100 steps."""
     text = str(value).strip()
     try:
         if text.endswith("%"):
             return float(text[:-1]) / 100.0
         number = float(text)
-        if number >= 1:
-            return int(text) if re.fullmatch(r"[+-]?\d+", text) else _integral_or_fail(number, text)
-        return number
+        if re.fullmatch(r"[+-]?\d+", text):
+            return int(text)
+        return number if number <= 1 else _integral_or_fail(number, text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a step count, a ratio < 1 or a percentage like 10%") from None
+        raise argparse.ArgumentTypeError(f"{value!r} is not a step count, a ratio up to 1 or a percentage like "
+                                         f"10%") from None
 
 
 def _integral_or_fail(number: float, text: str) -> int:

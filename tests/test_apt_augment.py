@@ -171,3 +171,13 @@ def test_black_latent_is_the_interior_of_a_black_image():
                for m in (fill.reshape(1, 4, 1, 1).expand(1, 4, 32, 32), z, torch.zeros(1, 4, 32, 32))]
     # the VAE is random, so compare with the decode of a black image's latent, not with −1 (measured 0.037 and 0.116)
     assert (dec[0] - dec[1]).abs().max() < 0.06 < (dec[2] - dec[1]).abs().max()
+    # a half-precision VAE on the CPU (--cache_latents parks it there, in fp16 with --mixed_precision fp16) encodes in
+    # float32: its fp16 encode took minutes at 256² on these cores; the VAE is left as it was, bit for bit
+    half = vae.to(torch.float16)
+    before = {k: v.clone() for k, v in half.state_dict().items()}
+    seen, real = [], half.encode
+    half.encode = lambda x: (seen.append((x.dtype, next(half.parameters()).dtype)), real(x))[1]
+    assert black_latent(half, scale).dtype == torch.float32
+    assert seen == [(torch.float32, torch.float32)]
+    del half.encode
+    assert all(torch.equal(v, before[k]) and v.dtype == torch.float16 for k, v in half.state_dict().items())

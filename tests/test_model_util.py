@@ -418,6 +418,9 @@ def test_prediction_and_schedule_markers_of_other_tools(tiny, tmp_path, caplog):
     assert probe_model(write("vpred", {"v_pred": torch.tensor([])})) == ("sdxl", True)
     assert load_model(write("vpred", {"v_pred": torch.tensor([])})).v_parameterization
     assert probe_model(write("predict_key", metadata={"modelspec.predict_key": "v"})) == ("sdxl", True)
+    # the first key that says decides (ours first): a stale "v" behind an explicit epsilon does not
+    assert probe_model(write("both", metadata={"modelspec.prediction_type": "epsilon",
+                                               "modelspec.predict_key": "v"})) == ("sdxl", False)
     ztsnr = write("ztsnr", {"v_pred": torch.tensor([]), "ztsnr": torch.tensor([])})
     with caplog.at_level("WARNING"):
         assert probe_model(ztsnr, zero_terminal_snr=True) == ("sdxl", True)

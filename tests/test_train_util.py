@@ -494,6 +494,8 @@ def test_warmup_forms():
     assert optim_lib.resolve_warmup_steps("100%", 200) == optim_lib.resolve_warmup_steps(1.0, 200) == 200
     assert lr_at(ns(lr_scheduler="linear", lr_warmup_steps="100%"), 100, total=200) == pytest.approx(0.5)
     assert optim_lib.resolve_warmup_steps(1, 200) == 1  # an int is a step count
+    assert optim_lib.int_or_float("1.0") == 1.0 and optim_lib.int_or_float("1") == 1  # the command line alike
+    assert optim_lib.resolve_warmup_steps(optim_lib.int_or_float("1.0"), 200) == 200
     assert optim_lib.int_or_float("10%") == 0.1 and optim_lib.int_or_float("100") == 100 and optim_lib.int_or_float("0.05") == 0.05
     with pytest.raises(TrainingSetupError, match="--lr_warmup_steps"):
         optim_lib.resolve_warmup_steps(1.5, 200)
