@@ -390,7 +390,8 @@ def train(args):
         raise train_util.TrainingSetupError(
             f"launched as {os.environ['WORLD_SIZE']} processes but accelerate set up {accelerator.num_processes}: "
             "on a machine without GPUs set ACCELERATE_USE_CPU=1 (accelerate launch --cpu), or launch with matching settings")
-    saved_seed = read_state_info(args.resume).get("seed") if args.resume else None
+    state_info = read_state_info(args.resume) if args.resume else None  # its seed now, its position below
+    saved_seed = state_info.get("seed") if state_info else None
     if saved_seed is not None and args.seed is not None and args.seed != saved_seed:
         raise train_util.TrainingSetupError(
             f"--resume {args.resume} was saved by a run with --seed {saved_seed}, and the seed decides the batch order, "
@@ -488,8 +489,7 @@ def train(args):
         args.save_every_n_epochs = math.floor(num_epochs / args.save_n_epoch_ratio) or 1
         logger.info("--save_n_epoch_ratio %g: a LoRA every %d epochs", args.save_n_epoch_ratio, args.save_every_n_epochs)
     if args.resume:
-        info = read_state_info(args.resume)
-        start = info["step"], info["epoch"], info["batches_done"]
+        start = state_info["step"], state_info["epoch"], state_info["batches_done"]
     else:
         start = initial_position(args, steps_per_epoch)
     if start[0] >= args.max_train_steps:
