@@ -358,6 +358,8 @@ def train(args):
     from library.optimizers import (defer_step_read, evaluation_weights, get_lr_scheduler, get_optimizer,
                                     inner_optimizer, is_schedule_free)
     from library.conditioning import TextEncoderCache
+    from library.distributed import gather_objects
+    from library.rng import rng_state, seed_rank_stream
     from library.step_read import LookAhead
     from library.transfer import HostCopy
     from library.interrupt import GracefulInterrupt
@@ -596,12 +598,19 @@ def train(args):
     advice = dataset_lib.loader_advice(args, device.type)
     if advice and is_main:
         logger.warning(advice)
-    optimizer, loader = accelerator.prepare(optimizer, loader)
+    optimizer, loader = accelerator.prepare(optimizer, loader)  # its sampler took the shared seed
+    # everything all ranks must share is set up: ranks 1.. now draw their own noise, timesteps and augmentation
+    seed_rank_stream(args.seed, accelerator.process_index)
     trainable = [p for p in network.parameters() if p.requires_grad]
     step, start_epoch, skip_batches = start
     if args.resume:
-        load_state(args.resume, network=network, optimizer=optimizer, lr_scheduler=lr_scheduler, apt=apt)
+        saved = load_state(args.resume, network=network, optimizer=optimizer, lr_scheduler=lr_scheduler, apt=apt,
+                           rank=accelerator.process_index)
         accelerator.print(f"resumed from {args.resume}: step {step}, epoch {start_epoch}")
+        if saved["rng_ranks"] < accelerator.num_processes:
+            accelerator.print(f"note: the state holds the random generators of {saved['rng_ranks']} process(es); "
+                              "the others start new streams, so this run is not the one an uninterrupted run with "
+                              f"{accelerator.num_processes} processes would give")
     elif step:  # --initial_step/--initial_epoch: the count and the schedule go on; the optimizer starts afresh
         advance_schedule(lr_scheduler, step)
         accelerator.print(f"starting at step {step}, epoch {start_epoch}"
@@ -628,8 +637,16 @@ def train(args):
     save_dtype = train_util.save_dtype(args)
 
     def save(name, step, epoch, batches_done, with_state=False, epochs_done=None):
-        """`epoch`/`batches_done`: where a resume starts (epoch is 1-based). ss_epoch is the epochs completed, as
-        sd-scripts writes it: `epoch - 1` (mid-epoch, or an epoch end whose resume starts the next), unless given."""
+        """Called by every process; the main one writes. `epoch`/`batches_done`: where a resume starts (epoch is
+        1-based). ss_epoch is the epochs completed, as sd-scripts writes it: `epoch - 1` (mid-epoch, or an epoch end
+        whose resume starts the next), unless given."""
+        rng_states = None
+        if args.save_state or with_state:  # every rank's generators, each as if its next step were not prepared
+            if apt is not None and apt.ahead is not None:
+                apt.ahead.rewind()
+            rng_states = gather_objects(rng_state(), accelerator)
+        if not is_main:
+            return
         path = os.path.join(args.output_dir, name)
         md = metadata_lib.update_on_save(metadata, steps=step, epoch=epoch - 1 if epochs_done is None else epochs_done)
         md = metadata_lib.minimal(md) if args.no_metadata else md
@@ -643,13 +660,12 @@ def train(args):
         with evaluation_weights(optimizer):  # a schedule-free optimizer's evaluated weights (its state, too)
             network.save_weights(path, save_dtype, md, overwrite=args.overwrite)
             accelerator.print(f"saved {path}")
-            if args.save_state or with_state:
-                if apt is not None and apt.ahead is not None:
-                    apt.ahead.rewind()  # the generators as if the next step had not been prepared yet
+            if rng_states is not None:
                 state_dir = os.path.join(args.output_dir, os.path.splitext(name)[0] + "-state")
                 save_state(state_dir, network=network, optimizer=optimizer, lr_scheduler=lr_scheduler, step=step,
                            epoch=epoch, batches_done=batches_done, seed=args.seed,
-                           apt_state=apt.state_dict() if apt is not None else None, overwrite=args.overwrite)
+                           apt_state=apt.state_dict() if apt is not None else None, overwrite=args.overwrite,
+                           rng_states=rng_states)
 
     def forget(names):
         """--save_last_n_*: delete the save that the one just written pushed out of the kept window."""
@@ -805,9 +821,10 @@ def train(args):
                 if stop.requested(accelerator) and step < args.max_train_steps:
                     interrupted = True
                     break
-                if is_main and args.save_every_n_steps and step % args.save_every_n_steps == 0 and step < args.max_train_steps:
+                if args.save_every_n_steps and step % args.save_every_n_steps == 0 and step < args.max_train_steps:
                     save(train_util.ckpt_name(args.output_name, step=step), step, epoch, batches_done)
-                    forget(train_util.rotated_out(args, step=step))
+                    if is_main:
+                        forget(train_util.rotated_out(args, step=step))
                 maybe_sample(step, epoch)
                 if val_loader is not None and args.validate_every_n_steps and step % args.validate_every_n_steps == 0:
                     validate(step)
@@ -815,9 +832,10 @@ def train(args):
                     break
             if interrupted:
                 break
-            if is_main and args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 and epoch < num_epochs:
+            if args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 and epoch < num_epochs:
                 save(train_util.ckpt_name(args.output_name, epoch=epoch), step, epoch + 1, 0)
-                forget(train_util.rotated_out(args, epoch=epoch))
+                if is_main:
+                    forget(train_util.rotated_out(args, epoch=epoch))
             maybe_sample(step, epoch, at_epoch_end=True)
             if val_loader is not None and (args.validate_every_n_epochs is None
                                            or epoch % args.validate_every_n_epochs == 0):
@@ -832,17 +850,16 @@ def train(args):
         if interrupted:
             accelerator.wait_for_everyone()
             name = train_util.ckpt_name(args.output_name, step=step)
-            if is_main:
-                save(name, step, epoch, batches_done, with_state=True)
+            save(name, step, epoch, batches_done, with_state=True)
             state_dir = os.path.join(args.output_dir, os.path.splitext(name)[0] + "-state")
             accelerator.print(f"interrupted at step {step}: saved {os.path.join(args.output_dir, name)} and {state_dir}.\n"
                               f"Continue with the same command plus --resume {state_dir} (or --resume latest)")
             raise Interrupted(stop.exit_code)
 
     accelerator.wait_for_everyone()
+    save(train_util.ckpt_name(args.output_name), step, epoch, batches_done, with_state=args.save_state_on_train_end,
+         epochs_done=num_epochs)  # sd-scripts: the final file says num_train_epochs
     if is_main:
-        save(train_util.ckpt_name(args.output_name), step, epoch, batches_done, with_state=args.save_state_on_train_end,
-             epochs_done=num_epochs)  # sd-scripts: the final file says num_train_epochs
         if args.sample_prior_grid and sample_prompts:
             import io
 

@@ -46,3 +46,13 @@ def every_rank(ok: torch.Tensor, accelerator) -> torch.Tensor:
     t = ok.float().reshape(1)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
     return t[0] > 0
+
+
+def gather_objects(obj, accelerator) -> list:
+    """`obj` of every process, in rank order, on every process (pickled: small host objects only, such as the
+    RNG states a training state saves)."""
+    if accelerator.num_processes <= 1:
+        return [obj]
+    out = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(out, obj)
+    return out

@@ -1,10 +1,15 @@
 """The process's random number generators as one state: torch CPU (and CUDA once initialised), Python `random`,
 NumPy. Saved with a training state (library/train_state.py), put back after sampling (library/sampling.py), and
 rewound by --apt_prior_ahead (apt_ext/prior_ahead.py). The NumPy key array is kept as an int64 tensor so that
-the state loads with `torch.load(weights_only=True)`."""
+the state loads with `torch.load(weights_only=True)`.
+
+With several processes every rank starts from one seed (the LoRA's initialisation must be identical), then ranks
+1.. switch to streams of their own (`seed_rank_stream`), so that the ranks draw different noise, timesteps and
+augmentation: one shared stream would give a global batch of N ranks the diversity of one rank's batch."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import random
 
 import numpy as np
@@ -27,6 +32,24 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of rank `rank`'s own stream (a hash, so that no rank's stream is another seed's rank 0), started at
+    optimizer step `step` (a run resumed from a state saved by fewer processes). Below 2**32, as NumPy needs."""
+    digest = hashlib.sha256(f"apt-lora/{seed}/rank{rank}/step{step}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def seed_rank_stream(seed: int, rank: int, step: int = 0) -> None:
+    """Rank `rank` (≥ 1) draws from its own stream from here on; rank 0 keeps the stream it has, so a
+    single-process run is the same with or without this call."""
+    if rank == 0:
+        return
+    s = rank_seed(seed, rank, step)
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)  # every CUDA device too
 
 
 @contextlib.contextmanager

@@ -6,7 +6,8 @@ N/2 + resume + N/2 give the same LoRA:
     network.safetensors     LoRA weights in float32 (kohya keys), whatever --save_precision says
     optimizer.pt            optimizer.state_dict()          (torch.save; loaded with weights_only=True)
     lr_scheduler.pt         lr_scheduler.state_dict()
-    rng.pt                  torch CPU (and CUDA) RNG, Python `random`, NumPy
+    rng.pt                  torch CPU (and CUDA) RNG, Python `random`, NumPy; with several processes,
+                            {"ranks": [...]}: every rank's (each draws its own stream, library/rng.py)
     apt.safetensors         APT indicator state and γ history (when APT runs)
     train_state.json        step, epoch, batches done in the epoch, seed
 
@@ -24,7 +25,7 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
-from library.rng import rng_state, set_rng_state
+from library.rng import rng_state, seed_rank_stream, set_rng_state
 
 STATE_VERSION = 1
 
@@ -49,8 +50,9 @@ def _fsync_tree(folder: str) -> None:
 
 
 def save_state(folder: str, *, network, optimizer, lr_scheduler, step: int, epoch: int, batches_done: int, seed: int,
-               apt_state: dict | None = None, overwrite: bool = False) -> str:
-    """Write a complete state folder atomically. Refuses an existing folder unless `overwrite`."""
+               apt_state: dict | None = None, overwrite: bool = False, rng_states: list | None = None) -> str:
+    """Write a complete state folder atomically. Refuses an existing folder unless `overwrite`. `rng_states`: every
+    process's `rng_state()` in rank order (this process's alone when None)."""
     if os.path.exists(folder) and not overwrite:
         raise FileExistsError(f"state folder exists: {folder}; pass --overwrite to replace it")
     tmp = f"{folder}.tmp-{os.getpid()}"
@@ -60,7 +62,8 @@ def save_state(folder: str, *, network, optimizer, lr_scheduler, step: int, epoc
               os.path.join(tmp, "network.safetensors"))
     torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
     torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "lr_scheduler.pt"))
-    torch.save(rng_state(), os.path.join(tmp, "rng.pt"))
+    rng_states = rng_states or [rng_state()]
+    torch.save(rng_states[0] if len(rng_states) == 1 else {"ranks": rng_states}, os.path.join(tmp, "rng.pt"))
     if apt_state:
         save_file({k: v.contiguous() for k, v in apt_state.items()}, os.path.join(tmp, "apt.safetensors"))
     with open(os.path.join(tmp, "train_state.json"), "w", encoding="utf-8") as f:
@@ -143,9 +146,11 @@ def _load_into(folder: str, what: str, target, state, advice: str) -> None:
                          f"{advice}") from None
 
 
-def load_state(folder: str, *, network, optimizer, lr_scheduler, apt=None) -> dict:
-    """Restore a state folder into the given objects (and the RNGs); returns train_state.json's dict. A damaged
-    folder, or one from a run with another LoRA shape, alpha, optimizer or schedule, is a StateError that says so."""
+def load_state(folder: str, *, network, optimizer, lr_scheduler, apt=None, rank: int = 0) -> dict:
+    """Restore a state folder into the given objects (and this process's RNGs: rank `rank`'s); returns
+    train_state.json's dict, with "rng_ranks": how many processes' generators it held (a rank beyond them starts
+    a new stream of its own, library/rng.seed_rank_stream). A damaged folder, or one from a run with another LoRA
+    shape, alpha, optimizer or schedule, is a StateError that says so."""
     info = read_state_info(folder)
     sd = _read(folder, "network.safetensors", load_file)
     ours = network.state_dict()
@@ -179,5 +184,10 @@ def load_state(folder: str, *, network, optimizer, lr_scheduler, apt=None) -> di
             raise StateError(f"--resume {folder}: the state has no APT indicator (the run was not trained with APT)")
         _load_into(folder, "APT indicator", apt, _read(folder, "apt.safetensors", load_file),
                    "resume with the same --apt settings as the saved run")
-    set_rng_state(_read(folder, "rng.pt", load))
-    return info
+    saved = _read(folder, "rng.pt", load)
+    ranks = saved["ranks"] if "ranks" in saved else [saved]
+    if rank < len(ranks):
+        set_rng_state(ranks[rank])
+    else:
+        seed_rank_stream(int(info.get("seed") or 0), rank, int(info["step"]))
+    return dict(info, rng_ranks=len(ranks))

@@ -113,6 +113,35 @@ def test_rank_weights_are_bit_identical_and_trained(two_rank_run):
     assert not unchanged, f"{len(unchanged)} of {len(weights)} LoRA weights did not change, e.g. {unchanged[:3]}"
 
 
+def test_ranks_draw_from_their_own_random_streams(two_rank_run):
+    """One shared stream gave every rank the same noise, timesteps and augmentation: a global batch of two ranks
+    had the diversity of one rank's. Rank 1 switches to its own stream after the shared set-up (equal LoRA
+    initialisation is checked above)."""
+    draws = [json.loads((two_rank_run["ranks"] / f"rank{r}_rng.json").read_text()) for r in (0, 1)]
+    assert len(draws[0]) == len(draws[1]) == STEPS
+    assert not set(draws[0]) & set(draws[1]), draws
+
+
+def test_two_ranks_resume_exactly(setup):
+    """Each rank's generators are saved with the state and put back on that rank: 4 steps straight equal 2 steps,
+    then --resume from the step-2 state for the other 2, bit for bit (every rank)."""
+    straight = _launch(setup, "resume-straight", "--seed", "3", "--apt", "--max_train_steps", "4",
+                       "--save_every_n_steps", "2", "--save_state")
+    assert straight["proc"].returncode == 0, _log(straight)
+    state = straight["out"] / "lora-step00000002-state"
+    rng = torch.load(str(state / "rng.pt"), weights_only=True)
+    assert len(rng["ranks"]) == 2 and not torch.equal(rng["ranks"][0]["torch"], rng["ranks"][1]["torch"])
+    resumed = _launch(setup, "resume-second-half", "--apt", "--max_train_steps", "4", "--resume", str(state))
+    assert resumed["proc"].returncode == 0, _log(resumed)
+    for r in (0, 1):
+        a = load_file(str(straight["ranks"] / f"rank{r}.safetensors"))
+        b = load_file(str(resumed["ranks"] / f"rank{r}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"rank {r} differs after --resume"
+        a = load_file(str(straight["ranks"] / f"rank{r}_apt.safetensors"))
+        b = load_file(str(resumed["ranks"] / f"rank{r}_apt.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), f"rank {r}'s indicator differs after --resume"
+
+
 def test_ranks_hold_the_same_apt_indicator(two_rank_run):
     """The indicator is updated from all ranks' samples (gathered), so every rank holds the same state."""
     a, b = _load_ranks(two_rank_run, "_apt")

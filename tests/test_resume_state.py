@@ -7,6 +7,7 @@ import os
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 import train_apt_lora
@@ -76,3 +77,36 @@ def test_resume_latest_takes_this_runs_state_only(tmp_path):
         (tmp_path / name / "train_state.json").write_text(json.dumps({"step": step}))
     assert find_latest_state(str(tmp_path), "lora") == str(tmp_path / "lora-step00000004-state")
     assert find_latest_state(str(tmp_path), "lora_v2") == str(tmp_path / "lora_v2-step00000100-state")
+
+
+def _toy_state_parts():
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    return dict(network=net, optimizer=opt, lr_scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+
+
+def test_each_rank_gets_its_own_generators_back(tmp_path):
+    """A state saved by 2 processes holds both ranks' generators and gives each rank its own; a rank the state has
+    none for (saved by fewer processes) starts the stream of (seed, rank, step), not rank 0's."""
+    from library.rng import rank_seed, rng_state
+    from library.train_state import load_state, save_state
+
+    torch.manual_seed(1)
+    rank0 = rng_state()
+    torch.manual_seed(2)
+    rank1 = rng_state()
+    save_state(str(tmp_path / "two"), **_toy_state_parts(), step=5, epoch=1, batches_done=5, seed=7,
+               rng_states=[rank0, rank1])
+    for rank, want in ((0, rank0), (1, rank1)):
+        torch.manual_seed(99)
+        assert load_state(str(tmp_path / "two"), **_toy_state_parts(), rank=rank)["rng_ranks"] == 2
+        assert torch.equal(torch.get_rng_state(), want["torch"])
+
+    save_state(str(tmp_path / "one"), **_toy_state_parts(), step=5, epoch=1, batches_done=5, seed=7,
+               rng_states=[rank0])
+    assert load_state(str(tmp_path / "one"), **_toy_state_parts(), rank=1)["rng_ranks"] == 1
+    got = torch.get_rng_state()
+    assert not torch.equal(got, rank0["torch"])
+    torch.manual_seed(rank_seed(7, 1, 5))
+    assert torch.equal(got, torch.get_rng_state())
+    assert rank_seed(7, 1, 5) != rank_seed(7, 2, 5) != rank_seed(7, 1, 0) and rank_seed(7, 1) < 2**32

@@ -6,12 +6,14 @@
 Parses the trainer's arguments as `train_apt_lora.py` does (`setup_parser()` + `parse_args_with_config`), runs
 `train_apt_lora.train(args)`, and saves this rank's LoRA `network.state_dict()` to `DIR/rank{RANK}.safetensors`, and
 the state dict right after `create_network` (before any step) to `DIR/rank{RANK}_init.safetensors`, and the
-`image_keys` of every batch this rank trained on to `DIR/rank{RANK}_keys.json`; with APT, the indicator state to
+`image_keys` of every batch this rank trained on to `DIR/rank{RANK}_keys.json`, a fingerprint of the torch RNG state
+before each of its micro-batches to `DIR/rank{RANK}_rng.json`; with APT, the indicator state to
 `DIR/rank{RANK}_apt.safetensors`.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -53,7 +55,7 @@ def main(argv=None) -> int:
 
     lora_lib.create_network = create_and_snapshot
 
-    seen, apt_holder = [], []
+    seen, apt_holder, draws = [], [], []
     training_step = train_apt_lora.training_step
 
     fail_rank = os.environ.get("APT_TEST_FAIL_RANK")
@@ -62,6 +64,7 @@ def main(argv=None) -> int:
 
     def record_and_step(args, ctx, batch):  # which images this rank's micro-batches held (and its APT state)
         seen.append(list(batch["image_keys"]))
+        draws.append(hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()[:16])
         if fail_rank is not None and int(fail_rank) == rank and len(seen) == 2:  # tests: a rank that crashes
             raise RuntimeError(f"injected failure on rank {rank}")
         if signal_rank is not None and int(signal_rank) == rank and len(seen) == 2:  # tests: Ctrl-C on one rank
@@ -97,6 +100,8 @@ def main(argv=None) -> int:
         _save(apt_holder[0].state_dict(), os.path.join(ours.rank_out, f"rank{rank}_apt.safetensors"))
     with open(os.path.join(ours.rank_out, f"rank{rank}_keys.json"), "w") as f:
         json.dump(seen, f)
+    with open(os.path.join(ours.rank_out, f"rank{rank}_rng.json"), "w") as f:
+        json.dump(draws, f)
     print(f"rank {rank}: saved {os.path.join(ours.rank_out, f'rank{rank}.safetensors')}", flush=True)
     return 0
 
