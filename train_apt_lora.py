@@ -531,8 +531,12 @@ def train(args):
     if args.cache_latents:  # disk caches: the main process writes them, the others then read them
         with torch.no_grad(), accelerator.main_process_first() if args.cache_latents_to_disk else contextlib.nullcontext():
             for group in (data, val_data) if val_data is not None else (data,):
+                # the held-out images' VAE samples come from the validation seed, as their noise does: the same
+                # held-out latents whatever the training images and the --seed
+                val_seed = args.validation_seed if args.validation_seed is not None else args.seed
+                gen = torch.Generator().manual_seed(val_seed) if group is val_data else None
                 group.cache_latents(model.vae, model.latent_scale, vae_batch_size=args.vae_batch_size,
-                                    to_disk=args.cache_latents_to_disk, device=device)
+                                    to_disk=args.cache_latents_to_disk, device=device, generator=gen)
         model.vae.to("cpu")  # only sampling needs it again
     model.unet.to(device, weight_dtype)
     train_util.set_unet_layout(model.unet, args)

@@ -6,6 +6,7 @@ batches (batches are formed inside one bucket, like sd-scripts). Use it with
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -608,24 +609,24 @@ class DatasetGroup(torch.utils.data.Dataset):
                       device="cpu", generator: torch.Generator | None = None) -> None:
         """Encode every image once: `latent_dist.sample(generator)` (NaN -> 0); with flip_aug also the flipped image.
 
-        In memory, or with `to_disk` in `<stem>_<WWWW>x<HHHH>_sd.safetensors` / `_sdxl.safetensors` beside the image
-        (WWWW x HHHH = original size; tensors latents, original_size, crop_ltrb, latents_flipped: sd-scripts' npz
-        layout in safetensors, so a cache file can never carry a pickle; latents not scaled), written atomically.
-        A valid existing file is reused; one with another latent size is recomputed. Batches then carry
-        `latents` (x latent_scale) and `images` None. The VAE must already be on `device`."""
+        In memory, or with `to_disk` in `latent_cache_path`'s file beside the image (tensors latents, original_size,
+        crop_ltrb, latents_flipped, alpha_mask: sd-scripts' npz layout in safetensors, so a cache file can never
+        carry a pickle; latents not scaled), written atomically. A valid existing file is reused. Batches then
+        carry `latents` (x latent_scale) and `images` None. The VAE must already be on `device`."""
         check_latents_cacheable([d.bp for d in self.datasets])
         self.latent_scale = float(latent_scale)
-        suffix = "_sdxl.safetensors" if self.is_sdxl else "_sd.safetensors"
         todo: list[ImageInfo] = []
         infos = sorted({id(i): i for d in self.datasets for i in d.images.values()}.values(),
                        key=lambda i: (i.bucket_reso, i.subset.flip_aug, i.path))
+        planned: set[str] = set()
         for info in infos:
             if to_disk:
-                w, h = info.size
-                info.latents_cache = f"{os.path.splitext(info.path)[0]}_{w:04d}x{h:04d}{suffix}"
-                if _cache_valid(info.latents_cache, info.bucket_reso, info.subset.flip_aug, info.masked,
-                                sources=(info.path, info.mask_path)):
-                    continue
+                info.latents_cache = latent_cache_path(info, self.is_sdxl)
+                if info.latents_cache in planned or _cache_valid(
+                        info.latents_cache, info.bucket_reso, info.subset.flip_aug, info.masked,
+                        sources=(info.path, info.mask_path)):
+                    continue  # one image used alike by two datasets is encoded once
+                planned.add(info.latents_cache)
             todo.append(info)
         batches, batch = [], []
         for info in todo:
@@ -658,7 +659,8 @@ class DatasetGroup(torch.utils.data.Dataset):
                             tensors["latents_flipped"] = lf.contiguous()
                         if alpha is not None:
                             tensors["alpha_mask"] = alpha.contiguous()
-                        atomic_save_safetensors(tensors, info.latents_cache, overwrite=True)
+                        atomic_save_safetensors(tensors, info.latents_cache, overwrite=True,
+                                                metadata={"apt_lora_cache": json.dumps(cache_settings(info))})
                     else:
                         info.latents, info.latents_flipped, info.alpha_mask = l, lf, alpha
                         info.cached_original_size, info.cached_crop_ltrb = info.size, crop
@@ -742,6 +744,27 @@ class DatasetGroup(torch.utils.data.Dataset):
                       ss_reg_dataset_dirs=json.dumps(reg_dirs), ss_tag_frequency=json.dumps(d.tag_frequency),
                       ss_bucket_info=json.dumps(d.bucket_info))
         return {k: str(v) for k, v in md.items()}
+
+
+def cache_settings(info: ImageInfo) -> dict:
+    """Everything besides the image's pixels that decides a latent cache file's contents: the image file (`a.png`
+    and `a.jpg` are two images), the bucket and the size it is resized to before the crop (bucket_no_upscale,
+    resolution), the resampling, flip_aug (the flipped latents) and where the loss mask comes from."""
+    mask = "alpha channel" if info.subset.alpha_mask else os.path.abspath(info.mask_path) if info.mask_path else None
+    return {"image": os.path.basename(info.path), "bucket": list(info.bucket_reso),
+            "resized": list(info.resized_size), "interpolation": info.subset.resize_interpolation,
+            "flip_aug": bool(info.subset.flip_aug), "mask": mask}
+
+
+def latent_cache_path(info: ImageInfo, is_sdxl: bool) -> str:
+    """`<stem>_<WWWW>x<HHHH>_<settings hash>_sd.safetensors` (`_sdxl`) beside the image, WWWW x HHHH its original
+    size as in sd-scripts' names, plus 8 hex digits of `cache_settings`. **[ours]** sd-scripts' name alone is
+    shared by a.png and a.jpg, by two datasets that use one image at two resolutions (or one with flip_aug or a
+    mask and one without: each run overwrote the other's file, or trained from it), and it kept a file made with
+    another mask folder or resize: each of these is a file of its own here."""
+    w, h = info.size
+    digest = hashlib.sha256(json.dumps(cache_settings(info), sort_keys=True).encode()).hexdigest()[:8]
+    return f"{os.path.splitext(info.path)[0]}_{w:04d}x{h:04d}_{digest}{'_sdxl' if is_sdxl else '_sd'}.safetensors"
 
 
 def _cache_valid(path: str, bucket_reso: tuple[int, int], flip_aug: bool, alpha_mask: bool = False,

@@ -128,7 +128,7 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
                         "(at most the cores less one) on CUDA without --cache_latents, else 0")
     g.add_argument("--persistent_data_loader_workers", action="store_true")
     g.add_argument("--cache_latents", action="store_true", help="encode every image once before training (in memory)")
-    g.add_argument("--cache_latents_to_disk", action="store_true", help="cache latents in <image>_<W>x<H>_sd.safetensors files beside the images")
+    g.add_argument("--cache_latents_to_disk", action="store_true", help="cache latents in <image>_<W>x<H>_<hash>_sd.safetensors files beside the images (the hash: resize, flip and mask settings)")
     g.add_argument("--vae_batch_size", type=int, default=1)
     g.add_argument("--cache_text_encoder_outputs", action="store_true",
                    help="encode each caption once, as processed (prefix, suffix, wildcard pick, dropout); needs "

@@ -33,6 +33,15 @@ def group(subsets, *, general=None, dataset=None, is_sdxl=False, seed=0, prior_l
     return build_dataset_group(bps, is_sdxl=is_sdxl, seed=seed, prior_loss_weight=prior_loss_weight)
 
 
+def cache_file(folder, stem, arch="sd"):
+    """The one latent cache file `<stem>_<8 hex digits>_<arch>.safetensors` in `folder` (stem: name_WWWWxHHHH)."""
+    import re
+
+    found = [f for f in os.listdir(folder) if re.fullmatch(rf"{stem}_[0-9a-f]{{8}}_{arch}\.safetensors", f)]
+    assert len(found) == 1, sorted(os.listdir(folder))
+    return folder / found[0]
+
+
 def all_samples(g):
     out = []
     for i in range(len(g)):
@@ -348,8 +357,7 @@ def test_cache_latents_to_disk_written_and_reused(tmp_path, vae, monkeypatch):
     scale = vae.config.scaling_factor
     g = group(subsets)
     g.cache_latents(vae, scale, to_disk=True, generator=torch.Generator().manual_seed(0))
-    cache_path = tmp_path / "t" / "a_0080x0064_sd.safetensors"
-    assert cache_path.is_file()
+    cache_path = cache_file(tmp_path / "t", "a_0080x0064")
     cached = load_file(str(cache_path))  # safetensors: a cache file can never carry a pickle
     assert set(cached) == {"latents", "original_size", "crop_ltrb", "latents_flipped"}
     assert cached["latents"].shape == (4, 8, 8) and cached["original_size"].tolist() == [80, 64]
@@ -365,13 +373,15 @@ def test_cache_latents_to_disk_written_and_reused(tmp_path, vae, monkeypatch):
     assert calls == []  # valid file reused
     torch.testing.assert_close(g2[0]["latents"], first)  # same seed and epoch -> same flip decision
 
-    g3 = group(subsets, general={"resolution": 32})  # another bucket -> latent size mismatch -> recomputed
+    g3 = group(subsets, general={"resolution": 32})  # another bucket: a file of its own
     g3.cache_latents(vae, scale, to_disk=True)
     assert len(calls) == 2  # image + flipped image
-    assert load_file(str(cache_path))["latents"].shape == (4, 4, 4)
+    assert load_file(str(cache_path))["latents"].shape == (4, 8, 8)
+    (other,) = set(os.listdir(tmp_path / "t")) - {"a.png", cache_path.name}
+    assert load_file(str(tmp_path / "t" / other))["latents"].shape == (4, 4, 4)
     sdxl = group(subsets, is_sdxl=True)
     sdxl.cache_latents(vae, scale, to_disk=True)
-    assert (tmp_path / "t" / "a_0080x0064_sdxl.safetensors").is_file()
+    assert cache_file(tmp_path / "t", "a_0080x0064", "sdxl").is_file()
     assert not [f for f in os.listdir(tmp_path / "t") if f.endswith(".tmp")]  # atomic writes leave no temp file
 
 
@@ -458,16 +468,16 @@ def test_alpha_masks_are_cached_with_the_latents(tmp_path, vae, to_disk):
     for i in range(len(g)):
         assert g[i]["images"] is None and torch.equal(g[i]["alpha_masks"], direct[i]["alpha_masks"])
     if to_disk:
-        cache = tmp_path / "t" / "a_0080x0064_sd.safetensors"
+        cache = cache_file(tmp_path / "t", "a_0080x0064")
         assert load_file(str(cache))["alpha_mask"].shape == (64, 64)
-        plain = group([{**subsets[0], "alpha_mask": False}])  # a cache without masks is not valid for a masked run
+        os.remove(cache)  # a run without masks writes a file of its own, which the masked run does not take
+        plain = group([{**subsets[0], "alpha_mask": False}])
         plain.cache_latents(vae, vae.config.scaling_factor, to_disk=True)
-        os.remove(cache)
-        plain.cache_latents(vae, vae.config.scaling_factor, to_disk=True)
-        assert "alpha_mask" not in load_file(str(cache))
+        assert "alpha_mask" not in load_file(str(cache_file(tmp_path / "t", "a_0080x0064")))
         again = group(subsets)
         again.cache_latents(vae, vae.config.scaling_factor, to_disk=True)
         assert load_file(str(cache))["alpha_mask"].shape == (64, 64)
+        assert torch.equal(again[0]["alpha_masks"], direct[0]["alpha_masks"])
 
 
 def test_mask_images_weigh_the_loss_exactly_as_alpha_masks(tmp_path):
@@ -556,7 +566,7 @@ def test_latent_cache_is_recomputed_when_its_image_or_mask_is_newer(tmp_path, va
     sub = {"image_dir": str(p.parent), "class_tokens": "x", "conditioning_data_dir": str(masks)}
     scale = vae.config.scaling_factor
     group([sub]).cache_latents(vae, scale, to_disk=True)
-    cache = tmp_path / "t" / "a_0064x0064_sd.safetensors"
+    cache = cache_file(tmp_path / "t", "a_0064x0064")
     first = load_file(str(cache))
     assert float(first["alpha_mask"].min()) == 255
     Image.new("L", (64, 64), 0).save(masks / "a.png")  # the mask edited after the cache was written
@@ -825,3 +835,74 @@ def test_cache_latents_refuses_face_crop_aug_range(tmp_path, vae):
               dataset={"enable_bucket": True, "min_bucket_reso": 64})
     g.cache_latents(vae, 0.18215)
     assert g[0]["latents"] is not None
+
+
+def _two_dataset_group(datasets, is_sdxl=False):
+    bps = generate_blueprint({"datasets": datasets}, argparse.Namespace(), config_path="test.toml")
+    return build_dataset_group(bps, is_sdxl=is_sdxl, seed=0)
+
+
+def test_one_image_in_two_datasets_gets_a_cache_file_for_each(tmp_path, vae):
+    """[ours] One folder used by a dataset at 64 px with flip_aug and one at 128 px with the alpha mask (or at the
+    same size without it): sd-scripts' one file name per image made the datasets overwrite each other's file, so
+    one trained at the other's resolution, the flipped latents went missing (KeyError) or the mask was dropped.
+    Disk-cached batches must have what in-memory ones have, and a second run encodes nothing."""
+    alpha = np.full((128, 128), 128, np.uint8)
+    p = _rgba(tmp_path / "t" / "a.png", 128, 128, alpha)
+    datasets = [{"resolution": 64, "subsets": [{"image_dir": str(p.parent), "class_tokens": "x", "flip_aug": True}]},
+                {"resolution": 128, "subsets": [{"image_dir": str(p.parent), "class_tokens": "x", "alpha_mask": True}]},
+                {"resolution": 128, "subsets": [{"image_dir": str(p.parent), "class_tokens": "x"}]}]
+    scale = vae.config.scaling_factor
+    memory = _two_dataset_group(datasets)
+    memory.cache_latents(vae, scale)
+    want = sorted((tuple(b["latents"].shape), b["alpha_masks"] is not None) for b in (memory[i] for i in range(len(memory))))
+    assert want == [((1, 4, 8, 8), False), ((1, 4, 16, 16), False), ((1, 4, 16, 16), True)]
+    for run in (1, 2):
+        disk = _two_dataset_group(datasets)
+        calls = []
+        real = vae.encode
+        vae.encode = lambda x: calls.append(tuple(x.shape)) or real(x)
+        try:
+            disk.cache_latents(vae, scale, to_disk=True)
+        finally:
+            vae.encode = real
+        assert len(calls) == (4 if run == 1 else 0)  # 64 px and its flip, 128 px with and without the mask
+        disk.set_current_epoch(1)
+        got = [(tuple(b["latents"].shape), b["alpha_masks"] is not None, b["alpha_masks"])
+               for b in (disk[i] for i in range(len(disk)))]
+        assert sorted(g[:2] for g in got) == want
+        masks = [g[2] for g in got if g[1]]
+        assert float(masks[0].mean()) == pytest.approx(128 / 255, abs=1e-3)
+    assert len([f for f in os.listdir(p.parent) if f.endswith("_sd.safetensors")]) == 3
+
+
+def test_cache_files_follow_the_image_file_and_the_mask_folder(tmp_path, vae):
+    """[ours] a.png and a.jpg are two images with two cache files (sd-scripts' name is the stem's: one trained on
+    the other's latents); a subset pointed at another conditioning_data_dir does not take the masks cached from the
+    first folder, however old its files are."""
+    img(tmp_path / "t" / "a.png", color=(255, 255, 255))
+    img(tmp_path / "t" / "a.jpg", color=(0, 0, 0))
+    scale = vae.config.scaling_factor
+    g = group([{"image_dir": str(tmp_path / "t"), "class_tokens": "x"}])
+    g.cache_latents(vae, scale, to_disk=True)
+    lat = {k: b["latents"] for b in (g[i] for i in range(len(g))) for k in b["image_keys"]}
+    assert len(lat) == 2 and not torch.allclose(*lat.values())  # one shared file gave both the same latents
+    from safetensors import safe_open
+
+    sources = set()
+    for f in os.listdir(tmp_path / "t"):
+        if f.endswith("_sd.safetensors"):
+            with safe_open(str(tmp_path / "t" / f), "pt") as fh:
+                sources.add(json.loads(fh.metadata()["apt_lora_cache"])["image"])
+    assert sources == {"a.png", "a.jpg"}
+
+    for name, value in (("white", 255), ("black", 0)):
+        (tmp_path / name).mkdir()
+        Image.new("L", (64, 64), value).save(tmp_path / name / "m.png")
+    old = os.path.getmtime(tmp_path / "white" / "m.png") - 100
+    os.utime(tmp_path / "black" / "m.png", (old, old))  # the second folder's mask predates the first's cache
+    img(tmp_path / "m" / "m.png", seed=3)
+    for name, want in (("white", 1.0), ("black", 0.0)):
+        g = group([{"image_dir": str(tmp_path / "m"), "class_tokens": "x", "conditioning_data_dir": str(tmp_path / name)}])
+        g.cache_latents(vae, scale, to_disk=True)
+        assert float(g[0]["alpha_masks"].mean()) == want

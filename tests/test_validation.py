@@ -126,3 +126,30 @@ def test_a_split_that_holds_out_nothing_is_refused(tiny_world, tmp_path, capsys)
     rc = train_apt_lora.main(["--pretrained_model_name_or_path", tiny_world.model("sd1"), "--dataset_config",
                               tiny_world.dataset, "--output_dir", str(tmp_path), "--validation_split", "0.2"])
     assert rc == 2 and "validation_split holds out no image" in capsys.readouterr().err  # 3 images: ceil(2.4) = 3
+
+
+def test_cached_held_out_latents_do_not_depend_on_the_training_seed(tiny_world, tmp_path, capsys):
+    """With --cache_latents the held-out images' VAE samples were drawn from the training stream (after the
+    training images'), so --seed (or adding training images) changed the validation latents under a fixed
+    --validation_seed. They come from the validation seed now: at a learning rate of 1e-30 (the LoRA stays at its
+    start, up = 0) runs with --seed 1 and --seed 2 report the same validation loss."""
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(4):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    toml = tmp_path / "ds.toml"
+    toml.write_text(f'[[datasets]]\nresolution = 64\nbatch_size = 1\nvalidation_split = 0.25\n  [[datasets.subsets]]\n'
+                    f'  image_dir = "{d.as_posix()}"\n  class_tokens = "sks dog"\n')
+    found = []
+    for seed in ("1", "2"):
+        assert train_apt_lora.main(["--pretrained_model_name_or_path", tiny_world.model("sd1"), "--dataset_config",
+                                    str(toml), "--output_dir", str(tmp_path / seed), "--seed", seed,
+                                    "--validation_seed", "5", "--cache_latents", "--learning_rate", "1e-30",
+                                    "--max_train_steps", "1"]) == 0
+        found += re.findall(r"validation loss (\S+) at step 1", capsys.readouterr().out)
+    assert len(found) == 2 and found[0] == found[1], found
