@@ -339,6 +339,8 @@ def planned_outputs(args, max_train_steps, num_epochs, start_step=0, start_epoch
         names += [ckpt_name(args.output_name, step=s) for s in range(first, max_train_steps, every)]
     if args.save_state:
         names += [os.path.splitext(n)[0] + "-state" for n in names]
+    elif args.save_state_on_train_end:  # the final state only (it was found after training, and not written)
+        names.append(os.path.splitext(names[0])[0] + "-state")
     if args.sample_prior_grid:
         names.append(f"{args.output_name}_grid.png")
     return [os.path.join(args.output_dir, n) for n in names]
@@ -370,6 +372,7 @@ def train(args):
 
     from library.args_check import verify_args
 
+    started_at = time.time()  # ss_training_started_at: when the run started, as in sd-scripts (not after the load)
     verify_args(args)
 
     log_dir = None
@@ -637,7 +640,7 @@ def train(args):
         args, model=model, network=network, optimizer_name=optimizer_name, dataset_group=data,
         num_batches_per_epoch=len(loader), num_epochs=num_epochs, max_train_steps=args.max_train_steps,
         num_validation_images=val_data.num_train_images if val_data is not None else 0,
-        num_processes=accelerator.num_processes)
+        num_processes=accelerator.num_processes, training_started_at=started_at)
     save_dtype = train_util.save_dtype(args)
 
     def save(name, step, epoch, batches_done, with_state=False, epochs_done=None):

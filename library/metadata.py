@@ -248,7 +248,9 @@ def build_training_metadata(
         num_epochs = math.ceil(max_train_steps / math.ceil(num_batches_per_epoch / grad_acc))
 
     md: dict[str, Any] = {
-        "ss_session_id": session_id if session_id is not None else random.randint(0, 2**32),
+        # from the OS, not the seeded stream: runs with the same --seed are different sessions (sd-scripts draws it
+        # before set_seed)
+        "ss_session_id": session_id if session_id is not None else random.SystemRandom().randint(0, 2**32),
         "ss_training_started_at": training_started_at if training_started_at is not None else time.time(),
         "ss_sd_scripts_commit_hash": git_commit() or f"{IMPLEMENTATION}/{VERSION}",
         "ss_text_encoder_lr": _text_encoder_lr(args),
@@ -267,6 +269,8 @@ def build_training_metadata(
     }
     for key, attr in _ARGS_KEYS:
         md[key] = getattr(args, attr, None)
+    if isinstance(md.get("ss_face_crop_aug_range"), str):  # sd-scripts parses the flag into a tuple first
+        md["ss_face_crop_aug_range"] = tuple(float(r) for r in md["ss_face_crop_aug_range"].split(","))
     if md.get("ss_validation_split") is None:  # sd-scripts' flag defaults to 0.0 (here None: the TOML decides)
         md["ss_validation_split"] = 0.0
     for key, attr in _BOOL_ARGS_KEYS:

@@ -187,8 +187,20 @@ def model_hashes(path) -> tuple[str | None, str | None]:
     return old, full.hexdigest()
 
 
-_TEMP_FILE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")  # _atomic_write's temp files
-_TEMP_DIR = re.compile(r"^(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")  # train_state's folders, heatmap temp files
+# Only names this code writes, so that a user's `notes.tmp-2023` or `lora.safetensors.old-20240101` is never taken
+# for one: _atomic_write's temp files (of the LoRA files and PNGs a run writes; mkstemp's 8 random characters),
+# train_state's folders (`<name>-state.tmp-<pid>`, `.old-<pid>`) and the γ heatmap's temp file
+_TEMP_FILE = re.compile(r"^\.(?P<name>.+\.(?:safetensors|png))\.(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp$")
+_TEMP_DIR = re.compile(r"^(?P<name>.+-state)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
+_TEMP_HEATMAP = re.compile(r"^(?P<name>.+_gamma\.png)\.tmp-(?P<pid>\d+)$")
+
+
+def _pid_max() -> int:
+    try:
+        with open("/proc/sys/kernel/pid_max") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 4194304  # Linux's largest; macOS pids stay below 100000
 
 
 def _alive(pid: int) -> bool:
@@ -209,17 +221,26 @@ def remove_stale_temp_files(folder) -> list[str]:
     Returns what was removed or restored. Temp names carry the writer's pid, so a live writer is never touched."""
     import shutil
 
+    from library.train_state import STATE_FILES
+
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         return []
     done = []
+    pid_max = _pid_max()
     for entry in sorted(os.listdir(folder)):
         path = os.path.join(folder, entry)
-        m = _TEMP_FILE.match(entry) or _TEMP_DIR.match(entry)
-        if not m or _alive(int(m.group("pid"))):
+        if os.path.isdir(path):  # a state folder: being written (tmp), or moved aside (old: complete, or being
+            m = _TEMP_DIR.match(entry)  # deleted once the new one was in): holding nothing but a state's files
+            if m and m.group("kind") == "old" and not set(os.listdir(path)) <= STATE_FILES:
+                m = None
+        else:
+            m = _TEMP_FILE.match(entry) or _TEMP_HEATMAP.match(entry)
+        if not m or int(m.group("pid")) > pid_max or _alive(int(m.group("pid"))):
             continue
         target = os.path.join(folder, m.group("name"))
-        if m.groupdict().get("kind") == "old" and not os.path.exists(target):
+        if m.groupdict().get("kind") == "old" and not os.path.exists(target) \
+                and os.path.isfile(os.path.join(path, "train_state.json")):
             os.replace(path, target)  # killed between "move old aside" and "rename new in": the old one is complete
             done.append(f"restored {target}")
         elif os.path.isdir(path):

@@ -28,6 +28,8 @@ from safetensors.torch import load_file, save_file
 from library.rng import rng_state, seed_rank_stream, set_rng_state
 
 STATE_VERSION = 1
+STATE_FILES = frozenset({"network.safetensors", "optimizer.pt", "lr_scheduler.pt", "rng.pt", "apt.safetensors",
+                         "train_state.json"})  # all a state folder holds (library/safe_io's cleanup tells by them)
 
 
 class StateError(Exception):

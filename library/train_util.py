@@ -85,7 +85,9 @@ def state_dir_name(output_name: Optional[str], epoch: Optional[int] = None, step
 def rotated_out(args, epoch: Optional[int] = None, step: Optional[int] = None) -> tuple[Optional[str], Optional[str]]:
     """--save_last_n_epochs / --save_last_n_steps and their `_state` variants (which default to them): the LoRA file
     and the state folder that the save at `epoch` or `step` pushes out of the kept window, as sd-scripts computes
-    them (None: nothing). Epochs count saves (N saves kept); steps are a distance (the saves of the last N steps)."""
+    them (None: nothing). Epochs count saves (N saves kept); steps are a distance (the saves of the last N steps).
+    State folders only when this run writes them (`--save_state`), as in sd-scripts: a run without it must not
+    delete the states of an earlier run in the folder."""
     def number(last_n):
         if not last_n:
             return None
@@ -98,7 +100,8 @@ def rotated_out(args, epoch: Optional[int] = None, step: Optional[int] = None) -
 
     kind, key = ("epochs", "epoch") if epoch is not None else ("steps", "step")
     last_n = getattr(args, f"save_last_n_{kind}", None)
-    lora, state = number(last_n), number(getattr(args, f"save_last_n_{kind}_state", None) or last_n)
+    lora = number(last_n)
+    state = number(getattr(args, f"save_last_n_{kind}_state", None) or last_n) if getattr(args, "save_state", False) else None
     return (None if lora is None else ckpt_name(args.output_name, **{key: lora}),
             None if state is None else state_dir_name(args.output_name, **{key: state}))
 
@@ -159,8 +162,10 @@ def save_dtype(args) -> torch.dtype:
 # Output location (checked before anything is loaded or trained; docs/reliability.md)
 # ---------------------------------------------------------------------------------------------------------------
 
-# the longest suffix a run adds to --output_name: "-step00000000-state" folders, "-step00000000.safetensors" files
-_LONGEST_OUTPUT_SUFFIX = len("-step00000000-state.safetensors")
+# the longest suffix a run adds to --output_name: "-step00000000-state" folders, "-step00000000.safetensors" files,
+# plus the temporary name a file is first written under (library/safe_io._atomic_write: "." before, and
+# ".<pid up to 7 digits>.<8 random>.tmp" after): the longest name that exists on disk during a run
+_LONGEST_OUTPUT_SUFFIX = len("-step00000000.safetensors") + len("." + ".4194304.abcdefgh.tmp")
 _NAME_MAX = 255  # bytes per file name on ext4, NTFS, APFS
 
 

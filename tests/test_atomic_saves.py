@@ -57,6 +57,33 @@ def test_sigkill_during_saves_never_leaves_a_truncated_file(tmp_path):
     assert kills == 12 and len(seen_steps) > 1  # saves really happened between kills
 
 
+def test_cleanup_touches_only_its_own_temp_names(tmp_path):
+    """What a killed save leaves (a dead pid's temp LoRA file, state folder being written, state moved aside,
+    heatmap temp file) is removed or put back; a user's files that merely look alike (a date where the pid would
+    be, or a name this code never writes) are left alone: they were deleted, or a folder renamed, before."""
+    from library.safe_io import remove_stale_temp_files
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    dead = p.pid
+    ours = [f".lora.safetensors.{dead}.ab_cd12e.tmp", f"lora-step00000002_gamma.png.tmp-{dead}"]
+    users = ["lora.safetensors.old-20240101", "notes.tmp-99999999", f"notes.txt.tmp-{dead}",
+             f".draft.txt.{dead}.abcdefgh.tmp", f"backup.old-{dead}"]
+    for name in ours + users:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / f"my_dataset.old-{dead}" / "sub").mkdir(parents=True)  # a user's folder: not a state of ours
+    (tmp_path / f"mine-state.old-{dead}").mkdir()  # named like one, but holding what no state holds
+    (tmp_path / f"mine-state.old-{dead}" / "notes.txt").write_text("x")
+    users.append(f"mine-state.old-{dead}")
+    (tmp_path / f"lora-step00000004-state.tmp-{dead}").mkdir()  # a state being written when the kill came
+    (tmp_path / f"lora-state.old-{dead}").mkdir()  # a complete state moved aside, the new one not in yet
+    (tmp_path / f"lora-state.old-{dead}" / "train_state.json").write_text("{}")
+    done = remove_stale_temp_files(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted(users + [f"my_dataset.old-{dead}", "lora-state"]), done
+    assert (tmp_path / "lora-state" / "train_state.json").is_file()
+    assert len(done) == 4 and f"restored {tmp_path / 'lora-state'}" in done
+
+
 # -- --save_last_n_*: the saves pushed out of the kept window are deleted, nothing else -----------------------------
 
 def test_rotated_out_names_as_sd_scripts_computes_them():
@@ -66,7 +93,8 @@ def test_rotated_out_names_as_sd_scripts_computes_them():
 
     def args(**kw):
         base = dict(output_name="lora", save_every_n_epochs=2, save_every_n_steps=10, save_last_n_epochs=None,
-                    save_last_n_steps=None, save_last_n_epochs_state=None, save_last_n_steps_state=None)
+                    save_last_n_steps=None, save_last_n_epochs_state=None, save_last_n_steps_state=None,
+                    save_state=True)
         return SimpleNamespace(**{**base, **kw})
 
     # epochs count saves: every 2 epochs, keep 2 -> the save at epoch 6 pushes out epoch 2
@@ -82,6 +110,9 @@ def test_rotated_out_names_as_sd_scripts_computes_them():
                                                                 "lora-step00000020-state")
     assert rotated_out(args(), step=50) == (None, None) and rotated_out(args(), epoch=6) == (None, None)
     assert rotated_out(args(output_name=None, save_last_n_steps=30), step=50)[0] == "at-step00000010.safetensors"
+    # without --save_state this run writes no state: an earlier run's state folders are not its to delete
+    assert rotated_out(args(save_last_n_epochs=2, save_state=False), epoch=6) == ("lora-000002.safetensors", None)
+    assert rotated_out(args(save_last_n_steps=30, save_state=False), step=50) == ("lora-step00000010.safetensors", None)
 
 
 def test_remove_old_save_deletes_only_what_is_ours(tmp_path):

@@ -350,6 +350,24 @@ def test_output_name_refused(name, needle, tmp_path):
     assert "--output_name" in str(e.value) and needle in str(e.value)
 
 
+def test_the_longest_accepted_output_name_can_be_saved(tmp_path):
+    """The limit counts the temporary name a save is first written under: a name 1 byte under the limit used to
+    pass the check and fail the first step save with ENAMETOOLONG (hours into a run)."""
+    from library.safe_io import atomic_save_safetensors
+    from library.train_util import ckpt_name
+
+    n = 1
+    while True:  # the longest name the check accepts
+        try:
+            check_output_location(argparse.Namespace(output_name="n" * (n + 1), output_dir=str(tmp_path)))
+        except TrainingSetupError:
+            break
+        n += 1
+    path = tmp_path / ckpt_name("n" * n, step=99999999)
+    atomic_save_safetensors({"x": torch.zeros(1)}, str(path))
+    assert path.is_file()
+
+
 def test_output_name_and_dir_accepted(tmp_path):
     for name in (None, "my_lora", "sks dog v1.5", "ünïcode-名前"):
         check_output_location(argparse.Namespace(output_name=name, output_dir=str(tmp_path / "new" / "deeper")))

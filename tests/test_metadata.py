@@ -90,6 +90,21 @@ def test_required_keys_present_and_strings():
     assert build(make_args(lowram=True, validation_split=0.25))["ss_validation_split"] == "0.25"
 
 
+def test_session_id_is_not_the_seeds_and_face_crop_range_reads_as_sd_scripts():
+    """ss_session_id was drawn after set_seed, so every run with --seed 1 had the same one; sd-scripts draws it
+    before. --face_crop_aug_range 2.0,4.0 is written as the tuple sd-scripts parses it into."""
+    import random
+
+    ids = set()
+    for _ in range(2):
+        random.seed(1)
+        ids.add(md.build_training_metadata(make_args(), model(), optimizer_name="AdamW", num_train_images=1,
+                                           num_reg_images=0, num_batches_per_epoch=1)["ss_session_id"])
+    assert len(ids) == 2
+    assert build(make_args(face_crop_aug_range="2.0,4.0"))["ss_face_crop_aug_range"] == "(2.0, 4.0)"
+    assert build(make_args(face_crop_aug_range=None))["ss_face_crop_aug_range"] == "None"
+
+
 @pytest.mark.parametrize(
     "arch,v,version,v2",
     [

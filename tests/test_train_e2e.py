@@ -186,6 +186,12 @@ def test_existing_output_is_never_overwritten(tiny, images, tmp_path, capsys):
     assert existing.read_bytes() == b"user data"
     assert _train(tiny["sd1"], _dataset(tmp_path, images), out, "--overwrite") == 0
     assert existing.read_bytes() != b"user data"
+    # the final state of --save_state_on_train_end is checked before training too (it failed after the run)
+    (out / "lora-state").mkdir()
+    (out / "lora-state" / "train_state.json").write_text("{}")
+    os.remove(existing)
+    rc = _train(tiny["sd1"], _dataset(tmp_path, images), out, "--save_state_on_train_end")
+    assert rc == 2 and str(out / "lora-state") in capsys.readouterr().err and not existing.exists()
 
 
 def test_config_file_of_arguments(tiny, images, tmp_path):
