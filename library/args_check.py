@@ -99,7 +99,12 @@ def _combinations(args) -> None:
 
 def _aliases(args) -> None:
     """sd-scripts' alternative spellings, as the one this trainer reads."""
-    if args.use_8bit_adam:
+    if args.use_8bit_adam:  # sd-scripts refuses it beside another optimizer ("AdamW" is the parser's default)
+        other = "--use_lion_optimizer" if getattr(args, "use_lion_optimizer", False) else (
+            f"--optimizer_type {args.optimizer_type}" if (args.optimizer_type or "").lower() not in ("", "adamw", "adamw8bit")
+            else None)
+        if other:
+            raise TrainingSetupError(f"--use_8bit_adam and {other} disagree: use only --optimizer_type")
         args.optimizer_type = "AdamW8bit"
     if args.caption_extention is not None:  # sd-scripts: the misspelled flag, when given, wins
         args.caption_extension = args.caption_extention

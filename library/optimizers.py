@@ -29,26 +29,27 @@ BNB_HINT = "a GPU extra: pip install -r requirements-gpu.txt, or use --optimizer
 _DADAPT = "pip install dadaptation"
 _SF = "pip install schedulefree"
 NAMED_OPTIMIZERS = {
-    "lion": ("lion_pytorch.Lion", "pip install lion-pytorch", {}),
-    "prodigy": ("prodigyopt.Prodigy", "pip install prodigyopt", {}),
-    "dadaptation": ("dadaptation.experimental.DAdaptAdamPreprint", _DADAPT, {}),
-    "dadaptadampreprint": ("dadaptation.experimental.DAdaptAdamPreprint", _DADAPT, {}),
-    "dadaptadam": ("dadaptation.DAdaptAdam", _DADAPT, {}),
-    "dadaptadagrad": ("dadaptation.DAdaptAdaGrad", _DADAPT, {}),
-    "dadaptadan": ("dadaptation.DAdaptAdan", _DADAPT, {}),
-    "dadaptadanip": ("dadaptation.experimental.DAdaptAdanIP", _DADAPT, {}),
-    "dadaptlion": ("dadaptation.DAdaptLion", _DADAPT, {}),
-    "dadaptsgd": ("dadaptation.DAdaptSGD", _DADAPT, {}),
-    "lion8bit": ("bitsandbytes.optim.Lion8bit", BNB_HINT, {}),
-    "pagedlion8bit": ("bitsandbytes.optim.PagedLion8bit", BNB_HINT, {}),
-    "pagedadamw": ("bitsandbytes.optim.PagedAdamW", BNB_HINT, {}),
-    "pagedadamw8bit": ("bitsandbytes.optim.PagedAdamW8bit", BNB_HINT, {}),
-    "pagedadamw32bit": ("bitsandbytes.optim.PagedAdamW32bit", BNB_HINT, {}),
-    "sgdnesterov8bit": ("bitsandbytes.optim.SGD8bit", BNB_HINT, {"nesterov": True}),
-    "radamschedulefree": ("schedulefree.RAdamScheduleFree", _SF, {}),
-    "adamwschedulefree": ("schedulefree.AdamWScheduleFree", _SF, {}),
-    "sgdschedulefree": ("schedulefree.SGDScheduleFree", _SF, {}),
+    "Lion": ("lion_pytorch.Lion", "pip install lion-pytorch", {}),
+    "Prodigy": ("prodigyopt.Prodigy", "pip install prodigyopt", {}),
+    "DAdaptation": ("dadaptation.experimental.DAdaptAdamPreprint", _DADAPT, {}),
+    "DAdaptAdamPreprint": ("dadaptation.experimental.DAdaptAdamPreprint", _DADAPT, {}),
+    "DAdaptAdam": ("dadaptation.DAdaptAdam", _DADAPT, {}),
+    "DAdaptAdaGrad": ("dadaptation.DAdaptAdaGrad", _DADAPT, {}),
+    "DAdaptAdan": ("dadaptation.DAdaptAdan", _DADAPT, {}),
+    "DAdaptAdanIP": ("dadaptation.experimental.DAdaptAdanIP", _DADAPT, {}),
+    "DAdaptLion": ("dadaptation.DAdaptLion", _DADAPT, {}),
+    "DAdaptSGD": ("dadaptation.DAdaptSGD", _DADAPT, {}),
+    "Lion8bit": ("bitsandbytes.optim.Lion8bit", BNB_HINT, {}),
+    "PagedLion8bit": ("bitsandbytes.optim.PagedLion8bit", BNB_HINT, {}),
+    "PagedAdamW": ("bitsandbytes.optim.PagedAdamW", BNB_HINT, {}),
+    "PagedAdamW8bit": ("bitsandbytes.optim.PagedAdamW8bit", BNB_HINT, {}),
+    "PagedAdamW32bit": ("bitsandbytes.optim.PagedAdamW32bit", BNB_HINT, {}),
+    "SGDNesterov8bit": ("bitsandbytes.optim.SGD8bit", BNB_HINT, {"nesterov": True}),
+    "RAdamScheduleFree": ("schedulefree.RAdamScheduleFree", _SF, {}),
+    "AdamWScheduleFree": ("schedulefree.AdamWScheduleFree", _SF, {}),
+    "SGDScheduleFree": ("schedulefree.SGDScheduleFree", _SF, {}),
 }
+_NAMED_BY_KIND = {k.lower(): v for k, v in NAMED_OPTIMIZERS.items()}  # names are matched case-insensitively
 
 
 def parse_kv_args(values: Optional[Iterable[str]], flag: str) -> dict:
@@ -62,10 +63,12 @@ def parse_kv_args(values: Optional[Iterable[str]], flag: str) -> dict:
         try:
             kwargs[key] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
-            raise TrainingSetupError(
-                f"{flag}: the value of {item!r} is not a Python literal; numbers, True/False, tuples (0.9,0.999) "
-                f"work as they are, strings need quotes: {key}='{value.strip()}'"
-            ) from None
+            word = value.strip()
+            if word.lower() in ("true", "false", "none"):  # quoting would pass the string 'false', which is true
+                fix = f"switches and None are capitalised: {key}={word.capitalize()}"
+            else:
+                fix = f"numbers, True/False, tuples (0.9,0.999) work as they are, strings need quotes: {key}='{word}'"
+            raise TrainingSetupError(f"{flag}: the value of {item!r} is not a Python literal; {fix}") from None
     return kwargs
 
 
@@ -77,12 +80,14 @@ def _import_optimizer_class(path: str):
             return cls
         torch_names = [n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)
                        and issubclass(getattr(torch.optim, n), torch.optim.Optimizer)]
-        close = difflib.get_close_matches(path.lower(), [n.lower() for n in (*OPTIMIZER_CHOICES, *torch_names)], n=1)
-        spelled = {n.lower(): n for n in (*OPTIMIZER_CHOICES, *torch_names)}
+        known = (*OPTIMIZER_CHOICES, *NAMED_OPTIMIZERS, *torch_names)
+        close = difflib.get_close_matches(path.lower(), [n.lower() for n in known], n=1)
+        spelled = {n.lower(): n for n in known}
         hint = f" (did you mean {spelled[close[0]]}?)" if close else ""
         raise TrainingSetupError(
             f"--optimizer_type {path!r} is not known{hint}; choose one of {', '.join(OPTIMIZER_CHOICES)}, "
-            "a torch.optim class name (e.g. RAdam), or a module path such as mypackage.MyOptimizer"
+            f"sd-scripts' optional ones ({', '.join(NAMED_OPTIMIZERS)}), a torch.optim class name (e.g. RAdam), "
+            "or a module path such as mypackage.MyOptimizer"
         )
     hint = BNB_HINT if path.split(".")[0] == "bitsandbytes" else f"install the package that provides {path.rsplit('.', 1)[0]}"
     return _import_class(path, path, lambda module_name, e: f"--optimizer_type {path} needs the module "
@@ -104,7 +109,7 @@ def _import_class(path: str, flag_value: str, missing):
 
 def _named_optimizer_class(optimizer_type: str):
     """The class of one of sd-scripts' optional-package names (NAMED_OPTIMIZERS), or an error saying what to install."""
-    path, hint, _ = NAMED_OPTIMIZERS[optimizer_type.lower()]
+    path, hint, _ = _NAMED_BY_KIND[optimizer_type.lower()]
     return _import_class(path, optimizer_type, lambda module_name, e: (
         f"--optimizer_type {optimizer_type} uses {path}, whose package is not installed ({e}): {hint}, or choose "
         f"one of {', '.join(OPTIMIZER_CHOICES)}"))
@@ -239,11 +244,16 @@ def get_optimizer(args, trainable_params) -> tuple[str, torch.optim.Optimizer]:
                 if had_group_lr:
                     logger.warning("Adafactor with relative_step ignores --unet_lr and --text_encoder_lr")
                     args.unet_lr = args.text_encoder_lr = None  # as sd-scripts: the metadata says they were unused
+            if not str(getattr(args, "lr_scheduler", "") or "").startswith("adafactor"):
+                logger.info("Adafactor with relative_step sets its own learning rate: --lr_scheduler %s is replaced "
+                            "by adafactor:%s, as in sd-scripts (--optimizer_args relative_step=False "
+                            "scale_parameter=False warmup_init=False keeps your schedule and --learning_rate)",
+                            getattr(args, "lr_scheduler", None), lr)
             args.lr_scheduler = f"adafactor:{lr}"
             args.learning_rate = lr = None
-    elif kind in NAMED_OPTIMIZERS:
+    elif kind in _NAMED_BY_KIND:
         optimizer_class = _named_optimizer_class(optimizer_type)
-        implied = NAMED_OPTIMIZERS[kind][2]
+        implied = _NAMED_BY_KIND[kind][2]
         if kind == "sgdnesterov8bit":
             kwargs.setdefault("momentum", 0.9)
         extra.update({k: v for k, v in implied.items() if k not in kwargs})
@@ -335,7 +345,10 @@ def int_or_float(value: str):
     text = str(value).strip()
     try:
         if text.endswith("%"):
-            return float(text[:-1]) / 100.0
+            ratio = float(text[:-1]) / 100.0
+            if not 0 <= ratio <= 1:  # 200% would read as 2.0, i.e. 2 steps
+                raise ValueError(text)
+            return ratio
         number = float(text)
         if re.fullmatch(r"[+-]?\d+", text):
             return int(text)
@@ -449,7 +462,11 @@ def get_lr_scheduler(args, optimizer, num_training_steps: int, num_processes: in
 
         if not isinstance(optimizer, Adafactor):
             raise TrainingSetupError("--lr_scheduler adafactor only works with --optimizer_type Adafactor")
-        no_warmup(name)
+        if warmup:
+            raise TrainingSetupError(
+                f"Adafactor's own schedule (relative_step, its default) has no warmup (--lr_warmup_steps {warmup_arg}): "
+                "pass --optimizer_args relative_step=False scale_parameter=False warmup_init=False to train with "
+                "--lr_scheduler and its warmup, or leave --lr_warmup_steps out")
         initial_lr = name.split(":", 1)[1] if ":" in name else None
         initial_lr = float(initial_lr) if initial_lr not in (None, "", "None") else 0.0
         return AdafactorSchedule(optimizer, initial_lr)
@@ -466,8 +483,13 @@ def get_lr_scheduler(args, optimizer, num_training_steps: int, num_processes: in
         if name in TRANSFORMERS_SCHEDULERS:
             return _transformers_schedule(name, args, optimizer, warmup, total, num_processes, sched_kwargs)
         fn = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]
-        if name in ("constant", "piecewise_constant"):  # piecewise: --lr_scheduler_args step_rules="1:10,0.1"
+        if name == "constant":
             no_warmup(name)
+            return fn(optimizer, **sched_kwargs)
+        if name == "piecewise_constant":  # --lr_scheduler_args step_rules="1:10,0.1"
+            if warmup:  # sd-scripts ignores it silently
+                logger.warning("--lr_scheduler piecewise_constant ignores --lr_warmup_steps %s, as in sd-scripts: put "
+                               "a warmup in its step_rules", warmup_arg)
             return fn(optimizer, **sched_kwargs)
         if name == "constant_with_warmup":
             return fn(optimizer, num_warmup_steps=warmup, **sched_kwargs)

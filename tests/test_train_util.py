@@ -501,6 +501,49 @@ def test_warmup_forms():
         optim_lib.resolve_warmup_steps(1.5, 200)
     with pytest.raises(TrainingSetupError, match="--lr_warmup_steps"):
         optim_lib.resolve_warmup_steps("ten", 200)
+    with pytest.raises(TrainingSetupError, match="--lr_warmup_steps"):  # it read as 2.0, i.e. 2 steps
+        optim_lib.resolve_warmup_steps("200%", 200)
+
+
+def test_optimizer_and_schedule_messages_as_sd_scripts_users_need_them(caplog):
+    """Found by an optimizer review: --use_8bit_adam beside another optimizer trained AdamW8bit silently (sd-scripts
+    refuses it); advice to quote false switched the option on; sd-scripts' optional optimizers were missing from
+    the unknown-name error; piecewise_constant with a warmup stopped a run sd-scripts trains (it ignores the
+    warmup); Adafactor replaced the schedule without a word and then advised the schedule it had replaced."""
+    from library.args_check import _aliases
+
+    for extra, other in ((dict(optimizer_type="Prodigy"), "--optimizer_type Prodigy"),
+                         (dict(optimizer_type="AdamW", use_lion_optimizer=True), "--use_lion_optimizer")):
+        args = ns(use_8bit_adam=True, caption_extention=None, text_encoder_lr=None, **extra)
+        with pytest.raises(TrainingSetupError, match=f"--use_8bit_adam and {other} disagree"):
+            _aliases(args)
+    args = ns(use_8bit_adam=True, optimizer_type="AdamW", caption_extention=None, text_encoder_lr=None)
+    _aliases(args)
+    assert args.optimizer_type == "AdamW8bit"
+
+    with pytest.raises(TrainingSetupError, match="capitalised: use_bias_correction=False"):
+        optim_lib.parse_kv_args(["use_bias_correction=false"], "--optimizer_args")
+    with pytest.raises(TrainingSetupError, match="strings need quotes: mode='fast'"):
+        optim_lib.parse_kv_args(["mode=fast"], "--optimizer_args")
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(TrainingSetupError, match=r"did you mean Prodigy\?.*DAdaptAdam"):
+        optim_lib.get_optimizer(ns(optimizer_type="Prodigyy", learning_rate=1.0), params)
+
+    opt = torch.optim.SGD(params, lr=1.0)
+    with caplog.at_level(logging.WARNING):
+        sched = optim_lib.get_lr_scheduler(ns(lr_scheduler="piecewise_constant", lr_warmup_steps=2,
+                                              lr_scheduler_args=["step_rules='1:2,0.1'"]), opt, 10)
+    assert "ignores --lr_warmup_steps 2" in caplog.text
+    assert [sched.get_last_lr()[0] for _ in range(3) if not sched.step()] == [1.0, 0.1, 0.1]
+
+    caplog.clear()
+    args = ns(optimizer_type="Adafactor", learning_rate=1e-3, lr_scheduler="cosine", lr_warmup_steps=2)
+    with caplog.at_level(logging.INFO):
+        _, opt = optim_lib.get_optimizer(args, [torch.nn.Parameter(torch.zeros(2))])
+    assert "--lr_scheduler cosine is replaced by adafactor:0.001" in caplog.text
+    with pytest.raises(TrainingSetupError, match="relative_step=False scale_parameter=False warmup_init=False"):
+        optim_lib.get_lr_scheduler(args, opt, 10)
 
 
 def test_num_processes_scales_steps():
