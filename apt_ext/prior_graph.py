@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-from library.unet_graph import graph_pool, signature
+from library.unet_graph import CAPTURE_ERROR_MODE, graph_pool, signature
 
 
 class StaticPass:
@@ -68,7 +68,7 @@ class StaticPass:
                 self.fn(*static_in)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool), torch.no_grad():
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=CAPTURE_ERROR_MODE), torch.no_grad():
             static_out = [y.detach() for y in self.fn(*static_in)]
         graph.replay()  # recording does not run the kernels: fill the outputs for this first call
         return graph, static_in, static_out

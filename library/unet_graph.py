@@ -25,6 +25,7 @@ into them instead of adopting the graph's output buffer.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Callable, Optional, Sequence
 
@@ -38,6 +39,31 @@ BACKENDS = ("cuda", "eager")
 def signature(inputs: Sequence[Optional[torch.Tensor]]) -> tuple:
     """What a recorded graph is specific to: each input's shape, dtype and device (None stays None)."""
     return tuple(None if t is None else (tuple(t.shape), t.dtype, str(t.device)) for t in inputs)
+
+
+# CUDA's capture mode for every recording. In its default "global" mode a CUDA call that may be unsafe during a
+# capture is an error in ANY thread: the data loader's pin-memory thread allocating pinned memory while a new bucket
+# shape is recorded mid-run would fail, or invalidate the recording. "thread_local" restricts only the recording
+# thread, which is all a recording needs.
+CAPTURE_ERROR_MODE = "thread_local"
+
+
+@contextlib.contextmanager
+def thread_local_capture():
+    """`torch.cuda.graph` recording in CAPTURE_ERROR_MODE for the code inside (make_graphed_callables takes no
+    mode and records with `torch.cuda.graph(g, pool=...)`)."""
+    original = torch.cuda.graph
+
+    class graph(original):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("capture_error_mode", CAPTURE_ERROR_MODE)
+            super().__init__(*args, **kwargs)
+
+    torch.cuda.graph = graph
+    try:
+        yield
+    finally:
+        torch.cuda.graph = original
 
 
 def graph_pool(owner: str, backend: str):
@@ -281,5 +307,6 @@ class GraphedPass:
         if self.backend == "eager":
             return replay_without_cuda(module, sum(x is not None for x in inputs))
         sample = tuple(x.detach().clone().requires_grad_(x.requires_grad) for x in inputs if x is not None)
-        return torch.cuda.make_graphed_callables(module, sample, num_warmup_iters=self.warmup,
-                                                 allow_unused_input=True, pool=self.pool)
+        with thread_local_capture():
+            return torch.cuda.make_graphed_callables(module, sample, num_warmup_iters=self.warmup,
+                                                     allow_unused_input=True, pool=self.pool)

@@ -340,3 +340,27 @@ def test_graph_blockers_is_the_one_list(flag, kw, expected):
     for reason in expected:  # each names the flag and says what to do
         msg = blocker_message(flag, reason)
         assert msg.startswith(f"--{flag}") and ("leave" in msg or "it needs --apt" in msg), msg
+
+
+def test_recordings_restrict_only_their_own_thread(monkeypatch):
+    """make_graphed_callables records with torch.cuda.graph in CUDA's "global" capture mode, where the data loader's
+    pin-memory thread allocating pinned memory mid-recording is an error. `thread_local_capture` makes the
+    recordings inside it thread_local; this checks that torch's make_graphed_callables still records through
+    `torch.cuda.graph` (else the patch would not reach it) and that the mode arrives, then is put back."""
+    import inspect
+
+    from library import unet_graph
+
+    assert "torch.cuda.graph(" in inspect.getsource(torch.cuda.graphs.make_graphed_callables)
+    seen = []
+
+    class Recording:  # stands in for torch.cuda.graph (no CUDA here)
+        def __init__(self, cuda_graph, pool=None, stream=None, capture_error_mode="global"):
+            seen.append(capture_error_mode)
+
+    monkeypatch.setattr(torch.cuda, "graph", Recording)
+    with unet_graph.thread_local_capture():
+        torch.cuda.graph(None, pool=None)
+    assert seen == ["thread_local"] and torch.cuda.graph is Recording
+    torch.cuda.graph(None)
+    assert seen == ["thread_local", "global"]
