@@ -153,7 +153,8 @@ class ProbCaptureAttnProcessor:
 
         # autocast off: under --mixed_precision it would run these matmuls in bf16/fp16 despite the .float()
         device = query.device.type
-        autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
+        available = getattr(torch.amp, "is_autocast_available", lambda d: d in ("cpu", "cuda"))  # False on meta
+        autocast = available(device) and torch.is_autocast_enabled(device)
         with torch.autocast(device, enabled=False) if autocast else nullcontext():
             scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
             if attention_mask is not None:
