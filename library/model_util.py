@@ -237,16 +237,46 @@ def _read_shapes(path: str, allow_pickle: bool) -> tuple[dict, dict]:
         raise _unreadable("model", path, e) from e
 
 
+def _read_tensor(path: str, key: str):
+    """One tensor of a safetensors checkpoint, without reading the rest (None for a pickle: not loaded twice)."""
+    if not path.lower().endswith(".safetensors"):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return f.get_tensor(key)
+
+
 _EDM_KEYS = ("edm_mean", "edm_std", "edm_vpred.sigma_max")  # ComfyUI's markers: Playground v2.5, CosXL (EDM)
 
 
-def _file_arch(shapes: dict, metadata: dict, path: str, v2, v_param, sdxl) -> tuple[str, bool]:
+# ComfyUI's guess for SD2 files that do not say (model_detection.py): the spread of this norm's bias
+_SD2_V_KEY = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
+_SD2_V_STD = 0.09
+
+
+def _sd2_guess(read_tensor) -> str:
+    """What ComfyUI's test says of an SD2 file's prediction type ("" when the tensor is not there), for the warning
+    only: a guess cannot be overridden back to epsilon, so the flag stays the user's."""
+    tensor = read_tensor(_SD2_V_KEY) if read_tensor is not None else None
+    if tensor is None:
+        return ""
+    std = float(tensor.float().std(unbiased=False))
+    if std > _SD2_V_STD:
+        return (f" Its weights look like a 768-v model's: ComfyUI's test (the spread of output_blocks.11's first "
+                f"norm bias, {std:.3f} > {_SD2_V_STD}) loads it as v-prediction, so train it with "
+                f"--v_parameterization.")
+    return f" Its weights look like an epsilon model's (ComfyUI's test: {std:.3f} <= {_SD2_V_STD})."
+
+
+def _file_arch(shapes: dict, metadata: dict, path: str, v2, v_param, sdxl, read_tensor=None) -> tuple[str, bool]:
     """(arch, v-prediction) of a single-file checkpoint; --v2/--sdxl checked against what the keys say.
 
     The prediction type, without --v_parameterization: our header key, `modelspec.prediction_type`, ComfyUI's
     `modelspec.predict_key`, or ComfyUI's empty `v_pred` tensor (NoobAI-style v-prediction SDXL files and ComfyUI
     saves carry it; ComfyUI reads it too). An EDM model (ComfyUI's `edm_*` keys) is refused: its noise schedule is not
-    the DDPM one trained here."""
+    the DDPM one trained here. `read_tensor(key)` (a tensor or None) lets the SD2 warning say what the weights
+    look like."""
     arch = detect_arch(shapes, path)
     edm = [k for k in _EDM_KEYS if k in shapes]
     if edm:
@@ -260,7 +290,7 @@ def _file_arch(shapes: dict, metadata: dict, path: str, v2, v_param, sdxl) -> tu
         v_param = declared == "v" if declared is not None else "v_pred" in shapes
         if arch == "sd2" and not v_param:
             logger.warning("%s: SD2 single files do not say whether they are v-prediction (768-v) models; using "
-                           "epsilon. Pass --v_parameterization for 768-v models.", path)
+                           "epsilon. Pass --v_parameterization for 768-v models.%s", path, _sd2_guess(read_tensor))
     return arch, bool(v_param)
 
 
@@ -357,7 +387,8 @@ def probe_model(path, *, v2=None, v_parameterization=None, sdxl=None, allow_pick
     if os.path.isdir(path):
         return _folder_arch(path, v2, v_parameterization, sdxl)
     shapes, metadata = _read_shapes(path, allow_pickle)
-    arch_v = _file_arch(shapes, metadata, path, v2, v_parameterization, sdxl)
+    arch_v = _file_arch(shapes, metadata, path, v2, v_parameterization, sdxl,
+                        read_tensor=lambda key: _read_tensor(path, key) if key in shapes else None)
     if "ztsnr" in shapes and not zero_terminal_snr:
         logger.warning("%s is marked as trained with zero terminal SNR (its ztsnr key): pass --zero_terminal_snr to "
                        "train it the same way", path)
@@ -366,7 +397,8 @@ def probe_model(path, *, v2=None, v_parameterization=None, sdxl=None, allow_pick
 
 def _load_single_file(path, v2, v_param, sdxl, tokenizer_path, external_vae, allow_pickle) -> StableDiffusionModel:
     sd, metadata = read_state_dict(path, allow_pickle)
-    arch, v_param = _file_arch({k: tuple(v.shape) for k, v in sd.items()}, metadata, path, v2, v_param, sdxl)
+    arch, v_param = _file_arch({k: tuple(v.shape) for k, v in sd.items()}, metadata, path, v2, v_param, sdxl,
+                               read_tensor=sd.get)
     configs = _configs_from_header(metadata, arch, path) or arch_config(arch)
     model = _empty_model(configs, v_param)
     model.unet = _assign(model.unet, ldm_convert.unet_to_diffusers(sd, configs["unet"]), "UNet", path)

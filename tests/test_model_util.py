@@ -432,6 +432,19 @@ def test_prediction_and_schedule_markers_of_other_tools(tiny, tmp_path, caplog):
         with pytest.raises(ModelLoadError, match=f"is an EDM model \\({key} key"):
             probe_model(path)
 
+    # SD2 files do not say: the warning tells what ComfyUI's test (the spread of one norm bias) makes of the weights
+    sd2 = load_file(tiny["sd2"]["file"])
+    with safe_open(tiny["sd2"]["file"], "pt") as f:
+        sd2_header = {k: v for k, v in f.metadata().items() if k != model_util.PREDICTION_KEY}
+    for spread, says in ((0.2, "look like a 768-v model's"), (0.01, "look like an epsilon model's")):
+        bias = torch.randn(8, generator=torch.Generator().manual_seed(0))
+        path = str(tmp_path / f"sd2-{spread}.safetensors")
+        save_file({**sd2, model_util._SD2_V_KEY: bias / bias.std(unbiased=False) * spread}, path, metadata=sd2_header)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert probe_model(path) == ("sd2", False)  # a guess only: the flag decides
+        assert "SD2 single files do not say" in caplog.text and says in caplog.text, caplog.text
+
     v_model = build_tiny_model("sd1", seed=1)
     v_model.v_parameterization = True
     saved = model_util.save_single_file(v_model, tmp_path / "v.safetensors")
