@@ -154,11 +154,12 @@ _DIFFUSERS_BLOCK = re.compile(r"lora_unet_(?:(down_blocks|up_blocks)_(\d+)_(atte
                               r"|mid_block_(attentions|resnets))_(\d+)_(.+)$")
 
 
-def sgm_module_names(modules: dict, model) -> dict:
+def sgm_module_names(modules: dict, model, where: str = "the LoRA file") -> dict:
     """An SDXL file's UNet module names written with diffusers' block names (`lora_unet_down_blocks_1_attentions_0_...`,
     as some other trainers write them) renamed to the SGM names sd-scripts uses (`lora_unet_input_blocks_4_1_...`), as
     sd-scripts' `convert_diffusers_to_sai_if_needed` does when it loads one; ComfyUI, A1111 and diffusers read both.
-    Other names, and any file for SD1/SD2 (whose kohya names are diffusers'), are left as they are."""
+    Other names, and any file for SD1/SD2 (whose kohya names are diffusers'), are left as they are. A module under
+    both names is a LoRAWeightsError naming `where` (which of the two to use cannot be told)."""
     if model.arch != "sdxl" or not any(_DIFFUSERS_BLOCK.match(n) for n in modules):
         return modules
     lpb, up_has_attn = _sdxl_layout(model.unet)
@@ -173,7 +174,15 @@ def sgm_module_names(modules: dict, model) -> dict:
         except ValueError:
             return name  # reported as a module this model does not have
 
-    return {rename(n): v for n, v in modules.items()}
+    renamed = {}
+    for name, value in modules.items():
+        new = rename(name)
+        if new in renamed:
+            raise LoRAWeightsError(f"{where}: the module {new} is in it twice, once under its diffusers block name "
+                                   f"({name if new != name else 'and once under the SGM name'}); which one to use "
+                                   "cannot be told: keep one of the two in the file")
+        renamed[new] = value
+    return renamed
 
 
 def _unet_targets(model, conv: bool) -> list[_Target]:
@@ -408,7 +417,7 @@ class LoRANetwork(nn.Module):
         self.train_text_encoder = train_text_encoder
         self.network_args: dict[str, str] = {}
         if module_dims is not None:
-            module_dims = sgm_module_names(module_dims, model)
+            module_dims = sgm_module_names(module_dims, model, "--network_weights (--dim_from_weights)")
         self.loraplus: dict[str, float | None] = {}  # LoRA+ ratios: "all", "unet", "text_encoder" (create_network)
 
         def rank_alpha(t: _Target) -> tuple:
@@ -624,7 +633,7 @@ class LoRANetwork(nn.Module):
         path = os.fspath(path)
         sd = _read_lora_file(path)
         modules, extra = _group_kohya_keys(sd)
-        modules = sgm_module_names(modules, self.model)
+        modules = sgm_module_names(modules, self.model, path)
         if extra:
             ex = ", ".join(sorted(extra)[:3])
             raise LoRAWeightsError(

@@ -23,7 +23,7 @@ def merge_lora_file(model, path, multiplier: float = 1.0) -> int:
     path = os.fspath(path)
     sd = _read_lora_file(path, flag="--base_weights")
     modules, extra = _group_kohya_keys(sd)
-    modules = sgm_module_names(modules, model)
+    modules = sgm_module_names(modules, model, f"--base_weights {path}")
     if extra or not modules:
         raise LoRAWeightsError(f"--base_weights {path}: not a plain kohya LoRA (networks.lora)"
                                + (f": unexpected keys such as {', '.join(sorted(extra)[:3])}" if extra else "")

@@ -593,6 +593,15 @@ def test_sdxl_file_with_diffusers_block_names_loads_as_sgm(tmp_path):
         merged[p] = m.unet.state_dict()
     assert all(torch.equal(merged[sgm_path][k], merged[path][k]) for k in merged[path])
 
+    # one module under both names: which to use cannot be told (one of them was kept silently)
+    twice = {**sd, **{k: v.clone() for k, v in diffusers_sd.items() if k.startswith(next(iter(renamed.values())) + ".")}}
+    both = str(tmp_path / "both_names.safetensors")
+    safetensors.torch.save_file(twice, both)
+    for load in (lambda: fresh.load_weights(both), lambda: merge_lora_file(build_tiny_model("sdxl"), both)):
+        with pytest.raises(LoRAWeightsError, match=f"both_names.safetensors: the module {next(iter(renamed))} is in "
+                                                   "it twice"):
+            load()
+
 
 def test_conv_dim_0_file_loads_with_the_advice_given(sd1, tmp_path):
     """A file with the conv blocks' Linear/1x1 modules and no 3x3 convs (sd-scripts' conv_dim=0): a LierLa network
