@@ -450,6 +450,10 @@ class LoRANetwork(nn.Module):
             self.unet_loras = [make(t) for t in _unet_targets(model, conv=conv) if rank_alpha(t)[0]]
         for lora in self.text_encoder_loras + self.unet_loras:
             self.add_module(lora.lora_name, lora)
+        if module_dims is not None and train_text_encoder and not self.text_encoder_loras:
+            logger.warning("--dim_from_weights: the file has no text-encoder modules, so this run trains none (as "
+                           "sd-scripts); pass --network_train_unet_only to say so, or leave --dim_from_weights out "
+                           "to add text-encoder LoRA at --network_dim")
         logger.info("LoRA network: %d text-encoder modules, %d UNet modules (rank %d, alpha %s%s)",
                     len(self.text_encoder_loras), len(self.unet_loras), self.lora_dim, alpha,
                     f", conv rank {self.conv_lora_dim}, conv alpha {self.conv_alpha}" if self.conv_lora_dim else "")

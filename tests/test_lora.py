@@ -555,6 +555,20 @@ def test_a_file_with_per_module_ranks_is_continued_module_for_module(sd1, tmp_pa
     assert {k: tuple(v.shape) for k, v in saved.items()} == {k: tuple(v.shape) for k, v in resized.items()}
 
 
+def test_a_unet_only_file_continued_without_the_flag_says_it_trains_no_text_encoder(sd1, caplog):
+    """--dim_from_weights builds exactly the file's modules: a UNet-only file gives no text-encoder LoRA even
+    without --network_train_unet_only (as sd-scripts); a warning says so, and not when the flag is given."""
+    net = create_network(sd1, args(network_dim=2))
+    unet_only = {lora.lora_name: (2, 2.0) for lora in net.unet_loras}
+    with caplog.at_level(logging.WARNING):
+        assert not create_network(sd1, args(network_dim=2), unet_only).text_encoder_loras
+    assert "the file has no text-encoder modules, so this run trains none" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        create_network(sd1, args(network_dim=2, network_train_unet_only=True), unet_only)
+    assert "text-encoder modules" not in caplog.text
+
+
 def test_sdxl_file_with_diffusers_block_names_loads_as_sgm(tmp_path):
     """An SDXL kohya file whose UNet names use diffusers' blocks (lora_unet_down_blocks_1_attentions_0_..., as other
     trainers write them): --network_weights, --dim_from_weights and --base_weights read it as the SGM-named file
