@@ -749,6 +749,7 @@ def train(args):
 
     # --- the loop ---------------------------------------------------------------------------------
     loss_sum, loss_count, bad_steps = 0.0, 0, 0
+    epoch_loss = [0.0, 0]  # this epoch's steps: loss/epoch_average at its end (sd-scripts')
     progress = tqdm(total=args.max_train_steps, initial=step, desc="steps", disable=not is_main, smoothing=0.1)
     maybe_sample(step, start_epoch, first=True)
     epoch, batches_done, interrupted = start_epoch, skip_batches, False
@@ -770,6 +771,7 @@ def train(args):
             return
         values = window.values
         loss_sum, loss_count = loss_sum + values["loss"], loss_count + 1
+        epoch_loss[0], epoch_loss[1] = epoch_loss[0] + values["loss"], epoch_loss[1] + 1
         postfix = dict(loss=f"{values['loss']:.4f}", avg=f"{loss_sum / loss_count:.4f}")
         if apt is not None:
             postfix["gamma"] = f"{values['apt/gamma_seen_mean']:.3f}"
@@ -839,6 +841,13 @@ def train(args):
                     break
             if interrupted:
                 break
+            if args.log_with:  # the epoch's mean step loss, as sd-scripts logs it (its last step's read comes first)
+                if pending is not None:
+                    show(*pending)
+                    pending = None
+                if epoch_loss[1]:
+                    accelerator.log({"loss/epoch_average": epoch_loss[0] / epoch_loss[1]}, step=step)
+            epoch_loss[:] = [0.0, 0]
             if args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 and epoch < num_epochs:
                 save(train_util.ckpt_name(args.output_name, epoch=epoch), step, epoch + 1, 0)
                 if is_main:

@@ -176,6 +176,13 @@ def test_trainer_logs_each_step_under_its_own_number_and_trains_the_same(tb_scal
     (logs_off, lora_off), (logs_on, lora_on) = runs["off"], runs["on"]
     assert logs_on == logs_off
     assert [s for s, _ in logs_on["loss/current"]] == [1, 2, 3]
+    # sd-scripts' loss/epoch_average: the mean step loss of each epoch at its last step (3 batches: one epoch of 3
+    # steps, or with 2 micro-batches a step, epochs of steps 1-2 and 3); deferred, the last step's read comes first
+    loss = dict(logs_on["loss/current"])
+    epochs = [[1, 2, 3]] if accumulation == "1" else [[1, 2], [3]]
+    assert [s for s, _ in logs_on["loss/epoch_average"]] == [e[-1] for e in epochs]
+    for (_, value), e in zip(logs_on["loss/epoch_average"], epochs):
+        assert value == pytest.approx(sum(loss[i] for i in e) / len(e), rel=1e-6)
     assert any(k.startswith("apt/gamma_bin") for k in logs_on) and "apt/gamma_seen_mean" in logs_on
     assert any(k.startswith("lr/") for k in logs_on)
     assert lora_on.keys() == lora_off.keys() and all(torch.equal(lora_on[k], lora_off[k]) for k in lora_on)
