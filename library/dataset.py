@@ -357,9 +357,11 @@ class _Dataset:
         for info in self.images.values():
             info.bucket_reso, info.resized_size, err = manager.select_bucket(*info.size)
             if min(info.bucket_reso) < 1:
-                raise ConfigError(f"image {info.path} ({info.size[0]}x{info.size[1]}) is smaller than "
-                                  f"bucket_reso_steps ({bp.bucket_reso_steps}) with bucket_no_upscale ({bp.where}). "
-                                  f"Remove it, or turn bucket_no_upscale off.")
+                raise ConfigError(f"image {info.path} ({info.size[0]}x{info.size[1]}) gets an empty bucket "
+                                  f"({info.bucket_reso[0]}x{info.bucket_reso[1]}) with bucket_no_upscale ({bp.where}): "
+                                  f"the bucket is the image's size, shrunk to the resolution's area when larger, "
+                                  f"rounded down to bucket_reso_steps ({bp.bucket_reso_steps}), and its short side "
+                                  f"is below that. Crop or remove it, or turn bucket_no_upscale off.")
             rw, rh = info.resized_size
             if rw * rh > max(bp.max_image_pixels, info.bucket_reso[0] * info.bucket_reso[1]):
                 raise ConfigError(f"image {info.path} ({info.size[0]}x{info.size[1]}) would be resized to {rw}x{rh} "
@@ -654,7 +656,7 @@ class DatasetGroup(torch.utils.data.Dataset):
                     crop = get_crop_ltrb(info.bucket_reso, info.size)
                     if to_disk:
                         tensors = {"latents": l.contiguous(), "original_size": torch.tensor(info.size),
-                                   "crop_ltrb": torch.tensor(crop)}
+                                   "crop_ltrb": torch.tensor(crop, dtype=torch.float64)}
                         if lf is not None:
                             tensors["latents_flipped"] = lf.contiguous()
                         if alpha is not None:

@@ -301,7 +301,7 @@ def test_prior_class_tokens_pass_through(tmp_path):
 
 def test_bucket_no_upscale_too_small_image(tmp_path):
     img(tmp_path / "t" / "tiny.png", 40, 40)
-    with pytest.raises(ConfigError, match="tiny.png.*smaller than bucket_reso_steps"):
+    with pytest.raises(ConfigError, match="tiny.png.*gets an empty bucket \\(0x0\\)"):
         group([{"image_dir": str(tmp_path / "t"), "class_tokens": "x"}],
               general={"resolution": 128, "enable_bucket": True, "bucket_no_upscale": True, "min_bucket_reso": 64})
 
@@ -906,3 +906,12 @@ def test_cache_files_follow_the_image_file_and_the_mask_folder(tmp_path, vae):
         g = group([{"image_dir": str(tmp_path / "m"), "class_tokens": "x", "conditioning_data_dir": str(tmp_path / name)}])
         g.cache_latents(vae, scale, to_disk=True)
         assert float(g[0]["alpha_masks"].mean()) == want
+
+
+def test_an_image_left_with_an_empty_bucket_is_named(tmp_path):
+    """bucket_no_upscale shrinks a 5000x40 strip to the resolution's area, leaving a short side under
+    bucket_reso_steps: the error says why the bucket is empty (it said the image was smaller than the step)."""
+    img(tmp_path / "t" / "strip.png", 5000, 40)
+    with pytest.raises(ConfigError, match=r"strip.png \(5000x40\) gets an empty bucket \(\d+x0\) with bucket_no_upscale"):
+        group([{"image_dir": str(tmp_path / "t"), "class_tokens": "x"}],
+              general={"resolution": 128, "enable_bucket": True, "bucket_no_upscale": True, "min_bucket_reso": 64})
