@@ -23,7 +23,8 @@
 #      (--unet_cuda_graph) and both replayed as CUDA graphs against the eager steps (loss, APT terms, LoRA gradients
 #      and weights, γ), and a second eager run for the noise floor. SKIP_GRAPH_CHECK=1 skips it.
 #   3a. The trainer on the device (SKIP_SMOKE=1 skips it): the bundled toy model, --apt --cuda_graphs auto, 30 steps
-#      in bf16, from cached latents, from images (2 loader workers), and from cached latents with --full_bf16;
+#      in bf16, from cached latents, from images (2 loader workers), from images in batches of 2 (a short batch
+#      each epoch: a shape recorded mid-run beside the loader's threads), and from cached latents with --full_bf16;
 #      logs smoke_*.log in $LOGS.
 #   3b. Host-device syncs per optimizer step: `python -m bench.sync_check --configs $CONFIGS > $OUT/sync_check-gpu.md`
 #      (CUDA's sync debug mode; expected 0 per step, 1 with --defer_step_read off). SKIP_SYNC_CHECK=1 skips it.
@@ -175,11 +176,16 @@ if [ "${SKIP_SMOKE:-0}" = 0 ]; then
          --cuda_graphs auto --overwrite)
   [ "$DRY_RUN" = 0 ] && SMOKE+=(--mixed_precision bf16)
   SMOKE_DIR="$(mktemp -d)"  # the LoRAs stay out of $OUT: only the logs come back
-  for mode in latents images full_bf16; do
+  # batches of 2 of the 5 images: every epoch ends with a batch of 1, a shape recorded mid-run while the loader's
+  # workers and pin-memory thread fill the next epoch (the recordings' thread_local capture mode)
+  sed 's/^batch_size = 1/batch_size = 2/' examples/toyworld/dataset.toml > "$SMOKE_DIR/batch2.toml"
+  for mode in latents images shapes full_bf16; do
     MODE_ARGS=(--output_dir "$SMOKE_DIR/$mode" --output_name smoke)
     case "$mode" in
       latents) MODE_ARGS+=(--cache_latents) ;;
       images) MODE_ARGS+=(--max_data_loader_n_workers 2) ;;
+      shapes) MODE_ARGS+=(--max_data_loader_n_workers 2 --persistent_data_loader_workers
+                          --dataset_config "$SMOKE_DIR/batch2.toml") ;;
       full_bf16) MODE_ARGS+=(--cache_latents --full_bf16)  # bf16 LoRA weights and optimizer states
                  [ "$DRY_RUN" = 1 ] && MODE_ARGS+=(--mixed_precision bf16) ;;
     esac
