@@ -21,10 +21,7 @@ Long prompts (sd-scripts `get_input_ids` / `get_hidden_states` / `get_hidden_sta
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -341,24 +338,21 @@ class TextEncoderCache:
     """Memo of `encode_prompts` per caption string, for frozen text encoders. Entries are CPU tensors.
 
     `get(captions)` encodes the captions it has not seen (in one batch, under no_grad) and returns the batch
-    as a TextConditioning on the CPU. With `to_disk_dir`, each caption is also stored as
-    `<sha256>.safetensors` (key: caption, architecture, clip_skip, max_token_length, model source) and read back
-    in later runs.
+    as a TextConditioning on the CPU. In memory only (`--cache_text_encoder_outputs_to_disk` keeps it there too):
+    encoding a run's captions takes seconds, and a file keyed by caption and settings could not tell two models
+    saved at one path apart.
     """
 
     def __init__(self, model, clip_skip: Optional[int] = None, max_token_length: Optional[int] = None,
-                 to_disk_dir: Optional[str] = None, batch_size: int = 16, weighted: bool = False):
+                 batch_size: int = 16, weighted: bool = False):
         num_chunks(max_token_length)  # validate early
         self.model = model
         self.weighted = weighted  # --weighted_captions
         self.clip_skip = clip_skip
         self.max_token_length = max_token_length
-        self.to_disk_dir = to_disk_dir
         self.batch_size = max(1, int(batch_size))
         self._mem: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
-        self.num_encoded = 0  # captions actually run through the text encoders (not read from memory/disk)
-        if to_disk_dir:
-            os.makedirs(to_disk_dir, exist_ok=True)
+        self.num_encoded = 0  # captions actually run through the text encoders (not read from memory)
 
     def __len__(self) -> int:
         return len(self._mem)
@@ -366,59 +360,8 @@ class TextEncoderCache:
     def __contains__(self, caption: str) -> bool:
         return caption in self._mem
 
-    # disk ---------------------------------------------------------------------------------------------
-    def _settings(self, caption: str) -> dict:
-        source = os.path.abspath(self.model.source) if self.model.source else ""
-        return {"caption": caption, "arch": self.model.arch, "clip_skip": self.clip_skip,
-                "max_token_length": self.max_token_length, "source": source,
-                **({"weighted": True} if self.weighted else {})}  # unweighted keys as before: old caches stay valid
-
-    def _disk_path(self, caption: str) -> str:
-        key = json.dumps(self._settings(caption), sort_keys=True, ensure_ascii=False)
-        return os.path.join(self.to_disk_dir, hashlib.sha256(key.encode("utf-8")).hexdigest() + ".safetensors")
-
-    def _load_disk(self, caption: str):
-        from safetensors import safe_open
-
-        path = self._disk_path(caption)
-        if not os.path.exists(path):
-            return None
-        try:
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("settings") != json.dumps(self._settings(caption), sort_keys=True, ensure_ascii=False):
-                    return None
-                context = f.get_tensor("context")
-                pooled = f.get_tensor("pooled") if "pooled" in f.keys() else None
-        except Exception as e:  # a truncated/corrupt file is re-encoded
-            logger.warning("ignoring unreadable text-encoder cache file %s (%s)", path, e)
-            return None
-        return context, pooled
-
-    def _save_disk(self, caption: str, context: torch.Tensor, pooled: Optional[torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
-        path = self._disk_path(caption)
-        tensors = {"context": context.contiguous()}
-        if pooled is not None:
-            tensors["pooled"] = pooled.contiguous()
-        meta = {"settings": json.dumps(self._settings(caption), sort_keys=True, ensure_ascii=False)}
-        tmp = f"{path}.tmp{os.getpid()}"
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-
-    # encode -------------------------------------------------------------------------------------------
     def _encode_missing(self, captions: Sequence[str]) -> None:
-        missing = []
-        for c in dict.fromkeys(captions):  # unique, in order
-            if c in self._mem:
-                continue
-            if self.to_disk_dir:
-                hit = self._load_disk(c)
-                if hit is not None:
-                    self._mem[c] = hit
-                    continue
-            missing.append(c)
+        missing = [c for c in dict.fromkeys(captions) if c not in self._mem]  # unique, in order
         for start in range(0, len(missing), self.batch_size):
             part = missing[start : start + self.batch_size]
             with torch.no_grad():
@@ -429,8 +372,6 @@ class TextEncoderCache:
                 context = cond.context[i].detach().to("cpu").clone()
                 pooled = None if cond.pooled is None else cond.pooled[i].detach().to("cpu").clone()
                 self._mem[c] = (context, pooled)
-                if self.to_disk_dir:
-                    self._save_disk(c, context, pooled)
 
     def get(self, captions: Union[str, Sequence[str]]) -> TextConditioning:
         captions = _as_list(captions)

@@ -228,20 +228,6 @@ def test_cache_encodes_each_caption_once(models, monkeypatch):
     assert calls[-1] == ["a fox"] and cache.num_encoded == 4
 
 
-def test_cache_on_disk(models, tmp_path):
-    m = models["sd1"]
-    c1 = TextEncoderCache(m, clip_skip=2, to_disk_dir=str(tmp_path))
-    first = c1.get(["a dog", "a cat"])
-    assert len(list(tmp_path.glob("*.safetensors"))) == 2
-    c2 = TextEncoderCache(m, clip_skip=2, to_disk_dir=str(tmp_path))
-    second = c2.get(["a cat", "a dog"])
-    assert c2.num_encoded == 0
-    assert torch.equal(second.context, first.context.flip(0))
-    c3 = TextEncoderCache(m, clip_skip=None, to_disk_dir=str(tmp_path))  # other settings -> other files
-    c3.get(["a dog"])
-    assert c3.num_encoded == 1 and len(list(tmp_path.glob("*.safetensors"))) == 3
-
-
 # ---------------------------------------------------------------------------------------------- UNet
 
 
