@@ -117,18 +117,25 @@ def flat_ids(tokenizer, captions: Sequence[str], length: int, weighted: bool = F
                      return_tensors="pt").input_ids.to(torch.long)
 
 
-def apply_token_weights(cond: "TextConditioning", weights: torch.Tensor, keep_mean: bool = False) -> "TextConditioning":
+def apply_token_weights(cond: "TextConditioning", weights: torch.Tensor, keep_mean: bool = False,
+                        widths: Optional[Sequence[int]] = None) -> "TextConditioning":
     """The context scaled per token position; the pooled output is left alone. Training (sd-scripts'
     --weighted_captions) does not renormalise; `keep_mean` rescales each sample so that its mean over tokens and
-    channels is what it was, as sd-scripts' sampling pipelines (lpw_stable_diffusion) do."""
+    channels is what it was, as sd-scripts' sampling pipelines (lpw_stable_diffusion) do: per text encoder, whose
+    states are the context's channel slices of `widths` (SDXL's 768 + 1280; the lpw pipeline weights each
+    encoder's output on its own before they are concatenated)."""
     w = weights.to(device=cond.context.device, dtype=cond.context.dtype)
     context = cond.context * w.unsqueeze(-1)
     if keep_mean:
-        before = cond.context.float().mean(dim=(-2, -1), keepdim=True).to(context.dtype)
-        after = context.float().mean(dim=(-2, -1), keepdim=True).to(context.dtype)
-        scale = context.float().abs().mean(dim=(-2, -1), keepdim=True).to(context.dtype)
-        # a mean at rounding level (LayerNorm outputs without bias, as in untrained tiny models): left as weighted
-        context = context * torch.where(after.abs() > 1e-4 * scale, before / after, 1.0)
+        parts = []
+        for orig, part in zip(cond.context.split(list(widths or [context.shape[-1]]), dim=-1),
+                              context.split(list(widths or [context.shape[-1]]), dim=-1)):
+            before = orig.float().mean(dim=(-2, -1), keepdim=True).to(part.dtype)
+            after = part.float().mean(dim=(-2, -1), keepdim=True).to(part.dtype)
+            scale = part.float().abs().mean(dim=(-2, -1), keepdim=True).to(part.dtype)
+            # a mean at rounding level (LayerNorm outputs without bias, as in untrained tiny models): left as weighted
+            parts.append(part * torch.where(after.abs() > 1e-4 * scale, before / after, 1.0))
+        context = torch.cat(parts, dim=-1)
     return TextConditioning(context, cond.pooled)
 
 
@@ -245,7 +252,8 @@ def encode_prompts(model, captions: Union[str, Sequence[str]], *, clip_skip: Opt
     if weights is not None:
         if keep_chunk_ends:
             weights = cut_chunks(weights, num_chunks(max_token_length))
-        cond = apply_token_weights(cond, weights, keep_mean)
+        cond = apply_token_weights(cond, weights, keep_mean,
+                                   widths=[te.config.hidden_size for te in model.text_encoders])
     return cond.to(device=device) if device is not None else cond
 
 

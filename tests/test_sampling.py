@@ -295,6 +295,27 @@ def test_sample_prompts_are_read_as_sd_scripts_sampling_reads_them():
     assert pos.context.shape == neg.context.shape == (1, 154, 32)  # 77 * 2: every chunk's BOS and EOS kept
 
 
+def test_sdxl_sample_weights_keep_each_text_encoders_mean():
+    """SDXL: sd-scripts' lpw pipeline weights each encoder's states and restores each one's mean before they are
+    concatenated; one mean over the concatenation scaled both by the same factor (1-4% off on a tiny model)."""
+    from library.conditioning import encode_ids, tokenize_weighted
+    from library.sampling import encode_sample_prompts
+
+    xl = build_tiny_model("sdxl")
+    with torch.no_grad():
+        for te, bias in zip(xl.text_encoders, (0.2, -0.5)):  # means away from 0, and unlike
+            for name, module in te.named_modules():
+                if name.endswith("mlp.fc2"):  # added to the residual stream the context is taken from
+                    module.bias.fill_(bias)
+        pos, _ = encode_sample_prompts(xl, "a photo of a (red:1.5) dog, [blurry]", "")
+        ids, weights = tokenize_weighted(xl, ["a photo of a (red:1.5) dog, [blurry]"])
+        plain = encode_ids(xl, ids).context
+    widths = [te.config.hidden_size for te in xl.text_encoders]
+    for got, ref in zip(pos.context.split(widths, -1), plain.split(widths, -1)):
+        by_hand = ref * weights[..., None]
+        torch.testing.assert_close(got, by_hand * ref.mean() / by_hand.mean())
+
+
 def test_long_sample_prompts_keep_every_chunk_bos_and_eos_as_the_lpw_pipelines():
     """A 2-chunk sample prompt is encoded as sd-scripts' lpw pipelines (and A1111, ComfyUI) encode it: each chunk
     <BOS> 75 ids <EOS> through the encoder, the 77-state outputs concatenated, the weights at the chunks'
