@@ -23,6 +23,21 @@ def _batches():
             for _ in range(2)]
 
 
+def _held_out_dataset(tmp_path, n: int, split: float):
+    """`n` random 64² images and a dataset TOML holding `split` of them out (batch 1, class tokens "sks dog")."""
+    import numpy as np
+    from PIL import Image
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(n):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    toml = tmp_path / "ds.toml"
+    toml.write_text(f'[[datasets]]\nresolution = 64\nbatch_size = 1\nvalidation_split = {split}\n  [[datasets.subsets]]\n'
+                    f'  image_dir = "{d.as_posix()}"\n  class_tokens = "sks dog"\n')
+    return toml
+
+
 def test_timesteps_as_sd_scripts_picks_them():
     sched = build_tiny_model("sd1").noise_scheduler
     assert validation_timesteps(setup_parser().parse_args([]), sched) == [200, 400, 600, 800]
@@ -91,17 +106,9 @@ def test_trainer_validates_on_schedule_and_logs(tiny_world, tmp_path, capsys, tb
     """6 images, 30% held out: ceil(0.7 · 6) = 5 trained on (5 steps an epoch at batch 1), 1 validated every 3
     steps and at each epoch's end, once per step; the LoRA's metadata counts the training images and the held-out
     one apart, and each save's ss_epoch is the epochs completed, as sd-scripts writes it."""
-    import numpy as np
-    from PIL import Image
     from safetensors import safe_open
 
-    d = tmp_path / "imgs"
-    d.mkdir()
-    for i in range(6):
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(d / f"{i}.png")
-    toml = tmp_path / "ds.toml"
-    toml.write_text(f'[[datasets]]\nresolution = 64\nbatch_size = 1\nvalidation_split = 0.3\n  [[datasets.subsets]]\n'
-                    f'  image_dir = "{d.as_posix()}"\n  class_tokens = "sks dog"\n')
+    toml = _held_out_dataset(tmp_path, 6, 0.3)
     out = tmp_path / "out"
     assert train_apt_lora.main(["--pretrained_model_name_or_path", tiny_world.model("sd1"), "--dataset_config",
                                 str(toml), "--output_dir", str(out), "--output_name", "lora", "--max_train_steps", "6",
@@ -135,16 +142,7 @@ def test_cached_held_out_latents_do_not_depend_on_the_training_seed(tiny_world, 
     start, up = 0) runs with --seed 1 and --seed 2 report the same validation loss."""
     import re
 
-    import numpy as np
-    from PIL import Image
-
-    d = tmp_path / "imgs"
-    d.mkdir()
-    for i in range(4):
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(d / f"{i}.png")
-    toml = tmp_path / "ds.toml"
-    toml.write_text(f'[[datasets]]\nresolution = 64\nbatch_size = 1\nvalidation_split = 0.25\n  [[datasets.subsets]]\n'
-                    f'  image_dir = "{d.as_posix()}"\n  class_tokens = "sks dog"\n')
+    toml = _held_out_dataset(tmp_path, 4, 0.25)
     found = []
     for seed in ("1", "2"):
         assert train_apt_lora.main(["--pretrained_model_name_or_path", tiny_world.model("sd1"), "--dataset_config",
