@@ -632,7 +632,7 @@ class LoRANetwork(nn.Module):
         """Load a kohya LoRA file (--network_weights) into this network. Raises `LoRAWeightsError` (naming the file,
         what it seems to be made for, and the flag to change) when it does not fit. A file without text-encoder (or
         without UNet, or without the C3Lier conv) modules loads the rest with a warning; a missing `.alpha` means
-        alpha = rank; the file's alpha is used, as in sd-scripts. Returns {"loaded", "missing", "ignored"} lists of
+        alpha = rank (so does 0); the file's alpha is used for training and saving. Returns {"loaded", "missing", "ignored"} lists of
         module names."""
         path = os.fspath(path)
         sd = _read_lora_file(path)
@@ -735,8 +735,7 @@ class LoRANetwork(nn.Module):
                 for part in ("lora_down", "lora_up"):
                     p = getattr(lora, part).weight
                     p.copy_(entry[part].reshape(p.shape).to(p.dtype))
-                a = entry.get("alpha")
-                a = float(lora.lora_dim) if a is None else float(a.float().item())
+                a = file_alpha(entry)
                 if not math.isclose(a, lora.configured_alpha, rel_tol=1e-3):
                     alpha_diff.add((a, lora.configured_alpha))
                 lora.alpha.fill_(a)
@@ -744,7 +743,8 @@ class LoRANetwork(nn.Module):
         if alpha_diff:
             pairs = ", ".join(f"{a:g} (network: {c:g})" for a, c in sorted(alpha_diff))
             logger.warning("%s: alpha in the file differs from --network_alpha/conv_alpha: %s; the file's alpha is "
-                           "used (as in sd-scripts)", path, pairs)
+                           "used, for training and in the saved file (sd-scripts trains at --network_alpha but saves "
+                           "the file's)", path, pairs)
         logger.info("%s: loaded %d LoRA modules", path, len(file_names))
         return {"loaded": sorted(file_names), "missing": missing, "ignored": ignored}
 
@@ -783,6 +783,13 @@ def _read_lora_file(path: str, flag: str = "--network_weights") -> dict[str, tor
 _SUFFIXES = {".lora_down.weight": "lora_down", ".lora_up.weight": "lora_up", ".alpha": "alpha"}
 
 
+def file_alpha(entry: dict) -> float:
+    """A module's alpha in a kohya file: missing or 0 means alpha = rank, as sd-scripts' LoRAModule reads it (a 0
+    taken as is would train and apply the LoRA at scale 0)."""
+    alpha = float(entry["alpha"].float().item()) if "alpha" in entry else 0.0
+    return alpha or float(entry["lora_down"].shape[0])
+
+
 def _group_kohya_keys(sd: dict) -> tuple[dict[str, dict], list[str]]:
     modules: dict[str, dict] = {}
     extra = []
@@ -816,7 +823,7 @@ def dims_from_weights(path) -> dict:
     out: dict = {"modules": {}}
     for name, e in modules.items():
         d = e["lora_down"]
-        rank_alpha = (int(d.shape[0]), float(e["alpha"].float().item()) if "alpha" in e else float(d.shape[0]))
+        rank_alpha = (int(d.shape[0]), file_alpha(e))
         found["conv" if d.dim() == 4 and tuple(d.shape[2:]) != (1, 1) else "network"][rank_alpha] += 1
         out["modules"][name] = rank_alpha
     for kind, counts in found.items():
@@ -832,7 +839,7 @@ def _conv_rank_alpha(modules: dict, conv_names: set) -> tuple[int, str]:
         d = e["lora_down"]
         if name in conv_names and d.dim() == 4 and tuple(d.shape[2:]) != (1, 1):
             ranks[d.shape[0]] += 1
-            alphas[f"{float(e['alpha'].float().item()):g}" if "alpha" in e else str(d.shape[0])] += 1
+            alphas[f"{file_alpha(e):g}"] += 1
     return (ranks.most_common(1)[0][0] if ranks else 0), (alphas.most_common(1)[0][0] if alphas else "1")
 
 

@@ -93,6 +93,9 @@ def _lr_list(key: str, value, n: int) -> list:
     list; empty entries are 0; padded with 1.0 / cut to `n` (sd-scripts warns and does the same)."""
     text = str(value)
     name, _, base = text.partition("+")
+    if name in PRESETS and key == "mid_lr_weight":  # sd-scripts: a number (SD1/SD2's one mid block) or a list
+        raise BlockArgsError(f"--network_args {key}={text!r}: the presets are for down_lr_weight and up_lr_weight; "
+                             "give the middle block's weight as a number (SDXL: up to 3, comma-separated)")
     if name in PRESETS:
         try:
             b = float(base) if base else 0.0

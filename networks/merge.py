@@ -12,7 +12,7 @@ import os
 import torch
 
 from networks.lora import (LoRAModule, LoRAWeightsError, _describe_file, _fits, _group_kohya_keys, _read_lora_file,
-                           _text_encoder_targets, _unet_targets, sgm_module_names)
+                           _text_encoder_targets, _unet_targets, file_alpha, sgm_module_names)
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def merge_lora_file(model, path, multiplier: float = 1.0) -> int:
         for name, entry in sorted(modules.items()):
             down, up, module = entry["lora_down"], entry["lora_up"], targets[name]
             rank = int(down.shape[0])
-            alpha = float(entry["alpha"].float().item()) if "alpha" in entry else float(rank)
+            alpha = file_alpha(entry)
             lora = LoRAModule(name, module, multiplier, rank, alpha)
             for part, t in (("lora_down", down), ("lora_up", up)):
                 p = getattr(lora, part).weight

@@ -518,6 +518,15 @@ def test_dims_from_weights_reads_rank_and_alpha_per_kind(sd1, tmp_path):
     no_alpha = {k: v for k, v in sd.items() if not k.endswith(".alpha")}
     safetensors.torch.save_file(no_alpha, str(tmp_path / "no_alpha.safetensors"))
     assert kinds(str(tmp_path / "no_alpha.safetensors")) == {"network_dim": 5, "network_alpha": 5.0}
+    # alpha 0 means alpha = rank too (sd-scripts' LoRAModule): taken as 0 it loaded a LoRA of scale 0, which had no
+    # effect and no gradients
+    zero = str(tmp_path / "alpha0.safetensors")
+    safetensors.torch.save_file({k: torch.zeros(()) if k.endswith(".alpha") else v for k, v in sd.items()}, zero)
+    assert kinds(zero) == {"network_dim": 5, "network_alpha": 5.0}
+    for built in (create_network(sd1, args(network_dim=5, network_alpha=2)),
+                  create_network(sd1, args(network_dim=5, network_alpha=5), dims_from_weights(zero)["modules"])):
+        built.load_weights(zero)
+        assert all(float(m.alpha) == 5.0 and m.scale == 1.0 for m in built.loras)
 
 
 def test_a_file_with_per_module_ranks_is_continued_module_for_module(sd1, tmp_path):

@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from library.tiny_models import build_tiny_model
 from networks.lora import LoRAWeightsError, create_network
-from networks.lora_blocks import _lr_list, block_index, parse_block_args
+from networks.lora_blocks import BlockArgsError, _lr_list, block_index, parse_block_args
 from tests.test_train_e2e import _count_peft_lora_modules, _dataset, _train, load_in_diffusers
 
 SD1_BLOCKS = {  # lora name -> block, worked out by hand from sd-scripts' get_block_index
@@ -51,6 +51,9 @@ def test_lr_weight_presets_padding_and_threshold():
     assert _lr_list("down_lr_weight", "reverse_linear", 12)[3] == pytest.approx(8 / 11)
     assert _lr_list("down_lr_weight", "1,,0.5", 12) == [1.0, 0.0, 0.5] + [1.0] * 9  # empty -> 0, short -> 1.0
     assert _lr_list("mid_lr_weight", "0.5", 1) == [0.5] and _lr_list("mid_lr_weight", "1,2,3", 1) == [1.0]
+    for n in (1, 3):  # a preset for the middle block was a ZeroDivisionError on SD1/SD2, and dropped a block on SDXL
+        with pytest.raises(BlockArgsError, match="mid_lr_weight='cosine': the presets are for down_lr_weight"):
+            _lr_list("mid_lr_weight", "cosine", n)
     plan = parse_block_args({"down_lr_weight": "0.2,0.5", "block_lr_zero_threshold": 0.3}, "sd1", 8, 4.0, None, None)
     assert plan.lr_weight == [0.0, 0.5] + [1.0] * 10 + [1.0] + [1.0] * 12
     assert plan.dims == [0] + [8] * 24 and plan.alphas == [4.0] * 25 and plan.conv_dims is None
