@@ -71,6 +71,11 @@ def _ranges(args) -> None:
 
 def _combinations(args) -> None:
     """Flags that need another flag, files they name, and values that turn the training off."""
+    if (args.save_model_as or "safetensors").lower() != "safetensors":
+        raise TrainingSetupError(
+            f"--save_model_as {args.save_model_as}: LoRA files are written as .safetensors only (a .ckpt or .pt file "
+            "is a pickle, which can carry code; ComfyUI, A1111/Forge, sd-scripts and diffusers all read "
+            "safetensors): leave the flag out")
     for kind in ("epochs", "steps"):
         for flag in (f"save_last_n_{kind}", f"save_last_n_{kind}_state"):
             if getattr(args, flag) and not getattr(args, f"save_every_n_{kind}"):

@@ -426,7 +426,7 @@ class _Layers:
         if self.args is not None and name not in NOT_FROM_CLI:
             flag = CLI_NAME.get(name, name)
             value = getattr(self.args, flag, None)
-            if value is not None:
+            if value is not None and value != "":  # "": unset, as GUIs write unset keys in a --config_file
                 return _from_cli(name, flag, value), f"--{flag}"
         return default, f"`{name}` (default)"
 
@@ -493,8 +493,8 @@ def _subdir_subsets(base: str, is_reg: bool, flag: str) -> list[dict]:
 
 
 def _cli_only_config(args) -> dict:
-    train_dir = getattr(args, "train_data_dir", None)
-    in_json = getattr(args, "in_json", None)
+    train_dir = getattr(args, "train_data_dir", None) or None  # "": unset (GUI config files write it so)
+    in_json = getattr(args, "in_json", None) or None
     if train_dir is None and in_json is None:
         raise ConfigError("no training data: pass --dataset_config with a dataset TOML, or --train_data_dir with "
                           "`<repeats>_<class tokens>` subfolders (see docs/dataset_config.md).")
@@ -502,7 +502,7 @@ def _cli_only_config(args) -> dict:
         return {"datasets": [{"subsets": [{"metadata_file": in_json, "image_dir": train_dir,
                                            "_where": f"--in_json {in_json}"}]}]}
     subsets = _subdir_subsets(train_dir, False, "--train_data_dir")
-    reg_dir = getattr(args, "reg_data_dir", None)
+    reg_dir = getattr(args, "reg_data_dir", None) or None
     if reg_dir is not None:
         subsets += _subdir_subsets(reg_dir, True, "--reg_data_dir")
     return {"datasets": [{"subsets": subsets}]}
@@ -525,7 +525,7 @@ def generate_blueprint(user_config, args, *, config_path=None, is_sdxl: bool | N
     if from_config:
         validate_dataset_config(user_config, config_path)
         for flag in ("train_data_dir", "reg_data_dir", "in_json"):
-            if getattr(args, flag, None) is not None:
+            if getattr(args, flag, None) not in (None, ""):
                 logger.warning(f"--{flag} is ignored because a dataset config is given"
                                f"{f' ({config_path})' if config_path else ''}; put the folders in the config.")
         cfg = user_config

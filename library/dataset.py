@@ -73,6 +73,32 @@ def _dir_error(subset: SubsetBlueprint, image_dir: str, problem: str, fix: str) 
     return ConfigError(f"{key}{where}: {problem}: {image_dir}. {fix}")
 
 
+def _other_caption_ext(missing: list[str], caption_extension: str) -> str | None:
+    """The extension of text files beside the first image without a caption that share its stem (a `.txt` caption
+    read as `.caption`, the default), if any."""
+    stem = os.path.splitext(os.path.basename(missing[0]))[0]
+    folder = os.path.dirname(missing[0])
+    others = sorted(os.path.splitext(f)[1] for f in os.listdir(folder)
+                    if os.path.splitext(f)[0] == stem and not f.lower().endswith(IMAGE_EXTENSIONS)
+                    and os.path.splitext(f)[1] != caption_extension and os.path.splitext(f)[1] in _CAPTION_LIKE)
+    return others[0] if others else None
+
+
+_CAPTION_LIKE = (".txt", ".caption", ".tags", ".text", ".cap")
+
+
+def _note_missing_captions(subset: SubsetBlueprint, missing: list[str], total: int) -> None:
+    """sd-scripts' line for images without a caption file (they train with the class tokens): a warning with the
+    fix when captions sit there under another extension (forgetting `--caption_extension .txt` trains every image
+    on its class tokens alone), else an info line (class tokens alone is DreamBooth's usual way)."""
+    other = _other_caption_ext(missing, subset.caption_extension)
+    hint = (f" The folder has {other} files beside them: pass --caption_extension {other} (or caption_extension = "
+            f"\"{other}\" in the dataset config) to read those." if other else "")
+    (logger.warning if other else logger.info)(
+        f"{subset.where}: {len(missing)} of {total} images have no caption file ({subset.caption_extension}), "
+        f"e.g. {missing[0]}; they train with the class tokens {subset.class_tokens!r}.{hint}")
+
+
 class _Dataset:
     """One [[datasets]] entry: its images, buckets and per-epoch batch order."""
 
@@ -186,6 +212,8 @@ class _Dataset:
                     f"{subset.caption_extension}) and {subset.where} has no class_tokens. Set class_tokens (e.g. "
                     f"class_tokens = \"sks dog\") for the subset, or write a caption file for every image (check "
                     f"caption_extension, now {subset.caption_extension!r}).")
+            if missing and self.split != "validation":
+                _note_missing_captions(subset, missing, len(found))
             captions = [subset.class_tokens if c is None else c for c in captions]
             masks = {}
             if subset.conditioning_data_dir:

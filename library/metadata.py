@@ -270,7 +270,8 @@ def build_training_metadata(
     for key, attr in _ARGS_KEYS:
         md[key] = getattr(args, attr, None)
     if isinstance(md.get("ss_face_crop_aug_range"), str):  # sd-scripts parses the flag into a tuple first
-        md["ss_face_crop_aug_range"] = tuple(float(r) for r in md["ss_face_crop_aug_range"].split(","))
+        text = md["ss_face_crop_aug_range"].strip()
+        md["ss_face_crop_aug_range"] = tuple(float(r) for r in text.split(",")) if text else None
     if md.get("ss_validation_split") is None:  # sd-scripts' flag defaults to 0.0 (here None: the TOML decides)
         md["ss_validation_split"] = 0.0
     for key, attr in _BOOL_ARGS_KEYS:

@@ -273,7 +273,8 @@ def _saving_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("saving")
     g.add_argument("--output_dir", type=str, default=None, help="where LoRA files are written")
     g.add_argument("--output_name", type=str, default=None, help='file name stem (default "last")')
-    g.add_argument("--save_model_as", type=str, default="safetensors", choices=["safetensors"])
+    g.add_argument("--save_model_as", type=str, default="safetensors",
+                   help="safetensors (sd-scripts' ckpt and pt, pickle files, are refused with the reason)")
     g.add_argument("--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"])
     g.add_argument("--save_every_n_epochs", type=int, default=None)
     g.add_argument("--save_every_n_steps", type=int, default=None)

@@ -915,3 +915,25 @@ def test_an_image_left_with_an_empty_bucket_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"strip.png \(5000x40\) gets an empty bucket \(\d+x0\) with bucket_no_upscale"):
         group([{"image_dir": str(tmp_path / "t"), "class_tokens": "x"}],
               general={"resolution": 128, "enable_bucket": True, "bucket_no_upscale": True, "min_bucket_reso": 64})
+
+
+def test_images_without_caption_files_are_warned_of_with_the_extension_there(tmp_path, caplog):
+    """Images without a caption file train with the class tokens (sd-scripts says so); forgetting
+    --caption_extension .txt (the default is .caption) trained every image on "sks dog" without a word here: now a
+    warning names the extension the folder has."""
+    for name in ("a", "b"):
+        img(tmp_path / "t" / f"{name}.png")
+        (tmp_path / "t" / f"{name}.txt").write_text(f"a photo of {name}")
+    with caplog.at_level(logging.WARNING):
+        g = group([{"image_dir": str(tmp_path / "t"), "class_tokens": "sks dog"}])
+    assert {c for i in range(len(g)) for c in g[i]["captions"]} == {"sks dog"}
+    assert "2 of 2 images have no caption file (.caption)" in caplog.text
+    assert "pass --caption_extension .txt" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        g = group([{"image_dir": str(tmp_path / "t"), "class_tokens": "sks dog", "caption_extension": ".txt"}])
+        img(tmp_path / "reg" / "r.png")  # class tokens alone (DreamBooth's usual way): an info line, no warning
+        group([{"image_dir": str(tmp_path / "t"), "class_tokens": "sks dog", "caption_extension": ".txt"},
+               {"image_dir": str(tmp_path / "reg"), "class_tokens": "dog", "is_reg": True}])
+    assert "no caption file" not in caplog.text
+    assert {c for i in range(len(g)) for c in g[i]["captions"]} == {"a photo of a", "a photo of b"}

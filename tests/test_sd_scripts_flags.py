@@ -87,6 +87,32 @@ def test_the_trainer_logs_the_flags_without_effect(tmp_path, caplog):
     assert "--lowram has no effect here" in caplog.text and "--ddp_static_graph has no effect here" in caplog.text
 
 
+def test_empty_strings_of_a_gui_config_file_are_unset(tmp_path):
+    """kohya_ss writes unset keys as "": face_crop_aug_range = "" was "expected two numbers, got a list ([])",
+    in_json = "" a fine-tuning dataset with an empty metadata file name."""
+    (tmp_path / "img" / "2_sks dog").mkdir(parents=True)
+    cfg = tmp_path / "gui.toml"
+    cfg.write_text(f'[dataset_arguments]\nresolution = "64"\nface_crop_aug_range = ""\nin_json = ""\nreg_data_dir = ""\n'
+                   f'train_data_dir = "{(tmp_path / "img").as_posix()}"\n')
+    args = cf.parse_args_with_config(setup_parser(), ["--config_file", str(cfg)])
+    (bp,) = generate_blueprint(None, args)
+    assert bp.is_dreambooth and [s.face_crop_aug_range for s in bp.subsets] == [None]
+    assert [s.image_dir for s in bp.subsets] == [str(tmp_path / "img" / "2_sks dog")]
+
+
+@pytest.mark.parametrize("kind", ["ckpt", "pt"])
+def test_save_model_as_a_pickle_is_refused_with_the_reason(tmp_path, kind):
+    """sd-scripts writes LoRAs as ckpt/pt on request; here argparse printed its whole usage and 'invalid choice'."""
+    args = setup_parser().parse_args(["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "o"),
+                                      "--train_data_dir", str(tmp_path), "--save_model_as", kind])
+    with pytest.raises(TrainingSetupError, match=f"--save_model_as {kind}: LoRA files are written as .safetensors "
+                                                 "only .*leave the flag out"):
+        verify_args(args)
+    verify_args(setup_parser().parse_args(["--pretrained_model_name_or_path", "m", "--output_dir",
+                                           str(tmp_path / "o"), "--train_data_dir", str(tmp_path),
+                                           "--save_model_as", "safetensors"]))
+
+
 def test_the_reference_lists_the_flags_not_implemented():
     text = markdown_reference()
     assert "## sd-scripts flags not implemented" in text and "| `--full_fp16` |" in text
