@@ -15,8 +15,8 @@ logger = logging.getLogger("apt_lora")
 def verify_args(args) -> None:
     """Every check, in order; fills in what the flags imply (sd-scripts' aliases, `--cache_*_to_disk`, the
     output name, `--resume latest`)."""
-    for check in (_required, _ranges, _combinations, _aliases, _dims_from_weights, _caches, _fast_paths, _sampling,
-                  _resume):
+    for check in (_required, _ranges, _combinations, _aliases, _optimizer, _dims_from_weights, _caches, _fast_paths,
+                  _sampling, _resume):
         check(args)
 
 
@@ -100,6 +100,15 @@ def _combinations(args) -> None:
                                  f"{args.mixed_precision!r}")
     if args.network_module != "networks.lora":
         raise TrainingSetupError(network_module_error(args.network_module))
+
+
+def _optimizer(args) -> None:
+    """The optimizer's package and --optimizer_args' syntax, before the model loads: a missing bitsandbytes or
+    prodigyopt was found after the model, the network and the latent cache (minutes for SDXL)."""
+    from library.optimizers import parse_kv_args, resolve_optimizer
+
+    resolve_optimizer(args)
+    parse_kv_args(getattr(args, "optimizer_args", None), "--optimizer_args")
 
 
 def _aliases(args) -> None:

@@ -177,17 +177,10 @@ def defer_step_read(args, optimizer, device_type: str) -> bool:
     return on
 
 
-def get_optimizer(args, trainable_params) -> tuple[str, torch.optim.Optimizer]:
-    """Build the optimizer the flags ask for; returns (description, optimizer).
-
-    The description is sd-scripts' `ss_optimizer` string: `module.Class(k=v,...)`, e.g.
-    `torch.optim.adamw.AdamW(weight_decay=0.01)`. Built in: AdamW (default; fused=True when every parameter is on
-    CUDA and --optimizer_args names neither fused nor foreach), AdamW8bit (bitsandbytes, optional),
-    SGDNesterov (torch SGD, nesterov, momentum 0.9 unless given), Adafactor (transformers); also any torch.optim
-    class name or `module.ClassName`. `--use_8bit_adam` is the legacy spelling of AdamW8bit.
-    As in sd-scripts, Adafactor with relative_step (its default) ignores the learning rates and switches
-    `args.lr_scheduler` to `adafactor:<lr>`.
-    """
+def resolve_optimizer(args) -> tuple[str, type]:
+    """(the --optimizer_type name, its class): sd-scripts' legacy spellings resolved, the class imported. A package
+    that is missing or a name that is not known is a TrainingSetupError saying what to install or choose; checked
+    before the model loads (library/args_check), not minutes into a run."""
     optimizer_type = getattr(args, "optimizer_type", None) or ""
     if getattr(args, "use_8bit_adam", False):
         # "AdamW" is accepted too: it is the parser default, so it cannot be told apart from an unset flag
@@ -201,8 +194,39 @@ def get_optimizer(args, trainable_params) -> tuple[str, torch.optim.Optimizer]:
             raise TrainingSetupError(
                 f"--use_lion_optimizer and --optimizer_type {optimizer_type} disagree: use only --optimizer_type")
         optimizer_type = "Lion"
-    if not optimizer_type:
-        optimizer_type = "AdamW"
+    optimizer_type = optimizer_type or "AdamW"
+    kind = optimizer_type.lower()
+    if kind == "adamw":
+        return optimizer_type, torch.optim.AdamW
+    if kind == "adamw8bit":
+        try:
+            import bitsandbytes as bnb  # noqa: F401  (optional GPU extra)
+        except ImportError:
+            raise TrainingSetupError(f"--optimizer_type AdamW8bit needs bitsandbytes, {BNB_HINT}") from None
+        return optimizer_type, bnb.optim.AdamW8bit
+    if kind == "sgdnesterov":
+        return optimizer_type, torch.optim.SGD
+    if kind == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return optimizer_type, Adafactor
+    if kind in _NAMED_BY_KIND:
+        return optimizer_type, _named_optimizer_class(optimizer_type)
+    return optimizer_type, _import_optimizer_class(optimizer_type)
+
+
+def get_optimizer(args, trainable_params) -> tuple[str, torch.optim.Optimizer]:
+    """Build the optimizer the flags ask for; returns (description, optimizer).
+
+    The description is sd-scripts' `ss_optimizer` string: `module.Class(k=v,...)`, e.g.
+    `torch.optim.adamw.AdamW(weight_decay=0.01)`. Built in: AdamW (default; fused=True when every parameter is on
+    CUDA and --optimizer_args names neither fused nor foreach), AdamW8bit (bitsandbytes, optional),
+    SGDNesterov (torch SGD, nesterov, momentum 0.9 unless given), Adafactor (transformers); also any torch.optim
+    class name or `module.ClassName` (`resolve_optimizer`). `--use_8bit_adam` is the legacy spelling of AdamW8bit.
+    As in sd-scripts, Adafactor with relative_step (its default) ignores the learning rates and switches
+    `args.lr_scheduler` to `adafactor:<lr>`.
+    """
+    optimizer_type, optimizer_class = resolve_optimizer(args)
     kind = optimizer_type.lower()
     kwargs = parse_kv_args(getattr(args, "optimizer_args", None), "--optimizer_args")
     lr = getattr(args, "learning_rate", None)
@@ -212,23 +236,12 @@ def get_optimizer(args, trainable_params) -> tuple[str, torch.optim.Optimizer]:
         trainable_params = list(trainable_params)
 
     if kind == "adamw":
-        optimizer_class = torch.optim.AdamW
         if "fused" not in kwargs and "foreach" not in kwargs and _all_on_cuda(trainable_params):
             extra["fused"] = True  # one kernel per step instead of ~12 per tensor list; torch's default is foreach
-    elif kind == "adamw8bit":
-        try:
-            import bitsandbytes as bnb  # noqa: F401  (optional GPU extra)
-        except ImportError:
-            raise TrainingSetupError(f"--optimizer_type AdamW8bit needs bitsandbytes, {BNB_HINT}") from None
-        optimizer_class = bnb.optim.AdamW8bit
     elif kind == "sgdnesterov":
         kwargs.setdefault("momentum", 0.9)
-        optimizer_class = torch.optim.SGD
         extra["nesterov"] = True
     elif kind == "adafactor":
-        from transformers.optimization import Adafactor
-
-        optimizer_class = Adafactor
         kwargs.setdefault("relative_step", True)
         if not kwargs["relative_step"] and kwargs.get("warmup_init", False):
             logger.info("Adafactor: warmup_init=True needs relative_step=True; setting relative_step=True")
@@ -252,7 +265,6 @@ def get_optimizer(args, trainable_params) -> tuple[str, torch.optim.Optimizer]:
             args.lr_scheduler = f"adafactor:{lr}"
             args.learning_rate = lr = None
     elif kind in _NAMED_BY_KIND:
-        optimizer_class = _named_optimizer_class(optimizer_type)
         implied = _NAMED_BY_KIND[kind][2]
         if kind == "sgdnesterov8bit":
             kwargs.setdefault("momentum", 0.9)
@@ -267,8 +279,6 @@ def get_optimizer(args, trainable_params) -> tuple[str, torch.optim.Optimizer]:
             if len(distinct) > 1:
                 logger.warning(f"--optimizer_type {optimizer_type}: several learning rates ({distinct}) share one "
                                "step-size estimate; the first group's drives it (sd-scripts warns alike)")
-    else:
-        optimizer_class = _import_optimizer_class(optimizer_type)
 
     if lr is not None or kind == "adafactor":
         extra["lr"] = lr  # without --learning_rate the optimizer's own default applies

@@ -100,6 +100,16 @@ def test_empty_strings_of_a_gui_config_file_are_unset(tmp_path):
     assert [s.image_dir for s in bp.subsets] == [str(tmp_path / "img" / "2_sks dog")]
 
 
+def test_a_missing_optimizer_package_is_found_before_the_model_loads(tmp_path):
+    """verify_args (the first thing a run does) imports the optimizer's package: a missing one was found after the
+    model, the network and the latent cache were loaded."""
+    base = ["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "o"), "--train_data_dir", str(tmp_path)]
+    with pytest.raises(TrainingSetupError, match="--optimizer_type no_such_pkg.Opt needs the module no_such_pkg"):
+        verify_args(setup_parser().parse_args(base + ["--optimizer_type", "no_such_pkg.Opt"]))
+    with pytest.raises(TrainingSetupError, match="--optimizer_args: the value of 'betas=x' is not a Python literal"):
+        verify_args(setup_parser().parse_args(base + ["--optimizer_args", "betas=x"]))
+
+
 @pytest.mark.parametrize("kind", ["ckpt", "pt"])
 def test_save_model_as_a_pickle_is_refused_with_the_reason(tmp_path, kind):
     """sd-scripts writes LoRAs as ckpt/pt on request; here argparse printed its whole usage and 'invalid choice'."""
