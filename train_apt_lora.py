@@ -530,6 +530,9 @@ def train(args):
             logger.info("cleanup: %s", what)
 
     device = accelerator.device
+    if device.type == "cpu" and args.mixed_precision == "fp16" and is_main:
+        logger.warning("--mixed_precision fp16 on the CPU (no GPU in use): CPUs compute fp16 slowly, where it is "
+                       "a GPU's fast path; --mixed_precision no (or bf16) trains faster here")
     model.vae.to(device, vae_dtype)
     if args.cache_latents:  # disk caches: the main process writes them, the others then read them
         with torch.no_grad(), accelerator.main_process_first() if args.cache_latents_to_disk else contextlib.nullcontext():

@@ -38,8 +38,8 @@ def debug_dataset(data, *, epochs: int = 1, apt: bool = False, image_dir: str | 
                 oh, ow = (int(v) for v in batch["original_sizes_hw"][i])
                 top, left = (int(v) for v in batch["crop_top_lefts"][i])
                 reg = " reg" if bool(batch["is_reg"][i]) else ""
-                out(f"  [{i}] {key}: original {ow}x{oh}, crop top {top} left {left}, loss weight "
-                    f"{float(batch['loss_weights'][i]):g}{reg}")
+                out(f"  [{i}] {key}: original {ow}x{oh}, SDXL crop conditioning (top, left) ({top}, {left}), "
+                    f"loss weight {float(batch['loss_weights'][i]):g}{reg}")
                 out(f"      caption: {batch['captions'][i]!r}")
                 if apt:
                     c = class_prompt(batch["captions"][i], batch["class_tokens"][i], batch["prior_class_tokens"][i])

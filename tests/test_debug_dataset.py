@@ -23,7 +23,7 @@ def test_debug_dataset_prints_batches_and_writes_images(tiny, images, tmp_path, 
     assert out.count("epoch 1, batch ") == 3 and "epoch 1, batch 3/3: bucket 64x64 (w x h), 1 image(s)" in out
     assert out.count("      caption: 'sks dog'") == 3  # no caption files: the class tokens
     assert out.count("      APT class prompt c: 'dog'") == 3
-    assert "original 72x80, crop top" in out
+    assert "original 72x80, SDXL crop conditioning (top, left) (" in out  # sd-scripts' value, not the pixel crop
     files = sorted(p.name for p in png.iterdir())
     assert files == ["e1-b1-0.png", "e1-b2-0.png", "e1-b3-0.png"]
     arr = np.asarray(Image.open(png / files[0]))

@@ -682,3 +682,14 @@ def test_token_warmup_steps_count_accumulation_and_resume_exactly(tiny, images, 
     assert _train(tiny["sd1"], dataset, tmp_path / "resumed", *common, "--resume",
                   str(tmp_path / "out" / "lora-step00000003-state")) == 0
     assert seen == straight[5:]
+
+
+def test_fp16_on_the_cpu_trains_and_says_it_is_slow_there(tiny, images, tmp_path, caplog):
+    """--mixed_precision fp16 without a GPU (a GPU command line run on a CPU machine) trains, with a warning that
+    fp16 is slow on a CPU and what to use instead (it ran without a word)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "out", "--mixed_precision", "fp16",
+                      "--max_train_steps", "1") == 0
+    assert "--mixed_precision fp16 on the CPU" in caplog.text and "--mixed_precision no (or bf16)" in caplog.text
