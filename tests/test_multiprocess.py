@@ -122,16 +122,21 @@ def test_ranks_draw_from_their_own_random_streams(two_rank_run):
     assert not set(draws[0]) & set(draws[1]), draws
 
 
-def test_two_ranks_resume_exactly(setup):
-    """Each rank's generators are saved with the state and put back on that rank: 4 steps straight equal 2 steps,
-    then --resume from the step-2 state for the other 2, bit for bit (every rank)."""
-    straight = _launch(setup, "resume-straight", "--seed", "3", "--apt", "--max_train_steps", "4",
-                       "--save_every_n_steps", "2", "--save_state")
+@pytest.mark.parametrize("ahead", [False, True])
+def test_two_ranks_resume_exactly(setup, ahead):
+    """Each rank's generators are saved with the state and put back on that rank: 4 steps straight equal 1 step,
+    then --resume from the step-1 state (mid-epoch: 2 batches a rank) for the other 3, bit for bit (every rank).
+    With --apt_prior_ahead every rank has prepared its next step there, and rewinds it before its generators are
+    gathered."""
+    extra = ["--apt_prior_ahead"] if ahead else []
+    straight = _launch(setup, f"resume-straight-{ahead}", "--seed", "3", "--apt", "--max_train_steps", "4",
+                       "--save_every_n_steps", "1", "--save_state", *extra)
     assert straight["proc"].returncode == 0, _log(straight)
-    state = straight["out"] / "lora-step00000002-state"
+    state = straight["out"] / "lora-step00000001-state"
     rng = torch.load(str(state / "rng.pt"), weights_only=True)
     assert len(rng["ranks"]) == 2 and not torch.equal(rng["ranks"][0]["torch"], rng["ranks"][1]["torch"])
-    resumed = _launch(setup, "resume-second-half", "--apt", "--max_train_steps", "4", "--resume", str(state))
+    resumed = _launch(setup, f"resume-second-half-{ahead}", "--apt", "--max_train_steps", "4", "--resume",
+                      str(state), *extra)
     assert resumed["proc"].returncode == 0, _log(resumed)
     for r in (0, 1):
         a = load_file(str(straight["ranks"] / f"rank{r}.safetensors"))
