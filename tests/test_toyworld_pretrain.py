@@ -366,3 +366,25 @@ def test_probe_model_reads_a_running_checkpoint(tmp_path):
     torch.save({"phase": "latents", "config": asdict(cfg)}, tmp_path / "w2" / "checkpoint.pt")
     with pytest.raises(ValueError, match="before any diffusion step"):
         PM.load_checkpoint(str(tmp_path / "w2"))
+
+
+class _Payload:  # what a shared, tampered checkpoint.pt could hold: unpickling it runs code
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_is_read_without_running_its_code(tmp_path):
+    """pretrain --resume (and probe_model) unpickled work_dir/checkpoint.pt in full: a model folder from someone
+    else ran their code. It is read with weights_only now, so a pickled object is refused and runs nothing."""
+    import pickle
+
+    work = tmp_path / "w"
+    work.mkdir()
+    marker = tmp_path / "ran"
+    torch.save({"key": _Payload(str(marker))}, str(work / "checkpoint.pt"))
+    with pytest.raises(pickle.UnpicklingError):
+        P.pretrain(_cfg(steps=1), str(tmp_path / "out"), str(work), resume=True)
+    assert not marker.exists()

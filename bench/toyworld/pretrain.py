@@ -490,7 +490,7 @@ def pretrain(cfg: PretrainConfig, out: str = DEFAULT_OUT, work_dir: str = DEFAUL
     if os.path.exists(ckpt_path):
         if not resume:
             raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or remove {work_dir}")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if state.get("key") != cfg.key():
             raise ValueError(f"{ckpt_path} was written with other settings ({state.get('config')}); use the same "
                              "arguments to resume, or remove the work dir to start over")
@@ -538,7 +538,7 @@ def pretrain(cfg: PretrainConfig, out: str = DEFAULT_OUT, work_dir: str = DEFAUL
         state.update(phase="diffusion")
         save_ckpt(state)
     else:
-        data = torch.load(lat_path, map_location="cpu", weights_only=False)
+        data = torch.load(lat_path, map_location="cpu", weights_only=True)
     model.vae.register_to_config(scaling_factor=data["scaling_factor"])
     if "unet" in state:
         model.unet.load_state_dict(state["unet"])

@@ -74,7 +74,7 @@ def load_checkpoint(work_dir: str):
     from bench.toyworld import pretrain as P
     from bench.toyworld.evaluate import for_inference
 
-    state = torch.load(os.path.join(work_dir, "checkpoint.pt"), map_location="cpu", weights_only=False)
+    state = torch.load(os.path.join(work_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
     if "unet" not in state:
         raise ValueError(f"{work_dir}: the checkpoint is in phase {state['phase']!r}, before any diffusion step")
     cfg = P.PretrainConfig(**{**state["config"], "init_from": None, "init_vae_from": None})
@@ -87,7 +87,7 @@ def load_checkpoint(work_dir: str):
         ema = P.EMA(mods, cfg.ema_decay)
         ema.load_state_dict(state["ema"])
         ema.copy_to(mods)
-    scale = torch.load(os.path.join(work_dir, "latents.pt"), map_location="cpu", weights_only=False)["scaling_factor"]
+    scale = torch.load(os.path.join(work_dir, "latents.pt"), map_location="cpu", weights_only=True)["scaling_factor"]
     model.vae.register_to_config(scaling_factor=scale)
     for_inference(model)
     print(f"{work_dir}: diffusion step {state.get('step')} of {cfg.steps}")
