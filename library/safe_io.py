@@ -14,6 +14,7 @@ import io
 import os
 import re
 import tempfile
+import time
 
 import safetensors.torch
 
@@ -215,10 +216,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temp_files(folder) -> list[str]:
+STALE_AFTER_S = 600  # a temp file untouched this long is no save in progress (one takes seconds)
+
+
+def _last_touched(path: str) -> float:
+    """The newest mtime of `path` and, for a folder, of the files in it."""
+    times = [os.path.getmtime(path)]
+    if os.path.isdir(path):
+        times += [os.path.getmtime(os.path.join(path, f)) for f in os.listdir(path)]
+    return max(times)
+
+
+def remove_stale_temp_files(folder, min_age_s: float = STALE_AFTER_S) -> list[str]:
     """Clean up after a process killed in the middle of a save (SIGKILL, power loss): delete the temp files and
     folders of dead processes, and put back an old state folder that was moved aside but not yet replaced.
-    Returns what was removed or restored. Temp names carry the writer's pid, so a live writer is never touched."""
+    Returns what was removed or restored. Temp names carry the writer's pid, so a live writer on this machine is
+    never touched; one on another machine or container sharing the folder (whose pid means nothing here) is
+    protected by the age: only what is untouched for `min_age_s` is deleted. Putting back an old state folder
+    under its free name deletes nothing and is done at once."""
     import shutil
 
     from library.train_state import STATE_FILES
@@ -232,8 +247,8 @@ def remove_stale_temp_files(folder) -> list[str]:
         path = os.path.join(folder, entry)
         if os.path.isdir(path):  # a state folder: being written (tmp), or moved aside (old: complete, or being
             m = _TEMP_DIR.match(entry)  # deleted once the new one was in): holding nothing but a state's files
-            if m and m.group("kind") == "old" and not set(os.listdir(path)) <= STATE_FILES:
-                m = None
+            if m and not all(f in STATE_FILES or f.startswith(".tmp") for f in os.listdir(path)):
+                m = None  # (".tmp...": safetensors' own temp file of a file being written)
         else:
             m = _TEMP_FILE.match(entry) or _TEMP_HEATMAP.match(entry)
         if not m or int(m.group("pid")) > pid_max or _alive(int(m.group("pid"))):
@@ -243,7 +258,10 @@ def remove_stale_temp_files(folder) -> list[str]:
                 and os.path.isfile(os.path.join(path, "train_state.json")):
             os.replace(path, target)  # killed between "move old aside" and "rename new in": the old one is complete
             done.append(f"restored {target}")
-        elif os.path.isdir(path):
+            continue
+        if time.time() - _last_touched(path) < min_age_s:
+            continue
+        if os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)
             done.append(f"removed {path}")
         else:

@@ -45,7 +45,7 @@ def test_sigkill_during_saves_never_leaves_a_truncated_file(tmp_path):
             step = _check_complete(out)
             from library.safe_io import remove_stale_temp_files
 
-            remove_stale_temp_files(out)
+            remove_stale_temp_files(out, min_age_s=0)  # the kill was just now: no age to wait for
             assert sorted(os.listdir(out)) in (["lora-state", "lora.safetensors"], ["lora.safetensors"], []), os.listdir(out)
             if step is not None:
                 seen_steps.add(step)
@@ -78,10 +78,16 @@ def test_cleanup_touches_only_its_own_temp_names(tmp_path):
     (tmp_path / f"lora-step00000004-state.tmp-{dead}").mkdir()  # a state being written when the kill came
     (tmp_path / f"lora-state.old-{dead}").mkdir()  # a complete state moved aside, the new one not in yet
     (tmp_path / f"lora-state.old-{dead}" / "train_state.json").write_text("{}")
+    (tmp_path / f"notes-state.tmp-{dead}").mkdir()  # named like a state being written, holding what none holds
+    (tmp_path / f"notes-state.tmp-{dead}" / "notes.txt").write_text("x")
+    users.append(f"notes-state.tmp-{dead}")
+    assert remove_stale_temp_files(tmp_path) == [f"restored {tmp_path / 'lora-state'}"]  # the rest is too fresh
+    old = time.time() - 3600  # (a writer on another machine sharing the folder has a pid that means nothing here)
+    for name in ours + [f"lora-step00000004-state.tmp-{dead}"]:
+        os.utime(tmp_path / name, (old, old))
     done = remove_stale_temp_files(tmp_path)
     assert sorted(os.listdir(tmp_path)) == sorted(users + [f"my_dataset.old-{dead}", "lora-state"]), done
-    assert (tmp_path / "lora-state" / "train_state.json").is_file()
-    assert len(done) == 4 and f"restored {tmp_path / 'lora-state'}" in done
+    assert (tmp_path / "lora-state" / "train_state.json").is_file() and len(done) == 3
 
 
 # -- --save_last_n_*: the saves pushed out of the kept window are deleted, nothing else -----------------------------
