@@ -337,8 +337,13 @@ def planned_outputs(args, max_train_steps, num_epochs, start_step=0, start_epoch
     if every:
         first = (start_step // every + 1) * every
         names += [ckpt_name(args.output_name, step=s) for s in range(first, max_train_steps, every)]
+    loras = list(names)
+    from apt_ext.step import apt_enabled
+
+    if apt_enabled(args):  # each LoRA's γ heatmap beside it
+        names += [os.path.splitext(n)[0] + "_gamma.png" for n in loras]
     if args.save_state:
-        names += [os.path.splitext(n)[0] + "-state" for n in names]
+        names += [os.path.splitext(n)[0] + "-state" for n in loras]
     elif args.save_state_on_train_end:  # the final state only (it was found after training, and not written)
         names.append(os.path.splitext(names[0])[0] + "-state")
     if args.sample_prior_grid:
@@ -663,13 +668,13 @@ def train(args):
         md.update(metadata_lib.modelspec(args, model))
         if apt is not None:
             md.update(apt.metadata())
-            if apt.history:
-                from apt_ext.heatmap import save_gamma_heatmap
-
-                save_gamma_heatmap(apt.history, os.path.splitext(path)[0] + "_gamma.png")
         with evaluation_weights(optimizer):  # a schedule-free optimizer's evaluated weights (its state, too)
             network.save_weights(path, save_dtype, md, overwrite=args.overwrite)
             accelerator.print(f"saved {path}")
+            if apt is not None and apt.history:  # after the LoRA, which refuses an existing file first
+                from apt_ext.heatmap import save_gamma_heatmap
+
+                save_gamma_heatmap(apt.history, os.path.splitext(path)[0] + "_gamma.png")
             if rng_states is not None:
                 state_dir = os.path.join(args.output_dir, os.path.splitext(name)[0] + "-state")
                 save_state(state_dir, network=network, optimizer=optimizer, lr_scheduler=lr_scheduler, step=step,
@@ -869,6 +874,12 @@ def train(args):
         if interrupted:
             accelerator.wait_for_everyone()
             name = train_util.ckpt_name(args.output_name, step=step)
+            stem = os.path.splitext(name)[0]
+            if not args.overwrite and any(os.path.lexists(os.path.join(args.output_dir, stem + end))
+                                          for end in (".safetensors", "-state", "_gamma.png")):
+                # an earlier run stopped at this step in this folder (its name could not be checked before
+                # training): keep it, and save this run's progress beside it
+                name = stem + time.strftime("-%Y%m%d-%H%M%S") + ".safetensors"
             save(name, step, epoch, batches_done, with_state=True)
             state_dir = os.path.join(args.output_dir, os.path.splitext(name)[0] + "-state")
             accelerator.print(f"interrupted at step {step}: saved {os.path.join(args.output_dir, name)} and {state_dir}.\n"

@@ -5,7 +5,6 @@ columns), colour runs from dark blue (γ = 0, no overfitting) through green to y
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -50,8 +49,13 @@ def render_gamma_heatmap(history: list[tuple[int, list[float]]], width: int = 40
 
 
 def save_gamma_heatmap(history, path: str) -> str:
-    """Write the heatmap atomically (temp file, then rename) and return the path."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    render_gamma_heatmap(history).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    """Write the heatmap atomically (library/safe_io: a temp file of its own, then rename) and return the path.
+    It replaces an existing one: it is written beside its LoRA file, after that file's overwrite check."""
+    import io
+
+    from library.safe_io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    render_gamma_heatmap(history).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue(), overwrite=True)
     return path

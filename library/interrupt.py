@@ -84,7 +84,7 @@ def find_latest_state(output_dir: str, output_name: str | None = None) -> str | 
         info = os.path.join(path, "train_state.json")
         if not name.endswith("-state") or not os.path.isfile(info):
             continue
-        if output_name and not re.fullmatch(re.escape(output_name) + r"(?:-step\d+|-\d+)?-state", name):
+        if output_name and not re.fullmatch(re.escape(output_name) + r"(?:-step\d+(?:-\d{8}-\d{6})?|-\d+)?-state", name):
             continue  # another run's state in the same folder (lora_v2-step...-state is not lora's)
         try:
             with open(info, encoding="utf-8") as f:

@@ -1,6 +1,7 @@
 """Ctrl-C / SIGTERM: the run finishes its step, saves LoRA and state, says how to resume; --resume latest continues."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -75,6 +76,28 @@ def test_sigint_saves_state_and_resume_latest_continues(setup, tmp_path):
     with safe_open(str(out / "lora.safetensors"), "pt") as f:
         assert f.metadata()["ss_steps"] == str(step + 2)
         assert int(f.metadata()["apt_indicator_steps"]) == step + 2
+
+
+def test_an_interrupt_at_a_step_an_earlier_run_saved_keeps_both(setup, tmp_path):
+    """The interrupt's file name (its step) cannot be checked before training: where an earlier run in the folder
+    stopped at the same step, the save failed (exit 2, nothing saved) and overwrote that run's γ heatmap first.
+    Now the earlier files stay as they were and this run's LoRA and state get a time-stamped name, which
+    --resume latest finds."""
+    from library.interrupt import find_latest_state
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for n in range(1, 400):
+        for end in (".safetensors", "_gamma.png"):
+            (out / f"lora-step{n:08d}{end}").write_bytes(b"an earlier run's file")
+    rc, text = _start_and_signal(_cmd(setup, out, "--max_train_steps", "2000"), [signal.SIGINT])
+    assert rc == 128 + signal.SIGINT, text[-2000:]
+    (state,) = [d for d in os.listdir(out) if d.endswith("-state")]
+    step = json.loads((out / state / "train_state.json").read_text())["step"]
+    assert re.fullmatch(rf"lora-step{step:08d}-\d{{8}}-\d{{6}}-state", state), state
+    assert (out / state.replace("-state", ".safetensors")).is_file() and f"--resume {out / state}" in text
+    assert all(p.read_bytes() == b"an earlier run's file" for p in out.iterdir() if p.name.count("-") == 1)
+    assert find_latest_state(str(out), "lora") == str(out / state)
 
 
 def test_sigterm_twice_stops_at_once_and_leaves_only_complete_files(setup, tmp_path):
