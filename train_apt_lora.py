@@ -956,6 +956,17 @@ def main(argv=None) -> int:
             FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a save on a full disk or without permission: one line, not a traceback
+        import errno
+
+        from library.safe_io import SaveError
+
+        if not isinstance(e, SaveError) and e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                                                            errno.EPERM, errno.EIO):
+            raise
+        print(f"error: {e}. Free space or fix the permissions; what was saved before is complete (saves are "
+              "atomic): resume from the last saved state with --resume latest", file=sys.stderr)
+        return 1
     except Interrupted as e:
         return e.exit_code
     except KeyboardInterrupt:

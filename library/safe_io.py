@@ -21,6 +21,10 @@ import safetensors.torch
 _BLOCK = 1024 * 1024
 
 
+class SaveError(OSError):
+    """A file or folder could not be written (a full disk, no permission): the trainer's one-line error."""
+
+
 def check_writable(path, overwrite: bool = False, flag_hint: str = "--overwrite") -> None:
     """Raise if `path` cannot be written: `FileExistsError` if it exists and `overwrite` is false (the message names
     the path and says to pass `flag_hint`), `IsADirectoryError` if it is a folder, `PermissionError` if its folder

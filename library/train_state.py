@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from library.rng import rng_state, seed_rank_stream, set_rng_state
+from library.safe_io import SaveError
 
 STATE_VERSION = 1
 STATE_FILES = frozenset({"network.safetensors", "optimizer.pt", "lr_scheduler.pt", "rng.pt", "apt.safetensors",
@@ -59,18 +60,23 @@ def save_state(folder: str, *, network, optimizer, lr_scheduler, step: int, epoc
         raise FileExistsError(f"state folder exists: {folder}; pass --overwrite to replace it")
     tmp = f"{folder}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in network.state_dict().items()},
-              os.path.join(tmp, "network.safetensors"))
-    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "lr_scheduler.pt"))
     rng_states = rng_states or [rng_state()]
-    torch.save(rng_states[0] if len(rng_states) == 1 else {"ranks": rng_states}, os.path.join(tmp, "rng.pt"))
-    if apt_state:
-        save_file({k: v.contiguous() for k, v in apt_state.items()}, os.path.join(tmp, "apt.safetensors"))
-    with open(os.path.join(tmp, "train_state.json"), "w", encoding="utf-8") as f:
-        json.dump({"version": STATE_VERSION, "step": step, "epoch": epoch, "batches_done": batches_done, "seed": seed}, f)
-    _fsync_tree(tmp)
+    try:
+        os.makedirs(tmp)
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in network.state_dict().items()},
+                  os.path.join(tmp, "network.safetensors"))
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "lr_scheduler.pt"))
+        torch.save(rng_states[0] if len(rng_states) == 1 else {"ranks": rng_states}, os.path.join(tmp, "rng.pt"))
+        if apt_state:
+            save_file({k: v.contiguous() for k, v in apt_state.items()}, os.path.join(tmp, "apt.safetensors"))
+        with open(os.path.join(tmp, "train_state.json"), "w", encoding="utf-8") as f:
+            json.dump({"version": STATE_VERSION, "step": step, "epoch": epoch, "batches_done": batches_done,
+                       "seed": seed}, f)
+        _fsync_tree(tmp)
+    except (OSError, RuntimeError) as e:  # torch.save's full disk is a RuntimeError ("unexpected pos ...")
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SaveError(f"cannot write the training state {folder}: {e}") from e
     old = None
     if os.path.exists(folder):  # keep the old state until the new one is in place
         old = f"{folder}.old-{os.getpid()}"

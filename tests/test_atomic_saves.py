@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from safetensors import safe_open
 
 HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers", "save_loop.py")
@@ -167,3 +168,40 @@ def test_trainer_keeps_the_last_saves_and_states(tiny_world, tmp_path, capsys):
                             "--save_last_n_steps must be at least 1, got 0")):
         assert run(tmp_path / "bad", *extra) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_full_disk_is_one_error_line_and_leaves_no_half_state(tmp_path, monkeypatch, capsys, tiny_world):
+    """A save on a full disk was a raw traceback (torch.save's is a RuntimeError, "unexpected pos"), and a
+    half-written state folder stayed behind. Now: one `error:` line saying what to do, no temp folder left."""
+    import errno
+
+    import torch
+
+    import library.safe_io
+    import train_apt_lora
+    from library.safe_io import SaveError
+    from library.train_state import save_state
+
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+    def full(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 392384 vs 392276")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(SaveError, match="cannot write the training state .*s-state: .*unexpected pos"):
+        save_state(str(tmp_path / "s-state"), network=net, optimizer=opt, lr_scheduler=sched, step=1, epoch=1,
+                   batches_done=1, seed=0)
+    assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+
+    def no_space(tensors, path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(library.safe_io, "atomic_save_safetensors", no_space)
+    rc = train_apt_lora.main(["--pretrained_model_name_or_path", tiny_world.model("sd1"), "--dataset_config",
+                              tiny_world.dataset, "--output_dir", str(tmp_path / "out"), "--max_train_steps", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "error: [Errno 28] No space left on device" in err and "--resume latest" in err
+    assert "Traceback" not in err
