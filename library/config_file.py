@@ -287,10 +287,10 @@ def write_config_file(args, parser: argparse.ArgumentParser, path: str, overwrit
             value = ",".join(map(str, value))
         lines.append(f"{dest} = {_toml_value(value)}")
     text = "# written by --output_config; load with --config_file\n" + "\n".join(lines) + "\n"
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from library.safe_io import atomic_write_bytes
+
+    try:  # a temp file of its own (a fixed "<path>.tmp" followed a symlink there, or replaced a user's file)
+        atomic_write_bytes(path, text.encode("utf-8"), overwrite=overwrite)
+    except (FileExistsError, IsADirectoryError, PermissionError) as e:
+        raise TrainingSetupError(f"--output_config: {e}") from None
     return path

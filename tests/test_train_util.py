@@ -3,6 +3,7 @@ library/optimizers.py (optimizers, schedules), library/train_util.py (names, dty
 import argparse
 import logging
 import math
+import os
 import sys
 
 import pytest
@@ -761,6 +762,13 @@ def test_output_config_round_trip(tmp_path):
     assert back.wandb_api_key is None
     with pytest.raises(TrainingSetupError, match="already exists"):
         cf.write_config_file(args, parser, path)
+    # it writes through a temp file of its own: a fixed "<path>.tmp" followed a symlink there into another file
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    os.symlink(notes, tmp_path / "second.toml.tmp")
+    cf.write_config_file(args, parser, str(tmp_path / "second"))
+    assert notes.read_text() == "my notes" and (tmp_path / "second.toml").read_text() == text
+    assert not (tmp_path / "second.toml").is_symlink()
 
 
 def test_kohya_ss_gui_config_keys(tmp_path, caplog):
