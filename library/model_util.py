@@ -423,15 +423,36 @@ _WEIGHTS = re.compile(r"^(?:diffusion_pytorch_model|model|pytorch_model)(?:-\d+-
 
 def _weights_kwargs(folder: str, allow_pickle: bool) -> dict:
     """from_pretrained kwargs for a component folder: safetensors first, fp16 variants, pickles only if allowed."""
-    found = [m.groups() for m in map(_WEIGHTS.match, os.listdir(folder)) if m]
+    names = os.listdir(folder)
+    found = [m.groups() for m in map(_WEIGHTS.match, names) if m]
     for variant, ext in sorted(found, key=lambda g: (g[1] != "safetensors", g[0] is not None)):
         if ext == "safetensors":
+            if not allow_pickle:
+                _check_index_shards(folder, [n for n in names if n.endswith(".safetensors.index.json")])
             return {"use_safetensors": True, "variant": variant}
         if allow_pickle:
             return {"use_safetensors": False, "variant": variant}
         raise ModelLoadError(f"{folder} holds only pickle weights (.bin). Pickle files can run code when loaded, so "
                              "they are refused: convert the model to safetensors, or pass --allow_pickle_checkpoint.")
     raise ModelLoadError(f"{folder} holds no model weights (*.safetensors).")
+
+
+def _check_index_shards(folder: str, indexes: list[str]) -> None:
+    """A `*.safetensors.index.json` names its shard files, which diffusers and transformers load whatever their kind:
+    a shard that is not safetensors (a pickle) needs --allow_pickle_checkpoint like any other."""
+    import json
+
+    for name in indexes:
+        try:
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                shards = set(json.load(f).get("weight_map", {}).values())
+        except (OSError, ValueError, AttributeError) as e:
+            raise ModelLoadError(f"{os.path.join(folder, name)} cannot be read ({e}); the model folder is damaged") from None
+        pickles = sorted(s for s in shards if not str(s).endswith(".safetensors"))
+        if pickles:
+            raise ModelLoadError(f"{os.path.join(folder, name)} names shard files that are not safetensors ({pickles[0]}). "
+                                 "Pickle files can run code when loaded, so they are refused: convert the model to "
+                                 "safetensors, or pass --allow_pickle_checkpoint.")
 
 
 def _dtype_keyword(cls) -> str:

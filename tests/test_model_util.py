@@ -337,6 +337,18 @@ def test_weights_format_policy(tmp_path):
     assert model_util._weights_kwargs(str(d), allow_pickle=True) == {"use_safetensors": False, "variant": None}
     (d / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"")
     assert model_util._weights_kwargs(str(d), allow_pickle=False) == {"use_safetensors": True, "variant": "fp16"}
+    # a sharded index names its shards, which the libraries load whatever their kind: a .bin shard is a pickle
+    sharded = tmp_path / "s"
+    sharded.mkdir()
+    (sharded / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        '{"weight_map": {"a.weight": "diffusion_pytorch_model-00001-of-00001.bin"}}')
+    with pytest.raises(ModelLoadError, match=r"index.json names shard files that are not safetensors .*"
+                                             r"--allow_pickle_checkpoint"):
+        model_util._weights_kwargs(str(sharded), allow_pickle=False)
+    assert model_util._weights_kwargs(str(sharded), allow_pickle=True)["use_safetensors"]
+    (sharded / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        '{"weight_map": {"a.weight": "diffusion_pytorch_model-00001-of-00001.safetensors"}}')
+    assert model_util._weights_kwargs(str(sharded), allow_pickle=False)["use_safetensors"]
 
 
 @pytest.mark.parametrize("version,expected", [("4.48.0", "torch_dtype"), ("4.55.4", "torch_dtype"),
