@@ -427,7 +427,7 @@ def train(args):
     user_config = config_util.load_dataset_config(args.dataset_config) if args.dataset_config else None
     blueprints = config_util.generate_blueprint(user_config, args, config_path=args.dataset_config, is_sdxl=is_sdxl)
     if args.cache_latents:
-        dataset_lib.check_latents_cacheable(blueprints)
+        dataset_lib.check_latents_cacheable(blueprints, to_disk=args.cache_latents_to_disk)
     if args.cache_text_encoder_outputs:  # one stored output per caption string: varying captions never repeat
         for sub in (sub for bp in blueprints for sub in bp.subsets):
             varying = [k for k, on in (("shuffle_caption", sub.shuffle_caption),

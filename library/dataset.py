@@ -460,11 +460,17 @@ class _Dataset:
         return self.epoch_buckets[b][start:start + self.bp.batch_size]
 
 
-def check_latents_cacheable(blueprints) -> None:
+def check_latents_cacheable(blueprints, to_disk: bool = False) -> None:
     """A ConfigError naming the subset and key when a subset changes its image every step (random_crop, color_aug,
-    face_crop_aug_range without buckets): a cached latent cannot follow. Called before the model loads."""
+    face_crop_aug_range without buckets): a cached latent cannot follow; with `to_disk`, when its image folder
+    cannot be written. Called before the model loads."""
     for bp in blueprints:
         for sub in bp.subsets:
+            if to_disk and sub.image_dir and os.path.isdir(sub.image_dir) \
+                    and not os.access(sub.image_dir, os.W_OK | os.X_OK):
+                raise ConfigError(f"{sub.where}: --cache_latents_to_disk writes the latent caches beside the images, "
+                                  f"and {sub.image_dir} cannot be written. Use --cache_latents (in memory) instead, "
+                                  f"or make the folder writable.")
             for name in ("random_crop", "color_aug", "face_crop_aug_range"):
                 if name == "face_crop_aug_range" and bp.enable_bucket:
                     continue  # ignored under buckets (a warning says so), as in sd-scripts
@@ -689,8 +695,13 @@ class DatasetGroup(torch.utils.data.Dataset):
                             tensors["latents_flipped"] = lf.contiguous()
                         if alpha is not None:
                             tensors["alpha_mask"] = alpha.contiguous()
-                        atomic_save_safetensors(tensors, info.latents_cache, overwrite=True,
-                                                metadata={"apt_lora_cache": json.dumps(cache_settings(info))})
+                        try:
+                            atomic_save_safetensors(tensors, info.latents_cache, overwrite=True,
+                                                    metadata={"apt_lora_cache": json.dumps(cache_settings(info))})
+                        except PermissionError as e:
+                            raise ConfigError(f"{info.subset.where}: --cache_latents_to_disk cannot write beside "
+                                              f"the images ({e}). Use --cache_latents (in memory) instead, or make "
+                                              f"the folder writable.") from None
                     else:
                         info.latents, info.latents_flipped, info.alpha_mask = l, lf, alpha
                         info.cached_original_size, info.cached_crop_ltrb = info.size, crop

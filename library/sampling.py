@@ -172,6 +172,16 @@ def _prompt_from_dict(entry: dict, where: str, base: dict) -> SamplePrompt:
     return SamplePrompt(**fields)
 
 
+def _read_text(path: str) -> str:
+    """A prompt file's text: UTF-8 (a BOM dropped); other encodings are a SamplingError naming the byte."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise SamplingError(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); re-save "
+                            "it as UTF-8") from None
+
+
 def parse_prompt_file(path: Union[str, os.PathLike], *, default_size: int = 512, default_steps: int = 30,
                       default_scale: float = 7.5) -> list[SamplePrompt]:
     """Read an sd-scripts sample prompt file (.txt, .toml or .json; see docs/sampling.md).
@@ -189,13 +199,12 @@ def parse_prompt_file(path: Union[str, os.PathLike], *, default_size: int = 512,
     prompts: list[SamplePrompt] = []
 
     if ext == ".txt":
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                text = line.strip()
-                if not text or text.startswith("#"):
-                    continue
-                prompts.append(parse_prompt_line(text, where=f"{path}:{lineno}", default_size=default_size,
-                                                 default_steps=default_steps, default_scale=default_scale))
+        for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            prompts.append(parse_prompt_line(text, where=f"{path}:{lineno}", default_size=default_size,
+                                             default_steps=default_steps, default_scale=default_scale))
     elif ext == ".toml":
         from library.config_util import ConfigError, load_toml
 
@@ -217,8 +226,7 @@ def parse_prompt_file(path: Union[str, os.PathLike], *, default_size: int = 512,
             prompts.append(_prompt_from_dict({**defaults, **subset}, where, base))  # subset overrides [prompt]
     else:
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
+            data = json.loads(_read_text(path))
         except json.JSONDecodeError as e:
             raise SamplingError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
         if not isinstance(data, list):

@@ -937,3 +937,27 @@ def test_images_without_caption_files_are_warned_of_with_the_extension_there(tmp
                {"image_dir": str(tmp_path / "reg"), "class_tokens": "dog", "is_reg": True}])
     assert "no caption file" not in caplog.text
     assert {c for i in range(len(g)) for c in g[i]["captions"]} == {"a photo of a", "a photo of b"}
+
+
+def test_an_image_folder_that_cannot_be_written_is_named_for_the_disk_cache(tmp_path, vae, monkeypatch):
+    """--cache_latents_to_disk beside read-only images: a raw PermissionError after the model had loaded. Now a
+    ConfigError naming the subset, the folder and the in-memory --cache_latents, before the load (the check) and
+    at the write (where the check cannot see it, e.g. as root on an immutable folder)."""
+    import library.dataset as dataset_lib
+    from library.dataset import check_latents_cacheable
+
+    img(tmp_path / "t" / "a.png")
+    g = group([{"image_dir": str(tmp_path / "t"), "class_tokens": "x"}])
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path / "t") else real_access(p, mode))
+    with pytest.raises(ConfigError, match=r"subsets\[0\].*cannot be written\. Use --cache_latents \(in memory\)"):
+        check_latents_cacheable([d.bp for d in g.datasets], to_disk=True)
+    check_latents_cacheable([d.bp for d in g.datasets])  # in memory: nothing is written there
+    monkeypatch.undo()
+
+    def refused(tensors, path, *a, **k):
+        raise PermissionError(f"cannot write {path}: folder {tmp_path / 't'} is not writable")
+
+    monkeypatch.setattr(dataset_lib, "atomic_save_safetensors", refused)
+    with pytest.raises(ConfigError, match=r"--cache_latents_to_disk cannot write beside the images .*--cache_latents"):
+        g.cache_latents(vae, 0.18215, to_disk=True)
