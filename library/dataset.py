@@ -655,6 +655,12 @@ class DatasetGroup(torch.utils.data.Dataset):
         infos = sorted({id(i): i for d in self.datasets for i in d.images.values()}.values(),
                        key=lambda i: (i.bucket_reso, i.subset.flip_aug, i.path))
         planned: set[str] = set()
+        if to_disk:  # temp files of a cache write that a kill interrupted, beside the images
+            from library.safe_io import remove_stale_temp_files
+
+            for folder in sorted({os.path.dirname(i.path) for i in infos}):
+                for what in remove_stale_temp_files(folder):
+                    logger.info("cleanup: %s", what)
         for info in infos:
             if to_disk:
                 info.latents_cache = latent_cache_path(info, self.is_sdxl)
@@ -803,6 +809,11 @@ def latent_cache_path(info: ImageInfo, is_sdxl: bool) -> str:
     shared by a.png and a.jpg, by two datasets that use one image at two resolutions (or one with flip_aug or a
     mask and one without: each run overwrote the other's file, or trained from it), and it kept a file made with
     another mask folder or resize: each of these is a file of its own here."""
+    try:
+        info.path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"image {info.path!r}: its file name is not valid UTF-8, and safetensors cannot open a cache "
+                          f"file of that name: rename the image, or cache with --cache_latents (in memory)") from None
     w, h = info.size
     digest = hashlib.sha256(json.dumps(cache_settings(info), sort_keys=True).encode()).hexdigest()[:8]
     return f"{os.path.splitext(info.path)[0]}_{w:04d}x{h:04d}_{digest}{'_sdxl' if is_sdxl else '_sd'}.safetensors"

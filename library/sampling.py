@@ -484,11 +484,16 @@ def sample_images(model, prompts: Union[Sequence[SamplePrompt], str, os.PathLike
     images = generate_images(model, prompts, device=device, clip_skip=clip_skip, sampler=sampler,
                              v_parameterization=v_parameterization, dtype=dtype, extra_modules=extra_modules,
                              clip_sample=clip_sample)
-    os.makedirs(os.path.join(output_dir, "sample"), exist_ok=True)
+    import io
+
+    from library.safe_io import atomic_write_bytes
+
     paths = []
     for index, (p, (image, _seed)) in enumerate(zip(prompts, images)):
         path = sample_image_path(output_dir, output_name, index, epoch=epoch, step=step, seed=p.seed)
-        image.save(path)
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        atomic_write_bytes(path, buf.getvalue(), overwrite=True)  # a time-stamped name; a kill leaves no half PNG
         paths.append(path)
     return paths
 

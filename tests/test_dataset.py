@@ -961,3 +961,32 @@ def test_an_image_folder_that_cannot_be_written_is_named_for_the_disk_cache(tmp_
     monkeypatch.setattr(dataset_lib, "atomic_save_safetensors", refused)
     with pytest.raises(ConfigError, match=r"--cache_latents_to_disk cannot write beside the images .*--cache_latents"):
         g.cache_latents(vae, 0.18215, to_disk=True)
+
+
+def test_disk_cache_names_and_leftovers_beside_the_images(tmp_path, vae):
+    """An image whose file name is not UTF-8 cannot have a safetensors cache file (every run rewrote it, then the
+    first batch crashed): a ConfigError names it. A cache write's temp file that a kill left beside the images is
+    removed (the start-up cleanup only looked at --output_dir)."""
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "t"
+    img(folder / "a.png")
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    left = folder / f".a_0064x0064_0123abcd_sd.safetensors.{p.pid}.abcd1234.tmp"
+    left.write_bytes(b"half a cache file")
+    old = time.time() - 3600
+    os.utime(left, (old, old))
+    group([{"image_dir": str(folder), "class_tokens": "x"}]).cache_latents(vae, 0.18215, to_disk=True)
+    assert not left.exists()
+
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    img(tmp_path / "ok.png")
+    os.rename(tmp_path / "ok.png", os.path.join(os.fsencode(odd), b"caf\xe9.png"))
+    g = group([{"image_dir": str(odd), "class_tokens": "x"}])
+    with pytest.raises(ConfigError, match="its file name is not valid UTF-8.*--cache_latents \\(in memory\\)"):
+        g.cache_latents(vae, 0.18215, to_disk=True)
+    g.cache_latents(vae, 0.18215)  # in memory it trains
