@@ -38,8 +38,8 @@ def debug_dataset(data, *, epochs: int = 1, apt: bool = False, image_dir: str | 
                 oh, ow = (int(v) for v in batch["original_sizes_hw"][i])
                 top, left = (int(v) for v in batch["crop_top_lefts"][i])
                 reg = " reg" if bool(batch["is_reg"][i]) else ""
-                shown = key.encode("utf-8", "backslashreplace").decode("utf-8")  # a name that is not UTF-8
-                out(f"  [{i}] {shown}: original {ow}x{oh}, SDXL crop conditioning (top, left) ({top}, {left}), "
+                name = key.encode("utf-8", "backslashreplace").decode("utf-8")  # a name that is not UTF-8
+                out(f"  [{i}] {name}: original {ow}x{oh}, SDXL crop conditioning (top, left) ({top}, {left}), "
                     f"loss weight {float(batch['loss_weights'][i]):g}{reg}")
                 out(f"      caption: {batch['captions'][i]!r}")
                 if apt:
