@@ -365,7 +365,7 @@ def train(args):
     from library.optimizers import (defer_step_read, evaluation_weights, get_lr_scheduler, get_optimizer,
                                     inner_optimizer, is_schedule_free)
     from library.conditioning import TextEncoderCache
-    from library.distributed import gather_objects
+    from library.distributed import broadcast_parameters, gather_objects
     from library.rng import rng_state, seed_rank_stream
     from library.step_read import LookAhead
     from library.transfer import HostCopy
@@ -427,7 +427,7 @@ def train(args):
     user_config = config_util.load_dataset_config(args.dataset_config) if args.dataset_config else None
     blueprints = config_util.generate_blueprint(user_config, args, config_path=args.dataset_config, is_sdxl=is_sdxl)
     if args.cache_latents:
-        dataset_lib.check_latents_cacheable(blueprints, to_disk=args.cache_latents_to_disk)
+        dataset_lib.check_latents_cacheable(blueprints)
     if args.cache_text_encoder_outputs:  # one stored output per caption string: varying captions never repeat
         for sub in (sub for bp in blueprints for sub in bp.subsets):
             varying = [k for k, on in (("shuffle_caption", sub.shuffle_caption),
@@ -542,10 +542,11 @@ def train(args):
     if args.cache_latents:  # disk caches: the main process writes them, the others then read them
         with torch.no_grad(), accelerator.main_process_first() if args.cache_latents_to_disk else contextlib.nullcontext():
             for group in (data, val_data) if val_data is not None else (data,):
-                # the held-out images' VAE samples come from the validation seed, as their noise does: the same
-                # held-out latents whatever the training images and the --seed
+                # VAE samples from generators of their own: with disk caches only the main process encodes, and the
+                # ranks' shared stream must not part before the LoRA is initialised; the held-out images' from the
+                # validation seed, as their noise (in memory: the same whatever the training images and --seed)
                 val_seed = args.validation_seed if args.validation_seed is not None else args.seed
-                gen = torch.Generator().manual_seed(val_seed) if group is val_data else None
+                gen = torch.Generator().manual_seed(val_seed if group is val_data else args.seed)
                 group.cache_latents(model.vae, model.latent_scale, vae_batch_size=args.vae_batch_size,
                                     to_disk=args.cache_latents_to_disk, device=device, generator=gen)
         model.vae.to("cpu")  # only sampling needs it again
@@ -581,6 +582,7 @@ def train(args):
     # --network_multiplier x the datasets' network_multiplier: set once when they agree, else per batch
     network.set_multiplier(args.network_multiplier * (1.0 if varying_multiplier else blueprints[0].network_multiplier))
     network.to(device)
+    broadcast_parameters(network.parameters(), accelerator)  # every rank starts from the main process's LoRA
     if varying_multiplier:  # read from the device: graphs record it, compiled blocks take it, as an input
         network.keep_multiplier_on_device(device)
     if args.full_bf16:  # the optimizer's states follow the weights' dtype
@@ -622,10 +624,10 @@ def train(args):
         saved = load_state(args.resume, network=network, optimizer=optimizer, lr_scheduler=lr_scheduler, apt=apt,
                            rank=accelerator.process_index)
         accelerator.print(f"resumed from {args.resume}: step {step}, epoch {start_epoch}")
-        if saved["rng_ranks"] < accelerator.num_processes:
-            accelerator.print(f"note: the state holds the random generators of {saved['rng_ranks']} process(es); "
-                              "the others start new streams, so this run is not the one an uninterrupted run with "
-                              f"{accelerator.num_processes} processes would give")
+        if saved["rng_ranks"] != accelerator.num_processes:
+            accelerator.print(f"note: the state was saved by {saved['rng_ranks']} process(es) and this run has "
+                              f"{accelerator.num_processes}: the batches split otherwise and ranks without saved "
+                              "generators start new streams, so this run is not the uninterrupted one")
     elif step:  # --initial_step/--initial_epoch: the count and the schedule go on; the optimizer starts afresh
         advance_schedule(lr_scheduler, step)
         accelerator.print(f"starting at step {step}, epoch {start_epoch}"
@@ -938,6 +940,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_libraries()
     parser = setup_parser()
+    args = None
     try:
         args = parse_args_with_config(parser, argv)
         changed = apply_preset(args, {a.dest: a.default for a in parser._actions})
@@ -956,16 +959,17 @@ def main(argv=None) -> int:
             FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # a save on a full disk or without permission: one line, not a traceback
+    except OSError as e:  # a save on a full disk or a read-only folder: one line, not a traceback
         import errno
 
+        from library.interrupt import find_latest_state
         from library.safe_io import SaveError
 
-        if not isinstance(e, SaveError) and e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
-                                                            errno.EPERM, errno.EIO):
+        if not isinstance(e, SaveError) and e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             raise
-        print(f"error: {e}. Free space or fix the permissions; what was saved before is complete (saves are "
-              "atomic): resume from the last saved state with --resume latest", file=sys.stderr)
+        state = find_latest_state(args.output_dir, args.output_name) if args is not None and args.output_dir else None
+        print(f"error: {e}. Free space or fix the folder's permissions; what was saved before is complete (saves "
+              "are atomic)" + (f": continue with --resume {state}" if state else ""), file=sys.stderr)
         return 1
     except Interrupted as e:
         return e.exit_code

@@ -6,6 +6,7 @@ batches (batches are formed inside one bucket, like sd-scripts). Use it with
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -460,17 +461,11 @@ class _Dataset:
         return self.epoch_buckets[b][start:start + self.bp.batch_size]
 
 
-def check_latents_cacheable(blueprints, to_disk: bool = False) -> None:
+def check_latents_cacheable(blueprints) -> None:
     """A ConfigError naming the subset and key when a subset changes its image every step (random_crop, color_aug,
-    face_crop_aug_range without buckets): a cached latent cannot follow; with `to_disk`, when its image folder
-    cannot be written. Called before the model loads."""
+    face_crop_aug_range without buckets): a cached latent cannot follow. Called before the model loads."""
     for bp in blueprints:
         for sub in bp.subsets:
-            if to_disk and sub.image_dir and os.path.isdir(sub.image_dir) \
-                    and not os.access(sub.image_dir, os.W_OK | os.X_OK):
-                raise ConfigError(f"{sub.where}: --cache_latents_to_disk writes the latent caches beside the images, "
-                                  f"and {sub.image_dir} cannot be written. Use --cache_latents (in memory) instead, "
-                                  f"or make the folder writable.")
             for name in ("random_crop", "color_aug", "face_crop_aug_range"):
                 if name == "face_crop_aug_range" and bp.enable_bucket:
                     continue  # ignored under buckets (a warning says so), as in sd-scripts
@@ -681,6 +676,9 @@ class DatasetGroup(torch.utils.data.Dataset):
                 batch = []
         if batch:
             batches.append(batch)
+        for folder in sorted({os.path.dirname(i.path) for i in todo}) if to_disk else ():
+            if not os.access(folder, os.W_OK | os.X_OK):  # before minutes of encoding (valid caches need no write)
+                _unwritable_cache_folder(next(i for i in todo if os.path.dirname(i.path) == folder), "not writable")
         logger.info(f"caching latents: {len(todo)} of {len(infos)} images to encode"
                     f"{' (the others have valid cache files)' if to_disk else ''}")
         dtype = next(vae.parameters()).dtype
@@ -704,10 +702,10 @@ class DatasetGroup(torch.utils.data.Dataset):
                         try:
                             atomic_save_safetensors(tensors, info.latents_cache, overwrite=True,
                                                     metadata={"apt_lora_cache": json.dumps(cache_settings(info))})
-                        except PermissionError as e:
-                            raise ConfigError(f"{info.subset.where}: --cache_latents_to_disk cannot write beside "
-                                              f"the images ({e}). Use --cache_latents (in memory) instead, or make "
-                                              f"the folder writable.") from None
+                        except OSError as e:
+                            if isinstance(e, PermissionError) or e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                                _unwritable_cache_folder(info, str(e))
+                            raise
                     else:
                         info.latents, info.latents_flipped, info.alpha_mask = l, lf, alpha
                         info.cached_original_size, info.cached_crop_ltrb = info.size, crop
@@ -791,6 +789,12 @@ class DatasetGroup(torch.utils.data.Dataset):
                       ss_reg_dataset_dirs=json.dumps(reg_dirs), ss_tag_frequency=json.dumps(d.tag_frequency),
                       ss_bucket_info=json.dumps(d.bucket_info))
         return {k: str(v) for k, v in md.items()}
+
+
+def _unwritable_cache_folder(info: ImageInfo, why: str):
+    raise ConfigError(f"{info.subset.where}: --cache_latents_to_disk writes the latent caches beside the images, and "
+                      f"{os.path.dirname(info.path)} cannot be written ({why}). Use --cache_latents (in memory) "
+                      f"instead, or make the folder writable.")
 
 
 def cache_settings(info: ImageInfo) -> dict:

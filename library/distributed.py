@@ -56,3 +56,22 @@ def gather_objects(obj, accelerator) -> list:
     out = [None] * accelerator.num_processes
     torch.distributed.all_gather_object(out, obj)
     return out
+
+
+def broadcast_parameters(params, accelerator) -> None:
+    """Every process's `params` set to the main process's (one broadcast of a flat buffer). Each rank initialises
+    its LoRA from the shared seed, but anything that draws on one rank only before that (the main process encoding
+    disk caches) would part them, and the weights are never averaged, only the gradients."""
+    if accelerator.num_processes <= 1:
+        return
+    params = [p for p in params]
+    if not params:
+        return
+    flat = torch.cat([p.detach().reshape(-1).float() for p in params])
+    torch.distributed.broadcast(flat, src=0)
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            n = p.numel()
+            p.copy_(flat[offset:offset + n].view_as(p))
+            offset += n

@@ -193,9 +193,9 @@ def model_hashes(path) -> tuple[str | None, str | None]:
 
 
 # Only names this code writes, so that a user's `notes.tmp-2023` or `lora.safetensors.old-20240101` is never taken
-# for one: _atomic_write's temp files (of the LoRA files and PNGs a run writes; mkstemp's 8 random characters),
+# for one: _atomic_write's temp files (of the LoRA files, PNGs and --output_config TOML; mkstemp's 8 characters),
 # train_state's folders (`<name>-state.tmp-<pid>`, `.old-<pid>`) and the γ heatmap's temp file
-_TEMP_FILE = re.compile(r"^\.(?P<name>.+\.(?:safetensors|png))\.(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp$")
+_TEMP_FILE = re.compile(r"^\.(?P<name>.+\.(?:safetensors|png|toml))\.(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp$")
 _TEMP_DIR = re.compile(r"^(?P<name>.+-state)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
 _TEMP_HEATMAP = re.compile(r"^(?P<name>.+_gamma\.png)\.tmp-(?P<pid>\d+)$")
 

@@ -61,12 +61,13 @@ def save_state(folder: str, *, network, optimizer, lr_scheduler, step: int, epoc
     tmp = f"{folder}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     rng_states = rng_states or [rng_state()]
-    try:
+    network_sd = {k: v.detach().float().cpu().contiguous() for k, v in network.state_dict().items()}
+    optimizer_sd, scheduler_sd = optimizer.state_dict(), lr_scheduler.state_dict()  # taken before any write: an
+    try:  # error below is the file system's (torch.save's full disk is a RuntimeError, "unexpected pos ...")
         os.makedirs(tmp)
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in network.state_dict().items()},
-                  os.path.join(tmp, "network.safetensors"))
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "lr_scheduler.pt"))
+        save_file(network_sd, os.path.join(tmp, "network.safetensors"))
+        torch.save(optimizer_sd, os.path.join(tmp, "optimizer.pt"))
+        torch.save(scheduler_sd, os.path.join(tmp, "lr_scheduler.pt"))
         torch.save(rng_states[0] if len(rng_states) == 1 else {"ranks": rng_states}, os.path.join(tmp, "rng.pt"))
         if apt_state:
             save_file({k: v.contiguous() for k, v in apt_state.items()}, os.path.join(tmp, "apt.safetensors"))
@@ -74,7 +75,7 @@ def save_state(folder: str, *, network, optimizer, lr_scheduler, step: int, epoc
             json.dump({"version": STATE_VERSION, "step": step, "epoch": epoch, "batches_done": batches_done,
                        "seed": seed}, f)
         _fsync_tree(tmp)
-    except (OSError, RuntimeError) as e:  # torch.save's full disk is a RuntimeError ("unexpected pos ...")
+    except (OSError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise SaveError(f"cannot write the training state {folder}: {e}") from e
     old = None

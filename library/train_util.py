@@ -163,9 +163,10 @@ def save_dtype(args) -> torch.dtype:
 # ---------------------------------------------------------------------------------------------------------------
 
 # the longest suffix a run adds to --output_name: "-step00000000-state" folders, "-step00000000.safetensors" files,
-# plus the temporary name a file is first written under (library/safe_io._atomic_write: "." before, and
-# ".<pid up to 7 digits>.<8 random>.tmp" after): the longest name that exists on disk during a run
-_LONGEST_OUTPUT_SUFFIX = len("-step00000000.safetensors") + len("." + ".4194304.abcdefgh.tmp")
+# an interrupt's time stamp when an earlier run's save holds its name (train_apt_lora), and the temporary name a
+# file is first written under (library/safe_io._atomic_write: "." before, ".<pid up to 7 digits>.<8 random>.tmp"
+# after): the longest name that exists on disk during a run
+_LONGEST_OUTPUT_SUFFIX = len("-step00000000-20261207-220000.safetensors") + len("." + ".4194304.abcdefgh.tmp")
 _NAME_MAX = 255  # bytes per file name on ext4, NTFS, APFS
 
 

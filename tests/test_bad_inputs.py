@@ -363,8 +363,8 @@ def test_the_longest_accepted_output_name_can_be_saved(tmp_path):
         except TrainingSetupError:
             break
         n += 1
-    path = tmp_path / ckpt_name("n" * n, step=99999999)
-    atomic_save_safetensors({"x": torch.zeros(1)}, str(path))
+    path = tmp_path / ckpt_name("n" * n, step=99999999).replace(".safetensors", "-20261207-220000.safetensors")
+    atomic_save_safetensors({"x": torch.zeros(1)}, str(path))  # an interrupt's time-stamped name, the longest
     assert path.is_file()
 
 

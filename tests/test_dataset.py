@@ -940,27 +940,32 @@ def test_images_without_caption_files_are_warned_of_with_the_extension_there(tmp
 
 
 def test_an_image_folder_that_cannot_be_written_is_named_for_the_disk_cache(tmp_path, vae, monkeypatch):
-    """--cache_latents_to_disk beside read-only images: a raw PermissionError after the model had loaded. Now a
-    ConfigError naming the subset, the folder and the in-memory --cache_latents, before the load (the check) and
-    at the write (where the check cannot see it, e.g. as root on an immutable folder)."""
+    """--cache_latents_to_disk beside read-only images: a raw PermissionError. Now a ConfigError naming the subset,
+    the folder and the in-memory --cache_latents, before the encoding when a cache must be written (folders whose
+    caches are all valid, e.g. a dataset mounted read-only after they were made, are fine), and at the write (as
+    root on an immutable folder, or a read-only file system, where the check cannot see it)."""
+    import errno
+
     import library.dataset as dataset_lib
-    from library.dataset import check_latents_cacheable
 
     img(tmp_path / "t" / "a.png")
-    g = group([{"image_dir": str(tmp_path / "t"), "class_tokens": "x"}])
+    sub = {"image_dir": str(tmp_path / "t"), "class_tokens": "x"}
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path / "t") else real_access(p, mode))
-    with pytest.raises(ConfigError, match=r"subsets\[0\].*cannot be written\. Use --cache_latents \(in memory\)"):
-        check_latents_cacheable([d.bp for d in g.datasets], to_disk=True)
-    check_latents_cacheable([d.bp for d in g.datasets])  # in memory: nothing is written there
+    with pytest.raises(ConfigError, match=r"subsets\[0\].*cannot be written \(not writable\)\. Use --cache_latents"):
+        group([sub]).cache_latents(vae, 0.18215, to_disk=True)
+    monkeypatch.undo()
+    group([sub]).cache_latents(vae, 0.18215, to_disk=True)  # the caches made ...
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path / "t") else real_access(p, mode))
+    group([sub]).cache_latents(vae, 0.18215, to_disk=True)  # ... are read from a folder that is read-only now
     monkeypatch.undo()
 
-    def refused(tensors, path, *a, **k):
-        raise PermissionError(f"cannot write {path}: folder {tmp_path / 't'} is not writable")
+    def read_only_fs(tensors, path, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
 
-    monkeypatch.setattr(dataset_lib, "atomic_save_safetensors", refused)
-    with pytest.raises(ConfigError, match=r"--cache_latents_to_disk cannot write beside the images .*--cache_latents"):
-        g.cache_latents(vae, 0.18215, to_disk=True)
+    monkeypatch.setattr(dataset_lib, "atomic_save_safetensors", read_only_fs)
+    with pytest.raises(ConfigError, match=r"cannot be written \(\[Errno 30\] Read-only file system.*--cache_latents"):
+        group([sub], general={"resolution": 32}).cache_latents(vae, 0.18215, to_disk=True)
 
 
 def test_disk_cache_names_and_leftovers_beside_the_images(tmp_path, vae):

@@ -113,6 +113,18 @@ def test_rank_weights_are_bit_identical_and_trained(two_rank_run):
     assert not unchanged, f"{len(unchanged)} of {len(weights)} LoRA weights did not change, e.g. {unchanged[:3]}"
 
 
+def test_ranks_keep_one_lora_with_latents_cached_to_disk(setup):
+    """With --cache_latents_to_disk the main process encodes the images first (drawing VAE samples from its
+    generator) and the others read its files: the ranks' generators parted before the LoRA was initialised, so each
+    rank trained a LoRA of its own (gradients are averaged, weights never). The caches draw from a generator of
+    their own now, and every rank ends with the main process's weights."""
+    run = _launch(setup, "disk-cache", "--seed", "5", "--cache_latents", "--cache_latents_to_disk")
+    assert run["proc"].returncode == 0, _log(run)
+    a, b = _load_ranks(run)
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} of {len(a)} tensors differ between ranks, e.g. {differ[0]}"
+
+
 def test_ranks_draw_from_their_own_random_streams(two_rank_run):
     """One shared stream gave every rank the same noise, timesteps and augmentation: a global batch of two ranks
     had the diversity of one rank's. Rank 1 switches to its own stream after the shared set-up (equal LoRA
