@@ -153,6 +153,25 @@ def test_tag_captions_are_written_and_trained_apart_from_the_prompt_captions(sma
         E.write_references(s.subject, 32, str(tmp_path / "x"), captions="tag")
 
 
+def test_another_subject_in_the_same_work_dir_trains_again(small_model, tmp_path):
+    """The run cache's key held the dataset TOML, which names the reference folder but not what is in it: with
+    --subject backpack,blue,stripes in a work dir of checker runs, the checker LoRAs were reused without a word."""
+    from dataclasses import replace
+
+    from bench.toyworld import world as W
+
+    s = E.Settings(model=small_model, methods=("dreambooth",), seeds=(0,), steps=1, n_per_prompt=1, sample_steps=2,
+                   quality_n=4, context_n=2, judge_n=8, noise_draws=1)
+    work, res = str(tmp_path / "work"), str(tmp_path / "res")
+    E.evaluate(s, work, res, "c", log=lambda *_: None, train_only=True)
+    logs = []
+    E.evaluate(replace(s, subject=W.SubjectSpec(pattern="stripes")), work, res, "s", log=logs.append, train_only=True)
+    assert not any("cached" in line for line in logs) and any("[train] dreambooth seed 0" in line for line in logs)
+    logs = []
+    E.evaluate(replace(s, subject=W.SubjectSpec(pattern="stripes")), work, res, "s", log=logs.append, train_only=True)
+    assert any("cached" in line for line in logs)  # the same pictures again: reused
+
+
 BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "models", "toyworld-sd1")
 
 

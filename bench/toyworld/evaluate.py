@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -244,8 +245,12 @@ def train_run(s: Settings, method: str, seed: int, work: str, log=print) -> str:
     if uses_reg:
         argv += ["--prior_loss_weight", str(s.prior_loss_weight)]
     with open(argv[argv.index("--dataset_config") + 1], encoding="utf-8") as f:
-        key = {"argv": argv, "dataset": f.read(), "model": model_fingerprint(s.model),
-               "captions": s.reference_captions}  # another dataset, captions or model: again
+        dataset = f.read()
+    # another dataset, captions, model, or other pictures in its folders (--subject's pattern and colour, or reg
+    # images sampled with other settings, keep the same TOML): train again
+    folders = [json.loads(m) for m in re.findall(r"image_dir = (\".*\")", dataset)]
+    key = {"argv": argv, "dataset": dataset, "model": model_fingerprint(s.model), "captions": s.reference_captions,
+           "images": [model_fingerprint(d) for d in folders]}
     stamp = os.path.join(run, "argv.json")
     if os.path.isfile(os.path.join(run, "lora.safetensors")) and os.path.isfile(stamp):
         with open(stamp, encoding="utf-8") as f:
