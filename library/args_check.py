@@ -113,13 +113,10 @@ def _optimizer(args) -> None:
 
 def _aliases(args) -> None:
     """sd-scripts' alternative spellings, as the one this trainer reads."""
-    if args.use_8bit_adam:  # sd-scripts refuses it beside another optimizer ("AdamW" is the parser's default)
-        other = "--use_lion_optimizer" if getattr(args, "use_lion_optimizer", False) else (
-            f"--optimizer_type {args.optimizer_type}" if (args.optimizer_type or "").lower() not in ("", "adamw", "adamw8bit")
-            else None)
-        if other:
-            raise TrainingSetupError(f"--use_8bit_adam and {other} disagree: use only --optimizer_type")
-        args.optimizer_type = "AdamW8bit"
+    if args.use_8bit_adam:  # the name every later check reads (a disagreeing flag is refused there)
+        from library.optimizers import optimizer_name
+
+        args.optimizer_type = optimizer_name(args)
     if args.caption_extention is not None:  # sd-scripts: the misspelled flag, when given, wins
         args.caption_extension = args.caption_extention
     if isinstance(args.text_encoder_lr, list):  # one value for every text encoder, two for SDXL's TE1 and TE2

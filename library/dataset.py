@@ -78,10 +78,8 @@ def _other_caption_ext(missing: list[str], caption_extension: str) -> str | None
     """The extension of text files beside the first image without a caption that share its stem (a `.txt` caption
     read as `.caption`, the default), if any."""
     stem = os.path.splitext(os.path.basename(missing[0]))[0]
-    folder = os.path.dirname(missing[0])
-    others = sorted(os.path.splitext(f)[1] for f in os.listdir(folder)
-                    if os.path.splitext(f)[0] == stem and not f.lower().endswith(IMAGE_EXTENSIONS)
-                    and os.path.splitext(f)[1] != caption_extension and os.path.splitext(f)[1] in _CAPTION_LIKE)
+    names = (os.path.splitext(f) for f in os.listdir(os.path.dirname(missing[0])))
+    others = sorted(ext for base, ext in names if base == stem and ext in _CAPTION_LIKE and ext != caption_extension)
     return others[0] if others else None
 
 
@@ -676,9 +674,10 @@ class DatasetGroup(torch.utils.data.Dataset):
                 batch = []
         if batch:
             batches.append(batch)
-        for folder in sorted({os.path.dirname(i.path) for i in todo}) if to_disk else ():
-            if not os.access(folder, os.W_OK | os.X_OK):  # before minutes of encoding (valid caches need no write)
-                _unwritable_cache_folder(next(i for i in todo if os.path.dirname(i.path) == folder), "not writable")
+        first_in = {os.path.dirname(i.path): i for i in reversed(todo)} if to_disk else {}
+        for folder, info in sorted(first_in.items()):  # before minutes of encoding (valid caches need no write)
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise _unwritable_cache_folder(info, "not writable")
         logger.info(f"caching latents: {len(todo)} of {len(infos)} images to encode"
                     f"{' (the others have valid cache files)' if to_disk else ''}")
         dtype = next(vae.parameters()).dtype
@@ -704,7 +703,7 @@ class DatasetGroup(torch.utils.data.Dataset):
                                                     metadata={"apt_lora_cache": json.dumps(cache_settings(info))})
                         except OSError as e:
                             if isinstance(e, PermissionError) or e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-                                _unwritable_cache_folder(info, str(e))
+                                raise _unwritable_cache_folder(info, str(e)) from None
                             raise
                     else:
                         info.latents, info.latents_flipped, info.alpha_mask = l, lf, alpha
@@ -791,8 +790,9 @@ class DatasetGroup(torch.utils.data.Dataset):
         return {k: str(v) for k, v in md.items()}
 
 
-def _unwritable_cache_folder(info: ImageInfo, why: str):
-    raise ConfigError(f"{info.subset.where}: --cache_latents_to_disk writes the latent caches beside the images, and "
+def _unwritable_cache_folder(info: ImageInfo, why: str) -> ConfigError:
+    """The error for a disk cache that cannot be written beside `info`'s image."""
+    return ConfigError(f"{info.subset.where}: --cache_latents_to_disk writes the latent caches beside the images, and "
                       f"{os.path.dirname(info.path)} cannot be written ({why}). Use --cache_latents (in memory) "
                       f"instead, or make the folder writable.")
 

@@ -64,7 +64,7 @@ def broadcast_parameters(params, accelerator) -> None:
     disk caches) would part them, and the weights are never averaged, only the gradients."""
     if accelerator.num_processes <= 1:
         return
-    params = [p for p in params]
+    params = list(params)
     if not params:
         return
     flat = torch.cat([p.detach().reshape(-1).float() for p in params])

@@ -177,24 +177,27 @@ def defer_step_read(args, optimizer, device_type: str) -> bool:
     return on
 
 
-def resolve_optimizer(args) -> tuple[str, type]:
-    """(the --optimizer_type name, its class): sd-scripts' legacy spellings resolved, the class imported. A package
-    that is missing or a name that is not known is a TrainingSetupError saying what to install or choose; checked
-    before the model loads (library/args_check), not minutes into a run."""
+def optimizer_name(args) -> str:
+    """The --optimizer_type the flags ask for, sd-scripts' legacy spellings (`--use_8bit_adam`,
+    `--use_lion_optimizer`) resolved; two that disagree are an error, as in sd-scripts. "AdamW" beside a legacy flag
+    is accepted: it is the parser's default, so it cannot be told apart from an unset flag."""
     optimizer_type = getattr(args, "optimizer_type", None) or ""
-    if getattr(args, "use_8bit_adam", False):
-        # "AdamW" is accepted too: it is the parser default, so it cannot be told apart from an unset flag
-        if optimizer_type and optimizer_type.lower() not in ("adamw", "adamw8bit"):
-            raise TrainingSetupError(
-                f"--use_8bit_adam and --optimizer_type {optimizer_type} disagree: use only --optimizer_type"
-            )
-        optimizer_type = "AdamW8bit"
-    if getattr(args, "use_lion_optimizer", False):  # the legacy spelling of --optimizer_type Lion
-        if optimizer_type and optimizer_type.lower() not in ("adamw", "lion"):
-            raise TrainingSetupError(
-                f"--use_lion_optimizer and --optimizer_type {optimizer_type} disagree: use only --optimizer_type")
-        optimizer_type = "Lion"
-    optimizer_type = optimizer_type or "AdamW"
+    legacy = [(flag, name) for flag, name in (("use_8bit_adam", "AdamW8bit"), ("use_lion_optimizer", "Lion"))
+              if getattr(args, flag, False)]
+    if len(legacy) == 2:
+        raise TrainingSetupError("--use_8bit_adam and --use_lion_optimizer disagree: use only --optimizer_type")
+    for flag, name in legacy:
+        if optimizer_type.lower() not in ("", "adamw", name.lower()):
+            raise TrainingSetupError(f"--{flag} and --optimizer_type {optimizer_type} disagree: use only --optimizer_type")
+        optimizer_type = name
+    return optimizer_type or "AdamW"
+
+
+def resolve_optimizer(args) -> tuple[str, type]:
+    """(the --optimizer_type name, its class): `optimizer_name`, the class imported. A package that is missing or a
+    name that is not known is a TrainingSetupError saying what to install or choose; checked before the model loads
+    (library/args_check), not minutes into a run."""
+    optimizer_type = optimizer_name(args)
     kind = optimizer_type.lower()
     if kind == "adamw":
         return optimizer_type, torch.optim.AdamW
