@@ -371,7 +371,8 @@ def train(args):
     from library.transfer import HostCopy
     from library.interrupt import GracefulInterrupt
     from library.safe_io import remove_stale_temp_files
-    from library.train_state import advance_schedule, initial_position, load_state, read_state_info, save_state
+    from library.train_state import (advance_schedule, initial_position, load_state, past_epoch_end, read_state_info,
+                                     save_state)
     from library.model_util import load_model, probe_model
     from networks import lora as lora_lib
 
@@ -499,7 +500,8 @@ def train(args):
         args.save_every_n_epochs = math.floor(num_epochs / args.save_n_epoch_ratio) or 1
         logger.info("--save_n_epoch_ratio %g: a LoRA every %d epochs", args.save_n_epoch_ratio, args.save_every_n_epochs)
     if args.resume:
-        start = state_info["step"], state_info["epoch"], state_info["batches_done"]
+        start = past_epoch_end(args, (state_info["step"], state_info["epoch"], state_info["batches_done"]),
+                               math.ceil(len(data) / accelerator.num_processes), num_epochs)
     else:
         start = initial_position(args, steps_per_epoch)
     if start[0] >= args.max_train_steps:
@@ -623,7 +625,9 @@ def train(args):
     if args.resume:
         saved = load_state(args.resume, network=network, optimizer=optimizer, lr_scheduler=lr_scheduler, apt=apt,
                            rank=accelerator.process_index)
-        accelerator.print(f"resumed from {args.resume}: step {step}, epoch {start_epoch}")
+        accelerator.print(f"resumed from {args.resume}: step {step}, epoch {start_epoch}"
+                          + (f" (the earlier run saved epoch {start_epoch - 1}'s end, which its state precedes)"
+                             if start_epoch != state_info["epoch"] else ""))
         if saved["rng_ranks"] != accelerator.num_processes:
             accelerator.print(f"note: the state was saved by {saved['rng_ranks']} process(es) and this run has "
                               f"{accelerator.num_processes}: the batches split otherwise and ranks without saved "

@@ -104,6 +104,23 @@ def initial_position(args, steps_per_epoch: int) -> tuple[int, int, int]:
     return step, step // steps_per_epoch + 1, skip
 
 
+def past_epoch_end(args, start: tuple[int, int, int], batches_per_epoch: int, num_epochs: int) -> tuple[int, int, int]:
+    """Where a resumed run starts when its state was saved after an epoch's last batch (a `--save_every_n_steps`
+    state at that step, or an interrupt there): before that epoch's end (its LoRA, samples, validation), which the
+    earlier run may have passed already. When the epoch's LoRA was due and exists, it did: start with the next
+    epoch (its end was refused as an existing output file before). Otherwise the end is replayed, so that a run
+    killed between the two saves still writes it (sd-scripts goes on with the next epoch either way)."""
+    from library.train_util import ckpt_name
+
+    step, epoch, done = start
+    every = args.save_every_n_epochs
+    if done < batches_per_epoch or not every or epoch % every or epoch >= num_epochs:
+        return start
+    if os.path.exists(os.path.join(args.output_dir, ckpt_name(args.output_name, epoch=epoch))):
+        return step, epoch + 1, 0
+    return start
+
+
 def advance_schedule(lr_scheduler, steps: int) -> None:
     """Step the learning-rate schedule `steps` times before training, so a run started at `--initial_step` gets the
     learning rate of that step (torch warns about a schedule stepped before its optimizer: expected here)."""

@@ -5,7 +5,9 @@ import os
 import shutil
 
 import pytest
+import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 import train_apt_lora
 
@@ -122,3 +124,32 @@ def test_resume_in_the_folder_of_a_run_with_epoch_saves(world, tmp_path, capsys)
     assert _run(world, out, "--max_train_epochs", "1", "--resume", str(out / "lora-000002-state"),
                 "--output_name", "other") == 2
     assert f"--resume {out / 'lora-000002-state'} is at step 6, and the run ends at step 3" in capsys.readouterr().err
+
+
+def test_resume_from_a_step_state_at_an_epoch_end(world, tmp_path, capsys):
+    """A --save_every_n_steps state at an epoch's last step comes before that epoch's end. When the earlier run
+    saved the epoch's LoRA, the resumed run goes on with the next epoch (it was refused: "output file exists");
+    when it did not (killed between the two saves), the epoch's end is replayed. Either way the run ends with the
+    straight run's LoRA."""
+    out = tmp_path / "out"
+    flags = ("--max_train_epochs", "3", "--save_every_n_epochs", "1", "--save_every_n_steps", "3", "--save_state")
+    assert _run(world, out, *flags) == 0
+    straight = load_file(str(out / "lora.safetensors"))
+    for name in ("lora.safetensors", "lora-state", "lora-000002.safetensors", "lora-000002-state",
+                 "lora-step00000006.safetensors", "lora-step00000006-state"):
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    capsys.readouterr()
+    state = str(out / "lora-step00000003-state")  # epoch 1's last step (3 steps an epoch)
+    assert _run(world, out, *flags, "--resume", state) == 0
+    assert "step 3, epoch 2 (the earlier run saved epoch 1's end" in capsys.readouterr().out
+    resumed = load_file(str(out / "lora.safetensors"))
+    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+    (out / "lora-000001.safetensors").unlink()  # killed between the step save and the epoch save
+    assert _run(world, out, *flags, "--resume", state, "--overwrite") == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert (out / "lora-000001.safetensors").exists()
+    resumed = load_file(str(out / "lora.safetensors"))
+    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
+
