@@ -95,7 +95,9 @@ CLI_ONLY = {"prior_loss_weight": "--prior_loss_weight", "debug_dataset": "--debu
 ALL_KEYS = {**DATASET_KEYS, **SUBSET_KEYS, **DB_KEYS, **SUBSET_ONLY}
 
 RESIZE_INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # sd-scripts' list (it adds .avif/.jxl with a plugin)
+# files of these are images too, but not trained: a listing counts them in a warning rather than passing them over
+OTHER_IMAGE_EXTENSIONS = (".avif", ".jxl", ".jfif", ".gif", ".tif", ".tiff", ".heic", ".heif")
 # images with more pixels are refused (skipped with a warning): PIL's own hard limit (2 x Image.MAX_IMAGE_PIXELS),
 # a guard against decompression bombs; `max_image_pixels` in [general] / [[datasets]] changes it
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970

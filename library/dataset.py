@@ -25,8 +25,8 @@ from tqdm import tqdm
 from library.buckets import BucketManager, face_crop, face_from_filename, get_crop_ltrb, resize_and_crop
 from library.captions import DeferredCaption, finish_captions, process_caption, read_caption_file, tag_frequency
 from library.image_aug import color_aug
-from library.image_io import describe_failure, _probe_image, load_image_rgb
-from library.loss_masks import find_masks, load_mask
+from library.image_io import _probe_image, describe_failure, list_images, load_image_rgb
+from library.loss_masks import find_masks, load_mask, mask_turns
 from library.safe_io import atomic_save_safetensors
 from library.config_util import (DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, ConfigError, DatasetBlueprint,
                                  SubsetBlueprint, check_bucket_reso_steps)
@@ -55,17 +55,13 @@ class ImageInfo:
     alpha_mask: torch.Tensor | None = None  # (H, W) uint8 of the bucket, cached with the latents (alpha or file mask)
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     mask_path: str | None = None  # its loss mask in the subset's conditioning_data_dir (library/loss_masks.py)
+    mask_turn: int | None = None  # the photo's EXIF orientation, applied to a mask drawn on its stored pixels
     face: tuple[int, int, int, int] | None = None  # face_crop_aug_range: (cx, cy, w, h) from the file name
 
     @property
     def masked(self) -> bool:
         """Whether a loss mask comes with it: its alpha channel (alpha_mask) or a mask image."""
         return self.subset.alpha_mask or self.mask_path is not None
-
-
-def _list_images(image_dir: str) -> list[str]:
-    return sorted(os.path.join(image_dir, f) for f in os.listdir(image_dir)
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(image_dir, f)))
 
 
 def _dir_error(subset: SubsetBlueprint, image_dir: str, problem: str, fix: str) -> ConfigError:
@@ -81,6 +77,16 @@ def _other_caption_ext(missing: list[str], caption_extension: str) -> str | None
     names = (os.path.splitext(f) for f in os.listdir(os.path.dirname(missing[0])))
     others = sorted(ext for base, ext in names if base == stem and ext in _CAPTION_LIKE and ext != caption_extension)
     return others[0] if others else None
+
+
+def _note_opaque_alpha_mask(subset: SubsetBlueprint, transparent: list[bool]) -> None:
+    """`alpha_mask = true` on images without transparent pixels masks nothing (every pixel weighs 1, as in
+    sd-scripts): say so, the user asked for a mask."""
+    if subset.alpha_mask and transparent and not any(transparent):
+        logger.warning(f"{subset.where}: alpha_mask = true, but none of its {len(transparent)} images has transparent "
+                       f"pixels, so nothing is masked: every pixel counts in the loss. Save the images with an alpha "
+                       f"channel (PNG or WebP, transparent where the loss should not count), or give the masks as "
+                       f"images in conditioning_data_dir.")
 
 
 _CAPTION_LIKE = (".txt", ".caption", ".tags", ".text", ".cap")
@@ -140,7 +146,7 @@ class _Dataset:
             problem = "not a folder" if os.path.exists(image_dir) else "folder not found"
             raise _dir_error(subset, image_dir, problem, "Check the path (relative paths are relative to the "
                              f"current directory, {os.getcwd()}).")
-        paths = _list_images(image_dir)
+        paths = list_images(image_dir)
         if not paths:
             raise _dir_error(subset, image_dir, "no images (png, jpg, jpeg, webp, bmp) directly in this folder",
                              "Put the images in it (subfolders are not searched), or remove this subset.")
@@ -162,6 +168,7 @@ class _Dataset:
         for p, (_, transparent) in kept:
             if transparent and not (subset.alpha_mask or subset.conditioning_data_dir):
                 self.transparent.append(p)
+        _note_opaque_alpha_mask(subset, [t for _, (_, t) in kept])
         return [(p, size) for p, (size, _) in kept]
 
     def _too_small(self, size: tuple[int, int]) -> bool:
@@ -214,14 +221,16 @@ class _Dataset:
             if missing and self.split != "validation":
                 _note_missing_captions(subset, missing, len(found))
             captions = [subset.class_tokens if c is None else c for c in captions]
-            masks = {}
+            masks, turns = {}, {}
             if subset.conditioning_data_dir:
                 masks = find_masks(subset.conditioning_data_dir, [p for p, _ in found], subset.where)
+                turns = mask_turns(masks, dict(found), self.bp.max_image_pixels, subset.where)
                 for path, size in found:  # read each once now: a bad mask fails here, not mid-training
-                    load_mask(masks[path], size, self.bp.max_image_pixels, path)
+                    load_mask(masks[path], size, self.bp.max_image_pixels, path, turns.get(path))
             for (path, size), caption in zip(found, captions):
                 info = ImageInfo(path, path, subset, caption, subset.is_reg, self._repeats(subset), size,
-                                 max_pixels=self.bp.max_image_pixels, mask_path=masks.get(path))
+                                 max_pixels=self.bp.max_image_pixels, mask_path=masks.get(path),
+                                 mask_turn=turns.get(path))
                 if subset.is_reg:
                     reg.append(info)  # registered below, with repeats matched to the train images
                 else:
@@ -294,7 +303,7 @@ class _Dataset:
             if not isinstance(metadata, dict) or not metadata:
                 raise ConfigError(f"{md_path}: the metadata file must be a non-empty JSON object "
                                   f'{{"image key": {{"caption": "...", "tags": "..."}}, ...}} ({key}).')
-            tags_list, count = [], 0
+            tags_list, count, transparent = [], 0, []
             items = list(metadata.items())
             if self.bp.skip_image_resolution is not None:  # small images leave before the split, as in DreamBooth
                 kept = [(k, m) for k, m in items if not self._too_small_ft(subset, k)]
@@ -313,6 +322,7 @@ class _Dataset:
                 if probed is None:
                     continue
                 size = probed[0]
+                transparent.append(probed[1])
                 if probed[1] and not subset.alpha_mask:
                     self.transparent.append(path)
                 md = md if isinstance(md, dict) else {}
@@ -344,6 +354,7 @@ class _Dataset:
             if count == 0:
                 raise ConfigError(f"{key}: none of the {len(metadata)} images listed in {md_path} could be used "
                                   f"(see the warnings above). Check image_dir.")
+            _note_opaque_alpha_mask(subset, transparent)
             self.num_train_images += count * self._repeats(subset)
             tag_frequency(tags_list, self.tag_frequency.setdefault(os.path.basename(md_path), {}))
             self.subset_counts.append((subset, count))
@@ -600,7 +611,7 @@ class DatasetGroup(torch.utils.data.Dataset):
                               f"readable when the dataset was built. Do not change the dataset while training.") from None
         img, alpha = img if info.subset.alpha_mask else (img, None)
         if info.mask_path is not None:
-            alpha = load_mask(info.mask_path, info.size, info.max_pixels, info.path)
+            alpha = load_mask(info.mask_path, info.size, info.max_pixels, info.path, info.mask_turn)
         if img.size != info.size:
             raise ConfigError(f"image {info.path} changed size during training ({info.size} -> {img.size}). "
                               f"Do not edit the images while training.")
@@ -802,6 +813,8 @@ def cache_settings(info: ImageInfo) -> dict:
     and `a.jpg` are two images), the bucket and the size it is resized to before the crop (bucket_no_upscale,
     resolution), the resampling, flip_aug (the flipped latents) and where the loss mask comes from."""
     mask = "alpha channel" if info.subset.alpha_mask else os.path.abspath(info.mask_path) if info.mask_path else None
+    if info.mask_turn is not None:  # (only then: the files of every other mask keep their names)
+        mask += f" turned as EXIF orientation {info.mask_turn}"
     return {"image": os.path.basename(info.path), "bucket": list(info.bucket_reso),
             "resized": list(info.resized_size), "interpolation": info.subset.resize_interpolation,
             "flip_aug": bool(info.subset.flip_aug), "mask": mask}

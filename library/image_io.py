@@ -13,7 +13,7 @@ import threading
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
-from library.config_util import DEFAULT_MAX_IMAGE_PIXELS
+from library.config_util import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, OTHER_IMAGE_EXTENSIONS
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +56,24 @@ def _upright(im: Image.Image) -> Image.Image:
     return im
 
 
+def exif_orientation(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> int | None:
+    """The image's EXIF orientation tag (1-8), or None when it has none (or unreadable EXIF). Decodes the file:
+    a PNG may store its EXIF after the pixels."""
+    with _open_checked(path, max_pixels) as im:
+        im.load()
+        try:
+            return im.getexif().get(ExifTags.Base.Orientation)
+        except Exception:  # noqa: BLE001 - malformed EXIF: as _upright, the pixels as stored
+            return None
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     """8-bit RGB. 16-bit greyscale (PNG "I;16", "I") is scaled by 1/257 (PIL's convert would clip it to white);
     alpha is dropped like sd-scripts (the colour stored under transparent pixels is kept); CMYK, palette and
     greyscale images use PIL's conversion."""
+    if im.mode == "F":  # no scale to read it by: values 0-1 trained as 0-1 of 255 (black) before
+        raise ImageRefused("a 32-bit floating-point image (mode F), whose value range is not known. Save it as an "
+                           "8- or 16-bit PNG")
     if im.mode in _SIXTEEN_BIT_MODES:
         arr = np.clip(np.asarray(im), 0, 65535).astype(np.uint32)
         return Image.fromarray(((arr + 128) // 257).astype(np.uint8), "L").convert("RGB")  # rounded x / 257
@@ -116,3 +130,29 @@ def _probe_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
         logger.warning(f"skipping image {path}: {describe_failure(path, e)}.")
         return None
+
+
+def list_images(folder: str) -> list[str]:
+    """The image files directly in `folder`, sorted, as sd-scripts' glob of the image extensions finds them: hidden
+    files are passed over (the `._name.png` a Mac writes beside every image on exFAT, SMB or in a zip are not
+    images; listed, they took validation slots and each got a warning). A link whose target is gone and files of
+    other image formats (.avif, .gif, .tif ...), which are not trained, are named in a warning."""
+    images, broken, others = [], [], []
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        ext = os.path.splitext(name)[1].lower()
+        if name.startswith(".") or ext not in IMAGE_EXTENSIONS + OTHER_IMAGE_EXTENSIONS:
+            continue
+        if os.path.islink(path) and not os.path.exists(path):
+            broken.append(path)
+        elif os.path.isfile(path):
+            (others if ext in OTHER_IMAGE_EXTENSIONS else images).append(path)
+    if broken:
+        logger.warning(f"{folder}: {len(broken)} image link(s) point to nothing (their target was moved or its drive "
+                       f"is not mounted) and are left out, e.g. {sorted(broken)[0]} -> {os.readlink(sorted(broken)[0])}")
+    if others:
+        kinds = ", ".join(sorted({os.path.splitext(p)[1].lower() for p in others}))
+        logger.warning(f"{folder}: {len(others)} file(s) of other image formats ({kinds}) are left out, e.g. "
+                       f"{os.path.basename(sorted(others)[0])}: only {', '.join(IMAGE_EXTENSIONS)} files are read (as in "
+                       f"sd-scripts); convert them to PNG or JPEG to use them")
+    return sorted(images)

@@ -187,6 +187,18 @@ def test_unusual_images_are_converted_as_documented(tmp_path, caplog):
     assert snapshot(d) == before
 
 
+def test_a_floating_point_image_is_refused_by_name(tmp_path, caplog):
+    """A float TIFF (mode F, values 0-1; reachable through a fine-tuning metadata key) trained as 0-1 out of 255,
+    almost black, without a word; it has no known scale, so it is skipped with the reason."""
+    from library.image_io import _probe_image
+
+    path = tmp_path / "depth.tif"
+    Image.fromarray(np.full((64, 64), 0.5, np.float32), "F").save(path)
+    assert Image.open(path).mode == "F"
+    assert _probe_image(str(path)) is None
+    assert f"skipping image {path}: a 32-bit floating-point image (mode F)" in caplog.text
+
+
 def test_only_the_requested_latent_caches_are_written(tmp_path):
     from library.tiny_models import build_tiny_model
 

@@ -420,7 +420,7 @@ def _rgba(path, w, h, alpha):
     return path
 
 
-def test_alpha_masks_follow_resize_crop_and_flip(tmp_path):
+def test_alpha_masks_follow_resize_crop_and_flip(tmp_path, caplog):
     """alpha_mask = true: the alpha channel becomes the batch's loss weights, resized and cropped as the image
     (300x200 -> 192x128 -> centre crop 128x128, like the colours) and flipped with it; the RGB is the one without
     masks. Subsets without alpha_mask weigh 1; a batch without any alpha_mask subset has no masks."""
@@ -450,9 +450,11 @@ def test_alpha_masks_follow_resize_crop_and_flip(tmp_path):
     by_key = dict(zip(b["image_keys"], b["alpha_masks"]))
     assert torch.equal(by_key[str(opaque)], torch.ones(128, 128))  # no alpha_mask: weight 1 everywhere
     assert float(by_key[str(p)].mean()) == pytest.approx(0.5, abs=0.02)
+    assert "nothing is masked" not in caplog.text
     no_alpha = group([{"image_dir": str(opaque.parent), "class_tokens": "y", "alpha_mask": True}],
                      general={"resolution": 128})
     assert torch.equal(no_alpha[0]["alpha_masks"], torch.ones(1, 128, 128))  # an image without alpha: all in
+    assert "alpha_mask = true, but none of its 1 images has transparent pixels, so nothing is masked" in caplog.text
 
 
 @pytest.mark.parametrize("to_disk", [False, True])
@@ -554,6 +556,76 @@ def test_mask_folder_errors_name_the_image_and_what_to_do(tmp_path):
     ft = {"metadata_file": "m.json", "conditioning_data_dir": str(masks)}
     with pytest.raises(ConfigError, match="`conditioning_data_dir` is for DreamBooth datasets"):
         group([ft])
+
+
+def test_masks_of_photos_with_an_exif_orientation_turn_with_them(tmp_path, caplog):
+    """A phone photo trains upright (its EXIF orientation applied); a mask without an orientation tag, of the
+    photo's stored size, was drawn on the stored pixels (as sd-scripts reads both) and turns with the photo: it
+    was an error for a non-square photo ("resize the mask") and, for a square one, trained half the subject and
+    half the background without a word. A mask of the upright size is taken as it is."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: turned 90 degrees clockwise to show
+
+    def world(name, w, h, mask_size):
+        images, masks = tmp_path / name / "i", tmp_path / name / "m"
+        images.mkdir(parents=True), masks.mkdir()
+        stored = np.zeros((h, w, 3), np.uint8)
+        stored[:, : w // 2] = (255, 0, 0)  # the subject: the left half as stored
+        Image.fromarray(stored).save(images / "p.png", exif=exif)
+        mask = np.zeros((h, w), np.uint8)
+        mask[:, : w // 2] = 255
+        mask = Image.fromarray(mask, "L")
+        if mask_size != (w, h):  # drawn on the upright photo
+            mask = mask.transpose(Image.Transpose.ROTATE_270)
+        mask.save(masks / "p.png")
+        return group([{"image_dir": str(images), "class_tokens": "x", "conditioning_data_dir": str(masks)}],
+                     general={"resolution": 64}, args=argparse.Namespace(masked_loss=True))
+
+    for name, size, mask_size in (("square", (64, 64), (64, 64)), ("wide", (96, 64), (96, 64)),
+                                  ("upright_mask", (96, 64), (64, 96))):
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            sample = world(name, *size, mask_size)[0]
+        red = (sample["images"][0, 0] > 0.5) & (sample["images"][0, 1] < -0.5)
+        weights = sample["alpha_masks"][0]
+        assert red.float().mean() > 0.3 and torch.all(weights[red] == 1) and torch.all(weights[~red] == 0), name
+        assert ("turned upright with their photo" in caplog.text) == (name != "upright_mask"), name
+        assert ("same size either way" in caplog.text) == (name == "square"), name
+    # a tagged mask is read by its own tag: of the stored size, the error says why the sizes are swapped
+    Image.open(tmp_path / "wide" / "m" / "p.png").save(tmp_path / "wide" / "m" / "p.png", exif=Image.Exif())
+    e = Image.Exif()
+    e[0x0112] = 1
+    Image.open(tmp_path / "wide" / "m" / "p.png").save(tmp_path / "wide" / "m" / "p.png", exif=e)
+    with pytest.raises(ConfigError, match="turned by its EXIF orientation and the mask is not"):
+        group([{"image_dir": str(tmp_path / "wide" / "i"), "class_tokens": "x",
+                "conditioning_data_dir": str(tmp_path / "wide" / "m")}], general={"resolution": 64},
+              args=argparse.Namespace(masked_loss=True))
+
+
+def test_listing_passes_over_hidden_files_and_names_broken_links_and_other_formats(tmp_path, caplog):
+    """As sd-scripts' glob: `._a.png` (a Mac's metadata beside every image on exFAT/SMB/zip) and `.hidden.png` are
+    not images of the set; they were listed, took validation slots and could leave the held-out side unreadable
+    (an error). A link to a moved image and files of other image formats are named in a warning."""
+    folder = tmp_path / "i"
+    for i in range(4):
+        img(folder / f"a{i}.png", seed=i)
+        (folder / f"._a{i}.png").write_bytes(b"\x00\x05\x16\x07" + bytes(100))  # AppleDouble
+    img(folder / ".hidden.png")
+    img(folder / "photo.gif")
+    (folder / "moved.png").symlink_to(tmp_path / "gone.png")
+    sub = {"image_dir": str(folder), "class_tokens": "x"}
+    with caplog.at_level(logging.WARNING):
+        g = group([sub])
+    assert g.num_train_images == 4
+    assert "1 image link(s) point to nothing" in caplog.text and f"{folder / 'moved.png'} -> " in caplog.text
+    assert "1 file(s) of other image formats (.gif) are left out, e.g. photo.gif" in caplog.text
+    assert "._a0.png" not in caplog.text and ".hidden" not in caplog.text
+    for seed in range(8):  # the held-out quarter is one of the four images, whatever the seed
+        cfg = {"general": {"resolution": 64}, "datasets": [{"validation_split": 0.25, "validation_seed": seed,
+                                                              "subsets": [sub]}]}
+        bps = generate_blueprint(cfg, argparse.Namespace(), config_path="test.toml")
+        train, held = (build_dataset_group(bps, is_sdxl=False, seed=0, split=s) for s in ("train", "validation"))
+        assert (train.num_train_images, held.num_train_images) == (3, 1), seed
 
 
 def test_latent_cache_is_recomputed_when_its_image_or_mask_is_newer(tmp_path, vae):
