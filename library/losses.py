@@ -163,8 +163,11 @@ def check_noise_and_loss_args(args, v_prediction: bool, num_train_timesteps: int
 
     Why here: these mistakes otherwise surface as silently wrong training (or an index error mid-run).
     """
-    if getattr(args, "adaptive_noise_scale", None) is not None and not getattr(args, "noise_offset", None):
+    adaptive, offset = getattr(args, "adaptive_noise_scale", None), getattr(args, "noise_offset", None)
+    if adaptive is not None and offset is None:
         raise TrainingSetupError("--adaptive_noise_scale needs --noise_offset: set --noise_offset (e.g. 0.05) as well")
+    if adaptive and not offset:  # a GUI config writes both keys, 0 when unused: accepted, as sd-scripts does
+        logger.warning("--adaptive_noise_scale %g has no effect with --noise_offset 0 (the offset is off)", adaptive)
     if getattr(args, "scale_v_pred_loss_like_noise_pred", False) and not v_prediction:
         raise TrainingSetupError(
             "--scale_v_pred_loss_like_noise_pred is only for v-prediction models: add --v_parameterization "

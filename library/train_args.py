@@ -213,7 +213,9 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--noise_offset", type=float, default=None)
     g.add_argument("--noise_offset_random_strength", action="store_true")
     g.add_argument("--adaptive_noise_scale", type=float, default=None)
-    g.add_argument("--multires_noise_iterations", type=int, default=None)
+    g.add_argument("--multires_noise_iterations", type=int, default=None,
+                   help="multires (pyramid) noise, as sd-scripts; its per-level scale factors are drawn from torch's "
+                        "generator (sd-scripts: Python's random), so the same seed gives other noise than there")
     g.add_argument("--multires_noise_discount", type=float, default=0.3)
     g.add_argument("--ip_noise_gamma", type=float, default=None)
     g.add_argument("--ip_noise_gamma_random_strength", action="store_true")

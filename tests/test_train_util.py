@@ -201,10 +201,15 @@ def test_ip_noise_gamma_perturbs_input_not_target(eps_sched):
     torch.testing.assert_close(noisy, eps_sched.add_noise(latents, base + 0.1 * perturb, t))
 
 
-def test_check_noise_and_loss_args():
+def test_check_noise_and_loss_args(caplog):
     loss_lib.check_noise_and_loss_args(ns(noise_offset=0.05, min_snr_gamma=5), v_prediction=False)
     with pytest.raises(TrainingSetupError, match="--adaptive_noise_scale"):
         loss_lib.check_noise_and_loss_args(ns(adaptive_noise_scale=0.1), v_prediction=False)
+    # a GUI config's noise_offset = 0 beside adaptive_noise_scale: accepted with a warning, as sd-scripts accepts it
+    with caplog.at_level("WARNING"):
+        loss_lib.check_noise_and_loss_args(ns(adaptive_noise_scale=0.1, noise_offset=0.0), v_prediction=False)
+        loss_lib.check_noise_and_loss_args(ns(adaptive_noise_scale=0.0, noise_offset=0.0), v_prediction=False)
+    assert caplog.messages == ["--adaptive_noise_scale 0.1 has no effect with --noise_offset 0 (the offset is off)"]
     loss_lib.check_noise_and_loss_args(ns(noise_offset=0.1, multires_noise_iterations=6), v_prediction=False)  # allowed
     with pytest.raises(TrainingSetupError, match="--scale_v_pred_loss_like_noise_pred"):
         loss_lib.check_noise_and_loss_args(ns(scale_v_pred_loss_like_noise_pred=True), v_prediction=False)
