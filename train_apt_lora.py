@@ -590,11 +590,14 @@ def train(args):
     if args.full_bf16:  # the optimizer's states follow the weights' dtype
         network.cast_weights(torch.bfloat16)
     network.train()
+    # the groups first: a learning rate of 0 freezes its LoRA (--text_encoder_lr 0: no text-encoder graph to record)
+    params = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, args.learning_rate)
     if args.cuda_graphs == "auto":  # before APT, which records its prior pass when args.apt_cuda_graph is set
         from library.unet_graph import auto_cuda_graphs
 
-        why = auto_cuda_graphs(args, device.type, any(lora.has_dropout for lora in network.loras),
-                               bool(network.text_encoder_loras), apt_enabled(args))
+        trains_te = any(p.requires_grad for lora in network.text_encoder_loras for p in lora.parameters())
+        why = auto_cuda_graphs(args, device.type, any(lora.has_dropout for lora in network.loras), trains_te,
+                               apt_enabled(args))
         on = [f"--{f}" for f, w in why.items() if not w]
         off = [f"--{f} ({w})" for f, w in why.items() if w]
         accelerator.print(f"--cuda_graphs auto: on: {', '.join(on) or 'none'}; off: {', '.join(off) or 'none'}")
@@ -606,7 +609,6 @@ def train(args):
     from library.torch_compile import maybe_compile
 
     compiled = maybe_compile(args, model.unet)  # traced at the first step, LoRA and APT's processors included
-    params = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, args.learning_rate)
     optimizer_name, optimizer = get_optimizer(args, params)
     lr_scheduler = get_lr_scheduler(args, optimizer, args.max_train_steps)
 

@@ -693,3 +693,22 @@ def test_fp16_on_the_cpu_trains_and_says_it_is_slow_there(tiny, images, tmp_path
         assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "out", "--mixed_precision", "fp16",
                       "--max_train_steps", "1") == 0
     assert "--mixed_precision fp16 on the CPU" in caplog.text and "--mixed_precision no (or bf16)" in caplog.text
+
+
+def test_cuda_graphs_auto_leaves_out_a_text_encoder_frozen_by_its_learning_rate(tiny, images, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """--cuda_graphs auto decided before the learning rates froze the LoRA of --text_encoder_lr 0, so on CUDA it
+    turned on the text-encoder graph, whose set-up then stopped the run ("no text-encoder LoRA trains"). The
+    decision is made as on CUDA here; recording graphs is left out (CPU)."""
+    import library.unet_graph as unet_graph
+
+    real = unet_graph.auto_cuda_graphs
+    monkeypatch.setattr(unet_graph, "auto_cuda_graphs", lambda args, device_type, *rest: real(args, "cuda", *rest))
+    enabled = []
+    monkeypatch.setattr(train_apt_lora.TrainContext, "enable_unet_graph", lambda self, *a, **k: enabled.append("unet"))
+    monkeypatch.setattr(train_apt_lora.TrainContext, "enable_te_graph", lambda self, *a, **k: enabled.append("te"))
+    assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "out", "--cuda_graphs", "auto",
+                  "--text_encoder_lr", "0", "--max_train_steps", "1") == 0
+    assert ("--cuda_graphs auto: on: --unet_cuda_graph; off: --text_encoder_cuda_graph (no text-encoder LoRA "
+            "trains), --apt_cuda_graph (APT is off)") in capsys.readouterr().out
+    assert enabled == ["unet"]
