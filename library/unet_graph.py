@@ -51,12 +51,16 @@ CAPTURE_ERROR_MODE = "thread_local"
 @contextlib.contextmanager
 def thread_local_capture():
     """`torch.cuda.graph` recording in CAPTURE_ERROR_MODE for the code inside (make_graphed_callables takes no
-    mode and records with `torch.cuda.graph(g, pool=...)`)."""
+    mode in torch 2.13 and records with `torch.cuda.graph(g, pool=...)`; later versions take one, default
+    "global", and pass it on explicitly: so the mode is replaced, not defaulted)."""
     original = torch.cuda.graph
 
     class graph(original):
         def __init__(self, *args, **kwargs):
-            kwargs.setdefault("capture_error_mode", CAPTURE_ERROR_MODE)
+            if len(args) >= 4:  # (cuda_graph, pool, stream, capture_error_mode)
+                args = (*args[:3], CAPTURE_ERROR_MODE, *args[4:])
+            else:
+                kwargs["capture_error_mode"] = CAPTURE_ERROR_MODE
             super().__init__(*args, **kwargs)
 
     torch.cuda.graph = graph
