@@ -212,6 +212,15 @@ def build_step_fn(model, args, device="cpu", batch: dict | None = None, step=Non
     ctx = train_apt_lora.TrainContext(args, accelerator, model, network, weight_dtype, torch.float32, te_cache,
                                       **({"apt": apt} if apt is not None else {}))
     backend = "cuda" if accelerator.device.type == "cuda" else "eager"  # eager: the CPU stand-in of a recording
+    from library.unet_graph import GRAPH_FLAGS, blocker_message, graph_blockers
+
+    for flag in GRAPH_FLAGS:  # what the trainer refuses is not timed (e.g. a graph with --gradient_checkpointing)
+        reasons = graph_blockers(  # cuda=True: on a CPU the "eager" backend stands in for the recording
+            flag, cuda=True, apt_on=apt is not None, gradient_checkpointing=args.gradient_checkpointing,
+            trains_text_encoder=any(p.requires_grad for lora in network.text_encoder_loras for p in lora.parameters()),
+            has_dropout=any(lora.has_dropout for lora in network.loras), torch_compile=args.torch_compile)
+        if getattr(args, flag, False) and reasons:
+            raise ValueError(blocker_message(flag, reasons[0]))
     if getattr(args, "unet_cuda_graph", False):
         ctx.enable_unet_graph(trainable, backend)
     if getattr(args, "text_encoder_cuda_graph", False):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import os
 import sys
 import warnings
@@ -94,6 +95,10 @@ def run(config: str, setting: str, n_warmup: int, n_steps: int) -> dict:
                            extra=["--network_train_unet_only", "--cache_text_encoder_outputs", *flags])
     bench = build_step_fn(model, args, cfg.device, make_batch(model, cfg.batch_size, cfg.resolution))
     where = count_syncs(bench.step_fn, n_warmup, n_steps, cuda)
+    del bench, model  # held in reference cycles (hooks, graphed forwards): freed before the next row builds its own
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
     per_step = sum(where.values()) / n_steps if cuda else None
     return {"config": config, "setting": setting, "per_step": per_step,
             "where": ", ".join(f"{k} ×{v}" for k, v in where.most_common(6)) if cuda else "no CUDA: nothing to count"}

@@ -42,6 +42,15 @@ def test_bench_step_with_cached_text_encoder_outputs_and_warmup_times():
     assert len(bench.ctx.te_cache) >= 1 and len(time_steps.last_warmup_times) == 1 and median_s > 0
 
 
+def test_bench_step_refuses_what_the_trainer_refuses():
+    """A graph with --gradient_checkpointing (apt_overhead's APT_GRAD_CKPT=on beside graph flags) is refused by the
+    trainer; the bench recorded and timed it. Now the row is the trainer's error."""
+    model = build_bench_model("sd1", real=False, device="cpu", dtype=torch.float32)
+    args = make_bench_args(rank=4, extra=["--unet_cuda_graph", "--gradient_checkpointing"])
+    with pytest.raises(ValueError, match="--unet_cuda_graph cannot be combined with --gradient_checkpointing"):
+        build_step_fn(model, args, device="cpu", batch=make_batch(model, batch_size=1, resolution=64))
+
+
 # ------------------------------------------------------------------------------------------------ apt_overhead
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_REFERENCE = os.path.join(REPO, "..", "shared", "bench", "reference_step.py")
