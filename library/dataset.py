@@ -917,6 +917,17 @@ def loader_workers(args, device_type: str) -> tuple[int, bool]:
     return min(AUTO_WORKERS, max(1, (os.cpu_count() or 2) - 1)), True
 
 
+def _worker_ignores_stop_signals(_worker_id: int) -> None:
+    """A loader worker ignores SIGINT/SIGTERM: a terminal's Ctrl-C and a SIGTERM to the process group or cgroup
+    (kill -- -PGID, systemd, SLURM) reach the workers too; torch's worker SIGTERM handler then kills the worker,
+    whose SIGCHLD makes the main process raise "DataLoader worker ... killed by signal" mid-step or mid-save.
+    The main process stops them itself (done event, then the watchdog when it is gone)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(data: "DatasetGroup", args, seed: int, device_type: str = "cpu") -> torch.utils.data.DataLoader:
     """The trainer's DataLoader over `data` (items are whole batches): shuffled by its own generator, so starting
     an epoch's iterator draws nothing from the global RNG (exact resume); `loader_workers` processes (each item's
@@ -926,7 +937,8 @@ def make_loader(data: "DatasetGroup", args, seed: int, device_type: str = "cpu")
     workers, persistent = loader_workers(args, device_type)
     return torch.utils.data.DataLoader(data, batch_size=1, shuffle=True, collate_fn=collate_batch,
                                        pin_memory=device_type == "cuda", generator=torch.Generator().manual_seed(seed),
-                                       num_workers=workers, persistent_workers=persistent)
+                                       num_workers=workers, persistent_workers=persistent,
+                                       worker_init_fn=_worker_ignores_stop_signals if workers else None)
 
 
 def loader_advice(args, device_type: str) -> str | None:

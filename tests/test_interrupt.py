@@ -37,11 +37,13 @@ def _cmd(root, out, *extra):
             "--network_dim", "4", "--seed", "3", "--apt", "--cache_latents", *extra]
 
 
-def _start_and_signal(cmd, signals, after_s=3.0):
-    """Start training, wait until its loop runs (the plan line on stdout, then `after_s`), send the signals;
+def _start_and_signal(cmd, signals, after_s=3.0, group=False):
+    """Start training, wait until its loop runs (the plan line on stdout, then `after_s`), send the signals (with
+    `group`, to its whole process group, loader workers included, as a terminal, systemd or SLURM do);
     return (rc, all output)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+                         start_new_session=group)
     text, deadline = "", time.time() + 120
     while time.time() < deadline and p.poll() is None:
         line = p.stdout.readline()
@@ -50,7 +52,7 @@ def _start_and_signal(cmd, signals, after_s=3.0):
             break
     time.sleep(after_s)
     for s in signals:
-        p.send_signal(s)
+        os.killpg(p.pid, s) if group else p.send_signal(s)
         time.sleep(0.05)
     rest, _ = p.communicate(timeout=120)
     return p.returncode, text + rest
@@ -113,3 +115,17 @@ def test_sigterm_twice_stops_at_once_and_leaves_only_complete_files(setup, tmp_p
                 assert len(list(f.keys())) > 0
         elif name.endswith("-state"):
             assert (path / "train_state.json").exists() and (path / "network.safetensors").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_process_group_with_loader_workers_saves_once(setup, tmp_path, sig):
+    """kill -- -PGID, systemd, SLURM and a terminal's Ctrl-C signal every process of the run, the loader's workers
+    too. A SIGTERM killed a worker (torch's handler), and the main process raised "DataLoader worker ... killed by
+    signal" mid-step or mid-save: exit 1, no state. The workers ignore both now; the main process stops them."""
+    out = tmp_path / "out"
+    rc, text = _start_and_signal(_cmd(setup, out, "--max_train_steps", "2000", "--max_data_loader_n_workers", "2",
+                                      "--persistent_data_loader_workers"), [sig], group=True)
+    assert rc == 128 + sig, text[-2000:]
+    assert "killed by signal" not in text
+    assert len([d for d in os.listdir(out) if d.endswith("-state")]) == 1
+    assert text.count("received: finishing this step") == 1, text[-2000:]  # the workers' handlers said it too
