@@ -225,8 +225,14 @@ class _Dataset:
             if subset.conditioning_data_dir:
                 masks = find_masks(subset.conditioning_data_dir, [p for p, _ in found], subset.where)
                 turns = mask_turns(masks, dict(found), self.bp.max_image_pixels, subset.where)
+                transparent = []
                 for path, size in found:  # read each once now: a bad mask fails here, not mid-training
-                    load_mask(masks[path], size, self.bp.max_image_pixels, path, turns.get(path))
+                    load_mask(masks[path], size, self.bp.max_image_pixels, path, turns.get(path), transparent)
+                if transparent:
+                    logger.warning(f"{subset.where}: {len(transparent)} mask image(s) have transparent pixels, e.g. "
+                                   f"{transparent[0]}; only a mask's R channel weights the loss (as in sd-scripts), "
+                                   f"not its alpha. Save masks as greyscale (white counts, black not), or put the "
+                                   f"mask in the image's alpha channel and set alpha_mask = true.")
             for (path, size), caption in zip(found, captions):
                 info = ImageInfo(path, path, subset, caption, subset.is_reg, self._repeats(subset), size,
                                  max_pixels=self.bp.max_image_pixels, mask_path=masks.get(path),

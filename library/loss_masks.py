@@ -88,14 +88,20 @@ def mask_turns(masks: dict[str, str], sizes: dict[str, tuple[int, int]], max_pix
     return turns
 
 
-def load_mask(path: str, image_size: tuple[int, int], max_pixels: int, image: str, turn: int | None = None) -> Image.Image:
+def load_mask(path: str, image_size: tuple[int, int], max_pixels: int, image: str, turn: int | None = None,
+              transparent: list[str] | None = None) -> Image.Image:
     """The mask's R channel as an "L" image (its own EXIF orientation applied; with `turn`, its photo's: see
     `mask_turns`). A mask of another size than its image (upright, (w, h)) or an unreadable one is a ConfigError
-    naming both files."""
+    naming both files. `transparent`: a list to which the path is added when the mask has transparent pixels (its
+    alpha is not read, as in sd-scripts: a mask drawn as alpha over white reads all white)."""
     try:
-        rgb = load_image_rgb(path, max_pixels)
+        rgb = load_image_rgb(path, max_pixels, with_alpha=transparent is not None)
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError ...
         raise ConfigError(f"mask {path} (of image {image}): {describe_failure(path, e)}.") from None
+    if transparent is not None:
+        rgb, alpha = rgb
+        if alpha.getextrema()[0] < 255:
+            transparent.append(path)
     if turn is not None:
         rgb = rgb.transpose(_UPRIGHT[turn])
     if rgb.size != tuple(image_size):

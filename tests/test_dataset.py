@@ -482,7 +482,7 @@ def test_alpha_masks_are_cached_with_the_latents(tmp_path, vae, to_disk):
         assert torch.equal(again[0]["alpha_masks"], direct[0]["alpha_masks"])
 
 
-def test_mask_images_weigh_the_loss_exactly_as_alpha_masks(tmp_path):
+def test_mask_images_weigh_the_loss_exactly_as_alpha_masks(tmp_path, caplog):
     """conditioning_data_dir (sd-scripts' mask folders for --masked_loss): the mask of the image's file name and
     size; its R channel (not G, B or its alpha) becomes the loss weights, resized and cropped with the image as an
     alpha mask is: the same tensors as the same mask in the image's alpha channel. A greyscale mask reads the same;
@@ -511,8 +511,11 @@ def test_mask_images_weigh_the_loss_exactly_as_alpha_masks(tmp_path):
         assert torch.equal(a["images"], f["images"]) and torch.equal(a["alpha_masks"], f["alpha_masks"])
     weights = set(torch.unique(g[0]["alpha_masks"]).tolist())
     assert {0.0, 1.0} <= weights and any(abs(w - 127 / 255) < 1e-6 for w in weights)
+    assert "transparent pixels" in caplog.text and "only a mask's R channel weights the loss" in caplog.text
+    caplog.clear()
     Image.fromarray(alpha, "L").save(masks / "wide.png")  # greyscale
     assert torch.equal(by_file()[0]["alpha_masks"], g[0]["alpha_masks"])
+    assert "transparent pixels" not in caplog.text
     flips = by_file(flip_aug=True, num_repeats=40)
     ref, seen = g[0]["alpha_masks"], set()
     for i in range(len(flips)):
