@@ -939,7 +939,9 @@ def make_loader(data: "DatasetGroup", args, seed: int, device_type: str = "cpu")
     an epoch's iterator draws nothing from the global RNG (exact resume); `loader_workers` processes (each item's
     randomness is seeded by (seed, epoch, item), so workers change no result). On CUDA batches are pinned by the
     loader's thread, so their copy to the GPU is queued without the host waiting (library/transfer.py).
-    bench/data_loader.py times it."""
+    The batch order per epoch is (seed, epoch)'s once `accelerator.prepare` has put its seedable sampler in (the
+    trainer); used directly with persistent workers, epochs after the first take another order (each new iterator
+    draws from the generator; a persistent one does not). bench/data_loader.py times it."""
     workers, persistent = loader_workers(args, device_type)
     return torch.utils.data.DataLoader(data, batch_size=1, shuffle=True, collate_fn=collate_batch,
                                        pin_memory=device_type == "cuda", generator=torch.Generator().manual_seed(seed),
