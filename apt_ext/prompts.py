@@ -326,8 +326,8 @@ def alignment_for_batch(tokenizers: Sequence, captions_ft: Sequence[str], captio
     deleted (exact for the default "<identifier> <class>" -> "<class>" derivation).
 
     SDXL: the UNet's cross-attention sees both encoders' states concatenated along channels, so the token axis is
-    shared. Both tokenizers are CLIP BPE and differ only in the pad id, and the diff gives the same π for both;
-    the UNet maps use `pis[0]` (tokenizer 1; the training step memoises those rows per sample,
+    shared. Both tokenizers are CLIP BPE and differ in the pad id, and the diff gives the same π for both (but
+    after a run of "!", which the second splits out as its pad token: docs/apt.md); the UNet maps use `pis[0]` (tokenizer 1; the training step memoises those rows per sample,
     `apt_ext.step.APT.alignment`).
     """
     if len(captions_ft) != len(captions_prior):
@@ -335,16 +335,40 @@ def alignment_for_batch(tokenizers: Sequence, captions_ft: Sequence[str], captio
     bsz = len(captions_ft)
     ct = list(class_tokens) if class_tokens is not None else [None] * bsz
     pct = list(prior_class_tokens) if prior_class_tokens is not None else [None] * bsz
+    from library.conditioning import _chunked, num_chunks
+
+    n_chunks = num_chunks(max_token_length)
     out = []
     for tok in tokenizers:
         ids_ft = stitched_token_ids(tok, captions_ft, max_token_length, weighted)
         ids_pr = stitched_token_ids(tok, captions_prior, max_token_length, weighted)
+        chunks = (_chunked(tok, ids_ft, n_chunks), _chunked(tok, ids_pr, n_chunks)) if n_chunks > 1 else None
         rows = []
         for i in range(bsz):
             ident_ids, cls_ids = _identifier_and_class_ids(tok, ct[i], pct[i])
-            rows.append(token_alignment(ids_ft[i], ids_pr[i], ident_ids, cls_ids, mode=mode))
+            pi = token_alignment(ids_ft[i], ids_pr[i], ident_ids, cls_ids, mode=mode)
+            rows.append(pi if chunks is None else _identity_on_equal_chunks(pi, chunks[0][i], chunks[1][i], n_chunks))
         out.append(torch.stack(rows) if rows else torch.zeros(0, ids_ft.shape[1], dtype=torch.long))
     return out
+
+
+def _identity_on_equal_chunks(pi: torch.LongTensor, chunks_ft: torch.Tensor, chunks_pr: torch.Tensor,
+                              n: int) -> torch.LongTensor:
+    """**[ours]** Long prompts (--max_token_length 150/225) are encoded in 77-token chunks, each on its own: a
+    chunk whose ids (as the encoder gets them, `chunks_*`: (n * 77,)) are the same in c* and c gives the same
+    states at the same columns, so its columns map to themselves. The diff of the whole sequences shifted them by
+    the identifier's removal (a short caption's padding chunks, half or two thirds of the token axis, were compared
+    with their neighbours). The last chunk also owns the context's final column."""
+    from library.conditioning import CHUNK_LEN
+
+    width = CHUNK_LEN - 2
+    for k in range(n):
+        if torch.equal(chunks_ft[k * CHUNK_LEN:(k + 1) * CHUNK_LEN], chunks_pr[k * CHUNK_LEN:(k + 1) * CHUNK_LEN]):
+            start, stop = (0 if k == 0 else 1 + width * k), 1 + width * (k + 1)
+            pi[start:stop] = torch.arange(start, stop)
+            if k == n - 1:
+                pi[-1] = len(pi) - 1
+    return pi
 
 
 def _identifier_and_class_ids(tok, class_tokens: str | None, prior_class_tokens: str | None):
