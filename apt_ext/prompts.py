@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from library.captions import with_prefix_suffix
+from library.captions import wildcard_draws, with_prefix_suffix
 
 #: π value of a c* column that takes no part in the attention loss (identifier columns in mode "drop").
 DROPPED = -1
@@ -72,13 +72,14 @@ def identifier_word(class_tokens: str, prior: str) -> str | None:
 
 def _drop_word(caption: str, word: str) -> str:
     """`caption` without the whole word `word`, and without the empty tag it leaves: "sks, dog, red" -> "dog, red",
-    "red, sks, dog" -> "red, dog". Whitespace runs become one space (CLIP's tokens do not change)."""
+    "red, sks, dog" -> "red, dog"; likewise between tags separated by ";" or "|" (a subset's caption_separator).
+    Whitespace runs become one space (CLIP's tokens do not change)."""
     out = re.sub(r"(?<!\w)" + re.escape(word) + r"(?!\w)", "", caption, flags=re.IGNORECASE)
     if out == caption:
         return caption
     out = re.sub(r"\(\s*(?::\s*-?[\d.]+\s*)?\)|\[\s*\]", "", out)  # an emptied "(sks:1.2)" of --weighted_captions
-    out = re.sub(r",\s*(?=,)", "", out)  # an emptied tag between two others
-    out = re.sub(r"^\s*,|,\s*$", "", out.strip())  # an emptied first or last tag
+    out = re.sub(r"([,;|])\s*(?=\1)", "", out)  # an emptied tag between two others
+    out = re.sub(r"^\s*[,;|]|[,;|]\s*$", "", out.strip())  # an emptied first or last tag
     return re.sub(r"\s+", " ", out).strip()
 
 
@@ -105,8 +106,8 @@ def class_prompt(caption: str, class_tokens: str | None, prior_class_tokens: str
 
 
 def captions_without_class_tokens(images) -> list[str]:
-    """One warning per subset with captions that name neither its `class_tokens` nor its identifier, or without
-    class tokens at all (images:
+    """One warning per subset with captions that name neither its `class_tokens` nor its identifier (in any line
+    or {a|b} choice a wildcard caption can draw), or without class tokens at all (images:
     objects with `key`, `caption`, `is_reg` and `subset`, as the dataset's ImageInfo). For such a caption
     `class_prompt` changes nothing: c = c*, the prior and fine-tuned passes read the same prompt, and APT's
     stabilisation and attention losses hold the LoRA to what the base model makes of the subject's own captions."""
@@ -118,7 +119,8 @@ def captions_without_class_tokens(images) -> list[str]:
         text = with_prefix_suffix(sub, info.caption)
         entry = by_subset.setdefault(id(sub), [sub, 0, []])
         entry[1] += 1
-        if class_prompt(text, sub.class_tokens, sub.prior_class_tokens) == text:
+        draws = wildcard_draws(text) if sub.enable_wildcard else [text]  # each line, each {a|b} choice
+        if any(class_prompt(t, sub.class_tokens, sub.prior_class_tokens) == t for t in draws):
             entry[2].append(info)
     lines = []
     for sub, total, missing in by_subset.values():

@@ -95,6 +95,27 @@ def _replace_wildcards(caption: str, rng: random.Random) -> str:
     return caption.replace(open_, "{").replace(close, "}")
 
 
+def wildcard_draws(caption: str, limit: int = 64) -> list[str]:
+    """The texts `_replace_wildcards` can draw from `caption`: each line, each {a|b} choice. Beyond `limit`
+    combinations per line, one group varies at a time (the others at their first choice): enough to find a draw
+    that lacks a word, which is what it is for (APT's warning before training)."""
+    import itertools
+
+    out = []
+    for line in caption.split("\n"):
+        parts = re.split(r"(?<!\{)\{([^{}]+)\}(?!\})", line)  # text, choices, text, ...
+        fixed, groups = parts[0::2], [g.split("|") for g in parts[1::2]]
+        if math.prod(len(g) for g in groups) <= limit:
+            combos = list(itertools.product(*groups))
+        else:
+            firsts = [g[0] for g in groups]
+            combos = [tuple(firsts[:i]) + (c,) + tuple(firsts[i + 1:]) for i, g in enumerate(groups) for c in g]
+        for combo in combos:
+            text = fixed[0] + "".join(c + f for c, f in zip(combo, fixed[1:]))
+            out.append(text.replace("{{", "{").replace("}}", "}"))
+    return out
+
+
 def with_prefix_suffix(subset: SubsetBlueprint, caption: str) -> str:
     """The caption with the subset's caption_prefix and caption_suffix, space-joined (sd-scripts)."""
     if subset.caption_prefix:

@@ -178,9 +178,9 @@ def test_captions_without_the_class_tokens_are_reported_per_subset():
 
     from apt_ext.prompts import captions_without_class_tokens
 
-    def subset(i, class_tokens="sks dog", prefix=None, metadata_file=None):
+    def subset(i, class_tokens="sks dog", prefix=None, metadata_file=None, wildcard=False):
         return NS(where=f"datasets[0].subsets[{i}] in d.toml", class_tokens=class_tokens, prior_class_tokens=None,
-                  caption_prefix=prefix, caption_suffix=None, metadata_file=metadata_file)
+                  caption_prefix=prefix, caption_suffix=None, metadata_file=metadata_file, enable_wildcard=wildcard)
 
     tags, prefixed = subset(0), subset(1, prefix="sks dog,")
     no_class, ft = subset(2, None), subset(3, None, metadata_file="m.json")
@@ -206,11 +206,20 @@ def test_captions_without_the_class_tokens_are_reported_per_subset():
         "datasets[0].subsets[3] in d.toml: no class_tokens, so APT cannot tell the subject's identifier in its 1 "
         "captions: " + why + "put its images in a DreamBooth subset (image_dir with caption files) that sets them."]
     assert captions_without_class_tokens(images[1:3] + images[4:6]) == []
+    # enable_wildcard: one line or one {a|b} choice is drawn per step; a draw without them is reported (the raw
+    # text, or "\s+" matching across the line break, hid them)
+    wild = subset(4, wildcard=True)
+    drawn = [NS(key=k, caption=c, is_reg=False, subset=wild) for k, c in [
+        ("w1.png", "a photo of {sks dog|a dog}"), ("w2.png", "sks dog on grass\nthe dog on grass"),
+        ("w3.png", "portrait of sks\ndog park"), ("w4.png", "a photo of {sks dog|the sks dog}\nsks dog, {red|blue}")]]
+    (line,) = captions_without_class_tokens(drawn)
+    assert line.startswith("datasets[0].subsets[4] in d.toml: 3 of 4 captions name neither") and "w1.png" in line
 
 
 @pytest.mark.parametrize("caption, c", [
     ("sks, dog, red", "dog, red"), ("red, sks, dog", "red, dog"), ("red, dog, SKS", "red, dog"),
-    ("(sks:1.2), dog", "dog"), ("a photo of sks on grass", "a photo of on grass"), ("sksy, dog", "sksy, dog")])
+    ("(sks:1.2), dog", "dog"), ("a photo of sks on grass", "a photo of on grass"), ("sksy, dog", "sksy, dog"),
+    ("red; sks; dog; grass", "red; dog; grass"), ("dog| red| grass| sks", "dog| red| grass")])  # caption_separator
 def test_tag_captions_without_the_class_tokens_drop_the_identifier_tag(caption, c):
     """[ours] "sks, dog" holds no "sks dog": c = c* would show the prior pass the identifier; the identifier is
     dropped with its tag instead. Where the class tokens occur they are replaced as before."""
