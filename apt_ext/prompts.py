@@ -74,7 +74,7 @@ def _drop_word(caption: str, word: str) -> str:
     """`caption` without the whole word `word`, and without the empty tag it leaves: "sks, dog, red" -> "dog, red",
     "red, sks, dog" -> "red, dog"; likewise between tags separated by ";" or "|" (a subset's caption_separator).
     Whitespace runs become one space (CLIP's tokens do not change)."""
-    out = re.sub(r"(?<!\w)" + re.escape(word) + r"(?!\w)", "", caption, flags=re.IGNORECASE)
+    out = _whole_word(word).sub("", caption)
     if out == caption:
         return caption
     out = re.sub(r"\(\s*(?::\s*-?[\d.]+\s*)?\)|\[\s*\]", "", out)  # an emptied "(sks:1.2)" of --weighted_captions
@@ -92,7 +92,9 @@ def class_prompt(caption: str, class_tokens: str | None, prior_class_tokens: str
     - not given and a single word: `PromptError` (set prior_class_tokens in the dataset TOML subset).
     - `class_tokens` None or empty (fine-tuning / caption-file images): c = c* unchanged (π is then the identity).
     - **[ours]** a caption without the class tokens but with the identifier as a word of its own (tag captions,
-      "sks, dog, red" for "sks dog"): the identifier is dropped, with the tag it was ("dog, red").
+      "sks, dog, red" for "sks dog"): the identifier is dropped, with the tag it was ("dog, red"), when a class
+      word (of the class tokens or the prior's) is in the caption; else it is replaced by the prior class tokens
+      ("sks, red" -> "dog, red": the prior prompt names the class, as it does for class tokens "sks" + prior "dog").
     A caption with neither (e.g. caption dropout to "") is returned unchanged.
     """
     prior = resolve_prior_class_tokens(class_tokens, prior_class_tokens)
@@ -102,7 +104,16 @@ def class_prompt(caption: str, class_tokens: str | None, prior_class_tokens: str
     if pattern.search(caption) is not None:
         return pattern.sub(lambda _m: prior, caption)
     ident = identifier_word(class_tokens, prior)
-    return caption if ident is None else _drop_word(caption, ident)
+    if ident is None:
+        return caption
+    class_words = {w.lower() for w in class_tokens.split() + prior.split()} - {ident.lower()}
+    if any(_whole_word(w).search(caption) for w in class_words):
+        return _drop_word(caption, ident)
+    return _whole_word(ident).sub(lambda _m: prior, caption)
+
+
+def _whole_word(word: str) -> re.Pattern:
+    return re.compile(r"(?<!\w)" + re.escape(word) + r"(?!\w)", re.IGNORECASE)
 
 
 def captions_without_class_tokens(images) -> list[str]:

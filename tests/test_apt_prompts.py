@@ -218,13 +218,20 @@ def test_captions_without_the_class_tokens_are_reported_per_subset():
 
 @pytest.mark.parametrize("caption, c", [
     ("sks, dog, red", "dog, red"), ("red, sks, dog", "red, dog"), ("red, dog, SKS", "red, dog"),
-    ("(sks:1.2), dog", "dog"), ("a photo of sks on grass", "a photo of on grass"), ("sksy, dog", "sksy, dog"),
+    ("(sks:1.2), dog", "dog"), ("sksy, dog", "sksy, dog"),
+    # no class word left (tag dropout took "dog"): the identifier becomes the class, so that c names it
+    ("a photo of sks on grass", "a photo of dog on grass"), ("sks, red, grass", "dog, red, grass"),
     ("red; sks; dog; grass", "red; dog; grass"), ("dog| red| grass| sks", "dog| red| grass")])  # caption_separator
 def test_tag_captions_without_the_class_tokens_drop_the_identifier_tag(caption, c):
     """[ours] "sks, dog" holds no "sks dog": c = c* would show the prior pass the identifier; the identifier is
-    dropped with its tag instead. Where the class tokens occur they are replaced as before."""
+    dropped with its tag instead, or replaced by the prior class tokens where no class word is left (it was
+    dropped too: c named no class, "sks, red" -> "red", while class tokens "sks" + prior "dog" gave "dog, red").
+    Where the class tokens occur they are replaced as before."""
     assert class_prompt(caption, "sks dog") == c
-    assert class_prompt("ohwx, smiling", "ohwx man", "person") == "smiling"
+    assert class_prompt("ohwx, smiling", "ohwx man", "person") == "person, smiling"
+    assert class_prompt("ohwx, man, smiling", "ohwx man", "person") == "man, smiling"
+    assert class_prompt("ohwx, a person, smiling", "ohwx man", "person") == "a person, smiling"
+    assert class_prompt("sks, red", "sks", "dog") == class_prompt("sks, red", "sks dog") == "dog, red"
     assert class_prompt("sks dog, sks", "sks dog") == "dog, sks"  # the class tokens found: replaced, nothing else
 
 
