@@ -25,7 +25,7 @@ from tqdm import tqdm
 from library.buckets import BucketManager, face_crop, face_from_filename, get_crop_ltrb, resize_and_crop
 from library.captions import DeferredCaption, finish_captions, process_caption, read_caption_file, tag_frequency
 from library.image_aug import color_aug
-from library.image_io import _probe_image, describe_failure, list_images, load_image_rgb
+from library.image_io import _probe_image, describe_failure, list_images, load_image_rgb, probe_images
 from library.loss_masks import find_masks, load_mask, mask_turns
 from library.safe_io import atomic_save_safetensors
 from library.config_util import (DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, ConfigError, DatasetBlueprint,
@@ -154,10 +154,10 @@ class _Dataset:
         take = (lambda items: items) if subset.is_reg else self._take
         if self.bp.skip_image_resolution is None:  # only this side's files are opened
             chosen = take(paths)
-            probed = [(p, pr) for p in chosen if (pr := _probe_image(p, self.bp.max_image_pixels)) is not None]
+            probed = [(p, pr) for p, pr in zip(chosen, probe_images(chosen, self.bp.max_image_pixels)) if pr is not None]
             opened, kept = len(chosen), probed
         else:  # small images leave before the split, as in sd-scripts, so the split's fraction holds
-            probed = [(p, pr) for p in paths if (pr := _probe_image(p, self.bp.max_image_pixels)) is not None]
+            probed = [(p, pr) for p, pr in zip(paths, probe_images(paths, self.bp.max_image_pixels)) if pr is not None]
             opened, kept = len(paths), [(p, pr) for p, pr in probed if not self._too_small(pr[0])]
             self._note_skipped(subset, len(probed) - len(kept), len(probed))
             kept = take(kept)
@@ -318,13 +318,15 @@ class _Dataset:
             items = self._take(items)
             if not items:
                 continue  # nothing of this subset on this side of the split
-            for image_key, md in items:
-                path = self._find_ft_image(subset, image_key)
+            paths = [self._find_ft_image(subset, image_key) for image_key, _ in items]
+            found = [p for p in paths if p is not None]
+            probes = dict(zip(found, probe_images(found, self.bp.max_image_pixels)))
+            for (image_key, md), path in zip(items, paths):
                 if path is None:
                     logger.warning(f"skipping {image_key!r} of {md_path}: image not found (looked for it as given "
                                    f"and in image_dir {subset.image_dir!r}).")
                     continue
-                probed = _probe_image(path, self.bp.max_image_pixels)
+                probed = probes[path]
                 if probed is None:
                     continue
                 size = probed[0]

@@ -708,8 +708,8 @@ def test_the_split_opens_each_image_once(tmp_path, monkeypatch, caplog):
     Image.fromarray(np.zeros((64, 64, 4), np.uint8)).save(tmp_path / "t" / "5.png")  # transparent
     (tmp_path / "t" / "6.png").write_bytes(b"not a png")
     opened = []
-    probe = dataset_lib._probe_image
-    monkeypatch.setattr(dataset_lib, "_probe_image", lambda p, m: opened.append(p) or probe(p, m))
+    probe = dataset_lib.probe_images
+    monkeypatch.setattr(dataset_lib, "probe_images", lambda ps, m: opened.extend(ps) or probe(ps, m))
     cfg = {"general": {"resolution": 64}, "datasets": [{"validation_split": 0.3, "subsets": [
         {"image_dir": str(tmp_path / "t"), "class_tokens": "x"}]}]}
     bps = generate_blueprint(cfg, argparse.Namespace(), config_path="test.toml")
