@@ -340,8 +340,8 @@ def alignment_for_batch(tokenizers: Sequence, captions_ft: Sequence[str], captio
 
     SDXL: the UNet's cross-attention sees both encoders' states concatenated along channels, so the token axis is
     shared. Both tokenizers are CLIP BPE and differ in the pad id, and the diff gives the same π for both (but
-    after a run of "!", which the second splits out as its pad token: docs/apt.md); the UNet maps use `pis[0]` (tokenizer 1; the training step memoises those rows per sample,
-    `apt_ext.step.APT.alignment`).
+    after a run of "!", which the second splits out as its pad token: docs/apt.md); the UNet maps use `pis[0]`
+    (tokenizer 1; the training step memoises those rows per sample, `apt_ext.step.APT.alignment`).
     """
     if len(captions_ft) != len(captions_prior):
         raise ValueError("captions_ft and captions_prior must have the same length")

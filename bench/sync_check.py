@@ -5,9 +5,10 @@
 
 On CUDA, `torch.cuda.set_sync_debug_mode("warn")` warns at each op that makes the host wait for the device
 (`.item()`, `nonzero`, a blocking copy, ...); waits on CUDA events, which it does not see, are counted when the
-device had nothing queued behind the awaited event (`count_syncs`). For each config and setting this builds the trainer's step
-(`bench.common.build_step_fn`: `train_apt_lora.micro_batch` around the plain or the APT step), runs `--warmup`
-steps (graph recordings happen there), then counts the warnings of `--steps` steps and says where they come from.
+device had nothing queued behind the awaited event (`count_syncs`). For each config and setting this builds the
+trainer's step (`bench.common.build_step_fn`: `train_apt_lora.micro_batch` around the plain or the APT step),
+runs `--warmup` steps (graph recordings happen there), then counts the syncs of `--steps` steps and says where
+they come from.
 Expected: 0 per optimizer step with `--defer_step_read` (its default on CUDA with fused AdamW: a bad update is
 dropped on the device, the step read back one step later); 1 with `--defer_step_read off` (the window's read).
 Settings: `plain`, `apt` (`--apt`), `apt-fast` (`--apt --apt_cuda_graph --unet_cuda_graph`, CUDA only).
