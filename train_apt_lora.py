@@ -943,6 +943,11 @@ def main(argv=None) -> int:
     from library.train_util import TrainingSetupError
     from networks.lora import LoRAWeightsError
 
+    for stream in (sys.stdout, sys.stderr):  # a Windows console or pipe in cp1252 cannot encode every path: a
+        try:  # "saved D:\Дом\lora.safetensors" raised UnicodeEncodeError after the save, and stopped the run
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):
+            pass
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_libraries()
     parser = setup_parser()

@@ -207,7 +207,9 @@ class APT:
         self.indicator.load_state_dict({k[len("indicator."):]: v for k, v in state.items() if k.startswith("indicator.")})
         self._history = []
         if "history.steps" in state:
-            g = state["history.gamma"].to(self.indicator.device)
+            # a copy: on the CPU .to() returns the loaded tensor, a map of the state's file (Windows then refuses
+            # to replace that state folder while the run holds it)
+            g = state["history.gamma"].to(self.indicator.device, copy=True)
             self._history = list(zip(state["history.steps"].tolist(), g.unbind(0)))
 
     def metadata(self) -> dict[str, str]:

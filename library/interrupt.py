@@ -16,7 +16,9 @@ import threading
 
 logger = logging.getLogger(__name__)
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# SIGBREAK: Ctrl-Break in a Windows console (SIGTERM is never delivered there: taskkill and closing the window kill
+# at once, so Ctrl-C and Ctrl-Break are the ways to stop with a save on Windows)
+SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGBREAK,) if hasattr(signal, "SIGBREAK") else ())
 
 
 class GracefulInterrupt:

@@ -1,4 +1,4 @@
-"""The process's random number generators as one state: torch CPU (and CUDA once initialised), Python `random`,
+"""The process's random number generators as one state: torch CPU (and CUDA once initialised, MPS), Python `random`,
 NumPy. Saved with a training state (library/train_state.py), put back after sampling (library/sampling.py), and
 rewound by --apt_prior_ahead (apt_ext/prior_ahead.py). The NumPy key array is kept as an int64 tensor so that
 the state loads with `torch.load(weights_only=True)`.
@@ -22,6 +22,8 @@ def rng_state() -> dict:
     state["numpy"] = (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available():  # Apple silicon: the training noise is drawn on the device
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -32,6 +34,8 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "mps" in state and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
 
 
 def rank_seed(seed: int, rank: int, step: int = 0) -> int:

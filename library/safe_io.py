@@ -55,7 +55,15 @@ def nearest_existing(path: str) -> str:
     return path
 
 
-def _fsync_dir(folder: str) -> None:
+def fsync_file(path: str) -> None:
+    """Flush a written file to disk. Opened for writing: Windows' fsync (FlushFileBuffers) refuses a read-only
+    handle ("Bad file descriptor"), which made every state save fail there."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(folder: str) -> None:
+    """Flush a folder's entries (a rename into it), where the platform allows: Windows cannot open a folder."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -96,15 +104,40 @@ def _atomic_write(path, overwrite: bool, write_fn) -> None:
     os.close(fd)
     try:
         write_fn(tmp)
-        with open(tmp, "rb+") as f:
-            f.flush()
-            os.fsync(f.fileno())
+        fsync_file(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
-        _commit(tmp, path, overwrite)
-        _fsync_dir(folder)
+        try:
+            _commit(tmp, path, overwrite)
+        except PermissionError as e:  # Windows: the file is open in another program (a UI testing the LoRA)
+            if not (overwrite and os.path.exists(path)):
+                raise
+            kept = _keep_beside(tmp, path)
+            raise SaveError(f"cannot replace {path}: it is in use by another program ({e.strerror or e}); the new "
+                            f"file is kept as {kept}. Close the program that has it open (or rename that file "
+                            f"over it)") from None
+        fsync_dir(folder)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+REPLACE_RETRIES = 10  # x 0.1 s: an antivirus scan holds a new file open for a moment
+
+
+def _keep_beside(tmp: str, path: str) -> str:
+    """After `os.replace(tmp, path)` failed with PermissionError: retry a while (a scan lets go); else move the
+    finished file to `<path stem>-<YYYYmmdd-HHMMSS><ext>` and return that name (re-raises if that fails too)."""
+    for _ in range(REPLACE_RETRIES):
+        time.sleep(0.1)
+        try:
+            os.replace(tmp, path)
+            return path
+        except PermissionError:
+            continue
+    stem, ext = os.path.splitext(path)
+    kept = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}{ext}"
+    os.replace(tmp, kept)
+    return kept
 
 
 def _umask() -> int:
@@ -208,14 +241,28 @@ def _pid_max() -> int:
         return 4194304  # Linux's largest; macOS pids stay below 100000
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, windows: bool = os.name == "nt") -> bool:
+    """Whether process `pid` runs. Never `os.kill(pid, 0)` on Windows: there signal 0 is CTRL_C_EVENT (it would
+    interrupt a console's processes), and a pid outside the console raised WinError 87. Unsure means alive: the age
+    rule of `remove_stale_temp_files` then decides."""
     if pid == os.getpid():
         return True
+    if windows:
+        import _winapi
+
+        try:
+            handle = _winapi.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        except OSError as e:
+            return getattr(e, "winerror", None) != 87  # 87: no such process; 5 (access denied): it runs
+        try:
+            return _winapi.GetExitCodeProcess(handle) == 259  # STILL_ACTIVE
+        finally:
+            _winapi.CloseHandle(handle)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except OSError:
         return True
     return True
 
@@ -255,20 +302,22 @@ def remove_stale_temp_files(folder, min_age_s: float = STALE_AFTER_S) -> list[st
                 m = None  # (".tmp...": safetensors' own temp file of a file being written)
         else:
             m = _TEMP_FILE.match(entry) or _TEMP_HEATMAP.match(entry)
-        if not m or int(m.group("pid")) > pid_max or _alive(int(m.group("pid"))):
-            continue
-        target = os.path.join(folder, m.group("name"))
-        if m.groupdict().get("kind") == "old" and not os.path.exists(target) \
-                and os.path.isfile(os.path.join(path, "train_state.json")):
-            os.replace(path, target)  # killed between "move old aside" and "rename new in": the old one is complete
-            done.append(f"restored {target}")
-            continue
-        if time.time() - _last_touched(path) < min_age_s:
-            continue
-        if os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
+        try:  # a leftover that cannot be cleaned up (in use on Windows, a permission) costs a line, not the run
+            if not m or int(m.group("pid")) > pid_max or _alive(int(m.group("pid"))):
+                continue
+            target = os.path.join(folder, m.group("name"))
+            if m.groupdict().get("kind") == "old" and not os.path.exists(target) \
+                    and os.path.isfile(os.path.join(path, "train_state.json")):
+                os.replace(path, target)  # killed between "move old aside" and "rename new in": the old one is whole
+                done.append(f"restored {target}")
+                continue
+            if time.time() - _last_touched(path) < min_age_s:
+                continue
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
             done.append(f"removed {path}")
-        else:
-            os.unlink(path)
-            done.append(f"removed {path}")
+        except OSError as e:
+            done.append(f"could not clean up {path} ({e.strerror or e}); delete it by hand when nothing uses it")
     return done

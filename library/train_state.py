@@ -39,17 +39,11 @@ class StateError(Exception):
 
 def _fsync_tree(folder: str) -> None:
     """Flush every file and the folder itself, so the rename publishes complete data."""
+    from library.safe_io import fsync_dir, fsync_file
+
     for name in os.listdir(folder):
-        fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_file(os.path.join(folder, name))
+    fsync_dir(folder)
 
 
 def save_state(folder: str, *, network, optimizer, lr_scheduler, step: int, epoch: int, batches_done: int, seed: int,

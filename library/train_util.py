@@ -8,10 +8,13 @@ Errors the user can fix are raised as `TrainingSetupError`, whose message names 
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingSetupError(Exception):
@@ -111,18 +114,21 @@ def remove_old_save(output_dir: str, lora_name: Optional[str], state_name: Optio
     holds a train_state.json: a folder of ours). What is not there is skipped. Returns the paths removed."""
     import shutil
 
-    removed = []
+    doomed = []
     if lora_name:
-        for path in (os.path.join(output_dir, lora_name),
-                     os.path.join(output_dir, os.path.splitext(lora_name)[0] + "_gamma.png")):
-            if os.path.isfile(path):
-                os.remove(path)
-                removed.append(path)
-    if state_name:
-        folder = os.path.join(output_dir, state_name)
-        if os.path.isfile(os.path.join(folder, "train_state.json")):
-            shutil.rmtree(folder)
-            removed.append(folder)
+        doomed += [p for p in (os.path.join(output_dir, lora_name),
+                               os.path.join(output_dir, os.path.splitext(lora_name)[0] + "_gamma.png"))
+                   if os.path.isfile(p)]
+    if state_name and os.path.isfile(os.path.join(output_dir, state_name, "train_state.json")):
+        doomed.append(os.path.join(output_dir, state_name))
+    removed = []
+    for path in doomed:
+        try:
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            removed.append(path)
+        except OSError as e:  # Windows: open in another program (a UI testing the LoRA); the run goes on
+            logger.warning("--save_last_n_*: could not remove %s (%s); delete it when nothing uses it",
+                           path, e.strerror or e)
     return removed
 
 

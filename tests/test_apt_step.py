@@ -344,3 +344,19 @@ def test_torch_compile_run_trains_like_the_eager_run(world, tmp_path, capsys):
     assert a.keys() == b.keys()
     for k in a:  # AdamW (lr 3e-3) turns fp32 rounding of a near-zero gradient into up to ~1% of one step
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=3e-5)
+
+
+def test_a_loaded_gamma_history_holds_no_view_of_the_state_file():
+    """On the CPU `.to(device)` returned the loaded tensor itself, a map of the state's apt.safetensors, and the
+    γ history kept views of it for the whole run: Windows then refused to replace that state folder (a resume that
+    saves to the folder it came from). The history is a copy."""
+    from types import SimpleNamespace
+
+    from apt_ext.step import APT
+
+    apt = APT.__new__(APT)
+    apt.indicator = SimpleNamespace(device=torch.device("cpu"), load_state_dict=lambda state: None)
+    gamma = torch.rand(3, 10)
+    apt.load_state_dict({"history.steps": torch.tensor([1, 2, 3]), "history.gamma": gamma})
+    assert [s for s, _ in apt._history] == [1, 2, 3] and torch.equal(torch.stack([g for _, g in apt._history]), gamma)
+    assert all(g.untyped_storage().data_ptr() != gamma.untyped_storage().data_ptr() for _, g in apt._history)

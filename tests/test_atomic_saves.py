@@ -139,6 +139,26 @@ def test_remove_old_save_deletes_only_what_is_ours(tmp_path):
     assert remove_old_save(str(tmp_path), None, None) == []
 
 
+def test_a_save_in_use_elsewhere_is_left_with_a_warning(tmp_path, monkeypatch, caplog):
+    """--save_last_n_*: on Windows a LoRA open in another program cannot be deleted; the PermissionError stopped the
+    run mid-training. It is left, with a warning, and the rest goes."""
+    from library.train_util import remove_old_save
+
+    for name in ("lora-000002.safetensors", "lora-000002_gamma.png"):
+        (tmp_path / name).write_bytes(b"x")
+    real_remove = os.remove
+
+    def in_use(path):
+        if str(path).endswith(".safetensors"):
+            raise PermissionError(13, "The process cannot access the file because it is being used by another process")
+        real_remove(path)
+
+    monkeypatch.setattr(os, "remove", in_use)
+    assert remove_old_save(str(tmp_path), "lora-000002.safetensors", None) == [str(tmp_path / "lora-000002_gamma.png")]
+    assert os.listdir(tmp_path) == ["lora-000002.safetensors"]
+    assert "could not remove " + str(tmp_path / "lora-000002.safetensors") + " (The process cannot access" in caplog.text
+
+
 def test_trainer_keeps_the_last_saves_and_states(tiny_world, tmp_path, capsys):
     import train_apt_lora
 
@@ -205,3 +225,113 @@ def test_a_full_disk_is_one_error_line_and_leaves_no_half_state(tmp_path, monkey
     err = capsys.readouterr().err
     assert rc == 1 and "error: [Errno 28] No space left on device" in err and "saves are atomic" in err
     assert "Traceback" not in err and "--resume" not in err  # no state to resume from was saved
+
+
+# -- Windows semantics, simulated: the tests run on Linux ------------------------------------------------------------
+
+def test_a_state_saves_where_fsync_needs_write_access_and_folders_cannot_be_opened(tmp_path, monkeypatch):
+    """On Windows fsync (FlushFileBuffers) refuses a handle opened read-only ("Bad file descriptor") and os.open
+    cannot open a folder: every state save failed there (--save_state, the state of an interrupt)."""
+    import errno
+    import fcntl
+
+    import torch
+
+    from library.train_state import load_state, save_state
+
+    real_open, real_fsync = os.open, os.fsync
+
+    def win_open(path, flags, *a, **k):
+        if os.path.isdir(path):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_open(path, flags, *a, **k)
+
+    def win_fsync(fd):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "open", win_open)
+    monkeypatch.setattr(os, "fsync", win_fsync)
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    folder = save_state(str(tmp_path / "s-state"), network=net, optimizer=opt, lr_scheduler=sched, step=3, epoch=1,
+                        batches_done=3, seed=0)
+    monkeypatch.undo()
+    assert load_state(folder, network=net, optimizer=opt, lr_scheduler=sched)["step"] == 3
+
+
+def test_cleanup_on_windows_asks_the_process_table_not_a_signal(tmp_path, monkeypatch):
+    """os.kill(pid, 0) on Windows sends CTRL_C_EVENT (signal 0) to a console, and for a pid outside it raised
+    WinError 87: every later run in the folder of a killed save crashed at start. Windows asks OpenProcess; a
+    leftover that cannot be removed (in use) is reported, not raised."""
+    import types
+
+    from library import safe_io
+
+    calls = []
+
+    def open_process(access, inherit, pid):
+        calls.append(pid)
+        if pid == 4711:
+            e = OSError(22, "The parameter is incorrect")
+            e.winerror = 87  # no such process
+            raise e
+        return pid
+
+    fake = types.SimpleNamespace(OpenProcess=open_process, GetExitCodeProcess=lambda h: 259 if h == 4712 else 0,
+                                 CloseHandle=lambda h: None)
+    monkeypatch.setitem(sys.modules, "_winapi", fake)
+    monkeypatch.setattr(os, "kill", lambda *a: pytest.fail("os.kill on Windows"))
+    assert not safe_io._alive(4711, windows=True)  # gone
+    assert safe_io._alive(4712, windows=True)  # still active
+    assert not safe_io._alive(4713, windows=True)  # exited, handle still open somewhere
+    old = time.time() - 3600
+    for pid in (4711, 4712):
+        p = tmp_path / f".lora.safetensors.{pid}.abcd1234.tmp"
+        p.write_bytes(b"x")
+        os.utime(p, (old, old))
+    monkeypatch.setattr(safe_io, "_alive", lambda pid: pid == 4712)  # as the Windows branch answered above
+    real_unlink = os.unlink
+
+    def locked(path):
+        raise PermissionError(13, "The process cannot access the file because it is being used by another process")
+
+    monkeypatch.setattr(os, "unlink", locked)
+    done = safe_io.remove_stale_temp_files(tmp_path)
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    assert len(done) == 1 and done[0].startswith(f"could not clean up {tmp_path / '.lora.safetensors.4711.abcd1234.tmp'}")
+    assert sorted(os.listdir(tmp_path)) == [".lora.safetensors.4711.abcd1234.tmp", ".lora.safetensors.4712.abcd1234.tmp"]
+
+
+def test_overwriting_a_lora_another_program_holds_open_keeps_the_new_one(tmp_path, monkeypatch):
+    """Windows refuses to replace a file that another program has open (ComfyUI testing the LoRA maps it): the
+    finished LoRA was deleted with its temp file and a raw PermissionError raised. Now a few retries (an antivirus
+    scan lets go), then the new file is kept under a time-stamped name that the error names."""
+    import errno
+
+    import torch
+    from safetensors.torch import load_file
+
+    from library import safe_io
+
+    target = tmp_path / "lora.safetensors"
+    target.write_bytes(b"old")
+    real_replace = os.replace
+    tries = []
+
+    def in_use(src, dst):
+        if os.path.abspath(dst) == str(target):
+            tries.append(dst)
+            raise PermissionError(errno.EACCES, "Access is denied", dst)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", in_use)
+    monkeypatch.setattr(safe_io, "REPLACE_RETRIES", 2)
+    with pytest.raises(safe_io.SaveError, match=r"cannot replace .*lora.safetensors: it is in use by another program "
+                                                r"\(Access is denied\); the new file is kept as .*lora-\d{8}-\d{6}"):
+        safe_io.atomic_save_safetensors({"w": torch.ones(4)}, target, overwrite=True)
+    assert len(tries) == 3 and target.read_bytes() == b"old"
+    (kept,) = [p for p in tmp_path.iterdir() if p.name != "lora.safetensors"]
+    assert torch.equal(load_file(str(kept))["w"], torch.ones(4))

@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -712,3 +713,17 @@ def test_cuda_graphs_auto_leaves_out_a_text_encoder_frozen_by_its_learning_rate(
     assert ("--cuda_graphs auto: on: --unet_cuda_graph; off: --text_encoder_cuda_graph (no text-encoder LoRA "
             "trains), --apt_cuda_graph (APT is off)") in capsys.readouterr().out
     assert enabled == ["unet"]
+
+
+def test_a_path_the_console_cannot_encode_is_printed_escaped(tiny_world, tmp_path, monkeypatch):
+    """stdout in a legacy code page (a Windows console or a pipe in cp1252) could not encode "saved .../Дом/..."
+    and the UnicodeEncodeError stopped the run after its first save. Such characters print escaped now."""
+    import io
+
+    out = io.TextIOWrapper(io.BytesIO(), encoding="cp1252")
+    monkeypatch.setattr(sys, "stdout", out)
+    assert train_apt_lora.main(["--pretrained_model_name_or_path", tiny_world.model("sd1"), "--dataset_config",
+                                tiny_world.dataset, "--output_dir", str(tmp_path / "Дом"), "--max_train_steps", "2",
+                                "--save_every_n_steps", "1"]) == 0
+    out.flush()
+    assert "saved " + str(tmp_path / "\\u0414\\u043e\\u043c") in out.buffer.getvalue().decode("cp1252")
