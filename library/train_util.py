@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Optional
 
 import torch
@@ -204,6 +205,14 @@ def check_output_location(args) -> None:
         if any(ord(c) < 32 or ord(c) == 127 for c in name):
             raise TrainingSetupError(f"--output_name {name!r} contains a control character; use a plain file name "
                                      f"stem such as \"my_lora\"")
+        bad = sorted(set(name) & set('<>:"|?*'))
+        reserved = re.fullmatch(r"(?i)(con|prn|aux|nul|com\d|lpt\d)(\..*)?", name)
+        if bad or reserved or name[-1] in ". ":  # LoRA files travel to Windows (and may be written there)
+            why = (f"the character{'s' if len(bad) > 1 else ''} {' '.join(bad)}" if bad else
+                   f"the device name {reserved.group(1).upper()}" if reserved else "a trailing dot or space")
+            raise TrainingSetupError(f"--output_name {name!r} has {why}, which Windows does not allow in a file name "
+                                     f"(the run would fail at its first save there, and the file cannot be copied to "
+                                     f"Windows); use letters, digits, '-', '_' or '.' such as \"my_lora_v2\"")
         if len(name.encode("utf-8", "surrogateescape")) + _LONGEST_OUTPUT_SUFFIX > _NAME_MAX:
             raise TrainingSetupError(f"--output_name is too long ({len(name)} characters): with the suffixes a run "
                                      f"adds (e.g. -step00000100.safetensors) file names must stay under "

@@ -386,6 +386,10 @@ def test_dataset_toml_with_bom_and_structural_mistakes(tmp_path):
     ("sub/lora", "path separator"), ("sub\\lora", "path separator"), ("../lora", "path separator"),
     ("..", "contains '..'"), ("lora..v2", "contains '..'"), ("", "empty"), ("  ", "empty"),
     ("lo\nra", "control character"), ("x" * 250, "too long"),
+    # names Windows refuses (a run there failed at its first save; a file copied there cannot keep its name)
+    ("style:v2", "the character :"), ('a?b*"c"', 'the characters " * ?'), ("a<b>|c", "the characters < > |"),
+    ("CON", "the device name CON"), ("nul.v2", "the device name NUL"), ("com1", "the device name COM1"),
+    ("lora.", "a trailing dot or space"), ("lora ", "a trailing dot or space"),
 ])
 def test_output_name_refused(name, needle, tmp_path):
     with pytest.raises(TrainingSetupError) as e:
