@@ -196,6 +196,17 @@ _TOML_POS = re.compile(r"\(at line (\d+), column (\d+)\)")
 _BACKSLASH_IN_QUOTES = re.compile(r'"[^"]*\\')  # "C:\Users...": the usual TOML mistake on Windows
 
 
+def escaped_path_hint(path: str) -> str:
+    """For a "not found" message: when `path` holds a character that a TOML escape makes ("D:\\train" in double
+    quotes reads as D:<tab>rain, with \\t \\n \\r \\b \\f; other escapes are a syntax error, see load_toml),
+    how to write a Windows path; else ""."""
+    if not any(c in str(path) for c in "\t\n\r\b\f"):
+        return ""
+    return (f" It reads {str(path)!r}: a backslash inside \"double quotes\" starts an escape in TOML (\\t is a "
+            "tab, \\b a backspace ...): write a Windows path in single quotes, 'C:\\Users\\me\\photos', or with "
+            "forward slashes, \"C:/Users/me/photos\".")
+
+
 def load_toml(path, what: str = "dataset config") -> dict:
     """Parse a TOML file; a syntax error becomes a ConfigError with the file, line and column."""
     path = Path(path)

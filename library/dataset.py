@@ -29,7 +29,7 @@ from library.image_io import _probe_image, describe_failure, list_images, load_i
 from library.loss_masks import find_masks, load_mask, mask_turns
 from library.safe_io import atomic_save_safetensors
 from library.config_util import (DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, ConfigError, DatasetBlueprint,
-                                 SubsetBlueprint, check_bucket_reso_steps)
+                                 SubsetBlueprint, check_bucket_reso_steps, escaped_path_hint)
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class _Dataset:
         if not os.path.isdir(image_dir):
             problem = "not a folder" if os.path.exists(image_dir) else "folder not found"
             raise _dir_error(subset, image_dir, problem, "Check the path (relative paths are relative to the "
-                             f"current directory, {os.getcwd()}).")
+                             f"current directory, {os.getcwd()})." + escaped_path_hint(image_dir))
         paths = list_images(image_dir)
         if not paths:
             raise _dir_error(subset, image_dir, "no images (png, jpg, jpeg, webp, bmp) directly in this folder",
@@ -297,7 +297,7 @@ class _Dataset:
             md_path = subset.metadata_file
             key = f"`{subset.key_path}.metadata_file` ({subset.where})" if subset.key_path else subset.where
             if not os.path.isfile(md_path):
-                raise ConfigError(f"{key}: metadata file not found: {md_path}.")
+                raise ConfigError(f"{key}: metadata file not found: {md_path}.{escaped_path_hint(md_path)}")
             try:
                 with open(md_path, encoding="utf-8-sig") as f:
                     metadata = json.load(f)

@@ -48,6 +48,26 @@ def test_a_windows_path_in_double_quotes_is_explained(tmp_path, path):
     assert load_dataset_config(p)["datasets"][0]["subsets"][0]["image_dir"] == path.rstrip(chr(92))  # as advised
 
 
+def test_a_windows_path_whose_escapes_are_valid_toml_is_explained_where_it_is_not_found(tmp_path):
+    r""""D:	rainest" parses (	 and  are TOML escapes) into D:<tab>rain<backspace>est; "folder not found"
+    said nothing of backslashes. It says how to write the path now."""
+    import argparse
+
+    from library.dataset import build_dataset_group
+
+    p = write(tmp_path, '[[datasets]]\n  resolution = 64\n  [[datasets.subsets]]\n  image_dir = "D:\\train\\best"\n'
+                        '  class_tokens = "sks dog"\n')
+    config = load_dataset_config(p)
+    assert config["datasets"][0]["subsets"][0]["image_dir"] == "D:\train\best"
+    with pytest.raises(ConfigError) as e:
+        build_dataset_group(generate_blueprint(config, argparse.Namespace(), config_path=str(p)), is_sdxl=False,
+                            seed=0)
+    assert "folder not found" in str(e.value) and str(e.value).endswith(
+        "It reads 'D:\\train\\x08est': a backslash inside \"double quotes\" starts an escape in TOML (\\t is a "
+        "tab, \\b a backspace ...): write a Windows path in single quotes, 'C:\\Users\\me\\photos', or with forward "
+        "slashes, \"C:/Users/me/photos\".")
+
+
 def test_load_dataset_config_syntax_error_and_missing_file(tmp_path):
     p = write(tmp_path, '[[datasets]]\nresolution = 512\n  [[datasets.subsets]]\n  image_dir = "/x\n')
     with pytest.raises(ConfigError, match=r"line 4, column"):
