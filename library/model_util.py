@@ -370,7 +370,7 @@ def load_model(path, *, v2=None, v_parameterization=None, sdxl=None, tokenizer_p
         model = _load_single_file(path, v2, v_parameterization, sdxl, tokenizer_path, vae_path is not None,
                                   allow_pickle)
     if vae_path is not None:
-        model.vae = load_vae(vae_path, model.configs["vae"], allow_pickle)
+        model.vae = _replacement_vae(load_vae(vae_path, model.configs["vae"], allow_pickle), vae_path, model)
         model.configs = model_configs(model)
     model.source = path
     return model
@@ -385,7 +385,12 @@ def probe_model(path, *, v2=None, v_parameterization=None, sdxl=None, allow_pick
     Raises the same ModelLoadError as load_model for a missing, refused or unsupported model."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        return _folder_arch(path, v2, v_parameterization, sdxl)
+        arch_v = _folder_arch(path, v2, v_parameterization, sdxl)
+        if _component_config(path, os.path.join("scheduler", "scheduler_config.json")).get("rescale_betas_zero_snr") \
+                and not zero_terminal_snr:
+            logger.warning("%s: its scheduler config says rescale_betas_zero_snr (trained with zero terminal SNR): "
+                           "pass --zero_terminal_snr to train it the same way", path)
+        return arch_v
     shapes, metadata = _read_shapes(path, allow_pickle)
     arch_v = _file_arch(shapes, metadata, path, v2, v_parameterization, sdxl,
                         read_tensor=lambda key: _read_tensor(path, key) if key in shapes else None)
@@ -417,24 +422,38 @@ def _load_single_file(path, v2, v_param, sdxl, tokenizer_path, external_vae, all
     return model
 
 
-_WEIGHTS = re.compile(r"^(?:diffusion_pytorch_model|model|pytorch_model)(?:-\d+-of-\d+)?(?:\.(\w+))?"
-                      r"\.(safetensors|bin)(?:\.index\.json)?$")
+# weight files of a component folder: model.safetensors, model.fp16.safetensors, sharded model-00001-of-00002
+# .safetensors with its model.safetensors.index.json; sharded variants as diffusers and transformers write them
+# (model.fp16-00001-of-00002.safetensors, model.safetensors.index.fp16.json) or as older versions did
+# (model-00001-of-00002.fp16.safetensors)
+_WEIGHTS = re.compile(r"^(?:diffusion_pytorch_model|model|pytorch_model)(?:\.(\w+))?(?:-\d+-of-\d+)?(?:\.(\w+))?"
+                      r"\.(safetensors|bin)(?:\.index(?:\.(\w+))?\.json)?$")
 
 
 def _weights_kwargs(folder: str, allow_pickle: bool) -> dict:
-    """from_pretrained kwargs for a component folder: safetensors first, fp16 variants, pickles only if allowed."""
-    names = os.listdir(folder)
-    found = [m.groups() for m in map(_WEIGHTS.match, names) if m]
-    for variant, ext in sorted(found, key=lambda g: (g[1] != "safetensors", g[0] is not None)):
+    """from_pretrained kwargs for a component folder: safetensors first; the plain weights, else the fp16
+    variant, else the first other variant by name (not the directory's order); pickles only if allowed."""
+    names = sorted(os.listdir(folder))
+    found = {(a or b or c, ext) for a, b, ext, c in (m.groups() for m in map(_WEIGHTS.match, names) if m)}
+    for variant, ext in sorted(found, key=lambda g: (g[1] != "safetensors", g[0] is not None, g[0] != "fp16",
+                                                     g[0] or "")):
         if ext == "safetensors":
             if not allow_pickle:
-                _check_index_shards(folder, [n for n in names if n.endswith(".safetensors.index.json")])
+                _check_index_shards(folder, [n for n in names if re.search(r"\.safetensors\.index(\.\w+)?\.json$", n)])
+            others = sorted({v for v, e in found if e == "safetensors" and v != variant and v is not None})
+            if variant is not None and others:
+                logger.info("%s: loading the %s weights (also there: %s)", folder, variant, ", ".join(others))
             return {"use_safetensors": True, "variant": variant}
         if allow_pickle:
             return {"use_safetensors": False, "variant": variant}
         raise ModelLoadError(f"{folder} holds only pickle weights (.bin). Pickle files can run code when loaded, so "
                              "they are refused: convert the model to safetensors, or pass --allow_pickle_checkpoint.")
-    raise ModelLoadError(f"{folder} holds no model weights (*.safetensors).")
+    raise ModelLoadError(f"{folder} holds no model weights (model.safetensors, diffusion_pytorch_model"
+                         f".safetensors, their fp16 variants or shards){_listing(names)}.")
+
+
+def _listing(names: list[str]) -> str:
+    return f"; it holds: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}" if names else "; it is empty"
 
 
 def _check_index_shards(folder: str, indexes: list[str]) -> None:
@@ -480,16 +499,46 @@ def _from_pretrained(cls, folder: str, allow_pickle: bool):
 def _read_json(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            data = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"cannot read {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"cannot read {path}: a JSON object is expected, not {type(data).__name__}")
+    return data
+
+
+def _component_config(path: str, name: str) -> dict:
+    """`<path>/<name>` as a dict ({} when the file is not there)."""
+    file = os.path.join(path, name)
+    return _read_json(file) if os.path.isfile(file) else {}
 
 
 def _folder_arch(path, v2, v_param, sdxl) -> tuple[str, bool]:
-    """(arch, v-prediction) of a diffusers folder, from its configs; --v2/--sdxl checked against them."""
+    """(arch, v-prediction) of a diffusers folder, from its configs; --v2/--sdxl checked against them. The
+    prediction type: --v_parameterization, else the scheduler config's (epsilon without one, with a warning for
+    SD2). EDM folders (Playground v2.5: an EDM scheduler, a VAE with latents_mean) are refused as EDM single files
+    are; so are Flux/SD3 folders (a transformer/, no unet/), by name."""
     if not os.path.isfile(os.path.join(path, "unet", "config.json")):
-        raise ModelLoadError(f"{path} is not a diffusers model folder (no unet/config.json). Give the folder that "
-                             "holds model_index.json, unet/, vae/ and text_encoder/, or a single-file checkpoint.")
+        pipeline = _component_config(path, "model_index.json").get("_class_name")
+        transformer = os.path.isdir(os.path.join(path, "transformer"))  # Flux, SD3, PixArt ...
+        what = (f" It is a {pipeline or 'transformer-based'} model folder, not an SD1.x/SD2.x/SDXL one. Supported: "
+                f"{SUPPORTED}." if pipeline or transformer else
+                " Give the folder that holds model_index.json, unet/, vae/ and text_encoder/, or a single-file "
+                "checkpoint.")
+        raise ModelLoadError(f"{path} is not a diffusers model folder of a supported kind (no unet/config.json).{what}")
+    sched = _component_config(path, os.path.join("scheduler", "scheduler_config.json"))
+    vae_cfg = _component_config(path, os.path.join("vae", "config.json"))
+    edm = (f"scheduler {sched['_class_name']}" if str(sched.get("_class_name", "")).startswith("EDM") else
+           "sigma_data in its scheduler config" if "sigma_data" in sched else
+           "latents_mean in vae/config.json" if vae_cfg.get("latents_mean") is not None else None)
+    if edm:
+        raise ModelLoadError(f"{path} is an EDM model ({edm}: Playground v2.5 or similar), whose noise schedule is "
+                             f"not the DDPM one this trainer uses; only DDPM (epsilon or v-prediction) "
+                             f"SD1.x/SD2.x/SDXL models are supported")
+    prediction = sched.get("prediction_type")
+    if prediction not in (None, "epsilon", "v_prediction"):
+        raise ModelLoadError(f"{path}/scheduler/scheduler_config.json: prediction_type {prediction!r} is not "
+                             f"supported (epsilon or v_prediction)")
     unet_cfg = _read_json(os.path.join(path, "unet", "config.json"))
     te_cfg_path = os.path.join(path, "text_encoder", "config.json")
     te_cfg = _read_json(te_cfg_path) if os.path.isfile(te_cfg_path) else {}
@@ -507,19 +556,28 @@ def _folder_arch(path, v2, v_param, sdxl) -> tuple[str, bool]:
         arch = "sd1"
     _check_flags(arch, v2, sdxl, path, "detected from its unet/text_encoder configs")
     if v_param is None:
-        sched = os.path.join(path, "scheduler", "scheduler_config.json")
-        v_param = os.path.isfile(sched) and _read_json(sched).get("prediction_type") == "v_prediction"
+        v_param = prediction == "v_prediction"
+        if arch == "sd2" and prediction is None:
+            logger.warning("%s has no scheduler/scheduler_config.json to say whether it is a v-prediction (768-v) "
+                           "model; using epsilon. Pass --v_parameterization for 768-v models.", path)
+    elif v_param and prediction == "epsilon":
+        logger.warning("--v_parameterization: %s/scheduler/scheduler_config.json says prediction_type epsilon; "
+                       "training as v-prediction as asked (an SD2 512 base model is epsilon: drop the flag for it)",
+                       path)
     return arch, bool(v_param)
 
 
 def _load_folder(path, v2, v_param, sdxl, tokenizer_path, allow_pickle) -> StableDiffusionModel:
     arch, v_param = _folder_arch(path, v2, v_param, sdxl)
     te_classes = [CLIPTextModel] + ([CLIPTextModelWithProjection] if arch == "sdxl" else [])
+    vae = _from_pretrained(AutoencoderKL, os.path.join(path, "vae"), allow_pickle)
+    if "scaling_factor" not in _component_config(path, os.path.join("vae", "config.json")):
+        vae.register_to_config(scaling_factor=arch_config(arch)["vae"]["scaling_factor"])  # not diffusers' 0.18215
     model = StableDiffusionModel(
         arch=arch,
         v_parameterization=bool(v_param),
         unet=_from_pretrained(UNet2DConditionModel, os.path.join(path, "unet"), allow_pickle),
-        vae=_from_pretrained(AutoencoderKL, os.path.join(path, "vae"), allow_pickle),
+        vae=vae,
         text_encoders=[_from_pretrained(cls, os.path.join(path, sub), allow_pickle)
                        for cls, sub in zip(te_classes, ["text_encoder", "text_encoder_2"])],
         tokenizers=_load_tokenizers(arch, path, tokenizer_path),
@@ -529,12 +587,36 @@ def _load_folder(path, v2, v_param, sdxl, tokenizer_path, allow_pickle) -> Stabl
     return model
 
 
+def _replacement_vae(vae: AutoencoderKL, vae_path: str, model: StableDiffusionModel) -> AutoencoderKL:
+    """A --vae checked against the model: latents of the UNet's channels (a Flux/SD3 VAE has 16: a raw shape error
+    at the first step before), no EDM-style latent statistics; it keeps the model's latent scale, as sd-scripts
+    (one factor per architecture: 0.18215, SDXL 0.13025), where a VAE folder's own config brought its own."""
+    channels, wanted = vae.config.latent_channels, model.unet.config.in_channels
+    if channels != wanted:
+        raise ModelLoadError(f"--vae {vae_path}: its latents have {channels} channels and this {model.arch} UNet takes "
+                             f"{wanted}: it is not an SD1.x/SD2.x/SDXL VAE (Flux and SD3 VAEs have 16). Give the "
+                             f"VAE of the model's family, or leave --vae out.")
+    if getattr(vae.config, "latents_mean", None) is not None or getattr(vae.config, "shift_factor", None):
+        raise ModelLoadError(f"--vae {vae_path}: its config has latents_mean/shift_factor (an EDM or SD3-style VAE): "
+                             f"not an SD1.x/SD2.x/SDXL VAE")
+    scale = model.latent_scale
+    if float(vae.config.scaling_factor) != scale:
+        logger.warning("--vae %s: its config's scaling_factor %g is not this %s model's %g; latents are scaled by the "
+                       "model's, as sd-scripts does", vae_path, vae.config.scaling_factor, model.arch, scale)
+        vae.register_to_config(scaling_factor=scale)
+    return vae
+
+
 def load_vae(vae_path: str, vae_config: dict, allow_pickle: bool = False) -> AutoencoderKL:
     """A replacement VAE: diffusers folder (or a model folder's vae/), or a single file (LDM keys with or without
     `first_stage_model.`, or diffusers keys). A single file gets `vae_config` (the model's VAE architecture)."""
     vae_path = os.fspath(vae_path)
     if os.path.isdir(vae_path):
         sub = vae_path if os.path.isfile(os.path.join(vae_path, "config.json")) else os.path.join(vae_path, "vae")
+        kind = _component_config(sub, "config.json").get("_class_name", "AutoencoderKL")
+        if kind != "AutoencoderKL":
+            raise ModelLoadError(f"--vae {vae_path}: {os.path.join(sub, 'config.json')} is a {kind}, not a VAE "
+                                 f"(AutoencoderKL). Give a VAE folder, a model folder (its vae/ is used) or a VAE file.")
         return _from_pretrained(AutoencoderKL, sub, allow_pickle)
     sd, _ = read_state_dict(vae_path, allow_pickle, what="VAE")
     from accelerate import init_empty_weights

@@ -475,3 +475,126 @@ def test_assign_reshapes_1x1_convs_but_refuses_a_transposed_tensor():
     assert torch.equal(loaded.weight, conv.reshape(2, 3))
     with pytest.raises(ModelLoadError, match=r"1 of another shape \(e.g. \['weight: file \(3, 2\) vs model \(2, 3\)"):
         model_util._assign(torch.nn.Linear(3, 2), {"weight": torch.zeros(3, 2), "bias": torch.zeros(2)}, "UNet", "f")
+
+
+def _copy_folder(tiny, arch, tmp_path, name):
+    import shutil
+
+    return shutil.copytree(tiny[arch]["folder"], tmp_path / name)
+
+
+def _edit_json(path, **changes):
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg.update(changes)
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+
+
+def test_folders_of_other_kinds_are_refused_by_name(tiny, tmp_path, caplog):
+    """An EDM folder (Playground v2.5: an EDM scheduler, a VAE with latents_mean) trained silently as DDPM epsilon,
+    where the same model as a single file is refused; a Flux/SD3 folder was "not a diffusers model folder"; a
+    prediction type other than epsilon/v was trained as epsilon; a config that is JSON but not an object was an
+    AttributeError."""
+    edm = _copy_folder(tiny, "sdxl", tmp_path, "edm")
+    _edit_json(edm / "scheduler" / "scheduler_config.json", _class_name="EDMDPMSolverMultistepScheduler",
+               sigma_data=0.5)
+    for loader in (load_model, probe_model):
+        with pytest.raises(ModelLoadError, match=r"is an EDM model \(scheduler EDMDPMSolverMultistepScheduler"):
+            loader(str(edm))
+    latents = _copy_folder(tiny, "sdxl", tmp_path, "latents_mean")
+    _edit_json(latents / "vae" / "config.json", latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    with pytest.raises(ModelLoadError, match=r"is an EDM model \(latents_mean in vae/config.json"):
+        probe_model(str(latents))
+    flux = tmp_path / "flux"
+    (flux / "transformer").mkdir(parents=True)
+    (flux / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    with pytest.raises(ModelLoadError, match="It is a FluxPipeline model folder, not an SD1.x/SD2.x/SDXL one"):
+        probe_model(str(flux))
+    sample = _copy_folder(tiny, "sd1", tmp_path, "sample")
+    _edit_json(sample / "scheduler" / "scheduler_config.json", prediction_type="sample")
+    with pytest.raises(ModelLoadError, match="prediction_type 'sample' is not supported"):
+        probe_model(str(sample))
+    _edit_json(sample / "scheduler" / "scheduler_config.json", prediction_type="epsilon")
+    (sample / "unet" / "config.json").write_text("[]")
+    with pytest.raises(ModelLoadError, match=r"unet/config.json: a JSON object is expected, not list"):
+        probe_model(str(sample))
+
+
+def test_a_folders_prediction_type_is_said_when_in_doubt(tiny, tmp_path, caplog):
+    """--v_parameterization against a scheduler that says epsilon, an SD2 folder without a scheduler config, and a
+    zero-terminal-SNR scheduler were taken without a word (single files warn)."""
+    import shutil
+
+    eps = _copy_folder(tiny, "sd2", tmp_path, "eps")
+    assert probe_model(str(eps), v_parameterization=True) == ("sd2", True)
+    assert "says prediction_type epsilon; training as v-prediction as asked" in caplog.text
+    caplog.clear()
+    shutil.rmtree(eps / "scheduler")
+    assert probe_model(str(eps)) == ("sd2", False)
+    assert "no scheduler/scheduler_config.json to say whether it is a v-prediction (768-v)" in caplog.text
+    caplog.clear()
+    ztsnr = _copy_folder(tiny, "sd1", tmp_path, "ztsnr")
+    _edit_json(ztsnr / "scheduler" / "scheduler_config.json", rescale_betas_zero_snr=True)
+    probe_model(str(ztsnr))
+    assert "rescale_betas_zero_snr" in caplog.text and "--zero_terminal_snr" in caplog.text
+    caplog.clear()
+    probe_model(str(ztsnr), zero_terminal_snr=True)
+    assert caplog.text == ""
+
+
+def test_sharded_variant_folders_load_and_the_variant_is_chosen_by_name(tiny, tmp_path):
+    """save_pretrained(variant="fp16") with shards writes model.fp16-00001-of-00002.safetensors and
+    model.safetensors.index.fp16.json: "holds no model weights" before. With two variants and no plain file the
+    pick followed the directory's order."""
+    import shutil
+
+    folder = _copy_folder(tiny, "sd1", tmp_path, "sharded")
+    orig = tiny["sd1"]["orig"]
+    for sub, module in (("unet", orig.unet), ("text_encoder", orig.text_encoders[0])):
+        shutil.rmtree(folder / sub)
+        module.save_pretrained(folder / sub, variant="fp16", max_shard_size="20KB")
+        names = os.listdir(folder / sub)
+        assert any("-00002-of-" in n for n in names) and not any(n.endswith(".safetensors") and "fp16" not in n
+                                                                  for n in names)
+    m = load_model(str(folder))
+    _assert_same_weights(orig.unet, m.unet)
+    _assert_same_weights(orig.text_encoders[0], m.text_encoders[0])
+    d = tmp_path / "variants"
+    d.mkdir()
+    for name in ("model.non_ema.safetensors", "model.ema.safetensors"):
+        (d / name).write_bytes(b"")
+    assert model_util._weights_kwargs(str(d), allow_pickle=False)["variant"] == "ema"
+    (d / "model.fp16.safetensors").write_bytes(b"")
+    assert model_util._weights_kwargs(str(d), allow_pickle=False)["variant"] == "fp16"
+    with pytest.raises(ModelLoadError, match=r"holds no model weights .*; it holds: notes.txt"):
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "notes.txt").write_text("")
+        model_util._weights_kwargs(str(tmp_path / "empty"), allow_pickle=False)
+
+
+def test_a_replacement_vae_must_fit_and_keeps_the_models_latent_scale(tiny, tmp_path, caplog):
+    """--vae: a 16-channel VAE folder (Flux/SD3) loaded and the first step died in a conv; an SDXL VAE folder on an
+    SD1 model brought its own scaling_factor (0.13025), where the same VAE as a file kept the model's; a folder
+    that is not a VAE gave an obscure message. An SDXL folder whose VAE config has no scaling_factor got
+    diffusers' default 0.18215."""
+    from diffusers import AutoencoderKL
+
+    cfg = {k: v for k, v in tiny_config("sd1")["vae"].items() if not k.startswith("_")}
+    wide = tmp_path / "vae16"
+    AutoencoderKL.from_config({**cfg, "latent_channels": 16}).save_pretrained(wide)
+    with pytest.raises(ModelLoadError, match=r"--vae .*vae16: its latents have 16 channels and this sd1 UNet takes 4"):
+        load_model(tiny["sd1"]["folder"], vae_path=str(wide))
+    other = tmp_path / "vae_other_scale"
+    AutoencoderKL.from_config({**cfg, "scaling_factor": 0.13025}).save_pretrained(other)
+    m = load_model(tiny["sd1"]["folder"], vae_path=str(other))
+    assert m.latent_scale == pytest.approx(0.18215) and "scaling_factor 0.13025 is not this sd1 model's" in caplog.text
+    with pytest.raises(ModelLoadError, match=r"unet/config.json is a UNet2DConditionModel, not a VAE"):
+        load_model(tiny["sd1"]["folder"], vae_path=os.path.join(tiny["sd1"]["folder"], "unet"))
+    bare = _copy_folder(tiny, "sdxl", tmp_path, "sdxl_no_scale")
+    with open(bare / "vae" / "config.json") as f:
+        vae_cfg = json.load(f)
+    vae_cfg.pop("scaling_factor")
+    with open(bare / "vae" / "config.json", "w") as f:
+        json.dump(vae_cfg, f)
+    assert load_model(str(bare)).latent_scale == pytest.approx(0.13025)
