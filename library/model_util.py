@@ -365,7 +365,7 @@ def load_model(path, *, v2=None, v_parameterization=None, sdxl=None, tokenizer_p
         raise ModelLoadError(f"--tokenizer_path {tokenizer_path} is not a folder. Give a folder with tokenizer files "
                              "(tokenizer.json, or vocab.json + merges.txt), or with tokenizer/ and tokenizer_2/.")
     if os.path.isdir(path):
-        model = _load_folder(path, v2, v_parameterization, sdxl, tokenizer_path, allow_pickle)
+        model = _load_folder(path, v2, v_parameterization, sdxl, tokenizer_path, allow_pickle, vae_path is not None)
     else:
         model = _load_single_file(path, v2, v_parameterization, sdxl, tokenizer_path, vae_path is not None,
                                   allow_pickle)
@@ -567,12 +567,28 @@ def _folder_arch(path, v2, v_param, sdxl) -> tuple[str, bool]:
     return arch, bool(v_param)
 
 
-def _load_folder(path, v2, v_param, sdxl, tokenizer_path, allow_pickle) -> StableDiffusionModel:
+def _folder_vae(path: str, arch: str, allow_pickle: bool, load: bool) -> AutoencoderKL:
+    """The folder's VAE; with `load` False (a --vae replaces it) only its architecture, without weights, from
+    vae/config.json or the architecture's (a folder without vae/ works with --vae). A config without
+    scaling_factor gets the architecture's (SDXL 0.13025), not diffusers' default 0.18215."""
+    cfg = _component_config(path, os.path.join("vae", "config.json"))
+    if load:
+        vae = _from_pretrained(AutoencoderKL, os.path.join(path, "vae"), allow_pickle)
+    else:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            vae = AutoencoderKL.from_config({k: v for k, v in (cfg or arch_config(arch)["vae"]).items()
+                                             if not k.startswith("_")})
+    if "scaling_factor" not in cfg:
+        vae.register_to_config(scaling_factor=arch_config(arch)["vae"]["scaling_factor"])
+    return vae
+
+
+def _load_folder(path, v2, v_param, sdxl, tokenizer_path, allow_pickle, external_vae=False) -> StableDiffusionModel:
     arch, v_param = _folder_arch(path, v2, v_param, sdxl)
     te_classes = [CLIPTextModel] + ([CLIPTextModelWithProjection] if arch == "sdxl" else [])
-    vae = _from_pretrained(AutoencoderKL, os.path.join(path, "vae"), allow_pickle)
-    if "scaling_factor" not in _component_config(path, os.path.join("vae", "config.json")):
-        vae.register_to_config(scaling_factor=arch_config(arch)["vae"]["scaling_factor"])  # not diffusers' 0.18215
+    vae = _folder_vae(path, arch, allow_pickle, load=not external_vae)
     model = StableDiffusionModel(
         arch=arch,
         v_parameterization=bool(v_param),

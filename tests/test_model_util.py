@@ -598,3 +598,19 @@ def test_a_replacement_vae_must_fit_and_keeps_the_models_latent_scale(tiny, tmp_
     with open(bare / "vae" / "config.json", "w") as f:
         json.dump(vae_cfg, f)
     assert load_model(str(bare)).latent_scale == pytest.approx(0.13025)
+    # a folder without vae/ loads with --vae (its own was always loaded first: "vae/config.json is missing")
+    import shutil
+
+    # (a VAE file takes the architecture from vae/config.json, else the standard one: the tiny VAE needs its config)
+    no_weights, no_vae = _copy_folder(tiny, "sd1", tmp_path, "no_weights"), _copy_folder(tiny, "sd1", tmp_path, "no_vae")
+    for f in os.listdir(no_weights / "vae"):
+        if f != "config.json":
+            os.remove(no_weights / "vae" / f)
+    shutil.rmtree(no_vae / "vae")
+    vae_file = tmp_path / "vae.safetensors"
+    save_file({k: v.contiguous() for k, v in ldm_convert.vae_to_ldm(tiny["sd1"]["orig"].vae.state_dict(),
+                                                                    tiny_config("sd1")["vae"]).items()}, str(vae_file))
+    for folder, given in ((no_weights, vae_file), (no_vae, os.path.join(tiny["sd1"]["folder"], "vae"))):
+        m = load_model(str(folder), vae_path=str(given))
+        _assert_same_weights(tiny["sd1"]["orig"].vae, m.vae)
+        assert m.latent_scale == pytest.approx(0.18215)
