@@ -304,3 +304,16 @@ def test_stream_overlap_times_the_real_prior_pass(capsys):
     assert stream_overlap.main(["--configs", "tiny-sd1", "--steps", "1", "--rounds", "1", "--warmup", "1"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"\| tiny-sd1 \| [\d.]+ ms \| [\d.]+ ms \| [\d.]+ ms \| n/a \(no CUDA\) \| n/a \|", out), out
+
+
+def test_load_memory_measures_both_loads(tmp_path):
+    """bench/load_memory.py's row (a real-size file on a GPU host or by hand; a tiny one here): the fp32 load and
+    the load in the training dtype both report their private and RSS peaks."""
+    from bench.load_memory import measure
+    from library.model_util import save_single_file
+    from library.tiny_models import build_tiny_model
+
+    path = save_single_file(build_tiny_model("sd1"), tmp_path / "tiny.safetensors")
+    for how in ("fp32", "train"):
+        row = measure(str(path), how, "bf16")
+        assert row["private"] > 0 and row["rss"] >= row["private"] and row["seconds"] > 0
