@@ -634,3 +634,22 @@ def test_loading_in_the_training_dtype_equals_a_cast_after_an_fp32_load(tiny, tm
               str(vae_file))
     m = load_model(tiny["sd1"][form], vae_path=str(vae_file), dtype=torch.float16)
     assert {p.dtype for p in m.vae.parameters()} == {torch.float16} == {p.dtype for p in m.unet.parameters()}
+
+
+def test_a_pickle_checkpoint_is_mapped_where_its_format_allows(tmp_path, monkeypatch):
+    """--allow_pickle_checkpoint: a zip-format .ckpt (torch >= 1.6) is mapped (torch.load(mmap=True): SD1.5's
+    private memory 3.9 -> 2.4 GiB), a legacy one read whole; both load the same tensors."""
+    calls = []
+    real = torch.load
+
+    def spy(*a, **k):
+        calls.append(k.get("mmap", False))
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch, "load", spy)
+    for name, zipped in (("new.ckpt", True), ("old.ckpt", False)):
+        torch.save({"state_dict": {"w": torch.arange(3.0)}}, tmp_path / name, _use_new_zipfile_serialization=zipped)
+        calls.clear()
+        sd, _ = model_util.read_state_dict(str(tmp_path / name), allow_pickle=True)
+        assert torch.equal(sd["w"], torch.arange(3.0))
+        assert calls == ([True] if zipped else [True, False]), name
