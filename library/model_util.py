@@ -183,7 +183,8 @@ def _checked_ext(path: str, allow_pickle: bool, what: str) -> str:
     """The checkpoint's extension, once the file is known to exist and to be of a type that may be read."""
     if not os.path.exists(path):
         raise ModelLoadError(f"{what} not found: {path}. Loading is offline: give a local diffusers folder or a "
-                             ".safetensors file (hub model ids are not downloaded).")
+                             ".safetensors file (hub model ids are not downloaded; one already in the local Hugging "
+                             "Face cache is used).")
     ext = os.path.splitext(path)[1].lower()
     if ext in PICKLE_EXTS and not allow_pickle:
         raise ModelLoadError(f"{path} is a pickle checkpoint ({ext}). Pickle files can run code when loaded, so "
@@ -368,7 +369,7 @@ def load_model(path, *, v2=None, v_parameterization=None, sdxl=None, tokenizer_p
 
     `v2`/`sdxl`: None = detect; True/False must agree with the file. `v_parameterization`: None = the folder's
     scheduler config, or for a single file its header (else epsilon; SD2 768-v single files need True)."""
-    path = os.fspath(path)
+    path = local_model_path(os.fspath(path))
     if tokenizer_path is not None and not os.path.isdir(tokenizer_path):
         raise ModelLoadError(f"--tokenizer_path {tokenizer_path} is not a folder. Give a folder with tokenizer files "
                              "(tokenizer.json, or vocab.json + merges.txt), or with tokenizer/ and tokenizer_2/.")
@@ -386,6 +387,33 @@ def load_model(path, *, v2=None, v_parameterization=None, sdxl=None, tokenizer_p
     return model
 
 
+def local_model_path(path: str) -> str:
+    """A Hugging Face cache entry as the model folder it holds: `models--org--name/` (the snapshot its refs/main
+    names, else its only one), its `snapshots/` (the only one), or a hub id `org/name` that is in the local cache
+    (`snapshot_download(local_files_only=True)`: never a download). Anything else is returned as given."""
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
+        snapshots = path if os.path.basename(os.path.normpath(path)) == "snapshots" else os.path.join(path, "snapshots")
+        if os.path.isdir(snapshots):
+            ref = os.path.join(os.path.dirname(os.path.normpath(snapshots)), "refs", "main")
+            named = open(ref, encoding="utf-8").read().strip() if os.path.isfile(ref) else None
+            subs = sorted(os.listdir(snapshots))
+            pick = named if named in subs else subs[0] if len(subs) == 1 else None
+            if pick is not None:
+                logger.info("%s: a Hugging Face cache entry; loading its snapshot %s", path, pick)
+                return os.path.join(snapshots, pick)
+        return path
+    if not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        try:
+            from huggingface_hub import snapshot_download
+
+            found = snapshot_download(path, local_files_only=True)
+        except Exception:  # noqa: BLE001 - not cached (or no huggingface_hub): "not found" says what to do
+            return path
+        logger.info("%s: loading it from the local Hugging Face cache, %s", path, found)
+        return found
+    return path
+
+
 def probe_model(path, *, v2=None, v_parameterization=None, sdxl=None, allow_pickle=False,
                 zero_terminal_snr=False) -> tuple[str, bool]:
     """(arch, v-prediction) of the model `load_model` would load, from the file's header or the folder's configs:
@@ -393,7 +421,7 @@ def probe_model(path, *, v2=None, v_parameterization=None, sdxl=None, allow_pick
     its dataset (and --debug_dataset can run) before the multi-GB load. A single file marked as trained with zero
     terminal SNR (ComfyUI's `ztsnr` key) gets a warning naming --zero_terminal_snr unless it is given.
     Raises the same ModelLoadError as load_model for a missing, refused or unsupported model."""
-    path = os.fspath(path)
+    path = local_model_path(os.fspath(path))
     if os.path.isdir(path):
         arch_v = _folder_arch(path, v2, v_parameterization, sdxl)
         if _component_config(path, os.path.join("scheduler", "scheduler_config.json")).get("rescale_betas_zero_snr") \

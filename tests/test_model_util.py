@@ -653,3 +653,24 @@ def test_a_pickle_checkpoint_is_mapped_where_its_format_allows(tmp_path, monkeyp
         sd, _ = model_util.read_state_dict(str(tmp_path / name), allow_pickle=True)
         assert torch.equal(sd["w"], torch.arange(3.0))
         assert calls == ([True] if zipped else [True, False]), name
+
+
+def test_hugging_face_cache_entries_load_offline(tiny, tmp_path, monkeypatch):
+    """A model in the local Hugging Face cache: the cache entry, its snapshots/ folder and its hub id (when cached)
+    load; they were refused ("not a diffusers model folder", "hub model ids are not downloaded"). Nothing is
+    downloaded: an uncached id is still "not found"."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # read at import from the env
+    entry = tmp_path / "hub" / "models--org--tiny-sd1"
+    shutil.copytree(tiny["sd1"]["folder"], entry / "snapshots" / "abc123")
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text("abc123")
+    for given in (entry, entry / "snapshots", "org/tiny-sd1"):
+        m = load_model(str(given))
+        _assert_same_weights(tiny["sd1"]["orig"].unet, m.unet)
+        assert probe_model(str(given)) == ("sd1", False)
+    with pytest.raises(ModelLoadError, match="model not found: org/other.*one already in the local Hugging Face cache"):
+        load_model("org/other")
