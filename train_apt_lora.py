@@ -598,9 +598,8 @@ def train(args):
     if args.cuda_graphs == "auto":  # before APT, which records its prior pass when args.apt_cuda_graph is set
         from library.unet_graph import auto_cuda_graphs
 
-        trains_te = any(p.requires_grad for lora in network.text_encoder_loras for p in lora.parameters())
-        why = auto_cuda_graphs(args, device.type, any(lora.has_dropout for lora in network.loras), trains_te,
-                               apt_enabled(args))
+        why = auto_cuda_graphs(args, device.type, any(lora.has_dropout for lora in network.loras),
+                               network.trains_text_encoder, apt_enabled(args))
         on = [f"--{f}" for f, w in why.items() if not w]
         off = [f"--{f} ({w})" for f, w in why.items() if w]
         accelerator.print(f"--cuda_graphs auto: on: {', '.join(on) or 'none'}; off: {', '.join(off) or 'none'}")

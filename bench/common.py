@@ -217,7 +217,7 @@ def build_step_fn(model, args, device="cpu", batch: dict | None = None, step=Non
     for flag in GRAPH_FLAGS:  # what the trainer refuses is not timed (e.g. a graph with --gradient_checkpointing)
         reasons = graph_blockers(  # cuda=True: on a CPU the "eager" backend stands in for the recording
             flag, cuda=True, apt_on=apt is not None, gradient_checkpointing=args.gradient_checkpointing,
-            trains_text_encoder=any(p.requires_grad for lora in network.text_encoder_loras for p in lora.parameters()),
+            trains_text_encoder=network.trains_text_encoder,
             has_dropout=any(lora.has_dropout for lora in network.loras), torch_compile=args.torch_compile)
         if getattr(args, flag, False) and reasons:
             raise ValueError(blocker_message(flag, reasons[0]))

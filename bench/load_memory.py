@@ -8,7 +8,7 @@ into its training dtype (library/model_util.load_model(dtype=...)), side by side
 The checkpoint has random fp16 weights under the real LDM key names (written tensor by tensor from the meta-device
 model, so writing it needs ~100 MB). Each row is a fresh process; "private peak" is the largest RssAnon sampled
 every 10 ms (what runs a machine out of memory), "RSS peak" VmHWM (also counts the file's mapped pages, which the
-kernel can drop). The fp32 row is what load_model did before stop 29.
+kernel can drop). The fp32 row is what the trainer's load used to be.
 """
 from __future__ import annotations
 
@@ -65,20 +65,22 @@ def measure(path: str, how: str, mixed_precision: str) -> dict:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) / 2**20 for line in f if line.startswith(key + ":"))
 
-    peak = [0.0]
+    peak, done = [0.0], threading.Event()
 
     def sample():
-        while True:
+        while not done.wait(0.01):
             peak[0] = max(peak[0], status("RssAnon"))
-            time.sleep(0.01)
 
-    threading.Thread(target=sample, daemon=True).start()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     dtype = weight_dtype(mixed_precision)
     t0 = time.perf_counter()
     model = load_model(path, dtype=dtype if how == "train" else torch.float32)
     for module in (model.vae, model.unet, *model.text_encoders):  # train_apt_lora: .to(device, weight_dtype)
         module.to("cpu", dtype)
     seconds = time.perf_counter() - t0
+    done.set()
+    sampler.join()
     return {"private": max(peak[0], status("RssAnon")), "rss": status("VmHWM"), "seconds": seconds}
 
 

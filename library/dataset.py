@@ -146,7 +146,7 @@ class _Dataset:
             problem = "not a folder" if os.path.exists(image_dir) else "folder not found"
             raise _dir_error(subset, image_dir, problem, "Check the path (relative paths are relative to the "
                              f"current directory, {os.getcwd()})." + escaped_path_hint(image_dir))
-        paths = list_images(image_dir)
+        paths = list_images(image_dir, warn=self.split != "validation")  # the train build says it once
         if not paths:
             raise _dir_error(subset, image_dir, "no images (png, jpg, jpeg, webp, bmp) directly in this folder",
                              "Put the images in it (subfolders are not searched), or remove this subset.")
@@ -168,7 +168,8 @@ class _Dataset:
         for p, (_, transparent) in kept:
             if transparent and not (subset.alpha_mask or subset.conditioning_data_dir):
                 self.transparent.append(p)
-        _note_opaque_alpha_mask(subset, [t for _, (_, t) in kept])
+        if self.split != "validation":  # (the held-out share alone may be all opaque)
+            _note_opaque_alpha_mask(subset, [t for _, (_, t) in kept])
         return [(p, size) for p, (size, _) in kept]
 
     def _too_small(self, size: tuple[int, int]) -> bool:
@@ -362,7 +363,8 @@ class _Dataset:
             if count == 0:
                 raise ConfigError(f"{key}: none of the {len(metadata)} images listed in {md_path} could be used "
                                   f"(see the warnings above). Check image_dir.")
-            _note_opaque_alpha_mask(subset, transparent)
+            if self.split != "validation":
+                _note_opaque_alpha_mask(subset, transparent)
             self.num_train_images += count * self._repeats(subset)
             tag_frequency(tags_list, self.tag_frequency.setdefault(os.path.basename(md_path), {}))
             self.subset_counts.append((subset, count))

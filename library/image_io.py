@@ -57,12 +57,15 @@ def _upright(im: Image.Image) -> Image.Image:
 
 
 def exif_orientation(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> int | None:
-    """The image's EXIF orientation tag (1-8), or None when it has none (or unreadable EXIF). Decodes the file:
-    a PNG may store its EXIF after the pixels."""
+    """The image's EXIF orientation tag (1-8), or None when it has none (or unreadable EXIF). From the header; a
+    PNG without one there is decoded, as it may store its EXIF after the pixels."""
     with _open_checked(path, max_pixels) as im:
-        im.load()
         try:
-            return im.getexif().get(ExifTags.Base.Orientation)
+            found = im.getexif().get(ExifTags.Base.Orientation)
+            if found is None and im.format == "PNG":
+                im.load()
+                found = im.getexif().get(ExifTags.Base.Orientation)
+            return found
         except Exception:  # noqa: BLE001 - malformed EXIF: as _upright, the pixels as stored
             return None
 
@@ -154,11 +157,11 @@ def _probe_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple
     return probe_images([path], max_pixels)[0]
 
 
-def list_images(folder: str) -> list[str]:
+def list_images(folder: str, warn: bool = True) -> list[str]:
     """The image files directly in `folder`, sorted, as sd-scripts' glob of the image extensions finds them: hidden
     files are passed over (the `._name.png` a Mac writes beside every image on exFAT, SMB or in a zip are not
     images; listed, they took validation slots and each got a warning). A link whose target is gone and files of
-    other image formats (.avif, .gif, .tif ...), which are not trained, are named in a warning."""
+    other image formats (.avif, .gif, .tif ...), which are not trained, are named in a warning (with `warn`)."""
     images, broken, others = [], [], []
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
@@ -169,10 +172,10 @@ def list_images(folder: str) -> list[str]:
             broken.append(path)
         elif os.path.isfile(path):
             (others if ext in OTHER_IMAGE_EXTENSIONS else images).append(path)
-    if broken:
+    if broken and warn:
         logger.warning(f"{folder}: {len(broken)} image link(s) point to nothing (their target was moved or its drive "
                        f"is not mounted) and are left out, e.g. {sorted(broken)[0]} -> {os.readlink(sorted(broken)[0])}")
-    if others:
+    if others and warn:
         kinds = ", ".join(sorted({os.path.splitext(p)[1].lower() for p in others}))
         logger.warning(f"{folder}: {len(others)} file(s) of other image formats ({kinds}) are left out, e.g. "
                        f"{os.path.basename(sorted(others)[0])}: only {', '.join(IMAGE_EXTENSIONS)} files are read (as in "

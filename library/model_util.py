@@ -22,6 +22,15 @@ from library.clip_tokenizer import bundled_clip_tokenizer
 from library.safe_io import atomic_save_safetensors, check_writable
 
 logger = logging.getLogger(__name__)
+_WARNED: set[str] = set()
+
+
+def _warn_once(msg: str, *args) -> None:
+    """A warning about the model, once per process: probe_model and load_model both read the same configs."""
+    text = msg % args
+    if text not in _WARNED:
+        _WARNED.add(text)
+        logger.warning(text)
 
 ARCHS = ("sd1", "sd2", "sdxl")
 ARCH_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
@@ -295,7 +304,7 @@ def _file_arch(shapes: dict, metadata: dict, path: str, v2, v_param, sdxl, read_
                          if metadata.get(k)), None)  # the first that says, ours first
         v_param = declared == "v" if declared is not None else "v_pred" in shapes
         if arch == "sd2" and not v_param:
-            logger.warning("%s: SD2 single files do not say whether they are v-prediction (768-v) models; using "
+            _warn_once("%s: SD2 single files do not say whether they are v-prediction (768-v) models; using "
                            "epsilon. Pass --v_parameterization for 768-v models.%s", path, _sd2_guess(read_tensor))
     return arch, bool(v_param)
 
@@ -607,10 +616,10 @@ def _folder_arch(path, v2, v_param, sdxl) -> tuple[str, bool]:
     if v_param is None:
         v_param = prediction == "v_prediction"
         if arch == "sd2" and prediction is None:
-            logger.warning("%s has no scheduler/scheduler_config.json to say whether it is a v-prediction (768-v) "
+            _warn_once("%s has no scheduler/scheduler_config.json to say whether it is a v-prediction (768-v) "
                            "model; using epsilon. Pass --v_parameterization for 768-v models.", path)
     elif v_param and prediction == "epsilon":
-        logger.warning("--v_parameterization: %s/scheduler/scheduler_config.json says prediction_type epsilon; "
+        _warn_once("--v_parameterization: %s/scheduler/scheduler_config.json says prediction_type epsilon; "
                        "training as v-prediction as asked (an SD2 512 base model is epsilon: drop the flag for it)",
                        path)
     return arch, bool(v_param)
@@ -667,8 +676,10 @@ def _replacement_vae(vae: AutoencoderKL, vae_path: str, model: StableDiffusionMo
                              f"not an SD1.x/SD2.x/SDXL VAE")
     scale = model.latent_scale
     if float(vae.config.scaling_factor) != scale:
-        logger.warning("--vae %s: its config's scaling_factor %g is not this %s model's %g; latents are scaled by the "
-                       "model's, as sd-scripts does", vae_path, vae.config.scaling_factor, model.arch, scale)
+        sub = vae_path if os.path.isfile(os.path.join(vae_path, "config.json")) else os.path.join(vae_path, "vae")
+        if "scaling_factor" in _component_config(sub, "config.json"):  # else diffusers' default: nothing said
+            logger.warning("--vae %s: its config's scaling_factor %g is not this %s model's %g; latents are scaled by "
+                           "the model's, as sd-scripts does", vae_path, vae.config.scaling_factor, model.arch, scale)
         vae.register_to_config(scaling_factor=scale)
     return vae
 

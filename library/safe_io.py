@@ -112,6 +112,9 @@ def _atomic_write(path, overwrite: bool, write_fn) -> None:
             if not (overwrite and os.path.exists(path)):
                 raise
             kept = _keep_beside(tmp, path)
+            if kept == path:  # a retry went through (an antivirus scan let go)
+                fsync_dir(folder)
+                return
             raise SaveError(f"cannot replace {path}: it is in use by another program ({e.strerror or e}); the new "
                             f"file is kept as {kept}. Close the program that has it open (or rename that file "
                             f"over it)") from None

@@ -206,10 +206,10 @@ def check_output_location(args) -> None:
             raise TrainingSetupError(f"--output_name {name!r} contains a control character; use a plain file name "
                                      f"stem such as \"my_lora\"")
         bad = sorted(set(name) & set('<>:"|?*'))
-        reserved = re.fullmatch(r"(?i)(con|prn|aux|nul|com\d|lpt\d)(\..*)?", name)
-        if bad or reserved or name[-1] in ". ":  # LoRA files travel to Windows (and may be written there)
+        reserved = re.fullmatch(r"(?i)(con|prn|aux|nul|com[1-9]|lpt[1-9])(\..*)?", name)
+        if bad or reserved:  # LoRA files travel to Windows (and may be written there)
             why = (f"the character{'s' if len(bad) > 1 else ''} {' '.join(bad)}" if bad else
-                   f"the device name {reserved.group(1).upper()}" if reserved else "a trailing dot or space")
+                   f"the device name {reserved.group(1).upper()}")
             raise TrainingSetupError(f"--output_name {name!r} has {why}, which Windows does not allow in a file name "
                                      f"(the run would fail at its first save there, and the file cannot be copied to "
                                      f"Windows); use letters, digits, '-', '_' or '.' such as \"my_lora_v2\"")

@@ -466,6 +466,11 @@ class LoRANetwork(nn.Module):
     def loras(self) -> list[LoRAModule]:
         return self.text_encoder_loras + self.unet_loras
 
+    @property
+    def trains_text_encoder(self) -> bool:
+        """Whether a text-encoder LoRA trains (after `prepare_optimizer_params`, a learning rate of 0 freezes it)."""
+        return any(p.requires_grad for lora in self.text_encoder_loras for p in lora.parameters())
+
     # -- patching ------------------------------------------------------------------------------------------------
     def apply_to(self) -> None:
         """Patch the model's targeted modules (their forward now adds the LoRA branch)."""

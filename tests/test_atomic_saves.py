@@ -335,3 +335,10 @@ def test_overwriting_a_lora_another_program_holds_open_keeps_the_new_one(tmp_pat
     assert len(tries) == 3 and target.read_bytes() == b"old"
     (kept,) = [p for p in tmp_path.iterdir() if p.name != "lora.safetensors"]
     assert torch.equal(load_file(str(kept))["w"], torch.ones(4))
+    # held for a moment (a scan): a retry goes through, and the save is a save
+    kept.unlink()
+    tries.clear()
+    monkeypatch.setattr(os, "replace", lambda src, dst: in_use(src, dst) if not tries else real_replace(src, dst))
+    safe_io.atomic_save_safetensors({"w": torch.zeros(4)}, target, overwrite=True)
+    assert len(tries) == 1 and torch.equal(load_file(str(target))["w"], torch.zeros(4))
+    assert os.listdir(tmp_path) == ["lora.safetensors"]

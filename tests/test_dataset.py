@@ -627,8 +627,10 @@ def test_listing_passes_over_hidden_files_and_names_broken_links_and_other_forma
         cfg = {"general": {"resolution": 64}, "datasets": [{"validation_split": 0.25, "validation_seed": seed,
                                                               "subsets": [sub]}]}
         bps = generate_blueprint(cfg, argparse.Namespace(), config_path="test.toml")
+        caplog.clear()
         train, held = (build_dataset_group(bps, is_sdxl=False, seed=0, split=s) for s in ("train", "validation"))
         assert (train.num_train_images, held.num_train_images) == (3, 1), seed
+        assert caplog.text.count("of other image formats") == 1  # the train build says it, not the held-out one
 
 
 def test_latent_cache_is_recomputed_when_its_image_or_mask_is_newer(tmp_path, vae):

@@ -528,7 +528,8 @@ def test_a_folders_prediction_type_is_said_when_in_doubt(tiny, tmp_path, caplog)
 
     eps = _copy_folder(tiny, "sd2", tmp_path, "eps")
     assert probe_model(str(eps), v_parameterization=True) == ("sd2", True)
-    assert "says prediction_type epsilon; training as v-prediction as asked" in caplog.text
+    assert load_model(str(eps), v_parameterization=True).v_parameterization  # as the trainer: probe, then load
+    assert caplog.text.count("says prediction_type epsilon; training as v-prediction as asked") == 1
     caplog.clear()
     shutil.rmtree(eps / "scheduler")
     assert probe_model(str(eps)) == ("sd2", False)
@@ -589,6 +590,14 @@ def test_a_replacement_vae_must_fit_and_keeps_the_models_latent_scale(tiny, tmp_
     AutoencoderKL.from_config({**cfg, "scaling_factor": 0.13025}).save_pretrained(other)
     m = load_model(tiny["sd1"]["folder"], vae_path=str(other))
     assert m.latent_scale == pytest.approx(0.18215) and "scaling_factor 0.13025 is not this sd1 model's" in caplog.text
+    caplog.clear()  # a config without the key: diffusers' default is no claim of the VAE's, so nothing is said
+    unscaled = tmp_path / "vae_unscaled"
+    sdxl_cfg = {k: v for k, v in tiny_config("sdxl")["vae"].items() if not k.startswith("_")}
+    AutoencoderKL.from_config(sdxl_cfg).save_pretrained(unscaled)  # the tiny SDXL VAE's layout ...
+    with open(unscaled / "config.json", "w") as f:  # ... without its scaling_factor
+        json.dump({k: v for k, v in sdxl_cfg.items() if k != "scaling_factor"}, f)
+    assert load_model(tiny["sdxl"]["folder"], vae_path=str(unscaled)).latent_scale == pytest.approx(0.13025)
+    assert "scaling_factor" not in caplog.text
     with pytest.raises(ModelLoadError, match=r"unet/config.json is a UNet2DConditionModel, not a VAE"):
         load_model(tiny["sd1"]["folder"], vae_path=os.path.join(tiny["sd1"]["folder"], "unet"))
     bare = _copy_folder(tiny, "sdxl", tmp_path, "sdxl_no_scale")
