@@ -305,7 +305,7 @@ def _file_arch(shapes: dict, metadata: dict, path: str, v2, v_param, sdxl, read_
         v_param = declared == "v" if declared is not None else "v_pred" in shapes
         if arch == "sd2" and not v_param:
             _warn_once("%s: SD2 single files do not say whether they are v-prediction (768-v) models; using "
-                           "epsilon. Pass --v_parameterization for 768-v models.%s", path, _sd2_guess(read_tensor))
+                       "epsilon. Pass --v_parameterization for 768-v models.%s", path, _sd2_guess(read_tensor))
     return arch, bool(v_param)
 
 
@@ -404,7 +404,10 @@ def local_model_path(path: str) -> str:
         snapshots = path if os.path.basename(os.path.normpath(path)) == "snapshots" else os.path.join(path, "snapshots")
         if os.path.isdir(snapshots):
             ref = os.path.join(os.path.dirname(os.path.normpath(snapshots)), "refs", "main")
-            named = open(ref, encoding="utf-8").read().strip() if os.path.isfile(ref) else None
+            named = None
+            if os.path.isfile(ref):
+                with open(ref, encoding="utf-8") as f:
+                    named = f.read().strip()
             subs = sorted(os.listdir(snapshots))
             pick = named if named in subs else subs[0] if len(subs) == 1 else None
             if pick is not None:
@@ -617,11 +620,10 @@ def _folder_arch(path, v2, v_param, sdxl) -> tuple[str, bool]:
         v_param = prediction == "v_prediction"
         if arch == "sd2" and prediction is None:
             _warn_once("%s has no scheduler/scheduler_config.json to say whether it is a v-prediction (768-v) "
-                           "model; using epsilon. Pass --v_parameterization for 768-v models.", path)
+                       "model; using epsilon. Pass --v_parameterization for 768-v models.", path)
     elif v_param and prediction == "epsilon":
         _warn_once("--v_parameterization: %s/scheduler/scheduler_config.json says prediction_type epsilon; "
-                       "training as v-prediction as asked (an SD2 512 base model is epsilon: drop the flag for it)",
-                       path)
+                   "training as v-prediction as asked (an SD2 512 base model is epsilon: drop the flag for it)", path)
     return arch, bool(v_param)
 
 
