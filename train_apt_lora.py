@@ -373,7 +373,7 @@ def train(args):
     from library.safe_io import remove_stale_temp_files
     from library.train_state import (advance_schedule, initial_position, load_state, past_epoch_end, read_state_info,
                                      save_state)
-    from library.model_util import load_model, probe_model
+    from library.model_util import load_model, local_model_path, probe_model
     from networks import lora as lora_lib
 
     from library.args_check import verify_args
@@ -420,7 +420,8 @@ def train(args):
     # --- data, then the model ------------------------------------------------------------------------
     # The model's kind comes from its header or configs alone, so a dataset mistake (or --debug_dataset) costs
     # seconds, not the multi-GB load, as in sd-scripts where the dataset is built before the model is loaded.
-    arch, v_param = probe_model(args.pretrained_model_name_or_path, v2=args.v2, zero_terminal_snr=args.zero_terminal_snr,
+    model_path = local_model_path(args.pretrained_model_name_or_path)  # a cached hub id: looked up (and logged) once
+    arch, v_param = probe_model(model_path, v2=args.v2, zero_terminal_snr=args.zero_terminal_snr,
                                 v_parameterization=args.v_parameterization, sdxl=args.sdxl,
                                 allow_pickle=args.allow_pickle_checkpoint)
     is_sdxl = arch == "sdxl"
@@ -516,7 +517,7 @@ def train(args):
     # Load straight into the dtypes the weights are cast to below (same values: a cast via fp32 rounds the same), so
     # no fp32 copy of the whole model is ever held (SDXL: 13.6 -> 7.1 GiB of host RAM). --base_weights merges in fp32.
     load_dtype, load_vae_dtype = (torch.float32, None) if args.base_weights else (weight_dtype, vae_dtype)
-    model = load_model(args.pretrained_model_name_or_path, v2=arch == "sd2", v_parameterization=v_param,
+    model = load_model(model_path, v2=arch == "sd2", v_parameterization=v_param,
                        sdxl=is_sdxl, tokenizer_path=args.tokenizer_path, vae_path=args.vae,
                        allow_pickle=args.allow_pickle_checkpoint, dtype=load_dtype, vae_dtype=load_vae_dtype)
     layers = model.text_encoders[0].config.num_hidden_layers

@@ -336,11 +336,9 @@ def main(argv=None) -> int:
     ]
     lines += notes
     print("\n".join(notes), flush=True)
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-        print(f"wrote {a.out}", file=sys.stderr)
+    from bench.common import write_result
+
+    write_result("\n".join(lines) + "\n", a.out)
     return 1 if failed else 0
 
 

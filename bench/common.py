@@ -430,6 +430,16 @@ def run_config_isolated(name: str, n_warmup: int, n_steps: int, timeout: float |
 
 
 # ------------------------------------------------------------------------------------------------ table
+def write_result(text: str, out: str | None) -> None:
+    """A benchmark's report to its `--out` file, as every bench script writes it: atomically (a run stopped midway
+    leaves the earlier results whole), its folder made, replacing the last run's."""
+    if out:
+        from library.safe_io import atomic_write_bytes
+
+        atomic_write_bytes(out, text.encode(), overwrite=True)
+        print(f"wrote {out}", file=sys.stderr)
+
+
 def _fmt_bytes(n: int) -> str:
     if n >= 2**30:
         return f"{n / 2**30:.2f} GiB"

@@ -132,10 +132,9 @@ def main(argv=None) -> int:
             f"batch 1, LoRA rank 32 on the UNet (text-encoder outputs cached); warm-up: steps until two in a row "
             f"compile nothing, inductor's cache empty.\n")
     print(text)
-    if a.out:
-        from library.safe_io import atomic_write_bytes
+    from bench.common import write_result
 
-        atomic_write_bytes(a.out, text.encode(), overwrite=True)
+    write_result(text, a.out)
     return 0 if all("error" not in r for r in rows) else 1
 
 

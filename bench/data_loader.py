@@ -106,10 +106,9 @@ def main(argv=None) -> int:
     text = (f"# Data loader: `python -m bench.data_loader {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
             f"{a.images} PNGs of {int(a.resolution * 1.5)}x{int(a.resolution * 1.875)} px to {a.resolution}² buckets, "
             f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}\n\n" + "\n".join(rows) + "\n")
-    if a.out:
-        from library.safe_io import atomic_write_bytes
+    from bench.common import write_result
 
-        atomic_write_bytes(a.out, text.encode(), overwrite=True)
+    write_result(text, a.out)
     return 0
 
 

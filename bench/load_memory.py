@@ -113,10 +113,9 @@ def main(argv=None) -> int:
                      f"{r['seconds']:.1f} s | {r['private'] / base['private']:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    if a.out:
-        from library.safe_io import atomic_write_bytes
+    from bench.common import write_result
 
-        atomic_write_bytes(a.out, text.encode(), overwrite=True)
+    write_result(text, a.out)
     return 0
 
 

@@ -285,10 +285,9 @@ def main(argv=None) -> int:
             "text encoders' pass with grad, forward and backward, is what `--text_encoder_cuda_graph` replays as two "
             "launches. *with every graph*: the three flags together.\n\n" + te_table(te_rows) + "\n")
     print(text)
-    if a.out:
-        from library.safe_io import atomic_write_bytes
+    from bench.common import write_result
 
-        atomic_write_bytes(a.out, text.encode(), overwrite=True)
+    write_result(text, a.out)
     return 0
 
 

@@ -74,7 +74,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from bench.common import env_summary, markdown_table, run_config_isolated
+    from bench.common import env_summary, markdown_table, run_config_isolated, write_result
 
     if args.configs:
         names = [n.strip() for n in args.configs.split(",") if n.strip()]
@@ -106,11 +106,7 @@ def main(argv=None) -> int:
              *[f"- {m}" for m in measures], ""]
     text = "\n".join(lines)
     print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text)
-        print(f"wrote {args.out}", file=sys.stderr)
+    write_result(text, args.out)
     return 1 if any("error" in r for r in rows) else 0
 
 

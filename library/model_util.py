@@ -678,12 +678,16 @@ def _replacement_vae(vae: AutoencoderKL, vae_path: str, model: StableDiffusionMo
                              f"not an SD1.x/SD2.x/SDXL VAE")
     scale = model.latent_scale
     if float(vae.config.scaling_factor) != scale:
-        sub = vae_path if os.path.isfile(os.path.join(vae_path, "config.json")) else os.path.join(vae_path, "vae")
-        if "scaling_factor" in _component_config(sub, "config.json"):  # else diffusers' default: nothing said
+        if "scaling_factor" in _component_config(_vae_folder(vae_path), "config.json"):  # else diffusers' default: nothing said
             logger.warning("--vae %s: its config's scaling_factor %g is not this %s model's %g; latents are scaled by "
                            "the model's, as sd-scripts does", vae_path, vae.config.scaling_factor, model.arch, scale)
         vae.register_to_config(scaling_factor=scale)
     return vae
+
+
+def _vae_folder(vae_path: str) -> str:
+    """The folder a --vae folder names: itself when it holds the VAE's config.json, else a model folder's vae/."""
+    return vae_path if os.path.isfile(os.path.join(vae_path, "config.json")) else os.path.join(vae_path, "vae")
 
 
 def load_vae(vae_path: str, vae_config: dict, allow_pickle: bool = False, dtype=torch.float32) -> AutoencoderKL:
@@ -691,7 +695,7 @@ def load_vae(vae_path: str, vae_config: dict, allow_pickle: bool = False, dtype=
     `first_stage_model.`, or diffusers keys). A single file gets `vae_config` (the model's VAE architecture)."""
     vae_path = os.fspath(vae_path)
     if os.path.isdir(vae_path):
-        sub = vae_path if os.path.isfile(os.path.join(vae_path, "config.json")) else os.path.join(vae_path, "vae")
+        sub = _vae_folder(vae_path)
         kind = _component_config(sub, "config.json").get("_class_name", "AutoencoderKL")
         if kind != "AutoencoderKL":
             raise ModelLoadError(f"--vae {vae_path}: {os.path.join(sub, 'config.json')} is a {kind}, not a VAE "
