@@ -391,11 +391,18 @@ def train(args):
         # train() called again in one process (tests, notebooks) with other settings: accelerate keeps a
         # per-process singleton that refuses a new mixed_precision; start from a clean one (single process only)
         AcceleratorState._reset_state(reset_partial_state=True)
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=args.mixed_precision, log_with=args.log_with, project_dir=log_dir,
-                              # batches reach the device by non-blocking copies from the loader's pinned memory
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
-                              kwargs_handlers=train_util.accelerator_handlers(args))
+    try:
+        accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                  mixed_precision=args.mixed_precision, log_with=args.log_with, project_dir=log_dir,
+                                  # batches reach the device by non-blocking copies from the loader's pinned memory
+                                  dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
+                                  kwargs_handlers=train_util.accelerator_handlers(args))
+    except ValueError as e:  # e.g. fp16 on Apple's mps with torch < 2.8: "not supported on 'mps'"
+        if "precision" not in str(e):
+            raise
+        raise train_util.TrainingSetupError(
+            f"--mixed_precision {args.mixed_precision}: accelerate refuses it on this device ({e}). Use "
+            f"--mixed_precision bf16 or no (fp16 autocast on Apple's mps needs torch 2.8 or later)") from None
     is_main = accelerator.is_main_process
     if os.environ.get("WORLD_SIZE", "1").isdigit() and int(os.environ.get("WORLD_SIZE", "1")) > accelerator.num_processes:
         raise train_util.TrainingSetupError(

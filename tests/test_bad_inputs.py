@@ -548,3 +548,24 @@ def test_trainer_refuses_bad_output_location_before_training(tiny_sd1, tmp_path,
     blocker.write_text("x")
     rc, err = _main(capsys, tiny_sd1, _toml(tmp_path, d), blocker / "sub")
     assert rc == 2 and err.startswith("error: ") and "--output_dir" in err and "not a folder" in err
+
+
+def test_mixed_precision_the_device_lacks_is_one_clear_error(tiny_sd1, tmp_path, capsys, monkeypatch):
+    """accelerate refuses fp16 where the device has no fp16 autocast (Apple's mps with torch < 2.8) with a bare
+    ValueError from its constructor: the run ends with one error naming the flag and what to use instead."""
+    import accelerate
+
+    real = accelerate.Accelerator
+
+    def accelerator(*a, mixed_precision=None, **kw):
+        if mixed_precision == "fp16":  # what accelerate 1.x raises there
+            raise ValueError("fp16 mixed precision is not supported on 'mps'.")
+        return real(*a, mixed_precision=mixed_precision, **kw)
+
+    monkeypatch.setattr(accelerate, "Accelerator", accelerator)
+    d = tmp_path / "imgs"
+    rgb(d / "a.png")
+    rc, err = _main(capsys, tiny_sd1, _toml(tmp_path, d), tmp_path / "out", "--mixed_precision", "fp16")
+    assert rc == 2 and err.startswith("error: --mixed_precision fp16: accelerate refuses it on this device")
+    assert "not supported on 'mps'" in err and "--mixed_precision bf16 or no" in err
+    assert not (tmp_path / "out").exists()
