@@ -984,13 +984,14 @@ def main(argv=None) -> int:
         import errno
 
         from library.interrupt import find_latest_state
-        from library.safe_io import SaveError
+        from library.safe_io import PathTooLongError, SaveError
 
         if not isinstance(e, SaveError) and e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             raise
         state = find_latest_state(args.output_dir, args.output_name) if args is not None and args.output_dir else None
-        print(f"error: {e}. Free space or fix the folder's permissions; what was saved before is complete (saves "
-              "are atomic)" + (f": continue with --resume {state}" if state else ""), file=sys.stderr)
+        advice = "" if isinstance(e, PathTooLongError) else ". Free space or fix the folder's permissions"
+        print(f"error: {e}{advice}; what was saved before is complete (saves are atomic)"
+              + (f": continue with --resume {state}" if state else ""), file=sys.stderr)
         return 1
     except Interrupted as e:
         return e.exit_code

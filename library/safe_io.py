@@ -25,6 +25,18 @@ class SaveError(OSError):
     """A file or folder could not be written (a full disk, no permission): the trainer's one-line error."""
 
 
+class PathTooLongError(SaveError):
+    """A write failed on Windows for a path over MAX_PATH (long paths not enabled): what to do is not "free space"."""
+
+
+WINDOWS_MAX_PATH = 259  # characters, without the terminating NUL of MAX_PATH (260)
+
+
+def _too_long_on_windows(path: str, windows: bool = os.name == "nt") -> bool:
+    path = os.path.abspath(path)
+    return windows and len(path) > WINDOWS_MAX_PATH and not path.startswith("\\\\?\\")
+
+
 def check_writable(path, overwrite: bool = False, flag_hint: str = "--overwrite") -> None:
     """Raise if `path` cannot be written: `FileExistsError` if it exists and `overwrite` is false (the message names
     the path and says to pass `flag_hint`), `IsADirectoryError` if it is a folder, `PermissionError` if its folder
@@ -99,8 +111,18 @@ def _atomic_write(path, overwrite: bool, write_fn) -> None:
     path = os.fspath(path)
     check_writable(path, overwrite)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp")
+    prefix = f".{os.path.basename(path)}.{os.getpid()}."
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
+    except OSError as e:  # Windows without long paths: "the system cannot find the path specified"
+        longest = os.path.join(folder, prefix + "xxxxxxxx.tmp")  # the temporary name mkstemp makes
+        if _too_long_on_windows(longest):
+            raise PathTooLongError(
+                f"cannot write {path}: with its temporary name the path is {len(longest)} characters, over Windows' "
+                f"limit of {WINDOWS_MAX_PATH} ({e.strerror or e}). Move the folder nearer the drive's root or choose a "
+                f"shorter name, or enable long paths in Windows (LongPathsEnabled, Windows 10 1607 or later)") from None
+        raise
     os.close(fd)
     try:
         write_fn(tmp)

@@ -107,3 +107,22 @@ def tiny(tmp_path_factory):
     out["sd1_single"] = str(root / "sd1.safetensors")
     write_tiny_model("sd1", out["sd1_single"], single_file=True)
     return out
+
+
+@pytest.fixture
+def windows_path_limit(monkeypatch):
+    """This machine as Windows without long paths: mkstemp fails for a path over 259 characters, as CreateFileW."""
+    import errno
+    import tempfile
+
+    from library import safe_io
+
+    real_mkstemp, real_check = tempfile.mkstemp, safe_io._too_long_on_windows
+
+    def mkstemp(suffix="", prefix="", dir=None):
+        if len(os.path.join(os.path.abspath(dir), prefix + "x" * 8 + suffix)) > 259:
+            raise FileNotFoundError(errno.ENOENT, "The system cannot find the path specified")
+        return real_mkstemp(suffix=suffix, prefix=prefix, dir=dir)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(safe_io, "_too_long_on_windows", lambda path: real_check(path, windows=True))

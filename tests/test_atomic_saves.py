@@ -342,3 +342,21 @@ def test_overwriting_a_lora_another_program_holds_open_keeps_the_new_one(tmp_pat
     safe_io.atomic_save_safetensors({"w": torch.zeros(4)}, target, overwrite=True)
     assert len(tries) == 1 and torch.equal(load_file(str(target))["w"], torch.zeros(4))
     assert os.listdir(tmp_path) == ["lora.safetensors"]
+
+
+def test_a_path_over_windows_max_path_is_named_with_what_to_do(tmp_path, monkeypatch, windows_path_limit):
+    """Windows without long paths: a write whose temporary name passes 259 characters failed as "cannot find the
+    path specified" (a deep dataset folder's latent cache). The error says the length, the limit and the way out."""
+    from library import safe_io
+
+    deep = tmp_path / ("d" * (250 - len(str(tmp_path))))
+    safe_io.atomic_write_bytes(tmp_path / "short.txt", b"ok")  # short paths are untouched
+    assert (tmp_path / "short.txt").read_bytes() == b"ok"
+    with pytest.raises(safe_io.PathTooLongError) as e:
+        safe_io.atomic_write_bytes(deep / "image.safetensors", b"x")
+    n = len(str(deep / ".image.safetensors.")) + len(str(os.getpid())) + 1 + 12
+    assert f"cannot write {deep / 'image.safetensors'}: with its temporary name the path is {n} characters" in str(e.value)
+    assert "over Windows' limit of 259" in str(e.value) and "LongPathsEnabled" in str(e.value)
+    assert isinstance(e.value, safe_io.SaveError)
+    monkeypatch.undo()
+    assert not safe_io._too_long_on_windows("x" * 300)  # not Windows: no limit of this kind

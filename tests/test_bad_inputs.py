@@ -569,3 +569,14 @@ def test_mixed_precision_the_device_lacks_is_one_clear_error(tiny_sd1, tmp_path,
     assert rc == 2 and err.startswith("error: --mixed_precision fp16: accelerate refuses it on this device")
     assert "not supported on 'mps'" in err and "--mixed_precision bf16 or no" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_latent_cache_path_over_windows_max_path_ends_the_run_with_the_way_out(tiny_sd1, tmp_path, capsys,
+                                                                                  windows_path_limit):
+    """--cache_latents_to_disk beside images in a deep folder (Windows without long paths): one error naming the
+    cache file, the length and long paths, not "free space or fix the folder's permissions"."""
+    d = tmp_path / ("p" * max(1, 235 - len(str(tmp_path))))
+    rgb(d / "a.png")
+    rc, err = _main(capsys, tiny_sd1, _toml(tmp_path, d), tmp_path / "out", "--cache_latents", "--cache_latents_to_disk")
+    assert rc == 1 and err.startswith(f"error: cannot write {d / 'a'}") and "over Windows' limit of 259" in err
+    assert "LongPathsEnabled" in err and "Free space" not in err
