@@ -25,7 +25,7 @@ from tqdm import tqdm
 from library.buckets import BucketManager, face_crop, face_from_filename, get_crop_ltrb, resize_and_crop
 from library.captions import DeferredCaption, finish_captions, process_caption, read_caption_file, tag_frequency
 from library.image_aug import color_aug
-from library.image_io import _probe_image, describe_failure, list_images, load_image_rgb, probe_images
+from library.image_io import describe_failure, list_images, load_image_rgb, probe_images
 from library.loss_masks import find_masks, load_mask, mask_turns
 from library.safe_io import atomic_save_safetensors
 from library.config_util import (DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, ConfigError, DatasetBlueprint,
@@ -312,17 +312,20 @@ class _Dataset:
                                   f'{{"image key": {{"caption": "...", "tags": "..."}}, ...}} ({key}).')
             tags_list, count, transparent = [], 0, []
             items = list(metadata.items())
+            paths, probes = {k: self._find_ft_image(subset, k) for k, _ in items}, {}
             if self.bp.skip_image_resolution is not None:  # small images leave before the split, as in DreamBooth
-                kept = [(k, m) for k, m in items if not self._too_small_ft(subset, k)]
+                found = [p for p in paths.values() if p is not None]
+                probes = dict(zip(found, probe_images(found, self.bp.max_image_pixels)))  # each image decoded once
+                kept = [(k, m) for k, m in items if probes.get(paths[k]) is None or not self._too_small(probes[paths[k]][0])]
                 self._note_skipped(subset, len(items) - len(kept), len(items))
                 items = kept
             items = self._take(items)
             if not items:
                 continue  # nothing of this subset on this side of the split
-            paths = [self._find_ft_image(subset, image_key) for image_key, _ in items]
-            found = [p for p in paths if p is not None]
-            probes = dict(zip(found, probe_images(found, self.bp.max_image_pixels)))
-            for (image_key, md), path in zip(items, paths):
+            found = [paths[k] for k, _ in items if paths[k] is not None and paths[k] not in probes]
+            probes.update(zip(found, probe_images(found, self.bp.max_image_pixels)))
+            for image_key, md in items:
+                path = paths[image_key]
                 if path is None:
                     logger.warning(f"skipping {image_key!r} of {md_path}: image not found (looked for it as given "
                                    f"and in image_dir {subset.image_dir!r}).")
@@ -368,13 +371,6 @@ class _Dataset:
             self.num_train_images += count * self._repeats(subset)
             tag_frequency(tags_list, self.tag_frequency.setdefault(os.path.basename(md_path), {}))
             self.subset_counts.append((subset, count))
-
-    def _too_small_ft(self, subset: SubsetBlueprint, image_key: str) -> bool:
-        """Whether a fine-tuning entry's image is left out by skip_image_resolution (a missing or unreadable one is
-        kept here, to be reported where it is loaded)."""
-        path = self._find_ft_image(subset, image_key)
-        probed = _probe_image(path, self.bp.max_image_pixels) if path is not None else None
-        return probed is not None and self._too_small(probed[0])
 
     @staticmethod
     def _find_ft_image(subset: SubsetBlueprint, image_key: str) -> str | None:

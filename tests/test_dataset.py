@@ -181,6 +181,30 @@ def test_skip_image_resolution_leaves_out_small_originals(tmp_path, caplog):
         group([{**subsets[0], "skip_image_resolution": 64}])  # a dataset key, as in sd-scripts
 
 
+def test_skip_image_resolution_in_a_fine_tuning_subset_decodes_each_image_once(tmp_path, caplog, monkeypatch):
+    """Fine-tuning subsets with skip_image_resolution: small images leave (before the split), a missing or
+    unreadable one is reported once; every image is decoded once (it was twice, the first pass on one thread, and
+    an unreadable file was warned about twice)."""
+    import library.image_io as image_io
+
+    d = tmp_path / "ft"
+    img(d / "big.png", 80, 72), img(d / "small.png", 48, 48), img(d / "square.png", 64, 64)
+    (d / "broken.png").write_bytes(b"not a png")
+    md = {k: {"caption": f"a {k}"} for k in ("big", "small", "square", "broken", "gone")}
+    (tmp_path / "md.json").write_text(json.dumps(md), encoding="utf-8")
+    decoded, real = [], image_io.load_image_rgb
+    monkeypatch.setattr(image_io, "load_image_rgb", lambda path, *a, **k: decoded.append(path) or real(path, *a, **k))
+    with caplog.at_level(logging.INFO):
+        g = group([{"image_dir": str(d), "metadata_file": str(tmp_path / "md.json")}],
+                  general={"enable_bucket": True, "min_bucket_reso": 32, "max_bucket_reso": 128},
+                  dataset={"skip_image_resolution": 64})
+    assert sorted(k for ds in g.datasets for k in ds.images) == ["big"]
+    assert sorted(os.path.basename(p) for p in decoded) == ["big.png", "broken.png", "small.png", "square.png"]
+    assert caplog.text.count(f"skipping image {d / 'broken.png'}") == 1
+    assert "2 of its 5 images left out by skip_image_resolution 64x64" in caplog.text
+    assert "skipping 'gone'" in caplog.text
+
+
 def test_skip_image_resolution_applies_before_the_validation_split(tmp_path):
     """Small images leave before the split (sd-scripts' order), so the held-out fraction is of the images kept:
     10 files, 5 small, split 0.2 -> 4 trained and 1 held out, a large one, for every seed."""
