@@ -947,7 +947,7 @@ def main(argv=None) -> int:
     from library.model_util import ModelLoadError
     from apt_ext.prompts import PromptError
     from apt_ext.step import apply_preset
-    from library.config_file import parse_args_with_config, write_config_file
+    from library.config_file import given_dests, parse_args_with_config, write_config_file
     from library.sampling import SamplingError
     from library.train_state import StateError
     from library.train_util import TrainingSetupError
@@ -964,7 +964,7 @@ def main(argv=None) -> int:
     args = None
     try:
         args = parse_args_with_config(parser, argv)
-        changed = apply_preset(args, {a.dest: a.default for a in parser._actions})
+        changed = apply_preset(args, given_dests(parser, argv))
         if changed:
             logger.info("--apt_preset %s set %s", args.apt_preset, ", ".join(changed))
         if args.output_config:

@@ -48,13 +48,14 @@ def parse_components(text: str | None) -> frozenset:
     return frozenset(parts)
 
 
-def apply_preset(args, defaults: dict) -> list[str]:
-    """Apply `--apt_preset` to the arguments still at their parser default; returns the names it set."""
+def apply_preset(args, given: set) -> list[str]:
+    """Apply `--apt_preset` to the arguments the user did not set (`given`: set on the command line or in
+    --config_file, whatever the value); returns the names it set."""
     if not getattr(args, "apt_preset", None):
         return []
     changed = []
     for name, value in {**PRESET_TRAINING, **PRESETS[args.apt_preset]}.items():
-        if getattr(args, name, None) == defaults.get(name):
+        if name not in given:
             setattr(args, name, value)
             changed.append(name)
     args.apt = True

@@ -233,6 +233,32 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Optional[Seque
     return parser.parse_args(argv)
 
 
+def given_dests(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> set:
+    """The arguments the user set: on the command line or in `--config_file`, whatever the value (a GUI's config
+    writes `learning_rate = 0.0001`, the default, on purpose). Parsed again against a marker namespace, so it
+    needs `argv` to have parsed already (`parse_args_with_config`)."""
+    marker = object()
+    namespace = argparse.Namespace(**{a.dest: marker for a in parser._actions if a.dest != "help"})
+    required = [a for a in parser._actions if a.required]
+    for a in required:  # may come from the file
+        a.required = False
+    try:
+        parser.parse_known_args(argv, namespace=namespace)
+    finally:
+        for a in required:
+            a.required = True
+    given = {k for k, v in vars(namespace).items() if v is not marker}
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config_file", type=str, default=None)
+    pre.add_argument("--output_config", action="store_true")
+    known, _ = pre.parse_known_args(argv)
+    if known.config_file and not known.output_config:
+        flat: dict = {}
+        _flatten_tables(_load_toml(config_file_path(known.config_file)), "", flat, {}, [])
+        given |= set(flat)
+    return given
+
+
 def _toml_value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

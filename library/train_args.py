@@ -342,7 +342,8 @@ def _apt_args(p: argparse.ArgumentParser) -> None:
                         "or none: monitor only (indicator and γ heatmap, plain DreamBooth training)")
     g.add_argument("--apt_preset", type=str, default=None, choices=[None, "sdxl", "sd2", "sd1"],
                    help="the paper's settings (implies --apt): temperature, rank 32 / alpha 32, lr 5e-5 (UNet) and "
-                        "5e-6 (text encoder), AdamW; only arguments left at their default are changed")
+                        "5e-6 (text encoder), AdamW; for the arguments not given (on the command line or in "
+                        "--config_file, whatever their value)")
     g.add_argument("--apt_gamma_temperature", type=float, default=None,
                    help="temperature of the overfitting indicator (default 1000 for SDXL, 100 for SD1/SD2)")
     g.add_argument("--apt_ema_alpha", type=float, default=0.1, help="EMA rate of the per-bin losses")

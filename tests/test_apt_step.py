@@ -169,13 +169,31 @@ def test_components_parse_errors_name_the_choices():
         parse_components("ata,xyz")
 
 
-def test_preset_sets_only_defaults():
+def test_preset_sets_only_what_the_user_did_not_set(tmp_path):
+    """--apt_preset fills in the arguments the user left out; one given on the command line or in --config_file
+    wins even at its default value (a GUI's config writes `learning_rate = 0.0001`; it was replaced before)."""
+    from library.config_file import given_dests, parse_args_with_config
+
     parser = setup_parser()
-    args = parser.parse_args(["--apt_preset", "sdxl", "--network_dim", "8"])
-    changed = apply_preset(args, {a.dest: a.default for a in parser._actions})
+    argv = ["--apt_preset", "sdxl", "--network_dim", "8"]
+    args = parser.parse_args(argv)
+    changed = apply_preset(args, given_dests(parser, argv))
     assert args.apt and args.network_dim == 8 and "network_dim" not in changed
     assert args.network_alpha == 32.0 and args.unet_lr == 5e-5 and args.text_encoder_lr == 5e-6
     assert args.apt_gamma_temperature == 1000.0
+
+    defaults = {a.dest: a.default for a in parser._actions}
+    (tmp_path / "run.toml").write_text("[training]\nunet_lr = 1e-4\npretrained_model_name_or_path = 'm'\n",
+                                       encoding="utf-8")
+    argv = ["--config_file", str(tmp_path / "run.toml"), "--apt_preset", "sd1", "--learning_rate",
+            str(defaults["learning_rate"]), "--network_alpha", str(defaults["network_alpha"]), "--optimizer_type",
+            "AdamW"]
+    args = parse_args_with_config(parser, argv)
+    changed = apply_preset(args, given_dests(parser, argv))
+    assert args.learning_rate == defaults["learning_rate"] and args.network_alpha == defaults["network_alpha"]
+    assert args.unet_lr == 1e-4 and args.optimizer_type == "AdamW"
+    assert sorted(changed) == ["apt_gamma_temperature", "network_dim", "text_encoder_lr"]
+    assert args.network_dim == 32 and args.text_encoder_lr == 5e-6 and args.apt_gamma_temperature == 100.0
 
 
 # ------------------------------------------------------------------------------------------ trainer runs
