@@ -75,6 +75,30 @@ def test_rotation_by_90_is_rot90_clockwise():
     assert torch.allclose(y, torch.rot90(x, -1, dims=(2, 3)), atol=1e-6)
 
 
+def test_rotation_of_a_non_square_image_is_rigid():
+    """On a 32x64 image (most buckets are not square) a rotation must turn the content about the centre, in pixel
+    units: a mis-scaled matrix would shear it and move the subject off its circle. A small Gaussian blob's centroid
+    must land where the rotation by hand puts it, at the same distance from the centre."""
+    import math
+
+    h, w, sigma = 32, 64, 1.5
+    rows, cols = torch.arange(h, dtype=torch.float64) + 0.5 - h / 2, torch.arange(w, dtype=torch.float64) + 0.5 - w / 2
+    Y, X = rows[:, None].expand(h, w), cols[None].expand(h, w)  # pixel-centre offsets from the image centre, y down
+    starts = [(16.0, 0.0), (0.0, 8.0), (-12.0, -6.0)]  # (x, y) in pixels
+    angles = [30.0, -25.0, 15.0]
+    blobs = torch.stack([torch.exp(-((X - x) ** 2 + (Y - y) ** 2) / (2 * sigma ** 2)) for x, y in starts])
+    img = (blobs * 2 - 1).float()[:, None].expand(3, 3, h, w)  # white blob on black
+    out = apply_pixel_aug(img, torch.ones(3, dtype=torch.bool), torch.ones(3), torch.tensor(angles))
+    for i, ((x, y), a) in enumerate(zip(starts, angles)):
+        # positive angles turn clockwise on screen (y down): (x, y) -> (x cos a - y sin a, x sin a + y cos a)
+        c, s = math.cos(math.radians(a)), math.sin(math.radians(a))
+        ex, ey = x * c - y * s, x * s + y * c
+        wgt = (out[i, 0].double() + 1) / 2
+        cx, cy = (wgt * X).sum() / wgt.sum(), (wgt * Y).sum() / wgt.sum()
+        assert (cx.item(), cy.item()) == (pytest.approx(ex, abs=0.1), pytest.approx(ey, abs=0.1))
+        assert math.hypot(cx.item(), cy.item()) == pytest.approx(math.hypot(x, y), abs=0.1)
+
+
 def test_antialiasing_suppresses_aliasing():
     # a one-pixel checkerboard zoomed out 3x: antialiased, the content is ~flat grey; without, it aliases
     n = 48

@@ -110,6 +110,58 @@ def test_alignment_multi_token_class_and_unmatched_rule():
         token_alignment(a, b, mode="keep")
 
 
+def test_alignment_multi_token_class_replaced_by_a_shorter_prior(tok):
+    """"ohwx teddy bear" -> prior "toy" (docs/apt.md, π rule 4): the two class tokens of c* stretch onto the one
+    prior token, floor(k*m/n) with n = 2, m = 1, so both read "toy"; "bear" must not shift onto "on", the next word,
+    or L_attn would hold the subject's head noun to the attention of an unrelated word."""
+    ft = "a photo of ohwx teddy bear on a table"
+    pr = class_prompt(ft, "ohwx teddy bear", "toy")
+    assert pr == "a photo of toy on a table"
+    # c*: BOS0 a1 photo2 of3 ohwx4 teddy5 bear6 on7 a8 table9 EOS10 pad...; c: BOS0 a1 photo2 of3 toy4 on5 a6 table7
+    # EOS8 pad... The diff replaces c* 4..6 by c 4: ohwx (identifier) -> last token of "toy" = 4 (drop: -1);
+    # teddy k=0 -> 4 + floor(0*1/2) = 4, bear k=1 -> 4 + floor(1*1/2) = 4; then on..EOS and padding shift by 2.
+    head = [0, 1, 2, 3, None, 4, 4, 5, 6, 7, 8]
+    for mode, ident_col in (("class", 4), ("drop", DROPPED)):
+        (pi,) = alignment_for_batch([tok], [ft], [pr], mode, class_tokens=["ohwx teddy bear"],
+                                    prior_class_tokens=["toy"])
+        assert pi[0, :11].tolist() == [ident_col if c is None else c for c in head]
+        assert pi[0, 11:].tolist() == list(range(9, N - 2))
+
+
+def test_alignment_identifier_between_two_equally_near_class_words(tok):
+    """Tag-like caption "dog sks red dog" for "sks dog" -> c "dog red dog": the identifier's deletion point (c
+    column 2) is one column from both "dog"s (1 and 3). π's tie-break (token_alignment: the nearest class
+    occurrence, preferring one at or after the deletion point) sends sks to the later "dog", the one it precedes as
+    in "sks dog"; taking the earlier one would flip with the caption's word order."""
+    ft = "dog sks red dog"
+    pr = class_prompt(ft, "sks dog")
+    assert pr == "dog red dog"
+    # c*: BOS0 dog1 sks2 red3 dog4 EOS5 pad...; c: BOS0 dog1 red2 dog3 EOS4 pad...
+    (pi,) = alignment_for_batch([tok], [ft], [pr], "class", class_tokens=["sks dog"])
+    assert pi[0].tolist() == [0, 1, 3, 2, 3] + list(range(4, N - 1))
+    # the same on bare ids: identifier 5, class 6, deletion at c column 2 between class columns 1 and 3
+    assert token_alignment([0, 6, 5, 8, 6, 9], [0, 6, 8, 6, 9, 9], [5], [6]).tolist() == [0, 1, 3, 2, 3, 4]
+
+
+def test_identifier_is_found_whatever_the_case_of_the_class_word():
+    """class_tokens "Dog sks" with prior "dog": the class word is "Dog" (CLIP lowercases it to the same token), so
+    the identifier is "sks", not "Dog". Read case-sensitively, "Dog" would be taken for the identifier: a tag
+    caption with "sks" alone would keep it in the prior prompt, and mode "drop" would not drop the identifier."""
+    from apt_ext.prompts import identifier_word
+
+    assert identifier_word("Dog sks", "dog") == "sks"
+    assert identifier_word("sks Teddy BEAR", "teddy bear") == "sks"
+    # tag caption without the class tokens: the identifier is replaced by the prior class (no class word present)
+    assert class_prompt("sks, red", "Dog sks", "dog") == "dog, red"
+    # drop mode: c* BOS0 a1 photo2 of3 dog4 sks5 EOS6 vs c BOS0 a1 photo2 of3 dog4 EOS5: sks is dropped (-1)
+    tok = bundled_clip_tokenizer()
+    ft = "a photo of Dog sks"
+    pr = class_prompt(ft, "Dog sks", "dog")
+    assert pr == "a photo of dog"
+    (pi,) = alignment_for_batch([tok], [ft], [pr], "drop", class_tokens=["Dog sks"], prior_class_tokens=["dog"])
+    assert pi[0].tolist() == [0, 1, 2, 3, 4, DROPPED] + list(range(5, N - 1))
+
+
 def test_alignment_sdxl_two_tokenizers_agree(tok, tok2):
     ft = ["a photo of sks dog", "", "sks dog wearing a hat!", "ohwx man", "a photo of a cat"]
     pr = [class_prompt(c, ct, p) for c, ct, p in

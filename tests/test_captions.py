@@ -148,6 +148,19 @@ def test_token_warmup_below_one_is_a_fraction_of_the_run():
         warm(0, token_warmup_step=0.5)
 
 
+def test_token_warmup_fraction_of_the_run_is_floored():
+    """A fractional token_warmup_step is floor(fraction * max_train_steps) steps, as sd-scripts computes it, so the
+    same config warms up for the same steps in both trainers; rounding would add a step of shortened captions.
+    (0.5 alone cannot tell: Python rounds 0.5 down to 0, as floor does.)"""
+    # 0.07 of 10 = 0.7: floor 0 steps, no warm-up (round would give 1 step: step 0 -> "a, b")
+    assert 0.07 * 10 > 0.5
+    assert warm(0, token_warmup_step=0.07, max_train_steps=10) == WARM
+    # 0.35 of 10 = 3.5: floor 3 steps: kept = floor(step * (4 - 1) / 3) + 1 flex tokens = 1, 2, 3, then all at step 3
+    # (round would give 4 steps, and step 3 would keep floor(3 * 3 / 4) + 1 = 3: "a, b, c, d")
+    assert [warm(s, token_warmup_step=0.35, max_train_steps=10) for s in range(4)] == \
+        ["a, b", "a, b, c", "a, b, c, d", WARM]
+
+
 def test_shuffle_and_tag_dropout_draw_only_from_the_kept_tokens():
     for seed in range(20):
         flex = ["b", "c"]  # step 2 keeps two: the shuffle is of those alone
