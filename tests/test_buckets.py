@@ -17,6 +17,19 @@ def test_make_bucket_resolutions_512():
     assert make_bucket_resolutions((512, 512), 256, 1024, 64) == expected
 
 
+def test_sdxl_buckets_never_taller_or_wider_than_max_bucket_reso():
+    """SDXL 1024x1024 with --min_bucket_reso 256 --max_bucket_reso 2048: a narrow width's area-keeping height
+    (1048576 / 256 = 4096) is capped at max_bucket_reso, as sd-scripts does; an uncapped 256x4096 bucket would train
+    at a size the user ruled out (and run out of memory)."""
+    resos = make_bucket_resolutions((1024, 1024), 256, 2048, 64)
+    # widths 256..512: 1048576 // w // 64 * 64 = 4096, 3264, 2688, 2304, 2048 -> all capped at 2048
+    tallest = {w: max(h for ww, h in resos if ww == w) for w in (256, 320, 384, 448, 512)}
+    assert tallest == {256: 2048, 320: 2048, 384: 2048, 448: 2048, 512: 2048}
+    # 576: 1048576 // 576 = 1820 -> 1792 (under the cap, kept)
+    assert (576, 1792) in resos and (1792, 576) in resos and (2048, 256) in resos
+    assert max(max(r) for r in resos) == 2048
+
+
 def test_make_bucket_resolutions_respects_min_and_square():
     resos = make_bucket_resolutions((1024, 1024), 512, 2048, 64)
     assert (1024, 1024) in resos
@@ -43,6 +56,12 @@ def test_select_bucket(size, bucket, resized):
     ((300, 200), (256, 192), (300, 200)),     # small: never upscaled, bucket = size floored to the step
     ((1000, 1000), (512, 512), (512, 512)),   # too large: shrunk to the max area
     ((1200, 600), (640, 320), (640, 320)),    # ar 2 shrunk to area 512^2: 640x320 keeps the ratio exactly
+    # ar 850/650 = 1.3077 shrunk to area 512^2: 585.49 x 447.73. Width rounded to nearest, then to the step:
+    # 585.49 -> 585 -> 576, its height 576 / ar = 440.47 -> 384 (ar 1.5); height 447.73 rounds to 448, its width
+    # 448 * ar = 585.85 -> 576 (ar 1.286, closer to 1.308): resized (int(585.85 + 0.5), 448) = (586, 448), bucket
+    # (576, 448). Truncating 447.73 to 447 instead would step the height down to 384.
+    ((850, 650), (576, 448), (586, 448)),
+    ((650, 850), (448, 576), (448, 586)),
 ])
 def test_select_bucket_no_upscale(size, bucket, resized):
     bm = BucketManager((512, 512), reso_steps=64, no_upscale=True)
@@ -61,6 +80,17 @@ def test_crop_ltrb_like_sd_scripts():
     left, top, right, bottom = get_crop_ltrb((128, 128), (300, 200))
     assert (left, top, right) == (0, 21, 128) and bottom == pytest.approx(21 + 128 / 1.5)
     assert get_crop_ltrb((128, 64), (100, 100)) == (32, 0, 96, 64)
+
+
+def test_crop_ltrb_left_is_floored_to_a_whole_pixel():
+    """The SDXL crop_top_left condition is whole pixels (sd-scripts floors with // 2): bucket 832x1216, image
+    1000x1500 (ar 2/3) fits inside as 810.67 x 1216, so left = (832 - 810.67) // 2 = 10, not 10.67. Off values change
+    the SDXL time_ids the LoRA is trained with."""
+    left, top, right, bottom = get_crop_ltrb((832, 1216), (1000, 1500))
+    assert left == 10 and left == int(left) and top == 0 and bottom == 1216
+    assert right == pytest.approx(10 + 1216 * 2 / 3)
+    left, top, right, bottom = get_crop_ltrb((128, 128), (200, 300))  # 85.33 wide: left = 42.67 // 2 = 21
+    assert (left, top, bottom) == (21, 0, 128) and right == pytest.approx(21 + 128 * 2 / 3)
 
 
 def test_resize_filter_choice():

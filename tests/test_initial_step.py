@@ -1,6 +1,7 @@
 """sd-scripts' --initial_step / --initial_epoch / --skip_until_initial_step: a run without a saved state that goes
 on from step N of a longer run (its step count, epoch numbering, learning rate and, with the skip, its batches),
 and resuming in the folder of an interrupted run that saved per-epoch files."""
+import argparse
 import os
 import shutil
 
@@ -10,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train_apt_lora
+from library.train_state import initial_position
 
 
 @pytest.fixture
@@ -60,6 +62,21 @@ def test_initial_step_goes_on_with_the_count_the_schedule_and_with_the_skip_the_
                 "--initial_step", "4") == 0
     assert [k for k, _ in seen] == [k for k, _ in straight[3:5]]
     assert [lr for _, lr in seen] == [lr for _, lr in straight[4:6]]
+
+
+def test_skip_until_initial_step_skips_whole_accumulated_steps():
+    """With --gradient_accumulation_steps N an optimizer step is N micro-batches, so --skip_until_initial_step skips
+    N batches per step done in the epoch (sd-scripts: initial_step *= gradient_accumulation_steps); skipping one
+    batch per step would retrain batches the earlier run already saw and shift every later step's batches."""
+    def args(**kw):
+        base = dict(initial_step=None, initial_epoch=None, skip_until_initial_step=True, gradient_accumulation_steps=4)
+        return argparse.Namespace(**{**base, **kw})
+
+    # 5 optimizer steps an epoch (20 micro-batches): 7 steps done = epoch 1 (5) + 2 steps of epoch 2 = 8 batches
+    assert initial_position(args(initial_step=7), 5) == (7, 2, 8)
+    assert initial_position(args(initial_step=3, gradient_accumulation_steps=2), 5) == (3, 1, 6)
+    assert initial_position(args(initial_step=7, skip_until_initial_step=False), 5) == (7, 2, 0)
+    assert initial_position(args(initial_epoch=2), 5) == (5, 2, 0)  # an epoch's first step: nothing to skip
 
 
 def test_initial_epoch_starts_at_that_epochs_first_step_and_numbers_the_epoch_saves(world, tmp_path, seen):

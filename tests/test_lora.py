@@ -194,6 +194,70 @@ def test_dropouts_only_in_training():
         lora.restore()
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_rank_dropout_masks_ranks_per_sample_and_rescales_like_sd_scripts(kind):
+    """--network_args rank_dropout=p (sd-scripts LoRAModule): in training each sample keeps each rank with
+    probability 1-p (one draw per (sample, rank), shared by all its tokens / pixels) and the branch is scaled by
+    1/(1-p), so its expected size equals the trained-without-dropout LoRA's; a wrong axis or a missing rescale
+    trains a LoRA that is too weak (or noise) when loaded in ComfyUI/A1111."""
+    torch.manual_seed(0)
+    rank, alpha, mult, p = 4, 2.0, 0.7, 0.5
+    if kind == "linear":
+        org, x = nn.Linear(12, 10), torch.randn(3, 5, 12)  # (B, tokens, features): text encoder / attention
+    else:
+        org, x = nn.Conv2d(6, 5, 3, padding=1), torch.randn(3, 6, 4, 4)  # (B, C, H, W), H = W = rank
+    with torch.no_grad():
+        base = org(x)
+    lora = _patched(org, lora_dim=rank, alpha=alpha, multiplier=mult, rank_dropout=p)
+    lora.train()
+    down, up = lora.lora_down.weight, lora.lora_up.weight
+    with torch.no_grad():
+        torch.manual_seed(11)
+        y = org(x)
+        torch.manual_seed(11)  # the module's only random draw: keep[b, r] = U(0,1) > p
+        keep = (torch.rand(3, rank) > p).float()
+        assert 0 < keep.sum() < keep.numel()  # some ranks dropped, some kept: the mask matters
+        factor = mult * (alpha / rank) / (1 - p)  # 0.7 * 0.5 * 2
+        if kind == "linear":
+            h = (x @ down.T) * keep[:, None, :]  # the same ranks for every token of a sample
+            hand = base + factor * (h @ up.T)
+        else:
+            h = nn.functional.conv2d(x, down, padding=1) * keep[:, :, None, None]  # a rank is a channel
+            hand = base + factor * torch.einsum("or,brhw->bohw", up[:, :, 0, 0], h)
+        torch.testing.assert_close(y, hand, atol=1e-5, rtol=1e-5)
+    lora.restore()
+
+
+@pytest.mark.parametrize("kind", ["linear_unfused", "conv3x3"])
+def test_module_dropout_never_drops_the_lora_in_eval(kind):
+    """module_dropout=p skips a module's whole LoRA branch with probability p, in training only (sd-scripts): sample
+    images and validation loss, taken in eval mode, must see the full LoRA, not a randomly switched-off one."""
+    torch.manual_seed(0)
+    if kind == "linear_unfused":
+        org, x = nn.Linear(12, 10), torch.randn(3, 5, 12)
+    else:
+        org, x = nn.Conv2d(6, 5, 3, padding=1), torch.randn(2, 6, 5, 5)
+    with torch.no_grad():
+        base = org(x)
+    lora = _patched(org, lora_dim=4, alpha=4.0, module_dropout=0.99)  # randomized: lora_up is non-zero
+    lora.fused = False  # --no_fused_lora: the linear goes through the same path as the conv
+    down, up = lora.lora_down.weight, lora.lora_up.weight
+    with torch.no_grad():
+        if kind == "linear_unfused":
+            full = base + (x @ down.T) @ up.T  # multiplier 1, scale alpha / rank = 1
+        else:
+            full = base + nn.functional.conv2d(nn.functional.conv2d(x, down, padding=1), up)
+        assert not torch.allclose(full, base)
+        lora.eval()
+        torch.manual_seed(1)
+        for _ in range(5):
+            torch.testing.assert_close(org(x), full, atol=1e-5, rtol=1e-5)
+        lora.train()  # training: dropped on about 99% of calls, the output is then the base model's exactly
+        dropped = sum(torch.equal(org(x), base) for _ in range(20))
+        assert dropped >= 15
+    lora.restore()
+
+
 def _branch_grads(org, lora, x, fused, autocast):
     lora.fused = fused
     for p in (*lora.parameters(), x):

@@ -101,6 +101,24 @@ def test_post_process_loss_order_and_flags(eps_sched, v_sched):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
 
 
+def test_snr_weightings_cap_snr_at_1000_like_sd_scripts(eps_sched, v_sched):
+    """The debiased / v-pred-scaling / v-pred-like weights use min(SNR, 1000) (sd-scripts custom_train_functions):
+    SD's t=0 has SNR ~1175, and an uncapped weight makes t=0 samples weigh differently from sd-scripts runs."""
+    # t=0 by hand: alphā_0 = 1 - beta_0 = 1 - 0.00085, SNR = 0.99915 / 0.00085 = 1175.5 > 1000; t=1 is ~580
+    assert float(loss_lib.snr_of(eps_sched, torch.tensor([0]))[0]) == pytest.approx(0.99915 / 0.00085, rel=1e-4)
+    assert float(loss_lib.snr_of(eps_sched, torch.tensor([1]))[0]) < 1000
+    t0 = torch.tensor([0])
+    loss = torch.tensor([2.0])
+    got = loss_lib.post_process_loss(loss, ns(debiased_estimation_loss=True), t0, eps_sched)
+    assert float(got[0]) == pytest.approx(2.0 / math.sqrt(1000), rel=1e-5)  # not 2 / sqrt(1175.5) = 0.0583
+    got = loss_lib.post_process_loss(loss, ns(debiased_estimation_loss=True), t0, v_sched)
+    assert float(got[0]) == pytest.approx(2.0 / 1001, rel=1e-5)  # not 2 / 1176.5
+    got = loss_lib.post_process_loss(loss, ns(v_pred_like_loss=0.5), t0, eps_sched)
+    assert float(got[0]) == pytest.approx(2.0 + 2.0 / (1000 / 1001) * 0.5, rel=1e-6)
+    got = loss_lib.post_process_loss(loss, ns(scale_v_pred_loss_like_noise_pred=True), t0, v_sched)
+    assert float(got[0]) == pytest.approx(2.0 * 1000 / 1001, rel=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # targets, noise, timesteps
 # ---------------------------------------------------------------------------------------------------------------
@@ -142,6 +160,19 @@ def test_adaptive_noise_scale():
     base = torch.randn(latents.shape, generator=g)
     offset = 0.1 + 0.2 * latents.mean(dim=(2, 3), keepdim=True).abs()
     torch.testing.assert_close(noise, base + offset * torch.randn(2, 4, 1, 1, generator=g))
+
+
+def test_adaptive_noise_scale_uses_the_size_of_a_negative_latent_mean():
+    """--adaptive_noise_scale adds scale·|channel mean| to the offset (sd-scripts apply_noise_offset): a dark
+    channel (negative mean) gets a larger offset too, not one cancelled (and clamped to 0) by its sign."""
+    means = torch.tensor([-0.5, 0.5, -2.0, 0.0])
+    latents = means.view(1, 4, 1, 1) + torch.tensor([[1.0, -1.0], [-1.0, 1.0]])  # (1,4,2,2), channel mean exact
+    noise = noise_lib.sample_noise(ns(noise_offset=0.1, adaptive_noise_scale=0.2), latents,
+                                   torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(latents.shape, generator=g)
+    offset = torch.tensor([0.2, 0.2, 0.5, 0.1]).view(1, 4, 1, 1)  # 0.1 + 0.2 * |mean|
+    torch.testing.assert_close(noise, base + offset * torch.randn(1, 4, 1, 1, generator=g))
 
 
 def test_noise_offset_random_strength_bounded():
@@ -256,6 +287,21 @@ def test_per_sample_loss_hand_computed():
         loss_lib.per_sample_loss(pred, target, "l3")
 
 
+def test_mask_is_area_averaged_to_the_latent_size():
+    """An alpha / loss mask at image size is shrunk to the latent grid by area averaging (sd-scripts
+    apply_masked_loss), so a latent pixel is weighted by the share of its 8x8 image block that is masked in;
+    picking one pixel per block would drop or fully keep partly transparent edges."""
+    pred = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])  # (1,1,2,2); l2 loss per latent pixel: 1, 4, 9, 16
+    target = torch.zeros_like(pred)
+    mask = torch.tensor([[[1.0, 0.0, 1.0, 1.0],
+                          [0.0, 0.0, 1.0, 1.0],
+                          [0.0, 1.0, 0.0, 0.0],
+                          [1.0, 1.0, 0.0, 0.0]]])  # (1,4,4): its 2x2 blocks average to 0.25, 1, 0.75, 0
+    want = (1 * 0.25 + 4 * 1.0 + 9 * 0.75 + 16 * 0.0) / 4  # 2.75
+    assert loss_lib.per_sample_loss(pred, target, "l2", mask=mask).tolist() == pytest.approx([want])
+    assert loss_lib.per_sample_loss(pred, target, "l2", mask=mask.unsqueeze(1)).tolist() == pytest.approx([want])
+
+
 def test_huber_c_schedules(eps_sched):
     t = torch.tensor([0, 500, 1000 - 1])
     assert loss_lib.get_huber_c(ns(loss_type="l2"), t, eps_sched) is None
@@ -268,6 +314,19 @@ def test_huber_c_schedules(eps_sched):
     ac = eps_sched.alphas_cumprod[t].double()
     sigma = ((1 - ac) / ac).sqrt()
     assert snr.tolist() == pytest.approx(((1 - 0.1) / (1 + sigma) ** 2 + 0.1).tolist(), rel=1e-5)
+
+
+def test_huber_c_snr_schedule_ignores_huber_scale(eps_sched):
+    """With the default snr schedule huber_c is (1-c)/(1+σ_t)² + c whatever --huber_scale is (sd-scripts applies the
+    scale to the constant and exponential schedules only): a GUI config that writes huber_scale keeps the loss."""
+    t = torch.tensor([0, 500, 999])
+    ac = eps_sched.alphas_cumprod[t].double()
+    sigma = ((1 - ac) / ac).sqrt()
+    want = ((1 - 0.1) / (1 + sigma) ** 2 + 0.1).tolist()
+    for scale in (1.0, 3.0):
+        got = loss_lib.get_huber_c(ns(loss_type="huber", huber_schedule="snr", huber_c=0.1, huber_scale=scale), t,
+                                   eps_sched)
+        assert got.tolist() == pytest.approx(want, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
