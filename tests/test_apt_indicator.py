@@ -162,6 +162,30 @@ def test_state_dict_round_trip_safetensors(tmp_path):
     assert torch.equal(new.gamma(), ind.gamma()) and new.step == 2 and torch.equal(new.seen, ind.seen)
 
 
+def test_load_state_without_bin_updates_counts_each_seen_bin_once():
+    """A state saved before `bin_updates` existed still resumes: each seen bin counts as updated once (it was
+    updated at least once), unseen bins 0, and the counts go on from there; the EMAs and γ are restored as saved."""
+    ind = _filled()
+    legacy = {k: v for k, v in ind.state_dict().items() if k != "bin_updates"}
+    new = OverfittingIndicator(temperature=10.0)
+    new.load_state_dict(legacy)
+    assert new.bin_updates.tolist() == [1, 0, 0, 1, 0, 0, 0, 0, 0, 0]  # bins 0 (t=5) and 3 (t=305, 310) seen
+    assert torch.equal(new.gamma(), ind.gamma()) and new.step == 2
+    new.update(torch.tensor([5, 999]), f64([0.2, 0.2]), f64([0.1, 0.1]))
+    assert new.bin_updates.tolist() == [2, 0, 0, 1, 0, 0, 0, 0, 0, 1]
+
+
+def test_gamma_seen_mean_averages_the_seen_bins_only():
+    """The progress bar's γ is the mean over the bins seen so far, not over all B bins: with 2 of 10 bins seen a
+    division by 10 would show a fifth of the real overfitting. 0 before any update."""
+    tau = 10.0
+    ind = OverfittingIndicator(temperature=tau)
+    assert ind.gamma_seen_mean().item() == 0.0
+    ind.update(torch.tensor([50, 650]), f64([0.5, 0.3]), f64([0.4, 0.25]))  # bins 0 and 6: diffs 0.1 and 0.05
+    assert ind.gamma_seen_mean().dim() == 0
+    assert ind.gamma_seen_mean().item() == pytest.approx((g(0.1, tau) + g(0.05, tau)) / 2, rel=1e-6)
+
+
 def test_load_state_dict_rejects_other_bins():
     with pytest.raises(ValueError, match="5 bins"):
         OverfittingIndicator(num_bins=10).load_state_dict(OverfittingIndicator(num_bins=5).state_dict())

@@ -1,5 +1,6 @@
 """The APT step on tiny models: agreement at step 0, gradient checkpointing, DCO, and runs of the trainer."""
 import json
+import math
 import os
 import re
 
@@ -71,8 +72,8 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients():
     for ckpt in (False, True):
         ctx, apt, network = _ctx("sd1", args, checkpointing=ckpt)
         with torch.no_grad():  # nonzero LoRA so the fine-tuned pass differs from the prior
-            for lora in network.loras:
-                lora.lora_up.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(hash(lora.lora_name) % 2**31))
+            for i, lora in enumerate(network.loras):  # the same numbers in every process (hash() is salted)
+                lora.lora_up.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
         torch.manual_seed(5)
         loss, logs = train_apt_lora.training_step(args, ctx, _batch(2, ["a photo of sks dog", "sks dog"]))
         loss.backward()
@@ -117,6 +118,125 @@ def test_dco_loss_type_uses_prior_pass_without_apt():
     # step 0: L_θ ≈ L_φ up to the prompt, DCO loss = softplus(β (L_θ − L_φ)) per sample
     assert torch.isfinite(loss) and "apt/L_mu" not in logs
     assert apt.metadata()["apt_loss_type"] == "dco" and apt.metadata()["apt_dco_beta"] == "1000.0"
+
+
+def _record_losses(monkeypatch, ft_scale=lambda: 1.0):
+    """Patch the step's per-sample loss to record (pass, pred, target) of each call, the fine-tuned pass told apart
+    by its gradient; the fine-tuned loss is scaled by `ft_scale()` (1: unchanged)."""
+    import library.losses
+
+    calls = []
+    real = library.losses.per_sample_loss
+
+    def spy(pred, target, *a, **k):
+        ft = pred.requires_grad
+        calls.append(("ft" if ft else "prior", pred.detach().float().clone(), target.detach().float().clone()))
+        out = real(pred, target, *a, **k)
+        return out * ft_scale() if ft else out
+
+    monkeypatch.setattr(library.losses, "per_sample_loss", spy)
+    return calls
+
+
+def _mse(pred, target):
+    """Per-sample mean squared error over C·H·W, by hand."""
+    return ((pred - target) ** 2).reshape(pred.shape[0], -1).mean(dim=1)
+
+
+def _reg_batch(loss_weights):
+    """Two subject samples ("sks dog" -> "dog") and one regularization sample (caption already the class prompt)."""
+    batch = _batch(3, ["a photo of sks dog", "sks dog on grass", "a photo of dog"])
+    return dict(batch, class_tokens=["sks dog", "sks dog", "dog"], prior_class_tokens=["dog", "dog", "dog"],
+                is_reg=torch.tensor([False, False, True]), loss_weights=torch.tensor(loss_weights))
+
+
+def test_apt_loss_weights_reg_samples_and_loss_weights_as_designed(monkeypatch):
+    """Eq. 7 with a regularization sample, --prior_loss_weight 0.5 and γ = 1 − e^−0.5 in every bin: subject samples
+    are weighted (1 − γ), the reg sample keeps 1 (the indicator does not measure it: shrinking it would weaken prior
+    preservation exactly when the subject overfits), and every sample carries its loss weight. The logs report
+    p = min(γ, p_max) (0 for reg samples) and ΔNoise as a mean over elements."""
+    args = _args("--cache_latents", "--apt_aug_p_max", "0.25")
+    ctx, apt, network = _ctx("sd1", args)
+    with torch.no_grad():  # a trained LoRA: the two passes differ
+        for i, lora in enumerate(network.loras):
+            lora.lora_up.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
+    ind = apt.indicator  # τ = 100 (SD1 default): ema_φ − ema_θ = 0.005 in every bin gives γ = 1 − e^−0.5
+    ind.ema_prior, ind.ema_ft = torch.full((10,), 0.020, dtype=torch.float64), torch.full((10,), 0.015, dtype=torch.float64)
+    ind.seen = torch.ones(10, dtype=torch.bool)
+    calls = _record_losses(monkeypatch)
+    torch.manual_seed(11)
+    loss, logs = train_apt_lora.training_step(args, ctx, _reg_batch([1.0, 1.0, 0.5]))
+
+    (_, pred, target), (_, pred_prior, target_p) = [c for c in calls if c[0] == "ft"][0], [c for c in calls if c[0] == "prior"][0]
+    assert torch.equal(target, target_p)
+    mse_ft = _mse(pred, target)
+    gamma = 1.0 - math.exp(-100 * 0.005)
+    w = torch.tensor([1.0 - gamma, 1.0 - gamma, 1.0])  # reg: 1, not 1 − γ
+    lw = torch.tensor([1.0, 1.0, 0.5])  # prior_loss_weight on the reg sample
+    expected = (w * lw * mse_ft).mean() + 30.0 * (logs["apt/L_mu"] + logs["apt/L_sigma"]) + 3e-4 * logs["apt/L_attn"]
+    assert logs["apt/L_mu"] > 0 and logs["apt/L_attn"] > 0
+    assert loss.item() == pytest.approx(float(expected), rel=1e-5)
+    assert float(logs["apt/L_theta"]) == pytest.approx(float(mse_ft.mean()), rel=1e-5)
+    assert float(logs["apt/gamma_mean_batch"]) == pytest.approx(gamma, rel=1e-6)
+    assert float(logs["apt/p_aug"]) == pytest.approx((0.25 + 0.25 + 0.0) / 3, rel=1e-6)  # min(γ, p_max); reg: 0
+    assert float(logs["apt/delta_noise"]) == pytest.approx(float((pred - pred_prior).pow(2).mean()), rel=1e-5)
+
+
+def test_gamma_rises_where_the_fine_tuned_loss_is_below_the_prior_and_falls_back(monkeypatch):
+    """The indicator gets (L_φ, L_θ) the right way round: a bin where the LoRA fits better than the prior (L_θ < L_φ)
+    gets γ > 0, and later steps where it fits worse bring γ back down to 0, by the EMA of §2.1 computed by hand from
+    the step's own per-sample losses. Swapped, γ would rise when the LoRA fits worse and APT would augment and
+    down-weight the bins that are not overfitting."""
+    import library.noise
+
+    args = _args("--cache_latents", "--apt_components", "none", "--apt_gamma_temperature", "1")
+    ctx, apt, _ = _ctx("sd1", args)
+    monkeypatch.setattr(library.noise, "sample_timesteps", lambda *a, **k: torch.tensor([150, 720]))  # bins 1, 7
+    scales = iter([0.5, 3.0, 3.0, 3.0])  # L_θ halved at the first step, tripled after
+    scale = [1.0]
+    calls = _record_losses(monkeypatch, ft_scale=lambda: scale[0])
+    batch = _batch(2, ["a photo of sks dog", "sks dog on grass"])
+    ema_p = ema_f = None
+    gammas = []
+    for step in range(4):
+        scale[0] = next(scales)
+        calls.clear()
+        torch.manual_seed(step)
+        train_apt_lora.training_step(args, ctx, batch)
+        (_, pred, target), (_, pred_prior, _) = [c for c in calls if c[0] == "ft"][0], [c for c in calls if c[0] == "prior"][0]
+        x_f, x_p = _mse(pred, target).double() * scale[0], _mse(pred_prior, target).double()
+        ema_p = x_p if ema_p is None else 0.9 * ema_p + 0.1 * x_p
+        ema_f = x_f if ema_f is None else 0.9 * ema_f + 0.1 * x_f
+        expected = (1.0 - torch.exp(-(ema_p - ema_f))).clamp(0.0, 1.0)
+        got = apt.indicator.gamma()[[1, 7]].double()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        gammas.append(got)
+    assert (gammas[0] > 0.2).all()  # fits better than the prior: overfitting rises
+    assert (gammas[1] < gammas[0]).all() and (gammas[3] == 0).all()  # fits worse: back to 0
+
+
+def test_dco_loss_is_for_subject_samples_and_reg_samples_keep_the_plain_loss(monkeypatch):
+    """--loss_type dco with prior preservation: subject samples get softplus(β (L_θ − L_φ)), reg samples keep their
+    plain MSE (DCO's reference would otherwise pull reg images toward the base model's own prediction, no prior
+    preservation at all), and every sample carries its loss weight (--prior_loss_weight 0.5 on the reg sample)."""
+    args = setup_parser().parse_args(["--loss_type", "dco", "--cache_latents", "--dco_beta", "100"])
+    ctx, apt, network = _ctx("sd1", args)
+    with torch.no_grad():
+        for i, lora in enumerate(network.loras):
+            lora.lora_up.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
+    calls = _record_losses(monkeypatch)
+    torch.manual_seed(3)
+    loss, _ = train_apt_lora.training_step(args, ctx, _reg_batch([1.0, 1.0, 0.5]))
+    (_, pred, target), (_, pred_prior, _) = [c for c in calls if c[0] == "ft"][0], [c for c in calls if c[0] == "prior"][0]
+    l_ft, l_prior = _mse(pred, target).tolist(), _mse(pred_prior, target).tolist()
+
+    def softplus(x):  # log(1 + e^x), written stably
+        return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+    per_sample = [softplus(100 * (l_ft[0] - l_prior[0])), softplus(100 * (l_ft[1] - l_prior[1])), l_ft[2]]
+    expected = (per_sample[0] * 1.0 + per_sample[1] * 1.0 + per_sample[2] * 0.5) / 3
+    assert abs(softplus(100 * (l_ft[2] - l_prior[2])) - l_ft[2]) > 0.05  # the reg sample's two losses differ
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_components_none_monitors_without_changing_the_loss():
