@@ -964,13 +964,14 @@ def main(argv=None) -> int:
     args = None
     try:
         args = parse_args_with_config(parser, argv)
-        changed = apply_preset(args, given_dests(parser, argv))
+        given = given_dests(parser, argv)
+        changed = apply_preset(args, given)
         if changed:
             logger.info("--apt_preset %s set %s", args.apt_preset, ", ".join(changed))
         if args.output_config:
             if not args.config_file:
                 raise TrainingSetupError("--output_config needs --config_file PATH to write to")
-            print(f"wrote {write_config_file(args, parser, args.config_file, overwrite=args.overwrite)}")
+            print(f"wrote {write_config_file(args, parser, args.config_file, overwrite=args.overwrite, given=given)}")
             return 0
         from library.run_log import console_log
 

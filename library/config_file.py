@@ -288,8 +288,10 @@ def _parser_defaults(parser: argparse.ArgumentParser) -> dict:
     return defaults
 
 
-def write_config_file(args, parser: argparse.ArgumentParser, path: str, overwrite: bool = False) -> str:
-    """`--output_config`: write the arguments that differ from their defaults as a flat TOML file.
+def write_config_file(args, parser: argparse.ArgumentParser, path: str, overwrite: bool = False,
+                      given: set = frozenset()) -> str:
+    """`--output_config`: write the arguments that differ from their defaults, and those in `given` (the user set
+    them: `given_dests`) at any value, as a flat TOML file: so `--apt_preset` leaves them alone when it is loaded.
 
     Secrets and the config flags themselves are never written. None values are left out (TOML has no null).
     Refuses to replace an existing file unless `overwrite`. Returns the path written.
@@ -303,7 +305,7 @@ def write_config_file(args, parser: argparse.ArgumentParser, path: str, overwrit
         if dest in _CONFIG_NEVER_WRITTEN or not hasattr(args, dest):
             continue
         value = getattr(args, dest)
-        if value is None or value == defaults[dest]:
+        if value is None or (value == defaults[dest] and dest not in given):
             continue
         if isinstance(value, os.PathLike):
             value = os.fspath(value)

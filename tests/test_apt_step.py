@@ -315,6 +315,17 @@ def test_preset_sets_only_what_the_user_did_not_set(tmp_path):
     assert sorted(changed) == ["apt_gamma_temperature", "network_dim", "text_encoder_lr"]
     assert args.network_dim == 32 and args.text_encoder_lr == 5e-6 and args.apt_gamma_temperature == 100.0
 
+    # --output_config writes what the user gave even at its default, so the preset leaves it alone when loaded
+    out = tmp_path / "written.toml"
+    argv = ["--pretrained_model_name_or_path", "m", "--apt_preset", "sd1", "--learning_rate",
+            str(defaults["learning_rate"]), "--config_file", str(out), "--output_config"]
+    assert train_apt_lora.main(argv) == 0
+    text = out.read_text(encoding="utf-8")
+    assert f"learning_rate = {defaults['learning_rate']!r}" in text and 'apt_preset = "sd1"' in text
+    back = parse_args_with_config(parser, ["--config_file", str(out)])
+    apply_preset(back, given_dests(parser, ["--config_file", str(out)]))
+    assert back.learning_rate == defaults["learning_rate"] and back.unet_lr == 5e-5 and back.network_dim == 32
+
 
 # ------------------------------------------------------------------------------------------ trainer runs
 
