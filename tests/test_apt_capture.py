@@ -50,6 +50,7 @@ def test_select_layers_per_arch(arch, expected):
     assert select_layers(unet, arch) == expected
     assert select_layers(unet, None) == expected  # found from the block structure
     assert select_layers(unet, arch, ["up_blocks.1", "mid_block"]) == ["up_blocks.1", "mid_block"]
+    assert select_layers(unet, arch, ["up_blocks.1", "up_blocks.1"]) == ["up_blocks.1"]  # a repeat: hooked once
     with pytest.raises(ValueError, match="apt_layers"):
         select_layers(unet, arch, ["up_blocks.9"])
     if arch == "sdxl":
@@ -259,3 +260,23 @@ def test_capture_record_flat_round_trip_and_count_check():
     assert back.attn[1] is a1 and back.stats[0][0] is mu and back.stats[0][1] is sd
     with pytest.raises(ValueError, match="3 tensors for 2 attention maps and 1"):
         CaptureRecord.from_flat("prior", rec.attn_names, rec.stats_names, rec.num_heads, flat[:3])
+
+
+def test_prior_capture_is_detached_even_with_grad_enabled(sd1):
+    """DESIGN §2.4: the prior record is a target. If it kept its graph (a prior pass run with grad, e.g. outside
+    `torch.no_grad()`), the APT losses would push gradients through the target into the weights and hold the
+    whole prior forward's activations in memory; "prior" must detach, "ft" must not."""
+    unet, args, kw, _ = sd1
+    cap = APTCapture(unet, ["up_blocks.3"]).install()
+    param = unet.get_submodule(cap.attn_names[0]).to_k.weight
+    was = param.requires_grad
+    param.requires_grad_(True)
+    try:
+        with torch.enable_grad(), cap.capture("prior") as rec:
+            unet(*args, **kw)
+    finally:
+        param.requires_grad_(was)
+        cap.remove()
+    assert rec.complete
+    assert not any(a.requires_grad for a in rec.attn)
+    assert not any(mu.requires_grad or sd.requires_grad for mu, sd in rec.stats)

@@ -49,6 +49,15 @@ def test_tokenize_long_prompt_eos_padded_tokenizer(models):
     assert ids3[0, 154:].tolist() == [BOS] + [DOG] * 50 + [EOS] * 26
 
 
+def test_tokenize_truncated_long_prompt_ends_every_chunk_with_eos(models):
+    """A caption longer than max_token_length (common with tag lists) is cut to 150 tokens; every chunk must still
+    end in EOS, as sd-scripts' chunks `[ids[0]] + ids[i:i + 75] + [ids[-1]]` do (ids[-1] is the truncation's EOS).
+    Without it the encoder sees each chunk run on with no end token."""
+    (ids,) = tokenize(models["sd1"], [dogs(160)], max_token_length=150)
+    assert ids[0, :77].tolist() == ids[0, 77:].tolist() == [BOS] + [DOG] * 75 + [EOS]
+    _, ids2 = tokenize(models["sdxl"], [dogs(160)], max_token_length=150)
+    assert ids2[0, :77].tolist() == ids2[0, 77:].tolist() == [BOS] + [DOG] * 75 + [EOS]
+
 def test_tokenize_long_prompt_pad_tokenizer_chunk_rules(models):
     _, ids2 = tokenize(models["sdxl"], [dogs(100), dogs(75), "a dog"], max_token_length=150)
     assert ids2.shape == (3, 154)
@@ -273,3 +282,23 @@ def test_sdxl_sizes_reach_the_unet_in_float32_under_bf16():
         cond = encode_prompts(m, ["a dog"])
         unet_forward(m, torch.randn(1, 4, 8, 8, dtype=torch.bfloat16), torch.tensor([10]), cond, ids)
     assert seen[0].dtype == torch.float32 and seen[0].tolist() == [1500, 1195, 10, 0, 1216, 832]
+
+
+def test_cache_encodes_with_the_runs_clip_skip_and_caption_weights(models):
+    """--cache_text_encoder_outputs with --clip_skip 2 / --weighted_captions: the cached context must be what the
+    uncached path gives (penultimate layer through the final LayerNorm; the weighted token scaled), else a cached
+    run silently trains on other conditioning than the same run without the cache. Reference built by hand from
+    the encoder: "a photo of dog" is BOS a photo of dog EOS..., "dog" at position 4."""
+    m = models["sd1"]
+    te = m.text_encoders[0]
+    ln = getattr(te, "text_model", te).final_layer_norm
+    with torch.no_grad():
+        (ids,) = tokenize(m, ["a photo of dog"])
+        assert ids[0, :6].tolist() == [BOS, 320, 1125, 539, DOG, EOS]
+        skip2 = ln(te(ids, output_hidden_states=True).hidden_states[-2])
+    got = TextEncoderCache(m, clip_skip=2).get(["a photo of dog"]).context
+    torch.testing.assert_close(got, skip2)
+    scale = torch.ones(1, 77, 1)
+    scale[0, 4] = 1.5
+    weighted = TextEncoderCache(m, clip_skip=2, weighted=True).get(["a photo of (dog:1.5)"]).context
+    torch.testing.assert_close(weighted, skip2 * scale)

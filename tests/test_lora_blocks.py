@@ -109,12 +109,42 @@ def test_block_lr_weights_make_one_group_per_block():
     assert n_params == 2 * len(net.loras)
 
 
+def test_lr_weight_equal_to_the_threshold_gets_no_modules():
+    """sd-scripts' block_lr_zero_threshold: a block whose weight is at or below it gets no LoRA modules (docs:
+    "重みがこの値以下の場合"). A weight exactly at the threshold must drop the block, as sd-scripts does, or the
+    same config trains (and saves) modules sd-scripts leaves out."""
+    plan = parse_block_args({"down_lr_weight": "1,0.5,0.6", "block_lr_zero_threshold": "0.5"}, "sd1", 8, 4.0,
+                            None, None)
+    assert plan.lr_weight[:3] == [1.0, 0.0, 0.6] and plan.dims[:3] == [8, 0, 8]
+    net = create_network(build_tiny_model("sd1"), Namespace(network_dim=4, network_alpha=4, network_args=[
+        "down_lr_weight=1,0.5,0.6", "block_lr_zero_threshold=0.5"]))
+    blocks = {block_index(m.lora_name, "sd1") for m in net.unet_loras}
+    assert 1 not in blocks and 2 in blocks  # down_blocks_0_attentions_0 (block 1) left out, attentions_1 kept
+
+
+def test_conv_dim_with_block_dims_keeps_conv_alpha():
+    """block_dims with a plain conv_dim / conv_alpha (no conv_block_dims): every 3x3 conv gets conv_dim and
+    conv_alpha, the other modules their block's rank and network_alpha (sd-scripts). A 3x3 conv at network_alpha
+    would train and save at another scale (alpha / rank: 0.5 / 2 here, not 4 / 2)."""
+    dims = [0] + [2] * 24
+    net = create_network(build_tiny_model("sd1"), Namespace(network_dim=4, network_alpha=4, network_args=[
+        "block_dims=" + ",".join(map(str, dims)), "conv_dim=2", "conv_alpha=0.5"]))
+    convs = [m for m in net.unet_loras if m.is_conv3x3]
+    others = [m for m in net.unet_loras if not m.is_conv3x3]
+    assert convs and others
+    assert all(m.lora_dim == 2 and m.alpha.item() == 0.5 for m in convs)
+    assert all(m.lora_dim == 2 and m.alpha.item() == 4.0 for m in others)
+
+
 @pytest.mark.parametrize("network_args, message", [
     (["block_dims=1,2,3"], "block_dims needs 25 values for this model (one per UNet block), got 3"),
     (["block_dims=" + ",".join(["4"] * 24 + ["x"])], "block_dims='4,"),
     (["down_lr_weight=0.5"], "give comma-separated weights or one of cosine, sine, linear, reverse_linear, zeros"),
     (["block_alphas=" + ",".join(["1"] * 25)], "block_alphas is used with block_dims (or a block lr weight)"),
     (["block_lr_zero_threshold=0.1"], "block_lr_zero_threshold applies to down_lr_weight"),
+    (["block_dims=" + ",".join(["4"] * 24 + ["4.5"])], "block_dims='4,"),  # a rank is not cut to 4 silently
+    (["block_dims=" + ",".join(["4"] * 25), "conv_block_dims=" + ",".join(["1"] * 24 + ["-1"])],
+     "block_dims / conv_block_dims must be >= 0"),
 ])
 def test_bad_block_args_name_the_key(network_args, message):
     with pytest.raises(LoRAWeightsError, match=None) as e:
