@@ -127,6 +127,41 @@ def test_reg_images_truncated_when_more_than_train(tmp_path, caplog):
     assert reg_keys == ["0.png", "1.png"] and "not used" in caplog.text
 
 
+def test_reg_images_with_their_own_repeats_balance_as_sd_scripts(tmp_path):
+    """Reg images with num_repeats > 1: sd-scripts counts each one's repeats in the first round, then adds one repeat
+    per image round-robin until the train count is met, and reports num_reg_images = repeats x images. Counting the
+    first round as one per image trains more reg samples than train samples (a stronger prior than asked) and
+    writes a wrong ss_num_reg_images."""
+    for i in range(3):
+        img(tmp_path / "train" / f"{i}.png", seed=i)
+    for i in range(2):
+        img(tmp_path / "reg" / f"{i}.png", seed=10 + i)
+    g = group([{"image_dir": str(tmp_path / "train"), "class_tokens": "sks dog", "num_repeats": 3},
+               {"image_dir": str(tmp_path / "reg"), "class_tokens": "dog", "is_reg": True, "num_repeats": 2}])
+    # train 3 x 3 = 9; reg 2 x 2 = 4 in the first round (n = 4), then +1 each: reg0 3 (5), reg1 3 (6), reg0 4 (7),
+    # reg1 4 (8), reg0 5 (9): stop -> reg0 5, reg1 4, 9 reg samples for 9 train samples
+    assert (g.num_train_images, g.num_reg_images) == (9, 4)
+    counts = {}
+    for key, _, reg, _ in all_samples(g):
+        name = os.path.relpath(key, tmp_path)
+        counts[name] = counts.get(name, 0) + 1
+    assert counts == {"train/0.png": 3, "train/1.png": 3, "train/2.png": 3, "reg/0.png": 5, "reg/1.png": 4}
+    md = g.metadata()
+    assert md["ss_num_train_images"] == "9" and md["ss_num_reg_images"] == "4"
+
+
+def test_finetuning_num_repeats_count_in_the_epoch_and_the_metadata(tmp_path):
+    """A fine-tuning (metadata_file) subset with num_repeats 3: each image trains 3 times per epoch and
+    num_train_images (ss_num_train_images, the step count users read) is images x repeats, as in sd-scripts."""
+    d = tmp_path / "ft"
+    img(d / "one.png"), img(d / "two.png", seed=2)
+    (tmp_path / "md.json").write_text(json.dumps({"one": {"caption": "a"}, "two": {"caption": "b"}}))
+    g = group([{"image_dir": str(d), "metadata_file": str(tmp_path / "md.json"), "num_repeats": 3}])
+    keys = [k for k, *_ in all_samples(g)]
+    assert sorted(keys) == ["one"] * 3 + ["two"] * 3
+    assert g.num_train_images == 6 and g.metadata()["ss_num_train_images"] == "6"
+
+
 def test_finetuning_metadata(tmp_path):
     d = tmp_path / "ft"
     img(d / "one.png"), img(d / "two.jpg", seed=2)
@@ -311,6 +346,55 @@ def test_no_bucket_resize_crop_flip_and_sdxl_size_conditioning(tmp_path):
     assert 10 < flips < 30
 
 
+def test_flipped_sdxl_crop_left_is_the_bucket_width_less_the_right_edge(tmp_path):
+    """SDXL crop conditioning of a flipped sample: sd-scripts mirrors crop_ltrb, left = bucket width - right. An
+    85x128 image in a 128x128 bucket fits inside it as 85x128 at left (128 - 85) // 2 = 21, right 106: unflipped
+    crop_top_lefts (0, 21), flipped (0, 128 - 106 = 22). Keeping 21 for flipped samples feeds the UNet a size
+    condition sd-scripts never trains with."""
+    arr = np.zeros((128, 85, 3), np.uint8)
+    arr[:, :42] = (255, 0, 0)
+    arr[:, 42:] = (0, 0, 255)
+    p = tmp_path / "train" / "tall.png"
+    p.parent.mkdir()
+    Image.fromarray(arr).save(p)
+    g = group([{"image_dir": str(p.parent), "class_tokens": "x", "num_repeats": 30, "flip_aug": True}],
+              general={"resolution": 128}, is_sdxl=True)
+    seen = set()
+    for i in range(len(g)):
+        b = g[i]
+        x = b["images"][0]
+        flipped = bool(x[2, 64, 0] > 0.9)  # blue on the left: mirrored
+        assert b["crop_top_lefts"].tolist() == [[0, 22 if flipped else 21]], flipped
+        seen.add(flipped)
+    assert seen == {True, False}
+
+
+def test_random_crop_takes_a_random_window_of_the_resized_image(tmp_path):
+    """random_crop: each sample is a bucket-sized window at a random offset of the resized image (sd-scripts), not
+    the centre. A 256x64 image whose red channel is the column index x is already the size that covers the 64x64
+    bucket, so a window's first red value is its offset: every sample is columns off..off+63 with off in [0, 192],
+    the offsets vary; without random_crop it is the centre, off = (256 - 64) // 2 = 96."""
+    arr = np.zeros((64, 256, 3), np.uint8)
+    arr[:, :, 0] = np.arange(256, dtype=np.uint8)[None, :]
+    p = tmp_path / "train" / "ramp.png"
+    p.parent.mkdir()
+    Image.fromarray(arr).save(p)
+
+    def offsets(random_crop):
+        g = group([{"image_dir": str(p.parent), "class_tokens": "x", "num_repeats": 20, "random_crop": random_crop}])
+        out = []
+        for i in range(len(g)):
+            red = ((g[i]["images"][0, 0] + 1) * 127.5).round().long()  # back to 0..255
+            off = int(red[0, 0])
+            assert red.shape == (64, 64) and (red == torch.arange(off, off + 64)[None, :]).all(), off
+            out.append(off)
+        return out
+
+    assert offsets(False) == [96] * 20
+    got = offsets(True)
+    assert all(0 <= o <= 192 for o in got) and len(set(got)) >= 5, got
+
+
 def test_prior_class_tokens_pass_through(tmp_path):
     img(tmp_path / "a" / "0.png"), img(tmp_path / "b" / "0.png", seed=1)
     g = group([{"image_dir": str(tmp_path / "a"), "class_tokens": "sks dog", "prior_class_tokens": "dog"},
@@ -321,6 +405,37 @@ def test_prior_class_tokens_pass_through(tmp_path):
                       zip(b["class_tokens"], b["prior_class_tokens"])))
     assert by_key == {"a": ("sks dog", "dog"), "b": ("ohwx cat", None)}
     assert b["is_reg"].dtype == torch.bool and b["loss_weights"].tolist() == [1.0, 1.0]
+
+
+def test_reg_samples_prior_prompt_defaults_to_their_class_tokens(tmp_path):
+    """A reg subset without prior_class_tokens gets its class tokens as prior class tokens, so APT's class prompt c
+    of a reg image is its own caption (c = c*, docs/apt.md decision 24: it has no identifier to replace); a train
+    image's stays None (the trainer derives it from its class tokens)."""
+    img(tmp_path / "train" / "0.png"), img(tmp_path / "reg" / "0.png", seed=1)
+    g = group([{"image_dir": str(tmp_path / "train"), "class_tokens": "sks dog"},
+               {"image_dir": str(tmp_path / "reg"), "class_tokens": "dog", "is_reg": True}],
+              general={"resolution": 64, "batch_size": 2})
+    b = g[0]
+    got = {bool(r): (c, p) for r, c, p in zip(b["is_reg"].tolist(), b["class_tokens"], b["prior_class_tokens"])}
+    assert got == {False: ("sks dog", None), True: ("dog", "dog")}
+
+
+def test_per_sample_randomness_changes_with_the_epoch(tmp_path):
+    """Caption shuffles and flips are drawn anew each epoch (sd-scripts draws them per access): one image, one
+    repeat, shuffle_caption and flip_aug over 12 epochs gives several orders of its 5 tags and both flips. Seeding
+    them without the epoch would train the same augmented sample every epoch."""
+    img(tmp_path / "t" / "0.png")
+    (tmp_path / "t" / "0.caption").write_text("a, b, c, d, e")
+    g = group([{"image_dir": str(tmp_path / "t"), "class_tokens": "x", "shuffle_caption": True, "flip_aug": True}])
+    captions, flips = set(), set()
+    first = g[0]["images"][0]
+    for epoch in range(1, 13):
+        g.set_current_epoch(epoch)
+        b = g[0]
+        captions.add(b["captions"][0])
+        flips.add(not torch.equal(b["images"][0], first))
+    assert all(sorted(c.split(", ")) == list("abcde") for c in captions)
+    assert len(captions) >= 4 and flips == {True, False}
 
 
 def test_bucket_no_upscale_too_small_image(tmp_path):

@@ -60,6 +60,30 @@ def test_txt_prompt_file_all_options(tmp_path, caplog):
     assert parse_prompt_file(path, default_size=1024)[1].width == 1024
 
 
+def test_seed_zero_is_a_fixed_seed_and_only_negative_seeds_are_random(tmp_path):
+    """`--d 0` (and seed = 0 in .toml/.json) is the fixed seed 0, as in sd-scripts: reading it as random gave a
+    different sample at every save and no seed in the file name, so runs could not be compared. Only a negative
+    seed (A1111's -1) draws a new one."""
+    path = write(tmp_path, "p.txt", "a --d 0\nb --d -1\nc --d 1\n")
+    assert [p.seed for p in parse_prompt_file(path)] == [0, None, 1]
+    path = write(tmp_path, "p.json", json.dumps([{"prompt": "a", "seed": 0}, {"prompt": "b", "seed": -1}]))
+    assert [p.seed for p in parse_prompt_file(path)] == [0, None]
+    assert S.sample_image_path("out", "x", 0, step=5, seed=0, timestamp="20250101000000") == os.path.join(
+        "out", "sample", "x_000005_00_20250101000000_0.png")
+
+
+def test_default_size_sets_both_sides_in_every_prompt_file_format(tmp_path):
+    """`default_size=1024` (SDXL) is the width and the height of a prompt that gives neither, in .txt, .toml and
+    .json alike; a prompt's own --w/--h (width/height) still wins. A 1024x512 default would sample SDXL at half
+    height."""
+    txt = write(tmp_path, "p.txt", "a dog\na cat --h 640\n")
+    toml = write(tmp_path, "p.toml", '[[prompt.subset]]\nprompt = "a dog"\n[[prompt.subset]]\nprompt = "a cat"\nheight = 640\n')
+    js = write(tmp_path, "p.json", json.dumps(["a dog", {"prompt": "a cat", "height": 640}]))
+    for path in (txt, toml, js):
+        got = [(p.width, p.height) for p in parse_prompt_file(path, default_size=1024)]
+        assert got == [(1024, 1024), (1024, 640)], path
+
+
 @pytest.mark.parametrize("line, message", [
     ("a dog --w abc", r"p\.txt:2: --w expects an integer"),
     ("a dog --l high", r"p\.txt:2: --l expects a number"),
@@ -199,6 +223,15 @@ def test_make_sampler_runs(name):
         kw = {"generator": g} if "generator" in S.inspect.signature(sched.step).parameters else {}
         x = sched.step(torch.randn(1, 4, 8, 8, generator=g), t, x, **kw).prev_sample
     assert torch.isfinite(x).all()
+
+
+def test_ddim_samples_on_the_sd_timesteps_with_steps_offset_1():
+    """The SD scheduler config has steps_offset 1, so 4 DDIM steps ("leading" spacing, 1000 // 4 = 250 apart) run at
+    t = 751, 501, 251, 1, as diffusers' and A1111's SD pipelines do; offset 0 (750 ... 0) gives other samples than
+    the ones users compare with."""
+    sched = make_sampler("ddim", False)
+    sched.set_timesteps(4)
+    assert sched.config.steps_offset == 1 and sched.timesteps.tolist() == [751, 501, 251, 1]
 
 
 def test_make_sampler_options():

@@ -626,6 +626,35 @@ def test_num_processes_scales_steps():
             assert double == pytest.approx(single), (warmup, step)
 
 
+def test_schedule_step_counts_round_and_scale_as_sd_scripts():
+    """The step counts behind a schedule, each checked where it changes the learning rate a user trains with:
+    a fractional --lr_warmup_steps is floored (sd-scripts' int(ratio * steps)); a ratio of 1.0 ("100%") is the whole
+    run also with 2 processes (not twice it); inverse_sqrt's --lr_scheduler_timescale and warmup_stable_decay's
+    --lr_scheduler_min_lr_ratio reach transformers' schedules."""
+    # 0.15 of 110 steps = 16.5 -> 16 warmup steps: half the rate at step 8
+    assert optim_lib.resolve_warmup_steps(0.15, 110) == 16
+    assert lr_at(ns(lr_scheduler="linear", lr_warmup_steps=0.15), 8) == pytest.approx(8 / 16)
+    # 100 optimizer steps on 2 processes: 200 scheduler steps, all of them warmup; halfway (100) is half the rate
+    for form in (1.0, "100%"):
+        args = ns(lr_scheduler="linear", lr_warmup_steps=form)
+        assert lr_at(args, 100, total=100, num_processes=2) == pytest.approx(0.5), form
+    # inverse_sqrt, timescale 4, stepped twice per optimizer step: at scheduler step 2t the rate of step t,
+    # 1 / sqrt((t + 4) / 4)
+    args = ns(lr_scheduler="inverse_sqrt", lr_scheduler_timescale=4, lr_warmup_steps=0)
+    for t in (1, 5, 12):
+        assert lr_at(args, 2 * t, total=20, num_processes=2) == pytest.approx(1 / math.sqrt((t + 4) / 4)), t
+    # inverse_sqrt with a warmup of 2 (timescale 4): t / 2 up to 2, then 1 / sqrt((t - 2 + 4) / 4)
+    args = ns(lr_scheduler="inverse_sqrt", lr_scheduler_timescale=4, lr_warmup_steps=2)
+    for t, want in ((1, 0.5), (2, 1.0), (6, 1 / math.sqrt(2))):
+        assert lr_at(args, t, total=10) == pytest.approx(want), t
+    # warmup_stable_decay, 10 steps, decay 4 (steps 6..9) by a half-cosine down to the floor 0.2:
+    # 0.2 + 0.8 * 0.5 * (1 + cos(pi * (t - 6) / 4))
+    args = ns(lr_scheduler="warmup_stable_decay", lr_warmup_steps=0, lr_decay_steps=4, lr_scheduler_min_lr_ratio=0.2)
+    for t in (5, 6, 8, 9):
+        want = 1.0 if t < 6 else 0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * (t - 6) / 4))
+        assert lr_at(args, t, total=10) == pytest.approx(want, abs=1e-9), t
+
+
 def _lrs(sched, steps):
     """The schedule's lr (factor of lr 1.0) at each of `steps` (the scheduler stepped there)."""
     out = []
