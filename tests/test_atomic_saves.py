@@ -360,3 +360,67 @@ def test_a_path_over_windows_max_path_is_named_with_what_to_do(tmp_path, monkeyp
     assert isinstance(e.value, safe_io.SaveError)
     monkeypatch.undo()
     assert not safe_io._too_long_on_windows("x" * 300)  # not Windows: no limit of this kind
+
+
+def test_a_file_created_while_saving_is_not_overwritten(tmp_path, monkeypatch):
+    """Without --overwrite, a file that appears under the name while the save is being written (a second run with
+    the same --output_name) is kept: the save fails with the --overwrite message instead of replacing it, and leaves
+    no temp file."""
+    from library import safe_io
+
+    path = tmp_path / "lora.safetensors"
+    real_fsync = safe_io.fsync_file
+
+    def other_run_saves_meanwhile(tmp):
+        real_fsync(tmp)
+        path.write_bytes(b"the other run's LoRA")
+
+    monkeypatch.setattr(safe_io, "fsync_file", other_run_saves_meanwhile)
+    with pytest.raises(FileExistsError, match="already exists; refusing to overwrite it. Pass --overwrite"):
+        safe_io.atomic_write_bytes(path, b"ours")
+    assert path.read_bytes() == b"the other run's LoRA" and os.listdir(tmp_path) == ["lora.safetensors"]
+
+
+def test_an_unwritable_folder_is_refused_before_writing(tmp_path, monkeypatch):
+    """check_writable (run before a long conversion or training) refuses a folder the user cannot write in, naming
+    it, also for a folder still to be created under it. (os.access is faked: root ignores permission bits.)"""
+    from library import safe_io
+
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real_access(p, mode))
+    for target in (tmp_path / "lora.safetensors", tmp_path / "new" / "lora.safetensors"):
+        with pytest.raises(PermissionError, match=f"cannot write {target}: folder {tmp_path} is not writable"):
+            safe_io.check_writable(target)
+
+
+def test_stale_hashes_in_the_metadata_do_not_change_sshs_legacy_hash():
+    """sshs_legacy_hash is hashed over a header of the ss_* keys only (sd-scripts' precalculate_safetensors_hashes):
+    sshs_* values carried over from an earlier save, or modelspec keys, must not shift it."""
+    import hashlib
+
+    import safetensors.torch
+    import torch
+
+    from library import safe_io
+
+    t = {"w": torch.arange(400_000, dtype=torch.float32)}
+    ref = safetensors.torch.save(t, {"ss_a": "1"})
+    got = safe_io.safetensors_hashes(t, {"ss_a": "1", "sshs_model_hash": "0" * 64, "modelspec.title": "t"})
+    assert got[1] == hashlib.sha256(ref[0x100000:0x110000]).hexdigest()[:8]
+    assert got[0] == hashlib.sha256(ref[8 + int.from_bytes(ref[:8], "little"):]).hexdigest()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permission bits")
+def test_a_saved_file_gets_the_usual_permissions_not_the_temp_files(tmp_path):
+    """The temp file is made private (0600, mkstemp); the saved LoRA must get the permissions any new file gets under
+    the umask (0644 under 022), or a UI running as another user (a shared server, a container) cannot read it."""
+    import torch
+
+    from library.safe_io import atomic_save_safetensors
+
+    old = os.umask(0o022)
+    try:
+        atomic_save_safetensors({"w": torch.zeros(2)}, tmp_path / "lora.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "lora.safetensors").stat().st_mode & 0o777 == 0o644

@@ -75,3 +75,26 @@ def test_training_on_top_of_base_weights(tiny, images, tmp_path, capsys):
     assert f"--base_weights: merged {lora} (" in capsys.readouterr().out
     assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "bad", "--base_weights_multiplier", "0.5") == 2
     assert "--base_weights_multiplier is the weight of each --base_weights file: add the files" in capsys.readouterr().err
+
+
+def test_a_module_of_another_size_or_an_empty_file_is_refused_naming_it(tmp_path):
+    """A file whose module names fit but whose sizes do not (a LoRA for another model of the same layout, or an edited
+    one) is a LoRAWeightsError naming the file, the tensor and both shapes, not a reshape traceback; an empty file is
+    not merged as "0 modules" but refused as no LoRA."""
+    import safetensors.torch
+
+    model = build_tiny_model("sd1")
+    path = tmp_path / "a.safetensors"
+    _random_lora(model, path, 0, lora_dim=4, alpha=4)
+    sd = safetensors.torch.load_file(str(path))
+    name = sorted(k for k in sd if k.startswith("lora_unet_") and k.endswith("to_k.lora_down.weight"))[0]
+    width = sd[name].shape[1]
+    sd[name] = torch.zeros(4, width + 1)
+    bad = tmp_path / "wider.safetensors"
+    safetensors.torch.save_file(sd, str(bad))
+    with pytest.raises(LoRAWeightsError, match=rf"--base_weights .*wider\.safetensors: {name} is \[4, {width + 1}\], "
+                                               rf"this model needs \[4, {width}\]"):
+        merge_base_weights(copy.deepcopy(model), [str(bad)])
+    safetensors.torch.save_file({}, str(tmp_path / "empty.safetensors"))
+    with pytest.raises(LoRAWeightsError, match=r"empty\.safetensors: not a plain kohya LoRA"):
+        merge_base_weights(model, [str(tmp_path / "empty.safetensors")])

@@ -244,3 +244,57 @@ def test_update_on_save():
     assert saved["ss_training_finished_at"] == "1700000100.25"
     assert "ss_steps" not in meta  # the base metadata is left as it was
     assert all(isinstance(v, str) for v in saved.values())
+
+
+# sd-scripts train_network.py writes these straight from the flag of the same name (KOHYA_COMPAT.md 2.1)
+FLAG_KEYS = """
+output_name learning_rate unet_lr gradient_checkpointing gradient_accumulation_steps lr_warmup_steps lr_scheduler
+network_dropout mixed_precision clip_skip max_token_length seed noise_offset multires_noise_iterations
+multires_noise_discount adaptive_noise_scale zero_terminal_snr training_comment max_grad_norm caption_dropout_rate
+caption_dropout_every_n_epochs caption_tag_dropout_rate prior_loss_weight min_snr_gamma scale_weight_norms
+ip_noise_gamma noise_offset_random_strength ip_noise_gamma_random_strength loss_type huber_schedule huber_scale
+huber_c validation_seed validation_split max_validation_steps validate_every_n_epochs validate_every_n_steps
+resize_interpolation
+""".split()
+
+
+def test_every_flag_key_holds_its_own_flags_value():
+    """Each ss_<flag> key holds that flag's value, not a neighbour's (ss_huber_c read from --huber_scale would show a
+    LoRA manager, and anyone reproducing the run, the wrong setting); the bool keys likewise, and ss_full_bf16 only
+    with --full_bf16, as sd-scripts writes it."""
+    values = {flag: f"value-{i}" for i, flag in enumerate(FLAG_KEYS)}
+    values["gradient_accumulation_steps"] = 7  # (a number: the epoch count is computed from it)
+    args = make_args(**values, debiased_estimation_loss=True, fp8_base=True, lowram=False, full_fp16=False,
+                     cache_latents=False, fp8_base_unet=False, full_bf16=True)
+    meta = build(args)
+    assert {f: meta[f"ss_{f}"] for f in FLAG_KEYS} == {f: str(v) for f, v in values.items()}
+    assert (meta["ss_debiased_estimation"], meta["ss_fp8_base"]) == ("True", "True")
+    assert [meta[k] for k in ("ss_lowram", "ss_full_fp16", "ss_cache_latents", "ss_fp8_base_unet")] == ["False"] * 4
+    assert meta["ss_full_bf16"] == "True"
+    assert "ss_full_bf16" not in build(make_args(full_bf16=False))
+
+
+def test_gradient_accumulation_in_epochs_and_total_batch_size():
+    """With --gradient_accumulation_steps 4 on 2 processes, batch 2, 10 batches per epoch and 100 steps: an epoch is
+    ceil(10 / 4) = 3 optimizer steps, so ss_num_epochs = ceil(100 / 3) = 34, and ss_total_batch_size = 2 * 2 * 4 = 16
+    (sd-scripts' formulas; without the accumulation both would read 10 and 4)."""
+    meta = build(make_args(gradient_accumulation_steps=4, train_batch_size=2, max_train_steps=100),
+                 num_batches_per_epoch=10, num_processes=2)
+    assert meta["ss_num_epochs"] == "34"
+    assert meta["ss_total_batch_size"] == "16" and meta["ss_batch_size_per_device"] == "2"
+
+
+def test_first_text_encoder_lr_and_a_timestep_range_with_only_a_maximum():
+    """--text_encoder_lr 5e-5 1e-5 (one per SDXL text encoder): networks.lora trains both at the first, and
+    ss_text_encoder_lr says so. --max_timestep 500 alone is the range 0,500 (the minimum defaults to 0)."""
+    assert build(make_args(text_encoder_lr=[5e-5, 1e-5]))["ss_text_encoder_lr"] == "5e-05"
+    spec = md.modelspec(make_args(max_timestep=500), model(), timestamp=1700000000.0)
+    assert spec["modelspec.timestep_range"] == "0,500"
+
+
+def test_a_thumbnail_given_as_a_data_url_is_kept():
+    """--metadata_thumbnail accepts a data URL as well as an image file (sd-scripts does): it is written unchanged,
+    not looked up as a file name and dropped with a "file not found" warning."""
+    url = "data:image/jpeg;base64," + base64.b64encode(b"\xff\xd8\xff").decode()
+    spec = md.modelspec(make_args(metadata_thumbnail=url), model(), timestamp=1700000000.0)
+    assert spec["modelspec.thumbnail"] == url

@@ -683,3 +683,32 @@ def test_hugging_face_cache_entries_load_offline(tiny, tmp_path, monkeypatch):
         assert probe_model(str(given)) == ("sd1", False)
     with pytest.raises(ModelLoadError, match="model not found: org/other.*one already in the local Hugging Face cache"):
         load_model("org/other")
+
+
+@pytest.mark.parametrize("arch, samplers", [
+    ("sd1", ["input_blocks.3.0.op", "input_blocks.6.0.op", "input_blocks.9.0.op",
+             "output_blocks.2.1.conv", "output_blocks.5.2.conv", "output_blocks.8.2.conv"]),
+    ("sdxl", ["input_blocks.3.0.op", "input_blocks.6.0.op", "output_blocks.2.2.conv", "output_blocks.5.2.conv"])])
+def test_full_size_samplers_are_named_as_in_real_checkpoints(arch, samplers):
+    """The down/upsampler convs of a saved single file sit under the names real v1-5 / SDXL base files use (SD1's
+    first up block has no attention, so its upsampler is `.1`, the others follow an attention at `.2`). diffusers'
+    loader finds an upsampler wherever it is, so the round trip cannot tell; ComfyUI, A1111 and sd-scripts read these
+    exact names and would leave a misnamed upsampler out of the model."""
+    from diffusers import UNet2DConditionModel
+
+    cfg = arch_config(arch)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(cfg["unet"])
+    ldm = ldm_convert.unet_to_ldm(unet.state_dict(), cfg["unet"])
+    found = sorted({k.removeprefix("model.diffusion_model.").rsplit(".", 1)[0] for k in ldm
+                    if k.endswith((".op.weight", ".conv.weight")) and "_blocks." in k})
+    assert found == sorted(samplers)
+
+
+def test_a_vae_file_in_diffusers_layout_loads_as_is(tiny, tmp_path):
+    """--vae pointing at a single diffusers-layout file (the diffusion_pytorch_model.safetensors of a VAE repo such
+    as sd-vae-ft-mse, downloaded alone) loads those exact weights instead of being run through the LDM converter."""
+    other = build_tiny_model("sd1", seed=9)
+    path = str(tmp_path / "diffusion_pytorch_model.safetensors")
+    save_file({k: v.contiguous() for k, v in other.vae.state_dict().items()}, path)
+    _assert_same_weights(other.vae, model_util.load_vae(path, tiny_config("sd1")["vae"]))
