@@ -230,6 +230,46 @@ def test_a_floating_point_image_is_refused_by_name(tmp_path, caplog):
     assert f"skipping image {path}: a 32-bit floating-point image (mode F)" in caplog.text
 
 
+def test_a_palette_images_transparency_is_its_alpha_mask(tmp_path):
+    """alpha_mask = true with a palette PNG (transparency by colour index, as GIMP and pngquant save cutouts): the
+    transparent index weighs 0, the rest 1. Read as "no alpha", the whole picture weighed 1 and the background
+    trained as the subject without a word."""
+    from library.image_io import load_image_rgb
+
+    idx = np.zeros((8, 8), np.uint8)
+    idx[:, 4:] = 1  # the right half in colour 1, the transparent one
+    p = Image.fromarray(idx, "P")
+    p.putpalette([200, 30, 60, 0, 0, 255] + [0] * 762)
+    p.save(tmp_path / "cutout.png", transparency=1)
+    assert Image.open(tmp_path / "cutout.png").mode == "P"
+    image, alpha = load_image_rgb(str(tmp_path / "cutout.png"), with_alpha=True)
+    expected = np.full((8, 8), 255, np.uint8)
+    expected[:, 4:] = 0
+    assert np.array_equal(np.asarray(alpha), expected)
+    assert np.asarray(image)[0, 0].tolist() == [200, 30, 60] and np.asarray(image)[0, 7].tolist() == [0, 0, 255]
+
+
+def test_32_bit_integer_greyscale_is_clipped_to_the_16_bit_scale(tmp_path):
+    """A 32-bit integer TIFF (mode "I") can hold values outside 0-65535: they clip to black and white. Without the
+    clip a negative value wrapped around to white and 70000 to near black."""
+    from library.image_io import load_image_rgb
+
+    arr = np.array([[-5, 70000, 257 * 100, 0]], np.int32)
+    Image.fromarray(arr, "I").save(tmp_path / "depth.tif")
+    assert Image.open(tmp_path / "depth.tif").mode == "I"
+    got = np.asarray(load_image_rgb(str(tmp_path / "depth.tif")))
+    assert got[0, :, 0].tolist() == [0, 255, 100, 0] and (got[..., 0] == got[..., 2]).all()
+
+
+def test_an_image_of_exactly_max_image_pixels_is_kept(tmp_path):
+    """The limit is the largest size allowed ("above the limit" is refused): a dataset sized to it keeps its
+    images."""
+    from library.image_io import probe_images
+
+    paths = [str(rgb(tmp_path / "at.png", 50, 40)), str(rgb(tmp_path / "over.png", 51, 40))]
+    assert probe_images(paths, max_pixels=2000) == [((50, 40), False), None]
+
+
 def test_only_the_requested_latent_caches_are_written(tmp_path):
     from library.tiny_models import build_tiny_model
 

@@ -744,6 +744,35 @@ def test_masks_of_photos_with_an_exif_orientation_turn_with_them(tmp_path, caplo
               args=argparse.Namespace(masked_loss=True))
 
 
+@pytest.mark.parametrize("orientation, corner", [(2, "tr"), (3, "br"), (4, "bl"), (5, "tl"), (6, "tr"), (7, "br"),
+                                                 (8, "bl")])
+def test_a_mask_of_the_stored_photo_weighs_the_subject_upright_for_every_exif_orientation(tmp_path, orientation,
+                                                                                           corner):
+    """Every EXIF orientation (mirrors and transposes too, not only the 90-degree turns of most phones): the photo
+    trains upright and its untagged mask, drawn on the stored pixels, turns with it, so the loss weighs the subject
+    and not another quadrant of the picture. Stored 96x64 with the subject in its top-left 48x32; upright it lands
+    in the corner written out here (the EXIF spec's table), a 32x32 quadrant of the 64x64 centre crop."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    images, masks = tmp_path / "i", tmp_path / "m"
+    images.mkdir(), masks.mkdir()
+    stored = np.zeros((64, 96, 3), np.uint8)
+    stored[:32, :48] = (255, 0, 0)
+    Image.fromarray(stored).save(images / "p.png", exif=exif)
+    mask = np.zeros((64, 96), np.uint8)
+    mask[:32, :48] = 255
+    Image.fromarray(mask, "L").save(masks / "p.png")
+    sample = group([{"image_dir": str(images), "class_tokens": "x", "conditioning_data_dir": str(masks)}],
+                   general={"resolution": 64}, args=argparse.Namespace(masked_loss=True))[0]
+    expected = torch.zeros(64, 64)
+    rows = slice(0, 32) if corner[0] == "t" else slice(32, 64)
+    cols = slice(0, 32) if corner[1] == "l" else slice(32, 64)
+    expected[rows, cols] = 1
+    red = ((sample["images"][0, 0] > 0.5) & (sample["images"][0, 1] < -0.5)).float()
+    assert torch.equal(red, expected)  # the photo upright
+    assert torch.equal(sample["alpha_masks"][0], expected)  # its mask with it
+
+
 def test_listing_passes_over_hidden_files_and_names_broken_links_and_other_formats(tmp_path, caplog):
     """As sd-scripts' glob: `._a.png` (a Mac's metadata beside every image on exFAT/SMB/zip) and `.hidden.png` are
     not images of the set; they were listed, took validation slots and could leave the held-out side unreadable
@@ -770,6 +799,19 @@ def test_listing_passes_over_hidden_files_and_names_broken_links_and_other_forma
         train, held = (build_dataset_group(bps, is_sdxl=False, seed=0, split=s) for s in ("train", "validation"))
         assert (train.num_train_images, held.num_train_images) == (3, 1), seed
         assert caplog.text.count("of other image formats") == 1  # the train build says it, not the held-out one
+
+
+def test_image_extensions_are_matched_in_any_case(tmp_path):
+    """Cameras and phones name files IMG_0001.JPG: an upper- or mixed-case extension is an image as its lower-case
+    spelling is (sd-scripts globs both); matched by case, a camera's folder trained on nothing or on a part."""
+    from library.image_io import list_images
+
+    folder = tmp_path / "i"
+    for name in ("IMG_0001.JPG", "b.Png", "c.jpeg", "d.WEBP"):
+        img(folder / name)
+    (folder / "notes.TXT").write_text("x")
+    assert [os.path.basename(p) for p in list_images(str(folder))] == ["IMG_0001.JPG", "b.Png", "c.jpeg", "d.WEBP"]
+    assert group([{"image_dir": str(folder), "class_tokens": "x"}]).num_train_images == 4
 
 
 def test_latent_cache_is_recomputed_when_its_image_or_mask_is_newer(tmp_path, vae):

@@ -140,6 +140,26 @@ def test_ddp_timeout_reaches_accelerate_and_is_checked(tmp_path):
         verify_args(args)
 
 
+def test_range_checks_hold_at_their_edges(tmp_path):
+    """The edges of the ranges: --seed 2**32 (numpy's and the dataloader workers' seeds stop at 2**32 - 1) and
+    --max_validation_steps 0 (no held-out batch: a validation loss of 0.0 logged at every validation) and
+    --full_bf16 with fp16 are refused before the model loads, and so is --save_last_n_steps_state without the
+    step saves it would keep the last of (it kept nothing without a word); the last valid values pass."""
+    base = ["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "o"), "--train_data_dir", str(tmp_path)]
+    verify_args(setup_parser().parse_args(base + ["--seed", str(2**32 - 1), "--max_validation_steps", "1"]))
+    with pytest.raises(TrainingSetupError, match=r"--seed must be between 0 and 2\*\*32 - 1, got 4294967296"):
+        verify_args(setup_parser().parse_args(base + ["--seed", str(2**32)]))
+    with pytest.raises(TrainingSetupError, match="--max_validation_steps must be at least 1, got 0"):
+        verify_args(setup_parser().parse_args(base + ["--max_validation_steps", "0"]))
+    # bf16 weights under fp16 autocast: sd-scripts asserts the same
+    with pytest.raises(TrainingSetupError, match="--full_bf16 keeps the LoRA in bf16 and needs --mixed_precision bf16; "
+                                                 "it is 'fp16'"):
+        verify_args(setup_parser().parse_args(base + ["--full_bf16", "--mixed_precision", "fp16"]))
+    with pytest.raises(TrainingSetupError, match="--save_last_n_steps_state keeps the last of the saves that "
+                                                 "--save_every_n_steps makes: add --save_every_n_steps"):
+        verify_args(setup_parser().parse_args(base + ["--save_state", "--save_last_n_steps_state", "2"]))
+
+
 def test_sd_scripts_caption_flags_reach_the_subsets(tmp_path):
     (tmp_path / "train" / "5_sks dog").mkdir(parents=True)
     base = ["--train_data_dir", str(tmp_path / "train"), "--resolution", "64"]
@@ -171,6 +191,22 @@ def test_text_encoder_disk_cache_means_the_memory_cache(tmp_path):
     assert args.cache_text_encoder_outputs
     with pytest.raises(TrainingSetupError, match="--cache_text_encoder_outputs_to_disk needs --network_train_unet_only"):
         verify_args(setup_parser().parse_args(base))
+
+
+def test_latent_disk_cache_and_logging_dir_imply_their_flags(tmp_path):
+    """As sd-scripts: --cache_latents_to_disk alone caches the latents (the trainer reads --cache_latents: without
+    it nothing was cached, in memory or on disk, and every step ran the VAE) and --logging_dir alone logs to
+    TensorBoard (without it no log was written there); without --output_name the LoRA is last.safetensors, the
+    name scripts and GUIs built for sd-scripts look for."""
+    base = ["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "o"), "--train_data_dir", str(tmp_path)]
+    args = setup_parser().parse_args(base + ["--cache_latents_to_disk", "--logging_dir", str(tmp_path / "logs")])
+    assert not args.cache_latents and args.log_with is None
+    verify_args(args)
+    assert args.cache_latents and args.cache_latents_to_disk and args.log_with == "tensorboard"
+    args = setup_parser().parse_args(base)
+    verify_args(args)
+    assert args.log_with is None and not args.cache_latents  # neither flag: neither implied
+    assert args.output_name == "last"  # sd-scripts' file name without --output_name: last.safetensors
 
 
 def test_wandb_logging_without_the_package_says_how(tmp_path, monkeypatch):

@@ -102,6 +102,104 @@ def test_validation_loss_equals_the_reference_and_leaves_training_as_it_was(monk
     assert (halves[0] + halves[1]) / 2 == pytest.approx(value, rel=1e-6) and halves[0] != halves[1]
 
 
+def test_validation_loss_weighs_by_the_mask_the_batchs_multiplier_and_huber_c_of_each_timestep():
+    """What a held-out batch carries and the loss type change the number, as in training: its loss mask (masked
+    loss or alpha_mask), its dataset's network_multiplier (the LoRA validated at the strength it trains at) and
+    --loss_type huber's c at each validation timestep (snr schedule). Without them the validation curve measures
+    another loss than the one trained and compared runs disagree. Reference: diffusers' primitives, the weights
+    written out."""
+    model = build_tiny_model("sd1")
+    network = LoRANetwork(model, lora_dim=4, alpha=4.0)
+    network.apply_to()
+    with torch.no_grad():
+        for lora in network.loras:
+            lora.lora_up.weight.normal_(0, 0.5)  # a LoRA that changes the output markedly
+
+    def validate(argv, batches, per_batch_multiplier=False):
+        args = setup_parser().parse_args(argv + ["--cache_latents"])
+        ctx = train_apt_lora.TrainContext(args, Accelerator(cpu=True), model, network, torch.float32, torch.float32,
+                                          None)
+        ctx.batch_multipliers = per_batch_multiplier
+        return validation_loss(args, ctx, batches, seed=3)
+
+    def reference(element, batches, multiplier=1.0, mask=None):
+        network.set_multiplier(multiplier)
+        network.eval()
+        losses = []
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                torch.manual_seed(batch_seed(3, i))
+                context = train_apt_lora.TrainContext(setup_parser().parse_args([]), Accelerator(cpu=True), model,
+                                                      network, torch.float32, torch.float32,
+                                                      None).encode_text(batch["captions"]).context
+                for t in (200, 400, 600, 800):
+                    ts = torch.full((2,), t)
+                    noise = torch.randn_like(batch["latents"])
+                    pred = model.unet(model.noise_scheduler.add_noise(batch["latents"], noise, ts), ts,
+                                      encoder_hidden_states=context).sample
+                    e = element(pred - noise, t)
+                    losses.append((e if mask is None else e * mask[:, None]).mean(dim=(1, 2, 3)))
+        network.set_multiplier(1.0)
+        return float(torch.cat(losses).mean())
+
+    mse = lambda d, t: d ** 2  # noqa: E731
+    mask = torch.ones(2, 8, 8)
+    mask[:, :, 4:] = 0.0  # the right half of the latent does not count
+    mask[1, :4, :4] = 0.5
+    masked = _batches()
+    for b in masked:
+        b["alpha_masks"] = mask.clone()
+    assert validate([], masked) == pytest.approx(reference(mse, _batches(), mask=mask), rel=1e-5)
+
+    halved = _batches()
+    for b in halved:
+        b["network_multiplier"] = 0.5
+    value = validate([], halved, per_batch_multiplier=True)
+    assert value == pytest.approx(reference(mse, _batches(), multiplier=0.5), rel=1e-5)
+    assert value != pytest.approx(reference(mse, _batches()), rel=1e-4)  # at 1.0: 0.1% apart, 100x the tolerance
+
+    ac = model.noise_scheduler.alphas_cumprod
+
+    def huber(d, t):  # sd-scripts' snr schedule, huber_c 0.1: (1 - c) / (1 + sigma_t)^2 + c
+        c = (1 - 0.1) / (1 + ((1 - ac[t]) / ac[t]) ** 0.5) ** 2 + 0.1
+        return 2 * c * (torch.sqrt(d ** 2 + c ** 2) - c)
+
+    assert validate(["--loss_type", "huber"], _batches()) == pytest.approx(reference(huber, _batches()), rel=1e-5)
+
+
+def test_sdxl_validation_conditions_on_each_held_out_images_sizes_and_crop():
+    """SDXL: a held-out image's original size, crop and target size reach the UNet as the time ids in diffusers'
+    order [orig_h, orig_w, crop_top, crop_left, target_h, target_w], as in training; sizes swapped or dropped, a
+    bucketed or cropped image was validated under another conditioning than it trains with. Reference: the UNet
+    called with those six numbers written out."""
+    model = build_tiny_model("sdxl")
+    network = LoRANetwork(model, lora_dim=4, alpha=4.0)
+    network.apply_to()
+    args = setup_parser().parse_args(["--cache_latents"])
+    ctx = train_apt_lora.TrainContext(args, Accelerator(cpu=True), model, network, torch.float32, torch.float32, None)
+    batches = _batches()
+    for b in batches:
+        b["original_sizes_hw"] = torch.tensor([[96, 64], [40, 200]])
+        b["crop_top_lefts"] = torch.tensor([[16, 0], [0, 8]])
+        b["target_sizes_hw"] = torch.tensor([[64, 64], [64, 64]])
+    value = validation_loss(args, ctx, batches, seed=7)
+    time_ids = torch.tensor([[96.0, 64, 16, 0, 64, 64], [40, 200, 0, 8, 64, 64]])
+    network.eval()
+    losses = []
+    with torch.no_grad():
+        for i, batch in enumerate(_batches()):
+            torch.manual_seed(batch_seed(7, i))
+            cond = ctx.encode_text(batch["captions"])
+            for t in (200, 400, 600, 800):
+                ts = torch.full((2,), t)
+                noise = torch.randn_like(batch["latents"])
+                pred = model.unet(model.noise_scheduler.add_noise(batch["latents"], noise, ts), ts,
+                                  encoder_hidden_states=cond.context,
+                                  added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": time_ids}).sample
+                losses.append(((pred - noise) ** 2).mean(dim=(1, 2, 3)))
+    assert value == pytest.approx(float(torch.cat(losses).mean()), rel=1e-5)
+
+
 def test_trainer_validates_on_schedule_and_logs(tiny_world, tmp_path, capsys, tb_scalars):
     """6 images, 30% held out: ceil(0.7 · 6) = 5 trained on (5 steps an epoch at batch 1), 1 validated every 3
     steps and at each epoch's end, once per step; the LoRA's metadata counts the training images and the held-out
