@@ -316,7 +316,8 @@ class _Dataset:
             if self.bp.skip_image_resolution is not None:  # small images leave before the split, as in DreamBooth
                 found = [p for p in paths.values() if p is not None]
                 probes = dict(zip(found, probe_images(found, self.bp.max_image_pixels)))  # each image decoded once
-                kept = [(k, m) for k, m in items if probes.get(paths[k]) is None or not self._too_small(probes[paths[k]][0])]
+                kept = [(k, m) for k, m in items
+                        if probes.get(paths[k]) is None or not self._too_small(probes[paths[k]][0])]
                 self._note_skipped(subset, len(items) - len(kept), len(items))
                 items = kept
             items = self._take(items)

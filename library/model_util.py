@@ -678,7 +678,7 @@ def _replacement_vae(vae: AutoencoderKL, vae_path: str, model: StableDiffusionMo
                              f"not an SD1.x/SD2.x/SDXL VAE")
     scale = model.latent_scale
     if float(vae.config.scaling_factor) != scale:
-        if "scaling_factor" in _component_config(_vae_folder(vae_path), "config.json"):  # else diffusers' default: nothing said
+        if "scaling_factor" in _component_config(_vae_folder(vae_path), "config.json"):  # else diffusers' default
             logger.warning("--vae %s: its config's scaling_factor %g is not this %s model's %g; latents are scaled by "
                            "the model's, as sd-scripts does", vae_path, vae.config.scaling_factor, model.arch, scale)
         vae.register_to_config(scaling_factor=scale)

@@ -138,6 +138,11 @@ def _record_losses(monkeypatch, ft_scale=lambda: 1.0):
     return calls
 
 
+def _passes(calls):
+    """The first fine-tuned and the first prior call that `_record_losses` recorded."""
+    return next(c for c in calls if c[0] == "ft"), next(c for c in calls if c[0] == "prior")
+
+
 def _mse(pred, target):
     """Per-sample mean squared error over C·H·W, by hand."""
     return ((pred - target) ** 2).reshape(pred.shape[0], -1).mean(dim=1)
@@ -161,13 +166,14 @@ def test_apt_loss_weights_reg_samples_and_loss_weights_as_designed(monkeypatch):
         for i, lora in enumerate(network.loras):
             lora.lora_up.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
     ind = apt.indicator  # τ = 100 (SD1 default): ema_φ − ema_θ = 0.005 in every bin gives γ = 1 − e^−0.5
-    ind.ema_prior, ind.ema_ft = torch.full((10,), 0.020, dtype=torch.float64), torch.full((10,), 0.015, dtype=torch.float64)
+    ind.ema_prior = torch.full((10,), 0.020, dtype=torch.float64)
+    ind.ema_ft = torch.full((10,), 0.015, dtype=torch.float64)
     ind.seen = torch.ones(10, dtype=torch.bool)
     calls = _record_losses(monkeypatch)
     torch.manual_seed(11)
     loss, logs = train_apt_lora.training_step(args, ctx, _reg_batch([1.0, 1.0, 0.5]))
 
-    (_, pred, target), (_, pred_prior, target_p) = [c for c in calls if c[0] == "ft"][0], [c for c in calls if c[0] == "prior"][0]
+    (_, pred, target), (_, pred_prior, target_p) = _passes(calls)
     assert torch.equal(target, target_p)
     mse_ft = _mse(pred, target)
     gamma = 1.0 - math.exp(-100 * 0.005)
@@ -203,7 +209,7 @@ def test_gamma_rises_where_the_fine_tuned_loss_is_below_the_prior_and_falls_back
         calls.clear()
         torch.manual_seed(step)
         train_apt_lora.training_step(args, ctx, batch)
-        (_, pred, target), (_, pred_prior, _) = [c for c in calls if c[0] == "ft"][0], [c for c in calls if c[0] == "prior"][0]
+        (_, pred, target), (_, pred_prior, _) = _passes(calls)
         x_f, x_p = _mse(pred, target).double() * scale[0], _mse(pred_prior, target).double()
         ema_p = x_p if ema_p is None else 0.9 * ema_p + 0.1 * x_p
         ema_f = x_f if ema_f is None else 0.9 * ema_f + 0.1 * x_f
@@ -227,7 +233,7 @@ def test_dco_loss_is_for_subject_samples_and_reg_samples_keep_the_plain_loss(mon
     calls = _record_losses(monkeypatch)
     torch.manual_seed(3)
     loss, _ = train_apt_lora.training_step(args, ctx, _reg_batch([1.0, 1.0, 0.5]))
-    (_, pred, target), (_, pred_prior, _) = [c for c in calls if c[0] == "ft"][0], [c for c in calls if c[0] == "prior"][0]
+    (_, pred, target), (_, pred_prior, _) = _passes(calls)
     l_ft, l_prior = _mse(pred, target).tolist(), _mse(pred_prior, target).tolist()
 
     def softplus(x):  # log(1 + e^x), written stably
