@@ -322,15 +322,21 @@ def test_dataloader_workers_follow_the_epoch(tmp_path):
     assert orders[0] != orders[1] != orders[2]
 
 
-def test_no_bucket_resize_crop_flip_and_sdxl_size_conditioning(tmp_path):
-    arr = np.zeros((200, 300, 3), np.uint8)
-    arr[:, :150] = (255, 0, 0)
-    arr[:, 150:] = (0, 0, 255)
-    p = tmp_path / "train" / "wide.png"
+def _red_blue_flip_group(tmp_path, w, h, repeats):
+    """One w x h image, red on its left half and blue on the rest, `repeats` times in an SDXL group at 128 px with
+    flip_aug: a sample's colours tell whether it was flipped."""
+    arr = np.zeros((h, w, 3), np.uint8)
+    arr[:, :w // 2] = (255, 0, 0)
+    arr[:, w // 2:] = (0, 0, 255)
+    p = tmp_path / "train" / "img.png"
     p.parent.mkdir()
     Image.fromarray(arr).save(p)
-    g = group([{"image_dir": str(p.parent), "class_tokens": "x", "num_repeats": 40, "flip_aug": True}],
-              general={"resolution": 128}, is_sdxl=True)
+    return group([{"image_dir": str(p.parent), "class_tokens": "x", "num_repeats": repeats, "flip_aug": True}],
+                 general={"resolution": 128}, is_sdxl=True)
+
+
+def test_no_bucket_resize_crop_flip_and_sdxl_size_conditioning(tmp_path):
+    g = _red_blue_flip_group(tmp_path, 300, 200, 40)
     flips = 0
     for i in range(len(g)):
         b = g[i]
@@ -351,14 +357,7 @@ def test_flipped_sdxl_crop_left_is_the_bucket_width_less_the_right_edge(tmp_path
     85x128 image in a 128x128 bucket fits inside it as 85x128 at left (128 - 85) // 2 = 21, right 106: unflipped
     crop_top_lefts (0, 21), flipped (0, 128 - 106 = 22). Keeping 21 for flipped samples feeds the UNet a size
     condition sd-scripts never trains with."""
-    arr = np.zeros((128, 85, 3), np.uint8)
-    arr[:, :42] = (255, 0, 0)
-    arr[:, 42:] = (0, 0, 255)
-    p = tmp_path / "train" / "tall.png"
-    p.parent.mkdir()
-    Image.fromarray(arr).save(p)
-    g = group([{"image_dir": str(p.parent), "class_tokens": "x", "num_repeats": 30, "flip_aug": True}],
-              general={"resolution": 128}, is_sdxl=True)
+    g = _red_blue_flip_group(tmp_path, 85, 128, 30)
     seen = set()
     for i in range(len(g)):
         b = g[i]
