@@ -606,7 +606,7 @@ def train(args):
     if args.cuda_graphs == "auto":  # before APT, which records its prior pass when args.apt_cuda_graph is set
         from library.unet_graph import auto_cuda_graphs
 
-        why = auto_cuda_graphs(args, device.type, any(lora.has_dropout for lora in network.loras),
+        why = auto_cuda_graphs(args, device.type, network.has_dropout,
                                network.trains_text_encoder, apt_enabled(args))
         on = [f"--{f}" for f, w in why.items() if not w]
         off = [f"--{f} ({w})" for f, w in why.items() if w]

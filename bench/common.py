@@ -218,7 +218,7 @@ def build_step_fn(model, args, device="cpu", batch: dict | None = None, step=Non
         reasons = graph_blockers(  # cuda=True: on a CPU the "eager" backend stands in for the recording
             flag, cuda=True, apt_on=apt is not None, gradient_checkpointing=args.gradient_checkpointing,
             trains_text_encoder=network.trains_text_encoder,
-            has_dropout=any(lora.has_dropout for lora in network.loras), torch_compile=args.torch_compile)
+            has_dropout=network.has_dropout, torch_compile=args.torch_compile)
         if getattr(args, flag, False) and reasons:
             raise ValueError(blocker_message(flag, reasons[0]))
     if getattr(args, "unet_cuda_graph", False):

@@ -152,11 +152,6 @@ def probe_images(paths: list[str], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -
     return [r for r, _ in results]
 
 
-def _probe_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[tuple[int, int], bool] | None:
-    """`probe_images` of one image."""
-    return probe_images([path], max_pixels)[0]
-
-
 def list_images(folder: str, warn: bool = True) -> list[str]:
     """The image files directly in `folder`, sorted, as sd-scripts' glob of the image extensions finds them: hidden
     files are passed over (the `._name.png` a Mac writes beside every image on exFAT, SMB or in a zip are not

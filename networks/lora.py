@@ -467,6 +467,11 @@ class LoRANetwork(nn.Module):
         return self.text_encoder_loras + self.unet_loras
 
     @property
+    def has_dropout(self) -> bool:
+        """Whether any module drops out in training (its forward draws random numbers: no CUDA graph records it)."""
+        return any(lora.has_dropout for lora in self.loras)
+
+    @property
     def trains_text_encoder(self) -> bool:
         """Whether a text-encoder LoRA trains (after `prepare_optimizer_params`, a learning rate of 0 freezes it)."""
         return any(p.requires_grad for lora in self.text_encoder_loras for p in lora.parameters())

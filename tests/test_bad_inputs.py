@@ -221,12 +221,12 @@ def test_images_are_probed_on_threads_with_warnings_in_order(tmp_path, caplog, m
 def test_a_floating_point_image_is_refused_by_name(tmp_path, caplog):
     """A float TIFF (mode F, values 0-1; reachable through a fine-tuning metadata key) trained as 0-1 out of 255,
     almost black, without a word; it has no known scale, so it is skipped with the reason."""
-    from library.image_io import _probe_image
+    from library.image_io import probe_images
 
     path = tmp_path / "depth.tif"
     Image.fromarray(np.full((64, 64), 0.5, np.float32), "F").save(path)
     assert Image.open(path).mode == "F"
-    assert _probe_image(str(path)) is None
+    assert probe_images([str(path)]) == [None]
     assert f"skipping image {path}: a 32-bit floating-point image (mode F)" in caplog.text
 
 
