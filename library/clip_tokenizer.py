@@ -32,27 +32,31 @@ def _bytes_to_unicode() -> list[str]:
 
 
 @lru_cache(maxsize=1)
-def _vocab_files() -> str:
-    """Write vocab.json and merges.txt once per process into a temp folder; return the folder."""
+def _vocab_texts() -> tuple[str, str]:
+    """The text of vocab.json and merges.txt, built once per process from the bundled merge list."""
     with gzip.open(_VOCAB_GZ, "rt", encoding="utf-8") as f:
         merges = f.read().split("\n")[1 : _N_MERGES + 1]
     symbols = _bytes_to_unicode()
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    out = tempfile.mkdtemp(prefix="apt_lora_clip_")
-    with open(os.path.join(out, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump({t: i for i, t in enumerate(vocab)}, f, ensure_ascii=False)
-    with open(os.path.join(out, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return out
+    vocab_json = json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False)
+    return vocab_json, "#version: 0.2\n" + "\n".join(merges) + "\n"
 
 
 def bundled_clip_tokenizer(pad_token: str = "<|endoftext|>", model_max_length: int = 77) -> CLIPTokenizer:
-    """The SD CLIP tokenizer. SDXL's second tokenizer (OpenCLIP bigG) pads with "!" instead."""
-    d = _vocab_files()
-    return CLIPTokenizer(
-        os.path.join(d, "vocab.json"),
-        os.path.join(d, "merges.txt"),
-        pad_token=pad_token,
-        model_max_length=model_max_length,
-    )
+    """The SD CLIP tokenizer. SDXL's second tokenizer (OpenCLIP bigG) pads with "!" instead.
+
+    CLIPTokenizer reads its vocabulary from files (transformers 4.x), so they are written to a temporary
+    folder that is removed once the tokenizer has read them: a run leaves nothing behind in the temp dir.
+    """
+    vocab_json, merges_txt = _vocab_texts()
+    with tempfile.TemporaryDirectory(prefix="apt_lora_clip_") as d:
+        for name, text in (("vocab.json", vocab_json), ("merges.txt", merges_txt)):
+            with open(os.path.join(d, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        return CLIPTokenizer(
+            os.path.join(d, "vocab.json"),
+            os.path.join(d, "merges.txt"),
+            pad_token=pad_token,
+            model_max_length=model_max_length,
+        )

@@ -29,6 +29,21 @@ def test_tiny_keeps_real_block_layout(arch):
     assert all(not p.requires_grad for p in m.unet.parameters())
 
 
+def test_the_bundled_tokenizer_leaves_no_temp_folder_behind(tmp_path, monkeypatch):
+    """Every run with a single-file checkpoint builds it: each used to leave 1.5 MB in the temp dir for good."""
+    import tempfile
+
+    from library.clip_tokenizer import bundled_clip_tokenizer
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    tok = bundled_clip_tokenizer(pad_token="!")
+    assert os.listdir(tmp_path) == []
+    assert tok("a photo of a dog").input_ids == [49406, 320, 1125, 539, 320, 1929, 49407]  # read before removal
+    assert tok.pad_token == "!"
+    tok.save_pretrained(tmp_path / "saved")  # a pipeline save still writes the vocabulary
+    assert tok.__class__.from_pretrained(tmp_path / "saved")("a dog").input_ids == [49406, 320, 1929, 49407]
+
+
 def test_same_seed_same_weights():
     a, b = build_tiny_model("sd1", seed=3), build_tiny_model("sd1", seed=3)
     assert all(torch.equal(x, y) for x, y in zip(a.unet.parameters(), b.unet.parameters()))
