@@ -804,7 +804,7 @@ def train(args):
         if "max_norm/keys_scaled" in values:  # sd-scripts shows these two
             postfix["keys_scaled"] = int(values["max_norm/keys_scaled"])
             postfix["avg_norm"] = f"{values['max_norm/average_key_norm']:.3f}"
-        progress.set_postfix(postfix)
+        progress.set_postfix(postfix, refresh=False)  # drawn by the step's update: one line per step when piped
         if compiled is not None and loss_count == 1 and is_main:  # this run's first step (resumed too)
             progress.write(f"{compiled} in the first step")
         if args.log_with:
@@ -844,7 +844,6 @@ def train(args):
                     show(res.read, step, lrs, indicator)
                     continue
                 step += 1
-                progress.update(1)
                 if apt is not None:
                     apt.record(step)
                 if res.status == "queued":  # decided on the device: counts, shown one step later
@@ -853,6 +852,7 @@ def train(args):
                     pending = (res.read, step, lrs, indicator)
                 else:
                     show(res.read, step, lrs, indicator)
+                progress.update(1)  # after show: the bar is drawn once per step, with this step's values
                 if stop.requested(accelerator) and step < args.max_train_steps:
                     interrupted = True
                     break

@@ -176,6 +176,25 @@ def test_full_bf16_trains_and_keeps_the_lora_in_bf16_as_sd_scripts(tiny, images,
     assert w.dtype == torch.float32 and torch.equal(w, w.bfloat16().float())  # trained in bf16
 
 
+def test_the_progress_bar_is_drawn_once_per_step_with_that_steps_loss(tiny, images, tmp_path, capsys, monkeypatch):
+    """Piped to a log file, each step was drawn twice: by the update (with the last step's loss), then by the
+    postfix. mininterval=0, miniters=1: tqdm's throttle cannot hide a frame."""
+    import tqdm.auto
+
+    class Unthrottled(tqdm.auto.tqdm):
+        def __init__(self, *a, **k):
+            super().__init__(*a, mininterval=0, miniters=1, **k)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Unthrottled)
+    assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "out") == 0
+    frames = [f for f in capsys.readouterr().err.replace("\n", "\r").split("\r") if f.startswith("steps:")]
+    for n in (1, 2):
+        drawn = [f for f in frames if f" {n}/3 " in f]
+        assert len(drawn) == 1 and "loss=" in drawn[0], frames
+    losses = [f.split("loss=")[1].split(",")[0] for f in frames if "loss=" in f]
+    assert len(set(losses[:3])) == 3, frames  # each step's frame shows its own loss
+
+
 def test_existing_output_is_never_overwritten(tiny, images, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
