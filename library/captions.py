@@ -8,24 +8,7 @@ import re
 from dataclasses import dataclass
 
 from library.config_util import ConfigError, SubsetBlueprint
-
-
-_BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
-
-
-def decode_caption_bytes(data: bytes, path: str) -> str:
-    """Caption file bytes -> text. UTF-8; a byte-order mark selects UTF-8-with-BOM or UTF-16 (Windows Notepad,
-    PowerShell `>`) and is dropped. Anything else (cp1252, Shift-JIS, ...) is a ConfigError naming the file and the
-    first bad byte: guessing a legacy code page would train mojibake without anyone noticing."""
-    encoding = next((enc for bom, enc in _BOMS if data.startswith(bom)), "utf-8")
-    try:
-        return data.decode(encoding).lstrip("\ufeff")
-    except UnicodeDecodeError as e:
-        what = "UTF-16 (it starts with a UTF-16 byte-order mark)" if encoding == "utf-16" else "UTF-8 text"
-        raise ConfigError(f"caption file {path} is not UTF-8 text: it is not valid {what} at byte {e.start} "
-                          f"(0x{data[e.start]:02x}); it was probably saved in a legacy encoding such as cp1252 or "
-                          f"Shift-JIS. Re-save it as UTF-8 (in your editor: Save As, encoding UTF-8; or "
-                          f"iconv -f cp1252 -t utf-8).") from None
+from library.text_io import read_text
 
 
 def caption_paths(image_path: str, caption_extension: str) -> list[str]:
@@ -47,17 +30,12 @@ def read_caption_file(image_path: str, caption_extension: str, enable_wildcard: 
 
     The first non-empty line; with enable_wildcard every non-empty line, joined by newlines (one is picked per
     sample). Lines end at \\n, \\r\\n or \\r only, as Python's text mode reads them in sd-scripts (not at other Unicode
-    line separators, which CLIP's tokenizer reads as spaces). Encodings: see `decode_caption_bytes`. A file with no
+    line separators, which CLIP's tokenizer reads as spaces). Encodings: see `library.text_io`. A file with no
     text is a ConfigError (docs/dataset_config.md)."""
     path = next((p for p in caption_paths(image_path, caption_extension) if os.path.isfile(p)), None)
     if path is None:
         return None
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ConfigError(f"caption file {path}: cannot read it ({e.strerror}).") from None
-    text = decode_caption_bytes(data, path).replace("\r\n", "\n").replace("\r", "\n")
+    text = read_text(path, "caption file", ConfigError).replace("\r\n", "\n").replace("\r", "\n")
     lines = [line.strip() for line in text.split("\n")]
     lines = [line for line in lines if line]
     if not lines:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from library.text_io import read_text
+
 logger = logging.getLogger(__name__)
 
 
@@ -213,7 +215,7 @@ def load_toml(path, what: str = "dataset config") -> dict:
     if not path.is_file():
         raise ConfigError(f"{what} file not found: {path}. Check the path (relative paths are relative to the "
                           f"current directory, {os.getcwd()}).")
-    text = _read_text(path, what)
+    text = read_text(path, what, ConfigError)
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -235,15 +237,6 @@ def load_toml(path, what: str = "dataset config") -> dict:
                           f"{reason}.{_show_line(text, line, col)}\n{fix}") from None
 
 
-def _read_text(path: Path, what: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")  # a UTF-8 BOM (Windows editors) is dropped
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: the {what} is not valid UTF-8 text (byte {e.start}). Save it as UTF-8.") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the {what}: {e.strerror}.") from None
-
-
 def _show_line(text: str, line: int, col: int) -> str:
     lines = text.splitlines()
     if not 1 <= line <= len(lines):
@@ -257,7 +250,7 @@ def load_dataset_config(path) -> dict:
     if path.suffix.lower() == ".json":
         if not path.is_file():
             raise ConfigError(f"dataset config file not found: {path} (--dataset_config).")
-        text = _read_text(path, "dataset config")
+        text = read_text(path, "dataset config", ConfigError)
         try:
             cfg = json.loads(text)
         except json.JSONDecodeError as e:

@@ -28,6 +28,7 @@ from library.image_aug import color_aug
 from library.image_io import describe_failure, list_images, load_image_rgb, probe_images
 from library.loss_masks import find_masks, load_mask, mask_turns
 from library.safe_io import atomic_save_safetensors
+from library.text_io import read_text
 from library.config_util import (DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, ConfigError, DatasetBlueprint,
                                  SubsetBlueprint, check_bucket_reso_steps, escaped_path_hint)
 
@@ -300,13 +301,10 @@ class _Dataset:
             if not os.path.isfile(md_path):
                 raise ConfigError(f"{key}: metadata file not found: {md_path}.{escaped_path_hint(md_path)}")
             try:
-                with open(md_path, encoding="utf-8-sig") as f:
-                    metadata = json.load(f)
+                metadata = json.loads(read_text(md_path, "metadata file", ConfigError))
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{md_path}:{e.lineno}:{e.colno}: JSON syntax error in the metadata file ({key}): "
                                   f"{e.msg}.") from None
-            except UnicodeDecodeError:
-                raise ConfigError(f"{md_path}: the metadata file is not UTF-8 text ({key}).") from None
             if not isinstance(metadata, dict) or not metadata:
                 raise ConfigError(f"{md_path}: the metadata file must be a non-empty JSON object "
                                   f'{{"image key": {{"caption": "...", "tags": "..."}}, ...}} ({key}).')

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 
+from library.text_io import read_text
 from library.train_util import TrainingSetupError
 
 
@@ -46,8 +47,8 @@ def tracker_init_kwargs(args) -> dict:
         if not os.path.isfile(path):
             raise TrainingSetupError(f"--log_tracker_config {path}: file not found")
         try:
-            kwargs = toml.load(path)
-        except (toml.TomlDecodeError, UnicodeDecodeError) as e:
+            kwargs = toml.loads(read_text(path, "--log_tracker_config", TrainingSetupError))
+        except toml.TomlDecodeError as e:
             raise TrainingSetupError(f"--log_tracker_config {path}: not a valid TOML file ({e})") from None
         bad = [k for k, v in kwargs.items() if not isinstance(v, dict)]
         if bad:

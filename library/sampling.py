@@ -28,6 +28,7 @@ import torch
 
 from library.conditioning import encode_prompts
 from library.rng import preserved_rng_state
+from library.text_io import read_text
 
 logger = logging.getLogger(__name__)
 
@@ -172,16 +173,6 @@ def _prompt_from_dict(entry: dict, where: str, base: dict) -> SamplePrompt:
     return SamplePrompt(**fields)
 
 
-def _read_text(path: str) -> str:
-    """A prompt file's text: UTF-8 (a BOM dropped); other encodings are a SamplingError naming the byte."""
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            return f.read()
-    except UnicodeDecodeError as e:
-        raise SamplingError(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); re-save "
-                            "it as UTF-8") from None
-
-
 def parse_prompt_file(path: Union[str, os.PathLike], *, default_size: int = 512, default_steps: int = 30,
                       default_scale: float = 7.5) -> list[SamplePrompt]:
     """Read an sd-scripts sample prompt file (.txt, .toml or .json; see docs/sampling.md).
@@ -199,7 +190,7 @@ def parse_prompt_file(path: Union[str, os.PathLike], *, default_size: int = 512,
     prompts: list[SamplePrompt] = []
 
     if ext == ".txt":
-        for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+        for lineno, line in enumerate(read_text(path, "sample prompt file", SamplingError).splitlines(), start=1):
             text = line.strip()
             if not text or text.startswith("#"):
                 continue
@@ -226,7 +217,7 @@ def parse_prompt_file(path: Union[str, os.PathLike], *, default_size: int = 512,
             prompts.append(_prompt_from_dict({**defaults, **subset}, where, base))  # subset overrides [prompt]
     else:
         try:
-            data = json.loads(_read_text(path))
+            data = json.loads(read_text(path, "sample prompt file", SamplingError))
         except json.JSONDecodeError as e:
             raise SamplingError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
         if not isinstance(data, list):

@@ -407,6 +407,8 @@ def test_dataset_toml_with_bom_and_structural_mistakes(tmp_path):
     p = tmp_path / "d.toml"
     p.write_bytes(b'\xef\xbb\xbf[general]\nresolution = 64\n[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "x"\n')
     assert load_dataset_config(p)["general"]["resolution"] == 64  # Notepad's UTF-8 BOM is fine
+    p.write_bytes("[general]\nresolution = 64\n[[datasets]]\n  [[datasets.subsets]]\n  image_dir = 'x'\n".encode("utf-16"))
+    assert load_dataset_config(p)["general"]["resolution"] == 64  # so is PowerShell 5's UTF-16 (`>`, Out-File)
     with pytest.raises(ConfigError, match="no \\[\\[datasets\\]\\] table"):
         generate_blueprint({"general": {"resolution": 64}, "datasets": []}, argparse.Namespace())
     with pytest.raises(ConfigError, match="image_dir is empty"):
@@ -416,7 +418,7 @@ def test_dataset_toml_with_bom_and_structural_mistakes(tmp_path):
                                           "min_bucket_reso": 256, "max_bucket_reso": 1024,
                                           "subsets": [{"image_dir": "x"}]}]}, argparse.Namespace())
     p.write_bytes("[general]\nclass_tokens = \"caf\xe9\"\n".encode("latin-1"))
-    with pytest.raises(ConfigError, match="not valid UTF-8"):
+    with pytest.raises(ConfigError, match=rf"dataset config {p} is not UTF-8 text: .* at byte 29 \(0xe9\)"):
         load_dataset_config(p)
 
 

@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from library.captions import decode_caption_bytes, process_caption, read_caption_file
+from library.captions import process_caption, read_caption_file
+from library.text_io import decode_text
 from library.config_util import (ALL_KEYS, CLI_ONLY, DATASET_KEYS, DB_KEYS, SUBSET_KEYS, ConfigError,
                                  DatasetBlueprint, SubsetBlueprint, generate_blueprint, load_dataset_config,
                                  validate_dataset_config)
@@ -330,4 +331,4 @@ def test_any_caption_file_gives_text_or_a_config_error(tmp_path_factory, data, w
         return
     assert isinstance(text, str) and text.strip() and "\ufeff" not in text[:1]
     assert text == text.strip() and ("\n" not in text or wildcard)
-    assert decode_caption_bytes(data, "x").strip()  # the same decoding
+    assert decode_text(data, "x", "caption file").strip()  # the same decoding

@@ -57,13 +57,22 @@ def test_arguments_reach_the_tracker_with_log_config_only_and_without_paths(tmp_
     (None, "file not found"),
     ("[wandb\n", "not a valid TOML file"),
     ('entity = "me"\n', "'entity' must be a table of one tracker's settings"),
+    (b'[wandb]\nentity = "caf\xe9"\n', r"is not UTF-8 text: .* at byte 21 \(0xe9\)"),  # a cp1252 save
 ])
 def test_bad_tracker_config_is_named(tmp_path, text, message):
     path = tmp_path / "t.toml"
     if text is not None:
-        path.write_text(text)
-    with pytest.raises(TrainingSetupError, match=f"--log_tracker_config {path}: {message}"):
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(TrainingSetupError, match=f"--log_tracker_config {path}:? {message}"):
         tracker_init_kwargs(Namespace(log_tracker_config=str(path)))
+
+
+def test_a_tracker_config_saved_by_a_windows_editor_is_read(tmp_path):
+    """Notepad's UTF-8 byte-order mark and PowerShell's UTF-16 made toml fail on the first character."""
+    path = tmp_path / "t.toml"
+    for data in ('\ufeff[wandb]\nentity = "me"\n'.encode("utf-8"), '[wandb]\nentity = "me"\n'.encode("utf-16")):
+        path.write_bytes(data)
+        assert tracker_init_kwargs(Namespace(log_tracker_config=str(path))) == {"wandb": {"entity": "me"}}
 
 
 def test_only_the_first_process_writes_the_log_file(tmp_path, monkeypatch):

@@ -99,13 +99,16 @@ def test_txt_bad_line(tmp_path, line, message):
 
 @pytest.mark.parametrize("name", ["p.txt", "p.json"])
 def test_a_prompt_file_not_in_utf8_is_named(tmp_path, name):
-    """A cp1252 prompt file was a raw UnicodeDecodeError traceback (a BOM is fine)."""
+    """A cp1252 prompt file was a raw UnicodeDecodeError traceback (a BOM is fine, and UTF-16 from PowerShell)."""
     path = tmp_path / name
     path.write_bytes(("caf\xe9 dog" if name.endswith(".txt") else '["caf\xe9 dog"]').encode("cp1252"))
-    with pytest.raises(SamplingError, match=rf"{name}: not UTF-8 text \(byte \d+ is b'\\xe9'\); re-save it as UTF-8"):
+    with pytest.raises(SamplingError, match=rf"sample prompt file .*{name} is not UTF-8 text: .* at byte \d+ \(0xe9\).*"
+                                            "Re-save it as UTF-8"):
         parse_prompt_file(path)
-    path.write_bytes(("\ufeff" + ("a dog" if name.endswith(".txt") else '["a dog"]')).encode("utf-8"))
-    assert [p.prompt for p in parse_prompt_file(path)] == ["a dog"]
+    for encoded in (("\ufeff" + ("a dog" if name.endswith(".txt") else '["a dog"]')).encode("utf-8"),
+                    ("a dog" if name.endswith(".txt") else '["a dog"]').encode("utf-16")):
+        path.write_bytes(encoded)
+        assert [p.prompt for p in parse_prompt_file(path)] == ["a dog"]
 
 
 def test_missing_and_unsupported_files(tmp_path):
