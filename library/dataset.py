@@ -112,6 +112,7 @@ class _Dataset:
         self.bp = bp
         self.index = index
         self.split = split  # None, "train" or "validation" (`build_dataset_group`)
+        self.reports = split != "validation"  # the train side warns; the held-out side would say it all again
         self.split_seed = bp.validation_seed if bp.validation_seed is not None else seed
         self.images: dict[str, ImageInfo] = {}
         self.subset_counts: list[tuple[SubsetBlueprint, int]] = []  # (subset, images found)
@@ -124,7 +125,7 @@ class _Dataset:
             self._load_dreambooth()
         else:
             self._load_finetuning()
-        if not self.images and split != "validation":
+        if not self.images and self.reports:
             raise ConfigError(f"{bp.where}: no usable training image (see the warnings above).{self._skip_hint()}")
         if self.transparent:
             more = f" and {len(self.transparent) - 1} more images have" if len(self.transparent) > 1 else " has"
@@ -147,7 +148,7 @@ class _Dataset:
             problem = "not a folder" if os.path.exists(image_dir) else "folder not found"
             raise _dir_error(subset, image_dir, problem, "Check the path (relative paths are relative to the "
                              f"current directory, {os.getcwd()})." + escaped_path_hint(image_dir))
-        paths = list_images(image_dir, warn=self.split != "validation")  # the train build says it once
+        paths = list_images(image_dir, warn=self.reports)
         if not paths:
             raise _dir_error(subset, image_dir, "no images (png, jpg, jpeg, webp, bmp) directly in this folder",
                              "Put the images in it (subfolders are not searched), or remove this subset.")
@@ -169,7 +170,7 @@ class _Dataset:
         for p, (_, transparent) in kept:
             if transparent and not (subset.alpha_mask or subset.conditioning_data_dir):
                 self.transparent.append(p)
-        if self.split != "validation":  # (the held-out share alone may be all opaque)
+        if self.reports:  # (the held-out share alone may be all opaque)
             _note_opaque_alpha_mask(subset, [t for _, (_, t) in kept])
         return [(p, size) for p, (size, _) in kept]
 
@@ -220,7 +221,7 @@ class _Dataset:
                     f"{subset.caption_extension}) and {subset.where} has no class_tokens. Set class_tokens (e.g. "
                     f"class_tokens = \"sks dog\") for the subset, or write a caption file for every image (check "
                     f"caption_extension, now {subset.caption_extension!r}).")
-            if missing and self.split != "validation":
+            if missing and self.reports:
                 _note_missing_captions(subset, missing, len(found))
             captions = [subset.class_tokens if c is None else c for c in captions]
             masks, turns = {}, {}
@@ -365,7 +366,7 @@ class _Dataset:
             if count == 0:
                 raise ConfigError(f"{key}: none of the {len(metadata)} images listed in {md_path} could be used "
                                   f"(see the warnings above). Check image_dir.")
-            if self.split != "validation":
+            if self.reports:
                 _note_opaque_alpha_mask(subset, transparent)
             self.num_train_images += count * self._repeats(subset)
             tag_frequency(tags_list, self.tag_frequency.setdefault(os.path.basename(md_path), {}))
