@@ -74,19 +74,36 @@ class GracefulInterrupt:
         return 128 + int(self.signum) if self.signum is not None else 0
 
 
+def folds_case(folder: str, names: list[str]) -> bool:
+    """Whether `folder`'s file system ignores case (Windows, macOS by default): a listed name with its case swapped
+    exists. False when no name can tell (none has letters)."""
+    listed = set(names)
+    for name in names:
+        swapped = name.swapcase()
+        if swapped != name and swapped not in listed:
+            return os.path.exists(os.path.join(folder, swapped))
+    return False
+
+
 def find_latest_state(output_dir: str, output_name: str | None = None) -> str | None:
-    """The newest complete state folder (`*-state` with train_state.json) in `output_dir`, by step then time."""
+    """The newest complete state folder (`*-state` with train_state.json) in `output_dir`, by step then time.
+
+    On a file system that ignores case, `--output_name lora` is the run that wrote `Lora-...-state` (its files
+    are the same files), so the name matches whatever its case."""
     import json
 
     if not os.path.isdir(output_dir):
         return None
+    names = os.listdir(output_dir)
+    flags = re.IGNORECASE if output_name and folds_case(output_dir, names) else 0
     best = None
-    for name in os.listdir(output_dir):
+    for name in names:
         path = os.path.join(output_dir, name)
         info = os.path.join(path, "train_state.json")
         if not name.endswith("-state") or not os.path.isfile(info):
             continue
-        if output_name and not re.fullmatch(re.escape(output_name) + r"(?:-step\d+(?:-\d{8}-\d{6})?|-\d+)?-state", name):
+        pattern = re.escape(output_name or "") + r"(?:-step\d+(?:-\d{8}-\d{6})?|-\d+)?-state"
+        if output_name and not re.fullmatch(pattern, name, flags):
             continue  # another run's state in the same folder (lora_v2-step...-state is not lora's)
         try:
             with open(info, encoding="utf-8") as f:

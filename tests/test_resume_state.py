@@ -79,6 +79,28 @@ def test_resume_latest_takes_this_runs_state_only(tmp_path):
     assert find_latest_state(str(tmp_path), "lora_v2") == str(tmp_path / "lora_v2-step00000100-state")
 
 
+def test_resume_latest_finds_a_state_whose_name_differs_only_in_case_where_case_is_ignored(tmp_path, monkeypatch):
+    """Windows/macOS: a run saved `Lora-step...-state`, the next says `--output_name lora`; the file system treats
+    the two names as one, so `--resume latest` must too (it said "no saved state"). Where case matters they are two
+    runs."""
+    import library.interrupt as interrupt
+
+    os.makedirs(tmp_path / "Lora-step00000004-state")
+    (tmp_path / "Lora-step00000004-state" / "train_state.json").write_text(json.dumps({"step": 4}))
+    assert not interrupt.folds_case(str(tmp_path), os.listdir(tmp_path))  # this Linux tmp keeps case
+    assert find_latest_state(str(tmp_path), "lora") is None
+    real_exists = os.path.exists
+
+    def folded_exists(path):
+        folder, name = os.path.split(path)
+        return real_exists(path) or (os.path.isdir(folder) and name.lower() in {n.lower() for n in os.listdir(folder)})
+
+    monkeypatch.setattr(os.path, "exists", folded_exists)
+    assert interrupt.folds_case(str(tmp_path), os.listdir(tmp_path))  # a case-folding file system, simulated
+    assert find_latest_state(str(tmp_path), "lora") == str(tmp_path / "Lora-step00000004-state")
+    assert find_latest_state(str(tmp_path), "lora_v2") is None
+
+
 def _toy_state_parts():
     net = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
