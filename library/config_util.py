@@ -198,15 +198,22 @@ _TOML_POS = re.compile(r"\(at line (\d+), column (\d+)\)")
 _BACKSLASH_IN_QUOTES = re.compile(r'"[^"]*\\')  # "C:\Users...": the usual TOML mistake on Windows
 
 
-def escaped_path_hint(path: str) -> str:
-    """For a "not found" message: when `path` holds a character that a TOML escape makes ("D:\\train" in double
-    quotes reads as D:<tab>rain, with \\t \\n \\r \\b \\f; other escapes are a syntax error, see load_toml),
-    how to write a Windows path; else ""."""
-    if not any(c in str(path) for c in "\t\n\r\b\f"):
-        return ""
-    return (f" It reads {str(path)!r}: a backslash inside \"double quotes\" starts an escape in TOML (\\t is a "
-            "tab, \\b a backspace ...): write a Windows path in single quotes, 'C:\\Users\\me\\photos', or with "
-            "forward slashes, \"C:/Users/me/photos\".")
+def not_found_hint(path: str) -> str:
+    """For a "not found" message, what may have hidden a path that is there: a TOML escape ("D:\\train" in double
+    quotes reads as D:<tab>rain, with \\t \\n \\r \\b \\f; other escapes are a syntax error, see load_toml), or
+    Windows' path length limit (a longer path reads as missing unless long paths are enabled); else ""."""
+    from library.safe_io import WINDOWS_MAX_PATH, _too_long_on_windows
+
+    hint = ""
+    if any(c in str(path) for c in "\t\n\r\b\f"):
+        hint += (f" It reads {str(path)!r}: a backslash inside \"double quotes\" starts an escape in TOML (\\t is a "
+                 "tab, \\b a backspace ...): write a Windows path in single quotes, 'C:\\Users\\me\\photos', or with "
+                 "forward slashes, \"C:/Users/me/photos\".")
+    if _too_long_on_windows(str(path)):
+        hint += (f" Its full path is {len(os.path.abspath(path))} characters, over Windows' limit of "
+                 f"{WINDOWS_MAX_PATH}: move it nearer the drive's root, or enable long paths (the LongPathsEnabled "
+                 "registry setting).")
+    return hint
 
 
 def load_toml(path, what: str = "dataset config") -> dict:

@@ -30,7 +30,7 @@ from library.loss_masks import find_masks, load_mask, mask_turns
 from library.safe_io import atomic_save_safetensors
 from library.text_io import read_text
 from library.config_util import (DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, ConfigError, DatasetBlueprint,
-                                 SubsetBlueprint, check_bucket_reso_steps, escaped_path_hint)
+                                 SubsetBlueprint, check_bucket_reso_steps, not_found_hint)
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class _Dataset:
         if not os.path.isdir(image_dir):
             problem = "not a folder" if os.path.exists(image_dir) else "folder not found"
             raise _dir_error(subset, image_dir, problem, "Check the path (relative paths are relative to the "
-                             f"current directory, {os.getcwd()})." + escaped_path_hint(image_dir))
+                             f"current directory, {os.getcwd()})." + not_found_hint(image_dir))
         paths = list_images(image_dir, warn=self.reports)
         if not paths:
             raise _dir_error(subset, image_dir, "no images (png, jpg, jpeg, webp, bmp) directly in this folder",
@@ -300,7 +300,7 @@ class _Dataset:
             md_path = subset.metadata_file
             key = f"`{subset.key_path}.metadata_file` ({subset.where})" if subset.key_path else subset.where
             if not os.path.isfile(md_path):
-                raise ConfigError(f"{key}: metadata file not found: {md_path}.{escaped_path_hint(md_path)}")
+                raise ConfigError(f"{key}: metadata file not found: {md_path}.{not_found_hint(md_path)}")
             try:
                 metadata = json.loads(read_text(md_path, "metadata file", ConfigError))
             except json.JSONDecodeError as e:

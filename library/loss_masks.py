@@ -13,7 +13,7 @@ import os
 
 from PIL import Image
 
-from library.config_util import ConfigError, escaped_path_hint
+from library.config_util import ConfigError, not_found_hint
 from library.image_io import describe_failure, exif_orientation, list_images, load_image_rgb
 
 logger = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ def find_masks(mask_dir: str, image_paths: list[str], where: str) -> dict[str, s
     if not os.path.isdir(mask_dir):
         problem = "not a folder" if os.path.exists(mask_dir) else "folder not found"
         raise ConfigError(f"{where}: conditioning_data_dir {mask_dir}: {problem}. It holds the loss masks of "
-                          f"--masked_loss, one per image with the image's file name.{escaped_path_hint(mask_dir)}")
+                          f"--masked_loss, one per image with the image's file name.{not_found_hint(mask_dir)}")
     by_stem: dict[str, list[str]] = {}
     for path in list_images(mask_dir):
         by_stem.setdefault(os.path.splitext(os.path.basename(path))[0], []).append(path)

@@ -622,3 +622,15 @@ def test_a_latent_cache_path_over_windows_max_path_ends_the_run_with_the_way_out
     rc, err = _main(capsys, tiny_sd1, _toml(tmp_path, d), tmp_path / "out", "--cache_latents", "--cache_latents_to_disk")
     assert rc == 1 and err.startswith(f"error: cannot write {d / 'a'}") and "over Windows' limit of 259" in err
     assert "LongPathsEnabled" in err and "Free space" not in err
+
+
+def test_an_image_folder_deeper_than_windows_max_path_is_named_with_the_limit(tiny_sd1, tmp_path, capsys,
+                                                                             windows_path_limit):
+    """Windows without long paths sees a folder past 259 characters as missing: "folder not found" alone sent users
+    checking a path that is there. The message says the length and the two ways out (a short path: no such hint)."""
+    deep = tmp_path / ("p" * max(1, 270 - len(str(tmp_path))))  # not created: what Windows reports for it
+    rc, err = _main(capsys, tiny_sd1, _toml(tmp_path, deep), tmp_path / "out")
+    assert rc == 2 and "folder not found" in err and str(deep) in err
+    assert f"Its full path is {len(str(deep))} characters, over Windows' limit of 259" in err and "LongPathsEnabled" in err
+    rc, err = _main(capsys, tiny_sd1, _toml(tmp_path, tmp_path / "nope"), tmp_path / "out")
+    assert rc == 2 and "folder not found" in err and "Windows' limit" not in err
