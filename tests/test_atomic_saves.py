@@ -424,3 +424,29 @@ def test_a_saved_file_gets_the_usual_permissions_not_the_temp_files(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "lora.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_trainer_saves_every_n_epochs_and_keeps_the_last_n(tiny_world, tmp_path):
+    """--save_every_n_epochs 2 over 5 epochs saves at the ends of epochs 2 and 4 (not 5: the final save is the run's
+    end), and --save_last_n_epochs 1 deletes epoch 2's LoRA and state when epoch 4's are written. Epoch 4's files
+    say where they stand: 4 steps and 4 epochs done, and a resume starts epoch 5 at its first batch. (Batch 3 of the
+    3 images: one step an epoch.)"""
+    import json
+
+    from safetensors import safe_open
+
+    import train_apt_lora
+
+    toml = tmp_path / "ds.toml"
+    toml.write_text(open(tiny_world.dataset).read().replace("batch_size = 1", "batch_size = 3"))
+    out = tmp_path / "out"
+    assert train_apt_lora.main(["--pretrained_model_name_or_path", tiny_world.model("sd1"), "--dataset_config",
+                                str(toml), "--output_dir", str(out), "--output_name", "lora", "--network_dim", "2",
+                                "--max_train_epochs", "5", "--seed", "1", "--save_every_n_epochs", "2",
+                                "--save_last_n_epochs", "1", "--save_state"]) == 0
+    assert sorted(os.listdir(out)) == ["lora-000004-state", "lora-000004.safetensors", "lora-state",
+                                       "lora.safetensors"]
+    with safe_open(str(out / "lora-000004.safetensors"), "pt") as f:
+        assert (f.metadata()["ss_steps"], f.metadata()["ss_epoch"]) == ("4", "4")
+    info = json.loads((out / "lora-000004-state" / "train_state.json").read_text())
+    assert (info["step"], info["epoch"], info["batches_done"]) == (4, 5, 0)

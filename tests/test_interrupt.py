@@ -129,3 +129,19 @@ def test_a_signal_to_the_process_group_with_loader_workers_saves_once(setup, tmp
     assert "killed by signal" not in text
     assert len([d for d in os.listdir(out) if d.endswith("-state")]) == 1
     assert text.count("received: finishing this step") == 1, text[-2000:]  # the workers' handlers said it too
+
+
+def test_a_second_signal_stops_at_once_and_the_handlers_are_given_back():
+    """The first SIGINT only asks for a stop after the step (exit code 128 + 2); a second raises KeyboardInterrupt at
+    once (a user pressing Ctrl-C again must not wait for the step and the save); leaving the block puts the earlier
+    handlers back, so a program that calls the trainer (a GUI, a notebook) gets its own Ctrl-C handling again."""
+    from library.interrupt import GracefulInterrupt
+
+    before = signal.getsignal(signal.SIGINT)
+    with GracefulInterrupt() as stop:
+        assert signal.getsignal(signal.SIGINT) != before and not stop.requested()
+        stop._handler(signal.SIGINT, None)
+        assert stop.requested() and stop.exit_code == 130
+        with pytest.raises(KeyboardInterrupt):
+            stop._handler(signal.SIGINT, None)
+    assert signal.getsignal(signal.SIGINT) == before

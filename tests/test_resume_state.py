@@ -132,3 +132,53 @@ def test_each_rank_gets_its_own_generators_back(tmp_path):
     torch.manual_seed(rank_seed(7, 1, 5))
     assert torch.equal(got, torch.get_rng_state())
     assert rank_seed(7, 1, 5) != rank_seed(7, 2, 5) != rank_seed(7, 1, 0) and rank_seed(7, 1) < 2**32
+
+
+def _stop_at(monkeypatch, step):
+    """The trainer's stop check sees a SIGINT after the run's `step`-th optimizer step, as a Ctrl-C during it would;
+    returns the call counter, which a test resets for the next run (a large `step` in it: never)."""
+    import signal
+
+    from library.interrupt import GracefulInterrupt
+
+    calls = {"n": 0, "at": step}
+
+    def requested(self, accelerator=None):
+        calls["n"] += 1
+        if calls["n"] == calls["at"]:
+            self.signum = signal.SIGINT
+        return self.signum is not None
+
+    monkeypatch.setattr(GracefulInterrupt, "requested", requested)
+    return calls
+
+
+def test_a_run_interrupted_twice_and_resumed_ends_with_the_uninterrupted_lora(tiny_world, straight, tmp_path,
+                                                                               monkeypatch):
+    """Ctrl-C saves a state at the run's position (step, epoch and the epoch's batches done), and a resumed run
+    counts the batches it skipped in its own saves: stopped after step 1, resumed and stopped after step 2, then
+    resumed to the end, the LoRA is the uninterrupted run's, bit for bit. A state placed at the epoch's start (or a
+    resumed run counting from 0) replays batches already trained on and quietly trains another LoRA."""
+    seed = json.loads((straight / "lora-step00000002-state" / "train_state.json").read_text())["seed"]
+    out = tmp_path / "out"
+    calls = _stop_at(monkeypatch, 1)
+    assert _run(tiny_world, out, "--seed", str(seed)) == 130  # 128 + SIGINT
+    info = json.loads((out / "lora-step00000001-state" / "train_state.json").read_text())
+    assert (info["step"], info["epoch"], info["batches_done"]) == (1, 1, 1)
+    calls.update(n=0, at=1)
+    assert _run(tiny_world, out, "--resume", "latest") == 130
+    info = json.loads((out / "lora-step00000002-state" / "train_state.json").read_text())
+    assert (info["step"], info["epoch"], info["batches_done"]) == (2, 1, 2)  # 1 batch skipped + 1 trained
+    calls.update(n=0, at=10**9)
+    assert _run(tiny_world, out, "--resume", "latest") == 0
+    a, b = load_file(str(straight / "lora.safetensors")), load_file(str(out / "lora.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_signal_during_the_last_step_ends_the_run_as_usual(tiny_world, tmp_path, monkeypatch):
+    """Ctrl-C in the run's last step: nothing is left to resume (a resume there is refused), so the run writes its
+    final LoRA and exits 0, rather than an interrupted step file and a state no run can continue from."""
+    _stop_at(monkeypatch, 4)
+    out = tmp_path / "out"
+    assert _run(tiny_world, out, "--seed", "1") == 0
+    assert sorted(os.listdir(out)) == ["lora.safetensors"]

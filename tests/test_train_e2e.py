@@ -419,10 +419,11 @@ def test_nan_steps_are_skipped_then_the_run_stops_with_the_likely_cause(tiny, im
     with safe_open(str(out / "lora.safetensors"), "pt") as f:
         assert f.metadata()["ss_steps"] == "3"
         assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
-    nan_steps(lambda n: True)
+    calls = nan_steps(lambda n: True)
     rc = _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "out2", "--max_bad_steps", "2")
     err = capsys.readouterr().err
     assert rc == 2 and "--no_half_vae" in err and "learning rate" in err and "--max_bad_steps 2" in err
+    assert calls["n"] == 2  # it stops at the 2nd skipped step, not after one more
 
 
 def test_micro_batch_reads_nothing_from_the_device_before_the_window_ends():
@@ -746,3 +747,50 @@ def test_a_path_the_console_cannot_encode_is_printed_escaped(tiny_world, tmp_pat
                                 "--save_every_n_steps", "1"]) == 0
     out.flush()
     assert "saved " + str(tmp_path / "\\u0414\\u043e\\u043c") in out.buffer.getvalue().decode("cp1252")
+
+
+@pytest.mark.parametrize("max_grad_norm, expected", [(0.0, [0.85, 1.8]), (1.0, [0.94, 1.92])])
+def test_accumulated_micro_batches_step_once_on_the_mean_gradient_clipped_to_max_grad_norm(max_grad_norm, expected):
+    """--gradient_accumulation_steps 2: one optimizer step on the mean of the two micro-batches' gradients (not their
+    sum, which would double the step of an SGD-style optimizer), that mean clipped to --max_grad_norm (0: not at all).
+    Hand-computed: loss w·x with x = (3, 0) then (0, 4): mean gradient (1.5, 2), norm 2.5; SGD at lr 0.1 from
+    w = (1, 2) gives (0.85, 1.8), clipped to norm 1 the gradient is (0.6, 0.8) and w = (0.94, 1.92)."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    net = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([[1.0, 2.0]]))
+    ctx = SimpleNamespace(accelerator=accelerator, network=net, window_losses=[], window_keys=[], keep_grads=False)
+    opt = accelerator.prepare(torch.optim.SGD(net.parameters(), lr=0.1))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    statuses = []
+    for x in ([3.0, 0.0], [0.0, 4.0]):
+        step = lambda args, ctx, batch, x=x: (net(torch.tensor([x])).sum(), {})  # noqa: E731
+        res = train_apt_lora.micro_batch(SimpleNamespace(max_grad_norm=max_grad_norm), ctx, {"image_keys": ["a"]},
+                                         opt, sched, list(net.parameters()), step_fn=step)
+        statuses.append(res.status)
+    assert statuses == ["accumulating", "stepped"]
+    assert net.weight.detach()[0].tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_sample_every_n_epochs_samples_at_those_epochs_ends(tiny, images, tmp_path, monkeypatch):
+    """--sample_every_n_epochs 2 over 3 epochs: one sampling, at the end of epoch 2, named by that epoch
+    (sd-scripts' NAME_e000002_...). (Batch 3 of the 3 images: one step an epoch.)"""
+    import library.sampling as sampling
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a dog --w 64 --h 64 --s 1\n")
+    seen = []
+    monkeypatch.setattr(sampling, "sample_images",
+                        lambda *a, step=None, epoch=None, **k: seen.append(step if epoch is None else f"e{epoch}") or [])
+    dataset = _dataset(tmp_path, images)
+    with open(dataset) as f:
+        text = f.read()
+    with open(dataset, "w") as f:
+        f.write(text.replace("batch_size = 1", "batch_size = 3"))
+    assert _train(tiny["sd1"], dataset, tmp_path / "out", "--sample_prompts", str(prompts),
+                  "--sample_every_n_epochs", "2") == 0
+    assert seen == ["e2"]

@@ -249,3 +249,17 @@ def test_cached_held_out_latents_do_not_depend_on_the_training_seed(tiny_world, 
                                     "--max_train_steps", "1"]) == 0
         found += re.findall(r"validation loss (\S+) at step 1", capsys.readouterr().out)
     assert len(found) == 2 and found[0] == found[1], found
+
+
+def test_trainer_validates_every_n_epochs(tiny_world, tmp_path, tb_scalars):
+    """--validate_every_n_epochs 2 over 3 epochs: the validation loss at the end of epoch 2 only (sd-scripts'
+    cadence), as TensorBoard reads it back. (5 training images in batches of 5: one step an epoch.)"""
+    toml = _held_out_dataset(tmp_path, 6, 0.3)
+    toml.write_text(toml.read_text().replace("batch_size = 1", "batch_size = 5"))
+    out = tmp_path / "out"
+    assert train_apt_lora.main(["--pretrained_model_name_or_path", tiny_world.model("sd1"), "--dataset_config",
+                                str(toml), "--output_dir", str(out), "--output_name", "lora", "--max_train_epochs", "3",
+                                "--validate_every_n_epochs", "2", "--logging_dir", str(out / "logs")]) == 0
+    steps = {tag: [step for step, _ in values] for tag, values in tb_scalars(out / "logs").items()
+             if "validation" in tag}
+    assert steps == {"loss/validation/epoch_average": [2]}
