@@ -95,15 +95,18 @@ def class_prompt(caption: str, class_tokens: str | None, prior_class_tokens: str
       "sks, dog, red" for "sks dog"): the identifier is dropped, with the tag it was ("dog, red"), when a class
       word (of the class tokens or the prior's) is in the caption; else it is replaced by the prior class tokens
       ("sks, red" -> "dog, red": the prior prompt names the class, as it does for class tokens "sks" + prior "dog").
+    - **[ours]** an identifier left over beside the class tokens ("sks dog, sks, red"; "sks dogs") is dropped the
+      same way ("dog, red"; "dogs"): c never shows the prior pass the identifier.
     A caption with neither (e.g. caption dropout to "") is returned unchanged.
     """
     prior = resolve_prior_class_tokens(class_tokens, prior_class_tokens)
     if prior is None:
         return caption
     pattern = _class_pattern(class_tokens)
-    if pattern.search(caption) is not None:
-        return pattern.sub(lambda _m: prior, caption)
     ident = identifier_word(class_tokens, prior)
+    if pattern.search(caption) is not None:
+        out = pattern.sub(lambda _m: prior, caption)
+        return _drop_word(out, ident) if ident is not None else out
     if ident is None:
         return caption
     class_words = {w.lower() for w in class_tokens.split() + prior.split()} - {ident.lower()}

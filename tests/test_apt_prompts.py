@@ -43,7 +43,7 @@ def test_class_prompt_explicit_prior():
 
 def test_class_prompt_multiple_occurrences_and_word_boundaries():
     cap = "sks dog, sks  dog and SKS dog; sks dogs, xsks dog"
-    assert class_prompt(cap, "sks dog") == "dog, dog and dog; sks dogs, xsks dog"
+    assert class_prompt(cap, "sks dog") == "dog, dog and dog; dogs, xsks dog"  # "sks dogs": the identifier dropped
 
 
 def test_class_prompt_single_word_without_prior_is_an_error():
@@ -278,13 +278,16 @@ def test_tag_captions_without_the_class_tokens_drop_the_identifier_tag(caption, 
     """[ours] "sks, dog" holds no "sks dog": c = c* would show the prior pass the identifier; the identifier is
     dropped with its tag instead, or replaced by the prior class tokens where no class word is left (it was
     dropped too: c named no class, "sks, red" -> "red", while class tokens "sks" + prior "dog" gave "dog, red").
-    Where the class tokens occur they are replaced as before."""
+    Where the class tokens occur they are replaced as before, and an identifier left beside them is dropped."""
     assert class_prompt(caption, "sks dog") == c
     assert class_prompt("ohwx, smiling", "ohwx man", "person") == "person, smiling"
     assert class_prompt("ohwx, man, smiling", "ohwx man", "person") == "man, smiling"
     assert class_prompt("ohwx, a person, smiling", "ohwx man", "person") == "a person, smiling"
     assert class_prompt("sks, red", "sks", "dog") == class_prompt("sks, red", "sks dog") == "dog, red"
-    assert class_prompt("sks dog, sks", "sks dog") == "dog, sks"  # the class tokens found: replaced, nothing else
+    # the class tokens found: replaced, and an identifier left beside them dropped (c never holds it)
+    assert class_prompt("sks dog, sks", "sks dog") == "dog"
+    assert class_prompt("sks dog, sks, red", "sks dog") == "dog, red"
+    assert class_prompt("ohwx man, ohwx, smiling", "ohwx man", "person") == "person, smiling"
 
 
 def test_the_trainer_warns_of_captions_without_the_class_tokens_before_training(tiny, images, tmp_path, caplog):
