@@ -356,6 +356,7 @@ def train(args):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from apt_ext.step import APT, apt_enabled
 
@@ -404,6 +405,11 @@ def train(args):
             f"--mixed_precision {args.mixed_precision}: accelerate refuses it on this device ({e}). Use "
             f"--mixed_precision bf16 or no (fp16 autocast on Apple's mps needs torch 2.8 or later)") from None
     is_main = accelerator.is_main_process
+
+    def say(message: str) -> None:
+        """accelerator.print above the progress bar: a plain print lands on the bar's line in a terminal."""
+        if is_main:
+            tqdm.write(message, file=sys.stdout)
     if os.environ.get("WORLD_SIZE", "1").isdigit() and int(os.environ.get("WORLD_SIZE", "1")) > accelerator.num_processes:
         raise train_util.TrainingSetupError(
             f"launched as {os.environ['WORLD_SIZE']} processes but accelerate set up {accelerator.num_processes}: "
@@ -688,7 +694,7 @@ def train(args):
             md.update(apt.metadata())
         with evaluation_weights(optimizer):  # a schedule-free optimizer's evaluated weights (its state, too)
             network.save_weights(path, save_dtype, md, overwrite=args.overwrite)
-            accelerator.print(f"saved {path}")
+            say(f"saved {path}")
             if apt is not None and apt.history:  # after the LoRA, which refuses an existing file first
                 from apt_ext.heatmap import save_gamma_heatmap
 
@@ -703,7 +709,7 @@ def train(args):
     def forget(names):
         """--save_last_n_*: delete the save that the one just written pushed out of the kept window."""
         for path in train_util.remove_old_save(args.output_dir, *names):
-            accelerator.print(f"removed {path} (--save_last_n_*)")
+            say(f"removed {path} (--save_last_n_*)")
 
     val_loader = None
     if val_data is not None:
@@ -818,7 +824,7 @@ def train(args):
                                 for i, (g, lr) in enumerate(zip(optimizer.param_groups, lrs)) if "d" in g},
                              **logs}, step=at_step)
 
-    with GracefulInterrupt() as stop:
+    with GracefulInterrupt() as stop, logging_redirect_tqdm(tqdm_class=tqdm):  # log lines above the bar too
         # epochs run until max_train_steps optimizer steps are done (without --defer_step_read, skipped NaN steps
         # add batches)
         for epoch in itertools.count(start_epoch):

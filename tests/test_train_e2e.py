@@ -195,6 +195,28 @@ def test_the_progress_bar_is_drawn_once_per_step_with_that_steps_loss(tiny, imag
     assert len(set(losses[:3])) == 3, frames  # each step's frame shows its own loss
 
 
+def test_log_lines_during_training_go_above_the_progress_bar(tiny, images, tmp_path, capsys, caplog):
+    """A log line written while the bar was drawn landed on the bar's line, in a terminal and in a log file
+    ("...gamma=0.700]INFO library.sampling: sample: ..."): the loop now routes them through tqdm, which clears the
+    bar, writes the line on its own and draws the bar again below it."""
+    caplog.set_level(logging.INFO)
+    console = logging.StreamHandler(sys.stderr)  # the console handler main() sets up outside pytest
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(console)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a dog --w 64 --h 64 --s 1\n")
+    try:
+        assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "out", "--sample_prompts", str(prompts),
+                      "--sample_every_n_steps", "2") == 0
+    finally:
+        logging.getLogger().removeHandler(console)
+    err = capsys.readouterr().err
+    at = [i for i in range(len(err)) if err.startswith("INFO library.sampling: sample:", i)]
+    assert len(at) == 1 and err[at[0] - 1] in "\r\n", err  # at the start of a line, after the bar is cleared
+    after = err[at[0]:].split("\n", 1)[1]
+    assert after.lstrip("\r").startswith("steps:  67%"), after[:200]  # the bar drawn again below the line
+
+
 def test_existing_output_is_never_overwritten(tiny, images, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
