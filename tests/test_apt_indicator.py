@@ -1,6 +1,7 @@
 """OverfittingIndicator (DESIGN.md §2.1) against hand-computed EMA / γ sequences."""
 import io
 import math
+import os
 
 import pytest
 import torch
@@ -214,3 +215,35 @@ def test_lookup_and_update_never_read_the_device():
     with pytest.raises(Exception):
         ind.logs()  # the one place that reads values
 
+
+def test_gamma_heatmap_pixels_show_each_bins_gamma_in_its_row_and_column(tmp_path):
+    """apt_ext/heatmap (the paper's Fig. 6, written beside every LoRA file): the pixel of bin b at step s has the
+    colour of γ_b(s), bin 0 on the top row and the first step on the left, on the documented dark-blue -> green ->
+    yellow scale. A flipped scale, swapped rows or a wrong blend show a user overfitting where there is none.
+    Reference colours by hand: γ 0 -> stop 0 (68, 1, 84); γ 1 -> stop 4 (253, 231, 37); γ 0.5 -> stop 2
+    (33, 145, 140); γ 0.125 -> halfway between stops 0 and 1: (63.5, 41.5, 111.5) rounded half-to-even (64, 42, 112)."""
+    from PIL import Image
+
+    from apt_ext.heatmap import render_gamma_heatmap, save_gamma_heatmap
+
+    history = [(10, [0.0, 1.0]), (20, [0.5, 0.125])]
+    img = render_gamma_heatmap(history, width=400, row_height=18)
+    left, top, row_h, col_w = 58, 22, 18, 200  # layout: label margin 58 px, title 22 px; 400 px / 2 steps
+    want = {(0, 0): (68, 1, 84), (1, 0): (253, 231, 37), (0, 1): (33, 145, 140), (1, 1): (64, 42, 112)}
+    for (b, s), rgb in want.items():
+        for dy, dx in ((1, 1), (row_h - 2, col_w - 2)):  # both corners of the cell
+            assert img.getpixel((left + s * col_w + dx, top + b * row_h + dy)) == rgb, (b, s, dy, dx)
+    # a long run is resampled to 400 columns: the first and last columns are the first and last steps
+    long = [(s, [1.0 if s == 799 else 0.0]) for s in range(800)]
+    img = render_gamma_heatmap(long, width=400, row_height=18)
+    assert img.getpixel((left, top + 5)) == (68, 1, 84) and img.getpixel((left + 399, top + 5)) == (253, 231, 37)
+    assert img.getpixel((left + 398, top + 5)) == (68, 1, 84)
+
+    # saved as a PNG that replaces the previous one (each save of the LoRA file rewrites its heatmap)
+    path = str(tmp_path / "lora_gamma.png")
+    save_gamma_heatmap(history, path)
+    save_gamma_heatmap([(30, [1.0, 1.0])], path)
+    with Image.open(path) as png:
+        assert png.format == "PNG"
+        assert png.convert("RGB").getpixel((left + 1, top + 1)) == (253, 231, 37)
+    assert sorted(os.listdir(tmp_path)) == ["lora_gamma.png"]

@@ -506,7 +506,7 @@ def test_save_load_round_trip(sd1, tmp_path):
 
 
 @pytest.mark.parametrize("dtype,expected", [(torch.float16, torch.float16), ("bf16", torch.bfloat16),
-                                            ("float", torch.float32)])
+                                            ("float", torch.float32), ("fp16", torch.float16)])
 def test_save_dtype_alpha_is_float_in_save_dtype(sd1, tmp_path, dtype, expected):
     net = LoRANetwork(sd1, lora_dim=4, alpha=1)  # int alpha (argparse default) must still be saved as float
     path = tmp_path / "x.safetensors"
@@ -626,6 +626,33 @@ def test_a_file_with_per_module_ranks_is_continued_module_for_module(sd1, tmp_pa
         torch.testing.assert_close(m.delta_weight().reshape(want.shape), want * (r / 2) / r)
     saved = cont.kohya_state_dict()
     assert {k: tuple(v.shape) for k, v in saved.items()} == {k: tuple(v.shape) for k, v in resized.items()}
+
+
+def test_dims_from_weights_reports_the_most_common_rank_of_each_kind(tmp_path):
+    """A resized file (ranks differ per module): --dim_from_weights sets --network_dim/--network_alpha (and so
+    ss_network_dim / ss_network_alpha in the continued file) to the rank and alpha most of its modules have, per kind
+    (Linear/1x1 vs 3x3 conv), as the docstring says; not to a rank only one outlier module has."""
+    from networks.lora import dims_from_weights
+
+    sd = {}
+
+    def module(name, rank, alpha, conv=False):
+        sd[f"{name}.lora_down.weight"] = torch.zeros((rank, 8, 3, 3) if conv else (rank, 8))
+        sd[f"{name}.lora_up.weight"] = torch.zeros((8, rank, 1, 1) if conv else (8, rank))
+        sd[f"{name}.alpha"] = torch.tensor(float(alpha))
+
+    for i in range(3):
+        module(f"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q{i}", 4, 2)
+    module("lora_unet_mid_block_attentions_0_proj_in", 8, 8)
+    module("lora_unet_down_blocks_0_resnets_0_conv1", 2, 1, conv=True)
+    module("lora_unet_down_blocks_0_resnets_0_conv2", 2, 1, conv=True)
+    module("lora_unet_down_blocks_0_resnets_1_conv1", 6, 3, conv=True)
+    path = str(tmp_path / "resized.safetensors")
+    safetensors.torch.save_file(sd, path)
+    dims = dims_from_weights(path)
+    assert {k: v for k, v in dims.items() if k != "modules"} == {"network_dim": 4, "network_alpha": 2.0,
+                                                                 "conv_dim": 2, "conv_alpha": 1.0}
+    assert dims["modules"]["lora_unet_mid_block_attentions_0_proj_in"] == (8, 8.0)
 
 
 def test_a_unet_only_file_continued_without_the_flag_says_it_trains_no_text_encoder(sd1, caplog):
@@ -748,6 +775,22 @@ def test_load_other_architecture_same_names(tmp_path):
     print(msg)
 
 
+def test_a_text_encoder_only_file_is_described_by_its_text_encoder_width():
+    """A file with no UNet cross-attention module (a text-encoder-only LoRA) is placed by its q_proj input width:
+    768 SD1.x, 1024 SD2.x; the refusal sends the user to the base model named here (an SD2 file called SD1.x would
+    send them to the wrong one)."""
+    from networks.lora import _describe_file
+
+    def te_file(width, rank=4):
+        n = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+        return {f"{n}.lora_down.weight": torch.zeros(rank, width), f"{n}.lora_up.weight": torch.zeros(width, rank),
+                f"{n}.alpha": torch.tensor(1.0)}
+
+    assert _describe_file(te_file(1024)) == ("The file appears to be made for SD2.x (rank 4; 1 text-encoder and 0 "
+                                             "UNet modules).")
+    assert "made for SD1.x (rank 8;" in _describe_file(te_file(768, rank=8))
+
+
 def test_load_unet_only_file_into_network_with_te(sd1, tmp_path, caplog):
     src = LoRANetwork(sd1, lora_dim=4, train_text_encoder=False)
     randomize(src)
@@ -807,6 +850,66 @@ def test_load_rejects_non_kohya_files(sd1, tmp_path):
         net.load_weights(str(p))
 
 
+def test_a_partial_file_is_refused_naming_how_many_modules_it_lacks(sd1, tmp_path):
+    """--network_weights with some but not all of a part's modules (a block-wise file, or one edited by hand) into a
+    full network is refused, naming the count: loaded, the modules it lacks would silently restart from zero while
+    the user believes the whole LoRA is being continued."""
+    src = LoRANetwork(sd1, lora_dim=4)
+    randomize(src)
+    sd = src.kohya_state_dict()
+    dropped = [m.lora_name for m in src.unet_loras if "mid_block" in m.lora_name]
+    assert 0 < len(dropped) < len(src.unet_loras)
+    partial = {k: v for k, v in sd.items() if k.split(".")[0] not in dropped}
+    p = str(tmp_path / "no_mid.safetensors")
+    safetensors.torch.save_file(partial, p)
+    with pytest.raises(LoRAWeightsError, match=rf"no_mid\.safetensors: lacks {len(dropped)} of the "
+                                               rf"{len(src.unet_loras)} UNet LoRA modules"):
+        LoRANetwork(build_tiny_model("sd1"), lora_dim=4).load_weights(p)
+    te_dropped = src.text_encoder_loras[0].lora_name
+    p = str(tmp_path / "te_short.safetensors")
+    safetensors.torch.save_file({k: v for k, v in sd.items() if k.split(".")[0] != te_dropped}, p)
+    with pytest.raises(LoRAWeightsError, match=rf"lacks 1 of the {len(src.text_encoder_loras)} text-encoder LoRA"):
+        LoRANetwork(build_tiny_model("sd1"), lora_dim=4).load_weights(p)
+
+
+def test_a_module_without_its_down_or_up_weight_is_refused_by_every_reader(sd1, tmp_path):
+    """A file where one module has lora_up but no lora_down (truncated or hand-edited) is "not a plain kohya LoRA"
+    naming that module, for --network_weights, --dim_from_weights and --base_weights alike, not a KeyError
+    traceback from deep in the loader."""
+    from networks.lora import dims_from_weights
+    from networks.merge import merge_lora_file
+
+    net = LoRANetwork(sd1, lora_dim=4)
+    sd = net.kohya_state_dict()
+    name = net.unet_loras[0].lora_name
+    del sd[f"{name}.lora_down.weight"]
+    p = str(tmp_path / "cut.safetensors")
+    safetensors.torch.save_file(sd, p)
+    msg = rf"cut\.safetensors.*not a plain kohya LoRA.*{name}\.<lora_down/lora_up missing>"
+    with pytest.raises(LoRAWeightsError, match=msg):
+        LoRANetwork(build_tiny_model("sd1"), lora_dim=4).load_weights(p)
+    with pytest.raises(LoRAWeightsError, match=msg):
+        merge_lora_file(build_tiny_model("sd1"), p)
+    with pytest.raises(LoRAWeightsError, match=r"--dim_from_weights: .*cut\.safetensors is not a plain kohya LoRA"):
+        dims_from_weights(p)
+
+
+def test_text_encoder_only_network_loads_the_text_encoder_of_a_c3lier_file(sd1, tmp_path, caplog):
+    """--network_train_text_encoder_only continuing a C3Lier file: the text-encoder modules load with the file's
+    values and the UNet ones (3x3 convs included) are ignored with a warning; asking for conv_dim there (a network
+    that trains no UNet) would refuse a file the run can use."""
+    src = LoRANetwork(sd1, lora_dim=4, alpha=2.0, conv_lora_dim=2, conv_alpha=1.0)
+    randomize(src)
+    path = _save(src, tmp_path / "c3.safetensors")
+    dst = LoRANetwork(build_tiny_model("sd1"), lora_dim=4, alpha=2.0, train_unet=False)
+    with caplog.at_level(logging.WARNING, logger="networks.lora"):
+        info = dst.load_weights(path)
+    assert info["missing"] == [] and info["ignored"] == sorted(m.lora_name for m in src.unet_loras)
+    assert "this network does not train the UNet" in caplog.text
+    for m in dst.text_encoder_loras:
+        assert torch.equal(m.lora_down.weight, src.get_submodule(m.lora_name).lora_down.weight)
+
+
 def test_save_then_load_round_trip_with_fp16_file(sd1, tmp_path):
     src = LoRANetwork(sd1, lora_dim=4)
     randomize(src)
@@ -845,6 +948,15 @@ def test_create_network_from_args(sd1):
         create_network(sd1, args(network_args=["conv_dim"]))
     with pytest.raises(LoRAWeightsError, match="conv_dim"):
         parse_network_args(["conv_dim=abc"])
+
+
+def test_network_args_integer_keys_refuse_fractions_and_none_means_unset():
+    """conv_dim=2.5 is refused (it was read as 2: a rank the user did not ask for, and the file's metadata would
+    say 2.5 via ss_network_args); "None" leaves a key unset, as sd-scripts' kwargs do."""
+    with pytest.raises(LoRAWeightsError, match=r"--network_args conv_dim='2.5': expected an integer"):
+        parse_network_args(["conv_dim=2.5"])
+    assert parse_network_args(["conv_dim=2.0", "conv_alpha=0.5", "rank_dropout=None"]) == {
+        "conv_dim": 2, "conv_alpha": 0.5, "rank_dropout": None}
 
 
 def test_network_train_unet_only_drops_te_keys(sd1, tmp_path):

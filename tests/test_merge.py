@@ -98,3 +98,25 @@ def test_a_module_of_another_size_or_an_empty_file_is_refused_naming_it(tmp_path
     safetensors.torch.save_file({}, str(tmp_path / "empty.safetensors"))
     with pytest.raises(LoRAWeightsError, match=r"empty\.safetensors: not a plain kohya LoRA"):
         merge_base_weights(model, [str(tmp_path / "empty.safetensors")])
+
+
+def test_a_dora_or_lycoris_file_is_refused_not_merged_as_plain_lora(tmp_path):
+    """A DoRA file (kohya keys plus `dora_scale`) merged as a plain LoRA would add up @ down without the magnitude
+    rescaling: a base model silently unlike the one the file describes. It is refused naming the unexpected key,
+    and the model is left as it was."""
+    import safetensors.torch
+
+    model = build_tiny_model("sd1")
+    path = tmp_path / "a.safetensors"
+    net = _random_lora(model, path, 0, lora_dim=4, alpha=4)
+    sd = safetensors.torch.load_file(str(path))
+    name = net.unet_loras[0].lora_name
+    sd[f"{name}.dora_scale"] = torch.ones(1, net.unet_loras[0].lora_down.weight.shape[1])
+    dora = tmp_path / "dora.safetensors"
+    safetensors.torch.save_file(sd, str(dora))
+    parts = [model.unet, *model.text_encoders]
+    before = [copy.deepcopy(m.state_dict()) for m in parts]
+    with pytest.raises(LoRAWeightsError, match=rf"dora\.safetensors: not a plain kohya LoRA .*: unexpected keys such as "
+                                               rf"{name}\.dora_scale\. It looks like a DoRA file"):
+        merge_base_weights(model, [str(dora)])
+    assert all(torch.equal(v, b[k]) for m, b in zip(parts, before) for k, v in m.state_dict().items())
