@@ -96,13 +96,13 @@ def find_latest_state(output_dir: str, output_name: str | None = None) -> str | 
         return None
     names = os.listdir(output_dir)
     flags = re.IGNORECASE if output_name and folds_case(output_dir, names) else 0
+    pattern = re.escape(output_name or "") + r"(?:-step\d+(?:-\d{8}-\d{6})?|-\d+)?-state"
     best = None
     for name in names:
         path = os.path.join(output_dir, name)
         info = os.path.join(path, "train_state.json")
         if not name.endswith("-state") or not os.path.isfile(info):
             continue
-        pattern = re.escape(output_name or "") + r"(?:-step\d+(?:-\d{8}-\d{6})?|-\d+)?-state"
         if output_name and not re.fullmatch(pattern, name, flags):
             continue  # another run's state in the same folder (lora_v2-step...-state is not lora's)
         try:
