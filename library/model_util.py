@@ -722,14 +722,15 @@ def _has_tokenizer(folder: str) -> bool:
 def _load_tokenizers(arch: str, model_dir: str | None, tokenizer_path: str | None) -> list:
     """One tokenizer per text encoder: the model folder's, else --tokenizer_path's, else the bundled CLIP BPE.
 
-    A flat --tokenizer_path folder (or its tokenizer/ for SDXL's second slot) gets the pad token of the
-    slot's encoder, since that is a property of the model, not of the vocabulary."""
+    A --tokenizer_path tokenizer gets the pad token of the slot's encoder, whichever folder it came from (an SD1
+    model's tokenizer/ for an SD2 model pads with "!"), since that is a property of the model, not of the
+    vocabulary; a model folder's own tokenizers keep theirs."""
     subs = ["tokenizer", "tokenizer_2"][: len(PAD_TOKENS[arch])]
     out = []
     for sub, pad in zip(subs, PAD_TOKENS[arch]):
         cands = [(os.path.join(model_dir, sub), None)] if model_dir else []
         if tokenizer_path:
-            cands += [(os.path.join(tokenizer_path, sub), None), (os.path.join(tokenizer_path, "tokenizer"), pad),
+            cands += [(os.path.join(tokenizer_path, sub), pad), (os.path.join(tokenizer_path, "tokenizer"), pad),
                       (tokenizer_path, pad)]
         found = next(((d, p) for d, p in cands if _has_tokenizer(d)), None)
         if found is None:

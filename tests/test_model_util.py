@@ -712,3 +712,178 @@ def test_a_vae_file_in_diffusers_layout_loads_as_is(tiny, tmp_path):
     path = str(tmp_path / "diffusion_pytorch_model.safetensors")
     save_file({k: v.contiguous() for k, v in other.vae.state_dict().items()}, path)
     _assert_same_weights(other.vae, model_util.load_vae(path, tiny_config("sd1")["vae"]))
+
+
+@pytest.mark.parametrize("form", ["from_folder", "from_file"])
+def test_the_training_schedule_is_sd_scaled_linear(tiny, form):
+    """The noise schedule every loaded model trains with is SD's (scaled_linear 0.00085..0.012 over 1000 steps): with
+    another (a plain linear schedule) every noisy latent and loss target is off and the LoRA learns the wrong model.
+    Reference by hand: beta_t = (sqrt(0.00085) + t/999 * (sqrt(0.012) - sqrt(0.00085)))^2, so beta_500 =
+    (0.0291548 + 0.0402351)^2 = 0.0048150; alphā_999 = 0.0046601, the value real SD schedulers have."""
+    sched = tiny["sd1"][form].noise_scheduler
+    assert sched.config.num_train_timesteps == 1000 and len(sched.alphas_cumprod) == 1000
+    assert float(sched.betas[0]) == pytest.approx(0.00085, rel=1e-5)
+    assert float(sched.betas[999]) == pytest.approx(0.012, rel=1e-5)
+    assert float(sched.betas[500]) == pytest.approx(0.0048150, rel=1e-4)
+    assert float(sched.alphas_cumprod[999]) == pytest.approx(0.0046601, rel=1e-3)
+    assert sched.config.clip_sample is False
+
+
+def test_a_replacement_vae_loads_in_the_vae_dtype(tiny, tmp_path):
+    """--vae with --no_half_vae: the replacement VAE is loaded in the VAE's dtype (fp32), not the training dtype, as
+    the model's own VAE is; an SDXL VAE in half precision decodes/encodes to NaNs, the reason the flag exists."""
+    ref = tiny["sd1"]["orig"]
+    vae_file = tmp_path / "vae.safetensors"
+    save_file({k: v.contiguous() for k, v in ldm_convert.vae_to_ldm(ref.vae.state_dict(), tiny_config("sd1")["vae"]).items()},
+              str(vae_file))
+    vae_folder = os.path.join(tiny["sd1"]["folder"], "vae")
+    for form, vae_path in (("file", str(vae_file)), ("folder", vae_folder)):
+        m = load_model(tiny["sd1"][form], vae_path=vae_path, dtype=torch.bfloat16, vae_dtype=torch.float32)
+        assert {p.dtype for p in m.unet.parameters()} == {torch.bfloat16}, form
+        assert {p.dtype for p in m.vae.parameters()} == {torch.float32}, form
+        _assert_same_weights(ref.vae, m.vae)  # the fp32 values themselves, not a bf16 round trip
+
+
+def test_a_saved_sdxl_folder_loads_its_second_encoder_with_projection_in_diffusers(tiny):
+    """A real consumer of save_diffusers' model_index.json: diffusers' SDXL pipeline builds text_encoder_2 as the
+    class the index names. As a plain CLIPTextModel it has no text_projection (the pooled embedding SDXL's UNet is
+    conditioned on), so a converted/merged model would load without it."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    with open(os.path.join(tiny["sdxl"]["folder"], "model_index.json"), encoding="utf-8") as f:
+        assert json.load(f)["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny["sdxl"]["folder"], local_files_only=True)
+    assert type(pipe.text_encoder_2) is CLIPTextModelWithProjection
+    _assert_same_weights(tiny["sdxl"]["orig"].text_encoders[1], pipe.text_encoder_2)
+
+
+def test_a_tokenizer_folder_without_a_config_gets_77_token_windows(tiny, tmp_path):
+    """--tokenizer_path to a bare vocab.json + merges.txt folder (no tokenizer_config.json): transformers then sets
+    model_max_length to 1e30, and anything that truncates to the tokenizer's length (diffusers' pipelines, sample
+    prompts) feeds the 77-position CLIP encoder longer sequences. It is clamped to SD's 77, with the slot's pad."""
+    import shutil
+
+    bare = tmp_path / "bare_tok"
+    bare.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(os.path.join(tiny["sd1"]["folder"], "tokenizer", name), bare / name)
+    m = load_model(tiny["sd2"]["file"], tokenizer_path=str(bare))
+    tok = m.tokenizers[0]
+    assert tok.model_max_length == 77 and tok.pad_token == "!"
+    ids = tok(" ".join(["dog"] * 200), truncation=True).input_ids
+    assert len(ids) == 77 and ids[0] == 49406 and ids[-1] == 49407
+
+
+def test_a_saved_folder_is_readable_as_the_umask_allows(tiny, tmp_path):
+    """save_diffusers builds in a private temp folder (mkdtemp: 0700) and renames it into place; the result gets the
+    permissions a plain mkdir would (0755 under umask 022), or a UI or trainer running as another user (a shared
+    server, a container) cannot open the converted model."""
+    old = os.umask(0o022)
+    try:
+        folder = model_util.save_diffusers(tiny["sd1"]["orig"], tmp_path / "shared_model")
+    finally:
+        os.umask(old)
+    assert os.stat(folder).st_mode & 0o777 == 0o755
+
+
+def test_a_cache_entry_with_two_snapshots_loads_the_one_refs_main_names(tiny, tmp_path):
+    """After a model is updated in the Hugging Face cache its entry holds two snapshots; refs/main names the current
+    one. Without it the pick is ambiguous, so the entry itself is returned (and refused), never a guessed snapshot."""
+    import shutil
+
+    entry = tmp_path / "hub" / "models--org--tiny"
+    shutil.copytree(tiny["sd2"]["folder"], entry / "snapshots" / "aaa111")  # the old one, first by name
+    shutil.copytree(tiny["sd1"]["folder"], entry / "snapshots" / "bbb222")
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text("bbb222\n")
+    assert model_util.local_model_path(str(entry)) == str(entry / "snapshots" / "bbb222")
+    assert probe_model(str(entry)) == ("sd1", False)
+    os.remove(entry / "refs" / "main")
+    assert model_util.local_model_path(str(entry)) == str(entry)
+
+
+def test_an_sdxl_model_with_a_single_tokenizer_folder_pads_each_slot_as_its_encoder(tiny):
+    """--tokenizer_path to a model folder holding only tokenizer/ (an SD1 folder) for an SDXL model: the second slot
+    reuses that vocabulary but must pad as OpenCLIP does ("!", id 0), not with the folder's EOS (49407). Another pad
+    changes every short caption's embedding from encoder 2, and the pooled one the UNet is conditioned on."""
+    m = load_model(tiny["sdxl"]["file"], tokenizer_path=tiny["sd1"]["folder"])
+    assert [t.pad_token for t in m.tokenizers] == ["<|endoftext|>", "!"]
+    padded = [t("a photo of a dog", padding="max_length", max_length=77).input_ids for t in m.tokenizers]
+    assert padded[0] == DOG + [49407] * 70
+    assert padded[1] == DOG + [0] * 70
+
+
+def test_a_single_file_without_a_vae_loads_with_vae(tiny, tmp_path):
+    """A pruned checkpoint without first_stage_model.* keys (UNet and text encoder only) is refused alone ("Pass a
+    VAE with --vae") and loads with --vae: the UNet from the file, the VAE from --vae."""
+    full = load_file(tiny["sd1"]["file"])
+    path = str(tmp_path / "no_vae.safetensors")
+    save_file({k: v for k, v in full.items() if not k.startswith("first_stage_model.")}, path,
+              metadata={model_util.CONFIGS_KEY: json.dumps(tiny_config("sd1"))})
+    with pytest.raises(ModelLoadError, match="has no VAE .*--vae"):
+        load_model(path)
+    m = load_model(path, vae_path=os.path.join(tiny["sd1"]["folder"], "vae"))
+    _assert_same_weights(tiny["sd1"]["orig"].unet, m.unet)
+    _assert_same_weights(tiny["sd1"]["orig"].vae, m.vae)
+
+
+def test_save_diffusers_into_an_empty_existing_folder(tiny, tmp_path):
+    """An output folder made beforehand (mkdir, a file dialog) but still empty is free to use: refusing it as
+    "already exists" without --overwrite loses the conversion for nothing. A non-empty one is still refused."""
+    target = tmp_path / "made_before"
+    target.mkdir()
+    model_util.save_diffusers(tiny["sd1"]["orig"], target)
+    _assert_same_weights(tiny["sd1"]["orig"].unet, load_model(str(target)).unet)
+    with pytest.raises(FileExistsError):
+        model_util.save_diffusers(tiny["sd1"]["orig"], target)
+
+
+def test_a_component_folder_prefers_its_full_precision_weights(tmp_path):
+    """A folder with both diffusion_pytorch_model.safetensors and its .fp16 variant (as many hub repos ship): the
+    plain, full-precision weights are loaded; the fp16 variant only when it is all there is."""
+    d = tmp_path / "unet"
+    d.mkdir()
+    for name in ("diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors",
+                 "diffusion_pytorch_model.ema.safetensors"):
+        (d / name).write_bytes(b"")
+    assert model_util._weights_kwargs(str(d), allow_pickle=False) == {"use_safetensors": True, "variant": None}
+    os.remove(d / "diffusion_pytorch_model.safetensors")
+    assert model_util._weights_kwargs(str(d), allow_pickle=False) == {"use_safetensors": True, "variant": "fp16"}
+
+
+def test_a_replacement_vae_with_latent_statistics_is_refused(tiny, tmp_path):
+    """--vae to a 4-channel VAE whose config carries latents_mean/latents_std (Playground v2.5's, an EDM model's):
+    its latents are normalised by those statistics, not by the SD scaling factor, so training on them with this
+    model's schedule is wrong. It is refused by name like an EDM model folder."""
+    from diffusers import AutoencoderKL
+
+    cfg = {k: v for k, v in tiny_config("sd1")["vae"].items() if not k.startswith("_")}
+    stats = tmp_path / "vae_stats"
+    AutoencoderKL.from_config({**cfg, "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4}).save_pretrained(stats)
+    with pytest.raises(ModelLoadError, match=r"--vae .*vae_stats: its config has latents_mean/shift_factor"):
+        load_model(tiny["sd1"]["folder"], vae_path=str(stats))
+
+
+def test_a_variant_index_naming_pickle_shards_is_refused(tmp_path):
+    """The fp16 variant's index (model.safetensors.index.fp16.json, as diffusers and transformers name it) lists its
+    shards like the plain one: a .bin shard there is a pickle the libraries would torch.load, so it needs
+    --allow_pickle_checkpoint exactly as a plain index's does."""
+    d = tmp_path / "text_encoder"
+    d.mkdir()
+    (d / "model.safetensors.index.fp16.json").write_text(
+        '{"weight_map": {"a.weight": "model.fp16-00001-of-00001.bin"}}')
+    with pytest.raises(ModelLoadError, match=r"index.fp16.json names shard files that are not safetensors "
+                                             r"\(model.fp16-00001-of-00001.bin\).*--allow_pickle_checkpoint"):
+        model_util._weights_kwargs(str(d), allow_pickle=False)
+    assert model_util._weights_kwargs(str(d), allow_pickle=True) == {"use_safetensors": True, "variant": "fp16"}
+
+
+def test_an_sd2_model_with_an_sd1_tokenizer_folder_pads_as_its_encoder(tiny):
+    """--tokenizer_path to an SD1 model folder for an SD2 model: the vocabulary is the same, but SD2's OpenCLIP
+    encoder pads with "!" (id 0); the folder's tokenizer/ kept its EOS pad (49407) while the same files given flat
+    got "!", so every short caption's SD2 embedding depended on how the path was written."""
+    for path in (tiny["sd1"]["folder"], os.path.join(tiny["sd1"]["folder"], "tokenizer")):
+        tok = load_model(tiny["sd2"]["file"], tokenizer_path=path).tokenizers[0]
+        assert tok.pad_token == "!", path
+        assert tok("a photo of a dog", padding="max_length", max_length=77).input_ids == DOG + [0] * 70, path
