@@ -274,6 +274,8 @@ def load_dataset_config(path) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 def _type_name(v) -> str:
+    if isinstance(v, float) and not math.isfinite(v):
+        return "a non-finite number"
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
             dict: "a table", type(None): "null"}.get(type(v), type(v).__name__)
 
@@ -308,11 +310,13 @@ def _check_value(kind: str, v) -> str | None:
 
 
 def _suggest(key: str, preferred, everything) -> str:
-    for pool in (preferred, everything):
-        close = difflib.get_close_matches(key, sorted(pool), n=1, cutoff=0.6)
-        if close:
-            return f" Did you mean `{close[0]}`?"
-    return ""
+    """The closest known key (difflib's ratio, at least 0.6; a key the typo begins, an abbreviation, first), one
+    allowed at this level winning a tie: `resoltion` in a subset is `resolution` (a [[datasets]] key, which the next
+    run then says to move), not the subset key `resize_interpolation`; `caption_ext` is `caption_extension`."""
+    preferred = set(preferred)
+    scored = [(difflib.SequenceMatcher(None, key, k).ratio(), k) for k in preferred | set(everything)]
+    ranked = [(k.startswith(key), ratio, k in preferred, k) for ratio, k in scored if ratio >= 0.6]
+    return f" Did you mean `{max(ranked)[3]}`?" if ranked else ""
 
 
 def _dataset_kind(ds: dict) -> str:

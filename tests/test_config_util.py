@@ -459,3 +459,173 @@ def test_cli_only_fine_tuning_from_in_json():
     (bp,) = generate_blueprint(None, ns(in_json="meta.json", train_data_dir="/imgs", resolution="64"))
     assert not bp.is_dreambooth and bp.subsets[0].metadata_file == "meta.json"
     assert bp.subsets[0].image_dir == "/imgs"
+
+
+# -- boundaries of the bucket and resolution checks (mutation-testing round 5) -----------------------------------------
+
+def test_bucket_limits_at_the_resolution_itself_are_accepted():
+    """The bucket checks are strict inequalities: SDXL's usual `resolution = 1024` with the default max_bucket_reso
+    1024, and a 64-pixel run whose bucket_reso_steps, min and max all equal the resolution, are valid configs
+    (sd-scripts trains them); an off-by-one refused every SDXL bucketed run."""
+    cfg = {"general": {"resolution": 1024, "enable_bucket": True}, "datasets": [{"subsets": [{"image_dir": "/a"}]}]}
+    (bp,) = generate_blueprint(cfg, ns(), config_path="d.toml")
+    limits = (bp.resolution, bp.min_bucket_reso, bp.max_bucket_reso, bp.bucket_reso_steps)
+    assert limits == ((1024, 1024), 256, 1024, 64)
+    cfg["general"] = {"resolution": 64, "enable_bucket": True, "min_bucket_reso": 64, "max_bucket_reso": 64,
+                      "bucket_reso_steps": 64}
+    (bp,) = generate_blueprint(cfg, ns(), config_path="d.toml")
+    assert (bp.resolution, bp.min_bucket_reso, bp.max_bucket_reso, bp.bucket_reso_steps) == ((64, 64), 64, 64, 64)
+    cfg["general"]["bucket_reso_steps"] = 128  # one step larger than the side: no bucket fits
+    cfg["general"]["max_bucket_reso"] = 128
+    with pytest.raises(ConfigError) as e:
+        generate_blueprint(cfg, ns(), config_path="d.toml")
+    assert str(e.value).startswith("datasets[0] in d.toml: bucket_reso_steps (128, `general.bucket_reso_steps` in "
+                                   "d.toml) is larger than the resolution's smaller side (64)")
+
+
+def test_min_bucket_reso_below_one_step_snaps_up_to_the_step():
+    """min_bucket_reso = 30 with bucket_reso_steps 64 rounds down to 0 by the modulo alone; sd-scripts (and this
+    code) keep it at one step, 64, since a 0-pixel bucket side cannot be trained."""
+    cfg = {"general": {"resolution": 512, "enable_bucket": True, "min_bucket_reso": 30},
+           "datasets": [{"subsets": [{"image_dir": "/a"}]}]}
+    (bp,) = generate_blueprint(cfg, ns())
+    assert bp.min_bucket_reso == 64  # max(64, 30 - 30 % 64) = max(64, 0)
+
+
+def test_a_zero_resolution_is_a_type_error_naming_the_key(tmp_path):
+    """`resolution = 0` (or a 0 side) is refused when the config is read, naming the key, instead of building a
+    dataset of 0-pixel images that fails deep in the loader."""
+    for value, shown in (("0", "0"), ("[512, 0]", "[512, 0]")):
+        p = write(tmp_path, f"""\
+            [general]
+            resolution = {value}
+            [[datasets]]
+              [[datasets.subsets]]
+              image_dir = "/a"
+            """)
+        with pytest.raises(ConfigError) as e:
+            load_dataset_config(p)
+        assert str(e.value) == (f"`general.resolution` in {p}: expected a positive integer or [width, height], e.g. "
+                                f"512 or [768, 512], got {'an integer' if value == '0' else 'a list'} ({shown}).")
+
+
+def test_cli_alpha_mask_reaches_every_subset_unless_a_subset_says_otherwise():
+    """--alpha_mask is documented as `alpha_mask` for every subset (docs/dataset_config.md); a subset's own
+    `alpha_mask = false` still wins (subset > CLI)."""
+    cfg = {"general": {"resolution": 64}, "datasets": [{"subsets": [{"image_dir": "/a"},
+                                                                     {"image_dir": "/b", "alpha_mask": False}]}]}
+    (bp,) = generate_blueprint(cfg, ns(alpha_mask=True))
+    assert [s.alpha_mask for s in bp.subsets] == [True, False]
+    (bp,) = generate_blueprint(cfg, ns(alpha_mask=False))
+    assert [s.alpha_mask for s in bp.subsets] == [False, False]
+
+
+def test_bucket_reso_steps_is_only_checked_with_buckets():
+    """Without enable_bucket every image is resized to the resolution itself, so bucket_reso_steps is unused: a GUI
+    config's `bucket_reso_steps = 32` for an SD1.5 run without buckets must not stop the run."""
+    cfg = {"general": {"resolution": 512, "bucket_reso_steps": 32}, "datasets": [{"subsets": [{"image_dir": "/a"}]}]}
+    (bp,) = generate_blueprint(cfg, ns(), is_sdxl=False)
+    assert bp.bucket_reso_steps == 32 and not bp.enable_bucket
+
+
+def test_dataset_level_beats_general_and_subset_beats_both(tmp_path):
+    """The precedence subset > [[datasets]] > [general] (sd-scripts'): a dataset's own batch_size, resolution and
+    shuffle_caption = false win over [general] for that dataset only, a second dataset silent on them gets
+    [general]'s, and a subset's keep_tokens wins over both. An error names the level the value came from."""
+    p = write(tmp_path, """\
+        [general]
+        resolution = 512
+        batch_size = 2
+        shuffle_caption = true
+        keep_tokens = 1
+
+        [[datasets]]
+        resolution = [768, 512]
+        batch_size = 4
+        shuffle_caption = false
+        keep_tokens = 2
+          [[datasets.subsets]]
+          image_dir = "/a"
+          [[datasets.subsets]]
+          image_dir = "/b"
+          keep_tokens = 3
+
+        [[datasets]]
+          [[datasets.subsets]]
+          image_dir = "/c"
+        """)
+    d0, d1 = generate_blueprint(str(p), ns(train_batch_size=8, resolution="1024", keep_tokens=7))
+    assert (d0.batch_size, d0.resolution, d1.batch_size, d1.resolution) == (4, (768, 512), 2, (512, 512))
+    assert [(s.shuffle_caption, s.keep_tokens) for s in d0.subsets + d1.subsets] == [(False, 2), (False, 3), (True, 1)]
+    text = p.read_text().replace("batch_size = 4", "batch_size = 0")
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        generate_blueprint(str(p), ns())
+    assert str(e.value) == f"`datasets[0].batch_size` in {p} = 0: must be at least 1."
+
+
+def test_a_misspelt_image_dir_is_one_error_with_the_fix(tmp_path):
+    """`imge_dir` is reported once, as the typo with its fix; the "image_dir is missing" that follows from it would
+    only send the user looking for a key they think they wrote."""
+    p = write(tmp_path, """\
+        [general]
+        resolution = 512
+        [[datasets]]
+          [[datasets.subsets]]
+          imge_dir = "/b"
+        """)
+    with pytest.raises(ConfigError) as e:
+        load_dataset_config(p)
+    assert str(e.value) == (f"`datasets[0].subsets[0].imge_dir` in {p}: unknown key `imge_dir`. "
+                            "Did you mean `image_dir`?")
+
+
+def test_short_forms_of_keys_get_a_suggestion(tmp_path):
+    """`repeats = 10` (the folder name's word) is what users write for num_repeats; it is far enough from the key
+    (difflib similarity 2*7/18 = 0.78) that only the 0.6 cutoff finds it."""
+    p = write(tmp_path, """\
+        [general]
+        resolution = 512
+        [[datasets]]
+          [[datasets.subsets]]
+          image_dir = "/a"
+          repeats = 10
+        """)
+    with pytest.raises(ConfigError) as e:
+        load_dataset_config(p)
+    assert str(e.value) == (f"`datasets[0].subsets[0].repeats` in {p}: unknown key `repeats`. "
+                            "Did you mean `num_repeats`?")
+
+
+@pytest.mark.parametrize("line, shown", [("network_multiplier = nan", "nan"), ("caption_dropout_rate = inf", "inf"),
+                                         ("token_warmup_step = -inf", "-inf")])
+def test_non_finite_numbers_are_type_errors(tmp_path, line, shown):
+    """TOML has nan and inf; a nan network_multiplier or dropout rate would turn every loss into NaN (a lost run),
+    so a number key takes finite numbers only, and the error names the key."""
+    key = line.split(" ")[0]
+    p = write(tmp_path, f"""\
+        [general]
+        resolution = 512
+        {line}
+        [[datasets]]
+          [[datasets.subsets]]
+          image_dir = "/a"
+        """)
+    with pytest.raises(ConfigError) as e:
+        load_dataset_config(p)
+    assert str(e.value) == f"`general.{key}` in {p}: expected a number, e.g. 0.1, got a non-finite number ({shown})."
+
+
+@pytest.mark.parametrize("level, typo, fix", [("subset", "resoltion", "resolution"), ("subset", "caption_ext", "caption_extension"),
+                                             ("general", "image_dirs", "image_dir")])
+def test_a_typo_is_matched_to_the_closest_key_of_any_level(tmp_path, level, typo, fix):
+    """The suggestion was the first close key allowed at the typo's level: `resoltion` in a subset got "Did you mean
+    `resize_interpolation`?", `caption_ext` got `caption_prefix`, `image_dirs` in [general] `max_image_pixels`. Now the
+    closest key wins (one of this level on a tie); a key of another level is then reported where it belongs."""
+    general = f"{typo} = 1\n" if level == "general" else ""
+    subset = f"  {typo} = 1\n" if level == "subset" else ""
+    p = write(tmp_path, f"[general]\nresolution = 512\n{general}[[datasets]]\n  [[datasets.subsets]]\n"
+                        f"  image_dir = \"/a\"\n{subset}")
+    with pytest.raises(ConfigError) as e:
+        load_dataset_config(p)
+    assert f"unknown key `{typo}`. Did you mean `{fix}`?" in str(e.value)

@@ -59,3 +59,28 @@ def test_color_aug_in_a_dataset_repeats_per_seed_and_refuses_cached_latents(tmp_
     assert 1 <= differ < 6  # about a third of the images change
     with pytest.raises(ConfigError, match="color_aug changes the image every step, so latents cannot be cached"):
         aug.cache_latents(None, 0.18215)
+
+
+def test_every_seeds_branch_and_size_match_the_reference():
+    """Per seed, color_aug does exactly what sd-scripts' draws say (_branch: none / hue / gamma, and its amount): a
+    grey image shows the gamma (a hue shift leaves grey alone) and a red one the hue, as a fraction of the hue circle
+    (PIL's HSV hue is 0-255 for 360 degrees). Guards the hue/gamma split and the hue's scale, which the averages above
+    cannot see."""
+    grey, red = Image.new("RGB", (2, 2), (128, 128, 128)), Image.new("RGB", (2, 2), (255, 0, 0))
+    seen = {"none": 0, "hue": 0, "gamma": 0}
+    for seed in range(400):
+        kind, amount = _branch(seed)
+        seen[kind] += 1
+        g = np.asarray(color_aug(grey, random.Random(seed)))[0, 0].tolist()
+        r = np.asarray(color_aug(red, random.Random(seed)))[0, 0] / 255
+        if kind == "gamma":
+            assert g == [round(255 * (128 / 255) ** amount)] * 3, seed
+            assert r.tolist() == [1.0, 0.0, 0.0], seed  # 0 and 255 are fixed points of a gamma
+        else:
+            assert g == [128, 128, 128], seed
+        if kind == "hue":
+            h = colorsys.rgb_to_hsv(*r)[0]
+            assert min(abs(h - amount % 1), 1 - abs(h - amount % 1)) < 2 / 256, (seed, h, amount)
+    assert min(seen.values()) > 40
+    big = [a for k, a in map(_branch, range(400)) if k == "hue" and abs(a) > 0.035]
+    assert big  # shifts near the +-8/180 limit are among them: a wrong scale (x180 instead of x256) is 0.01 off

@@ -64,6 +64,17 @@ def test_flags_without_effect_are_accepted_and_reported(tmp_path):
     assert no_effect_notes(setup_parser().parse_args([])) == []  # not given: nothing said
 
 
+def test_flags_without_effect_in_a_config_file_take_any_value(tmp_path):
+    """A flag without effect is accepted whatever a config file gives it (it changes nothing, so its value is not
+    checked): a hand-written `mem_eff_attn = "true"` or `zero_stage = 2.0` must not stop a run over a no-op, and the
+    note still names it."""
+    path = tmp_path / "run.toml"
+    path.write_text('mem_eff_attn = "true"\nzero_stage = 2.0\nmax_train_steps = 5\n', encoding="utf-8")
+    args = cf.parse_args_with_config(setup_parser(), ["--config_file", str(path)])
+    assert args.max_train_steps == 5 and (args.mem_eff_attn, args.zero_stage) == ("true", 2.0)
+    assert [n.split(" ")[0] for n in no_effect_notes(args)] == ["--mem_eff_attn", "--zero_stage"]
+
+
 def test_deepspeed_companion_flags_are_accepted_as_sd_scripts_configs_carry_them(tmp_path):
     """sd-scripts' add_deepspeed_arguments registers these beside --deepspeed; a config with them set (and
     --deepspeed off) trains, saying they do nothing."""

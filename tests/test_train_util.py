@@ -839,6 +839,16 @@ def test_config_type_errors(tmp_path):
     assert args.resolution == "768" and isinstance(args.learning_rate, float)
 
 
+def test_config_fractional_number_for_an_integer_argument_is_an_error(tmp_path):
+    """`max_train_steps = 2.5` in a --config_file must not train 2 steps silently: an integer argument takes a whole
+    number only (300.0 is 300), and the error names the file, the key and how to write it."""
+    assert load(tmp_path, "max_train_steps = 300.0\n").max_train_steps == 300
+    with pytest.raises(TrainingSetupError) as e:
+        load(tmp_path, "[training]\nmax_train_steps = 2.5\n")
+    assert str(e.value) == (f"--config_file {tmp_path / 'cfg.toml'}: training.max_train_steps must be an integer, "
+                            "got a number 2.5; write it as max_train_steps = 100")
+
+
 def test_output_config_round_trip(tmp_path):
     parser = make_parser()
     argv = ["--pretrained_model_name_or_path", "m.safetensors", "--learning_rate", "2e-4", "--cache_latents",
