@@ -117,6 +117,9 @@ def _convert_scalar(action: argparse.Action, value, where: str, path: str):
     return value
 
 
+_KEY_VALUE_LISTS = ("network_args", "optimizer_args", "lr_scheduler_args")  # lists of key=value words
+
+
 def _convert_toml_value(action: argparse.Action, value, where: str, path: str):
     if action.nargs == 0:  # store_true / store_false / store_const
         if isinstance(action.const, bool) or isinstance(action, argparse.BooleanOptionalAction):
@@ -133,6 +136,9 @@ def _convert_toml_value(action: argparse.Action, value, where: str, path: str):
         return value
     is_list = action.nargs in ("*", "+") or isinstance(action.nargs, int) or isinstance(action, argparse._AppendAction)
     if is_list:
+        if isinstance(value, str) and action.dest in _KEY_VALUE_LISTS:
+            parts = value.split()  # "conv_dim=4 conv_alpha=1": the words the command line would give
+            value = parts if len(parts) > 1 and all("=" in p for p in parts) else value
         items = value if isinstance(value, list) else [value]
         converted = [_convert_scalar(action, v, where, path) for v in items]
         values = converted

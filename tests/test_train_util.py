@@ -849,6 +849,23 @@ def test_config_fractional_number_for_an_integer_argument_is_an_error(tmp_path):
                             "got a number 2.5; write it as max_train_steps = 100")
 
 
+def test_key_value_list_arguments_written_as_one_string_are_split_like_the_command_line(tmp_path):
+    """`network_args = "conv_dim=4 conv_alpha=1"` (one string, as typed on a command line) was one item, refused as
+    conv_dim '4 conv_alpha=1'; sd-scripts iterated its characters. It is the two words; a string whose words are not
+    all key=value (a value with a space in it) stays one item, and an array is taken as written."""
+    from library.train_args import setup_parser
+
+    def read(text):
+        (tmp_path / "run.toml").write_text(text, encoding="utf-8")
+        return cf.parse_args_with_config(setup_parser(), ["--config_file", str(tmp_path / "run.toml")])
+
+    args = read('network_args = "conv_dim=4  conv_alpha=1"\noptimizer_args = "weight_decay=0.1 betas=0.9,0.99"\n')
+    assert args.network_args == ["conv_dim=4", "conv_alpha=1"]
+    assert args.optimizer_args == ["weight_decay=0.1", "betas=0.9,0.99"]
+    assert read('optimizer_args = "betas=(0.9, 0.99)"\n').optimizer_args == ["betas=(0.9, 0.99)"]
+    assert read('network_args = ["conv_dim=4", "conv_alpha=1"]\n').network_args == ["conv_dim=4", "conv_alpha=1"]
+
+
 def test_output_config_round_trip(tmp_path):
     parser = make_parser()
     argv = ["--pretrained_model_name_or_path", "m.safetensors", "--learning_rate", "2e-4", "--cache_latents",
