@@ -492,21 +492,21 @@ def test_min_bucket_reso_below_one_step_snaps_up_to_the_step():
     assert bp.min_bucket_reso == 64  # max(64, 30 - 30 % 64) = max(64, 0)
 
 
+def _config_error(tmp_path, general="", subset="") -> tuple:
+    """(path, message) of the ConfigError for a one-subset config with these extra lines in [general] / the subset."""
+    p = write(tmp_path, f'[general]\n{general}\n[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "/a"\n  {subset}\n')
+    with pytest.raises(ConfigError) as e:
+        load_dataset_config(p)
+    return p, str(e.value)
+
+
 def test_a_zero_resolution_is_a_type_error_naming_the_key(tmp_path):
     """`resolution = 0` (or a 0 side) is refused when the config is read, naming the key, instead of building a
     dataset of 0-pixel images that fails deep in the loader."""
     for value, shown in (("0", "0"), ("[512, 0]", "[512, 0]")):
-        p = write(tmp_path, f"""\
-            [general]
-            resolution = {value}
-            [[datasets]]
-              [[datasets.subsets]]
-              image_dir = "/a"
-            """)
-        with pytest.raises(ConfigError) as e:
-            load_dataset_config(p)
-        assert str(e.value) == (f"`general.resolution` in {p}: expected a positive integer or [width, height], e.g. "
-                                f"512 or [768, 512], got {'an integer' if value == '0' else 'a list'} ({shown}).")
+        p, message = _config_error(tmp_path, general=f"resolution = {value}")
+        assert message == (f"`general.resolution` in {p}: expected a positive integer or [width, height], e.g. "
+                           f"512 or [768, 512], got {'an integer' if value == '0' else 'a list'} ({shown}).")
 
 
 def test_cli_alpha_mask_reaches_every_subset_unless_a_subset_says_otherwise():
@@ -567,13 +567,7 @@ def test_dataset_level_beats_general_and_subset_beats_both(tmp_path):
 def test_a_misspelt_image_dir_is_one_error_with_the_fix(tmp_path):
     """`imge_dir` is reported once, as the typo with its fix; the "image_dir is missing" that follows from it would
     only send the user looking for a key they think they wrote."""
-    p = write(tmp_path, """\
-        [general]
-        resolution = 512
-        [[datasets]]
-          [[datasets.subsets]]
-          imge_dir = "/b"
-        """)
+    p = write(tmp_path, '[general]\nresolution = 512\n[[datasets]]\n  [[datasets.subsets]]\n  imge_dir = "/b"\n')
     with pytest.raises(ConfigError) as e:
         load_dataset_config(p)
     assert str(e.value) == (f"`datasets[0].subsets[0].imge_dir` in {p}: unknown key `imge_dir`. "
@@ -583,18 +577,8 @@ def test_a_misspelt_image_dir_is_one_error_with_the_fix(tmp_path):
 def test_short_forms_of_keys_get_a_suggestion(tmp_path):
     """`repeats = 10` (the folder name's word) is what users write for num_repeats; it is far enough from the key
     (difflib similarity 2*7/18 = 0.78) that only the 0.6 cutoff finds it."""
-    p = write(tmp_path, """\
-        [general]
-        resolution = 512
-        [[datasets]]
-          [[datasets.subsets]]
-          image_dir = "/a"
-          repeats = 10
-        """)
-    with pytest.raises(ConfigError) as e:
-        load_dataset_config(p)
-    assert str(e.value) == (f"`datasets[0].subsets[0].repeats` in {p}: unknown key `repeats`. "
-                            "Did you mean `num_repeats`?")
+    p, message = _config_error(tmp_path, "resolution = 512", subset="repeats = 10")
+    assert message == f"`datasets[0].subsets[0].repeats` in {p}: unknown key `repeats`. Did you mean `num_repeats`?"
 
 
 @pytest.mark.parametrize("line, shown", [("network_multiplier = nan", "nan"), ("caption_dropout_rate = inf", "inf"),
@@ -602,30 +586,17 @@ def test_short_forms_of_keys_get_a_suggestion(tmp_path):
 def test_non_finite_numbers_are_type_errors(tmp_path, line, shown):
     """TOML has nan and inf; a nan network_multiplier or dropout rate would turn every loss into NaN (a lost run),
     so a number key takes finite numbers only, and the error names the key."""
+    p, message = _config_error(tmp_path, f"resolution = 512\n{line}")
     key = line.split(" ")[0]
-    p = write(tmp_path, f"""\
-        [general]
-        resolution = 512
-        {line}
-        [[datasets]]
-          [[datasets.subsets]]
-          image_dir = "/a"
-        """)
-    with pytest.raises(ConfigError) as e:
-        load_dataset_config(p)
-    assert str(e.value) == f"`general.{key}` in {p}: expected a number, e.g. 0.1, got a non-finite number ({shown})."
+    assert message == f"`general.{key}` in {p}: expected a number, e.g. 0.1, got a non-finite number ({shown})."
 
 
-@pytest.mark.parametrize("level, typo, fix", [("subset", "resoltion", "resolution"), ("subset", "caption_ext", "caption_extension"),
+@pytest.mark.parametrize("level, typo, fix", [("subset", "resoltion", "resolution"),
+                                             ("subset", "caption_ext", "caption_extension"),
                                              ("general", "image_dirs", "image_dir")])
 def test_a_typo_is_matched_to_the_closest_key_of_any_level(tmp_path, level, typo, fix):
     """The suggestion was the first close key allowed at the typo's level: `resoltion` in a subset got "Did you mean
     `resize_interpolation`?", `caption_ext` got `caption_prefix`, `image_dirs` in [general] `max_image_pixels`. Now the
     closest key wins (one of this level on a tie); a key of another level is then reported where it belongs."""
-    general = f"{typo} = 1\n" if level == "general" else ""
-    subset = f"  {typo} = 1\n" if level == "subset" else ""
-    p = write(tmp_path, f"[general]\nresolution = 512\n{general}[[datasets]]\n  [[datasets.subsets]]\n"
-                        f"  image_dir = \"/a\"\n{subset}")
-    with pytest.raises(ConfigError) as e:
-        load_dataset_config(p)
-    assert f"unknown key `{typo}`. Did you mean `{fix}`?" in str(e.value)
+    _, message = _config_error(tmp_path, **{level: f"{typo} = 1"})
+    assert f"unknown key `{typo}`. Did you mean `{fix}`?" in message

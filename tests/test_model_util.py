@@ -349,6 +349,13 @@ def test_weights_format_policy(tmp_path):
     (sharded / "diffusion_pytorch_model.safetensors.index.json").write_text(
         '{"weight_map": {"a.weight": "diffusion_pytorch_model-00001-of-00001.safetensors"}}')
     assert model_util._weights_kwargs(str(sharded), allow_pickle=False)["use_safetensors"]
+    # the fp16 variant's index (model.safetensors.index.fp16.json, as diffusers and transformers name it) likewise
+    os.remove(sharded / "diffusion_pytorch_model.safetensors.index.json")
+    (sharded / "model.safetensors.index.fp16.json").write_text('{"weight_map": {"a.weight": "model.fp16-1-of-1.bin"}}')
+    with pytest.raises(ModelLoadError, match=r"index.fp16.json names shard files that are not safetensors "
+                                             r"\(model.fp16-1-of-1.bin\).*--allow_pickle_checkpoint"):
+        model_util._weights_kwargs(str(sharded), allow_pickle=False)
+    assert model_util._weights_kwargs(str(sharded), allow_pickle=True) == {"use_safetensors": True, "variant": "fp16"}
 
 
 @pytest.mark.parametrize("version,expected", [("4.48.0", "torch_dtype"), ("4.55.4", "torch_dtype"),
@@ -864,19 +871,6 @@ def test_a_replacement_vae_with_latent_statistics_is_refused(tiny, tmp_path):
     with pytest.raises(ModelLoadError, match=r"--vae .*vae_stats: its config has latents_mean/shift_factor"):
         load_model(tiny["sd1"]["folder"], vae_path=str(stats))
 
-
-def test_a_variant_index_naming_pickle_shards_is_refused(tmp_path):
-    """The fp16 variant's index (model.safetensors.index.fp16.json, as diffusers and transformers name it) lists its
-    shards like the plain one: a .bin shard there is a pickle the libraries would torch.load, so it needs
-    --allow_pickle_checkpoint exactly as a plain index's does."""
-    d = tmp_path / "text_encoder"
-    d.mkdir()
-    (d / "model.safetensors.index.fp16.json").write_text(
-        '{"weight_map": {"a.weight": "model.fp16-00001-of-00001.bin"}}')
-    with pytest.raises(ModelLoadError, match=r"index.fp16.json names shard files that are not safetensors "
-                                             r"\(model.fp16-00001-of-00001.bin\).*--allow_pickle_checkpoint"):
-        model_util._weights_kwargs(str(d), allow_pickle=False)
-    assert model_util._weights_kwargs(str(d), allow_pickle=True) == {"use_safetensors": True, "variant": "fp16"}
 
 
 def test_an_sd2_model_with_an_sd1_tokenizer_folder_pads_as_its_encoder(tiny):
