@@ -63,7 +63,9 @@ def tracker_init_kwargs(args) -> dict:
 _NOT_LOGGED = {"wandb_api_key", "huggingface_token", "pretrained_model_name_or_path", "vae", "tokenizer_cache_dir",
                "train_data_dir", "conditioning_data_dir", "reg_data_dir", "output_dir", "logging_dir", "config_file",
                "dataset_config", "sample_prompts", "network_weights", "base_weights", "resume", "in_json",
-               "log_tracker_config", "console_log_file", "debug_dataset_dir", "tokenizer_path", "metadata_thumbnail"}
+               "log_tracker_config", "console_log_file", "debug_dataset_dir", "tokenizer_path", "metadata_thumbnail",
+               # sd-scripts flags accepted without effect that hold paths (its own list misses them)
+               "offload_optimizer_nvme_path", "offload_param_nvme_path", "huggingface_path_in_repo"}
 
 
 def tracker_config(args) -> dict | None:

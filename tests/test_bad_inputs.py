@@ -456,6 +456,24 @@ def test_the_longest_accepted_output_name_can_be_saved(tmp_path):
     assert path.is_file()
 
 
+def test_the_name_limit_counts_bytes_not_characters(tmp_path):
+    """File names are limited to 255 bytes, not characters: a name in Japanese or Chinese (3 bytes a character in
+    UTF-8) counted by characters passed the check and failed the first save with ENAMETOOLONG, hours into the run.
+    The longest suffix is 63 bytes ("-step00000000-20261207-220000.safetensors" and ".<pid>.<8>.tmp", 41 + 22), so
+    255 - 63 = 192 bytes: 64 three-byte characters pass, 65 do not, and the longest file of the 64 saves."""
+    from library.safe_io import atomic_save_safetensors
+    from library.train_util import ckpt_name
+
+    check_output_location(argparse.Namespace(output_name="名" * 64, output_dir=str(tmp_path)))
+    check_output_location(argparse.Namespace(output_name="n" * 192, output_dir=str(tmp_path)))
+    for name in ("名" * 65, "n" * 191 + "é"):
+        with pytest.raises(TrainingSetupError, match="--output_name is too long"):
+            check_output_location(argparse.Namespace(output_name=name, output_dir=str(tmp_path)))
+    path = tmp_path / ckpt_name("名" * 64, step=99999999).replace(".safetensors", "-20261207-220000.safetensors")
+    atomic_save_safetensors({"x": torch.zeros(1)}, str(path))
+    assert path.is_file()
+
+
 def test_output_name_and_dir_accepted(tmp_path):
     for name in (None, "my_lora", "sks dog v1.5", "ünïcode-名前", "style_v1.", "my lora ", "com0", "console"):
         check_output_location(argparse.Namespace(output_name=name, output_dir=str(tmp_path / "new" / "deeper")))

@@ -134,6 +134,63 @@ def test_each_rank_gets_its_own_generators_back(tmp_path):
     assert rank_seed(7, 1, 5) != rank_seed(7, 2, 5) != rank_seed(7, 1, 0) and rank_seed(7, 1) < 2**32
 
 
+def _seed_all(seed):
+    """Python's, NumPy's and torch's global generators seeded alike."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def test_rank_streams_cover_every_generator_and_follow_the_seed():
+    """Ranks 1.. draw Python `random`, NumPy and torch from the stream of rank_seed(seed, rank, step), rank 0 keeps
+    its own; and that stream changes with --seed (a hash without the seed gave every 2-GPU run the same rank-1
+    noise whatever --seed said; a generator left out made all ranks draw the same numbers from it)."""
+    import random
+
+    import numpy as np
+
+    from library.rng import rank_seed, seed_rank_stream
+
+    def draws():
+        return random.random(), float(np.random.random_sample()), float(torch.rand(()))
+
+    _seed_all(3)
+    want0 = draws()
+    _seed_all(3)
+    seed_rank_stream(7, 0, 5)
+    assert draws() == want0  # rank 0: untouched
+    _seed_all(3)
+    seed_rank_stream(7, 1, 5)
+    s = rank_seed(7, 1, 5)
+    assert draws() == (random.Random(s).random(), float(np.random.RandomState(s).random_sample()),
+                       float(torch.rand((), generator=torch.Generator().manual_seed(s))))
+    seed_rank_stream(8, 1, 5)
+    other_seed = draws()
+    seed_rank_stream(7, 1, 5)
+    assert all(a != b for a, b in zip(other_seed, draws()))
+
+
+def test_a_saved_rng_state_loads_back_and_replays_every_generator(tmp_path):
+    """rng_state() written as a training state writes it, read back with weights_only=True, replays the same Python,
+    NumPy and torch numbers: a resumed run draws what the uninterrupted one drew."""
+    import random
+
+    import numpy as np
+
+    from library.rng import rng_state, set_rng_state
+
+    _seed_all(11)
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    want = (random.random(), np.random.random_sample(3).tolist(), torch.rand(3).tolist())
+    _seed_all(0)
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.random_sample(3).tolist(), torch.rand(3).tolist()) == want
+
+
 def _stop_at(monkeypatch, step):
     """The trainer's stop check sees a SIGINT after the run's `step`-th optimizer step, as a Ctrl-C during it would;
     returns the call counter, which a test resets for the next run (a large `step` in it: never)."""

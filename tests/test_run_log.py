@@ -93,3 +93,26 @@ def test_unwritable_log_file_is_an_error(tiny, images, tmp_path, capsys):
                               _dataset(tmp_path, images), "--output_dir", str(tmp_path / "o"), "--console_log_file",
                               str(bad)])
     assert rc == 2 and f"--console_log_file {bad}: cannot open it for writing" in capsys.readouterr().err
+
+
+def test_no_path_flag_reaches_the_tracker_with_log_config(tmp_path):
+    """--log_config sends the arguments to the trackers (wandb uploads them): every flag that holds a path of the
+    user's machine (model, VAE, data, outputs, states, prompts, weights, logs) is left out, not only the few above;
+    a dropped name sent e.g. the --network_weights or --resume path to wandb, and the DeepSpeed NVMe paths (flags
+    accepted without effect) were sent."""
+    from library import train_args
+    from library.run_log import tracker_config
+
+    paths = ["pretrained_model_name_or_path", "vae", "train_data_dir", "reg_data_dir", "output_dir", "logging_dir",
+             "dataset_config", "sample_prompts", "network_weights", "resume", "in_json", "log_tracker_config",
+             "console_log_file", "debug_dataset_dir", "tokenizer_path", "metadata_thumbnail"]
+    argv = ["--log_config", "--learning_rate", "2e-4", "--base_weights", "/home/me/b1.safetensors",
+            "--tokenizer_cache_dir", "/home/me/cache", "--offload_param_nvme_path", "/home/me/nvme",
+            "--offload_optimizer_nvme_path", "/home/me/nvme2", "--huggingface_path_in_repo", "/home/me/repo"]
+    for flag in paths:
+        argv += [f"--{flag}", f"/home/me/{flag}"]
+    args = train_args.setup_parser().parse_args(argv)
+    assert all(getattr(args, flag) == f"/home/me/{flag}" for flag in paths)  # each one was given
+    config = tracker_config(args)
+    assert config["learning_rate"] == 2e-4
+    assert [k for k, v in config.items() if "/home/me" in str(v)] == []

@@ -54,6 +54,26 @@ def test_flags_left_off_are_accepted_as_gui_config_files_write_them(tmp_path, ca
         cf.parse_args_with_config(setup_parser(), ["--config_file", str(path)])
 
 
+@pytest.mark.parametrize("value", ["false", "False", "0", "0.0", "none", ""])
+def test_a_flag_not_implemented_set_off_on_the_command_line_is_accepted(value):
+    """Scripts and GUIs that write every flag pass `--full_fp16 false`, `--deepspeed 0`, `--huggingface_repo_id ""`:
+    the value turns the feature off, so the run goes on (each of these stopped it with an error)."""
+    args = cf.parse_args_with_config(setup_parser(), ["--output_dir", "out", "--full_fp16", value, "--deepspeed",
+                                                      value, "--huggingface_repo_id", value])
+    assert not hasattr(args, "full_fp16") and not hasattr(args, "deepspeed") and args.output_dir == "out"
+
+
+def test_an_empty_list_for_a_flag_not_implemented_in_a_config_file_asks_for_nothing(tmp_path):
+    """A GUI config lists every key, the list-valued ones as `[]`: an empty list turns the feature off and passes;
+    a non-empty one is the error."""
+    path = tmp_path / "gui.toml"
+    path.write_text('conditioning_data_dir = []\nhuggingface_repo_id = []\nmax_train_steps = 5\n', encoding="utf-8")
+    assert cf.parse_args_with_config(setup_parser(), ["--config_file", str(path)]).max_train_steps == 5
+    path.write_text('conditioning_data_dir = ["masks"]\n', encoding="utf-8")
+    with pytest.raises(TrainingSetupError, match="conditioning_data_dir is an sd-scripts flag"):
+        cf.parse_args_with_config(setup_parser(), ["--config_file", str(path)])
+
+
 def test_flags_without_effect_are_accepted_and_reported(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('highvram = true\ntokenizer_cache_dir = "/cache"\n', encoding="utf-8")
