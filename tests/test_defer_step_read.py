@@ -229,6 +229,18 @@ def test_trainer_warns_a_step_late_counts_the_dropped_step_and_stops(tiny_world,
     assert rc == 2 and "--max_bad_steps 2" in err and "learning rate" in err
 
 
+def test_a_dropped_last_step_is_still_reported(tiny_world, tmp_path, nan_steps, caplog):
+    """Read one step later, the last step's read has no next step to come with: it is shown once the loop ends.
+    A NaN in the last of 3 steps (no --log_with, so no epoch-end flush shows it) must still warn exactly once, or
+    the user never learns that the saved LoRA lacks that update."""
+    calls = nan_steps(lambda n: n == 3)
+    with caplog.at_level(logging.WARNING, logger="apt_lora"):
+        assert _train(tiny_world, tmp_path / "out", "--defer_step_read", "on") == 0
+    assert calls["n"] == 3
+    warned = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("non-finite loss (images: "), warned
+
+
 def test_on_with_an_optimizer_that_cannot_skip_is_refused(tiny_world, tmp_path, capsys):
     rc = train_apt_lora.main(["--pretrained_model_name_or_path", tiny_world.model("sd1"), "--dataset_config",
                               tiny_world.dataset, "--output_dir", str(tmp_path / "o"), "--defer_step_read", "on"])

@@ -30,6 +30,20 @@ def test_static_pass_records_once_per_shape_and_replays_new_inputs():
     assert signature([a, None]) == (((2, 3), torch.float32, "cpu"), None)
 
 
+def test_the_first_call_keeps_its_inputs_and_outputs_the_callers_own():
+    """The recording call's outputs are the caller's own, like every replay's, and so is its input: the next call
+    of the same shape copies into the static buffers and overwrites the static outputs. A step's x_t and prior pass
+    kept past it (--apt_prior_ahead queues the next step's prior pass before this step's backward) must keep their
+    values, else APT's loss and backward would use the next step's."""
+    sp = StaticPass(lambda x: [x * 2], backend="eager")
+    x1 = torch.tensor([1.0, 2.0])
+    first = sp(x1)  # records
+    second = sp(torch.tensor([10.0, 20.0]))  # replays into the same static buffers
+    third = sp(torch.tensor([5.0, 6.0]))
+    assert first[0].tolist() == [2.0, 4.0] and second[0].tolist() == [20.0, 40.0] and third[0].tolist() == [10.0, 12.0]
+    assert x1.tolist() == [1.0, 2.0]
+
+
 def test_static_pass_errors():
     with pytest.raises(ValueError, match="backend must be one of"):
         StaticPass(lambda x: [x], backend="graph")

@@ -2,6 +2,8 @@
 stop compiling once every shape and pass has been seen, and the flag's errors. The "aot_eager" backend traces and
 runs the same graphs as inductor without generating code (inductor is refused on the CPU: its code computes wrong
 LoRA gradients with torch 2.13, docs/speed.md)."""
+from types import SimpleNamespace
+
 import pytest
 
 import train_apt_lora
@@ -45,6 +47,41 @@ def test_compiled_apt_steps_equal_eager_and_stop_compiling(monkeypatch):
     assert seen[1] > 0  # the first step compiled
     assert seen[-3] == seen[-2] == seen[-1], seen  # the last two steps (both shapes seen twice) compile nothing
     assert "graphs compiled in" in str(report)
+
+
+def test_every_repeated_block_is_compiled_in_place_with_room_for_its_graphs(monkeypatch):
+    """--torch_compile compiles each ResnetBlock2D and BasicTransformerBlock of the UNet (and nothing else), with
+    the backend the user named, and raises dynamo's recompile limit: at torch's default of 8 a block type seen in
+    more shapes and passes falls back to eager silently, so the run is slow without saying why. Tiny SD1 UNet
+    (block_out_channels 4 levels, 2 layers per block, 3 cross-attention levels): ResnetBlock2D 4x2 down + 2 mid +
+    4x3 up = 22, BasicTransformerBlock 3x2 down + 1 mid + 3x3 up = 16. Compilation is lazy: nothing traces here."""
+    import torch
+    import torch._dynamo
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from library.torch_compile import maybe_compile
+
+    config = torch._dynamo.config
+    monkeypatch.setattr(config, "recompile_limit", 8)  # torch's default, put back after the test
+    monkeypatch.setattr(config, "accumulated_recompile_limit", 256)
+    compiled = []
+    real = torch.nn.Module.compile
+
+    def compile(self, *a, **k):
+        compiled.append((self, k.get("backend")))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile)
+    unet = build_tiny_model("sd1").unet
+    args = SimpleNamespace(torch_compile=True, dynamo_backend="aot_eager")
+    assert maybe_compile(args, unet) is not None
+    kinds = [type(m) for m, _ in compiled]
+    assert kinds.count(ResnetBlock2D) == 22 and kinds.count(BasicTransformerBlock) == 16 and len(kinds) == 38
+    assert len({id(m) for m, _ in compiled}) == 38 and {b for _, b in compiled} == {"aot_eager"}
+    assert all(m._compiled_call_impl is not None for m, _ in compiled)
+    assert config.recompile_limit == 256 and config.accumulated_recompile_limit == 16 * 256
+    assert maybe_compile(SimpleNamespace(torch_compile=False, dynamo_backend="aot_eager"), unet) is None
 
 
 def test_backend_problems_name_the_flag_and_the_fix(monkeypatch):

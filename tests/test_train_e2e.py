@@ -757,6 +757,25 @@ def test_cuda_graphs_auto_leaves_out_a_text_encoder_frozen_by_its_learning_rate(
     assert enabled == ["unet"]
 
 
+def test_cuda_graphs_auto_leaves_the_graphs_off_with_lora_dropout(tiny, images, tmp_path, capsys, monkeypatch):
+    """--cuda_graphs auto with --network_dropout on CUDA: the UNet and text-encoder recordings cannot draw dropout
+    per call, so auto must leave them off and say why (the prior pass runs with the LoRA off: unaffected). Turned on,
+    their set-up would stop the run with an error that blames a flag the user never set. Decided as on CUDA here;
+    recording is left out (CPU)."""
+    import library.unet_graph as unet_graph
+
+    real = unet_graph.auto_cuda_graphs
+    monkeypatch.setattr(unet_graph, "auto_cuda_graphs", lambda args, device_type, *rest: real(args, "cuda", *rest))
+    enabled = []
+    monkeypatch.setattr(train_apt_lora.TrainContext, "enable_unet_graph", lambda self, *a, **k: enabled.append("unet"))
+    monkeypatch.setattr(train_apt_lora.TrainContext, "enable_te_graph", lambda self, *a, **k: enabled.append("te"))
+    assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "out", "--cuda_graphs", "auto",
+                  "--network_dropout", "0.1", "--max_train_steps", "1") == 0
+    assert ("--cuda_graphs auto: on: none; off: --unet_cuda_graph (LoRA dropout), --text_encoder_cuda_graph "
+            "(LoRA dropout), --apt_cuda_graph (APT is off)") in capsys.readouterr().out
+    assert enabled == []
+
+
 def test_a_path_the_console_cannot_encode_is_printed_escaped(tiny_world, tmp_path, monkeypatch):
     """stdout in a legacy code page (a Windows console or a pipe in cp1252) could not encode "saved .../Дом/..."
     and the UnicodeEncodeError stopped the run after its first save. Such characters print escaped now."""

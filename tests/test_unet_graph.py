@@ -71,6 +71,27 @@ def test_graphed_unet_records_a_new_shape_only_while_memory_allows(caplog):
     assert len(g) == 3 and g.eager_calls == 1
 
 
+def test_a_smaller_recording_does_not_lower_the_memory_a_recording_needs():
+    """The memory check uses the LARGEST recording so far: a small bucket recorded after a large one must not let
+    a third shape record when the memory only holds the small one twice (a large bucket recorded then runs the GPU
+    out of memory mid-run). Faked memory: the first shape holds 30 bytes, the second 10, the third would hold 30."""
+    w = torch.nn.Parameter(torch.tensor([2.0]))
+    mem = {"allocated": 0, "available": 1000}
+    held = {1: 30, 2: 10, 3: 30}
+
+    def fn(x):
+        mem["allocated"] += held[x.shape[0]]
+        return [x * w]
+
+    g = GraphedPass(fn, [w], backend="eager", max_graphs=5, memory=lambda: (mem["allocated"], mem["available"]))
+    g(torch.ones(1))
+    g(torch.ones(2))
+    assert len(g) == 2 and g.cost == 30  # max(30, 10)
+    mem["available"] = 59  # holds 2 x 10 but not 2 x 30
+    out = g(torch.ones(3))
+    assert len(g) == 2 and g.eager_calls == 1 and out[0].tolist() == [2.0, 2.0, 2.0]
+
+
 @pytest.mark.parametrize("arch,components,te", [("sd1", "ata,rs,aa", False), ("sdxl", "ata,rs,aa", False),
                                                  ("sd1", "none", False), ("sdxl", "ata,rs,aa", True)])
 def test_apt_steps_through_the_unet_graph_equal_eager(arch, components, te):
@@ -145,6 +166,18 @@ def test_unet_graph_refuses_lora_dropout():
     args = make_bench_args(rank=4, extra=["--network_dropout", "0.1", "--unet_cuda_graph"])
     with pytest.raises(ValueError, match="--unet_cuda_graph: LoRA dropout is drawn per call"):
         build_step_fn(model, args, device="cpu")
+
+
+def test_unet_cuda_graph_max_reaches_both_recordings():
+    """--unet_cuda_graph_max is how many bucket shapes the UNet's and the text encoders' recordings keep (default 2,
+    docs/cli.md): a user with more buckets raises it to record them all, lowers it to save GPU memory."""
+    from bench.common import build_step_fn, make_bench_args
+
+    flags = ["--unet_cuda_graph", "--text_encoder_cuda_graph"]
+    assert make_bench_args(extra=flags).unet_cuda_graph_max == 2
+    args = make_bench_args(rank=4, extra=flags + ["--unet_cuda_graph_max", "3"])
+    bench = build_step_fn(build_tiny_model("sd1"), args, device="cpu")
+    assert bench.ctx.unet_graph.max_graphs == 3 and bench.ctx.te_graph.max_graphs == 3
 
 
 def test_unet_graph_flag_errors(tmp_path, capsys):
@@ -308,7 +341,7 @@ def test_cuda_graphs_auto_turns_on_what_the_run_can_use():
         return why
 
     assert run() == {"unet_cuda_graph": "", "text_encoder_cuda_graph": "", "apt_cuda_graph": ""}
-    assert set(run(device="cpu").values()) == {"no CUDA device"}
+    assert set(run(device="cpu").values()) == set(run(device="mps").values()) == {"no CUDA device"}  # Apple's too
     assert run(dropout=True) == {"unet_cuda_graph": "LoRA dropout", "text_encoder_cuda_graph": "LoRA dropout",
                                  "apt_cuda_graph": ""}  # the prior pass runs with the LoRA off
     assert run(gradient_checkpointing=True, apt=False) == {
