@@ -738,42 +738,30 @@ def test_fp16_on_the_cpu_trains_and_says_it_is_slow_there(tiny, images, tmp_path
     assert "--mixed_precision fp16 on the CPU" in caplog.text and "--mixed_precision no (or bf16)" in caplog.text
 
 
-def test_cuda_graphs_auto_leaves_out_a_text_encoder_frozen_by_its_learning_rate(tiny, images, tmp_path, capsys,
-                                                                                  monkeypatch):
-    """--cuda_graphs auto decided before the learning rates froze the LoRA of --text_encoder_lr 0, so on CUDA it
-    turned on the text-encoder graph, whose set-up then stopped the run ("no text-encoder LoRA trains"). The
-    decision is made as on CUDA here; recording graphs is left out (CPU)."""
+@pytest.mark.parametrize("flags, said, enabled", [
+    (["--text_encoder_lr", "0"], "on: --unet_cuda_graph; off: --text_encoder_cuda_graph (no text-encoder LoRA trains), "
+                                 "--apt_cuda_graph (APT is off)", ["unet"]),
+    (["--network_dropout", "0.1"], "on: none; off: --unet_cuda_graph (LoRA dropout), --text_encoder_cuda_graph "
+                                   "(LoRA dropout), --apt_cuda_graph (APT is off)", [])])
+def test_cuda_graphs_auto_decides_on_what_the_run_really_trains(tiny, images, tmp_path, capsys, monkeypatch, flags,
+                                                                said, enabled):
+    """--cuda_graphs auto on CUDA turns on only the recordings this run can use, and their set-up must not stop it:
+    - it decided before the learning rates froze the LoRA of --text_encoder_lr 0, so it turned on the text-encoder
+      graph, whose set-up then stopped the run ("no text-encoder LoRA trains");
+    - with --network_dropout the UNet and text-encoder recordings cannot draw dropout per call: both stay off (the
+      prior pass runs with the LoRA off: unaffected), else their set-up blames a flag the user never set.
+    The decision is made as on CUDA here; recording graphs is left out (CPU)."""
     import library.unet_graph as unet_graph
 
     real = unet_graph.auto_cuda_graphs
     monkeypatch.setattr(unet_graph, "auto_cuda_graphs", lambda args, device_type, *rest: real(args, "cuda", *rest))
-    enabled = []
-    monkeypatch.setattr(train_apt_lora.TrainContext, "enable_unet_graph", lambda self, *a, **k: enabled.append("unet"))
-    monkeypatch.setattr(train_apt_lora.TrainContext, "enable_te_graph", lambda self, *a, **k: enabled.append("te"))
-    assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "out", "--cuda_graphs", "auto",
-                  "--text_encoder_lr", "0", "--max_train_steps", "1") == 0
-    assert ("--cuda_graphs auto: on: --unet_cuda_graph; off: --text_encoder_cuda_graph (no text-encoder LoRA "
-            "trains), --apt_cuda_graph (APT is off)") in capsys.readouterr().out
-    assert enabled == ["unet"]
-
-
-def test_cuda_graphs_auto_leaves_the_graphs_off_with_lora_dropout(tiny, images, tmp_path, capsys, monkeypatch):
-    """--cuda_graphs auto with --network_dropout on CUDA: the UNet and text-encoder recordings cannot draw dropout
-    per call, so auto must leave them off and say why (the prior pass runs with the LoRA off: unaffected). Turned on,
-    their set-up would stop the run with an error that blames a flag the user never set. Decided as on CUDA here;
-    recording is left out (CPU)."""
-    import library.unet_graph as unet_graph
-
-    real = unet_graph.auto_cuda_graphs
-    monkeypatch.setattr(unet_graph, "auto_cuda_graphs", lambda args, device_type, *rest: real(args, "cuda", *rest))
-    enabled = []
-    monkeypatch.setattr(train_apt_lora.TrainContext, "enable_unet_graph", lambda self, *a, **k: enabled.append("unet"))
-    monkeypatch.setattr(train_apt_lora.TrainContext, "enable_te_graph", lambda self, *a, **k: enabled.append("te"))
-    assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "out", "--cuda_graphs", "auto",
-                  "--network_dropout", "0.1", "--max_train_steps", "1") == 0
-    assert ("--cuda_graphs auto: on: none; off: --unet_cuda_graph (LoRA dropout), --text_encoder_cuda_graph "
-            "(LoRA dropout), --apt_cuda_graph (APT is off)") in capsys.readouterr().out
-    assert enabled == []
+    got = []
+    monkeypatch.setattr(train_apt_lora.TrainContext, "enable_unet_graph", lambda self, *a, **k: got.append("unet"))
+    monkeypatch.setattr(train_apt_lora.TrainContext, "enable_te_graph", lambda self, *a, **k: got.append("te"))
+    assert _train(tiny["sd1"], _dataset(tmp_path, images), tmp_path / "out", "--cuda_graphs", "auto", *flags,
+                  "--max_train_steps", "1") == 0
+    assert f"--cuda_graphs auto: {said}" in capsys.readouterr().out
+    assert got == enabled
 
 
 def test_a_path_the_console_cannot_encode_is_printed_escaped(tiny_world, tmp_path, monkeypatch):
