@@ -410,6 +410,7 @@ def train(args):
         """accelerator.print above the progress bar: a plain print lands on the bar's line in a terminal."""
         if is_main:
             tqdm.write(message, file=sys.stdout)
+
     if os.environ.get("WORLD_SIZE", "1").isdigit() and int(os.environ.get("WORLD_SIZE", "1")) > accelerator.num_processes:
         raise train_util.TrainingSetupError(
             f"launched as {os.environ['WORLD_SIZE']} processes but accelerate set up {accelerator.num_processes}: "

@@ -730,8 +730,8 @@ def _load_tokenizers(arch: str, model_dir: str | None, tokenizer_path: str | Non
     for sub, pad in zip(subs, PAD_TOKENS[arch]):
         cands = [(os.path.join(model_dir, sub), None)] if model_dir else []
         if tokenizer_path:
-            cands += [(os.path.join(tokenizer_path, sub), pad), (os.path.join(tokenizer_path, "tokenizer"), pad),
-                      (tokenizer_path, pad)]
+            folders = [os.path.join(tokenizer_path, sub), os.path.join(tokenizer_path, "tokenizer"), tokenizer_path]
+            cands += [(d, pad) for d in dict.fromkeys(folders)]  # (tokenizer/ twice for the first slot)
         found = next(((d, p) for d, p in cands if _has_tokenizer(d)), None)
         if found is None:
             if tokenizer_path:
